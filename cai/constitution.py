@@ -1,0 +1,241 @@
+"""Constitutions: a YAML file of principles, validated into pydantic models.
+
+Every bad file gives one ``ConfigError`` that names the file, the line and the field.
+Principles are drawn per row with weighted rendezvous hashing, so that editing a principle's
+text changes no draw and adding one changes only the draws it wins (the fewest possible).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
+
+from .errors import ConfigError
+from .resources import data_path
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+Ident = Annotated[
+    str, StringConstraints(strip_whitespace=True, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+]
+
+
+class Example(BaseModel):
+    """A few-shot demonstration of one critique-and-revision step."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prompt: Text
+    response: Text
+    critique: Text
+    revision: Text
+
+
+class Principle(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: Ident
+    critique: Text = Field(description="Critique request: what to look for in the response.")
+    revision: Text = Field(description="Revision request: how to rewrite the response.")
+    comparison: Text = Field(description="Judge question: which of two responses is better.")
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    examples: tuple[Example, ...] = ()
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _no_bool_weight(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # YAML `weight: yes` would otherwise pass as 1.0
+            raise ValueError("weight must be a positive number, not a boolean")
+        return v
+
+    def digest(self) -> str:
+        return sha256_json(self.model_dump(mode="json"))
+
+
+class Constitution(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: Text
+    version: Text = "1"
+    description: str = ""
+    principles: tuple[Principle, ...] = Field(min_length=1)
+
+    @field_validator("principles")
+    @classmethod
+    def _unique_ids(cls, principles: tuple[Principle, ...]) -> tuple[Principle, ...]:
+        seen: set[str] = set()
+        for i, p in enumerate(principles):
+            if p.id in seen:
+                raise ValueError(f"duplicate principle id {p.id!r} (at index {i})")
+            seen.add(p.id)
+        return principles
+
+    def digest(self) -> str:
+        return sha256_json(self.model_dump(mode="json"))
+
+    def by_id(self) -> dict[str, Principle]:
+        return {p.id: p for p in self.principles}
+
+    def draw(self, key: str, k: int, seed: int = 0, salt: str = "") -> list[Principle]:
+        """Draw ``k`` distinct principles for ``key`` (a row id, say), weighted, deterministic."""
+        return [self.by_id()[pid] for pid in draw_ids(self.principles, key, k, seed, salt)]
+
+
+def draw_ids(
+    principles: Sequence[Principle], key: str, k: int, seed: int = 0, salt: str = ""
+) -> list[str]:
+    """Weighted rendezvous hashing (Efraimidis-Spirakis keys over a per-(key, id) hash).
+
+    Each principle gets the score ``-ln(u) / weight`` with ``u`` a uniform hash of
+    (seed, salt, key, principle id); the ``k`` smallest win. A principle's text never enters
+    the hash, and a new principle displaces an old one only in the rows it wins.
+    If ``k`` exceeds the number of principles the ranking wraps around.
+    """
+    if k <= 0:
+        return []
+
+    def score(p: Principle) -> float:
+        h = hashlib.blake2b(f"{seed}\x1f{salt}\x1f{key}\x1f{p.id}".encode(), digest_size=8)
+        u = (int.from_bytes(h.digest(), "big") + 1) / (2**64 + 1)
+        return -math.log(u) / p.weight
+
+    ranked = [p.id for p in sorted(principles, key=score)]
+    return [ranked[i % len(ranked)] for i in range(k)]
+
+
+def sha256_json(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# --- loading with line numbers -------------------------------------------------------------
+
+
+def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), out: dict | None = None) -> dict:
+    """Map each path in the YAML document (keys and list indexes) to its 1-based line."""
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = k.value
+            out[(*path, key)] = k.start_mark.line + 1
+            _line_map(v, (*path, key), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _line_map(v, (*path, i), out)
+    return out
+
+
+def _check_duplicate_keys(node: yaml.Node, file: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for k, v in node.value:
+            if k.value in seen:
+                raise ConfigError(
+                    "key appears twice in one mapping",
+                    file=file, line=k.start_mark.line + 1, field=str(k.value),
+                    hint="remove one of them",
+                )
+            seen.add(k.value)
+            _check_duplicate_keys(v, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for v in node.value:
+            _check_duplicate_keys(v, file)
+
+
+def load_yaml_with_lines(path: Path) -> tuple[Any, dict]:
+    """Parse a YAML file; return its data and a map from key paths to line numbers."""
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=file, hint="check the path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read file: {e}", file=file) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        if e.context_mark is not None and (mark is None or mark.index >= len(text.rstrip())):
+            mark = e.context_mark  # "unexpected end of stream": point at what was left open
+        line = mark.line + 1 if mark else None
+        problem = (e.problem or str(e)).strip()
+        raise ConfigError(f"YAML syntax error: {problem}", file=file, line=line) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"YAML syntax error: {e}", file=file) from None
+    if node is None:
+        raise ConfigError("file is empty", file=file, hint="see principles.yaml for the format")
+    _check_duplicate_keys(node, file)
+    return data, _line_map(node)
+
+
+def validation_to_config_error(err: ValidationError, file: str, lines: dict) -> ConfigError:
+    """Turn pydantic's first error into one ConfigError with the closest known line."""
+    errors = err.errors()
+    # A failing item inside `principles` also makes pydantic report "too short" on the list
+    # itself; that echo is not a separate problem.
+    errors = [
+        e for e in errors
+        if not (e["type"] == "too_short"
+                and any(o is not e and tuple(o["loc"])[: len(e["loc"])] == tuple(e["loc"])
+                        for o in errors))
+    ] or errors
+    first = errors[0]
+    loc = tuple(first["loc"])
+    line = None
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in lines:
+            line = lines[loc[:cut]]
+            break
+    field = ".".join(str(p) for p in loc) or None
+    kind, msg = first["type"], first["msg"]
+    if kind == "extra_forbidden":
+        msg = "unknown field"
+    elif kind == "missing":
+        msg = "missing required field"
+    elif kind == "string_too_short":
+        msg = "must not be empty"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    more = len(errors) - 1
+    hint = f"{more} more problem(s) after this one" if more else None
+    return ConfigError(msg, file=file, line=line, field=field, hint=hint)
+
+
+def load_constitution(path: str | Path | None = None) -> Constitution:
+    """Load and validate a constitution file; ``None`` loads the default ``principles.yaml``."""
+    p = Path(path) if path is not None else data_path("principles.yaml")
+    data, lines = load_yaml_with_lines(p)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            "top level must be a mapping with name and principles", file=str(p), line=lines.get(())
+        )
+    seen: dict[str, int] = {}
+    items = data.get("principles")
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        pid = item.get("id") if isinstance(item, dict) else None
+        pid = pid.strip() if isinstance(pid, str) else pid
+        if isinstance(pid, str) and pid in seen:
+            first_line = lines.get(("principles", seen[pid], "id"))
+            raise ConfigError(
+                f"duplicate principle id {pid!r} (first at line {first_line})",
+                file=str(p), line=lines.get(("principles", i, "id")), field=f"principles.{i}.id",
+                hint="every principle needs its own id",
+            )
+        if isinstance(pid, str):
+            seen[pid] = i
+    try:
+        return Constitution.model_validate(data)
+    except ValidationError as e:
+        raise validation_to_config_error(e, str(p), lines) from None

@@ -1,0 +1,178 @@
+"""Read prompts from JSONL, JSON, Parquet, CSV, a saved ``datasets`` folder or a Hub dataset name.
+
+Every row becomes a ``PromptRow``: a stable id and the prompt as chat messages. hh-rlhf style
+transcripts (``\\n\\nHuman: ... \\n\\nAssistant: ...``) become messages; the prompt is the
+conversation up to the last ``Assistant:`` turn. Rows are streamed, never all held at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .backends.base import Message
+from .errors import InputError
+
+PROMPT_COLUMNS = ("prompt", "messages", "chosen", "question", "instruction", "text")
+_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+@dataclass
+class PromptRow:
+    id: str
+    prompt: list[Message]
+    extra: dict[str, Any] = field(default_factory=dict)  # the source row's other columns
+    source: str = ""  # "file:line" for messages
+
+
+def parse_transcript(text: str) -> list[Message]:
+    """Split an hh-rlhf transcript into chat messages (turns keep their text, stripped)."""
+    t = text if text.startswith("\n\n") else "\n\n" + text.lstrip()
+    parts = _TURN.split(t)
+    if len(parts) < 3 or parts[0].strip():
+        raise InputError("not an hh-rlhf transcript (expected '\\n\\nHuman: ...')")
+    msgs: list[Message] = []
+    for speaker, content in zip(parts[1::2], parts[2::2], strict=False):
+        role = "user" if speaker == "Human" else "assistant"
+        msgs.append({"role": role, "content": content.strip()})  # type: ignore[typeddict-item]
+    return msgs
+
+
+def transcript_prompt(text: str) -> tuple[list[Message], str | None]:
+    """The prompt of a transcript (all turns before the final assistant reply) and that reply."""
+    msgs = parse_transcript(text)
+    if msgs and msgs[-1]["role"] == "assistant":
+        return msgs[:-1], msgs[-1]["content"]
+    return msgs, None
+
+
+def to_messages(value: Any, column: str) -> list[Message]:
+    """Turn a prompt cell (string, transcript or list of messages) into chat messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise InputError(f"column {column!r} is empty")
+        if value.startswith("\n\nHuman:") or value.startswith("Human:"):
+            prompt, _ = transcript_prompt(value)
+            return prompt
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        msgs = [{"role": m["role"], "content": m["content"]} for m in value]
+        if column == "messages" and msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]  # SFT data: the prompt is everything before the final reply
+        if not msgs:
+            raise InputError(f"column {column!r} holds no messages")
+        return msgs  # type: ignore[return-value]
+    raise InputError(f"column {column!r} must be a string or a list of {{role, content}} messages")
+
+
+def row_id(prompt: list[Message]) -> str:
+    blob = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def iter_records(source: str | Path, split: str = "train") -> Iterator[tuple[dict[str, Any], str]]:
+    """Yield (record, location) from a file, a saved dataset folder or a Hub dataset name."""
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if path.is_file() and suffix in (".jsonl", ".ndjson", ".json"):
+        with path.open(encoding="utf-8") as f:
+            first = f.read(1)
+            f.seek(0)
+            if suffix == ".json" and first == "[":
+                for i, rec in enumerate(json.load(f)):
+                    yield rec, f"{path}:item {i}"
+                return
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove the line") from None
+                if not isinstance(rec, dict):
+                    raise InputError(f"{path}:{lineno}: each line must be a JSON object")
+                yield rec, f"{path}:{lineno}"
+    elif path.is_file() and suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        n = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                n += 1
+                yield rec, f"{path}:row {n}"
+    elif path.is_file() and suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            for rec in reader:
+                yield dict(rec), f"{path}:{reader.line_num}"
+    elif path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # noqa: BLE001 - datasets raises many kinds
+            raise InputError(f"{path}: not a saved datasets folder ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise InputError(f"{path}: no split {split!r} (has {', '.join(ds)}); pass --split")
+            ds = ds[split]
+        for i, rec in enumerate(ds):
+            yield rec, f"{path}[{split}]:row {i + 1}"
+    elif path.exists():
+        raise InputError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .csv)")
+    elif "/" in str(source) and not str(source).startswith((".", "/")):
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(str(source), split=split, streaming=True)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"{source}: cannot load dataset ({e})") from None
+        for i, rec in enumerate(ds):
+            yield rec, f"{source}[{split}]:row {i + 1}"
+    else:
+        raise InputError(f"{source}: file not found")
+
+
+def read_prompts(
+    source: str | Path,
+    *,
+    column: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    id_column: str | None = "id",
+) -> Iterator[PromptRow]:
+    """Stream ``PromptRow``s. The prompt column is ``column`` or the first of PROMPT_COLUMNS found.
+
+    Row ids come from ``id_column`` when present, else from a hash of the prompt; a repeated
+    prompt gets ``-2``, ``-3``... so that ids stay unique and stable under reordering.
+    """
+    seen: dict[str, int] = {}
+    n = 0
+    for rec, where in iter_records(source, split):
+        if limit is not None and n >= limit:
+            return
+        col = column or next((c for c in PROMPT_COLUMNS if c in rec), None)
+        if col is None or col not in rec:
+            have = ", ".join(rec) or "none"
+            raise InputError(
+                f"{where}: no prompt column (looked for {column or ', '.join(PROMPT_COLUMNS)}; "
+                f"row has {have}); pass --prompt-column"
+            )
+        try:
+            prompt = to_messages(rec[col], col)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
+        rid = str(rec[id_column]) if id_column and rec.get(id_column) not in (None, "") else row_id(prompt)
+        count = seen.get(rid, 0) + 1
+        seen[rid] = count
+        if count > 1:
+            rid = f"{rid}-{count}"
+        extra = {k: v for k, v in rec.items() if k != col}
+        yield PromptRow(id=rid, prompt=prompt, extra=extra, source=where)
+        n += 1

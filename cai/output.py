@@ -1,0 +1,140 @@
+"""Crash-safe JSONL output for a stage, with resume.
+
+While a stage runs, rows are appended whole to ``NAME.jsonl.part`` (one JSON object a line)
+and failures to ``NAME.failures.jsonl.part``. A ``.part`` left by a crash is trimmed to its
+last complete line on the next start, and the ids it holds are skipped: that is the resume.
+The run's fingerprint (constitution, templates, model, settings) is kept beside it; when it
+differs, the old partial output is discarded. ``finish`` makes the files final with an
+atomic rename, so that ``NAME.jsonl`` is only ever seen complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def dumps(row: Any) -> str:
+    return json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _trim_partial_line(path: Path) -> None:
+    """Cut a file back to its last newline (a crash may leave half a line)."""
+    size = path.stat().st_size
+    if size == 0:
+        return
+    with path.open("rb+") as f:
+        pos = size
+        chunk = 1 << 16
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            buf = f.read(pos - start)
+            nl = buf.rfind(b"\n")
+            if nl >= 0:
+                f.truncate(start + nl + 1)
+                return
+            pos = start
+        f.truncate(0)
+
+
+def read_ids(path: Path) -> set[str]:
+    ids: set[str] = set()
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                ids.add(json.loads(line)["id"])
+    return ids
+
+
+@dataclass
+class SinkSummary:
+    path: Path
+    written: int = 0
+    resumed: int = 0
+    failed: int = 0
+    failures_path: Path | None = None
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+class JsonlSink:
+    """Rows of one stage, written crash-safely. Use as a context manager, then ``finish()``."""
+
+    def __init__(self, path: str | Path, fingerprint: str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.part = self.path.with_name(self.path.name + ".part")
+        self.meta = self.path.with_name(self.path.name + ".meta.json")
+        stem = self.path.name[: -len(".jsonl")] if self.path.name.endswith(".jsonl") else self.path.name
+        self.failures = self.path.with_name(stem + ".failures.jsonl")
+        self.failures_part = self.failures.with_name(self.failures.name + ".part")
+        self.fingerprint = fingerprint
+        self.summary = SinkSummary(path=self.path)
+        self.done: set[str] = set()
+        self._open()
+
+    def _open(self) -> None:
+        meta = json.loads(self.meta.read_text()) if self.meta.exists() else {}
+        same = meta.get("fingerprint") == self.fingerprint
+        if same and meta.get("complete") and self.path.exists():
+            # Finished before with the same settings: continue from the final file.
+            os.replace(self.path, self.part)
+        if same and self.part.exists():
+            _trim_partial_line(self.part)
+            self.done = read_ids(self.part)
+        else:
+            self.part.unlink(missing_ok=True)
+        self.failures_part.unlink(missing_ok=True)
+        self.meta.write_text(json.dumps({"fingerprint": self.fingerprint, "complete": False}))
+        self.summary.resumed = len(self.done)
+        self._f = self.part.open("a", encoding="utf-8")
+        self._fail_f = self.failures_part.open("a", encoding="utf-8")
+
+    def is_done(self, row_id: str) -> bool:
+        return row_id in self.done
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._f.write(dumps(row) + "\n")
+        self.done.add(row["id"])
+        self.summary.written += 1
+
+    def fail(self, row_id: str, reason: str, **info: Any) -> None:
+        self._fail_f.write(dumps({"id": row_id, "reason": reason, **info}) + "\n")
+        key = reason.split(":")[0]
+        self.summary.reasons[key] = self.summary.reasons.get(key, 0) + 1
+        self.summary.failed += 1
+
+    def flush(self) -> None:
+        """Make what was written so far durable (called after each chunk)."""
+        for f in (self._f, self._fail_f):
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self) -> SinkSummary:
+        self.flush()
+        self._f.close()
+        self._fail_f.close()
+        os.replace(self.part, self.path)
+        if self.summary.failed:
+            os.replace(self.failures_part, self.failures)
+            self.summary.failures_path = self.failures
+        else:
+            self.failures_part.unlink(missing_ok=True)
+            self.failures.unlink(missing_ok=True)
+        self.meta.write_text(json.dumps({"fingerprint": self.fingerprint, "complete": True}))
+        return self.summary
+
+    def close(self) -> None:
+        for f in (self._f, self._fail_f):
+            if not f.closed:
+                f.flush()
+                f.close()
+
+    def __enter__(self) -> JsonlSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
