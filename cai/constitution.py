@@ -7,6 +7,7 @@ text changes no draw and adding one changes only the draws it wins (the fewest p
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -191,6 +192,9 @@ def validation_to_config_error(err: ValidationError, file: str, lines: dict) -> 
                 and any(o is not e and tuple(o["loc"])[: len(e["loc"])] == tuple(e["loc"])
                         for o in errors))
     ] or errors
+    # A misspelt key shows up twice: as an unknown field and as a missing one. The unknown
+    # field is the real mistake, so report it first.
+    errors.sort(key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
     loc = tuple(first["loc"])
     line = None
@@ -200,16 +204,25 @@ def validation_to_config_error(err: ValidationError, file: str, lines: dict) -> 
             break
     field = ".".join(str(p) for p in loc) or None
     kind, msg = first["type"], first["msg"]
+    hint = None
     if kind == "extra_forbidden":
         msg = "unknown field"
+        missing = [
+            str(e["loc"][-1]) for e in errors
+            if e["type"] == "missing" and tuple(e["loc"][:-1]) == loc[:-1]
+        ]
+        close = difflib.get_close_matches(str(loc[-1]), missing, n=1) if loc else []
+        hint = f"did you mean {close[0]!r}?" if close else None
     elif kind == "missing":
         msg = "missing required field"
     elif kind == "string_too_short":
         msg = "must not be empty"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    more = len(errors) - 1
-    hint = f"{more} more problem(s) after this one" if more else None
+    more = len(errors) - 1 - (hint is not None)  # the typo's "missing" twin is not counted
+    if more:
+        hint = f"{hint}; " if hint else ""
+        hint += f"{more} more problem(s) after this one"
     return ConfigError(msg, file=file, line=line, field=field, hint=hint)
 
 
