@@ -22,9 +22,13 @@ MARKER = "cai-prepared.json"
 
 
 def default_model_dir() -> Path:
-    """``$CAI_MODEL_DIR``, else ``$CAI_HOME/models/SmolLM2-135M-Instruct``, else ``~/.cache/cai/...``."""
+    """``$CAI_MODEL_DIR``; else ``.models/`` of a source checkout when prepared there (what
+    ``scripts/setup.sh`` does); else ``$CAI_HOME/models/...`` (``CAI_HOME``: ``~/.cache/cai``)."""
     if env := os.environ.get("CAI_MODEL_DIR"):
         return Path(env)
+    checkout = Path(__file__).resolve().parent.parent / ".models" / DEFAULT_MODEL_NAME
+    if is_prepared(checkout):
+        return checkout
     home = Path(os.environ.get("CAI_HOME") or Path.home() / ".cache" / "cai")
     return home / "models" / DEFAULT_MODEL_NAME
 

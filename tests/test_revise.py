@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cai.backends.base import Completion, Request
+from cai.backends.fake import FakeBackend
+from cai.constitution import load_constitution
+from cai.inputs import PromptRow, read_prompts
+from cai.output import JsonlSink
+from cai.progress import StageProgress
+from cai.revise import ReviseConfig, clean_revision, fingerprint, principles_for, revise_chunk
+from cai.stage import StageRun
+from cai.templates import Templates
+
+CONST = load_constitution()
+TPL = Templates()
+
+
+def scripted(req: Request) -> str:
+    """Answers that say which step asked, so the trace can be checked."""
+    text = req.messages[-1]["content"]
+    if "Critique request:" in text:
+        return "CRITIQUE of: " + text.split("Assistant's final reply:\n", 1)[1].split("\n")[0]
+    if "Revision request:" in text:
+        return "Revision: REVISED(" + text.split("Assistant's final reply:\n", 1)[1].split("\n")[0] + ")"
+    return "INITIAL"
+
+
+def rows(n: int) -> list[PromptRow]:
+    return [PromptRow(id=f"r{i}", prompt=[{"role": "user", "content": f"question {i}"}]) for i in range(n)]
+
+
+def test_rounds_chain_and_keep_every_step():
+    be = FakeBackend(scripted)
+    cfg = ReviseConfig(rounds=3)
+    (o,) = revise_chunk(rows(1), be, CONST, TPL, cfg)
+    row = o.row
+    assert row is not None
+    assert row["initial_response"] == "INITIAL"
+    # each revision rewrites the previous one (label stripped), each critique sees the latest
+    assert [r["critique"] for r in row["rounds"]] == [
+        "CRITIQUE of: INITIAL", "CRITIQUE of: REVISED(INITIAL)", "CRITIQUE of: REVISED(REVISED(INITIAL))"]
+    assert row["revised_response"] == "REVISED(REVISED(REVISED(INITIAL)))"
+    assert row["messages"] == [{"role": "user", "content": "question 0"},
+                               {"role": "assistant", "content": row["revised_response"]}]
+    # the principle drawn for each round is the one in the prompt that was sent
+    drawn = [p.id for p in principles_for("r0", CONST, cfg)]
+    assert row["principle_ids"] == drawn and len(set(drawn)) == 3
+    crit_prompts = [c.messages[-1]["content"] for c in be.calls if "Critique request:" in c.messages[-1]["content"]]
+    for prompt, pid in zip(crit_prompts, drawn, strict=True):
+        assert CONST.by_id()[pid].critique in prompt
+    assert row["provenance"]["constitution_hash"] == CONST.digest()
+    assert len(row["calls"]) == 1 + 2 * 3
+
+
+def test_one_batched_call_per_step():
+    be = FakeBackend(scripted)
+    revise_chunk(rows(10), be, CONST, TPL, ReviseConfig(rounds=2))
+    assert be.batches == [10, 10, 10, 10, 10]
+
+
+def test_failed_call_fails_only_that_row():
+    be = FakeBackend(scripted, fail=lambda r: "question 3" in r.messages[-1]["content"]
+                     and "Revision request" in r.messages[-1]["content"])
+    outs = revise_chunk(rows(5), be, CONST, TPL, ReviseConfig(rounds=1))
+    bad = [o for o in outs if o.row is None]
+    assert [o.id for o in bad] == ["r3"]
+    assert bad[0].reason.startswith("round 1 revision: backend error")
+
+
+def test_empty_output_is_a_failure_not_a_silent_row():
+    be = FakeBackend(lambda r: Completion(texts=["  "], finish_reasons=["length"]))
+    (o,) = revise_chunk(rows(1), be, CONST, TPL, ReviseConfig(rounds=1))
+    assert o.row is None and "initial answer: empty output" in o.reason
+
+
+def test_clean_revision():
+    assert clean_revision("  Revision: Hello.") == "Hello."
+    assert clean_revision("Revised response:\nHi") == "Hi"
+    assert clean_revision("Revisions are good") == "Revisions are good"
+
+
+def test_stage_run_resumes_and_writes_failures(tmp_path: Path, hh_dev: Path):
+    out = tmp_path / "rev.jsonl"
+    cfg = ReviseConfig(rounds=1)
+    be = FakeBackend(fail=lambda r: "robot" in json.dumps(r.messages))
+    fp = fingerprint(be, CONST, TPL, cfg)
+
+    def run(limit: int) -> FakeBackend:
+        b = FakeBackend(fail=be.fail)
+        with JsonlSink(out, fp) as sink:
+            StageRun(sink=sink, key=lambda r: r.id, chunk_size=4,
+                     process=lambda c: revise_chunk(c, b, CONST, TPL, cfg)).run(
+                read_prompts(hh_dev, limit=limit), StageProgress("t", limit, enabled=False))
+        return b
+
+    run(10)
+    first = [json.loads(x) for x in out.read_text().splitlines()]
+    failures = [json.loads(x) for x in (tmp_path / "rev.failures.jsonl").read_text().splitlines()]
+    assert len(first) + len(failures) == 10 and failures, "row 1 mentions a robot and must fail"
+    # a rerun over more rows only sends calls for the new rows and the failed one
+    b2 = run(12)
+    second = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in second[: len(first)]] == [r["id"] for r in first]
+    assert len({r["id"] for r in second}) == len(second) == 12 - len(failures)
+    # 3 calls for each new row; the failed row is retried and fails again at its first call
+    assert len(b2.calls) == 3 * 2 + len(failures)
