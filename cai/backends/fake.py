@@ -4,12 +4,19 @@
 log-probs are asked for, returns a top list over "A"/"B" whose split depends on the request.
 Pass ``respond`` (a function of the request) to script exact answers, and ``fail`` (a
 predicate) to make chosen requests fail, as a flaky server would.
+
+For crash tests run as a subprocess, two environment variables (or the ``delay``/``log``
+arguments) slow it down and record what it answered: ``CAI_FAKE_DELAY`` sleeps that many
+seconds per batch, as a server would take; ``CAI_FAKE_LOG`` appends, once a batch is answered,
+one line ``PID BATCH DIGEST`` per request to that file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import time
 from collections.abc import Callable, Sequence
 
 from .base import Completion, Request
@@ -53,12 +60,16 @@ class FakeBackend:
         *,
         model_id: str = "fake",
         fail: Callable[[Request], bool] | None = None,
+        delay: float | None = None,
+        log: str | None = None,
     ) -> None:
         self.model_id = model_id
         self.respond = respond or default_respond
         self.fail = fail
         self.calls: list[Request] = []
         self.batches: list[int] = []
+        self.delay = float(os.environ.get("CAI_FAKE_DELAY") or 0) if delay is None else delay
+        self.log = log or os.environ.get("CAI_FAKE_LOG") or None
 
     def complete(self, requests: Sequence[Request]) -> list[Completion]:
         self.batches.append(len(requests))
@@ -70,6 +81,13 @@ class FakeBackend:
                 continue
             res = self.respond(req)
             out.append(res if isinstance(res, Completion) else Completion(texts=[res]))
+        if self.delay:
+            time.sleep(self.delay)
+        if self.log:
+            n = len(self.batches)
+            lines = "".join(f"{os.getpid()} {n} {_digest(r):016x}\n" for r in requests)
+            with open(self.log, "a", encoding="utf-8") as f:
+                f.write(lines)
         return out
 
     def close(self) -> None:

@@ -1,0 +1,142 @@
+"""A content-addressed cache of model calls in SQLite (WAL): a rerun redoes only what changed.
+
+The key of a call is the SHA-256 of the backend's model id, the rendered messages and the
+sampling parameters (the per-call seed included). ``CachedBackend`` wraps any backend: it
+answers the requests whose key is stored, sends only the misses to the inner backend in one
+batched call, and commits their successful completions in one transaction as soon as that call
+returns. Failed completions are not stored, so a rerun tries them again.
+
+Editing one principle's text changes the rendered prompts of the calls that use it, so exactly
+those calls (and the ones downstream, whose prompts contain their answers) miss the cache.
+Several processes may share one cache file: WAL lets readers and a writer work side by side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .backends.base import Backend, Completion, Request
+from .errors import ConfigError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    key TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    completion TEXT NOT NULL,
+    created REAL NOT NULL
+) WITHOUT ROWID
+"""
+_LOOKUP_CHUNK = 500  # stay well below SQLite's limit on bound parameters
+
+
+def request_key(model_id: str, req: Request) -> str:
+    """The cache key of one call: model id, messages and sampling (seed included)."""
+    blob = json.dumps(
+        {"model": model_id, "messages": list(req.messages), "sampling": req.sampling.to_dict()},
+        sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class CallCache:
+    """A key -> Completion store in one SQLite file. Safe to share between processes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # In WAL mode NORMAL loses nothing when the process is killed (only on power loss).
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(f"not a usable cache database ({e})", file=str(self.path),
+                              hint="pass another --cache path, or --no-cache") from None
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Completion]:
+        keys = list(dict.fromkeys(keys))
+        found: dict[str, Completion] = {}
+        for i in range(0, len(keys), _LOOKUP_CHUNK):
+            part = keys[i: i + _LOOKUP_CHUNK]
+            marks = ",".join("?" * len(part))
+            for key, blob in self._db.execute(
+                f"SELECT key, completion FROM calls WHERE key IN ({marks})", part
+            ):
+                found[key] = Completion.from_dict(json.loads(blob))
+        return found
+
+    def put_many(self, items: Iterable[tuple[str, str, Completion]]) -> int:
+        """Store (key, model id, completion) triples in one transaction; return how many."""
+        now = time.time()
+        rows = [(k, m, json.dumps(c.to_dict(), ensure_ascii=False, separators=(",", ":")), now)
+                for k, m, c in items]
+        if not rows:
+            return 0
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany("INSERT OR REPLACE INTO calls VALUES (?, ?, ?, ?)", rows)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return len(rows)
+
+    def has(self, key: str) -> bool:
+        return self._db.execute("SELECT 1 FROM calls WHERE key = ?", (key,)).fetchone() is not None
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class CachedBackend:
+    """A Backend that answers from a ``CallCache`` and sends only the misses to ``backend``.
+
+    ``sent`` counts requests passed to the inner backend, ``hits`` the ones answered without
+    it (stored before, or the same request twice in one batch), ``errors`` the failed ones.
+    """
+
+    def __init__(self, backend: Backend, cache: CallCache, *, close_cache: bool = True) -> None:
+        self.inner = backend
+        self.cache = cache
+        self.model_id = backend.model_id
+        self.close_cache = close_cache
+        self.sent = 0
+        self.hits = 0
+        self.errors = 0
+
+    def complete(self, requests: Sequence[Request]) -> list[Completion]:
+        keys = [request_key(self.model_id, r) for r in requests]
+        found = self.cache.get_many(keys)
+        todo: dict[str, Request] = {}
+        for k, r in zip(keys, requests, strict=True):
+            if k not in found and k not in todo:
+                todo[k] = r
+        if todo:
+            done = self.inner.complete(list(todo.values()))
+            if len(done) != len(todo):  # a backend bug; never cache a misaligned answer
+                raise RuntimeError(
+                    f"backend returned {len(done)} completions for {len(todo)} requests")
+            fresh = dict(zip(todo, done, strict=True))
+            self.cache.put_many((k, self.model_id, c) for k, c in fresh.items() if c.error is None)
+            self.errors += sum(c.error is not None for c in done)
+            found.update(fresh)
+        self.sent += len(todo)
+        self.hits += len(requests) - len(todo)
+        return [found[k] for k in keys]
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        finally:
+            if self.close_cache:
+                self.cache.close()

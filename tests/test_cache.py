@@ -1,0 +1,120 @@
+"""The call cache: keys, hits and misses, one batched call for the misses, errors not stored."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from cai.backends.base import Completion, Request, Sampling
+from cai.backends.fake import FakeBackend
+from cai.cache import CachedBackend, CallCache, request_key
+from cai.errors import ConfigError
+
+
+def req(text: str, **sampling) -> Request:
+    return Request(({"role": "user", "content": text},), Sampling(**sampling))
+
+
+def test_key_covers_model_messages_sampling_and_seed():
+    base = req("hi")
+    k = request_key("m", base)
+    assert k == request_key("m", req("hi"))
+    assert k != request_key("m2", base)
+    assert k != request_key("m", req("hi!"))
+    assert k != request_key("m", req("hi", seed=1))
+    assert k != request_key("m", req("hi", temperature=0.7))
+    assert k != request_key("m", req("hi", max_tokens=7))
+    assert k != request_key("m", Request(({"role": "system", "content": "hi"},), base.sampling))
+
+
+def test_misses_go_in_one_batch_and_hits_are_not_sent(tmp_path: Path):
+    inner = FakeBackend()
+    be = CachedBackend(inner, CallCache(tmp_path / "c.sqlite"))
+    first = be.complete([req("a"), req("b")])
+    assert (be.sent, be.hits, inner.batches) == (2, 0, [2])
+    again = be.complete([req("b"), req("c"), req("a"), req("c")])
+    # only "c" is new, sent once although asked twice
+    assert (be.sent, be.hits, inner.batches) == (3, 3, [2, 1])
+    texts = [c.texts for c in again]
+    assert texts == [first[1].texts, again[1].texts, first[0].texts, again[1].texts]
+    assert be.complete([req("a")])[0].to_dict() == first[0].to_dict()
+    assert inner.batches == [2, 1]  # an all-hit batch sends nothing at all
+    be.close()
+
+
+def test_cache_survives_reopen_and_is_shared(tmp_path: Path):
+    path = tmp_path / "c.sqlite"
+    a = CachedBackend(FakeBackend(), CallCache(path))
+    b_inner = FakeBackend()
+    b = CachedBackend(b_inner, CallCache(path))  # a second connection, open at the same time
+    a.complete([req("x", logprobs=5)])
+    got = b.complete([req("x", logprobs=5)])
+    assert b_inner.calls == [] and got[0].logprobs is not None
+    a.close()
+    b.close()
+    c = CallCache(path)
+    assert len(c) == 1
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    c.close()
+
+
+def test_errors_are_not_cached(tmp_path: Path):
+    flaky = FakeBackend(fail=lambda r: r.messages[0]["content"] == "bad")
+    be = CachedBackend(flaky, CallCache(tmp_path / "c.sqlite"))
+    out = be.complete([req("bad"), req("good")])
+    assert out[0].error and not out[1].error and be.errors == 1
+    be.complete([req("bad"), req("good")])
+    assert [c.messages[0]["content"] for c in flaky.calls] == ["bad", "good", "bad"]
+    assert len(be.cache) == 1
+
+
+def test_model_id_is_part_of_the_key(tmp_path: Path):
+    cache = CallCache(tmp_path / "c.sqlite")
+    CachedBackend(FakeBackend(model_id="one"), cache, close_cache=False).complete([req("q")])
+    other = FakeBackend(model_id="two")
+    CachedBackend(other, cache, close_cache=False).complete([req("q")])
+    assert len(other.calls) == 1 and len(cache) == 2
+
+
+def test_committed_when_the_batch_returns(tmp_path: Path):
+    """Each batch is in the file as soon as complete() returns: a crash after it loses nothing."""
+    path = tmp_path / "c.sqlite"
+    be = CachedBackend(FakeBackend(), CallCache(path))
+    be.complete([req("a"), req("b")])
+    reader = CallCache(path)
+    assert len(reader.get_many([request_key("fake", req("a")), request_key("fake", req("b"))])) == 2
+    reader.close()
+    be.close()
+
+
+def test_misaligned_backend_is_a_bug_not_a_cache_entry(tmp_path: Path):
+    class Short(FakeBackend):
+        def complete(self, requests):
+            return super().complete(requests)[:-1]
+
+    be = CachedBackend(Short(), CallCache(tmp_path / "c.sqlite"))
+    with pytest.raises(RuntimeError, match="1 completions for 2"):
+        be.complete([req("a"), req("b")])
+    assert len(be.cache) == 0
+
+
+def test_large_batches_and_round_trip(tmp_path: Path):
+    be = CachedBackend(FakeBackend(), CallCache(tmp_path / "c.sqlite"))
+    reqs = [req(f"q{i}") for i in range(1300)]  # more than one lookup chunk
+    first = be.complete(reqs)
+    again = be.complete(reqs)
+    assert be.sent == 1300 and be.hits == 1300
+    assert [c.to_dict() for c in first] == [c.to_dict() for c in again]
+    c = replace(Completion(texts=["x"]), logprobs=[{"A": -0.1}], finish_reasons=["stop"])
+    be.cache.put_many([("k", "m", c)])
+    assert be.cache.get_many(["k"])["k"] == c
+
+
+def test_unusable_file_is_a_config_error(tmp_path: Path):
+    bad = tmp_path / "c.sqlite"
+    bad.write_text("this is not a database, " * 100)
+    with pytest.raises(ConfigError, match="not a usable cache database"):
+        CallCache(bad)
