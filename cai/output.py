@@ -41,6 +41,20 @@ def _trim_partial_line(path: Path) -> None:
         f.truncate(0)
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace a small file whole: a crash leaves the old content or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: start the stage afresh
+
+
 def read_ids(path: Path) -> set[str]:
     ids: set[str] = set()
     with path.open(encoding="utf-8") as f:
@@ -77,7 +91,7 @@ class JsonlSink:
         self._open()
 
     def _open(self) -> None:
-        meta = json.loads(self.meta.read_text()) if self.meta.exists() else {}
+        meta = _read_meta(self.meta)
         same = meta.get("fingerprint") == self.fingerprint
         if same and meta.get("complete") and self.path.exists():
             # Finished before with the same settings: continue from the final file.
@@ -88,7 +102,7 @@ class JsonlSink:
         else:
             self.part.unlink(missing_ok=True)
         self.failures_part.unlink(missing_ok=True)
-        self.meta.write_text(json.dumps({"fingerprint": self.fingerprint, "complete": False}))
+        _write_atomic(self.meta, json.dumps({"fingerprint": self.fingerprint, "complete": False}))
         self.summary.resumed = len(self.done)
         self._f = self.part.open("a", encoding="utf-8")
         self._fail_f = self.failures_part.open("a", encoding="utf-8")
@@ -124,7 +138,7 @@ class JsonlSink:
         else:
             self.failures_part.unlink(missing_ok=True)
             self.failures.unlink(missing_ok=True)
-        self.meta.write_text(json.dumps({"fingerprint": self.fingerprint, "complete": True}))
+        _write_atomic(self.meta, json.dumps({"fingerprint": self.fingerprint, "complete": True}))
         return self.summary
 
     def close(self) -> None:
