@@ -1,0 +1,150 @@
+"""The embedded transformers backend on the real SmolLM2 model, and against a real vLLM server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cai.backends.base import Completion, Message, Request, Sampling
+from cai.backends.embedded import EmbeddedBackend
+from cai.backends.openai_server import OpenAIServerBackend
+from cai.errors import ModelNotPreparedError
+
+pytestmark = pytest.mark.integration
+
+
+def user(text: str) -> tuple[Message, ...]:
+    return ({"role": "user", "content": text},)
+
+
+def judge(question: str, a: str, b: str) -> tuple[Message, ...]:
+    return (
+        {"role": "user", "content": f"{question}\n(A) {a}\n(B) {b}\nAnswer with A or B."},
+        {"role": "assistant", "content": "The answer is: ("},
+    )
+
+
+JUDGES = [
+    judge("Which reply is more helpful?", "Paris is the capital of France.", "I don't know."),
+    judge("Which reply is more harmless?", "Here is how to pick a lock to break in.",
+          "I can't help with breaking into homes."),
+    judge("Which is more polite?", "Shut up.", "Thank you for asking!"),
+]
+
+
+def ok(c: Completion) -> Completion:
+    assert c.error is None, c.error
+    return c
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path: Any) -> None:
+    with pytest.raises(ModelNotPreparedError, match="cai prepare-model"):
+        EmbeddedBackend(model=str(tmp_path / "nowhere"))
+
+
+def test_generation(embedded: EmbeddedBackend) -> None:
+    assert embedded.model_id == "SmolLM2-135M-Instruct@embedded"
+    c = ok(embedded.complete([Request(user("What is the capital of France?"),
+                                      Sampling(max_tokens=16))])[0])
+    assert "Paris" in c.text
+    assert c.prompt_tokens > 10 and 0 < c.completion_tokens <= 16
+    assert c.finish_reasons == ["stop"] and c.logprobs is None
+
+
+def test_batch_equals_one_by_one(embedded: EmbeddedBackend) -> None:
+    reqs = [
+        Request(user("Name a colour."), Sampling(max_tokens=8)),
+        Request(user("Give me a long list of ten fruits, one per line, with a short note on each."),
+                Sampling(max_tokens=12)),
+        Request(JUDGES[0], Sampling(max_tokens=2, logprobs=3)),
+    ]
+    together = embedded.complete(reqs)
+    alone = [embedded.complete([r])[0] for r in reqs]
+    for a, b in zip(together, alone, strict=True):
+        assert ok(a).texts == ok(b).texts
+        assert a.completion_tokens == b.completion_tokens
+    assert together[2].logprobs is not None and alone[2].logprobs is not None
+    for x, y in zip(together[2].logprobs, alone[2].logprobs, strict=True):
+        assert x.keys() == y.keys()
+        assert all(abs(x[k] - y[k]) < 1e-3 for k in x)
+
+
+def test_continuation_with_logprobs(embedded: EmbeddedBackend) -> None:
+    c = ok(embedded.complete([Request(JUDGES[0], Sampling(max_tokens=2, logprobs=5))])[0])
+    assert c.logprobs is not None and len(c.logprobs) == c.completion_tokens == 2
+    first = c.logprobs[0]
+    assert 5 <= len(first) <= 6 and all(v <= 0 for v in first.values())
+    assert {"A", "B"} <= {t.strip() for t in first}
+    # the model continued "(": its first token is the letter, not a new assistant turn
+    best = max(first, key=lambda t: first[t])
+    assert c.text.startswith(best) and best.strip() in ("A", "B")
+
+
+def test_n_samples_are_seeded_and_reproducible(embedded: EmbeddedBackend) -> None:
+    prompt = user("Write one short sentence about the sea.")
+    req = Request(prompt, Sampling(max_tokens=10, temperature=1.0, n=3, seed=7))
+    other = Request(prompt, Sampling(max_tokens=10, temperature=1.0, n=3, seed=8))
+    a, b, c = embedded.complete([req, req, other])
+    again = embedded.complete([req])[0]  # a different batch: same samples
+    assert len(ok(a).texts) == 3 and len(a.finish_reasons) == 3
+    assert a.texts == b.texts == again.texts
+    assert ok(c).texts != a.texts and len(set(a.texts)) > 1
+    greedy = ok(embedded.complete([Request(prompt, Sampling(max_tokens=6, n=2))])[0])
+    assert len(greedy.texts) == 2 and greedy.texts[0] == greedy.texts[1]
+
+
+def test_stop_strings(embedded: EmbeddedBackend) -> None:
+    prompt = user("List three fruits, separated by commas.")
+    full = ok(embedded.complete([Request(prompt, Sampling(max_tokens=24))])[0]).text
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = words[2]
+    cut = ok(embedded.complete([Request(prompt, Sampling(max_tokens=24, stop=(stop, "zzz")))])[0])
+    assert cut.text == full[: full.index(stop)]
+    assert cut.finish_reasons == ["stop"] and cut.completion_tokens < 24
+
+
+def test_choices(embedded: EmbeddedBackend) -> None:
+    reqs = [Request(j, Sampling(choices=("A", "B"), logprobs=2)) for j in JUDGES]
+    reqs.append(Request(user("Is the sky blue? Answer yes or no."),
+                        Sampling(choices=("yes", "no", "maybe not"))))
+    reqs.append(Request(JUDGES[0], Sampling(choices=("A", "B"), temperature=1.0, n=4, seed=1)))
+    scored = embedded.complete([Request(j, Sampling(max_tokens=1, logprobs=20)) for j in JUDGES])
+    out = embedded.complete(reqs)
+    for c, s in zip(out[:3], scored, strict=True):
+        assert ok(c).texts[0] in ("A", "B")
+        lp = s.logprobs[0] if s.logprobs else {}
+        assert c.text == max(("A", "B"), key=lambda t: lp.get(t, -1e9))
+        assert c.logprobs is not None and c.text in c.logprobs[0]
+    assert ok(out[3]).text in ("yes", "no", "maybe not")
+    assert len(ok(out[4]).texts) == 4 and set(out[4].texts) <= {"A", "B"}
+    assert embedded.complete([reqs[-1]])[0].texts == out[4].texts
+
+
+def test_a_bad_request_does_not_sink_the_batch(embedded: EmbeddedBackend) -> None:
+    good, bad, empty = embedded.complete([
+        Request(user("Hi"), Sampling(max_tokens=2)),
+        Request(user("Hi"), Sampling(max_tokens=2, n=0)),
+        Request(user("Hi"), Sampling(choices=())),
+    ])
+    assert ok(good).texts and bad.texts == [] and bad.error and empty.error
+
+
+def test_agrees_with_vllm_on_the_judge_token(embedded: EmbeddedBackend, vllm_server: str) -> None:
+    reqs = [Request(j, Sampling(max_tokens=1, logprobs=5)) for j in JUDGES]
+    server = OpenAIServerBackend(base_url=vllm_server)
+    try:
+        theirs = server.complete(reqs)
+    finally:
+        server.close()
+    ours = embedded.complete(reqs)
+    for o, t in zip(ours, theirs, strict=True):
+        assert ok(o).prompt_tokens == ok(t).prompt_tokens  # same chat template rendering
+        assert o.logprobs and t.logprobs
+        mine, vllm = o.logprobs[0], t.logprobs[0]
+        top2 = sorted(mine, key=lambda k: -mine[k])[:2]
+        assert set(top2) == set(sorted(vllm, key=lambda k: -vllm[k])[:2])
+        assert o.text == t.text  # greedy first token: both float32
+        for tok in top2:
+            assert abs(mine[tok] - vllm[tok]) < 0.02, (tok, mine[tok], vllm[tok])
