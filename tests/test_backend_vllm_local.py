@@ -1,0 +1,106 @@
+"""In-process vLLM (``vllm.LLM``). Runs only where ``import vllm`` works, i.e. in .venv-vllm:
+
+    PYTHONPATH=. .venv-vllm/bin/python -m pytest -q tests/test_backend_vllm_local.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cai.backends.base import Completion, Message, Request, Sampling
+from cai.backends.vllm_local import VLLMBackend  # imports vllm only when built
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None,
+        reason="vllm is not importable here; run this file with .venv-vllm/bin/python",
+    ),
+]
+
+REPO = Path(__file__).resolve().parent.parent
+CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "VLLM_CACHE_ROOT": str(REPO / ".cache" / "vllm"),
+}
+JUDGE: tuple[Message, ...] = (
+    {"role": "user", "content": "Which reply is more helpful?\n(A) Paris is the capital of "
+     "France.\n(B) I don't know.\nAnswer with A or B."},
+    {"role": "assistant", "content": "The answer is: ("},
+)
+
+
+def user(text: str) -> tuple[Message, ...]:
+    return ({"role": "user", "content": text},)
+
+
+def ok(c: Completion) -> Completion:
+    assert c.error is None, c.error
+    return c
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[VLLMBackend]:
+    from cai.model import prepare_model
+
+    saved = {k: os.environ.get(k) for k in CPU_ENV}
+    for k, v in CPU_ENV.items():
+        os.environ.setdefault(k, v)
+    folder = prepare_model(
+        Path(os.environ.get("CAI_MODEL_DIR") or REPO / ".models" / "SmolLM2-135M-Instruct")
+    )
+    backend = VLLMBackend(model=str(folder), max_model_len=2048)
+    yield backend
+    backend.close()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_generation_and_continuation_in_one_batch(llm: VLLMBackend) -> None:
+    assert llm.model_id == "SmolLM2-135M-Instruct"
+    plain = Request(user("What is the capital of France?"), Sampling(max_tokens=16))
+    cont = Request(JUDGE, Sampling(max_tokens=1, logprobs=5))
+    a, b, c = llm.complete([plain, cont, plain])  # mixed groups come back in order
+    assert "Paris" in ok(a).text and a.texts == ok(c).texts
+    assert a.prompt_tokens > 10 and 0 < a.completion_tokens <= 16
+    assert a.finish_reasons[0] in ("stop", "length") and a.logprobs is None
+    assert ok(b).logprobs is not None and len(b.logprobs) == 1
+    top = b.logprobs[0]
+    assert 5 <= len(top) <= 6 and {"A", "B"} <= {t.strip() for t in top}
+    assert b.text.strip() in ("A", "B")
+
+
+def test_seeded_n_samples_stops_and_choices(llm: VLLMBackend) -> None:
+    sea = Request(user("Write one short sentence about the sea."),
+                  Sampling(max_tokens=10, temperature=1.0, n=3, seed=7))
+    fruits = user("List three fruits, separated by commas.")
+    full = ok(llm.complete([Request(fruits, Sampling(max_tokens=24))])[0]).text
+    stop = full.split()[2]
+    s1, s2, cut, pick = llm.complete([
+        sea, sea, Request(fruits, Sampling(max_tokens=24, stop=(stop,))),
+        Request(user("Pick A or B."), Sampling(max_tokens=4, choices=("A", "B"))),
+    ])
+    assert len(ok(s1).texts) == 3 and s1.texts == ok(s2).texts and len(set(s1.texts)) > 1
+    assert ok(cut).text == full[: full.index(stop)] and cut.finish_reasons == ["stop"]
+    assert ok(pick).text in ("A", "B")
+
+
+def test_bad_request_does_not_sink_the_batch(llm: VLLMBackend) -> None:
+    good, too_long, no_n = llm.complete([
+        Request(user("Hi"), Sampling(max_tokens=2)),
+        Request(user("word " * 3000), Sampling(max_tokens=2)),
+        Request(user("Hi"), Sampling(max_tokens=2, n=0)),
+    ])
+    assert ok(good).texts
+    assert too_long.texts == [] and too_long.error
+    assert no_n.texts == [] and no_n.error
