@@ -1,0 +1,213 @@
+"""Measure a judge against human labels, beside a naive judge that parses the answer text.
+
+The naive judge is what one writes first: show the pair once (A/B as given), let the model
+write a few tokens, find the letter in the text. It uses the same principles as the real judge,
+so the difference is only how the answer is read and whether both orders are asked.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .backends.base import Backend, Request, Sampling
+from .constitution import Constitution, sha256_json
+from .judge import JudgeConfig, aggregate, principles_for, provenance
+from .pairs import Pair
+from .stage import Outcome
+from .templates import Templates
+
+_LETTER = [
+    re.compile(r"\(([AB])\)"),
+    re.compile(r"\b(?:[Oo]ption|[Aa]nswer(?: is)?|[Rr]esponse)\s*:?\s*\(?([AB])\b"),
+    re.compile(r"^\W*([AB])\b"),
+]
+
+
+def parse_letter(text: str) -> str | None:
+    """The answer letter in a generated text, or None (case-sensitive: "a" is a word)."""
+    for pat in _LETTER:
+        m = pat.search(text)
+        if m:
+            return m.group(1)
+    return None
+
+
+@dataclass(frozen=True)
+class NaiveConfig:
+    principles: int = 4
+    seed: int = 0
+    tie_threshold: float = 0.05
+    sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=12))
+
+    def judge_cfg(self) -> JudgeConfig:
+        return JudgeConfig(
+            principles=self.principles,
+            seed=self.seed,
+            both_orders=False,
+            tie_threshold=self.tie_threshold,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "naive": True,
+            "principles": self.principles,
+            "seed": self.seed,
+            "tie_threshold": self.tie_threshold,
+            "sampling": self.sampling.to_dict(),
+        }
+
+
+def naive_fingerprint(
+    backend: Backend, constitution: Constitution, templates: Templates, cfg: NaiveConfig
+) -> str:
+    return sha256_json(
+        {
+            "stage": "naive-judge",
+            "model": backend.model_id,
+            "constitution": constitution.digest(),
+            "templates": templates.digest(("judge",)),
+            "config": cfg.to_dict(),
+        }
+    )
+
+
+def naive_chunk(
+    pairs: Sequence[Pair],
+    backend: Backend,
+    constitution: Constitution,
+    templates: Templates,
+    cfg: NaiveConfig,
+) -> list[Outcome]:
+    """Single order, generated text, letter parsed; the label is the mean of the votes."""
+    jcfg = cfg.judge_cfg()
+    todo: list[tuple[int, str, Request]] = []
+    for i, pair in enumerate(pairs):
+        if pair.error or pair.response_a.strip() == pair.response_b.strip():
+            continue
+        for p in principles_for(pair.id, constitution, jcfg):
+            msgs = templates.messages(
+                "judge",
+                conversation=pair.prompt,
+                response_a=pair.response_a,
+                response_b=pair.response_b,
+                principle=p,
+            )
+            if msgs[-1]["role"] == "assistant":  # no "The answer is: (" prefix: let it write
+                msgs = msgs[:-1]
+            todo.append((i, p.id, Request(tuple(msgs), cfg.sampling)))
+    done = backend.complete([r for _, _, r in todo]) if todo else []
+    votes: dict[int, list[dict[str, Any]]] = {}
+    errors: dict[int, str] = {}
+    tokens = [0] * len(pairs)
+    for (i, pid, _), c in zip(todo, done, strict=True):
+        tokens[i] += c.prompt_tokens + c.completion_tokens
+        if c.error:
+            errors.setdefault(i, f"naive judge: backend error: {c.error}")
+            continue
+        letter = parse_letter(c.text)
+        v: dict[str, Any] = {"principle_id": pid, "order": "ab", "mode": "text", "text": c.text}
+        if letter is None:
+            v["abstain"] = "no answer letter in the text"
+        else:
+            v.update(
+                p_a=1.0 if letter == "A" else 0.0, p_b=0.0 if letter == "A" else 1.0, abstain=None
+            )
+        votes.setdefault(i, []).append(v)
+    prov = {**provenance(backend, constitution, templates, jcfg), "judge": cfg.to_dict()}
+    out = []
+    for i, pair in enumerate(pairs):
+        info = {"source": pair.source}
+        if pair.error or i in errors or i not in votes:
+            why = pair.error or errors.get(i) or "identical responses: nothing to judge"
+            out.append(Outcome(pair.id, reason=why, tokens=tokens[i], info=info))
+            continue
+        row = aggregate(pair, votes[i], jcfg)
+        if row["p_a"] is None:
+            out.append(
+                Outcome(
+                    pair.id,
+                    reason="all judgements abstained: no answer letter",
+                    tokens=tokens[i],
+                    info={**info, "judgements": row["judgements"]},
+                )
+            )
+            continue
+        out.append(Outcome(pair.id, row={**row, "provenance": prov}, tokens=tokens[i]))
+    return out
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def _rows(path: Path | None) -> Iterable[dict[str, Any]]:
+    if path is None or not path.exists():
+        return
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def summarize(
+    rows: Iterable[dict[str, Any]], failures: Iterable[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """Agreement with the human label, position consistency, abstention, ties, first-slot bias."""
+    n = decided = agree = ties = 0
+    soft: list[float] = []
+    cons: list[bool] = []
+    judg = abst = first = voted = 0
+
+    def count_judgements(js: list[dict[str, Any]]) -> None:
+        nonlocal judg, abst, first, voted
+        for j in js:
+            judg += 1
+            if j.get("abstain"):
+                abst += 1
+            elif j.get("p_a") is not None and j["p_a"] != 0.5:
+                voted += 1
+                first += (j["p_a"] > 0.5) == (j.get("order", "ab") == "ab")
+
+    for r in rows:
+        n += 1
+        count_judgements(r.get("judgements", []))
+        ties += bool(r.get("tie"))
+        if r.get("position_consistent") is not None:
+            cons.append(bool(r["position_consistent"]))
+        h = r.get("human")
+        if h in ("a", "b") and r.get("p_a") is not None:
+            soft.append(r["p_a"] if h == "a" else 1.0 - r["p_a"])
+            if r.get("label") in ("a", "b"):
+                decided += 1
+                agree += r["label"] == h
+    failed = 0
+    for f in failures:
+        failed += 1
+        count_judgements(f.get("judgements", []))
+    total = n + failed
+
+    def rate(a: float, b: float) -> float | None:
+        return a / b if b else None
+
+    return {
+        "pairs": total,
+        "labelled": n,
+        "failures": failed,
+        "decided": decided,
+        "agreement": rate(agree, decided),
+        "coverage": rate(decided, total),
+        "soft_agreement": rate(sum(soft), len(soft)),
+        "position_consistency": rate(sum(cons), len(cons)),
+        "abstention_rate": rate(abst, judg),
+        "tie_rate": rate(ties, n),
+        "first_slot_rate": rate(first, voted),
+        "judgements": judg,
+    }
+
+
+def summarize_files(labels: Path, failures: Path | None) -> dict[str, Any]:
+    return summarize(_rows(labels), _rows(failures))

@@ -1,0 +1,365 @@
+"""The AI judge: preference labels from the log-probs of the option tokens.
+
+For each pair, ``k`` principles are drawn (salt "judge"). For each principle and each order
+(A/B as given, then swapped) the judge prompt ends with "The answer is: (" and ONE token is
+generated with the top log-probs: the label is P(A) / (P(A) + P(B)), no text is parsed.
+"A" and " A" (and tokenizer space markers) count as the same option; case matters. When
+neither option is in the top list the judgement abstains, with its reason.
+The pair's soft label ``p_a`` is the mean over principles of the mean over orders, leaving out
+abstentions; when every judgement abstains the pair is a failure, not a tie.
+
+Modes: ``logprobs`` (the default), ``cot`` (the judge reasons first, then the option
+probabilities are read after "Therefore, the answer is: (" and clamped, as in the CAI paper),
+and ``choice`` (structured output, for servers without log-probs: a hard 0/1 label).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .backends.base import Backend, Completion, Request, Sampling
+from .constitution import Constitution, Principle, sha256_json
+from .output import dumps
+from .pairs import Pair
+from .stage import Outcome
+from .templates import Templates
+
+DRAW_SALT = "judge"
+MODES = ("logprobs", "cot", "choice")
+OPTIONS = ("A", "B")
+ORDERS = ("ab", "ba")
+JUDGE_STAGES = ("judge", "judge_cot", "judge_cot_answer")
+_SPACE_MARKS = (" ", "\u2581", "\u0120", "\t")  # plain space, sentencepiece, byte-level BPE
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    mode: str = "logprobs"
+    principles: int = 4  # k principles per pair; the soft label is their mean
+    both_orders: bool = True  # judge (A, B) and (B, A) and average: position-bias control
+    seed: int = 0
+    top_logprobs: int = 20
+    min_mass: float = 0.0  # abstain when P(A) + P(B) (unnormalised) is below this
+    clamp: tuple[float, float] | None = (0.4, 0.6)  # CoT mode only, per judgement
+    tie_threshold: float = 0.05  # |p - 0.5| below this is a tie
+    fallback: bool = True  # a logprobs answer without log-probs is asked again as a choice
+    cot: Sampling = field(default_factory=lambda: Sampling(max_tokens=256, stop=("Therefore",)))
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown judge mode {self.mode!r} (one of {', '.join(MODES)})")
+
+    def answer_sampling(self) -> Sampling:
+        return Sampling(max_tokens=1, temperature=0.0, seed=self.seed, logprobs=self.top_logprobs)
+
+    def choice_sampling(self) -> Sampling:
+        return Sampling(max_tokens=1, temperature=0.0, seed=self.seed, choices=OPTIONS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "principles": self.principles,
+            "both_orders": self.both_orders,
+            "seed": self.seed,
+            "top_logprobs": self.top_logprobs,
+            "min_mass": self.min_mass,
+            "clamp": list(self.clamp) if self.clamp else None,
+            "tie_threshold": self.tie_threshold,
+            "fallback": self.fallback,
+            "cot": self.cot.to_dict(),
+        }
+
+
+def option_probs(
+    top: dict[str, float] | None, options: Sequence[str] = OPTIONS
+) -> tuple[list[float], float] | str:
+    """Normalised option probabilities and their raw mass, or the reason to abstain.
+
+    Each option's probability sums every token in the top list that is the option with or
+    without a leading space (or space marker); case-sensitive: "a" is not "A".
+    """
+    if not top:
+        return "no log-probs returned"
+    mass = [0.0] * len(options)
+    for tok, lp in top.items():
+        bare = tok.lstrip("".join(_SPACE_MARKS))
+        if bare in options and (bare == tok or tok[0] in _SPACE_MARKS):
+            mass[options.index(bare)] += math.exp(lp)
+    total = sum(mass)
+    if total <= 0:
+        best = sorted(top, key=lambda t: -top[t])[:5]
+        return f"no option token in the top {len(top)} (top: {', '.join(map(repr, best))})"
+    return [m / total for m in mass], total
+
+
+def principles_for(pair_id: str, constitution: Constitution, cfg: JudgeConfig) -> list[Principle]:
+    return constitution.draw(pair_id, cfg.principles, seed=cfg.seed, salt=DRAW_SALT)
+
+
+def fingerprint(
+    backend: Backend, constitution: Constitution, templates: Templates, cfg: JudgeConfig
+) -> str:
+    return sha256_json(
+        {
+            "stage": "label",
+            "model": backend.model_id,
+            "constitution": constitution.digest(),
+            "templates": templates.digest(JUDGE_STAGES),
+            "config": cfg.to_dict(),
+        }
+    )
+
+
+def provenance(
+    backend: Backend, constitution: Constitution, templates: Templates, cfg: JudgeConfig
+) -> dict[str, Any]:
+    return {
+        "stage": "label",
+        "cai_version": __version__,
+        "model": backend.model_id,
+        "constitution": constitution.name,
+        "constitution_version": constitution.version,
+        "constitution_hash": constitution.digest(),
+        "templates_hash": templates.digest(JUDGE_STAGES),
+        "judge": cfg.to_dict(),
+    }
+
+
+@dataclass
+class _Job:
+    """One (pair, principle, order) judgement in flight."""
+
+    pair: int
+    principle: Principle
+    order: str
+    ctx: dict[str, Any]
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def _read(
+    job: _Job, c: Completion, mode: str, clamp: tuple[float, float] | None, min_mass: float
+) -> None:
+    """Fill ``job.result`` from an answer completion (p_a, p_b are for the pair's own a/b)."""
+    res = job.result
+    res["mode"] = mode
+    if mode == "choice":
+        letter = c.text.strip()
+        if letter not in OPTIONS:
+            res["abstain"] = f"choice answer {c.text!r} is not an option"
+            return
+        probs, mass = [1.0, 0.0] if letter == "A" else [0.0, 1.0], 1.0
+    else:
+        got = option_probs(c.logprobs[0] if c.logprobs else None)
+        if isinstance(got, str):
+            res["abstain"] = got
+            return
+        probs, mass = got
+        res["mass"] = round(mass, 6)
+        if mass < min_mass:
+            res["abstain"] = f"option mass {mass:.3g} below min_mass {min_mass}"
+            return
+    p_first = probs[0]
+    if mode == "cot" and clamp is not None:
+        res["raw_p_first"] = p_first
+        p_first = min(max(p_first, clamp[0]), clamp[1])
+    p_a = p_first if job.order == "ab" else 1.0 - p_first
+    res.update(p_a=p_a, p_b=1.0 - p_a, abstain=None)
+
+
+def judge_chunk(
+    pairs: Sequence[Pair],
+    backend: Backend,
+    constitution: Constitution,
+    templates: Templates,
+    cfg: JudgeConfig,
+) -> list[Outcome]:
+    """Judge a chunk of pairs in one batched call per step; one ``Outcome`` per pair, in order."""
+    failed: dict[int, str] = {}
+    tokens = [0] * len(pairs)
+    jobs: list[_Job] = []
+    for i, pair in enumerate(pairs):
+        if pair.error:
+            failed[i] = pair.error
+        elif pair.response_a.strip() == pair.response_b.strip():
+            failed[i] = "identical responses: nothing to judge"
+        else:
+            for p in principles_for(pair.id, constitution, cfg):
+                for order in ORDERS if cfg.both_orders else ORDERS[:1]:
+                    a, b = (
+                        (pair.response_a, pair.response_b)
+                        if order == "ab"
+                        else (pair.response_b, pair.response_a)
+                    )
+                    ctx = {
+                        "conversation": pair.prompt,
+                        "response_a": a,
+                        "response_b": b,
+                        "principle": p,
+                    }
+                    jobs.append(_Job(i, p, order, ctx, {"principle_id": p.id, "order": order}))
+
+    def call(step: str, todo: list[_Job], reqs: list[Request]) -> list[tuple[_Job, Completion]]:
+        ok = []
+        for job, c in zip(todo, backend.complete(reqs) if reqs else [], strict=True):
+            tokens[job.pair] += c.prompt_tokens + c.completion_tokens
+            if c.error:
+                failed.setdefault(job.pair, f"{step}: backend error: {c.error}")
+            elif job.pair not in failed:
+                ok.append((job, c))
+        return ok
+
+    if cfg.mode == "cot":
+        reqs = [Request(tuple(templates.messages("judge_cot", **j.ctx)), cfg.cot) for j in jobs]
+        for job, c in call("judge reasoning", jobs, reqs):
+            job.ctx["reasoning"] = c.text.strip()
+            job.result["reasoning"] = c.text.strip()
+        jobs = [j for j in jobs if "reasoning" in j.ctx]
+    stage = "judge_cot_answer" if cfg.mode == "cot" else "judge"
+    sampling = cfg.choice_sampling() if cfg.mode == "choice" else cfg.answer_sampling()
+    reqs = [Request(tuple(templates.messages(stage, **j.ctx)), sampling) for j in jobs]
+    again: list[_Job] = []
+    for job, c in call("judge answer", jobs, reqs):
+        if cfg.mode != "choice" and cfg.fallback and c.logprobs is None:
+            again.append(job)  # this server gave no log-probs: ask for a structured choice
+        else:
+            _read(job, c, cfg.mode, cfg.clamp, cfg.min_mass)
+    if again:
+        reqs = [
+            Request(tuple(templates.messages(stage, **j.ctx)), cfg.choice_sampling()) for j in again
+        ]
+        for job, c in call("judge choice fallback", again, reqs):
+            _read(job, c, "choice", cfg.clamp, cfg.min_mass)
+
+    prov = provenance(backend, constitution, templates, cfg)
+    by_pair: dict[int, list[dict[str, Any]]] = {}
+    for j in jobs:
+        by_pair.setdefault(j.pair, []).append(j.result)
+    outcomes = []
+    for i, pair in enumerate(pairs):
+        info = {"source": pair.source, "origin": pair.origin}
+        if i in failed:
+            outcomes.append(Outcome(pair.id, reason=failed[i], tokens=tokens[i], info=info))
+            continue
+        row = aggregate(pair, by_pair.get(i, []), cfg)
+        if row["p_a"] is None:
+            reasons = sorted({str(j.get("abstain")) for j in row["judgements"]})
+            outcomes.append(
+                Outcome(
+                    pair.id,
+                    reason="all judgements abstained: " + "; ".join(reasons),
+                    tokens=tokens[i],
+                    info={**info, "judgements": row["judgements"]},
+                )
+            )
+            continue
+        row["provenance"] = prov
+        outcomes.append(Outcome(pair.id, row=row, tokens=tokens[i]))
+    return outcomes
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def aggregate(pair: Pair, judgements: list[dict[str, Any]], cfg: JudgeConfig) -> dict[str, Any]:
+    """The label row of a pair from its judgements (``p_a`` None when all abstained)."""
+    per_p: dict[str, dict[str, float]] = {}
+    for j in judgements:
+        if j.get("abstain") is None and "p_a" in j:
+            per_p.setdefault(j["principle_id"], {})[j["order"]] = j["p_a"]
+    p_a = _mean([_mean(list(v.values())) for v in per_p.values()])  # type: ignore[misc]
+    order_means = [_mean([v[o] for v in per_p.values() if o in v]) for o in ORDERS]
+    consistent = None
+    if cfg.both_orders and None not in order_means:
+        d = [(m - 0.5) for m in order_means]  # type: ignore[operator]
+        consistent = d[0] * d[1] > 0
+    both = [v for v in per_p.values() if len(v) == 2]
+    agree = _mean([float((v["ab"] - 0.5) * (v["ba"] - 0.5) > 0) for v in both])
+    modes = sorted({j["mode"] for j in judgements if "mode" in j})
+    tie = p_a is not None and (abs(p_a - 0.5) < cfg.tie_threshold or p_a == 0.5)
+    return {
+        "id": pair.id,
+        "prompt": pair.prompt,
+        "response_a": pair.response_a,
+        "response_b": pair.response_b,
+        "p_a": p_a,
+        "p_b": None if p_a is None else 1.0 - p_a,
+        "label": None if p_a is None else "tie" if tie else "a" if p_a > 0.5 else "b",
+        "tie": tie,
+        "principle_ids": list(dict.fromkeys(j["principle_id"] for j in judgements)),
+        "judgements": judgements,
+        "abstentions": sum(1 for j in judgements if j.get("abstain")),
+        "position_consistent": consistent,
+        "position_agreement": agree,
+        "label_mode": modes[0] if len(modes) == 1 else "mixed" if modes else cfg.mode,
+        "human": pair.human,
+        "origin": pair.origin,
+        "source": pair.source,
+    }
+
+
+def to_preference(row: dict[str, Any], keep_ties: bool = False) -> dict[str, Any] | None:
+    """A label row as a TRL preference row (conversational, explicit prompt); None for a tie."""
+    if row.get("p_a") is None or (row.get("tie") and not keep_ties):
+        return None
+    a_wins = row["p_a"] >= 0.5
+    chosen, rejected = (
+        (row["response_a"], row["response_b"]) if a_wins else (row["response_b"], row["response_a"])
+    )
+    p = row["p_a"] if a_wins else 1.0 - row["p_a"]
+    return {
+        "id": row["id"],
+        "prompt": row["prompt"],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "p_chosen": p,
+        "score_chosen": p,
+        "score_rejected": 1.0 - p,
+        "chosen_side": "a" if a_wins else "b",
+        "tie": row.get("tie", False),
+        "principle_ids": row["principle_ids"],
+        "judgements": row["judgements"],
+        "position_consistent": row["position_consistent"],
+        "label_mode": row["label_mode"],
+        "source": row.get("source", ""),
+        "provenance": row.get("provenance", {}),
+    }
+
+
+@dataclass
+class PreferenceSummary:
+    written: int = 0
+    ties: int = 0
+    abstentions: int = 0  # abstained judgements, over all judged pairs
+    judgements: int = 0
+    inconsistent: int = 0  # pairs whose two orders prefer different responses
+
+
+def write_preferences(labels: Path, out: Path, keep_ties: bool = False) -> PreferenceSummary:
+    """Stream ``labels`` into TRL rows at ``out`` (via ``.part`` and an atomic rename)."""
+    s = PreferenceSummary()
+    part = out.with_name(out.name + ".part")
+    with labels.open(encoding="utf-8") as f, part.open("w", encoding="utf-8") as g:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            s.ties += bool(row.get("tie"))
+            s.abstentions += row.get("abstentions", 0)
+            s.judgements += len(row.get("judgements", []))
+            s.inconsistent += row.get("position_consistent") is False
+            pref = to_preference(row, keep_ties)
+            if pref is not None:
+                g.write(dumps(pref) + "\n")
+                s.written += 1
+        g.flush()
+        os.fsync(g.fileno())
+    os.replace(part, out)
+    return s

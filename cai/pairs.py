@@ -1,0 +1,211 @@
+"""Preference pairs for the judge, from three sources, all as one ``Pair`` record.
+
+- ``sample_pairs``: sample ``n`` answers per prompt from the policy model (one request with
+  vLLM's ``n``, temperature 1, seeded per prompt) and pair them.
+- ``read_pairs``: existing pairs from a dataset: hh-rlhf ``chosen``/``rejected`` transcripts,
+  TRL preference rows (``prompt`` + ``chosen``/``rejected``), or ``prompt``/``response_a``/
+  ``response_b`` columns (with an optional ``label`` column, "A" or "B").
+- revision rows (``prompt``, ``initial_response``, ``revised_response``) from `cai revise`.
+
+When a human label is known (chosen/rejected), which response is shown as A is decided by a
+hash of the pair id, so that the human-preferred one is A in about half the pairs: a judge
+with a position bias then cannot look good by always answering A.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .backends.base import Backend, Message, Request, Sampling
+from .errors import InputError
+from .inputs import PromptRow, iter_records, to_messages, transcript_prompt
+
+SOURCES = ("auto", "sample", "dataset", "revisions")
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str
+    prompt: list[Message]
+    response_a: str
+    response_b: str
+    human: str | None = None  # "a" or "b": the response a person preferred, when known
+    origin: str = ""  # "sampled", "dataset" or "revision"
+    source: str = ""  # "file:line" of the input row
+    error: str | None = None  # set when the pair could not be made (the judge records a failure)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _hash(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _swap_bit(pair_id: str) -> bool:
+    return hashlib.blake2b(f"pair-order\x1f{pair_id}".encode(), digest_size=1).digest()[0] & 1 == 1
+
+
+# --- (a) sampled from the policy -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    n: int = 2  # answers per prompt; every two distinct answers make a pair
+    seed: int = 0
+    sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=256, temperature=1.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "seed": self.seed, "sampling": self.sampling.to_dict()}
+
+
+def sample_pair_ids(row_id: str, n: int) -> list[str]:
+    """The ids of the pairs a prompt yields (known before sampling, for resume)."""
+    return [f"{row_id}-s{i}{j}" for i, j in itertools.combinations(range(n), 2)]
+
+
+def prompt_seed(seed: int, row_id: str) -> int:
+    h = hashlib.blake2b(f"{seed}|{row_id}|sample".encode(), digest_size=4).digest()
+    return int.from_bytes(h, "big")
+
+
+def sample_pairs(
+    rows: Sequence[PromptRow], backend: Backend, cfg: SampleConfig, system: str | None = None
+) -> list[Pair]:
+    """Sample ``cfg.n`` answers per prompt in one batched call and pair them (all combinations).
+
+    A prompt whose call fails gives one ``Pair`` with ``error`` set. Two identical answers are
+    still returned as a pair (the judge turns it into a recorded failure, not a label).
+    """
+    if cfg.n < 2:
+        raise InputError("sampling pairs needs at least 2 answers per prompt (--samples >= 2)")
+    reqs = []
+    for r in rows:
+        msgs: list[Message] = ([{"role": "system", "content": system}] if system else []) + r.prompt
+        reqs.append(
+            Request(tuple(msgs), replace(cfg.sampling, n=cfg.n, seed=prompt_seed(cfg.seed, r.id)))
+        )
+    out: list[Pair] = []
+    for r, c in zip(rows, backend.complete(reqs), strict=True):
+        ids = sample_pair_ids(r.id, cfg.n)
+        base = {"prompt": r.prompt, "origin": "sampled", "source": r.source, "extra": r.extra}
+        if c.error or len(c.texts) < cfg.n:
+            why = (
+                f"backend error: {c.error}" if c.error else f"got {len(c.texts)} of {cfg.n} samples"
+            )
+            out.append(
+                Pair(id=ids[0], response_a="", response_b="", error=f"sampling: {why}", **base)
+            )
+            continue
+        texts = [t.strip() for t in c.texts]
+        for pid, (i, j) in zip(ids, itertools.combinations(range(cfg.n), 2), strict=True):
+            out.append(Pair(id=pid, response_a=texts[i], response_b=texts[j], **base))
+    return out
+
+
+# --- (b) and (c) from a dataset --------------------------------------------------------------
+
+
+def _reply(value: Any, column: str) -> str:
+    """A response cell: a string, or a message list whose last message is the reply."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and "content" in value[-1]:
+        return str(value[-1]["content"]).strip()
+    raise InputError(f"column {column!r} must be a string or a list of messages")
+
+
+def _is_transcript(v: Any) -> bool:
+    return isinstance(v, str) and v.lstrip(" ").startswith(("\n\nHuman:", "Human:"))
+
+
+def _from_chosen_rejected(rec: dict[str, Any]) -> tuple[list[Message], str, str]:
+    ch, rj = rec["chosen"], rec["rejected"]
+    if "prompt" not in rec and _is_transcript(ch) and _is_transcript(rj):
+        p1, c = transcript_prompt(ch)
+        p2, r = transcript_prompt(rj)
+        if p1 != p2:
+            raise InputError("chosen and rejected transcripts differ before the last reply")
+        if c is None or r is None:
+            raise InputError("a transcript does not end with an Assistant reply")
+        return p1, c, r
+    if "prompt" not in rec and isinstance(ch, list) and isinstance(rj, list):
+        p1, p2 = ch[:-1], rj[:-1]  # TRL implicit-prompt conversational rows
+        if p1 != p2 or not p1:
+            raise InputError("chosen and rejected message lists must share every turn but the last")
+        return to_messages(p1, "chosen"), _reply(ch, "chosen"), _reply(rj, "rejected")
+    if "prompt" not in rec:
+        raise InputError("chosen/rejected are not transcripts; add a `prompt` column")
+    return to_messages(rec["prompt"], "prompt"), _reply(ch, "chosen"), _reply(rj, "rejected")
+
+
+def detect_source(rec: dict[str, Any]) -> str:
+    if "initial_response" in rec and "revised_response" in rec:
+        return "revisions"
+    if ("chosen" in rec and "rejected" in rec) or ("response_a" in rec and "response_b" in rec):
+        return "dataset"
+    return "sample"
+
+
+def record_to_pair(rec: dict[str, Any], where: str) -> Pair:
+    """One dataset row to a pair (the id is made unique by ``read_pairs``)."""
+    try:
+        if "initial_response" in rec and "revised_response" in rec:
+            prompt = to_messages(rec["prompt"], "prompt")
+            a, b = (
+                _reply(rec["initial_response"], "initial_response"),
+                _reply(rec["revised_response"], "revised_response"),
+            )
+            pid = str(rec.get("id") or _hash(prompt, a, b))
+            return Pair(pid, prompt, a, b, origin="revision", source=where)
+        if "response_a" in rec and "response_b" in rec:
+            prompt = to_messages(rec["prompt"], "prompt")
+            a, b = _reply(rec["response_a"], "response_a"), _reply(rec["response_b"], "response_b")
+            label = str(rec.get("label") or "").strip().lower() or None
+            if label not in (None, "a", "b"):
+                raise InputError(f"label must be 'A' or 'B', got {rec['label']!r}")
+            pid = str(rec.get("id") or _hash(prompt, a, b))
+            return Pair(pid, prompt, a, b, human=label, origin="dataset", source=where)
+        if "chosen" in rec and "rejected" in rec:
+            prompt, chosen, rejected = _from_chosen_rejected(rec)
+            pid = str(rec.get("id") or _hash(prompt, chosen, rejected))
+            if _swap_bit(pid):
+                return Pair(
+                    pid, prompt, rejected, chosen, human="b", origin="dataset", source=where
+                )
+            return Pair(pid, prompt, chosen, rejected, human="a", origin="dataset", source=where)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+    have = ", ".join(rec) or "none"
+    raise InputError(
+        f"{where}: not a pair (need chosen/rejected, prompt/response_a/response_b, or "
+        f"prompt/initial_response/revised_response; row has {have})"
+    )
+
+
+def read_pairs(
+    source: str | Path, *, split: str = "train", limit: int | None = None
+) -> Iterator[Pair]:
+    """Stream pairs from a dataset; repeated ids get ``-2``, ``-3``... to stay unique."""
+    seen: dict[str, int] = {}
+    for n, (rec, where) in enumerate(iter_records(source, split)):
+        if limit is not None and n >= limit:
+            return
+        pair = record_to_pair(rec, where)
+        count = seen.get(pair.id, 0) + 1
+        seen[pair.id] = count
+        yield pair if count == 1 else replace(pair, id=f"{pair.id}-{count}")
+
+
+def first_record(source: str | Path, split: str = "train") -> dict[str, Any]:
+    for rec, _ in iter_records(source, split):
+        return rec
+    raise InputError(f"{source}: no rows")
