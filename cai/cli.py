@@ -15,6 +15,7 @@ import click
 import typer
 from rich.markup import escape
 
+from . import cli_export  # noqa: F401
 from . import cli_label  # noqa: F401
 from .backends.base import Sampling
 from .cli_app import (

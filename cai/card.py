@@ -1,0 +1,239 @@
+"""The dataset card (README.md) of an export: YAML metadata, then what a reader needs to trust
+the data: the constitution in full, the models, the judge settings, counts and diagnostics."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from . import __version__
+from .constitution import Constitution, sha256_json
+
+if TYPE_CHECKING:
+    from .export import Export, RunInfo
+
+JUDGE_LABELS = {
+    "mode": "label mode (logprobs, choice, or cot = chain of thought before the answer)",
+    "principles": "ensemble size (principles judged per pair; the label is their mean)",
+    "both_orders": "orders (true: each pair judged as A/B and B/A, averaged)",
+    "orders": "orders",
+    "clamp": "clamp of CoT probabilities",
+    "tie_threshold": "tie threshold (|p - 0.5| below it is a tie)",
+    "min_mass": "abstain below this option probability mass",
+    "top_logprobs": "top log-probs read",
+    "fallback": "ask again as a structured choice when no log-probs",
+    "cot": "CoT sampling",
+}
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _ratio(k: int, n: int) -> str:
+    return f"{k}/{n} ({k / n:.1%})" if n else "n/a"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, (dict, list)):
+        return "`" + json.dumps(v, ensure_ascii=False) + "`"
+    return "n/a" if v is None else str(v)
+
+
+def diagnostics(rows: dict[str, list[dict[str, Any]]], info: RunInfo) -> dict[str, dict[str, Any]]:
+    """Counts and rates a reader should see before training on the data."""
+    from .export import LABELS_FILE
+
+    d: dict[str, dict[str, Any]] = {}
+    if rows.get("sft"):
+        rs = rows["sft"]
+        final = [r["messages"][-1]["content"] for r in rs]
+        ini = [r["initial_response"] for r in rs if r["initial_response"] is not None]
+        d["sft"] = {
+            "rows": len(rs), "prompts": info.prompts.get("sft", 0),
+            "mean revision rounds": _mean([len(r["principle_ids"]) for r in rs]),
+            "rows changed by revision": sum(
+                r["initial_response"] not in (None, r["messages"][-1]["content"]) for r in rs),
+            "mean chars, initial answer": _mean([len(x) for x in ini]),
+            "mean chars, final revision": _mean([len(x) for x in final]),
+        }
+    if rows.get("prefs"):
+        rs = rows["prefs"]
+        known = [r["position_consistent"] for r in rs if r["position_consistent"] is not None]
+        ch = [len(r["chosen"][-1]["content"]) for r in rs]
+        rj = [len(r["rejected"][-1]["content"]) for r in rs]
+        d["prefs"] = {
+            "pairs": len(rs), "prompts": info.prompts.get("prefs", 0),
+            "position consistent (both orders agree)": _ratio(sum(known), len(known)),
+            "ties kept in the pairs": sum(r["tie"] for r in rs),
+            "mean p_chosen": _mean([r["p_chosen"] for r in rs if r["p_chosen"] is not None]),
+            "mean chars, chosen": _mean(ch), "mean chars, rejected": _mean(rj),
+            "chosen longer than rejected": _ratio(sum(c > r for c, r in zip(ch, rj, strict=True)),
+                                                  len(rs)),
+            "label modes": dict(Counter(r["label_mode"] or "n/a" for r in rs)),
+        }
+    labels = info.folder / LABELS_FILE
+    if labels.exists():
+        n = ties = abst = judged = agree = with_human = 0
+        with labels.open(encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+                n += 1
+                ties += bool(r.get("tie"))
+                abst += int(r.get("abstentions") or 0)
+                judged += len(r.get("judgements") or [])
+                if r.get("human") in ("a", "b") and r.get("label") in ("a", "b"):
+                    with_human += 1
+                    agree += r["human"] == r["label"]
+        d["labels"] = {"judged pairs (labels.jsonl)": n, "ties (held out of the pairs)": ties,
+                       "abstained judgements": f"{abst}/{judged}"}
+        if with_human:
+            d["labels"]["agreement with human labels"] = _ratio(agree, with_human)
+    if info.failures:
+        d["failures"] = dict(info.failures)
+    if info.manifest and isinstance(info.manifest.get("counts"), dict):
+        d["run.json counts"] = info.manifest["counts"]
+    return d
+
+
+def _digest(dump: dict[str, Any]) -> str:
+    try:
+        return Constitution.model_validate(dump).digest()
+    except Exception:
+        return sha256_json(dump)
+
+
+def _constitution_section(info: RunInfo) -> list[str]:
+    from .export import scrub
+
+    used = {h: sorted(k for k, hs in info.hashes.items() if h in hs)
+            for hs in info.hashes.values() for h in hs}
+    dumps = {_digest(d): d for d in info.constitutions}
+    lines = ["## Constitution", ""]
+    if not used and not dumps:
+        return lines + ["Not recorded in the run folder.", ""]
+    for h in sorted(set(used) | set(dumps)):
+        d = dumps.get(h)
+        stages = ", ".join(used.get(h, [])) or "no row records this hash"
+        name = f"**{d.get('name')}** v{d.get('version')}" if d else "a constitution"
+        lines += [f"{name} (sha256 `{h[:16]}`, used by: {stages}).", ""]
+        if d is None:
+            lines += ["Its full text is not in the run folder (no run.json); export again with "
+                      "`--constitution FILE` to include it.", ""]
+            continue
+        if d.get("description"):
+            lines += [str(d["description"]).strip(), ""]
+        lines += [f"{len(d.get('principles', []))} principles, in full (a valid constitution file "
+                  "for `cai`):", "", "```yaml",
+                  yaml.safe_dump(scrub(d), sort_keys=False, allow_unicode=True, width=100).rstrip(),
+                  "```", ""]
+    return lines
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows: dict[str, Any], head: tuple[str, str] = ("", "")) -> list[str]:
+    out = [f"| {head[0]} | {head[1]} |", "|---|---|"]
+    out += [f"| {_cell(k)} | {_cell(_fmt(v))} |" for k, v in rows.items()]
+    return out + [""]
+
+
+def _size(n: int) -> str:
+    for cap, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                       (1_000_000, "100K<n<1M")):
+        if n < cap:
+            return label
+    return "1M<n<10M"
+
+
+def render_card(export: Export, configs: list[dict[str, Any]], *, license: str = "unknown",
+                repo_id: str | None = None) -> str:
+    from .export import CARD_MARK, TRACE, scrub
+
+    info, dd = export.info, export.dataset
+    m = scrub(info.manifest or {})
+    prov = {k: scrub(v) for k, v in info.provenance.items()}
+    cname = next((d.get("name") for d in info.constitutions if d.get("name")), None) or next(
+        (p.get("constitution") for p in prov.values() if p.get("constitution")), "constitution")
+    meta = {
+        "pretty_name": f"{cname}: Constitutional AI data (cai)", "license": license,
+        "task_categories": ["text-generation"],
+        "tags": ["constitutional-ai", "rlaif", "synthetic", "trl", "sft", "dpo", "cai"],
+        "size_categories": [_size(sum(ds.num_rows for ds in dd.values()))],
+        "configs": configs,
+    }
+    repo = repo_id or "<repo_id>"
+    L = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---",
+         CARD_MARK,
+         f"# {meta['pretty_name']}", "",
+         f"Alignment training data written by `cai export` (cai {__version__}) from a `cai` run: "
+         "Constitutional AI critique-and-revision answers for supervised fine-tuning (`sft`) and "
+         "AI-judge preference pairs for DPO or reward models (`prefs`), guided by the "
+         f"constitution below. Generated by small or large models: check the diagnostics.", "",
+         "## Load and train", "", "```python", "from datasets import load_dataset", ""]
+    for c in configs:
+        L.append(f'{c["config_name"]} = load_dataset("{repo}", "{c["config_name"]}")  # '
+                 + ", ".join(f["split"] for f in c["data_files"]))
+    L += ["```", "",
+          "The splits go to TRL as they are: `SFTTrainer(train_dataset=sft[\"train_sft\"])` "
+          "(conversational `messages`), `DPOTrainer` or `RewardTrainer(train_dataset="
+          "prefs[\"train_prefs\"])` (conversational `prompt`/`chosen`/`rejected`, explicit "
+          "prompt). "
+          "TRL drops the other columns (`remove_unused_columns`).", "",
+          "## Splits", "", "| config | split | rows | prompts |", "|---|---|---|---|"]
+    for c in configs:
+        for f in c["data_files"]:
+            ds = dd[f["split"]]
+            L.append(f"| {c['config_name']} | {f['split']} | {ds.num_rows} | "
+                     f"{len(set(ds['prompt_id']))} |")
+    L += ["", f"Split by prompt: a prompt goes to test when a hash of its messages (seed "
+          f"{info.seed}) falls below {info.test_fraction}, so SFT rows and pairs with the same "
+          "prompt are on the same side and no prompt is in both train and test (`prompt_id` "
+          "shows it). With very few prompts one is moved so that each config has both splits; a "
+          "split with no rows is left out.", "",
+          "## Columns", "",
+          "- `sft`: `messages` (prompt, then the final revision), `id`, `prompt_id`, "
+          "`initial_response` (the answer before critique and revision), `principle_ids` (one per "
+          "round), `source` (input file:line). No `prompt` column: SFTTrainer would read it as "
+          "prompt-completion data.",
+          "- `prefs`: `prompt`, `chosen`, `rejected`, `score_chosen`/`score_rejected` (judge "
+          "probability), `id`, `prompt_id`, `p_chosen`, `chosen_side`, `tie`, `principle_ids`, "
+          "`position_consistent`, `label_mode`, `source`."]
+    if info.full:
+        cols = "; ".join(f"{k}: " + ", ".join(f"`{c}`" for c in v) for k, v in TRACE.items())
+        L.append(f"- Trace (exported with `--full`), as JSON text (`json.loads`): {cols}.")
+    else:
+        L.append("- The critique/revision trace (`rounds`, `calls`), per-principle judgements, "
+                 "source-row extras and provenance are not exported (their nested shapes vary "
+                 "row to row); `cai export --full` adds them as JSON text columns.")
+    L += ["", "## Models", ""]
+    models = m.get("models") or {k: p.get("model") for k, p in prov.items()}
+    L += _table(models if isinstance(models, dict) else {"models": models}, ("role", "model"))
+    judge = m.get("judge") or prov.get("prefs", {}).get("judge")
+    if "prefs" in info.rows:
+        L += ["## Judge settings", ""]
+        L += (_table({f"`{k}`" + (f": {JUDGE_LABELS[k]}" if k in JUDGE_LABELS else ""): v
+                      for k, v in judge.items()}, ("setting", "value"))
+              if isinstance(judge, dict) else ["Not recorded.", ""])
+    rev = prov.get("sft", {}).get("config")
+    if isinstance(rev, dict):
+        L += ["## Critique and revision settings", ""] + _table(rev, ("setting", "value"))
+    L += ["## Diagnostics", ""]
+    for group, vals in info.diagnostics.items():
+        L += [f"**{group}**", ""] + _table(vals if isinstance(vals, dict) else {group: vals})
+    L += _constitution_section(info)
+    rest = {k: v for k, v in m.items() if k not in ("constitution", "judge", "models", "counts")}
+    if rest:
+        L += ["## Run manifest", "", "```json", json.dumps(rest, indent=2, ensure_ascii=False,
+                                                           default=str), "```", ""]
+    return "\n".join(L).rstrip() + "\n"

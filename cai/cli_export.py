@@ -1,0 +1,91 @@
+"""`cai export`: a finished run folder -> TRL-ready datasets with a dataset card, saved locally
+and optionally pushed to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli_app import app, err
+from .constitution import load_constitution
+from .errors import InputError
+from .export import FORMATS, build, push, resolve_token, save
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(
+        help="A finished run folder: revisions.jsonl and/or preferences.jsonl (from `cai run`, "
+             "`cai revise -o DIR/revisions.jsonl` or `cai label -o DIR/preferences.jsonl`), with "
+             "run.json, labels.jsonl and *.failures.jsonl when they exist. A folder with a "
+             "*.jsonl.part file (a stage still running or crashed) is refused.")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o",
+        help="Folder to write: `data/SPLIT.FORMAT` and `README.md` (the dataset card). Default: "
+             "RUN_DIR/export. An earlier cai export there is replaced; another folder is refused.",
+        show_default=False)] = None,
+    fmt: Annotated[str, typer.Option(
+        "--format", help=f"Data file format: {' or '.join(FORMATS)}.")] = "parquet",
+    test_fraction: Annotated[float, typer.Option(
+        "--test-fraction", min=0.0, max=0.9,
+        help="Share of prompts held out in test_sft/test_prefs. The split is by prompt (a hash "
+             "of its messages), the same in both, so no prompt is in train and test. 0: no test "
+             "splits.")] = 0.1,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="Salt of the prompt hash: another seed draws another test set.")] = 0,
+    full: Annotated[bool, typer.Option(
+        "--full", help="Also export the trace: critique/revision rounds, call stats, source-row "
+             "extras, per-principle judgements and provenance, as JSON text columns (TRL ignores "
+             "them). Off: the splits hold TRL's columns and light metadata only.")] = False,
+    constitution: Annotated[list[Path] | None, typer.Option(
+        "--constitution", "-c",
+        help="Constitution YAML the run used, for the card when the folder has no run.json "
+             "(its hash must match the rows' provenance). Repeat for several.",
+        show_default=False)] = None,
+    license: Annotated[str, typer.Option(
+        "--license", help="License id for the card's metadata (e.g. mit, apache-2.0, cc-by-4.0): "
+             "that of your prompts and the model's outputs.")] = "unknown",
+    push_to_hub: Annotated[str | None, typer.Option(
+        "--push-to-hub", metavar="REPO_ID",
+        help="Also upload the written folder to this Hub dataset repo (user/name), in one commit, "
+             "after it is complete and checked; nothing is pushed otherwise.",
+        show_default=False)] = None,
+    private: Annotated[bool, typer.Option(
+        "--private/--public",
+        help="Visibility when --push-to-hub creates the repo. --private refuses to push into an "
+             "existing public repo.")] = True,
+    token: Annotated[str | None, typer.Option(
+        "--token", help="Hugging Face token with write access, for --push-to-hub. Default: "
+             "HF_TOKEN, or the token saved by `hf auth login`. Never written or printed.",
+        show_default=False)] = None,
+) -> None:
+    """Export a run as TRL-ready datasets: **train_sft/test_sft** (`messages`, for SFTTrainer)
+    and **train_prefs/test_prefs** (`prompt`/`chosen`/`rejected`, for DPOTrainer and
+    RewardTrainer), split by prompt, with a dataset card (the constitution in full, models, judge
+    settings, counts, diagnostics). On the Hub, load with `load_dataset(repo, "sft")` and
+    `load_dataset(repo, "prefs")`.
+    """
+    tok = resolve_token(token) if push_to_hub else None
+    secrets = [tok] if tok else []
+    dumps = []
+    for f in constitution or []:
+        dumps.append(load_constitution(f).model_dump(mode="json"))
+    ex = build(run_dir, test_fraction=test_fraction, seed=seed, full=full,
+               constitutions=dumps, secrets=secrets)
+    used = {h for hs in ex.info.hashes.values() for h in hs}
+    for f, d in zip(constitution or [], dumps, strict=True):
+        from .constitution import Constitution
+
+        h = Constitution.model_validate(d).digest()
+        if used and h not in used:
+            raise InputError(f"{f}: is not the constitution this run used (hash {h[:12]}, the rows "
+                             f"record {', '.join(sorted(x[:12] for x in used))})")
+    target = save(ex, out or run_dir / "export", fmt, license=license, repo_id=push_to_hub,
+                  secrets=secrets)
+    sizes = ", ".join(f"{k} {v.num_rows}" for k, v in ex.dataset.items())
+    err.print(f"export: {sizes} -> {target}", highlight=False, soft_wrap=True)
+    if push_to_hub and tok:
+        url = push(target, push_to_hub, token=tok, private=private)
+        err.print(f"pushed: {url}", highlight=False, soft_wrap=True)

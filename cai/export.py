@@ -1,0 +1,434 @@
+"""Export a run folder as TRL-ready datasets, saved locally and optionally pushed to the Hub.
+
+The export is a ``DatasetDict`` with ``train_sft``/``test_sft`` (TRL's conversational
+``messages``) and ``train_prefs``/``test_prefs`` (``prompt``/``chosen``/``rejected``, explicit
+prompt), split by prompt: a hash of the prompt messages decides its side, so SFT and preference
+rows with one prompt land on the same side and no prompt is in both train and test.
+
+On disk (and on the Hub) it is one folder: ``data/<split>.parquet`` (or ``.jsonl``) and a
+``README.md`` dataset card whose YAML ``configs`` name the files: config ``sft`` (default) and
+config ``prefs``. They are two configs because the Hub loads one config's splits with one
+schema. The folder is built and checked beside its target and pushed only when complete, in one
+commit, so the Hub never holds half an export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import Dataset, DatasetDict, Features, List, Value
+from huggingface_hub import HfApi
+
+from .errors import CaiError, InputError
+
+SFT_FILE, PREFS_FILE, LABELS_FILE, MANIFEST = (
+    "revisions.jsonl", "preferences.jsonl", "labels.jsonl", "run.json")
+KINDS = {"sft": SFT_FILE, "prefs": PREFS_FILE}
+FORMATS = ("parquet", "jsonl")
+CARD_MARK = "<!-- written by cai export -->"
+
+_MSGS = List({"role": Value("string"), "content": Value("string")})
+_STRS = List(Value("string"))
+# TRL's columns first. SFT rows carry no `prompt` column: SFTTrainer reads a row with `prompt`
+# as prompt-completion data and then needs `completion` (the prompt is in `messages` anyway).
+FEATURES = {
+    "sft": Features({
+        "messages": _MSGS, "id": Value("string"), "prompt_id": Value("string"),
+        "initial_response": Value("string"), "principle_ids": _STRS, "source": Value("string"),
+    }),
+    "prefs": Features({
+        "prompt": _MSGS, "chosen": _MSGS, "rejected": _MSGS, "score_chosen": Value("float64"),
+        "score_rejected": Value("float64"), "id": Value("string"), "prompt_id": Value("string"),
+        "p_chosen": Value("float64"), "chosen_side": Value("string"), "tie": Value("bool"),
+        "principle_ids": _STRS, "position_consistent": Value("bool"),
+        "label_mode": Value("string"), "source": Value("string"),
+    }),
+}
+# Kept only with --full, as JSON text (their shapes vary: user columns, per-judge fields).
+TRACE = {"sft": ("rounds", "calls", "extra", "provenance"), "prefs": ("judgements", "provenance")}
+_SECRET_KEY = re.compile(r"^(.*[_-])?(api[_-]?key|token|secret|password|auth)$", re.IGNORECASE)
+
+
+class ExportError(CaiError):
+    """The export could not be written or pushed."""
+
+
+@dataclass
+class RunInfo:
+    """What the dataset card says about the run: manifest, provenance, diagnostics."""
+
+    folder: Path
+    manifest: dict[str, Any] | None = None
+    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> first row's
+    hashes: dict[str, set[str]] = field(default_factory=dict)  # kind -> constitution hashes
+    constitutions: list[dict[str, Any]] = field(default_factory=list)  # full dumps known
+    rows: dict[str, int] = field(default_factory=dict)
+    prompts: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)  # file name -> rows
+    diagnostics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    test_fraction: float = 0.1
+    seed: int = 0
+    full: bool = False
+
+
+@dataclass
+class Export:
+    dataset: DatasetDict
+    info: RunInfo
+
+
+# --- reading the run folder --------------------------------------------------------------------
+
+
+def check_run_folder(folder: Path) -> None:
+    """Refuse a missing, empty or unfinished run folder with one line saying what to do."""
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such run folder (make one with `cai run`, or `cai revise "
+                         f"-o {folder}/{SFT_FILE}` / `cai label -o {folder}/{PREFS_FILE}`)")
+    parts = sorted(p.name for p in folder.glob("*.jsonl.part"))
+    unfinished = [p.name for p in folder.glob("*.jsonl.meta.json") if not _complete(p)]
+    if parts or unfinished:
+        what = ", ".join(parts or sorted(unfinished))
+        raise InputError(f"{folder}: run is unfinished ({what} still in progress or crashed); "
+                         "rerun the same stage command to finish it (it resumes), then export")
+    if not any((folder / f).exists() for f in KINDS.values()):
+        raise InputError(f"{folder}: no {SFT_FILE} or {PREFS_FILE}: not a cai run folder "
+                         "(make one with `cai run`, `cai revise` or `cai label`)")
+
+
+def _complete(meta: Path) -> bool:
+    try:
+        return bool(json.loads(meta.read_text(encoding="utf-8")).get("complete", True))
+    except (OSError, ValueError):
+        return True  # an unreadable sidecar is not evidence of an unfinished stage
+
+
+def _lines(path: Path, secrets: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if any(s and s in line for s in secrets):
+                raise InputError(f"{path}:{n}: holds your Hugging Face token; remove it before "
+                                 "exporting (nothing was written or pushed)")
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg}); was the file edited "
+                                 "or cut short?") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{n}: a row must be a JSON object")
+            yield n, row
+
+
+def _messages(v: Any, where: str, name: str, last: str | None = None) -> list[dict[str, str]]:
+    ok = isinstance(v, list) and v and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in v)
+    if not ok:
+        raise InputError(f"{where}: `{name}` must be a non-empty list of chat messages "
+                         "({role, content} strings), as cai revise/label write it")
+    if last and v[-1]["role"] != last:
+        raise InputError(f"{where}: `{name}` must end with an {last} message")
+    return [{"role": m["role"], "content": m["content"]} for m in v]
+
+
+def prompt_id(prompt: list[dict[str, str]]) -> str:
+    """A stable id of the prompt messages (role and content only)."""
+    blob = json.dumps([[m["role"], m["content"]] for m in prompt], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _float(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def scrub(obj: Any) -> Any:
+    """Hide values under secret-looking keys (api_key, token, ...) in nested settings."""
+    if isinstance(obj, dict):
+        return {k: "<redacted>" if _SECRET_KEY.search(str(k)) and v else scrub(v)
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [scrub(x) for x in obj]
+    return obj
+
+
+def _row(kind: str, raw: dict[str, Any], where: str, full: bool) -> tuple[dict[str, Any], list]:
+    """The exported row, and its prompt (for the split)."""
+    src = raw.get("source")
+    pids = raw.get("principle_ids") or []
+    common = {"id": str(raw.get("id", "")), "source": src if isinstance(src, str) else "",
+              "principle_ids": [str(p) for p in pids] if isinstance(pids, list) else []}
+    if kind == "sft":
+        msgs = _messages(raw.get("messages"), where, "messages", last="assistant")
+        prompt = _messages(raw["prompt"], where, "prompt") if raw.get("prompt") else msgs[:-1]
+        if not prompt:
+            raise InputError(f"{where}: `messages` holds no prompt before the answer")
+        ini = raw.get("initial_response")
+        row = {"messages": msgs, **common,
+               "initial_response": ini if isinstance(ini, str) else None}
+    else:
+        prompt = _messages(raw.get("prompt"), where, "prompt")
+        chosen = _messages(raw.get("chosen"), where, "chosen", last="assistant")
+        rejected = _messages(raw.get("rejected"), where, "rejected", last="assistant")
+        pc = raw.get("position_consistent")
+        side, mode = raw.get("chosen_side"), raw.get("label_mode")
+        row = {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+               "score_chosen": _float(raw.get("score_chosen")),
+               "score_rejected": _float(raw.get("score_rejected")), **common,
+               "p_chosen": _float(raw.get("p_chosen")),
+               "chosen_side": side if isinstance(side, str) else None,
+               "tie": bool(raw.get("tie", False)),
+               "position_consistent": pc if isinstance(pc, bool) else None,
+               "label_mode": mode if isinstance(mode, str) else None}
+    row["prompt_id"] = prompt_id(prompt)
+    if full:
+        for c in TRACE[kind]:
+            v = scrub(raw.get(c)) if c == "provenance" else raw.get(c)
+            row[c] = None if v is None else json.dumps(v, ensure_ascii=False, default=str)
+    return row, prompt
+
+
+def read_kind(folder: Path, kind: str, info: RunInfo, full: bool,
+              secrets: Sequence[str]) -> list[dict[str, Any]]:
+    path = folder / KINDS[kind]
+    rows: list[dict[str, Any]] = []
+    hashes: set[str] = set()
+    for n, raw in _lines(path, secrets):
+        row, _ = _row(kind, raw, f"{path}:{n}", full)
+        rows.append(row)
+        prov = raw.get("provenance") if isinstance(raw.get("provenance"), dict) else {}
+        if prov:
+            info.provenance.setdefault(kind, prov)
+            if prov.get("constitution_hash"):
+                hashes.add(str(prov["constitution_hash"]))
+    info.hashes[kind] = hashes
+    return rows
+
+
+def read_run(folder: Path, *, full: bool = False, constitutions: Sequence[dict[str, Any]] = (),
+             secrets: Sequence[str] = ()) -> tuple[dict[str, list[dict[str, Any]]], RunInfo]:
+    """Read and check every row of a finished run folder."""
+    folder = Path(folder)
+    check_run_folder(folder)
+    info = RunInfo(folder=folder, full=full)
+    mpath = folder / MANIFEST
+    if mpath.exists():
+        text = mpath.read_text(encoding="utf-8")
+        if any(s and s in text for s in secrets):
+            raise InputError(f"{mpath}: holds your Hugging Face token; remove it before exporting")
+        try:
+            info.manifest = json.loads(text)
+        except ValueError as e:
+            raise InputError(f"{mpath}: not valid JSON ({e.msg})") from None
+        if isinstance(info.manifest, dict) and isinstance(info.manifest.get("constitution"), dict):
+            info.constitutions.append(info.manifest["constitution"])
+    info.constitutions += list(constitutions)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for kind, name in KINDS.items():
+        if (folder / name).exists():
+            rows[kind] = read_kind(folder, kind, info, full, secrets)
+    for f in sorted(folder.glob("*.failures.jsonl")):
+        with f.open(encoding="utf-8") as fh:
+            info.failures[f.name] = sum(1 for line in fh if line.strip())
+    if not any(rows.values()):
+        fails = sum(info.failures.values())
+        names = " and ".join(n for k, n in KINDS.items() if k in rows)
+        tail = f"; {fails} rows failed, see the *.failures.jsonl files" if fails else ""
+        raise InputError(f"{folder}: {names} hold no rows: nothing to export{tail}")
+    return rows, info
+
+
+# --- split and build ---------------------------------------------------------------------------
+
+
+def _unit(pid: str, seed: int) -> float:
+    h = hashlib.blake2b(f"{seed}\x1fsplit\x1f{pid}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+def assign_test(rows: dict[str, list[dict[str, Any]]], fraction: float, seed: int) -> set[str]:
+    """The prompt ids that go to test: those whose hash falls under ``fraction``.
+
+    One assignment for all kinds, so a prompt is on the same side in SFT and preferences. With
+    very few prompts a kind could get no test (or no train) prompt; then its lowest-hash
+    (highest-hash) prompt is moved, so each kind with two or more prompts has both splits.
+    """
+    if fraction <= 0:
+        return set()
+    test = {r["prompt_id"] for rs in rows.values() for r in rs
+            if _unit(r["prompt_id"], seed) < fraction}
+    for rs in rows.values():
+        pids = sorted({r["prompt_id"] for r in rs}, key=lambda p: _unit(p, seed))
+        if len(pids) < 2:
+            continue
+        if not test.intersection(pids):
+            test.add(pids[0])
+        if test.issuperset(pids):
+            test.discard(pids[-1])
+    return test
+
+
+def build(folder: Path, *, test_fraction: float = 0.1, seed: int = 0, full: bool = False,
+          constitutions: Sequence[dict[str, Any]] = (), secrets: Sequence[str] = ()) -> Export:
+    """Read a finished run folder into the four-split ``DatasetDict`` (empty splits left out)."""
+    if not 0 <= test_fraction < 1:
+        raise InputError(f"test fraction must be in [0, 1), got {test_fraction}")
+    rows, info = read_run(folder, full=full, constitutions=constitutions, secrets=secrets)
+    info.test_fraction, info.seed = test_fraction, seed
+    test = assign_test(rows, test_fraction, seed)
+    dd = DatasetDict()
+    for kind, rs in rows.items():
+        feats = Features(dict(FEATURES[kind]))
+        if full:
+            feats.update({c: Value("string") for c in TRACE[kind]})
+        info.rows[kind] = len(rs)
+        info.prompts[kind] = len({r["prompt_id"] for r in rs})
+        for side in ("train", "test"):
+            part = [r for r in rs if (r["prompt_id"] in test) == (side == "test")]
+            if part:
+                dd[f"{side}_{kind}"] = Dataset.from_list(part, features=feats)
+    from .card import diagnostics
+
+    info.diagnostics = diagnostics(rows, info)
+    return Export(dataset=dd, info=info)
+
+
+# --- write, check, push ------------------------------------------------------------------------
+
+
+def configs(splits: Sequence[str], fmt: str) -> list[dict[str, Any]]:
+    """The card's `configs`: `sft` (default when present) and `prefs`, each with its files."""
+    out = []
+    for kind in KINDS:
+        files = [{"split": s, "path": f"data/{s}.{fmt}"} for s in splits if s.endswith("_" + kind)]
+        if files:
+            out.append({"config_name": kind, "data_files": files})
+    if out:
+        out[0]["default"] = True
+    return out
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    was = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was:
+            datasets.enable_progress_bars()
+
+
+def write_folder(export: Export, folder: Path, fmt: str = "parquet", *, license: str = "unknown",
+                 repo_id: str | None = None, secrets: Sequence[str] = ()) -> None:
+    """Write data files and the card into an empty ``folder``, then read them back to check."""
+    from .card import render_card
+
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    with _quiet():
+        for split, ds in export.dataset.items():
+            path = folder / "data" / f"{split}.{fmt}"
+            if fmt == "parquet":
+                ds.to_parquet(str(path))
+            else:
+                ds.to_json(str(path), lines=True, force_ascii=False)
+    card = render_card(export, configs(list(export.dataset), fmt), license=license, repo_id=repo_id)
+    if any(s and s in card for s in secrets):
+        raise ExportError("the dataset card would hold your Hugging Face token; not written")
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    verify_folder(folder, export)
+
+
+def verify_folder(folder: Path, export: Export) -> None:
+    """Load the folder as the Hub would (card `configs` -> files) and compare with the export."""
+    from huggingface_hub import DatasetCard
+
+    meta = DatasetCard.load(folder / "README.md").data.to_dict()
+    seen: list[str] = []
+    with _quiet(), tempfile.TemporaryDirectory() as cache:
+        for c in meta.get("configs", []):
+            got = datasets.load_dataset(str(folder.resolve()), c["config_name"], cache_dir=cache)
+            for split, ds in got.items():
+                want = export.dataset[split]
+                if ds.num_rows != want.num_rows or ds.column_names != want.column_names:
+                    raise ExportError(f"{folder}: {split} reads back as {ds.num_rows} rows "
+                                      f"{ds.column_names}, expected {want.num_rows} "
+                                      f"{want.column_names}")
+                seen.append(split)
+    if sorted(seen) != sorted(export.dataset):
+        raise ExportError(f"{folder}: the card's configs list {seen}, not every split")
+
+
+def _is_export(folder: Path) -> bool:
+    readme = folder / "README.md"
+    return readme.is_file() and CARD_MARK in readme.read_text(encoding="utf-8", errors="replace")
+
+
+def save(export: Export, out: Path, fmt: str = "parquet", *, license: str = "unknown",
+         repo_id: str | None = None, secrets: Sequence[str] = ()) -> Path:
+    """Write the export to ``out`` (replacing an earlier cai export there, never other files)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_export(out))):
+        raise InputError(f"{out}: exists and is not an earlier cai export; choose another "
+                         "--out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_folder(export, tmp, fmt, license=license, repo_id=repo_id, secrets=secrets)
+        old = tmp.with_name(tmp.name + ".old")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_token(token: str | None) -> str:
+    """``--token``, else HF_TOKEN, else the token saved by `hf auth login`."""
+    from huggingface_hub import get_token
+
+    tok = token or get_token()
+    if not tok:
+        raise InputError("no Hugging Face token: pass --token, set HF_TOKEN, or run "
+                         "`hf auth login` (a token with write access)")
+    return tok
+
+
+def push(folder: Path, repo_id: str, *, token: str, private: bool = True,
+         api: Any = None) -> str:
+    """Upload a written, checked export folder to a dataset repo in one commit."""
+    folder = Path(folder)
+    if not _is_export(folder) or not (folder / "data").is_dir():
+        raise ExportError(f"{folder}: not a complete cai export; nothing pushed")
+    api = api if api is not None else HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        if private and not getattr(api.repo_info(repo_id, repo_type="dataset"), "private", True):
+            raise ExportError(f"{repo_id} exists and is public, but --private was asked; nothing "
+                              "pushed (make it private on the Hub, or pass --public)")
+        commit = api.upload_folder(
+            repo_id=repo_id, repo_type="dataset", folder_path=str(folder),
+            commit_message="cai export", delete_patterns=["data/*"])
+    except CaiError:
+        raise
+    except Exception as e:  # network, auth, permissions: one line, the token never shown
+        msg = str(e).replace(token, "<token>").splitlines()[0] if str(e) else type(e).__name__
+        raise ExportError(f"push to {repo_id} failed: {msg} (the export is complete in "
+                          f"{folder}; run the command again to retry)") from None
+    return str(getattr(commit, "commit_url", None) or f"https://huggingface.co/datasets/{repo_id}")
