@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS calls (
 ) WITHOUT ROWID
 """
 _LOOKUP_CHUNK = 500  # stay well below SQLite's limit on bound parameters
+OFF = ("off", "false", "no", "0", "none")  # values of --cache / CAI_CACHE that disable it
 
 
 def request_key(model_id: str, req: Request) -> str:
@@ -140,3 +141,16 @@ class CachedBackend:
         finally:
             if self.close_cache:
                 self.cache.close()
+
+
+def cache_path(value: str | None, no_cache: bool, default_dir: Path) -> Path | None:
+    """The cache file a command uses: ``--cache PATH`` / ``CAI_CACHE``, else ``default_dir``'s
+    ``cache.sqlite``; ``None`` with ``--no-cache`` or a value such as ``off``."""
+    if no_cache or (value is not None and value.strip().lower() in OFF):
+        return None
+    return Path(value) if value else Path(default_dir) / "cache.sqlite"
+
+
+def with_cache(backend: Backend, path: Path | None) -> Backend:
+    """``backend`` behind the cache at ``path`` (or as it is, for ``None``)."""
+    return CachedBackend(backend, CallCache(path)) if path is not None else backend

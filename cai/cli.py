@@ -17,7 +17,9 @@ from rich.markup import escape
 
 from . import cli_export  # noqa: F401
 from . import cli_label  # noqa: F401
+from . import cli_run  # noqa: F401
 from .backends.base import Sampling
+from .cache import CachedBackend, cache_path, with_cache
 from .cli_app import (
     ApiKeyOpt,
     BackendOpt,
@@ -90,6 +92,12 @@ def revise(
     limit: LimitOpt = None,
     split: SplitOpt = "train",
     progress: ProgressOpt = None,
+    cache: Annotated[str | None, typer.Option(
+        "--cache", envvar="CAI_CACHE", show_default=False,
+        help="Call cache (SQLite; default: cache.sqlite beside the output; `off` disables it). "
+        "A call already in it is not sent again.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not use the call cache.")
+                        ] = False,
 ) -> None:
     """Critique and revise: answer each prompt, then critique and rewrite the answer against a
     principle drawn per round. Writes TRL SFT rows (`messages`) with the full trace.
@@ -98,7 +106,8 @@ def revise(
     """
     const = load_constitution(constitution)
     tpl = Templates(templates)
-    be = build_backend(backend, model, base_url, api_key, concurrency)
+    be = with_cache(build_backend(backend, model, base_url, api_key, concurrency),
+                    cache_path(cache, no_cache, output.parent))
     crit_tokens = max(32, max_tokens * 3 // 4)
     cfg = ReviseConfig(
         rounds=rounds, seed=seed,
@@ -120,6 +129,8 @@ def revise(
         f"revise: {summary.written} rows written, {summary.resumed} kept from before, "
         f"{summary.failed} failed -> {output} (readable: {report})"
     )
+    if isinstance(be, CachedBackend):
+        err.print(f"calls: {be.sent} sent, {be.hits} served from cache ({be.cache.path})")
     if summary.failed:
         reasons = ", ".join(f"{k}: {v}" for k, v in summary.reasons.items())
         err.print(f"[yellow]failures ({reasons}) listed in {summary.failures_path}[/yellow]")

@@ -1,0 +1,150 @@
+"""`cai run CONFIG` (the whole pipeline) and `cai diff OLD NEW` (what an edit will redo).
+
+`cai run`'s flags are made from the config model (``cai.config.RunConfig``): every field of the
+YAML file is also a flag and a ``CAI_*`` variable, so nothing can be set in one place only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .cli_app import app, err, out
+from .config import Leaf, env_names, leaves, load_run_config
+from .constitution import load_constitution
+from .diff import FIELD_STAGES, diff_constitutions, plan_rerun
+from .output import SinkSummary
+
+SHORT = {"output": "-o", "constitution": "-c", "templates": "-t", "backend": "-b", "model": "-m",
+         "limit": "-n"}
+METAVAR = {int: "INT", float: "FLOAT", Path: "PATH"}
+
+
+def _option(leaf: Leaf) -> inspect.Parameter:
+    decls = [leaf.flag, *([SHORT[leaf.name]] if leaf.name in SHORT else [])]
+    if leaf.is_bool:
+        decls[0] = f"{leaf.flag}/--no-{leaf.flag[2:]}"
+        ann: Any = Optional[bool]  # noqa: UP045 - typer reads this at run time
+    else:
+        ann = Optional[str]  # noqa: UP045 - parsed by the config model, like the YAML value
+    base = typing_base(leaf.annotation)
+    meta = "A,B,..." if leaf.is_list else METAVAR.get(base, "TEXT")
+    opt = typer.Option(None, *decls, envvar=env_names(leaf), help=leaf.help, show_default=False,
+                       metavar=None if leaf.is_bool else meta, rich_help_panel=_panel(leaf))
+    return inspect.Parameter(leaf.name, inspect.Parameter.KEYWORD_ONLY, default=opt,
+                             annotation=ann)
+
+
+def typing_base(annotation: Any) -> Any:
+    from .config import _base
+
+    return _base(annotation)
+
+
+def _panel(leaf: Leaf) -> str:
+    return {"revise": "Revise stage", "label": "Label stage"}.get(leaf.path[0], "Run")
+
+
+def run_command(**kw: Any) -> None:
+    """Run the whole pipeline from one YAML config: critique-revise, then pairs (initial vs
+    revised), then the AI judge. Output folder: revisions.jsonl, labels.jsonl,
+    preferences.jsonl, failures files, cache.sqlite and run.json.
+
+    Every model call is cached: a rerun sends only the calls whose prompt changed, and a run
+    killed at any moment resumes where it stopped. Every config field is also a flag
+    (`revise.rounds` is `--revise-rounds`) and a variable (`CAI_REVISE_ROUNDS`); precedence:
+    flag, variable, file, default.
+    """
+    from .run import run_pipeline
+
+    config = kw.pop("config")
+    no_cache = kw.pop("no_cache")
+    overrides = {leaf.path: kw[leaf.name] for leaf in leaves()}
+    if no_cache:
+        overrides[("cache",)] = "off"
+    cfg = load_run_config(config, overrides)
+    res = run_pipeline(cfg)
+    say(f"run: {res.output}")
+    for name, s in res.stages.items():
+        say(f"  {name}: {s.written} rows written, {s.resumed} kept from before, "
+                  f"{s.failed} failed -> {s.path}")
+    if res.preferences:
+        p = res.preferences
+        say(f"  preferences: {p['written']} pairs -> {res.output / 'preferences.jsonl'} "
+                  f"({p['ties']} ties {'kept' if cfg.label.keep_ties else 'held out'}, "
+                  f"{p['abstentions']} of {p['judgements']} judgements abstained)")
+    where = f" ({cfg.cache_path()})" if cfg.cache_path() else " (no cache)"
+    say(f"  calls: {res.sent} sent, {res.cached} served from cache{where}, "
+              f"{res.errors} failed")
+    _print_failures(res.stages)
+    say(f"  manifest: {res.output / 'run.json'}")
+
+
+def say_out(text: str) -> None:
+    out.print(text, soft_wrap=True, highlight=False)
+
+
+def say(text: str) -> None:
+    err.print(text, soft_wrap=True, highlight=False)
+
+
+def _print_failures(stages: dict[str, SinkSummary]) -> None:
+    for name, s in stages.items():
+        if s.failed:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s.reasons.items()))
+            say(f"  [yellow]{name}: {s.failed} rows failed ({reasons}); "
+                      f"listed in {s.failures_path}[/yellow]")
+
+
+_params = [
+    inspect.Parameter(
+        "config", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[Path],  # noqa: UP045
+        default=typer.Argument(None, envvar="CAI_CONFIG", show_default=False,
+                               help="Run config (YAML); see examples/run.yaml.")),
+    *(_option(leaf) for leaf in leaves()),
+    inspect.Parameter(
+        "no_cache", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+        default=typer.Option(False, "--no-cache", envvar="CAI_NO_CACHE", rich_help_panel="Run",
+                             help="Send every call; neither read nor write the cache.")),
+]
+run_command.__signature__ = inspect.Signature(_params)  # type: ignore[attr-defined]
+run_command.__annotations__ = {p.name: p.annotation for p in _params}
+app.command("run")(run_command)
+
+
+@app.command("diff")
+def diff_command(
+    old: Annotated[Path, typer.Argument(help="The constitution the run used.")],
+    new: Annotated[Path, typer.Argument(help="The edited constitution.")],
+    run: Annotated[Path | None, typer.Option(
+        "--run", "-r", envvar="CAI_RUN",
+        help="A finished run (its output folder, or its config file): count the cached calls "
+        "a rerun with NEW reuses and the calls it redoes.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Which principles changed between two constitutions, and (with --run) exactly how many
+    cached calls a rerun will reuse and how many it will send again."""
+    a, b = load_constitution(old), load_constitution(new)
+    changes = diff_constitutions(a, b)
+    plan = plan_rerun(run, new, b) if run is not None else None
+    if json_out:
+        out.print_json(json.dumps({"changes": [c.__dict__ for c in changes], "rerun": plan}))
+        return
+    say_out(f"{a.name} v{a.version} ({len(a.principles)} principles) -> "
+              f"{b.name} v{b.version} ({len(b.principles)} principles)")
+    for c in changes:
+        what = ", ".join(f"{f} ({FIELD_STAGES.get(f, 'all')})" for f in c.fields)
+        say_out(f"  {c.kind:8} {c.id}" + (f": {what}" if what else ""))
+    same = len(b.principles) - sum(c.kind != "removed" for c in changes)
+    say_out(f"  {same} principles unchanged" + ("" if changes else " (no changes)"))
+    if plan is None:
+        say_out("(pass --run DIR to count the cached calls a rerun reuses and redoes)")
+        return
+    say_out(f"rerun of {plan['run']} with {new} (cache {plan['cache']}, "
+              f"{plan['stored']} calls stored):")
+    say_out(f"  {plan['reused']} cached calls reused, {plan['redo']} calls redone (sent to "
+              f"the model); {plan['unused']} cached calls no longer used")

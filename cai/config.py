@@ -1,0 +1,250 @@
+"""The `cai run` configuration: one YAML file, every field also a CLI flag and a ``CAI_*`` variable.
+
+Precedence, highest first: CLI flag, ``CAI_*`` environment variable, config file, default.
+A nested field ``revise.rounds`` is the flag ``--revise-rounds`` and the variable
+``CAI_REVISE_ROUNDS``; a top-level ``base_url`` is ``--base-url`` and ``CAI_BASE_URL``.
+Paths in the file are relative to the file's folder; paths from flags, relative to the current
+folder. A bad file gives one ``ConfigError`` with file, line and field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .cache import OFF, cache_path
+from .constitution import load_yaml_with_lines, validation_to_config_error
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ReviseSettings(_Section):
+    enabled: bool = Field(True, description="Run the critique-revise stage.")
+    rounds: int = Field(4, ge=0, description="Critique-revision rounds (CAI paper: up to 4).")
+    max_tokens: int = Field(256, ge=1, description="Max new tokens per answer and revision.")
+    critique_max_tokens: int | None = Field(
+        None, ge=1, description="Max new tokens per critique (default: 3/4 of max_tokens).")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0: greedy).")
+
+
+class LabelSettings(_Section):
+    enabled: bool = Field(True, description="Run the AI-judge labelling stage.")
+    sources: list[Literal["revisions", "dataset", "sample"]] = Field(
+        default_factory=lambda: ["revisions"], min_length=1,
+        description="Where pairs come from: revisions (initial vs revised answer), dataset "
+        "(existing pairs from label.pairs), sample (label.samples answers per input prompt "
+        "from the policy). Comma-separated on the command line.")
+    pairs: str | None = Field(
+        None, description="Dataset of pairs for the `dataset` source (chosen/rejected, "
+        "response_a/response_b, ...).")
+    samples: int = Field(2, ge=2, description="`sample` source: answers per prompt (every two "
+                         "make a pair).")
+    sample_temperature: float = Field(1.0, ge=0, description="`sample` source: temperature.")
+    mode: Literal["logprobs", "cot", "choice"] = Field(
+        "logprobs", description="logprobs (next-token option probabilities), cot (reason "
+        "first, then read the probabilities; clamped) or choice (structured output, 0/1).")
+    principles: int = Field(4, ge=1, description="Principles per pair (the ensemble: the label "
+                            "is the mean over them).")
+    both_orders: bool = Field(True, description="Judge (A, B) and (B, A) and average "
+                              "(position-bias control).")
+    top_logprobs: int = Field(20, ge=1, description="Top log-probs to ask for.")
+    min_mass: float = Field(0.0, ge=0, le=1, description="Abstain when P(A)+P(B) is below this.")
+    clamp: list[float] | None = Field(
+        default_factory=lambda: [0.4, 0.6], min_length=2, max_length=2,
+        description="CoT mode: clamp each judgement's probability to [lo, hi] (empty: off).")
+    tie_threshold: float = Field(0.05, ge=0, le=0.5, description="|p - 0.5| below this is a tie.")
+    fallback: bool = Field(True, description="Ask again as a structured choice when the "
+                           "server returns no log-probs.")
+    cot_max_tokens: int = Field(256, ge=1, description="Max tokens of CoT reasoning.")
+    keep_ties: bool = Field(False, description="Keep ties in preferences.jsonl.")
+
+    @field_validator("clamp", mode="before")
+    @classmethod
+    def _no_clamp(cls, v: Any) -> Any:
+        return None if v in ([], "", None) else v
+
+
+class RunConfig(_Section):
+    input: str | None = Field(None, description="Prompts: .jsonl/.json/.parquet/.csv, a saved "
+                              "datasets folder or a Hub dataset name.")
+    output: Path = Field(Path("out/run"), description="Output folder.")
+    constitution: Path | None = Field(None, description="Constitution YAML (default: the "
+                                      "shipped principles.yaml).")
+    templates: Path | None = Field(None, description="Folder of templates overriding the "
+                                   "shipped ones.")
+    backend: str = Field("embedded", description="embedded, openai, vllm or fake.")
+    model: str | None = Field(None, description="Model: served name (openai), folder or HF id.")
+    base_url: str = Field("http://localhost:8000/v1", description="OpenAI-compatible server URL.")
+    api_key: str | None = Field(None, description="API key (never written to outputs).")
+    concurrency: int = Field(256, ge=1, description="Requests in flight to the server.")
+    cache: str | None = Field(None, description="Call cache file (default: OUTPUT/cache.sqlite; "
+                              "`off` disables it). Several runs may share one.")
+    seed: int = Field(0, description="Seed for principle draws and sampling.")
+    chunk_size: int = Field(256, ge=1, description="Rows per batched step (written and "
+                            "resumable per chunk).")
+    prompt_column: str | None = Field(None, description="Column holding the prompt.")
+    split: str = Field("train", description="Split, for dataset folders and Hub names.")
+    limit: int | None = Field(None, ge=1, description="Only the first N input rows.")
+    progress: bool | None = Field(None, description="Show progress bars (default: on a terminal).")
+    revise: ReviseSettings = Field(default_factory=ReviseSettings)
+    label: LabelSettings = Field(default_factory=LabelSettings)
+
+    def cache_path(self) -> Path | None:
+        return cache_path(self.cache, False, self.output)
+
+    def public(self) -> dict[str, Any]:
+        """The config as written to run.json: paths as strings, the API key left out."""
+        d = self.model_dump(mode="json")
+        d["api_key"] = None if self.api_key is None else "<redacted>"
+        return d
+
+
+# --- the flat view: one flag and one variable per field -------------------------------------
+
+
+@dataclass(frozen=True)
+class Leaf:
+    path: tuple[str, ...]  # ("revise", "rounds")
+    annotation: Any
+    help: str
+
+    @property
+    def name(self) -> str:
+        """``revise_rounds``; a section's ``enabled`` is the section itself (``--no-revise``)."""
+        return "_".join(self.path[:-1] if self.path[-1] == "enabled" else self.path)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "CAI_" + self.name.upper()
+
+    @property
+    def is_bool(self) -> bool:
+        return _base(self.annotation) is bool
+
+    @property
+    def is_list(self) -> bool:
+        return typing.get_origin(_base(self.annotation)) is list
+
+
+def _base(annotation: Any) -> Any:
+    """``int | None`` -> ``int``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def leaves(model: type[BaseModel] = RunConfig, prefix: tuple[str, ...] = ()) -> list[Leaf]:
+    out: list[Leaf] = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += leaves(ann, (*prefix, name))
+        else:
+            out.append(Leaf((*prefix, name), ann, f.description or ""))
+    return out
+
+
+def _set(d: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for p in path[:-1]:
+        if not isinstance(d.get(p), dict):
+            d[p] = {}
+        d = d[p]
+    d[path[-1]] = value
+
+
+_FILE_PATHS = ("output", "constitution", "templates", "cache", "input")
+_ENV_ALIASES = {"api_key": ("OPENAI_API_KEY",), "base_url": ("OPENAI_BASE_URL",)}
+
+
+def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative paths in a config file are relative to the file's folder."""
+    for key in _FILE_PATHS:
+        v = data.get(key)
+        if not isinstance(v, str) or not v or Path(v).is_absolute():
+            continue
+        if key == "cache" and v.strip().lower() in OFF:
+            continue
+        if key == "input" and not (base / v).exists():
+            continue  # maybe a Hub dataset name
+        data[key] = str(base / v)
+    label = data.get("label")
+    pairs = label.get("pairs") if isinstance(label, dict) else None
+    if isinstance(pairs, str) and not Path(pairs).is_absolute() and (base / pairs).exists():
+        label["pairs"] = str(base / pairs)  # type: ignore[index]
+
+
+def load_run_config(path: str | Path | None, overrides: dict[tuple[str, ...], Any] | None = None
+                    ) -> RunConfig:
+    """Read the file (if any), apply flag/env ``overrides`` (already merged: flag > env)."""
+    data: dict[str, Any] = {}
+    lines: dict = {}
+    file = str(path) if path is not None else "<command line>"
+    if path is not None:
+        data, lines = load_yaml_with_lines(Path(path))
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError("top level must be a mapping of settings", file=file,
+                              line=lines.get(()))
+        _resolve_file_paths(data, Path(path).parent)
+    from_flags: set[tuple[str, ...]] = set()
+    for p, v in (overrides or {}).items():
+        if v is None:
+            continue
+        leaf = next((x for x in leaves() if x.path == p), None)
+        if leaf is not None and leaf.is_list and isinstance(v, str):
+            v = [] if v.strip().lower() in OFF else [s.strip() for s in v.split(",") if s.strip()]
+        _set(data, p, v)
+        from_flags.add(p)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        loc = tuple(str(x) for x in e.errors()[0]["loc"])
+        hit = next((p for p in from_flags if loc[: len(p)] == p), None)
+        if hit is not None:
+            leaf = next(x for x in leaves() if x.path == hit)
+            msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{msg} (got {data_get(data, hit)!r})",
+                              field=f"{leaf.flag} / {leaf.env}") from None
+        ce = validation_to_config_error(e, file, lines)
+        first = e.errors()[0]
+        if first["type"] == "extra_forbidden" and ce.hint is None:
+            ce = ConfigError("unknown field", file=ce.file, line=ce.line, field=ce.field,
+                             hint=_did_you_mean(loc))
+        raise ce from None
+
+
+def _did_you_mean(loc: tuple[str, ...]) -> str | None:
+    """Suggest the closest field of the section a misspelt key is in."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        ann = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+    return f"did you mean {close[0]!r}?" if close else None
+
+
+def data_get(d: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for p in path:
+        d = d[p]
+    return d
+
+
+def env_names(leaf: Leaf) -> list[str]:
+    return [leaf.env, *_ENV_ALIASES.get(leaf.name, ())]

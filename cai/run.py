@@ -1,0 +1,243 @@
+"""`cai run`: the whole pipeline from one config, in one output folder, rerunnable at no cost.
+
+revise (``revisions.jsonl``) -> pairs (initial vs revised answer, a pairs dataset, or answers
+sampled from the policy) -> label (``labels.jsonl``: every judged pair; ``preferences.jsonl``:
+TRL rows). Rows that fail go to ``*.failures.jsonl`` with their reason. Every model call goes
+through the call cache (``cache.sqlite`` by default), so a rerun sends only the calls whose
+prompt changed; each stage's output resumes by row id after a crash. ``run.json`` records the
+config, the full constitution, the template hash, the models, the judge settings and counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .backends.base import Backend, Completion, Request, Sampling
+from .cache import CachedBackend, CallCache
+from .cli_app import build_backend
+from .config import RunConfig
+from .constitution import Constitution, load_constitution, sha256_json
+from .errors import ConfigError, InputError
+from .inputs import PromptRow, read_prompts
+from .judge import JUDGE_STAGES, ORDERS, JudgeConfig, judge_chunk, write_preferences
+from .judge import fingerprint as judge_fingerprint
+from .output import JsonlSink, SinkSummary
+from .pairs import Pair, SampleConfig, read_pairs, sample_pair_ids, sample_pairs
+from .progress import StageProgress
+from .report import write_revise_report
+from .revise import ReviseConfig, revise_chunk
+from .revise import fingerprint as revise_fingerprint
+from .stage import StageRun
+from .templates import Templates
+
+
+class CountingBackend:
+    """No cache: pass every request through, and count them."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.inner, self.model_id = backend, backend.model_id
+        self.sent = self.hits = self.errors = 0
+
+    def complete(self, requests: Sequence[Request]) -> list[Completion]:
+        done = self.inner.complete(requests)
+        self.sent += len(requests)
+        self.errors += sum(c.error is not None for c in done)
+        return done
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass
+class RunResult:
+    output: Path
+    stages: dict[str, SinkSummary] = field(default_factory=dict)
+    preferences: dict[str, int] = field(default_factory=dict)
+    sent: int = 0
+    cached: int = 0
+    errors: int = 0
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def revise_config(cfg: RunConfig) -> ReviseConfig:
+    """The same settings `cai revise` builds from its flags, so both share cached calls."""
+    r = cfg.revise
+    crit = r.critique_max_tokens or max(32, r.max_tokens * 3 // 4)
+    return ReviseConfig(
+        rounds=r.rounds, seed=cfg.seed,
+        generate=Sampling(max_tokens=r.max_tokens, temperature=r.temperature),
+        critique=Sampling(max_tokens=crit, temperature=r.temperature),
+        revise=Sampling(max_tokens=r.max_tokens, temperature=r.temperature),
+    )
+
+
+def judge_config(cfg: RunConfig) -> JudgeConfig:
+    lab = cfg.label
+    clamp = tuple(lab.clamp) if lab.clamp else None
+    if clamp is not None and not 0.0 <= clamp[0] < 0.5 < clamp[1] <= 1.0:
+        raise ConfigError(f"needs 0 <= lo < 0.5 < hi <= 1, got {list(clamp)}", field="label.clamp")
+    return JudgeConfig(
+        mode=lab.mode, principles=lab.principles, both_orders=lab.both_orders, seed=cfg.seed,
+        top_logprobs=lab.top_logprobs, min_mass=lab.min_mass, clamp=clamp,  # type: ignore[arg-type]
+        tie_threshold=lab.tie_threshold, fallback=lab.fallback,
+        cot=Sampling(max_tokens=lab.cot_max_tokens, seed=cfg.seed, stop=("Therefore",)),
+    )
+
+
+def judge_settings(j: JudgeConfig) -> dict[str, Any]:
+    """The judge as the dataset card describes it, plus every setting."""
+    return {"orders": list(ORDERS if j.both_orders else ORDERS[:1]), "ensemble_k": j.principles,
+            "cot": j.mode == "cot", "clamp": list(j.clamp) if j.clamp else None,
+            "tie_threshold": j.tie_threshold, **j.to_dict()}
+
+
+def count_jsonl(path: Path, limit: int | None = None) -> int | None:
+    if not (path.is_file() and path.suffix.lower() in (".jsonl", ".ndjson")):
+        return limit
+    with path.open("rb") as f:
+        n = sum(1 for line in f if line.strip())
+    return min(n, limit) if limit else n
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _stage(path: Path, fp: str, items: Iterator[Any], process: Any, cfg: RunConfig, title: str,
+           total: int | None) -> SinkSummary:
+    with JsonlSink(path, fp) as sink:
+        run = StageRun(sink=sink, process=process, key=lambda r: r.id, chunk_size=cfg.chunk_size)
+        with StageProgress(title, total, enabled=cfg.progress) as bar:
+            return run.run(items(sink, bar) if callable(items) else items, bar)
+
+
+def _unique(pairs: Iterator[Pair]) -> Iterator[Pair]:
+    """Pairs from several sources in one file: a repeated id gets ``-2``, ``-3``..."""
+    seen: dict[str, int] = {}
+    for p in pairs:
+        n = seen[p.id] = seen.get(p.id, 0) + 1
+        yield p if n == 1 else Pair(**{**p.to_dict(), "id": f"{p.id}-{n}"})
+
+
+def _sampled(rows: Iterator[PromptRow], be: Backend, scfg: SampleConfig, chunk: int,
+             system: str | None, sink: JsonlSink) -> Iterator[Pair]:
+    """Pairs sampled per chunk of prompts; prompts whose pairs are all done are not sampled."""
+    todo = (r for r in rows if not all(sink.is_done(i) for i in sample_pair_ids(r.id, scfg.n)))
+    while batch := list(islice(todo, chunk)):
+        yield from sample_pairs(batch, be, scfg, system)
+
+
+def run_pipeline(cfg: RunConfig, backend: Backend | None = None,
+                 constitution: Constitution | None = None) -> RunResult:
+    """Run (or resume) every enabled stage; ``backend`` replaces the configured one (tests)."""
+    t0 = time.time()
+    const = constitution or load_constitution(cfg.constitution)
+    tpl = Templates(cfg.templates)
+    out = cfg.output
+    out.mkdir(parents=True, exist_ok=True)
+    rcfg, jcfg = revise_config(cfg), judge_config(cfg)
+    sources = list(dict.fromkeys(cfg.label.sources))
+    if cfg.label.enabled and "dataset" in sources and not cfg.label.pairs:
+        raise ConfigError("the `dataset` pair source needs label.pairs (--label-pairs)",
+                          field="label.sources")
+    if (cfg.revise.enabled or "sample" in sources) and not cfg.input:
+        raise ConfigError("no input prompts: set `input` (--input / CAI_INPUT)", field="input")
+    inner = backend or build_backend(cfg.backend, cfg.model, cfg.base_url, cfg.api_key,
+                                     cfg.concurrency)
+    cache_path = cfg.cache_path()
+    be: CachedBackend | CountingBackend = (
+        CachedBackend(inner, CallCache(cache_path)) if cache_path else CountingBackend(inner))
+    res = RunResult(output=out)
+    revisions = out / "revisions.jsonl"
+    rfp = revise_fingerprint(be, const, tpl, rcfg)
+    try:
+        if cfg.revise.enabled:
+            rows = read_prompts(cfg.input, column=cfg.prompt_column, split=cfg.split,  # type: ignore[arg-type]
+                                limit=cfg.limit)
+            res.stages["revise"] = _stage(
+                revisions, rfp, rows, lambda ch: revise_chunk(ch, be, const, tpl, rcfg), cfg,
+                "revise", count_jsonl(Path(cfg.input), cfg.limit))  # type: ignore[arg-type]
+            write_revise_report(revisions)
+        if cfg.label.enabled:
+            res.stages["label"], res.preferences = _label(cfg, be, const, tpl, jcfg, sources, rfp)
+    finally:
+        be.close()
+    res.sent, res.cached, res.errors = be.sent, be.hits, be.errors
+    res.manifest = {
+        "cai_version": __version__,
+        "config": cfg.public(),
+        "constitution": const.model_dump(mode="json"),
+        "constitution_hash": const.digest(),
+        "templates_hash": tpl.digest(),
+        "models": {"policy": be.model_id, "judge": be.model_id},
+        "revise": rcfg.to_dict(),
+        "judge": judge_settings(jcfg),
+        "counts": {name: {"written": s.written, "resumed": s.resumed, "rows": s.written + s.resumed,
+                          "failed": s.failed, "reasons": s.reasons,
+                          "failures": str(s.failures_path) if s.failures_path else None}
+                   for name, s in res.stages.items()} | {"preferences": res.preferences},
+        "calls": {"sent": be.sent, "cached": be.hits, "errors": be.errors},
+        "cache": str(cache_path) if cache_path else None,
+        "elapsed_s": round(time.time() - t0, 3),
+    }
+    _write_json_atomic(out / "run.json", res.manifest)
+    return res
+
+
+def _label(cfg: RunConfig, be: Backend, const: Constitution, tpl: Templates, jcfg: JudgeConfig,
+           sources: list[str], revise_fp: str) -> tuple[SinkSummary, dict[str, int]]:
+    out = cfg.output
+    revisions = out / "revisions.jsonl"
+    scfg = SampleConfig(n=cfg.label.samples, seed=cfg.seed,
+                        sampling=Sampling(max_tokens=cfg.revise.max_tokens,
+                                          temperature=cfg.label.sample_temperature))
+    upstream: list[Any] = []
+    total: int | None = 0
+    if "revisions" in sources:
+        if not revisions.exists():
+            raise InputError(f"{revisions}: no revisions to pair (enable the revise stage)")
+        upstream.append(["revisions", revise_fp])
+        total = count_jsonl(revisions)
+    if "dataset" in sources:
+        p = Path(cfg.label.pairs)  # type: ignore[arg-type]
+        upstream.append(["dataset", str(p), p.stat().st_size if p.is_file() else None])
+        total = None
+    if "sample" in sources:
+        upstream.append(["sample", scfg.to_dict(), tpl.digest(("generate",)), cfg.input,
+                         cfg.limit, cfg.prompt_column])
+        total = None
+    fp = sha256_json([judge_fingerprint(be, const, tpl, jcfg), upstream])
+
+    def pairs(sink: JsonlSink, bar: StageProgress) -> Iterator[Pair]:
+        def gen() -> Iterator[Pair]:
+            if "revisions" in sources:
+                yield from read_pairs(revisions)
+            if "dataset" in sources:
+                yield from read_pairs(cfg.label.pairs, split=cfg.split)  # type: ignore[arg-type]
+            if "sample" in sources:
+                rows = read_prompts(cfg.input, column=cfg.prompt_column,  # type: ignore[arg-type]
+                                    split=cfg.split, limit=cfg.limit)
+                yield from _sampled(rows, be, scfg, cfg.chunk_size,
+                                    tpl.render_text("generate", "system"), sink)
+        return _unique(gen())
+
+    labels = out / "labels.jsonl"
+    summary = _stage(labels, fp, pairs, lambda ch: judge_chunk(ch, be, const, tpl, jcfg), cfg,
+                     "label", total)
+    prefs = write_preferences(labels, out / "preferences.jsonl", keep_ties=cfg.label.keep_ties)
+    return summary, {"written": prefs.written, "ties": prefs.ties,
+                     "abstentions": prefs.abstentions, "judgements": prefs.judgements,
+                     "position_inconsistent": prefs.inconsistent}
+
+
+__all__ = ["JUDGE_STAGES", "RunResult", "judge_config", "revise_config", "run_pipeline"]
