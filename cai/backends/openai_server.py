@@ -215,11 +215,11 @@ class OpenAIServerBackend:
             self._sem = asyncio.Semaphore(self.concurrency)
         return self._session
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
+    def _delay(self, exc: BaseException | None, attempt: int) -> float:
+        """Seconds to wait after failed try number ``attempt``: Retry-After, else backoff."""
         if isinstance(exc, _Retryable) and exc.retry_after is not None:
             return min(exc.retry_after, 60.0)
-        base = self.backoff * 2 ** (state.attempt_number - 1)
+        base = self.backoff * 2 ** (attempt - 1)
         return float(min(base, 60.0) * (0.5 + random.random() / 2))
 
     def _unreachable(self, e: BaseException) -> BackendError:
@@ -228,9 +228,22 @@ class OpenAIServerBackend:
         )
 
     async def _with_retries(self, attempt: Callable[[], Any]) -> Any:
+        """``attempt()``, tried again on connection errors, 429 and 5xx. The first try runs
+        outside tenacity: building its retry state costs more than a fast request."""
+        try:
+            return await attempt()
+        except Exception as e:
+            if not _retryable(e) or self.max_retries == 0:
+                raise
+            await asyncio.sleep(self._delay(e, 1))
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            return self._delay(exc, state.attempt_number + 1)
+
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_retries + 1),
-            wait=self._wait,
+            stop=stop_after_attempt(self.max_retries),
+            wait=wait,
             retry=retry_if_exception(_retryable),
             reraise=True,
         )
