@@ -70,7 +70,7 @@ def diagnostics(rows: dict[str, list[dict[str, Any]]], info: RunInfo) -> dict[st
         rj = [len(r["rejected"][-1]["content"]) for r in rs]
         d["prefs"] = {
             "pairs": len(rs), "prompts": info.prompts.get("prefs", 0),
-            "position consistent (both orders agree)": _ratio(sum(known), len(known)),
+            "position consistent (both orders prefer the same)": _ratio(sum(known), len(known)),
             "ties kept in the pairs": sum(r["tie"] for r in rs),
             "mean p_chosen": _mean([r["p_chosen"] for r in rs if r["p_chosen"] is not None]),
             "mean chars, chosen": _mean(ch), "mean chars, rejected": _mean(rj),
@@ -81,6 +81,7 @@ def diagnostics(rows: dict[str, list[dict[str, Any]]], info: RunInfo) -> dict[st
     labels = info.folder / LABELS_FILE
     if labels.exists():
         n = ties = abst = judged = agree = with_human = 0
+        consistent: list[bool] = []
         with labels.open(encoding="utf-8") as f:
             for line in f:
                 if not line.strip():
@@ -88,20 +89,40 @@ def diagnostics(rows: dict[str, list[dict[str, Any]]], info: RunInfo) -> dict[st
                 r = json.loads(line)
                 n += 1
                 ties += bool(r.get("tie"))
+                if isinstance(r.get("position_consistent"), bool):
+                    consistent.append(r["position_consistent"])
                 abst += int(r.get("abstentions") or 0)
                 judged += len(r.get("judgements") or [])
                 if r.get("human") in ("a", "b") and r.get("label") in ("a", "b"):
                     with_human += 1
                     agree += r["human"] == r["label"]
         d["labels"] = {"judged pairs (labels.jsonl)": n, "ties (held out of the pairs)": ties,
-                       "abstained judgements": f"{abst}/{judged}"}
+                       "abstained judgements": f"{abst}/{judged}",
+                       "position consistent, all judged pairs":
+                           _ratio(sum(consistent), len(consistent))}
         if with_human:
             d["labels"]["agreement with human labels"] = _ratio(agree, with_human)
     if info.failures:
         d["failures"] = dict(info.failures)
     if info.manifest and isinstance(info.manifest.get("counts"), dict):
-        d["run.json counts"] = info.manifest["counts"]
+        d["run.json counts"] = {f"{k}.{k2}" if isinstance(v, dict) else k: v2
+                                for k, v in info.manifest["counts"].items()
+                                for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
     return d
+
+
+def _judge_summary(j: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide what a label means, whichever way the writer named them."""
+    orders = j.get("orders") or (["ab", "ba"] if j.get("both_orders") else ["ab"])
+    cot = j["mode"] == "cot" if "mode" in j else j.get("cot") is True
+    return {
+        "orders": " and ".join(map(str, orders)) + (" (averaged: position-bias control)"
+                                                     if len(orders) > 1 else ""),
+        "ensemble size (principles per pair)": j.get("ensemble_k", j.get("principles")),
+        "chain of thought": cot,
+        "clamp": j.get("clamp") if cot else f"{_fmt(j.get('clamp'))} (applies to CoT only)",
+        "tie threshold": j.get("tie_threshold"),
+    }
 
 
 def _digest(dump: dict[str, Any]) -> str:
@@ -222,17 +243,20 @@ def render_card(export: Export, configs: list[dict[str, Any]], *, license: str =
     judge = m.get("judge") or prov.get("prefs", {}).get("judge")
     if "prefs" in info.rows:
         L += ["## Judge settings", ""]
+        if isinstance(judge, dict):
+            L += [f"- {k}: {_fmt(v)}" for k, v in _judge_summary(judge).items()] + [""]
         L += (_table({f"`{k}`" + (f": {JUDGE_LABELS[k]}" if k in JUDGE_LABELS else ""): v
                       for k, v in judge.items()}, ("setting", "value"))
               if isinstance(judge, dict) else ["Not recorded.", ""])
-    rev = prov.get("sft", {}).get("config")
+    rev = m.get("revise") or prov.get("sft", {}).get("config")
     if isinstance(rev, dict):
         L += ["## Critique and revision settings", ""] + _table(rev, ("setting", "value"))
     L += ["## Diagnostics", ""]
     for group, vals in info.diagnostics.items():
         L += [f"**{group}**", ""] + _table(vals if isinstance(vals, dict) else {group: vals})
     L += _constitution_section(info)
-    rest = {k: v for k, v in m.items() if k not in ("constitution", "judge", "models", "counts")}
+    rest = {k: v for k, v in m.items()
+            if k not in ("constitution", "judge", "models", "counts", "revise")}
     if rest:
         L += ["## Run manifest", "", "```json", json.dumps(rest, indent=2, ensure_ascii=False,
                                                            default=str), "```", ""]

@@ -402,3 +402,23 @@ def test_real_push(tmp_path: Path) -> None:
         assert os.environ["HF_TOKEN"] not in Path(card).read_text()
     finally:
         api.delete_repo(repo, repo_type="dataset", missing_ok=True)
+
+
+def test_exports_a_real_cai_run(tmp_path: Path, hh_dev: Path, capsys) -> None:
+    """A folder written by `cai run` (fake backend) exports, and its card shows the judge."""
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text("".join(hh_dev.read_text().splitlines(keepends=True)[:16]))
+    out = tmp_path / "run"
+    assert main(["run", "--input", str(prompts), "-o", str(out), "--backend", "fake",
+                 "--revise-rounds", "1", "--cache", "off"]) == 0
+    assert main(["export", str(out), "--test-fraction", "0.25"]) == 0
+    assert "export: train_sft" in capsys.readouterr().err
+    text = (out / "export" / "README.md").read_text()
+    for needle in ("orders: ab and ba", "ensemble size (principles per pair): 4",
+                   "chain of thought: False", "preferences.ties", "```yaml"):
+        assert needle in text, needle
+    sft = datasets.load_dataset(str(out / "export"), "sft", cache_dir=str(tmp_path / "c"))
+    prefs = datasets.load_dataset(str(out / "export"), "prefs", cache_dir=str(tmp_path / "c"))
+    assert sft["train_sft"].num_rows + sft["test_sft"].num_rows == 16
+    train = _pids(sft["train_sft"]) | _pids(prefs["train_prefs"])
+    assert not train & (_pids(sft["test_sft"]) | _pids(prefs.get("test_prefs", sft["test_sft"])))
