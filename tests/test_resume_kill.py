@@ -1,0 +1,145 @@
+"""kill -9 `cai run` at random moments, rerun it, and check: exactly one row per input row, no
+partial line ever visible in a final file, and no call answered and committed before a kill is
+sent again.
+
+The fake backend (run as a subprocess) sleeps ``CAI_FAKE_DELAY`` per batch, like a server, and
+appends ``PID BATCH DIGEST`` per request to ``CAI_FAKE_LOG`` once the batch is answered. A
+batch answered by the server whose cache commit was cut by the kill can be sent once more: that
+is the one unavoidable at-least-once window (between the server's answer and the commit, about
+a millisecond). Such repeats are only allowed for the last batch a killed process logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from cai.backends.fake import FakeBackend, _digest
+from cai.config import load_run_config
+from cai.run import run_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+ROWS, KILLS = 240, 12
+FINAL = ("revisions.jsonl", "labels.jsonl", "preferences.jsonl", "run.json",
+         "revisions.failures.jsonl", "labels.failures.jsonl")
+
+
+def write_config(tmp: Path) -> Path:
+    with (tmp / "prompts.jsonl").open("w") as f:
+        for i in range(ROWS):
+            f.write(json.dumps({"id": f"q{i:03d}", "prompt": f"Prompt {i}: tell me about {i}."})
+                    + "\n")
+    cfg = tmp / "run.yaml"
+    cfg.write_text("input: prompts.jsonl\noutput: out\nbackend: fake\nchunk_size: 8\n"
+                   "progress: false\nrevise:\n  rounds: 2\nlabel:\n  principles: 2\n")
+    return cfg
+
+
+def assert_whole(out: Path) -> None:
+    """What a reader can see at any moment: final files hold whole rows only."""
+    for name in FINAL:
+        p = out / name
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            continue
+        if name == "run.json":
+            json.loads(text)
+            continue
+        assert text == "" or text.endswith("\n"), f"{name}: partial last line"
+        for line in text.splitlines():
+            json.loads(line)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_kill_9_at_random_moments_then_finish(tmp_path: Path):
+    rng = random.Random(int(os.environ.get("CAI_KILL_SEED", time.time_ns())))
+    config = write_config(tmp_path)
+    log = tmp_path / "sent.log"
+    env = {**os.environ, "CAI_FAKE_DELAY": "0.02", "CAI_FAKE_LOG": str(log)}
+    env.pop("CAI_CACHE", None)
+    cmd = [sys.executable, "-m", "cai.cli", "run", str(config)]
+    out = tmp_path / "out"
+    killed: list[int] = []
+    finished = None
+    startup = 1.0  # seconds from start to the first answered batch, measured below
+    while len(killed) < KILLS:
+        size = log.stat().st_size if log.exists() else 0
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        if len(killed) % 4 == 3:  # now and then anywhere, start-up and imports included
+            deadline = t0 + rng.uniform(0.0, startup + 0.2)
+        else:  # mostly once it is working: after its first answered batch
+            while proc.poll() is None and (log.stat().st_size if log.exists() else 0) == size:
+                time.sleep(0.005)
+            startup = time.monotonic() - t0
+            deadline = time.monotonic() + rng.uniform(0.0, 0.25)
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if proc.poll() is not None:  # it finished before the kill: the run is done
+            finished = proc
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed.append(proc.pid)
+        assert_whole(out)
+    if finished is None:
+        finished = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert len(killed) >= 10, f"the run finished after only {len(killed)} kills"
+
+    # exactly once: one row per input row, in every output, no leftovers
+    assert_whole(out)
+    revs, labels = read_rows(out / "revisions.jsonl"), read_rows(out / "labels.jsonl")
+    ids = [f"q{i:03d}" for i in range(ROWS)]
+    assert [r["id"] for r in revs] == ids
+    assert sorted(r["id"] for r in labels) == ids
+    prefs = read_rows(out / "preferences.jsonl")
+    assert len(prefs) == len({p["id"] for p in prefs}) == sum(not x["tie"] for x in labels)
+    assert not [p.name for p in out.iterdir() if p.name.endswith((".part", ".tmp"))]
+
+    # the same rows as one uninterrupted run (in-process, no delay)
+    cfg = load_run_config(config)
+    clean = FakeBackend()
+    run_pipeline(cfg.model_copy(update={"output": tmp_path / "clean", "cache": "off"}),
+                 backend=clean)
+
+    def strip(rows: list[dict]) -> dict[str, dict]:
+        return {r["id"]: {k: v for k, v in r.items() if k != "source"} for r in rows}
+
+    assert strip(revs) == strip(read_rows(tmp_path / "clean" / "revisions.jsonl"))
+    assert strip(labels) == strip(read_rows(tmp_path / "clean" / "labels.jsonl"))
+
+    # no call sent twice, but for a batch answered just before its process was killed
+    sent = [line.split() for line in log.read_text().splitlines()]
+    assert all(len(s) == 3 for s in sent)
+    last_batch = {}
+    for pid, batch, _ in sent:
+        last_batch[pid] = batch
+    by_key: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for pid, batch, key in sent:
+        by_key[key].append((pid, batch))
+    in_window = 0
+    lost: set[tuple[str, str]] = set()
+    for key, where in by_key.items():
+        for pid, batch in where[:-1]:  # every send but the last must have been lost to a kill
+            assert int(pid) in killed and last_batch[pid] == batch, f"{key} sent again: {where}"
+            in_window += 1
+            lost.add((pid, batch))
+    assert len(lost) <= len(killed)  # whole batches only, at most the last one per kill
+    counts = Counter(k for _, _, k in sent)
+    assert set(counts) == {f"{_digest(r):016x}" for r in clean.calls}
+    assert len(sent) == len(counts) + in_window
+    print(f"{len(killed)} kills, {len(sent)} calls sent, {len(counts)} distinct, "
+          f"{in_window} resent ({len(lost)} batches answered just before a kill)")
