@@ -164,8 +164,8 @@ def scrub(obj: Any) -> Any:
     return obj
 
 
-def _row(kind: str, raw: dict[str, Any], where: str, full: bool) -> tuple[dict[str, Any], list]:
-    """The exported row, and its prompt (for the split)."""
+def _row(kind: str, raw: dict[str, Any], where: str, full: bool) -> dict[str, Any]:
+    """The exported row: TRL's columns, light metadata, the prompt's id (and the trace)."""
     src = raw.get("source")
     pids = raw.get("principle_ids") or []
     common = {"id": str(raw.get("id", "")), "source": src if isinstance(src, str) else "",
@@ -197,7 +197,7 @@ def _row(kind: str, raw: dict[str, Any], where: str, full: bool) -> tuple[dict[s
         for c in TRACE[kind]:
             v = scrub(raw.get(c)) if c == "provenance" else raw.get(c)
             row[c] = None if v is None else json.dumps(v, ensure_ascii=False, default=str)
-    return row, prompt
+    return row
 
 
 def read_kind(folder: Path, kind: str, info: RunInfo, full: bool,
@@ -206,8 +206,7 @@ def read_kind(folder: Path, kind: str, info: RunInfo, full: bool,
     rows: list[dict[str, Any]] = []
     hashes: set[str] = set()
     for n, raw in _lines(path, secrets):
-        row, _ = _row(kind, raw, f"{path}:{n}", full)
-        rows.append(row)
+        rows.append(_row(kind, raw, f"{path}:{n}", full))
         prov = raw.get("provenance") if isinstance(raw.get("provenance"), dict) else {}
         if prov:
             info.provenance.setdefault(kind, prov)
@@ -232,7 +231,9 @@ def read_run(folder: Path, *, full: bool = False, constitutions: Sequence[dict[s
             info.manifest = json.loads(text)
         except ValueError as e:
             raise InputError(f"{mpath}: not valid JSON ({e.msg})") from None
-        if isinstance(info.manifest, dict) and isinstance(info.manifest.get("constitution"), dict):
+        if not isinstance(info.manifest, dict):
+            raise InputError(f"{mpath}: must be a JSON object (the run manifest)")
+        if isinstance(info.manifest.get("constitution"), dict):
             info.constitutions.append(info.manifest["constitution"])
     info.constitutions += list(constitutions)
     rows: dict[str, list[dict[str, Any]]] = {}
