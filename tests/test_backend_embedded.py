@@ -56,7 +56,7 @@ def test_batch_equals_one_by_one(embedded: EmbeddedBackend) -> None:
     reqs = [
         Request(user("Name a colour."), Sampling(max_tokens=8)),
         Request(user("Give me a long list of ten fruits, one per line, with a short note on each."),
-                Sampling(max_tokens=12)),
+                Sampling(max_tokens=8)),
         Request(JUDGES[0], Sampling(max_tokens=2, logprobs=3)),
     ]
     together = embedded.complete(reqs)
@@ -83,8 +83,8 @@ def test_continuation_with_logprobs(embedded: EmbeddedBackend) -> None:
 
 def test_n_samples_are_seeded_and_reproducible(embedded: EmbeddedBackend) -> None:
     prompt = user("Write one short sentence about the sea.")
-    req = Request(prompt, Sampling(max_tokens=10, temperature=1.0, n=3, seed=7))
-    other = Request(prompt, Sampling(max_tokens=10, temperature=1.0, n=3, seed=8))
+    req = Request(prompt, Sampling(max_tokens=6, temperature=1.0, n=3, seed=7))
+    other = Request(prompt, Sampling(max_tokens=6, temperature=1.0, n=3, seed=8))
     a, b, c = embedded.complete([req, req, other])
     again = embedded.complete([req])[0]  # a different batch: same samples
     assert len(ok(a).texts) == 3 and len(a.finish_reasons) == 3
