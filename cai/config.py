@@ -91,6 +91,8 @@ class RunConfig(_Section):
     seed: int = Field(0, description="Seed for principle draws and sampling.")
     chunk_size: int = Field(256, ge=1, description="Rows per batched step (written and "
                             "resumable per chunk).")
+    overlap: int = Field(2, ge=1, le=16, description="Chunks in flight at once (openai, fake "
+                         "backends): while one waits on the server, the next is prepared.")
     prompt_column: str | None = Field(None, description="Column holding the prompt.")
     split: str = Field("train", description="Split, for dataset folders and Hub names.")
     limit: int | None = Field(None, ge=1, description="Only the first N input rows.")

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -114,11 +117,62 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def _stage(path: Path, fp: str, items: Iterator[Any], process: Any, cfg: RunConfig, title: str,
-           total: int | None) -> SinkSummary:
+           total: int | None, depth: int = 1) -> SinkSummary:
     with JsonlSink(path, fp) as sink:
         run = StageRun(sink=sink, process=process, key=lambda r: r.id, chunk_size=cfg.chunk_size)
         with StageProgress(title, total, enabled=cfg.progress) as bar:
-            return run.run(items(sink, bar) if callable(items) else items, bar)
+            rows = items(sink, bar) if callable(items) else items
+            return run.run(rows, bar) if depth <= 1 else _overlapped(run, rows, bar, depth)
+
+
+def _in_thread(fn: Any, arg: Any) -> Future:
+    """``fn(arg)`` in a daemon thread (a Ctrl-C or a kill never waits for it)."""
+    fut: Future = Future()
+
+    def work() -> None:
+        try:
+            fut.set_result(fn(arg))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            fut.set_exception(e)
+
+    threading.Thread(target=work, daemon=True).start()
+    return fut
+
+
+def _overlapped(run: StageRun, rows: Iterator[Any], bar: StageProgress, depth: int
+                ) -> SinkSummary:
+    """``StageRun.run`` with up to ``depth`` chunks in flight: while one chunk waits on the
+    server, the next one is rendered. Chunks are written whole and in input order."""
+    sink = run.sink
+
+    def todo() -> Iterator[Any]:
+        for r in rows:
+            if sink.is_done(run.key(r)):
+                bar.advance(rows=1)
+            else:
+                yield r
+
+    def write(chunk: list[Any], fut: Future) -> None:
+        outcomes = fut.result()
+        if len(outcomes) != len(chunk):
+            raise RuntimeError(f"stage returned {len(outcomes)} outcomes for {len(chunk)} rows")
+        for o in outcomes:
+            if o.row is not None:
+                sink.write(o.row)
+            else:
+                sink.fail(o.id, o.reason or "unknown failure", **o.info)
+        sink.flush()
+        bar.advance(rows=len(chunk), tokens=sum(o.tokens for o in outcomes))
+
+    pending: deque[tuple[list[Any], Future]] = deque()
+    it = todo()
+    while chunk := list(islice(it, run.chunk_size)):
+        pending.append((chunk, _in_thread(run.process, chunk)))
+        if len(pending) >= depth:
+            write(*pending.popleft())
+    while pending:
+        write(*pending.popleft())
+    return sink.finish()
 
 
 def _unique(pairs: Iterator[Pair]) -> Iterator[Pair]:
@@ -158,6 +212,8 @@ def run_pipeline(cfg: RunConfig, backend: Backend | None = None,
     be: CachedBackend | CountingBackend = (
         CachedBackend(inner, CallCache(cache_path)) if cache_path else CountingBackend(inner))
     res = RunResult(output=out)
+    # Backends that take concurrent complete() calls; the in-process ones (embedded, vllm) do not.
+    depth = cfg.overlap if type(inner).__name__ in ("OpenAIServerBackend", "FakeBackend") else 1
     revisions = out / "revisions.jsonl"
     rfp = revise_fingerprint(be, const, tpl, rcfg)
     try:
@@ -166,10 +222,11 @@ def run_pipeline(cfg: RunConfig, backend: Backend | None = None,
                                 limit=cfg.limit)
             res.stages["revise"] = _stage(
                 revisions, rfp, rows, lambda ch: revise_chunk(ch, be, const, tpl, rcfg), cfg,
-                "revise", count_jsonl(Path(cfg.input), cfg.limit))  # type: ignore[arg-type]
+                "revise", count_jsonl(Path(cfg.input), cfg.limit), depth)  # type: ignore[arg-type]
             write_revise_report(revisions)
         if cfg.label.enabled:
-            res.stages["label"], res.preferences = _label(cfg, be, const, tpl, jcfg, sources, rfp)
+            res.stages["label"], res.preferences = _label(cfg, be, const, tpl, jcfg, sources, rfp,
+                                                          depth)
     finally:
         be.close()
     res.sent, res.cached, res.errors = be.sent, be.hits, be.errors
@@ -195,7 +252,7 @@ def run_pipeline(cfg: RunConfig, backend: Backend | None = None,
 
 
 def _label(cfg: RunConfig, be: Backend, const: Constitution, tpl: Templates, jcfg: JudgeConfig,
-           sources: list[str], revise_fp: str) -> tuple[SinkSummary, dict[str, int]]:
+           sources: list[str], revise_fp: str, depth: int) -> tuple[SinkSummary, dict[str, int]]:
     out = cfg.output
     revisions = out / "revisions.jsonl"
     scfg = SampleConfig(n=cfg.label.samples, seed=cfg.seed,
@@ -233,7 +290,7 @@ def _label(cfg: RunConfig, be: Backend, const: Constitution, tpl: Templates, jcf
 
     labels = out / "labels.jsonl"
     summary = _stage(labels, fp, pairs, lambda ch: judge_chunk(ch, be, const, tpl, jcfg), cfg,
-                     "label", total)
+                     "label", total, depth)
     prefs = write_preferences(labels, out / "preferences.jsonl", keep_ties=cfg.label.keep_ties)
     return summary, {"written": prefs.written, "ties": prefs.ties,
                      "abstentions": prefs.abstentions, "judgements": prefs.judgements,

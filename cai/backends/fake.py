@@ -14,6 +14,7 @@ one line ``PID BATCH DIGEST`` per request to that file.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import time
@@ -70,9 +71,11 @@ class FakeBackend:
         self.batches: list[int] = []
         self.delay = float(os.environ.get("CAI_FAKE_DELAY") or 0) if delay is None else delay
         self.log = log or os.environ.get("CAI_FAKE_LOG") or None
+        self._batch_no = itertools.count(1)  # numbers batches, also across threads
 
     def complete(self, requests: Sequence[Request]) -> list[Completion]:
         self.batches.append(len(requests))
+        n = next(self._batch_no)
         out: list[Completion] = []
         for req in requests:
             self.calls.append(req)
@@ -84,7 +87,6 @@ class FakeBackend:
         if self.delay:
             time.sleep(self.delay)
         if self.log:
-            n = len(self.batches)
             lines = "".join(f"{os.getpid()} {n} {_digest(r):016x}\n" for r in requests)
             with open(self.log, "a", encoding="utf-8") as f:
                 f.write(lines)
