@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from .backends.base import Backend, Sampling
+from .cache import CachedBackend, cache_path, with_cache
 from .cli_app import (
     ApiKeyOpt,
     BackendOpt,
@@ -261,6 +262,11 @@ def label(
     limit: LimitOpt = None,
     split: SplitOpt = "train",
     progress: ProgressOpt = None,
+    cache: Annotated[str | None, typer.Option(
+        "--cache", envvar="CAI_CACHE", show_default=False,
+        help="Call cache (SQLite; default: cache.sqlite beside the output; `off` disables it). "
+        "A call already in it is not sent again.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not use the call cache.")] = False,
 ) -> None:
     """AI-judge preference pairs: each pair is judged under k principles, in both orders, from
     the option tokens' log-probs. Writes TRL preference rows (prompt, chosen, rejected,
@@ -274,14 +280,16 @@ def label(
         pairs = detect_source(first_record(input, split))
     if pairs not in ("sample", "dataset", "revisions"):
         raise InputError(f"unknown --pairs {pairs!r} (auto, sample, dataset, revisions)")
-    be = build_backend(backend, model, base_url, api_key, concurrency)
+    cached = cache_path(cache, no_cache, output.parent)
+    be = with_cache(build_backend(backend, model, base_url, api_key, concurrency), cached)
     policy = be
     labels = labels_path(output)
     try:
         fp = fingerprint(be, const, tpl, cfg)
         if pairs == "sample":
             if policy_model is not None:
-                policy = build_backend(backend, policy_model, base_url, api_key, concurrency)
+                policy = with_cache(
+                    build_backend(backend, policy_model, base_url, api_key, concurrency), cached)
             scfg = SampleConfig(
                 n=samples,
                 seed=seed,
@@ -317,6 +325,11 @@ def label(
         f"{prefs.inconsistent} pairs position-inconsistent; {summary.failed} failed; "
         f"{summary.resumed} kept from before; every judged pair in {labels}"
     )
+    if isinstance(be, CachedBackend):
+        sent, hits = be.sent, be.hits
+        if isinstance(policy, CachedBackend) and policy is not be:
+            sent, hits = sent + policy.sent, hits + policy.hits
+        err.print(f"calls: {sent} sent, {hits} served from cache ({be.cache.path})")
     if summary.failed:
         reasons = ", ".join(f"{k}: {v}" for k, v in summary.reasons.items())
         err.print(f"[yellow]failures ({reasons}) listed in {summary.failures_path}[/yellow]")
