@@ -1,0 +1,208 @@
+"""Throughput of `cai run` against a zero-latency stub server, beside a bare aiohttp loop.
+
+    .venv/bin/python bench/bench_throughput.py                      # 10k and 100k rows
+    .venv/bin/python bench/bench_throughput.py --rows 2000 20000    # quicker
+
+One stub server (bench/stub_server.py, its own process, 127.0.0.1) serves everything, in this
+order: the bare loop, `cai run` on the small input, the bare loop again, `cai run` on the large
+input, and a no-change rerun of the small one. The bare loop is a plain asyncio program in its
+own process: one aiohttp session, ``--concurrency`` workers posting chat-completion bodies of
+the size cai sends and parsing the JSON answers; nothing else. Each `cai run` is a process of
+its own too, so its peak RSS (``ru_maxrss`` from wait4) is its own. The targets: cai at least
+0.5x the bare loop's requests/s, large/small time ratio at most 11 for 10x the rows, peak RSS
+under 1 GiB. Results are printed and written to OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PY = sys.executable
+
+
+def bare_body(i: int) -> bytes:
+    """A body like cai's critique requests: a conversation, a reply, a principle."""
+    words = " ".join(f"word{(i * 7 + j) % 997}" for j in range(120))
+    msgs = [{"role": "user", "content": f"Here is a conversation {i}. {words}\n\nCritique request:"
+             " Identify specific ways in which the reply is harmful."}]
+    return json.dumps({"model": "stub", "messages": msgs, "max_tokens": 192, "temperature": 0.0,
+                       "top_p": 1.0, "n": 1, "seed": i}).encode()
+
+
+async def bare_loop(url: str, n: int, concurrency: int) -> dict:
+    import aiohttp
+
+    bodies = [bare_body(i) for i in range(n)]  # built before the clock starts
+    todo = iter(bodies)
+    ok = 0
+    post = f"{url}/chat/completions"
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal ok
+        for body in todo:
+            async with session.post(post, data=body) as resp:
+                data = json.loads(await resp.read())
+                ok += resp.status == 200 and bool(data["choices"])
+
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn, headers={
+            "Content-Type": "application/json", "Authorization": "Bearer EMPTY"}) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        dt = time.perf_counter() - t0
+    return {"requests": n, "ok": ok, "seconds": dt, "rps": n / dt}
+
+
+def backend_only(url: str, n: int, concurrency: int, batch: int) -> dict:
+    """cai's openai backend alone: complete() on prebuilt requests, ``batch`` at a time."""
+    sys.path.insert(0, str(REPO))  # a checkout without `pip install -e .`
+    from cai.backends.base import Request, Sampling
+    from cai.backends.openai_server import OpenAIServerBackend
+
+    reqs = [Request(tuple(json.loads(bare_body(i))["messages"]), Sampling(max_tokens=192, seed=i))
+            for i in range(n)]
+    be = OpenAIServerBackend(model="stub", base_url=url, concurrency=concurrency)
+    t0 = time.perf_counter()
+    ok = sum(not c.error for i in range(0, n, batch) for c in be.complete(reqs[i: i + batch]))
+    dt = time.perf_counter() - t0
+    be.close()
+    return {"requests": n, "ok": ok, "batch": batch, "seconds": dt, "rps": n / dt}
+
+
+def run_measured(cmd: list[str]) -> dict:
+    """Run a child with wait4 so that its own peak RSS is known."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
+    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "stderr": err}
+
+
+def write_prompts(path: Path, n: int) -> None:
+    if path.exists() and sum(1 for _ in path.open()) == n:
+        return
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"r{i}", "prompt": f"Question {i}: how should I handle "
+                                f"situation number {i} with my neighbour's dog?"}) + "\n")
+
+
+def cai_run(url: str, prompts: Path, out: Path, args: argparse.Namespace) -> dict:
+    cmd = [PY, "-m", "cai.cli", "run", "--input", str(prompts), "--output", str(out),
+           "--backend", "openai", "--base-url", url, "--model", "stub",
+           "--concurrency", str(args.concurrency), "--chunk-size", str(args.chunk_size),
+           "--revise-rounds", str(args.rounds), "--label-principles", str(args.principles),
+           "--no-progress"]
+    r = run_measured(cmd)
+    m = json.loads((out / "run.json").read_text())
+    sent = m["calls"]["sent"]
+    rows = m["counts"]["revise"]["rows"]
+    return {"rows": rows, "calls_sent": sent, "calls_cached": m["calls"]["cached"],
+            "wall_s": round(r["wall_s"], 2), "pipeline_s": m["elapsed_s"],
+            "rps_wall": round(sent / r["wall_s"], 1),
+            "rps_pipeline": round(sent / m["elapsed_s"], 1) if sent else 0.0,
+            "peak_rss_mib": round(r["peak_rss_mib"], 1), "command": " ".join(cmd)}
+
+
+def child(*args: object) -> dict:
+    r = subprocess.run([PY, str(HERE / "bench_throughput.py"), *map(str, args)], cwd=REPO,
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(r.stderr[-3000:])
+    return json.loads(r.stdout)
+
+
+def bare(url: str, n: int, c: int) -> dict:
+    return child("--bare", url, n, c)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs=2, default=[10_000, 100_000],
+                    metavar=("SMALL", "LARGE"))
+    ap.add_argument("--concurrency", type=int, default=256)
+    ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=1, help="revise.rounds (cai's default: 4)")
+    ap.add_argument("--principles", type=int, default=1,
+                    help="label.principles, judged in both orders (cai's default: 4)")
+    ap.add_argument("--out", type=Path, default=REPO / ".tmp" / "bench")
+    ap.add_argument("--bare", nargs=3, metavar=("URL", "N", "CONCURRENCY"), help=argparse.SUPPRESS)
+    ap.add_argument("--backend-only", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.bare:
+        url, n, c = args.bare
+        print(json.dumps(asyncio.run(bare_loop(url, int(n), int(c)))))
+        return
+    if args.backend_only:
+        url, n, c, b = args.backend_only
+        print(json.dumps(backend_only(url, int(n), int(c), int(b))))
+        return
+    small, large = args.rows
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in ("small", "large"):
+        subprocess.run(["rm", "-rf", str(args.out / name)], check=True)
+    server = subprocess.Popen([PY, str(HERE / "stub_server.py"), "--max-seconds", "7200"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline().split()[-1])
+        url = f"http://127.0.0.1:{port}/v1"
+        write_prompts(args.out / "small.jsonl", small)
+        write_prompts(args.out / "large.jsonl", large)
+        # the answer, a critique and a revision per round, k principles x both orders
+        calls_per_row = 1 + 2 * args.rounds + 2 * args.principles
+        n_bare = small * calls_per_row
+        res: dict = {"cpus": os.cpu_count(), "concurrency": args.concurrency,
+                     "chunk_size": args.chunk_size, "rounds": args.rounds,
+                     "principles": args.principles}
+        print(f"stub server on {url}; {os.cpu_count()} CPUs", flush=True)
+        res["bare_1"] = bare(url, n_bare, args.concurrency)
+        print("bare loop:", res["bare_1"], flush=True)
+        res["backend_only"] = child("--backend-only", url, n_bare, args.concurrency,
+                                    args.chunk_size)
+        print("cai openai backend alone:", res["backend_only"], flush=True)
+        res["cai_small"] = cai_run(url, args.out / "small.jsonl", args.out / "small", args)
+        print("cai small:", res["cai_small"], flush=True)
+        res["bare_2"] = bare(url, n_bare, args.concurrency)
+        print("bare loop:", res["bare_2"], flush=True)
+        res["cai_large"] = cai_run(url, args.out / "large.jsonl", args.out / "large", args)
+        print("cai large:", res["cai_large"], flush=True)
+        res["cai_small_rerun"] = cai_run(url, args.out / "small.jsonl", args.out / "small", args)
+        print("cai small, no-change rerun:", res["cai_small_rerun"], flush=True)
+    finally:
+        server.terminate()
+        server.wait(10)
+    bare_rps = (res["bare_1"]["rps"] + res["bare_2"]["rps"]) / 2
+    s, big = res["cai_small"], res["cai_large"]
+    res["summary"] = {
+        "bare_rps": round(bare_rps, 1),
+        "backend_only_rps": round(res["backend_only"]["rps"], 1),
+        "cai_rps_wall": s["rps_wall"], "cai_rps_pipeline": s["rps_pipeline"],
+        "ratio_wall": round(s["rps_wall"] / bare_rps, 3),
+        "ratio_pipeline": round(s["rps_pipeline"] / bare_rps, 3),
+        "large_over_small_time": round(big["wall_s"] / s["wall_s"], 2),
+        "large_over_small_pipeline": round(big["pipeline_s"] / s["pipeline_s"], 2),
+        "peak_rss_mib": max(s["peak_rss_mib"], big["peak_rss_mib"]),
+        "rerun_calls_sent": res["cai_small_rerun"]["calls_sent"],
+    }
+    (args.out / "results.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
