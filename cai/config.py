@@ -22,6 +22,12 @@ from .cache import OFF, cache_path
 from .constitution import load_yaml_with_lines, validation_to_config_error
 from .errors import ConfigError
 
+Source = Literal["revisions", "dataset", "sample"]
+
+
+def _default_sources() -> list[Source]:
+    return ["revisions"]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -38,8 +44,8 @@ class ReviseSettings(_Section):
 
 class LabelSettings(_Section):
     enabled: bool = Field(True, description="Run the AI-judge labelling stage.")
-    sources: list[Literal["revisions", "dataset", "sample"]] = Field(
-        default_factory=lambda: ["revisions"], min_length=1,
+    sources: list[Source] = Field(
+        default_factory=_default_sources, min_length=1,
         description="Where pairs come from: revisions (initial vs revised answer), dataset "
         "(existing pairs from label.pairs), sample (label.samples answers per input prompt "
         "from the policy). Comma-separated on the command line.")
@@ -97,8 +103,8 @@ class RunConfig(_Section):
     split: str = Field("train", description="Split, for dataset folders and Hub names.")
     limit: int | None = Field(None, ge=1, description="Only the first N input rows.")
     progress: bool | None = Field(None, description="Show progress bars (default: on a terminal).")
-    revise: ReviseSettings = Field(default_factory=ReviseSettings)
-    label: LabelSettings = Field(default_factory=LabelSettings)
+    revise: ReviseSettings = Field(default_factory=lambda: ReviseSettings.model_validate({}))
+    label: LabelSettings = Field(default_factory=lambda: LabelSettings.model_validate({}))
 
     def cache_path(self) -> Path | None:
         return cache_path(self.cache, False, self.output)

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import islice
@@ -116,8 +116,8 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _stage(path: Path, fp: str, items: Iterator[Any], process: Any, cfg: RunConfig, title: str,
-           total: int | None, depth: int = 1) -> SinkSummary:
+def _stage(path: Path, fp: str, items: Iterator[Any] | Callable[..., Iterator[Any]], process: Any,
+           cfg: RunConfig, title: str, total: int | None, depth: int = 1) -> SinkSummary:
     with JsonlSink(path, fp) as sink:
         run = StageRun(sink=sink, process=process, key=lambda r: r.id, chunk_size=cfg.chunk_size)
         with StageProgress(title, total, enabled=cfg.progress) as bar:
@@ -252,7 +252,7 @@ def run_pipeline(cfg: RunConfig, backend: Backend | None = None,
 
 
 def _label(cfg: RunConfig, be: Backend, const: Constitution, tpl: Templates, jcfg: JudgeConfig,
-           sources: list[str], revise_fp: str, depth: int) -> tuple[SinkSummary, dict[str, int]]:
+           sources: Sequence[str], revise_fp: str, depth: int) -> tuple[SinkSummary, dict[str, int]]:
     out = cfg.output
     revisions = out / "revisions.jsonl"
     scfg = SampleConfig(n=cfg.label.samples, seed=cfg.seed,

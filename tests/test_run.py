@@ -257,3 +257,39 @@ def test_bad_flag_names_the_flag_and_variable():
 def test_example_config_is_valid():
     cfg = load_run_config(REPO / "examples" / "run.yaml")
     assert cfg.label.sources == ["revisions"] and cfg.revise.enabled
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path: Path, capsys):
+    from cai.cli import main
+
+    bad = tmp_path / "run.yaml"
+    bad.write_text("input: x.jsonl\nlabel:\n  sources: [revisions, vibes]\n")
+    assert main(["run", str(bad), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "run.yaml:3: label.sources.1:" in err and len(err.splitlines()) == 1
+    assert main(["run", "--backend", "fake", "--no-progress", "--output", str(tmp_path / "o")]) == 2
+    assert "no input prompts" in capsys.readouterr().err
+    assert main(["diff", str(bad), str(bad)]) == 2  # not a constitution
+
+
+def test_run_summary_names_failures_and_their_file(tmp_path: Path, capsys, monkeypatch):
+    """Through the CLI: the closing lines count calls and name every failure reason and file."""
+    import cai.backends.fake as fake
+
+    write_prompts(tmp_path / "p.jsonl", 6)
+    real = fake.default_respond
+
+    def respond(r: Request) -> Completion:
+        if "Question 2:" in r.messages[-1]["content"]:
+            return Completion(texts=[""])  # an empty answer: the row fails, with its reason
+        return real(r)
+
+    monkeypatch.setattr(fake, "default_respond", respond)
+    from cai.cli import main
+
+    assert main(["run", "--input", str(tmp_path / "p.jsonl"), "-o", str(tmp_path / "o"), "-b",
+                 "fake", "--revise-rounds", "1", "--label-principles", "1", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "calls: 26 sent, 0 served from cache" in err, err  # 6 answers + 5 x (2 + 2)
+    assert "revise: 1 rows failed (initial answer: 1); listed in" in err
+    assert "revisions.failures.jsonl" in err
