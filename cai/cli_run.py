@@ -70,16 +70,18 @@ def run_command(**kw: Any) -> None:
     res = run_pipeline(cfg)
     say(f"run: {res.output}")
     for name, s in res.stages.items():
-        say(f"  {name}: {s.written} rows written, {s.resumed} kept from before, "
-                  f"{s.failed} failed -> {s.path}")
+        gone = res.dropped.get(name, 0)
+        say(f"  {name}: {s.written} rows written, {s.resumed - gone} kept from before, "
+            f"{s.failed} failed -> {s.path}"
+            + (f" ({gone} rows no longer in the input dropped)" if gone else ""))
     if res.preferences:
         p = res.preferences
         say(f"  preferences: {p['written']} pairs -> {res.output / 'preferences.jsonl'} "
-                  f"({p['ties']} ties {'kept' if cfg.label.keep_ties else 'held out'}, "
-                  f"{p['abstentions']} of {p['judgements']} judgements abstained)")
+            f"({p['ties']} ties {'kept' if cfg.label.keep_ties else 'held out'}, "
+            f"{p['abstentions']} of {p['judgements']} judgements abstained)")
     where = f" ({cfg.cache_path()})" if cfg.cache_path() else " (no cache)"
     say(f"  calls: {res.sent} sent, {res.cached} served from cache{where}, "
-              f"{res.errors} failed")
+        f"{res.errors} failed")
     _print_failures(res.stages)
     say(f"  manifest: {res.output / 'run.json'}")
 
@@ -97,7 +99,7 @@ def _print_failures(stages: dict[str, SinkSummary]) -> None:
         if s.failed:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s.reasons.items()))
             say(f"  [yellow]{name}: {s.failed} rows failed ({reasons}); "
-                      f"listed in {s.failures_path}[/yellow]")
+                f"listed in {s.failures_path}[/yellow]")
 
 
 _params = [
@@ -135,7 +137,7 @@ def diff_command(
         out.print_json(json.dumps({"changes": [c.__dict__ for c in changes], "rerun": plan}))
         return
     say_out(f"{a.name} v{a.version} ({len(a.principles)} principles) -> "
-              f"{b.name} v{b.version} ({len(b.principles)} principles)")
+            f"{b.name} v{b.version} ({len(b.principles)} principles)")
     for c in changes:
         what = ", ".join(f"{f} ({FIELD_STAGES.get(f, 'all')})" for f in c.fields)
         say_out(f"  {c.kind:8} {c.id}" + (f": {what}" if what else ""))
@@ -145,6 +147,6 @@ def diff_command(
         say_out("(pass --run DIR to count the cached calls a rerun reuses and redoes)")
         return
     say_out(f"rerun of {plan['run']} with {new} (cache {plan['cache']}, "
-              f"{plan['stored']} calls stored):")
+            f"{plan['stored']} calls stored):")
     say_out(f"  {plan['reused']} cached calls reused, {plan['redo']} calls redone (sent to "
-              f"the model); {plan['unused']} cached calls no longer used")
+            f"the model); {plan['unused']} cached calls no longer used")

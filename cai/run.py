@@ -63,6 +63,7 @@ class CountingBackend:
 class RunResult:
     output: Path
     stages: dict[str, SinkSummary] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # rows no longer in the input
     preferences: dict[str, int] = field(default_factory=dict)
     sent: int = 0
     cached: int = 0
@@ -117,12 +118,40 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def _stage(path: Path, fp: str, items: Iterator[Any] | Callable[..., Iterator[Any]], process: Any,
-           cfg: RunConfig, title: str, total: int | None, depth: int = 1) -> SinkSummary:
+           cfg: RunConfig, title: str, total: int | None, depth: int = 1,
+           seen: set[str] | None = None) -> tuple[SinkSummary, int]:
+    """Run (or resume) one stage; return its summary and how many stale rows were dropped."""
+    seen = set() if seen is None else seen
+
+    def tap(rows: Iterator[Any]) -> Iterator[Any]:
+        for r in rows:
+            seen.add(r.id)
+            yield r
+
     with JsonlSink(path, fp) as sink:
         run = StageRun(sink=sink, process=process, key=lambda r: r.id, chunk_size=cfg.chunk_size)
         with StageProgress(title, total, enabled=cfg.progress) as bar:
-            rows = items(sink, bar) if callable(items) else items
-            return run.run(rows, bar) if depth <= 1 else _overlapped(run, rows, bar, depth)
+            rows = tap(items(sink, bar) if callable(items) else items)
+            summary = run.run(rows, bar) if depth <= 1 else _overlapped(run, rows, bar, depth)
+    stale = len(sink.done - seen)
+    return summary, _prune(path, seen) if stale else 0
+
+
+def _prune(path: Path, keep: set[str]) -> int:
+    """Drop rows whose id is no longer among the stage's inputs (the input shrank, say), so
+    that the output holds one row per input row. Rewritten whole, then renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    dropped = 0
+    with path.open(encoding="utf-8") as f, tmp.open("w", encoding="utf-8") as g:
+        for line in f:
+            if json.loads(line)["id"] in keep:
+                g.write(line)
+            else:
+                dropped += 1
+        g.flush()
+        os.fsync(g.fileno())
+    os.replace(tmp, path)
+    return dropped
 
 
 def _in_thread(fn: Any, arg: Any) -> Future:
@@ -184,10 +213,19 @@ def _unique(pairs: Iterator[Pair]) -> Iterator[Pair]:
 
 
 def _sampled(rows: Iterator[PromptRow], be: Backend, scfg: SampleConfig, chunk: int,
-             system: str | None, sink: JsonlSink) -> Iterator[Pair]:
+             system: str | None, sink: JsonlSink, seen: set[str]) -> Iterator[Pair]:
     """Pairs sampled per chunk of prompts; prompts whose pairs are all done are not sampled."""
-    todo = (r for r in rows if not all(sink.is_done(i) for i in sample_pair_ids(r.id, scfg.n)))
-    while batch := list(islice(todo, chunk)):
+
+    def todo() -> Iterator[PromptRow]:
+        for r in rows:
+            ids = sample_pair_ids(r.id, scfg.n)
+            if all(sink.is_done(i) for i in ids):
+                seen.update(ids)  # still inputs of this run: keep their rows
+            else:
+                yield r
+
+    it = todo()
+    while batch := list(islice(it, chunk)):
         yield from sample_pairs(batch, be, scfg, system)
 
 
@@ -220,13 +258,13 @@ def run_pipeline(cfg: RunConfig, backend: Backend | None = None,
         if cfg.revise.enabled:
             rows = read_prompts(cfg.input, column=cfg.prompt_column, split=cfg.split,  # type: ignore[arg-type]
                                 limit=cfg.limit)
-            res.stages["revise"] = _stage(
+            res.stages["revise"], res.dropped["revise"] = _stage(
                 revisions, rfp, rows, lambda ch: revise_chunk(ch, be, const, tpl, rcfg), cfg,
                 "revise", count_jsonl(Path(cfg.input), cfg.limit), depth)  # type: ignore[arg-type]
             write_revise_report(revisions)
         if cfg.label.enabled:
-            res.stages["label"], res.preferences = _label(cfg, be, const, tpl, jcfg, sources, rfp,
-                                                          depth)
+            (res.stages["label"], res.dropped["label"]), res.preferences = _label(
+                cfg, be, const, tpl, jcfg, sources, rfp, depth)
     finally:
         be.close()
     res.sent, res.cached, res.errors = be.sent, be.hits, be.errors
@@ -239,8 +277,10 @@ def run_pipeline(cfg: RunConfig, backend: Backend | None = None,
         "models": {"policy": be.model_id, "judge": be.model_id},
         "revise": rcfg.to_dict(),
         "judge": judge_settings(jcfg),
-        "counts": {name: {"written": s.written, "resumed": s.resumed, "rows": s.written + s.resumed,
-                          "failed": s.failed, "reasons": s.reasons,
+        "counts": {name: {"written": s.written, "resumed": s.resumed,
+                          "rows": s.written + s.resumed - res.dropped.get(name, 0),
+                          "dropped": res.dropped.get(name, 0), "failed": s.failed,
+                          "reasons": s.reasons,
                           "failures": str(s.failures_path) if s.failures_path else None}
                    for name, s in res.stages.items()} | {"preferences": res.preferences},
         "calls": {"sent": be.sent, "cached": be.hits, "errors": be.errors},
@@ -252,7 +292,8 @@ def run_pipeline(cfg: RunConfig, backend: Backend | None = None,
 
 
 def _label(cfg: RunConfig, be: Backend, const: Constitution, tpl: Templates, jcfg: JudgeConfig,
-           sources: Sequence[str], revise_fp: str, depth: int) -> tuple[SinkSummary, dict[str, int]]:
+           sources: Sequence[str], revise_fp: str, depth: int
+           ) -> tuple[tuple[SinkSummary, int], dict[str, int]]:
     out = cfg.output
     revisions = out / "revisions.jsonl"
     scfg = SampleConfig(n=cfg.label.samples, seed=cfg.seed,
@@ -285,12 +326,13 @@ def _label(cfg: RunConfig, be: Backend, const: Constitution, tpl: Templates, jcf
                 rows = read_prompts(cfg.input, column=cfg.prompt_column,  # type: ignore[arg-type]
                                     split=cfg.split, limit=cfg.limit)
                 yield from _sampled(rows, be, scfg, cfg.chunk_size,
-                                    tpl.render_text("generate", "system"), sink)
+                                    tpl.render_text("generate", "system"), sink, seen)
         return _unique(gen())
 
     labels = out / "labels.jsonl"
+    seen: set[str] = set()
     summary = _stage(labels, fp, pairs, lambda ch: judge_chunk(ch, be, const, tpl, jcfg), cfg,
-                     "label", total, depth)
+                     "label", total, depth, seen)
     prefs = write_preferences(labels, out / "preferences.jsonl", keep_ties=cfg.label.keep_ties)
     return summary, {"written": prefs.written, "ties": prefs.ties,
                      "abstentions": prefs.abstentions, "judgements": prefs.judgements,

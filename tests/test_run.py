@@ -293,3 +293,20 @@ def test_run_summary_names_failures_and_their_file(tmp_path: Path, capsys, monke
     assert "calls: 26 sent, 0 served from cache" in err, err  # 6 answers + 5 x (2 + 2)
     assert "revise: 1 rows failed (initial answer: 1); listed in" in err
     assert "revisions.failures.jsonl" in err
+
+
+def test_a_smaller_input_drops_its_rows_and_a_larger_one_reuses_the_cache(tmp_path: Path):
+    cfg = config(tmp_path, n=10)
+    run_pipeline(cfg, backend=FakeBackend(unique_respond))
+    out = tmp_path / "out"
+    be = FakeBackend(unique_respond)
+    res = run_pipeline(cfg.model_copy(update={"limit": 6}), backend=be)
+    assert be.calls == [] and res.dropped == {"revise": 4, "label": 4}
+    for name in ("revisions.jsonl", "labels.jsonl"):
+        assert [r["id"] for r in lines(out / name)] == [f"p{i}" for i in range(6)]
+    assert {r["id"] for r in lines(out / "preferences.jsonl")} <= {f"p{i}" for i in range(6)}
+    m = json.loads((out / "run.json").read_text())
+    assert m["counts"]["revise"]["rows"] == 6 and m["counts"]["revise"]["dropped"] == 4
+    be = FakeBackend(unique_respond)
+    res = run_pipeline(cfg, backend=be)  # the four rows come back, from the cache
+    assert be.calls == [] and res.cached > 0 and len(lines(out / "labels.jsonl")) == 10
