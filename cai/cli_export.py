@@ -11,7 +11,6 @@ import typer
 from .cli_app import app, err
 from .constitution import load_constitution
 from .errors import InputError
-from .export import FORMATS, build, push, resolve_token, save
 
 
 @app.command()
@@ -27,7 +26,7 @@ def export(
              "RUN_DIR/export. An earlier cai export there is replaced; another folder is refused.",
         show_default=False)] = None,
     fmt: Annotated[str, typer.Option(
-        "--format", help=f"Data file format: {' or '.join(FORMATS)}.")] = "parquet",
+        "--format", help="Data file format: parquet or jsonl.")] = "parquet",
     test_fraction: Annotated[float, typer.Option(
         "--test-fraction", min=0.0, max=0.9,
         help="Share of prompts held out in test_sft/test_prefs. The split is by prompt (a hash "
@@ -67,6 +66,8 @@ def export(
     settings, counts, diagnostics). On the Hub, load with `load_dataset(repo, "sft")` and
     `load_dataset(repo, "prefs")`.
     """
+    from .export import build, push, resolve_token, save  # datasets is slow to import
+
     tok = resolve_token(token) if push_to_hub else None
     secrets = [tok] if tok else []
     dumps = []

@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     ValidationError,
     field_validator,
@@ -81,15 +82,22 @@ class Constitution(BaseModel):
             seen.add(p.id)
         return principles
 
+    _digest: str | None = PrivateAttr(default=None)
+    _by_id: dict[str, Principle] | None = PrivateAttr(default=None)
+
     def digest(self) -> str:
-        return sha256_json(self.model_dump(mode="json"))
+        if self._digest is None:
+            self._digest = sha256_json(self.model_dump(mode="json"))
+        return self._digest
 
     def by_id(self) -> dict[str, Principle]:
-        return {p.id: p for p in self.principles}
+        if self._by_id is None:
+            self._by_id = {p.id: p for p in self.principles}
+        return self._by_id
 
     def draw(self, key: str, k: int, seed: int = 0, salt: str = "") -> list[Principle]:
         """Draw ``k`` distinct principles for ``key`` (a row id, say), weighted, deterministic."""
-        return [self.by_id()[pid] for pid in draw_ids(self.principles, key, k, seed, salt)]
+        return _draw(self.principles, key, k, seed, salt)
 
 
 def draw_ids(
@@ -102,15 +110,20 @@ def draw_ids(
     the hash, and a new principle displaces an old one only in the rows it wins.
     If ``k`` exceeds the number of principles the ranking wraps around.
     """
+    return [p.id for p in _draw(principles, key, k, seed, salt)]
+
+
+def _draw(principles: Sequence[Principle], key: str, k: int, seed: int, salt: str) -> list[Principle]:
     if k <= 0:
         return []
+    prefix = f"{seed}\x1f{salt}\x1f{key}\x1f"
 
     def score(p: Principle) -> float:
-        h = hashlib.blake2b(f"{seed}\x1f{salt}\x1f{key}\x1f{p.id}".encode(), digest_size=8)
+        h = hashlib.blake2b((prefix + p.id).encode(), digest_size=8)
         u = (int.from_bytes(h.digest(), "big") + 1) / (2**64 + 1)
         return -math.log(u) / p.weight
 
-    ranked = [p.id for p in sorted(principles, key=score)]
+    ranked = sorted(principles, key=score)
     return [ranked[i % len(ranked)] for i in range(k)]
 
 
