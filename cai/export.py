@@ -102,9 +102,19 @@ def check_run_folder(folder: Path) -> None:
         what = ", ".join(parts or sorted(unfinished))
         raise InputError(f"{folder}: run is unfinished ({what} still in progress or crashed); "
                          "rerun the same stage command to finish it (it resumes), then export")
+    if _running(folder / "run.json"):
+        raise InputError(f"{folder}: `cai run` has not finished here (run.json says running); "
+                         "rerun the same `cai run` command to finish it (it resumes), then export")
     if not any((folder / f).exists() for f in KINDS.values()):
         raise InputError(f"{folder}: no {SFT_FILE} or {PREFS_FILE}: not a cai run folder "
                          "(make one with `cai run`, `cai revise` or `cai label`)")
+
+
+def _running(manifest: Path) -> bool:
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("status") == "running"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _complete(meta: Path) -> bool:

@@ -98,9 +98,9 @@ def judge_config(cfg: RunConfig) -> JudgeConfig:
 
 def judge_settings(j: JudgeConfig) -> dict[str, Any]:
     """The judge as the dataset card describes it, plus every setting."""
-    return {"orders": list(ORDERS if j.both_orders else ORDERS[:1]), "ensemble_k": j.principles,
-            "cot": j.mode == "cot", "clamp": list(j.clamp) if j.clamp else None,
-            "tie_threshold": j.tie_threshold, **j.to_dict()}
+    return {**j.to_dict(), "orders": list(ORDERS if j.both_orders else ORDERS[:1]),
+            "ensemble_k": j.principles, "cot": j.mode == "cot",
+            "clamp": list(j.clamp) if j.clamp else None, "tie_threshold": j.tie_threshold}
 
 
 def count_jsonl(path: Path, limit: int | None = None) -> int | None:
@@ -238,6 +238,8 @@ def run_pipeline(cfg: RunConfig, backend: Backend | None = None,
     out = cfg.output
     out.mkdir(parents=True, exist_ok=True)
     rcfg, jcfg = revise_config(cfg), judge_config(cfg)
+    # Until the run ends, run.json says so: `cai export` refuses a folder between two stages.
+    _write_json_atomic(out / "run.json", {"cai_version": __version__, "status": "running"})
     sources = list(dict.fromkeys(cfg.label.sources))
     if cfg.label.enabled and "dataset" in sources and not cfg.label.pairs:
         raise ConfigError("the `dataset` pair source needs label.pairs (--label-pairs)",
@@ -270,6 +272,7 @@ def run_pipeline(cfg: RunConfig, backend: Backend | None = None,
     res.sent, res.cached, res.errors = be.sent, be.hits, be.errors
     res.manifest = {
         "cai_version": __version__,
+        "status": "complete",
         "config": cfg.public(),
         "constitution": const.model_dump(mode="json"),
         "constitution_hash": const.digest(),

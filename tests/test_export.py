@@ -231,6 +231,7 @@ def test_save_replaces_an_export_but_not_other_folders(run_dir: Path, tmp_path: 
     ("empty_files", "hold no rows"),
     ("part", r"unfinished \(preferences.jsonl.part"),
     ("meta", "unfinished"),
+    ("between_stages", r"`cai run` has not finished here"),
     ("bad_json", r"revisions.jsonl:2: not valid JSON"),
     ("bad_messages", r"revisions.jsonl:1: `messages` must be"),
     ("no_assistant", r"preferences.jsonl:1: `chosen` must end with an assistant"),
@@ -248,6 +249,9 @@ def test_bad_run_folders(tmp_path: Path, case: str, match: str) -> None:
     elif case == "meta":
         make_run(run)
         (run / (ex.SFT_FILE + ".meta.json")).write_text('{"fingerprint": "x", "complete": false}')
+    elif case == "between_stages":
+        make_run(run)
+        (run / "run.json").write_text('{"cai_version": "0.1.0", "status": "running"}')
     elif case == "bad_json":
         make_run(run)
         lines = (run / ex.SFT_FILE).read_text().splitlines()
