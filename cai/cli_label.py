@@ -362,7 +362,11 @@ def render_table(results: dict[str, dict[str, Any]]) -> Table:
     )
     t.add_row("tie rate", *[_pct(r["tie_rate"]) for r in s])
     t.add_row("first slot picked", *[_pct(r["first_slot_rate"]) for r in s])
-    t.add_row("wall time", *[f"{r.get('wall_s', 0):.0f} s" for r in s])
+    t.add_row(
+        "wall time (this run)",
+        *[f"{r.get('wall_s', 0):.0f} s" + (f" ({r['resumed']} resumed)" if r.get("resumed") else "")
+          for r in s],
+    )
     return t
 
 
