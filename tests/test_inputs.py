@@ -25,9 +25,11 @@ def test_not_a_transcript():
 
 
 def test_hh_dev_rows(hh_dev: Path):
-    rows = list(read_prompts(hh_dev, limit=300))
-    assert len(rows) == 300
-    assert len({r.id for r in rows}) == 300, "ids must be unique"
+    n = len(hh_dev.read_text().splitlines())
+    assert n in (32, 300)
+    rows = list(read_prompts(hh_dev))
+    assert len(rows) == n, "every line is a prompt"
+    assert len({r.id for r in rows}) == n, "ids must be unique"
     assert all(r.prompt[-1]["role"] == "user" for r in rows)
     assert rows[0].prompt[0]["content"] == "You wish you could be a robot."
     assert "rejected" in rows[0].extra and rows[0].source.endswith(":1")

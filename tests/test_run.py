@@ -257,6 +257,7 @@ def test_bad_flag_names_the_flag_and_variable():
 def test_example_config_is_valid():
     cfg = load_run_config(REPO / "examples" / "run.yaml")
     assert cfg.label.sources == ["revisions"] and cfg.revise.enabled
+    assert Path(cfg.input).is_file(), "the example's input ships with the repo"
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path: Path, capsys):
