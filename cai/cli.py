@@ -20,7 +20,6 @@ from . import (
     cli_label,  # noqa: F401
     cli_run,  # noqa: F401
 )
-from .backends.base import Sampling
 from .cache import CachedBackend, cache_path, with_cache
 from .cli_app import (
     ApiKeyOpt,
@@ -87,6 +86,9 @@ def revise(
                                       help="Seed for principle draws and sampling.")] = 0,
     max_tokens: Annotated[int, typer.Option(min=1, help="Max new tokens per answer/revision.")] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0: greedy).")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(
+        min=0.01, help="Above 1 discourages repeating tokens of the prompt and answer (vLLM's "
+        "definition; 1.1-1.3 stops a small model's loops; 1: off).")] = 1.0,
     chunk_size: Annotated[int, typer.Option(min=1, envvar="CAI_CHUNK_SIZE",
                                             help="Rows per batched step (written and resumable per chunk).")
                           ] = 256,
@@ -110,13 +112,7 @@ def revise(
     tpl = Templates(templates)
     be = with_cache(build_backend(backend, model, base_url, api_key, concurrency),
                     cache_path(cache, no_cache, output.parent))
-    crit_tokens = max(32, max_tokens * 3 // 4)
-    cfg = ReviseConfig(
-        rounds=rounds, seed=seed,
-        generate=Sampling(max_tokens=max_tokens, temperature=temperature),
-        critique=Sampling(max_tokens=crit_tokens, temperature=temperature),
-        revise=Sampling(max_tokens=max_tokens, temperature=temperature),
-    )
+    cfg = ReviseConfig.build(rounds, seed, max_tokens, temperature, repetition_penalty)
     rows = read_prompts(input, column=prompt_column, split=split, limit=limit)
     try:
         with JsonlSink(output, fingerprint(be, const, tpl, cfg)) as sink:

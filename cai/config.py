@@ -40,6 +40,9 @@ class ReviseSettings(_Section):
     critique_max_tokens: int | None = Field(
         None, ge=1, description="Max new tokens per critique (default: 3/4 of max_tokens).")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature (0: greedy).")
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="Above 1 discourages repeating tokens of the prompt and answer "
+        "(vLLM's definition; 1: off).")
 
 
 class LabelSettings(_Section):

@@ -31,6 +31,17 @@ class ReviseConfig:
     critique: Sampling = field(default_factory=lambda: Sampling(max_tokens=192))
     revise: Sampling = field(default_factory=lambda: Sampling(max_tokens=256))
 
+    @classmethod
+    def build(cls, rounds: int, seed: int, max_tokens: int, temperature: float = 0.0,
+              repetition_penalty: float = 1.0, critique_max_tokens: int | None = None) -> ReviseConfig:
+        """The settings `cai revise` and `cai run` both build, so that they share cached calls."""
+        def sampling(tokens: int) -> Sampling:
+            return Sampling(max_tokens=tokens, temperature=temperature, repetition_penalty=repetition_penalty)
+
+        return cls(rounds=rounds, seed=seed, generate=sampling(max_tokens),
+                   critique=sampling(critique_max_tokens or max(32, max_tokens * 3 // 4)),
+                   revise=sampling(max_tokens))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "rounds": self.rounds, "seed": self.seed, "generate": self.generate.to_dict(),

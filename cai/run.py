@@ -74,13 +74,8 @@ class RunResult:
 def revise_config(cfg: RunConfig) -> ReviseConfig:
     """The same settings `cai revise` builds from its flags, so both share cached calls."""
     r = cfg.revise
-    crit = r.critique_max_tokens or max(32, r.max_tokens * 3 // 4)
-    return ReviseConfig(
-        rounds=r.rounds, seed=cfg.seed,
-        generate=Sampling(max_tokens=r.max_tokens, temperature=r.temperature),
-        critique=Sampling(max_tokens=crit, temperature=r.temperature),
-        revise=Sampling(max_tokens=r.max_tokens, temperature=r.temperature),
-    )
+    return ReviseConfig.build(r.rounds, cfg.seed, r.max_tokens, r.temperature, r.repetition_penalty,
+                              r.critique_max_tokens)
 
 
 def judge_config(cfg: RunConfig) -> JudgeConfig:

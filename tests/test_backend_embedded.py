@@ -131,6 +131,24 @@ def test_a_bad_request_does_not_sink_the_batch(embedded: EmbeddedBackend) -> Non
     assert ok(good).texts and bad.texts == [] and bad.error and empty.error
 
 
+LOOPY = user("Write a poem about the sea.")  # greedy, SmolLM2 repeats its lines
+
+
+def test_repetition_penalty_breaks_loops(embedded: EmbeddedBackend) -> None:
+    plain, penal = (ok(c) for c in embedded.complete([
+        Request(LOOPY, Sampling(max_tokens=40, logprobs=1)),
+        Request(LOOPY, Sampling(max_tokens=40, logprobs=1, repetition_penalty=1.5)),
+    ]))
+    assert plain.completion_tokens == penal.completion_tokens == 40
+    assert penal.text != plain.text
+    words = lambda t: t.lower().split()  # noqa: E731
+    assert len(set(words(penal.text))) > len(set(words(plain.text))), (plain.text, penal.text)
+    # log-probs are reported before the penalty, as vLLM does: both first steps pick "In" from
+    # the same distribution
+    assert plain.logprobs and penal.logprobs
+    assert penal.logprobs[0] == pytest.approx(plain.logprobs[0], abs=1e-4)
+
+
 def test_agrees_with_vllm_on_the_judge_token(embedded: EmbeddedBackend, vllm_server: str) -> None:
     reqs = [Request(j, Sampling(max_tokens=1, logprobs=5)) for j in JUDGES]
     server = OpenAIServerBackend(base_url=vllm_server)
@@ -148,3 +166,15 @@ def test_agrees_with_vllm_on_the_judge_token(embedded: EmbeddedBackend, vllm_ser
         assert o.text == t.text  # greedy first token: both float32
         for tok in top2:
             assert abs(mine[tok] - vllm[tok]) < 0.02, (tok, mine[tok], vllm[tok])
+
+
+def test_repetition_penalty_means_what_vllm_means(embedded: EmbeddedBackend, vllm_server: str) -> None:
+    reqs = [Request(LOOPY, Sampling(max_tokens=12, repetition_penalty=1.5))]
+    server = OpenAIServerBackend(base_url=vllm_server)
+    try:
+        theirs = ok(server.complete(reqs)[0])
+    finally:
+        server.close()
+    ours = ok(embedded.complete(reqs)[0])
+    plain = ok(embedded.complete([Request(LOOPY, Sampling(max_tokens=12))])[0])
+    assert ours.text == theirs.text != plain.text  # greedy, float32: the same tokens

@@ -235,6 +235,9 @@ def test_request_body_and_parse_edge_cases() -> None:
     c = parse_response({"choices": [{"index": 0, "message": {"content": None},
                                      "finish_reason": "length"}]})
     assert c.texts == [""] and c.logprobs is None and c.finish_reasons == ["length"]
+    # repetition_penalty is a vLLM extension: sent only when set, so other servers never see it
+    assert "repetition_penalty" not in request_body(Request(user("x")), "m", None)
+    assert request_body(Request(user("x"), Sampling(repetition_penalty=1.2)), "m", None)["repetition_penalty"] == 1.2
 
 
 def test_make_backend_openai(stub: Callable[[Handler], Stub]) -> None:

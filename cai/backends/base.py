@@ -29,6 +29,9 @@ class Sampling:
     logprobs: int | None = None  # how many top log-probs to return per generated token
     stop: tuple[str, ...] = ()
     choices: tuple[str, ...] | None = None  # structured output: the answer is one of these
+    # > 1 discourages tokens already in the prompt or the answer (vLLM's and HF's definition:
+    # a seen token's logit is divided by it when positive, multiplied when negative).
+    repetition_penalty: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -35,6 +35,7 @@ class _Row:
     max_tokens: int
     temperature: float
     top_p: float
+    penalty: float
     stop: tuple[str, ...]
     logprobs: int | None
     generator: Any  # torch.Generator | None
@@ -99,6 +100,8 @@ class EmbeddedBackend:
                 s = req.sampling
                 if s.n < 1 or s.max_tokens < 1:
                     raise ValueError("n and max_tokens must be at least 1")
+                if s.repetition_penalty <= 0:
+                    raise ValueError(f"repetition_penalty must be above 0, got {s.repetition_penalty}")
                 if not 0 < s.top_p <= 1:
                     raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
                 if len(ids) >= self.max_len:
@@ -121,7 +124,7 @@ class EmbeddedBackend:
                 cap = min(s.max_tokens, self.max_len - len(ids))
                 if self.max_new_tokens_cap is not None:
                     cap = min(cap, self.max_new_tokens_cap)
-                rows.append(_Row(i, j, ids, cap, s.temperature, s.top_p, s.stop,
+                rows.append(_Row(i, j, ids, cap, s.temperature, s.top_p, s.repetition_penalty, s.stop,
                                  s.logprobs if j == 0 else None, gen))
         rows.sort(key=lambda r: len(r.prompt))
         for b in range(0, len(rows), self.batch_size):
@@ -196,7 +199,9 @@ class EmbeddedBackend:
             pos = pos[:, -1:]
             while live:
                 logits = out.logits[:, -1, :].float()
-                logp = torch.log_softmax(logits, dim=-1)
+                logp = torch.log_softmax(logits, dim=-1)  # reported as vLLM does: before penalties
+                if any(rows[ri].penalty != 1.0 for ri in live):
+                    logits = self._penalize(logits, [rows[ri] for ri in live])
                 picks = logits.argmax(dim=-1).tolist()
                 for b, ri in enumerate(live):
                     r = rows[ri]
@@ -228,6 +233,18 @@ class EmbeddedBackend:
                 pos = pos + 1
                 out = self.model(input_ids=torch.tensor(picks).unsqueeze(1), attention_mask=mask,
                                  position_ids=pos, past_key_values=cache, use_cache=True)
+
+    def _penalize(self, logits: Any, rows: list[_Row]) -> Any:
+        """Repetition penalty on every token already in a row's prompt or answer."""
+        torch = self._torch
+        logits = logits.clone()
+        for b, r in enumerate(rows):
+            if r.penalty == 1.0:
+                continue
+            seen = torch.tensor(sorted(set(r.prompt) | set(r.tokens)), dtype=torch.long)
+            v = logits[b, seen]
+            logits[b, seen] = torch.where(v > 0, v / r.penalty, v * r.penalty)
+        return logits
 
     def _sample(self, logits: Any, temperature: float, top_p: float, gen: Any) -> int:
         torch = self._torch

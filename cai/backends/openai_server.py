@@ -99,6 +99,8 @@ def request_body(req: Request, model: str, extra_body: dict[str, Any] | None) ->
     }
     if s.seed is not None:
         body["seed"] = s.seed
+    if s.repetition_penalty != 1.0:  # a vLLM extension: sent only when asked for
+        body["repetition_penalty"] = s.repetition_penalty
     if s.stop:
         body["stop"] = list(s.stop)
     if s.logprobs is not None:

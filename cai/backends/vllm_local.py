@@ -104,6 +104,7 @@ class VLLMBackend:
         return self._vllm.SamplingParams(
             n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
             seed=s.seed, logprobs=s.logprobs, stop=list(s.stop) or None,
+            repetition_penalty=s.repetition_penalty,
             structured_outputs=(
                 self._choice_params(choice=list(s.choices)) if s.choices is not None else None
             ),
