@@ -434,8 +434,11 @@ def eval_judge(
     if not any(p.human for p in read_pairs(file, split=split, limit=limit)):
         raise InputError(f"{file}: no human labels (need chosen/rejected, or a label column A/B)")
     total = _count(file, limit)
-    tmp = tempfile.TemporaryDirectory(prefix="cai-eval-") if output_dir is None else None
-    folder = Path(tmp.name) if tmp else output_dir
+    tmp = None
+    if output_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="cai-eval-")
+        output_dir = Path(tmp.name)
+    folder = output_dir
     be = build_backend(backend, model, base_url, api_key, concurrency)
     results: dict[str, dict[str, Any]] = {}
     try:

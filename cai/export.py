@@ -134,7 +134,7 @@ def _lines(path: Path, secrets: Sequence[str]) -> Iterator[tuple[int, dict[str, 
                                  "exporting (nothing was written or pushed)")
             try:
                 row = json.loads(line)
-            except ValueError as e:
+            except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{n}: not valid JSON ({e.msg}); was the file edited "
                                  "or cut short?") from None
             if not isinstance(row, dict):
@@ -239,7 +239,7 @@ def read_run(folder: Path, *, full: bool = False, constitutions: Sequence[dict[s
             raise InputError(f"{mpath}: holds your Hugging Face token; remove it before exporting")
         try:
             info.manifest = json.loads(text)
-        except ValueError as e:
+        except json.JSONDecodeError as e:
             raise InputError(f"{mpath}: not valid JSON ({e.msg})") from None
         if not isinstance(info.manifest, dict):
             raise InputError(f"{mpath}: must be a JSON object (the run manifest)")
