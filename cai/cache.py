@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .backends.base import Backend, Completion, Request
+from .backends.base import Backend, Completion, Request, key_fields
 from .errors import ConfigError
 
 _SCHEMA = """
@@ -44,7 +44,7 @@ def request_key(model_id: str, req: Request) -> str:
     the rest of the key.
     """
     blob = json.dumps(
-        {"model": model_id, "messages": req.messages, "sampling": vars(req.sampling)},
+        {"model": model_id, "messages": req.messages, "sampling": key_fields(vars(req.sampling))},
         sort_keys=True, ensure_ascii=False, separators=(",", ":"),
     )
     return hashlib.sha256(blob.encode()).hexdigest()

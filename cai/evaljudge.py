@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .backends.base import Backend, Request, Sampling
-from .constitution import Constitution, sha256_json
+from .constitution import Constitution
 from .judge import JudgeConfig, aggregate, principles_for, provenance
 from .pairs import Pair
-from .stage import Outcome
+from .stage import Outcome, stage_fingerprint
 from .templates import Templates
 
 _LETTER = [
@@ -65,15 +65,7 @@ class NaiveConfig:
 def naive_fingerprint(
     backend: Backend, constitution: Constitution, templates: Templates, cfg: NaiveConfig
 ) -> str:
-    return sha256_json(
-        {
-            "stage": "naive-judge",
-            "model": backend.model_id,
-            "constitution": constitution.digest(),
-            "templates": templates.digest(("judge",)),
-            "config": cfg.to_dict(),
-        }
-    )
+    return stage_fingerprint("naive-judge", backend, constitution, templates, ("judge",), cfg.to_dict())
 
 
 def naive_chunk(

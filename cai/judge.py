@@ -25,10 +25,10 @@ from typing import Any
 
 from . import __version__
 from .backends.base import Backend, Completion, Request, Sampling
-from .constitution import Constitution, Principle, sha256_json
+from .constitution import Constitution, Principle
 from .output import dumps
 from .pairs import Pair
-from .stage import Outcome
+from .stage import Outcome, stage_fingerprint
 from .templates import Templates
 
 DRAW_SALT = "judge"
@@ -106,15 +106,7 @@ def principles_for(pair_id: str, constitution: Constitution, cfg: JudgeConfig) -
 def fingerprint(
     backend: Backend, constitution: Constitution, templates: Templates, cfg: JudgeConfig
 ) -> str:
-    return sha256_json(
-        {
-            "stage": "label",
-            "model": backend.model_id,
-            "constitution": constitution.digest(),
-            "templates": templates.digest(JUDGE_STAGES),
-            "config": cfg.to_dict(),
-        }
-    )
+    return stage_fingerprint("label", backend, constitution, templates, JUDGE_STAGES, cfg.to_dict())
 
 
 def provenance(

@@ -14,9 +14,9 @@ from typing import Any
 
 from . import __version__
 from .backends.base import Backend, Completion, Message, Request, Sampling
-from .constitution import Constitution, Principle, sha256_json
+from .constitution import Constitution, Principle
 from .inputs import PromptRow
-from .stage import Outcome
+from .stage import Outcome, stage_fingerprint
 from .templates import Templates
 
 DRAW_SALT = "revise"
@@ -55,10 +55,8 @@ def clean_revision(text: str) -> str:
 
 
 def fingerprint(backend: Backend, constitution: Constitution, templates: Templates, cfg: ReviseConfig) -> str:
-    return sha256_json({
-        "stage": "revise", "model": backend.model_id, "constitution": constitution.digest(),
-        "templates": templates.digest(("generate", "critique", "revise")), "config": cfg.to_dict(),
-    })
+    return stage_fingerprint("revise", backend, constitution, templates, ("generate", "critique", "revise"),
+                             cfg.to_dict())
 
 
 def principles_for(row_id: str, constitution: Constitution, cfg: ReviseConfig) -> list[Principle]:

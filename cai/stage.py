@@ -7,10 +7,22 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Generic, TypeVar
 
+from .backends.base import Backend
+from .constitution import Constitution, sha256_json
 from .output import JsonlSink, SinkSummary
 from .progress import StageProgress
+from .templates import Templates
 
 R = TypeVar("R")
+
+
+def stage_fingerprint(stage: str, backend: Backend, constitution: Constitution, templates: Templates,
+                      template_stages: tuple[str, ...], config: dict[str, Any]) -> str:
+    """What a stage's output depends on; an output written under another fingerprint is not resumed."""
+    return sha256_json({
+        "stage": stage, "model": backend.model_id, "constitution": constitution.digest(),
+        "templates": templates.digest(template_stages), "config": config,
+    })
 
 
 @dataclass

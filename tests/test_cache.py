@@ -28,6 +28,21 @@ def test_key_covers_model_messages_sampling_and_seed():
     assert k != request_key("m", req("hi", temperature=0.7))
     assert k != request_key("m", req("hi", max_tokens=7))
     assert k != request_key("m", Request(({"role": "system", "content": "hi"},), base.sampling))
+    assert k != request_key("m", req("hi", repetition_penalty=1.2))
+
+
+def test_a_later_field_at_its_default_leaves_keys_and_fingerprints_as_they_were():
+    # the key a default request had before repetition_penalty existed (cai 0.1's cache files)
+    import hashlib
+    import json
+
+    old = {"max_tokens": 512, "temperature": 0.0, "top_p": 1.0, "n": 1, "seed": 0, "logprobs": None,
+           "stop": [], "choices": None}
+    blob = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "sampling": old},
+                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    assert request_key("m", req("hi")) == hashlib.sha256(blob.encode()).hexdigest()
+    assert Sampling().to_dict() == old
+    assert Sampling(repetition_penalty=1.1).to_dict() == {**old, "repetition_penalty": 1.1}
 
 
 def test_misses_go_in_one_batch_and_hits_are_not_sent(tmp_path: Path):

@@ -37,7 +37,19 @@ class Sampling:
         d = asdict(self)
         d["stop"] = list(self.stop)
         d["choices"] = list(self.choices) if self.choices is not None else None
-        return d
+        return key_fields(d)
+
+
+# Fields added after cai first wrote cache keys and fingerprints; left out of both while at
+# their default, so that adding one does not invalidate every cache and resumable output.
+LATER_FIELDS = {"repetition_penalty": 1.0}
+
+
+def key_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` (a Sampling's fields) without the later fields that are at their default."""
+    if any(d.get(k, v) == v for k, v in LATER_FIELDS.items()):
+        d = {k: v for k, v in d.items() if LATER_FIELDS.get(k, object()) != v}
+    return d
 
 
 @dataclass(frozen=True)
