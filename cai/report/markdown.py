@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .templates import format_conversation
+from ..templates import format_conversation
 
 
 def _quote(text: str) -> str:
