@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .backends.base import Backend, Completion, Request, key_fields
+from .backends.base import Backend, BackendBase, Completion, Request, key_fields
 from .errors import ConfigError
 
 _SCHEMA = """
@@ -100,11 +100,6 @@ class CallCache:
                 raise
         return len(rows)
 
-    def has(self, key: str) -> bool:
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM calls WHERE key = ?", (key,)).fetchone()
-        return row is not None
-
     def __len__(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
@@ -114,7 +109,26 @@ class CallCache:
             self._db.close()
 
 
-class CachedBackend:
+class CountingBackend(BackendBase):
+    """No cache: pass every request through, and count them as ``CachedBackend`` does."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.inner, self.model_id, self.concurrent = backend, backend.model_id, backend.concurrent
+        self.sent = self.hits = self.errors = 0
+        self._count = threading.Lock()
+
+    def complete(self, requests: Sequence[Request]) -> list[Completion]:
+        done = self.inner.complete(requests)
+        with self._count:
+            self.sent += len(requests)
+            self.errors += sum(c.error is not None for c in done)
+        return done
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class CachedBackend(BackendBase):
     """A Backend that answers from a ``CallCache`` and sends only the misses to ``backend``.
 
     ``sent`` counts requests passed to the inner backend, ``hits`` the ones answered without
@@ -125,6 +139,7 @@ class CachedBackend:
         self.inner = backend
         self.cache = cache
         self.model_id = backend.model_id
+        self.concurrent = backend.concurrent
         self.close_cache = close_cache
         self.sent = 0
         self.hits = 0
@@ -168,6 +183,7 @@ def cache_path(value: str | None, no_cache: bool, default_dir: Path) -> Path | N
     return Path(value) if value else Path(default_dir) / "cache.sqlite"
 
 
-def with_cache(backend: Backend, path: Path | None) -> Backend:
-    """``backend`` behind the cache at ``path`` (or as it is, for ``None``)."""
-    return CachedBackend(backend, CallCache(path)) if path is not None else backend
+def with_cache(backend: Backend, path: Path | None) -> CachedBackend | CountingBackend:
+    """``backend`` behind the cache at ``path``, or (for ``None``) behind a counter: either way
+    the result counts calls sent, served from cache and failed."""
+    return CachedBackend(backend, CallCache(path)) if path is not None else CountingBackend(backend)

@@ -18,9 +18,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .backends import DEFAULT_BASE_URL, DEFAULT_CONCURRENCY
+from .backends.base import Sampling
 from .cache import OFF, cache_path
 from .constitution import load_yaml_with_lines, validation_to_config_error
 from .errors import ConfigError
+from .stages.judge import JudgeConfig
+from .stages.pairs import SampleConfig
+from .stages.revise import ReviseConfig
 
 Source = Literal["revisions", "dataset", "sample"]
 
@@ -43,6 +48,16 @@ class ReviseSettings(_Section):
     repetition_penalty: float = Field(
         1.0, gt=0, description="Above 1 discourages repeating tokens of the prompt and answer "
         "(vLLM's definition; 1: off).")
+
+    def resolve(self, seed: int) -> ReviseConfig:
+        """The stage's sampling settings (critique tokens default to 3/4 of max_tokens)."""
+        def sampling(tokens: int) -> Sampling:
+            return Sampling(max_tokens=tokens, temperature=self.temperature,
+                            repetition_penalty=self.repetition_penalty)
+
+        critique = self.critique_max_tokens or max(32, self.max_tokens * 3 // 4)
+        return ReviseConfig(rounds=self.rounds, seed=seed, generate=sampling(self.max_tokens),
+                            critique=sampling(critique), revise=sampling(self.max_tokens))
 
 
 class LabelSettings(_Section):
@@ -79,7 +94,32 @@ class LabelSettings(_Section):
     @field_validator("clamp", mode="before")
     @classmethod
     def _no_clamp(cls, v: Any) -> Any:
-        return None if v in ([], "", None) else v
+        """``[]``, ``none``/``off`` turn the clamp off; ``"0.4,0.6"`` (a flag) is a pair."""
+        if isinstance(v, str):
+            v = [] if v.strip().lower() in OFF else [x.strip() for x in v.split(",")]
+        return None if v in ([], None) else v
+
+    @field_validator("clamp")
+    @classmethod
+    def _clamp_range(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not 0.0 <= v[0] < 0.5 < v[1] <= 1.0:
+            raise ValueError(f"needs 0 <= lo < 0.5 < hi <= 1, got {v}")
+        return v
+
+    def resolve(self, seed: int) -> JudgeConfig:
+        """The judge as the stage runs it."""
+        return JudgeConfig(
+            mode=self.mode, principles=self.principles, both_orders=self.both_orders, seed=seed,
+            top_logprobs=self.top_logprobs, min_mass=self.min_mass,
+            clamp=(self.clamp[0], self.clamp[1]) if self.clamp else None,
+            tie_threshold=self.tie_threshold, fallback=self.fallback,
+            cot=Sampling(max_tokens=self.cot_max_tokens, seed=seed, stop=("Therefore",)),
+        )
+
+    def sample_config(self, seed: int, max_tokens: int) -> SampleConfig:
+        """The `sample` source: ``samples`` answers per prompt from the policy."""
+        return SampleConfig(n=self.samples, seed=seed,
+                            sampling=Sampling(max_tokens=max_tokens, temperature=self.sample_temperature))
 
 
 class RunConfig(_Section):
@@ -92,9 +132,9 @@ class RunConfig(_Section):
                                    "shipped ones.")
     backend: str = Field("embedded", description="embedded, openai, vllm or fake.")
     model: str | None = Field(None, description="Model: served name (openai), folder or HF id.")
-    base_url: str = Field("http://localhost:8000/v1", description="OpenAI-compatible server URL.")
+    base_url: str = Field(DEFAULT_BASE_URL, description="OpenAI-compatible server URL.")
     api_key: str | None = Field(None, description="API key (never written to outputs).")
-    concurrency: int = Field(256, ge=1, description="Requests in flight to the server.")
+    concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, description="Requests in flight to the server.")
     cache: str | None = Field(None, description="Call cache file (default: OUTPUT/cache.sqlite; "
                               "`off` disables it). Several runs may share one.")
     seed: int = Field(0, description="Seed for principle draws and sampling.")
@@ -111,6 +151,23 @@ class RunConfig(_Section):
 
     def cache_path(self) -> Path | None:
         return cache_path(self.cache, False, self.output)
+
+    @property
+    def sources(self) -> list[Source]:
+        """The label stage's pair sources, each once, in the order given."""
+        return list(dict.fromkeys(self.label.sources))
+
+    def needs_input(self) -> bool:
+        return self.revise.enabled or (self.label.enabled and "sample" in self.sources)
+
+    def check(self) -> RunConfig:
+        """The checks that span fields (each names the field to fix); returns the config."""
+        if self.label.enabled and "dataset" in self.sources and not self.label.pairs:
+            raise ConfigError("the `dataset` pair source needs label.pairs (--label-pairs)",
+                              field="label.sources")
+        if self.needs_input() and not self.input:
+            raise ConfigError("no input prompts: set `input` (--input / CAI_INPUT)", field="input")
+        return self
 
     def public(self) -> dict[str, Any]:
         """The config as written to run.json: paths as strings, the API key left out."""
@@ -143,14 +200,14 @@ class Leaf:
 
     @property
     def is_bool(self) -> bool:
-        return _base(self.annotation) is bool
+        return base_type(self.annotation) is bool
 
     @property
     def is_list(self) -> bool:
-        return typing.get_origin(_base(self.annotation)) is list
+        return typing.get_origin(base_type(self.annotation)) is list
 
 
-def _base(annotation: Any) -> Any:
+def base_type(annotation: Any) -> Any:
     """``int | None`` -> ``int``."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]

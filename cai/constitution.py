@@ -8,8 +8,6 @@ text changes no draw and adding one changes only the draws it wins (the fewest p
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +25,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .hashing import hash_int, sha256_json
 from .resources import data_path
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
@@ -60,9 +59,6 @@ class Principle(BaseModel):
         if isinstance(v, bool):  # YAML `weight: yes` would otherwise pass as 1.0
             raise ValueError("weight must be a positive number, not a boolean")
         return v
-
-    def digest(self) -> str:
-        return sha256_json(self.model_dump(mode="json"))
 
 
 class Constitution(BaseModel):
@@ -119,17 +115,11 @@ def _draw(principles: Sequence[Principle], key: str, k: int, seed: int, salt: st
     prefix = f"{seed}\x1f{salt}\x1f{key}\x1f"
 
     def score(p: Principle) -> float:
-        h = hashlib.blake2b((prefix + p.id).encode(), digest_size=8)
-        u = (int.from_bytes(h.digest(), "big") + 1) / (2**64 + 1)
+        u = (hash_int(prefix + p.id, 8) + 1) / (2**64 + 1)
         return -math.log(u) / p.weight
 
     ranked = sorted(principles, key=score)
     return [ranked[i % len(ranked)] for i in range(k)]
-
-
-def sha256_json(obj: Any) -> str:
-    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 # --- loading with line numbers -------------------------------------------------------------

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends.base import Completion, Request
+from .backends.base import BackendBase, Completion, Request
 from .cache import CallCache, request_key
 from .config import RunConfig, load_run_config
 from .constitution import Constitution
 from .errors import ConfigError
+from .pipeline import run_pipeline
 
 # Which stage reads which field of a principle.
 FIELD_STAGES = {"critique": "revise", "revision": "revise", "examples": "revise",
@@ -47,7 +48,7 @@ def diff_constitutions(old: Constitution, new: Constitution) -> list[PrincipleCh
     return out
 
 
-class DryBackend:
+class DryBackend(BackendBase):
     """Answers from the cache only; counts like ``CachedBackend`` would: ``sent`` = misses."""
 
     def __init__(self, cache: CallCache, model_id: str) -> None:
@@ -69,9 +70,6 @@ class DryBackend:
                 self.sent += 1
             out.append(found.get(k) or self._new[k])
         return out
-
-    def close(self) -> None:
-        pass
 
 
 def _placeholder(key: str, r: Request) -> Completion:
@@ -97,8 +95,6 @@ def find_run(where: Path) -> tuple[RunConfig, dict[str, Any]]:
 
 def plan_rerun(run: Path, new_constitution: Path, new: Constitution) -> dict[str, Any]:
     """Replay a finished run with ``new`` against its cache; count reused and redone calls."""
-    from .run import run_pipeline  # late: run imports the CLI's backend builder
-
     cfg, manifest = find_run(run)
     cache_path = cfg.cache_path()
     if cache_path is None or not cache_path.exists():

@@ -44,3 +44,7 @@ class BackendError(CaiError):
 
 class ModelNotPreparedError(BackendError):
     """The embedded model folder does not exist yet: run `cai prepare-model`."""
+
+
+class ExportError(CaiError):
+    """The export could not be written or pushed."""

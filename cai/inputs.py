@@ -8,17 +8,21 @@ conversation up to the last ``Assistant:`` turn. Rows are streamed, never all he
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from .backends.base import Message
 from .errors import InputError
+from .hashing import short_id, unique_ids
+
+# What the commands and the Python API read: a path (file or saved dataset folder), a Hub
+# dataset name, or rows in memory (strings, dicts, a ``datasets.Dataset``).
+Source = str | Path | Iterable[Any]
 
 PROMPT_COLUMNS = ("prompt", "messages", "chosen", "question", "instruction", "text")
 _TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -73,12 +77,24 @@ def to_messages(value: Any, column: str) -> list[Message]:
 
 
 def row_id(prompt: list[Message]) -> str:
-    blob = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return short_id(prompt)
 
 
-def iter_records(source: str | Path, split: str = "train") -> Iterator[tuple[dict[str, Any], str]]:
-    """Yield (record, location) from a file, a saved dataset folder or a Hub dataset name."""
+def _in_memory(rows: Iterable[Any]) -> Iterator[tuple[dict[str, Any], str]]:
+    for i, rec in enumerate(rows, 1):
+        if isinstance(rec, str):
+            rec = {"prompt": rec}
+        if not isinstance(rec, Mapping):
+            raise InputError(f"row {i}: expected a prompt string or a mapping of columns, got {type(rec).__name__}")
+        yield dict(rec), f"<rows>:row {i}"
+
+
+def iter_records(source: Source, split: str = "train") -> Iterator[tuple[dict[str, Any], str]]:
+    """Yield (record, location) from a file, a saved dataset folder, a Hub dataset name, or rows
+    in memory (prompt strings, dicts, a ``datasets.Dataset``)."""
+    if not isinstance(source, (str, Path)):
+        yield from _in_memory(source)
+        return
     path = Path(source)
     suffix = path.suffix.lower()
     if path.is_file() and suffix in (".jsonl", ".ndjson", ".json"):
@@ -141,7 +157,7 @@ def iter_records(source: str | Path, split: str = "train") -> Iterator[tuple[dic
 
 
 def read_prompts(
-    source: str | Path,
+    source: Source,
     *,
     column: str | None = None,
     split: str = "train",
@@ -153,7 +169,12 @@ def read_prompts(
     Row ids come from ``id_column`` when present, else from a hash of the prompt; a repeated
     prompt gets ``-2``, ``-3``... so that ids stay unique and stable under reordering.
     """
-    seen: dict[str, int] = {}
+    return unique_ids(_prompt_rows(source, column, split, limit, id_column), lambda r: r.id,
+                      lambda r, new: replace(r, id=new))
+
+
+def _prompt_rows(source: Source, column: str | None, split: str, limit: int | None,
+                 id_column: str | None) -> Iterator[PromptRow]:
     for rec, where in islice(iter_records(source, split), limit):
         col = column or next((c for c in PROMPT_COLUMNS if c in rec), None)
         if col is None or col not in rec:
@@ -167,9 +188,5 @@ def read_prompts(
         except InputError as e:
             raise InputError(f"{where}: {e}") from None
         rid = str(rec[id_column]) if id_column and rec.get(id_column) not in (None, "") else row_id(prompt)
-        count = seen.get(rid, 0) + 1
-        seen[rid] = count
-        if count > 1:
-            rid = f"{rid}-{count}"
         extra = {k: v for k, v in rec.items() if k != col}
         yield PromptRow(id=rid, prompt=prompt, extra=extra, source=where)

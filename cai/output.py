@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-def dumps(row: Any) -> str:
-    return json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str)
+from .files import dumps, iter_jsonl, write_text_atomic
 
 
 def _trim_partial_line(path: Path) -> None:
@@ -41,13 +39,6 @@ def _trim_partial_line(path: Path) -> None:
         f.truncate(0)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace a small file whole: a crash leaves the old content or the new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _read_meta(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -56,12 +47,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def read_ids(path: Path) -> set[str]:
-    ids: set[str] = set()
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                ids.add(json.loads(line)["id"])
-    return ids
+    return {row["id"] for row in iter_jsonl(path)}
 
 
 @dataclass
@@ -72,6 +58,7 @@ class SinkSummary:
     failed: int = 0
     failures_path: Path | None = None
     reasons: dict[str, int] = field(default_factory=dict)
+    dropped: int = 0  # rows of an earlier run no longer among the inputs (pruned)
 
 
 class JsonlSink:
@@ -102,7 +89,7 @@ class JsonlSink:
         else:
             self.part.unlink(missing_ok=True)
         self.failures_part.unlink(missing_ok=True)
-        _write_atomic(self.meta, json.dumps({"fingerprint": self.fingerprint, "complete": False}))
+        write_text_atomic(self.meta, json.dumps({"fingerprint": self.fingerprint, "complete": False}))
         self.summary.resumed = len(self.done)
         self._f = self.part.open("a", encoding="utf-8")
         self._fail_f = self.failures_part.open("a", encoding="utf-8")
@@ -138,7 +125,7 @@ class JsonlSink:
         else:
             self.failures_part.unlink(missing_ok=True)
             self.failures.unlink(missing_ok=True)
-        _write_atomic(self.meta, json.dumps({"fingerprint": self.fingerprint, "complete": True}))
+        write_text_atomic(self.meta, json.dumps({"fingerprint": self.fingerprint, "complete": True}))
         return self.summary
 
     def close(self) -> None:

@@ -31,6 +31,12 @@ def format_conversation(messages: Sequence[Message], user: str = "User", assista
     return "\n\n".join(f"{names[m['role']]}: {m['content']}" for m in messages)
 
 
+def with_system(system: str | None, prompt: Sequence[Message]) -> list[Message]:
+    """``prompt`` with a system message first, when ``system`` is not empty."""
+    head: list[Message] = [{"role": "system", "content": system}] if system else []
+    return head + list(prompt)
+
+
 class Templates:
     def __init__(self, folder: str | Path | None = None) -> None:
         self.user_folder = Path(folder) if folder is not None else None
@@ -82,6 +88,10 @@ class Templates:
             ) from None
         except jinja2.TemplateError as e:
             raise TemplateError(str(e), file=self.source_path(name), line=_error_line(e, name)) from None
+
+    def generate_messages(self, prompt: Sequence[Message]) -> list[Message]:
+        """The first-answer request: the ``generate`` system prompt (when there is one), then the prompt."""
+        return with_system(self.render_text("generate", "system"), prompt)
 
     def messages(self, stage: str, **ctx: Any) -> list[Message]:
         """Render a stage's system/user/assistant files into chat messages."""

@@ -16,7 +16,7 @@ import yaml
 
 from cai import export as ex
 from cai.cli import main
-from cai.cli_app import app
+from cai.cli.app import app
 from cai.constitution import load_constitution
 from cai.errors import CaiError, InputError
 
@@ -301,7 +301,7 @@ class FakeHfApi:
 def fake_hub(monkeypatch: pytest.MonkeyPatch) -> type[FakeHfApi]:
     monkeypatch.setattr(FakeHfApi, "calls", [])
     monkeypatch.setattr(FakeHfApi, "uploaded", {})
-    monkeypatch.setattr(ex, "HfApi", FakeHfApi)
+    monkeypatch.setattr("cai.export.hub.HfApi", FakeHfApi)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     return FakeHfApi
 

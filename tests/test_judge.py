@@ -14,9 +14,11 @@ from cai.backends.base import Completion, Request
 from cai.backends.fake import FakeBackend
 from cai.cli import main
 from cai.constitution import Constitution, Principle
-from cai.evaljudge import NaiveConfig, naive_chunk, parse_letter, summarize
-from cai.judge import JudgeConfig, judge_chunk, option_probs, to_preference, write_preferences
-from cai.pairs import Pair
+from cai.metrics import summarize
+from cai.stages.judge import JudgeConfig, judge_chunk, option_probs
+from cai.stages.naive import NaiveConfig, naive_chunk, parse_letter
+from cai.stages.pairs import Pair
+from cai.stages.preferences import to_preference, write_preferences
 from cai.templates import Templates
 
 CONST = Constitution(
@@ -414,5 +416,6 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert main(["eval-judge", str(f), "--backend", "fake"]) == 2
     assert "no human labels" in capsys.readouterr().err
     assert main(["label", str(f), "--backend", "fake", "--mode", "vibes"]) == 2
-    assert "unknown --mode 'vibes'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--mode" in err and "'vibes'" in err and len(err.strip().splitlines()) == 1
     assert main(["label", str(f), "--backend", "fake", "--clamp", "0.6,0.4"]) == 2

@@ -11,7 +11,7 @@ from cai.backends.base import Completion, Request
 from cai.backends.fake import FakeBackend
 from cai.errors import InputError
 from cai.inputs import PromptRow
-from cai.pairs import (
+from cai.stages.pairs import (
     Pair,
     SampleConfig,
     detect_source,

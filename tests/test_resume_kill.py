@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cai.backends.fake import FakeBackend, _digest
 from cai.config import load_run_config
-from cai.run import run_pipeline
+from cai.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS, KILLS = 240, 12

@@ -7,10 +7,8 @@ from cai.backends.base import Completion, Request
 from cai.backends.fake import FakeBackend
 from cai.constitution import load_constitution
 from cai.inputs import PromptRow, read_prompts
-from cai.output import JsonlSink
-from cai.progress import StageProgress
-from cai.revise import ReviseConfig, clean_revision, fingerprint, principles_for, revise_chunk
-from cai.stage import StageRun
+from cai.stages.revise import ReviseConfig, clean_revision, fingerprint, principles_for, revise_chunk
+from cai.stages.runner import run_stage
 from cai.templates import Templates
 
 CONST = load_constitution()
@@ -89,10 +87,8 @@ def test_stage_run_resumes_and_writes_failures(tmp_path: Path, hh_dev: Path):
 
     def run(limit: int) -> FakeBackend:
         b = FakeBackend(fail=be.fail)
-        with JsonlSink(out, fp) as sink:
-            StageRun(sink=sink, key=lambda r: r.id, chunk_size=4,
-                     process=lambda c: revise_chunk(c, b, CONST, TPL, cfg)).run(
-                read_prompts(hh_dev, limit=limit), StageProgress("t", limit, enabled=False))
+        run_stage(out, fp, read_prompts(hh_dev, limit=limit), lambda c: revise_chunk(c, b, CONST, TPL, cfg),
+                  title="t", total=limit, chunk_size=4, progress=False)
         return b
 
     run(10)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol, TypedDict, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, runtime_checkable
+
+if TYPE_CHECKING:
+    from typing import Self
 
 
 class Message(TypedDict):
@@ -82,10 +85,6 @@ class Completion:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Completion:
-        return cls(**d)
-
 
 @runtime_checkable
 class Backend(Protocol):
@@ -93,10 +92,33 @@ class Backend(Protocol):
 
     A backend never raises for one bad request: it returns a ``Completion`` with ``error`` set.
     It raises ``BackendError`` only when it cannot work at all (unreachable, misconfigured).
+    ``concurrent`` declares that ``complete`` may be called from several threads at once (a
+    server client); the runner keeps several chunks in flight only then.
     """
 
     model_id: str
+    concurrent: bool
 
     def complete(self, requests: Sequence[Request]) -> list[Completion]: ...
 
     def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class BackendBase:
+    """What every backend shares: declared capabilities, and use as a context manager
+    (``with build_backend(...) as be:`` closes it however the block ends)."""
+
+    concurrent: bool = False
+
+    def close(self) -> None:
+        """Free what the backend holds (connections, the model); the default holds nothing."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import BackendError
 from ..model import default_model_dir, require_prepared
-from .base import Completion, Request
+from .base import BackendBase, Completion, Request
 
 _SEED_MIX = 1_000_003
 
@@ -45,7 +45,7 @@ class _Row:
     finish: str = "length"
 
 
-class EmbeddedBackend:
+class EmbeddedBackend(BackendBase):
     """SmolLM2 (or any causal LM folder) through transformers, batched, on the CPU."""
 
     def __init__(

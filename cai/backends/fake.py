@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from .base import Completion, Request
+from .base import BackendBase, Completion, Request
 
 Responder = Callable[[Request], "Completion | str"]
 
@@ -52,8 +52,10 @@ def default_respond(req: Request) -> Completion:
     )
 
 
-class FakeBackend:
+class FakeBackend(BackendBase):
     """Scripted stand-in for a model. ``calls`` keeps every request, ``batches`` each batch size."""
+
+    concurrent = True  # takes calls from several threads, as a server client does
 
     def __init__(
         self,
@@ -91,6 +93,3 @@ class FakeBackend:
             with open(self.log, "a", encoding="utf-8") as f:
                 f.write(lines)
         return out
-
-    def close(self) -> None:
-        pass

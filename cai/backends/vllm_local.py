@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import BackendError
 from ..model import default_model_dir, require_prepared
-from .base import Completion, Request
+from .base import BackendBase, Completion, Request
 
 INSTALL_HINT = (
     "the vllm backend needs vllm installed in this environment "
@@ -26,7 +26,7 @@ INSTALL_HINT = (
 )
 
 
-class VLLMBackend:
+class VLLMBackend(BackendBase):
     """``vllm.LLM`` in this process; ``model`` is a folder or a Hugging Face model id."""
 
     def __init__(

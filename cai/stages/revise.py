@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import __version__
-from .backends.base import Backend, Completion, Message, Request, Sampling
-from .constitution import Constitution, Principle
-from .inputs import PromptRow
-from .stage import Outcome, stage_fingerprint
-from .templates import Templates
+from .. import __version__
+from ..backends.base import Backend, Completion, Request, Sampling
+from ..constitution import Constitution, Principle
+from ..hashing import call_seed
+from ..inputs import PromptRow
+from ..templates import Templates
+from .runner import Outcome, stage_fingerprint
 
 DRAW_SALT = "revise"
 _LABEL = re.compile(r"^\s*(revised (reply|response)|revision|rewrite)\s*:\s*", re.IGNORECASE)
@@ -66,12 +67,7 @@ def principles_for(row_id: str, constitution: Constitution, cfg: ReviseConfig) -
 
 def _seeded(s: Sampling, seed: int, row_id: str, step: str) -> Sampling:
     """Give each call its own reproducible seed derived from the run seed, row and step."""
-    if s.seed is None:
-        return s
-    from hashlib import blake2b
-
-    h = int.from_bytes(blake2b(f"{seed}|{row_id}|{step}".encode(), digest_size=4).digest(), "big")
-    return Sampling(**{**s.__dict__, "seed": h})
+    return s if s.seed is None else replace(s, seed=call_seed(seed, row_id, step))
 
 
 def revise_chunk(
@@ -101,11 +97,8 @@ def revise_chunk(
                 out[rid] = c
         return out
 
-    system = templates.render_text("generate", "system")
-    gen_reqs: dict[str, Request] = {}
-    for r in rows:
-        msgs: list[Message] = ([{"role": "system", "content": system}] if system else []) + r.prompt
-        gen_reqs[r.id] = Request(tuple(msgs), _seeded(cfg.generate, cfg.seed, r.id, "initial"))
+    gen_reqs = {r.id: Request(tuple(templates.generate_messages(r.prompt)),
+                              _seeded(cfg.generate, cfg.seed, r.id, "initial")) for r in rows}
     for rid, c in call("initial answer", gen_reqs).items():
         state[rid] = {"initial": c.text.strip(), "current": c.text.strip(), "rounds": [],
                       "calls": [_raw("initial", c)]}
@@ -171,5 +164,5 @@ def revise_chunk(
 
 
 def _raw(step: str, c: Completion) -> dict[str, Any]:
-    return {"step": step, "finish_reason": (c.finish_reasons or [None])[0],
+    return {"step": step, "finish_reason": c.finish_reasons[0] if c.finish_reasons else None,
             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}

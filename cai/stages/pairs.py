@@ -14,19 +14,17 @@ with a position bias then cannot look good by always answering A.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from itertools import islice
 from typing import Any
 
-from .backends.base import Backend, Message, Request, Sampling
-from .errors import InputError
-from .inputs import PromptRow, iter_records, to_messages, transcript_prompt
-
-SOURCES = ("auto", "sample", "dataset", "revisions")
+from ..backends.base import Backend, Message, Request, Sampling
+from ..errors import InputError
+from ..hashing import call_seed, hash_int, short_id, unique_ids
+from ..inputs import PromptRow, Source, iter_records, to_messages, transcript_prompt
+from ..templates import with_system
 
 
 @dataclass(frozen=True)
@@ -46,12 +44,11 @@ class Pair:
 
 
 def _hash(*parts: Any) -> str:
-    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return short_id(list(parts))
 
 
 def _swap_bit(pair_id: str) -> bool:
-    return hashlib.blake2b(f"pair-order\x1f{pair_id}".encode(), digest_size=1).digest()[0] & 1 == 1
+    return hash_int(f"pair-order\x1f{pair_id}", 1) & 1 == 1
 
 
 # --- (a) sampled from the policy -------------------------------------------------------------
@@ -73,8 +70,7 @@ def sample_pair_ids(row_id: str, n: int) -> list[str]:
 
 
 def prompt_seed(seed: int, row_id: str) -> int:
-    h = hashlib.blake2b(f"{seed}|{row_id}|sample".encode(), digest_size=4).digest()
-    return int.from_bytes(h, "big")
+    return call_seed(seed, row_id, "sample")
 
 
 def sample_pairs(
@@ -89,25 +85,22 @@ def sample_pairs(
         raise InputError("sampling pairs needs at least 2 answers per prompt (--samples >= 2)")
     reqs = []
     for r in rows:
-        msgs: list[Message] = ([{"role": "system", "content": system}] if system else []) + r.prompt
+        msgs = with_system(system, r.prompt)
         reqs.append(
             Request(tuple(msgs), replace(cfg.sampling, n=cfg.n, seed=prompt_seed(cfg.seed, r.id)))
         )
     out: list[Pair] = []
     for r, c in zip(rows, backend.complete(reqs), strict=True):
         ids = sample_pair_ids(r.id, cfg.n)
-        base = {"prompt": r.prompt, "origin": "sampled", "source": r.source, "extra": r.extra}
+        base = Pair(id=ids[0], prompt=r.prompt, response_a="", response_b="", origin="sampled", source=r.source,
+                    extra=r.extra)
         if c.error or len(c.texts) < cfg.n:
-            why = (
-                f"backend error: {c.error}" if c.error else f"got {len(c.texts)} of {cfg.n} samples"
-            )
-            out.append(
-                Pair(id=ids[0], response_a="", response_b="", error=f"sampling: {why}", **base)
-            )
+            why = f"backend error: {c.error}" if c.error else f"got {len(c.texts)} of {cfg.n} samples"
+            out.append(replace(base, error=f"sampling: {why}"))
             continue
         texts = [t.strip() for t in c.texts]
         for pid, (i, j) in zip(ids, itertools.combinations(range(cfg.n), 2), strict=True):
-            out.append(Pair(id=pid, response_a=texts[i], response_b=texts[j], **base))
+            out.append(replace(base, id=pid, response_a=texts[i], response_b=texts[j]))
     return out
 
 
@@ -192,20 +185,38 @@ def record_to_pair(rec: dict[str, Any], where: str) -> Pair:
 
 
 def read_pairs(
-    source: str | Path, *, split: str = "train", limit: int | None = None
+    source: Source, *, split: str = "train", limit: int | None = None
 ) -> Iterator[Pair]:
     """Stream pairs from a dataset; repeated ids get ``-2``, ``-3``... to stay unique."""
-    seen: dict[str, int] = {}
-    for n, (rec, where) in enumerate(iter_records(source, split)):
-        if limit is not None and n >= limit:
-            return
-        pair = record_to_pair(rec, where)
-        count = seen.get(pair.id, 0) + 1
-        seen[pair.id] = count
-        yield pair if count == 1 else replace(pair, id=f"{pair.id}-{count}")
+    records = islice(iter_records(source, split), limit)
+    yield from unique_pairs(record_to_pair(rec, where) for rec, where in records)
 
 
-def first_record(source: str | Path, split: str = "train") -> dict[str, Any]:
+def unique_pairs(pairs: Iterable[Pair]) -> Iterator[Pair]:
+    """Pairs with unique ids, in order (several sources in one file may repeat one)."""
+    return unique_ids(pairs, lambda p: p.id, lambda p, new: replace(p, id=new))
+
+
+def sampled_pairs(rows: Iterable[PromptRow], backend: Backend, cfg: SampleConfig, chunk_size: int,
+                  system: str | None, is_done: Callable[[str], bool],
+                  skipped: Callable[[list[str]], None]) -> Iterator[Pair]:
+    """Pairs sampled a chunk of prompts at a time. A prompt whose pairs are all written
+    (``is_done``) is not sampled again: its pair ids go to ``skipped``."""
+
+    def todo() -> Iterator[PromptRow]:
+        for r in rows:
+            ids = sample_pair_ids(r.id, cfg.n)
+            if all(is_done(i) for i in ids):
+                skipped(ids)
+            else:
+                yield r
+
+    it = todo()
+    while batch := list(islice(it, chunk_size)):
+        yield from sample_pairs(batch, backend, cfg, system)
+
+
+def first_record(source: Source, split: str = "train") -> dict[str, Any]:
     for rec, _ in iter_records(source, split):
         return rec
     raise InputError(f"{source}: no rows")

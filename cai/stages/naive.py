@@ -7,19 +7,17 @@ so the difference is only how the answer is read and whether both orders are ask
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .backends.base import Backend, Request, Sampling
-from .constitution import Constitution
+from ..backends.base import Backend, Request, Sampling
+from ..constitution import Constitution
+from ..templates import Templates
 from .judge import JudgeConfig, aggregate, principles_for, provenance
 from .pairs import Pair
-from .stage import Outcome, stage_fingerprint
-from .templates import Templates
+from .runner import Outcome, stage_fingerprint
 
 _LETTER = [
     re.compile(r"\(([AB])\)"),
@@ -131,75 +129,3 @@ def naive_chunk(
             continue
         out.append(Outcome(pair.id, row={**row, "provenance": prov}, tokens=tokens[i]))
     return out
-
-
-# --- metrics ---------------------------------------------------------------------------------
-
-
-def _rows(path: Path | None) -> Iterable[dict[str, Any]]:
-    if path is None or not path.exists():
-        return
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
-
-
-def summarize(
-    rows: Iterable[dict[str, Any]], failures: Iterable[dict[str, Any]] = ()
-) -> dict[str, Any]:
-    """Agreement with the human label, position consistency, abstention, ties, first-slot bias."""
-    n = decided = agree = ties = 0
-    soft: list[float] = []
-    cons: list[bool] = []
-    judg = abst = first = voted = 0
-
-    def count_judgements(js: list[dict[str, Any]]) -> None:
-        nonlocal judg, abst, first, voted
-        for j in js:
-            judg += 1
-            if j.get("abstain"):
-                abst += 1
-            elif j.get("p_a") is not None and j["p_a"] != 0.5:
-                voted += 1
-                first += (j["p_a"] > 0.5) == (j.get("order", "ab") == "ab")
-
-    for r in rows:
-        n += 1
-        count_judgements(r.get("judgements", []))
-        ties += bool(r.get("tie"))
-        if r.get("position_consistent") is not None:
-            cons.append(bool(r["position_consistent"]))
-        h = r.get("human")
-        if h in ("a", "b") and r.get("p_a") is not None:
-            soft.append(r["p_a"] if h == "a" else 1.0 - r["p_a"])
-            if r.get("label") in ("a", "b"):
-                decided += 1
-                agree += r["label"] == h
-    failed = 0
-    for f in failures:
-        failed += 1
-        count_judgements(f.get("judgements", []))
-    total = n + failed
-
-    def rate(a: float, b: float) -> float | None:
-        return a / b if b else None
-
-    return {
-        "pairs": total,
-        "labelled": n,
-        "failures": failed,
-        "decided": decided,
-        "agreement": rate(agree, decided),
-        "coverage": rate(decided, total),
-        "soft_agreement": rate(sum(soft), len(soft)),
-        "position_consistency": rate(sum(cons), len(cons)),
-        "abstention_rate": rate(abst, judg),
-        "tie_rate": rate(ties, n),
-        "first_slot_rate": rate(first, voted),
-        "judgements": judg,
-    }
-
-
-def summarize_files(labels: Path, failures: Path | None) -> dict[str, Any]:
-    return summarize(_rows(labels), _rows(failures))

@@ -13,11 +13,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .cli_app import app, err, out
-from .config import Leaf, env_names, leaves, load_run_config
-from .constitution import load_constitution
-from .diff import FIELD_STAGES, diff_constitutions, plan_rerun
-from .output import SinkSummary
+from ..config import Leaf, base_type, env_names, leaves, load_run_config
+from ..constitution import load_constitution
+from ..diff import FIELD_STAGES, diff_constitutions, plan_rerun
+from ..pipeline import Calls, run_pipeline
+from .app import app, out, say
+from .summary import print_calls, print_failures
 
 SHORT = {"output": "-o", "constitution": "-c", "templates": "-t", "backend": "-b", "model": "-m",
          "limit": "-n"}
@@ -31,18 +32,12 @@ def _option(leaf: Leaf) -> inspect.Parameter:
         ann: Any = Optional[bool]  # noqa: UP045 - typer reads this at run time
     else:
         ann = Optional[str]  # noqa: UP045 - parsed by the config model, like the YAML value
-    base = typing_base(leaf.annotation)
+    base = base_type(leaf.annotation)
     meta = "A,B,..." if leaf.is_list else METAVAR.get(base, "TEXT")
     opt = typer.Option(None, *decls, envvar=env_names(leaf), help=leaf.help, show_default=False,
                        metavar=None if leaf.is_bool else meta, rich_help_panel=_panel(leaf))
     return inspect.Parameter(leaf.name, inspect.Parameter.KEYWORD_ONLY, default=opt,
                              annotation=ann)
-
-
-def typing_base(annotation: Any) -> Any:
-    from .config import _base
-
-    return _base(annotation)
 
 
 def _panel(leaf: Leaf) -> str:
@@ -59,8 +54,6 @@ def run_command(**kw: Any) -> None:
     (`revise.rounds` is `--revise-rounds`) and a variable (`CAI_REVISE_ROUNDS`); precedence:
     flag, variable, file, default.
     """
-    from .run import run_pipeline
-
     config = kw.pop("config")
     no_cache = kw.pop("no_cache")
     overrides = {leaf.path: kw[leaf.name] for leaf in leaves()}
@@ -70,7 +63,7 @@ def run_command(**kw: Any) -> None:
     res = run_pipeline(cfg)
     say(f"run: {res.output}")
     for name, s in res.stages.items():
-        gone = res.dropped.get(name, 0)
+        gone = s.dropped
         say(f"  {name}: {s.written} rows written, {s.resumed - gone} kept from before, "
             f"{s.failed} failed -> {s.path}"
             + (f" ({gone} rows no longer in the input dropped)" if gone else ""))
@@ -79,27 +72,13 @@ def run_command(**kw: Any) -> None:
         say(f"  preferences: {p['written']} pairs -> {res.output / 'preferences.jsonl'} "
             f"({p['ties']} ties {'kept' if cfg.label.keep_ties else 'held out'}, "
             f"{p['abstentions']} of {p['judgements']} judgements abstained)")
-    where = f" ({cfg.cache_path()})" if cfg.cache_path() else " (no cache)"
-    say(f"  calls: {res.sent} sent, {res.cached} served from cache{where}, "
-        f"{res.errors} failed")
-    _print_failures(res.stages)
+    print_calls(Calls(res.sent, res.cached, res.errors), cfg.cache_path(), indent="  ")
+    print_failures(res.stages, indent="  ")
     say(f"  manifest: {res.output / 'run.json'}")
 
 
 def say_out(text: str) -> None:
     out.print(text, soft_wrap=True, highlight=False)
-
-
-def say(text: str) -> None:
-    err.print(text, soft_wrap=True, highlight=False)
-
-
-def _print_failures(stages: dict[str, SinkSummary]) -> None:
-    for name, s in stages.items():
-        if s.failed:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s.reasons.items()))
-            say(f"  [yellow]{name}: {s.failed} rows failed ({reasons}); "
-                f"listed in {s.failures_path}[/yellow]")
 
 
 _params = [

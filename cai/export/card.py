@@ -6,21 +6,19 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-from . import __version__
-from .constitution import Constitution, sha256_json
-
-if TYPE_CHECKING:
-    from .export import Export, RunInfo
+from .. import __version__
+from ..constitution import Constitution
+from ..hashing import sha256_json
+from .build import CARD_MARK, LABELS_FILE, TRACE, Export, RunInfo, scrub
 
 JUDGE_LABELS = {
     "mode": "label mode (logprobs, choice, or cot = chain of thought before the answer)",
     "principles": "ensemble size (principles judged per pair; the label is their mean)",
     "both_orders": "orders (true: each pair judged as A/B and B/A, averaged)",
-    "orders": "orders",
     "clamp": "clamp of CoT probabilities",
     "tie_threshold": "tie threshold (|p - 0.5| below it is a tie)",
     "min_mass": "abstain below this option probability mass",
@@ -46,10 +44,14 @@ def _fmt(v: Any) -> str:
     return "n/a" if v is None else str(v)
 
 
+def export_rows(dd: Any) -> dict[str, list[dict[str, Any]]]:
+    """The exported rows by kind (``sft``, ``prefs``), train and test together."""
+    return {kind: [r for split, ds in dd.items() if split.endswith("_" + kind) for r in ds.to_list()]
+            for kind in ("sft", "prefs")}
+
+
 def diagnostics(rows: dict[str, list[dict[str, Any]]], info: RunInfo) -> dict[str, dict[str, Any]]:
     """Counts and rates a reader should see before training on the data."""
-    from .export import LABELS_FILE
-
     d: dict[str, dict[str, Any]] = {}
     if rows.get("sft"):
         rs = rows["sft"]
@@ -112,13 +114,13 @@ def diagnostics(rows: dict[str, list[dict[str, Any]]], info: RunInfo) -> dict[st
 
 
 def _judge_summary(j: dict[str, Any]) -> dict[str, Any]:
-    """The settings that decide what a label means, whichever way the writer named them."""
-    orders = j.get("orders") or (["ab", "ba"] if j.get("both_orders") else ["ab"])
-    cot = j["mode"] == "cot" if "mode" in j else j.get("cot") is True
+    """The settings that decide what a label means (``JudgeConfig.to_dict()``, as rows and
+    run.json record them)."""
+    orders = ["ab", "ba"] if j.get("both_orders") else ["ab"]
+    cot = j.get("mode") == "cot"
     return {
-        "orders": " and ".join(map(str, orders)) + (" (averaged: position-bias control)"
-                                                     if len(orders) > 1 else ""),
-        "ensemble size (principles per pair)": j.get("ensemble_k", j.get("principles")),
+        "orders": " and ".join(orders) + (" (averaged: position-bias control)" if len(orders) > 1 else ""),
+        "ensemble size (principles per pair)": j.get("principles"),
         "chain of thought": cot,
         "clamp": j.get("clamp") if cot else f"{_fmt(j.get('clamp'))} (applies to CoT only)",
         "tie threshold": j.get("tie_threshold"),
@@ -133,8 +135,6 @@ def _digest(dump: dict[str, Any]) -> str:
 
 
 def _constitution_section(info: RunInfo) -> list[str]:
-    from .export import scrub
-
     used = {h: sorted(k for k, hs in info.hashes.items() if h in hs)
             for hs in info.hashes.values() for h in hs}
     dumps = {_digest(d): d for d in info.constitutions}
@@ -179,8 +179,6 @@ def _size(n: int) -> str:
 
 def render_card(export: Export, configs: list[dict[str, Any]], *, license: str = "unknown",
                 repo_id: str | None = None) -> str:
-    from .export import CARD_MARK, TRACE, scrub
-
     info, dd = export.info, export.dataset
     m = scrub(info.manifest or {})
     prov = {k: scrub(v) for k, v in info.provenance.items()}
@@ -252,7 +250,7 @@ def render_card(export: Export, configs: list[dict[str, Any]], *, license: str =
     if isinstance(rev, dict):
         L += ["## Critique and revision settings", ""] + _table(rev, ("setting", "value"))
     L += ["## Diagnostics", ""]
-    for group, vals in info.diagnostics.items():
+    for group, vals in diagnostics(export_rows(dd), info).items():
         L += [f"**{group}**", ""] + _table(vals if isinstance(vals, dict) else {group: vals})
     L += _constitution_section(info)
     rest = {k: v for k, v in m.items()

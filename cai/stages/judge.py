@@ -15,21 +15,17 @@ and ``choice`` (structured output, for servers without log-probs: a hard 0/1 lab
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .backends.base import Backend, Completion, Request, Sampling
-from .constitution import Constitution, Principle
-from .output import dumps
+from .. import __version__
+from ..backends.base import Backend, Completion, Request, Sampling
+from ..constitution import Constitution, Principle
+from ..templates import Templates
 from .pairs import Pair
-from .stage import Outcome, stage_fingerprint
-from .templates import Templates
+from .runner import Outcome, stage_fingerprint
 
 DRAW_SALT = "judge"
 MODES = ("logprobs", "cot", "choice")
@@ -295,63 +291,3 @@ def aggregate(pair: Pair, judgements: list[dict[str, Any]], cfg: JudgeConfig) ->
         "origin": pair.origin,
         "source": pair.source,
     }
-
-
-def to_preference(row: dict[str, Any], keep_ties: bool = False) -> dict[str, Any] | None:
-    """A label row as a TRL preference row (conversational, explicit prompt); None for a tie."""
-    if row.get("p_a") is None or (row.get("tie") and not keep_ties):
-        return None
-    a_wins = row["p_a"] >= 0.5
-    chosen, rejected = (
-        (row["response_a"], row["response_b"]) if a_wins else (row["response_b"], row["response_a"])
-    )
-    p = row["p_a"] if a_wins else 1.0 - row["p_a"]
-    return {
-        "id": row["id"],
-        "prompt": row["prompt"],
-        "chosen": [{"role": "assistant", "content": chosen}],
-        "rejected": [{"role": "assistant", "content": rejected}],
-        "p_chosen": p,
-        "score_chosen": p,
-        "score_rejected": 1.0 - p,
-        "chosen_side": "a" if a_wins else "b",
-        "tie": row.get("tie", False),
-        "principle_ids": row["principle_ids"],
-        "judgements": row["judgements"],
-        "position_consistent": row["position_consistent"],
-        "label_mode": row["label_mode"],
-        "source": row.get("source", ""),
-        "provenance": row.get("provenance", {}),
-    }
-
-
-@dataclass
-class PreferenceSummary:
-    written: int = 0
-    ties: int = 0
-    abstentions: int = 0  # abstained judgements, over all judged pairs
-    judgements: int = 0
-    inconsistent: int = 0  # pairs whose two orders prefer different responses
-
-
-def write_preferences(labels: Path, out: Path, keep_ties: bool = False) -> PreferenceSummary:
-    """Stream ``labels`` into TRL rows at ``out`` (via ``.part`` and an atomic rename)."""
-    s = PreferenceSummary()
-    part = out.with_name(out.name + ".part")
-    with labels.open(encoding="utf-8") as f, part.open("w", encoding="utf-8") as g:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            s.ties += bool(row.get("tie"))
-            s.abstentions += row.get("abstentions", 0)
-            s.judgements += len(row.get("judgements", []))
-            s.inconsistent += row.get("position_consistent") is False
-            pref = to_preference(row, keep_ties)
-            if pref is not None:
-                g.write(dumps(pref) + "\n")
-                s.written += 1
-        g.flush()
-        os.fsync(g.fileno())
-    os.replace(part, out)
-    return s

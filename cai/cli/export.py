@@ -8,9 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_app import app, err
-from .constitution import load_constitution
-from .errors import InputError
+from .app import app, say
 
 
 @app.command()
@@ -66,27 +64,12 @@ def export(
     settings, counts, diagnostics). On the Hub, load with `load_dataset(repo, "sft")` and
     `load_dataset(repo, "prefs")`.
     """
-    from .export import build, push, resolve_token, save  # datasets is slow to import
+    from ..export import export_run  # datasets is slow to import: only when exporting
 
-    tok = resolve_token(token) if push_to_hub else None
-    secrets = [tok] if tok else []
-    dumps = []
-    for f in constitution or []:
-        dumps.append(load_constitution(f).model_dump(mode="json"))
-    ex = build(run_dir, test_fraction=test_fraction, seed=seed, full=full,
-               constitutions=dumps, secrets=secrets)
-    used = {h for hs in ex.info.hashes.values() for h in hs}
-    for f, d in zip(constitution or [], dumps, strict=True):
-        from .constitution import Constitution
-
-        h = Constitution.model_validate(d).digest()
-        if used and h not in used:
-            raise InputError(f"{f}: is not the constitution this run used (hash {h[:12]}, the rows "
-                             f"record {', '.join(sorted(x[:12] for x in used))})")
-    target = save(ex, out or run_dir / "export", fmt, license=license, repo_id=push_to_hub,
-                  secrets=secrets)
-    sizes = ", ".join(f"{k} {v.num_rows}" for k, v in ex.dataset.items())
-    err.print(f"export: {sizes} -> {target}", highlight=False, soft_wrap=True)
-    if push_to_hub and tok:
-        url = push(target, push_to_hub, token=tok, private=private)
-        err.print(f"pushed: {url}", highlight=False, soft_wrap=True)
+    res = export_run(run_dir, out or run_dir / "export", fmt=fmt, test_fraction=test_fraction, seed=seed,
+                     full=full, constitutions=constitution or [], license=license, push_to_hub=push_to_hub,
+                     private=private, token=token)
+    sizes = ", ".join(f"{k} {v}" for k, v in res.splits.items())
+    say(f"export: {sizes} -> {res.folder}")
+    if res.url:
+        say(f"pushed: {res.url}")

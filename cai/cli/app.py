@@ -1,0 +1,183 @@
+"""The typer app, its consoles, and the options several commands share.
+
+Commands live in the modules beside this one; each parses flags, calls one function of
+``cai.pipeline`` (or another library module), prints, and returns. The backend and cache
+options are declared once here and added to a command by ``backend_options`` and
+``cache_options``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+
+from ..backends import BACKENDS, DEFAULT_BASE_URL, DEFAULT_CONCURRENCY, Backend, build_backend
+from ..cache import cache_path
+from ..errors import ConfigError
+
+app = typer.Typer(
+    name="cai",
+    help=(
+        "Turn a written constitution into alignment training data.\n\n"
+        "Stages: `cai revise` (critique and revise: SFT data), `cai label` (AI judge: preference "
+        "pairs), or both from one config with `cai run`. Start with `cai prepare-model` (once), then e.g.\n\n"
+        "  cai revise prompts.jsonl -o out/revisions.jsonl --limit 10\n\n"
+        "Every option can also be set with an environment variable `CAI_<OPTION>`."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="markdown",
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def say(text: str) -> None:
+    """A line on stderr (summaries, warnings): stdout stays for data."""
+    err.print(text, soft_wrap=True, highlight=False)
+
+
+# --- options shared by several commands --------------------------------------------------------
+
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        "--backend", "-b", envvar="CAI_BACKEND",
+        help=f"Model backend: {', '.join(BACKENDS)}. `embedded` runs SmolLM2-135M on the CPU "
+        "(plumbing, not quality); `openai` talks to `vllm serve` or any OpenAI-compatible server.",
+    ),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", envvar="CAI_MODEL",
+                 help="Model: a served model name (openai), a folder or HF id (vllm, embedded)."),
+]
+BaseUrlOpt = Annotated[
+    str,
+    typer.Option("--base-url", envvar=["CAI_BASE_URL", "OPENAI_BASE_URL"],
+                 help="OpenAI-compatible server URL, e.g. http://localhost:8000/v1 for `vllm serve`."),
+]
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar=["CAI_API_KEY", "OPENAI_API_KEY"], show_default=False,
+                 help="API key for the server (never written to outputs)."),
+]
+ConcurrencyOpt = Annotated[
+    int,
+    typer.Option("--concurrency", envvar="CAI_CONCURRENCY", min=1,
+                 help="Requests in flight to the server. vLLM batches hundreds: keep it full."),
+]
+CacheOpt = Annotated[
+    str | None,
+    typer.Option("--cache", envvar="CAI_CACHE", show_default=False,
+                 help="Call cache (SQLite; default: cache.sqlite beside the output; `off` disables it). "
+                 "A call already in it is not sent again."),
+]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not use the call cache.")]
+ConstitutionOpt = Annotated[
+    Path | None,
+    typer.Option("--constitution", "-c", envvar="CAI_CONSTITUTION",
+                 help="Constitution YAML file. Default: the shipped principles.yaml (harmlessness)."),
+]
+TemplatesOpt = Annotated[
+    Path | None,
+    typer.Option("--templates", "-t", envvar="CAI_TEMPLATES",
+                 help="Folder of Jinja2 templates overriding the shipped ones file by file."),
+]
+ProgressOpt = Annotated[
+    bool | None,
+    typer.Option("--progress/--no-progress", help="Show a progress bar (default: when stderr is a terminal)."),
+]
+SeedOpt = Annotated[int, typer.Option(envvar="CAI_SEED", help="Seed for principle draws and sampling.")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Only the first N rows.")]
+SplitOpt = Annotated[str, typer.Option("--split", help="Split, for dataset folders and Hub names.")]
+InputArg = Annotated[
+    str,
+    typer.Argument(help="Prompts: .jsonl/.json/.parquet/.csv, a saved datasets folder, or a Hub "
+                   "dataset name. Columns: prompt, messages, or hh-rlhf `chosen` transcripts."),
+]
+PromptColumnOpt = Annotated[
+    str | None, typer.Option("--prompt-column", help="Column holding the prompt (default: detected).")
+]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """The backend options as given; ``build()`` makes the backend (a context manager)."""
+
+    backend: str = "embedded"
+    model: str | None = None
+    base_url: str = DEFAULT_BASE_URL
+    api_key: str | None = None
+    concurrency: int = DEFAULT_CONCURRENCY
+
+    def build(self, model: str | None = None) -> Backend:
+        return build_backend(self.backend, model or self.model, base_url=self.base_url, api_key=self.api_key,
+                             concurrency=self.concurrency)
+
+
+_BACKEND_PARAMS = {"backend": (BackendOpt, "embedded"), "model": (ModelOpt, None),
+                   "base_url": (BaseUrlOpt, DEFAULT_BASE_URL), "api_key": (ApiKeyOpt, None),
+                   "concurrency": (ConcurrencyOpt, DEFAULT_CONCURRENCY)}
+_CACHE_PARAMS = {"cache": (CacheOpt, None), "no_cache": (NoCacheOpt, False)}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _add_options(fn: F, replaced: str, extra: dict[str, tuple[Any, Any]],
+                 collect: Callable[[dict[str, Any]], Any]) -> F:
+    """``fn`` with its parameter ``replaced`` swapped for the ``extra`` options; ``collect``
+    turns their values into the value of ``replaced``."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    params = [p.replace(annotation=hints.get(p.name, p.annotation))
+              for p in inspect.signature(fn).parameters.values() if p.name != replaced]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=default)
+               for name, (ann, default) in extra.items()]
+
+    @functools.wraps(fn)
+    def command(**kw: Any) -> Any:
+        given = {name: kw.pop(name) for name in extra}
+        return fn(**kw, **{replaced: collect(given)})
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return typing.cast(F, command)
+
+
+def backend_options(fn: F) -> F:
+    """Add --backend, --model, --base-url, --api-key and --concurrency; ``fn`` gets ``backend: BackendSpec``."""
+    return _add_options(fn, "backend", _BACKEND_PARAMS, lambda v: BackendSpec(**v))
+
+
+def cache_options(default_dir: Callable[[dict[str, Any]], Path]) -> Callable[[F], F]:
+    """Add --cache and --no-cache; ``fn`` gets ``cache: Path | None`` (default: cache.sqlite in
+    ``default_dir(values)``, resolved when the command runs)."""
+    def deco(fn: F) -> F:
+        @functools.wraps(fn)
+        def resolved(**kw: Any) -> Any:
+            c = kw.pop("cache")
+            return fn(**kw, cache=cache_path(c["cache"], c["no_cache"], default_dir(kw)))
+
+        return _add_options(typing.cast(F, resolved), "cache", _CACHE_PARAMS, lambda v: v)
+    return deco
+
+
+def settings(model: type[BaseModel], **values: Any) -> Any:
+    """Build a settings model from flag values; a bad value is one line naming the flag."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "a flag"
+        raise ConfigError(f"{first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})",
+                          field=flag) from None

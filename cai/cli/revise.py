@@ -1,0 +1,75 @@
+"""`cai revise`: critique and revise (the supervised stage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import pipeline
+from ..config import ReviseSettings
+from .app import (
+    BackendSpec,
+    ConstitutionOpt,
+    InputArg,
+    LimitOpt,
+    ProgressOpt,
+    PromptColumnOpt,
+    SeedOpt,
+    SplitOpt,
+    TemplatesOpt,
+    app,
+    backend_options,
+    cache_options,
+    say,
+    settings,
+)
+from .summary import print_calls, print_failures
+
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", envvar="CAI_OUTPUT",
+                                         help="Output JSONL (a Markdown report is written beside it).")]
+
+
+@app.command()
+@backend_options
+@cache_options(lambda kw: kw["output"].parent)
+def revise(
+    input: InputArg,
+    backend: BackendSpec,
+    cache: Path | None,
+    output: OutputOpt = Path("out/revisions.jsonl"),
+    constitution: ConstitutionOpt = None,
+    templates: TemplatesOpt = None,
+    rounds: Annotated[int, typer.Option(min=0, envvar="CAI_ROUNDS",
+                                        help="Critique-revision rounds (CAI paper: up to 4).")] = 4,
+    seed: SeedOpt = 0,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Max new tokens per answer/revision.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0: greedy).")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(
+        min=0.01, help="Above 1 discourages repeating tokens of the prompt and answer (vLLM's "
+        "definition; 1.1-1.3 stops a small model's loops; 1: off).")] = 1.0,
+    chunk_size: Annotated[int, typer.Option(min=1, envvar="CAI_CHUNK_SIZE",
+                                            help="Rows per batched step (written and resumable per chunk).")
+                          ] = 256,
+    prompt_column: PromptColumnOpt = None,
+    limit: LimitOpt = None,
+    split: SplitOpt = "train",
+    progress: ProgressOpt = None,
+) -> None:
+    """Critique and revise: answer each prompt, then critique and rewrite the answer against a
+    principle drawn per round. Writes TRL SFT rows (`messages`) with the full trace.
+
+    Rerunning the same command resumes: finished rows are kept, the rest are done.
+    """
+    rs = settings(ReviseSettings, rounds=rounds, max_tokens=max_tokens, temperature=temperature,
+                  repetition_penalty=repetition_penalty)
+    with backend.build() as be:
+        res = pipeline.run_revise(input, backend=be, output=output, constitution=constitution, templates=templates,
+                                  settings=rs, seed=seed, cache=cache, chunk_size=chunk_size, limit=limit,
+                                  prompt_column=prompt_column, split=split, progress=progress)
+    s = res.summary
+    say(f"revise: {s.written} rows written, {s.resumed} kept from before, {s.failed} failed -> {output} "
+        f"(readable: {output.with_suffix('.md')})")
+    print_calls(res.calls, cache)
+    print_failures({"revise": s})

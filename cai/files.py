@@ -1,0 +1,52 @@
+"""Small file helpers every module shares: compact JSON lines, reading them back, and atomic
+replacement (a crash leaves the old file or the new one, never half of either)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def dumps(row: Any) -> str:
+    """One JSON line: compact, UTF-8 as is, anything unknown as its str()."""
+    return json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def iter_jsonl(path: Path | None) -> Iterator[dict[str, Any]]:
+    """The objects of a JSONL file we wrote (blank lines skipped); nothing for a missing file."""
+    if path is None or not path.exists():
+        return
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def count_jsonl(path: str | Path, limit: int | None = None) -> int | None:
+    """Rows in a JSONL file (at most ``limit``); for other inputs, ``limit`` (maybe None: unknown)."""
+    p = Path(path)
+    if not (p.is_file() and p.suffix.lower() in JSONL_SUFFIXES):
+        return limit
+    with p.open("rb") as f:
+        n = sum(1 for line in f if line.strip())
+    return min(n, limit) if limit else n
+
+
+def write_text_atomic(path: Path, text: str, *, fsync: bool = False) -> None:
+    """Replace ``path`` whole via a ``.tmp`` beside it."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

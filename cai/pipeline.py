@@ -1,0 +1,429 @@
+"""The Python API: every `cai` command is a thin shell over one of these functions.
+
+    from cai import pipeline
+
+    result = pipeline.run_revise(["How do I pick a lock?"], backend="fake", rounds=2)
+    result.rows[0]["messages"]                  # a TRL SFT row, with every critique and revision
+
+- ``run_revise``: critique and revise (SFT rows);
+- ``run_label``: the AI judge over pairs (label rows and TRL preference rows);
+- ``run_eval_judge``: the judge (and a naive one) against human-labelled pairs;
+- ``run_pipeline``: all of it from one ``RunConfig``, in one output folder (`cai run`).
+
+Inputs are a path (JSONL, JSON, Parquet, CSV, a saved ``datasets`` folder), a Hub dataset name,
+or rows in memory (prompt strings, dicts, a ``datasets.Dataset``). ``backend`` is a ``Backend``
+(see ``build_backend``) or a backend name. With ``output`` the rows go to that file and a rerun
+resumes; without it they are returned in memory. Every model call goes through the call cache
+when ``cache`` names a file: a rerun sends only the calls whose prompt changed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .backends import Backend, build_backend
+from .cache import CachedBackend, CallCache, CountingBackend
+from .config import LabelSettings, ReviseSettings, RunConfig, Source, load_run_config
+from .constitution import Constitution, load_constitution
+from .errors import ConfigError, InputError
+from .files import count_jsonl, iter_jsonl, write_json_atomic
+from .hashing import sha256_json
+from .inputs import Source as Rows
+from .inputs import read_prompts
+from .metrics import summarize_files
+from .output import SinkSummary
+from .report.markdown import write_revise_report
+from .stages.judge import JudgeConfig, judge_chunk
+from .stages.judge import fingerprint as judge_fingerprint
+from .stages.naive import NaiveConfig, naive_chunk, naive_fingerprint
+from .stages.pairs import Pair, detect_source, first_record, read_pairs, sample_pair_ids, sampled_pairs, unique_pairs
+from .stages.preferences import PreferenceSummary, write_preferences
+from .stages.revise import ReviseConfig, revise_chunk
+from .stages.revise import fingerprint as revise_fingerprint
+from .stages.runner import Feed, Outcome, run_stage
+from .templates import Templates
+
+PAIR_SOURCES = ("auto", "sample", "dataset", "revisions")
+Counted = CachedBackend | CountingBackend
+
+
+@dataclass
+class Calls:
+    """Model calls of one function call: sent to the model, served from the cache, failed."""
+
+    sent: int = 0
+    cached: int = 0
+    errors: int = 0
+
+
+@dataclass
+class StageResult:
+    """One stage's outcome. ``rows`` are read from ``path`` on first use (or held in memory
+    when no output file was asked for)."""
+
+    summary: SinkSummary
+    calls: Calls
+    preferences: PreferenceSummary | None = None
+    _rows: list[dict[str, Any]] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.summary.path
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        if self._rows is None:
+            self._rows = list(iter_jsonl(self.summary.path))
+        return self._rows
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        return list(iter_jsonl(self.summary.failures_path))
+
+
+@dataclass
+class RunResult:
+    """What `cai run` did: each stage's summary, the preferences written, the calls, run.json."""
+
+    output: Path
+    stages: dict[str, SinkSummary] = field(default_factory=dict)
+    preferences: dict[str, int] = field(default_factory=dict)
+    sent: int = 0
+    cached: int = 0
+    errors: int = 0
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> int:
+        return sum(s.failed for s in self.stages.values())
+
+
+# --- shared plumbing ---------------------------------------------------------------------------
+
+
+def _constitution(c: Constitution | str | Path | None) -> Constitution:
+    return c if isinstance(c, Constitution) else load_constitution(c)
+
+
+def _templates(t: Templates | str | Path | None) -> Templates:
+    return t if isinstance(t, Templates) else Templates(t)
+
+
+@contextmanager
+def counted(backend: Backend | str, cache: str | Path | None = None) -> Iterator[Counted]:
+    """``backend`` (or one built by name) behind the call cache at ``cache`` (or a counter).
+    What this builds it closes; a backend passed in stays open for its owner."""
+    if isinstance(backend, (CachedBackend, CountingBackend)):
+        yield backend
+        return
+    inner = build_backend(backend) if isinstance(backend, str) else backend
+    be: Counted = CachedBackend(inner, CallCache(cache)) if cache else CountingBackend(inner)
+    try:
+        yield be
+    finally:
+        if isinstance(be, CachedBackend):
+            be.cache.close()
+        if isinstance(backend, str):
+            inner.close()
+
+
+@contextmanager
+def _calls(be: Counted) -> Iterator[Calls]:
+    """The calls made inside the block (the backend may be shared with other stages)."""
+    calls = Calls()
+    before = (be.sent, be.hits, be.errors)
+    try:
+        yield calls
+    finally:
+        calls.sent, calls.cached, calls.errors = (a - b for a, b in
+                                                  zip((be.sent, be.hits, be.errors), before, strict=True))
+
+
+@contextmanager
+def _output(path: str | Path | None, name: str) -> Iterator[tuple[Path, bool]]:
+    """The file to write, and whether it is temporary (rows then come back in memory)."""
+    if path is not None:
+        yield Path(path), False
+        return
+    with tempfile.TemporaryDirectory(prefix="cai-") as tmp:
+        yield Path(tmp) / name, True
+
+
+def _depth(be: Backend, overlap: int) -> int:
+    """Chunks in flight: several only for a backend that takes concurrent calls."""
+    return overlap if be.concurrent else 1
+
+
+# --- critique and revise -----------------------------------------------------------------------
+
+
+def run_revise(inputs: Rows, *, backend: Backend | str = "embedded", output: str | Path | None = None,
+               constitution: Constitution | str | Path | None = None,
+               templates: Templates | str | Path | None = None, settings: ReviseSettings | None = None,
+               seed: int = 0, cache: str | Path | None = None, chunk_size: int = 256, overlap: int = 1,
+               limit: int | None = None, prompt_column: str | None = None, split: str = "train",
+               progress: bool | None = False, prune: bool = False, **overrides: Any) -> StageResult:
+    """Critique and revise every prompt: one SFT row per prompt, with the full trace.
+
+    ``settings`` (or keyword ``overrides`` of its fields: ``rounds=2``, ``max_tokens=128``...)
+    set the stage; ``output`` also gets a readable ``.md`` beside it.
+    """
+    rs = ReviseSettings.model_validate({**(settings.model_dump() if settings else {}), **overrides})
+    const, tpl, rcfg = _constitution(constitution), _templates(templates), rs.resolve(seed)
+    rows = read_prompts(inputs, column=prompt_column, split=split, limit=limit)
+    total = count_jsonl(inputs, limit) if isinstance(inputs, (str, Path)) else None
+    with counted(backend, cache) as be, _calls(be) as calls, _output(output, "revisions.jsonl") as (path, tmp):
+        summary = run_stage(path, revise_fingerprint(be, const, tpl, rcfg), rows,
+                            lambda chunk: revise_chunk(chunk, be, const, tpl, rcfg), title="revise",
+                            total=total, chunk_size=chunk_size, depth=_depth(be, overlap),
+                            progress=progress, prune=prune)
+        result = StageResult(summary, calls)
+        if tmp:
+            result.rows  # noqa: B018 - read before the temporary folder goes
+        else:
+            write_revise_report(path)
+    return result
+
+
+# --- AI-judge labelling ------------------------------------------------------------------------
+
+
+def labels_path(preferences: Path) -> Path:
+    """Where every judged pair goes: ``labels.jsonl`` beside ``preferences.jsonl``."""
+    if preferences.name == "preferences.jsonl":
+        return preferences.with_name("labels.jsonl")
+    return preferences.with_name(preferences.name.removesuffix(".jsonl") + ".labels.jsonl")
+
+
+def _judge(labels: Path, fp: str, pairs: Iterable[Pair] | Callable[[Feed[Pair]], Iterable[Pair]],
+           be: Backend, const: Constitution, tpl: Templates, jcfg: JudgeConfig, *, total: int | None,
+           chunk_size: int, overlap: int, progress: bool | None, prune: bool = False) -> SinkSummary:
+    return run_stage(labels, fp, pairs, lambda chunk: judge_chunk(chunk, be, const, tpl, jcfg), title="label",
+                     total=total, chunk_size=chunk_size, depth=_depth(be, overlap), progress=progress,
+                     prune=prune)
+
+
+def run_label(inputs: Rows, *, backend: Backend | str = "embedded", output: str | Path | None = None,
+              pairs: str = "auto", constitution: Constitution | str | Path | None = None,
+              templates: Templates | str | Path | None = None, settings: LabelSettings | None = None,
+              seed: int = 0, max_tokens: int = 256, policy: Backend | None = None,
+              cache: str | Path | None = None, chunk_size: int = 64, overlap: int = 1,
+              limit: int | None = None, prompt_column: str | None = None, split: str = "train",
+              progress: bool | None = False, **overrides: Any) -> StageResult:
+    """Judge pairs and write TRL preference rows to ``output`` (every judged pair, ties too, to
+    ``labels.jsonl`` beside it). ``pairs``: ``dataset`` (existing pairs), ``revisions``
+    (`cai revise` rows: initial vs revised), ``sample`` (``settings.samples`` answers per
+    prompt from ``policy``, default the judge's backend), or ``auto`` (by the first row)."""
+    ls = LabelSettings.model_validate({**(settings.model_dump() if settings else {}), **overrides})
+    const, tpl, jcfg = _constitution(constitution), _templates(templates), ls.resolve(seed)
+    if pairs == "auto":
+        pairs = detect_source(first_record(inputs, split))
+    if pairs not in PAIR_SOURCES[1:]:
+        raise InputError(f"unknown --pairs {pairs!r} ({', '.join(PAIR_SOURCES)})")
+    with counted(backend, cache) as be, _calls(be) as calls, _output(output, "preferences.jsonl") as (prefs, tmp):
+        fp = judge_fingerprint(be, const, tpl, jcfg)
+        labels = labels_path(prefs)
+        items: Iterable[Pair] | Callable[[Feed[Pair]], Iterable[Pair]]
+        with counted(policy, cache) if policy is not None else _same(be) as pol, _calls(pol) as pcalls:
+            if pairs == "sample":
+                scfg = ls.sample_config(seed, max_tokens)
+                fp = sha256_json([fp, pol.model_id, scfg.to_dict(), tpl.digest(("generate",))])
+                system = tpl.render_text("generate", "system")
+                rows = read_prompts(inputs, column=prompt_column, split=split, limit=limit)
+                items = lambda feed: sampled_pairs(rows, pol, scfg, chunk_size, system,  # noqa: E731
+                                                   feed.is_done, feed.skipped)
+                n = count_jsonl(inputs, limit) if isinstance(inputs, (str, Path)) else None
+                total = None if n is None else n * len(sample_pair_ids("x", ls.samples))
+            else:
+                items = read_pairs(inputs, split=split, limit=limit)
+                total = count_jsonl(inputs, limit) if isinstance(inputs, (str, Path)) else None
+            summary = _judge(labels, fp, items, be, const, tpl, jcfg, total=total, chunk_size=chunk_size,
+                             overlap=overlap, progress=progress)
+        if pol is not be:
+            calls.sent, calls.cached = calls.sent + pcalls.sent, calls.cached + pcalls.cached
+            calls.errors += pcalls.errors
+        result = StageResult(summary, calls, write_preferences(labels, prefs, keep_ties=ls.keep_ties))
+        if tmp:
+            result._rows = list(iter_jsonl(prefs))
+    return result
+
+
+@contextmanager
+def _same(be: Counted) -> Iterator[Counted]:
+    yield be
+
+
+# --- the judge against people ------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """Each judge's figures (``cai.metrics.summarize``) and its settings."""
+
+    results: dict[str, dict[str, Any]]
+    judge: dict[str, Any]
+    naive: dict[str, Any] | None
+    model: str
+
+
+def run_eval_judge(file: Rows, *, backend: Backend | str = "embedded", output_dir: str | Path | None = None,
+                   constitution: Constitution | str | Path | None = None,
+                   templates: Templates | str | Path | None = None, settings: LabelSettings | None = None,
+                   seed: int = 0, naive: bool = True, naive_max_tokens: int = 12, chunk_size: int = 32,
+                   limit: int | None = None, split: str = "train", progress: bool | None = False,
+                   **overrides: Any) -> EvalResult:
+    """Relabel human-labelled pairs with the judge (and, with ``naive``, a judge that parses a
+    generated letter) and measure each against the human labels. ``output_dir`` keeps the
+    judged rows (``judge.jsonl``, ``naive.jsonl``) so that a rerun resumes."""
+    from .backends.base import Sampling
+
+    ls = LabelSettings.model_validate({**(settings.model_dump() if settings else {}), **overrides})
+    const, tpl, jcfg = _constitution(constitution), _templates(templates), ls.resolve(seed)
+    ncfg = NaiveConfig(principles=ls.principles, seed=seed, tie_threshold=ls.tie_threshold,
+                       sampling=Sampling(max_tokens=naive_max_tokens, seed=seed))
+    if not any(p.human for p in read_pairs(file, split=split, limit=limit)):
+        raise InputError(f"{file}: no human labels (need chosen/rejected, or a label column A/B)")
+    total = count_jsonl(file, limit) if isinstance(file, (str, Path)) else None
+    results: dict[str, dict[str, Any]] = {}
+    with counted(backend) as be, (_keep(output_dir) if output_dir else tempfile.TemporaryDirectory(
+            prefix="cai-eval-")) as folder:
+        judges: list[tuple[str, str, str, Callable[[list[Pair]], list[Outcome]]]] = [
+            (f"{jcfg.mode} judge" + ("" if jcfg.both_orders else " (one order)"), "judge.jsonl",
+             judge_fingerprint(be, const, tpl, jcfg), lambda ch: judge_chunk(ch, be, const, tpl, jcfg))]
+        if naive:
+            judges.append(("naive judge", "naive.jsonl", naive_fingerprint(be, const, tpl, ncfg),
+                           lambda ch: naive_chunk(ch, be, const, tpl, ncfg)))
+        for name, fname, fp, process in judges:
+            t0 = time.monotonic()
+            s = run_stage(Path(folder) / fname, fp, read_pairs(file, split=split, limit=limit), process,
+                          title=name, total=total, chunk_size=chunk_size, progress=progress)
+            results[name] = {**summarize_files(s.path, s.failures_path), "wall_s": time.monotonic() - t0,
+                             "resumed": s.resumed}
+    return EvalResult(results, jcfg.to_dict(), ncfg.to_dict() if naive else None, be.model_id)
+
+
+@contextmanager
+def _keep(folder: str | Path) -> Iterator[str]:
+    yield str(folder)
+
+
+# --- the whole pipeline ------------------------------------------------------------------------
+
+
+def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
+                 constitution: Constitution | None = None) -> RunResult:
+    """Run (or resume) every enabled stage of a run config (a ``RunConfig`` or a YAML path):
+    revise -> pairs -> label, in ``cfg.output``, with ``run.json`` written last. ``backend``
+    replaces the configured one (tests, dry runs)."""
+    t0 = time.time()
+    cfg = (load_run_config(cfg) if not isinstance(cfg, RunConfig) else cfg).check()
+    const = constitution or load_constitution(cfg.constitution)
+    tpl = Templates(cfg.templates)
+    out = cfg.output
+    out.mkdir(parents=True, exist_ok=True)
+    rcfg, jcfg = cfg.revise.resolve(cfg.seed), cfg.label.resolve(cfg.seed)
+    # Until the run ends, run.json says so: `cai export` refuses a folder between two stages.
+    write_json_atomic(out / "run.json", {"cai_version": __version__, "status": "running"})
+    inner = backend or build_backend(cfg.backend, cfg.model, base_url=cfg.base_url, api_key=cfg.api_key,
+                                     concurrency=cfg.concurrency)
+    res = RunResult(output=out)
+    try:
+        with counted(inner, cfg.cache_path()) as be:
+            rfp = revise_fingerprint(be, const, tpl, rcfg)
+            if cfg.revise.enabled:
+                assert cfg.input is not None  # cfg.check()
+                res.stages["revise"] = run_revise(
+                    cfg.input, backend=be, output=out / "revisions.jsonl", constitution=const, templates=tpl,
+                    settings=cfg.revise, seed=cfg.seed, chunk_size=cfg.chunk_size, overlap=cfg.overlap,
+                    limit=cfg.limit, prompt_column=cfg.prompt_column, split=cfg.split, progress=cfg.progress,
+                    prune=True).summary
+            if cfg.label.enabled:
+                res.stages["label"], prefs = _label_run(cfg, be, const, tpl, jcfg, rfp)
+                res.preferences = {"written": prefs.written, "ties": prefs.ties, "abstentions": prefs.abstentions,
+                                   "judgements": prefs.judgements, "position_inconsistent": prefs.inconsistent}
+            res.sent, res.cached, res.errors = be.sent, be.hits, be.errors
+            model_id = be.model_id
+    finally:
+        if backend is None:
+            inner.close()
+    res.manifest = _manifest(cfg, const, tpl, rcfg, jcfg, res, model_id, time.time() - t0)
+    write_json_atomic(out / "run.json", res.manifest)
+    return res
+
+
+def _label_run(cfg: RunConfig, be: Counted, const: Constitution, tpl: Templates, jcfg: JudgeConfig,
+               revise_fp: str) -> tuple[SinkSummary, PreferenceSummary]:
+    """The label stage of `cai run`: pairs from every configured source into one labels file."""
+    out, sources = cfg.output, cfg.sources
+    revisions = out / "revisions.jsonl"
+    scfg = cfg.label.sample_config(cfg.seed, cfg.revise.max_tokens)
+    upstream: list[Any] = []
+    total: int | None = 0
+    if "revisions" in sources:
+        if not revisions.exists():
+            raise InputError(f"{revisions}: no revisions to pair (enable the revise stage)")
+        upstream.append(["revisions", revise_fp])
+        total = count_jsonl(revisions)
+    if "dataset" in sources:
+        assert cfg.label.pairs is not None  # cfg.check()
+        p = Path(cfg.label.pairs)
+        upstream.append(["dataset", str(p), p.stat().st_size if p.is_file() else None])
+        total = None
+    if "sample" in sources:
+        upstream.append(["sample", scfg.to_dict(), tpl.digest(("generate",)), cfg.input, cfg.limit,
+                         cfg.prompt_column])
+        total = None
+    fp = sha256_json([judge_fingerprint(be, const, tpl, jcfg), upstream])
+
+    def pairs(feed: Feed[Pair]) -> Iterator[Pair]:
+        def gen() -> Iterator[Pair]:
+            if "revisions" in sources:
+                yield from read_pairs(revisions)
+            if "dataset" in sources and cfg.label.pairs:
+                yield from read_pairs(cfg.label.pairs, split=cfg.split)
+            if "sample" in sources and cfg.input:
+                rows = read_prompts(cfg.input, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit)
+                yield from sampled_pairs(rows, be, scfg, cfg.chunk_size, tpl.render_text("generate", "system"),
+                                         feed.is_done, feed.skipped)
+        return unique_pairs(gen())
+
+    labels = out / "labels.jsonl"
+    summary = _judge(labels, fp, pairs, be, const, tpl, jcfg, total=total, chunk_size=cfg.chunk_size,
+                     overlap=cfg.overlap, progress=cfg.progress, prune=True)
+    return summary, write_preferences(labels, out / "preferences.jsonl", keep_ties=cfg.label.keep_ties)
+
+
+def _manifest(cfg: RunConfig, const: Constitution, tpl: Templates, rcfg: ReviseConfig, jcfg: JudgeConfig,
+              res: RunResult, model_id: str, elapsed: float) -> dict[str, Any]:
+    """run.json: the config as given, what it resolved to, and what the run did."""
+    cache = cfg.cache_path()
+    return {
+        "cai_version": __version__,
+        "status": "complete",
+        "config": cfg.public(),
+        "constitution": const.model_dump(mode="json"),
+        "constitution_hash": const.digest(),
+        "templates_hash": tpl.digest(),
+        "models": {"policy": model_id, "judge": model_id},
+        "revise": rcfg.to_dict(),
+        "judge": jcfg.to_dict(),
+        "counts": {name: {"written": s.written, "resumed": s.resumed,
+                          "rows": s.written + s.resumed - s.dropped, "dropped": s.dropped, "failed": s.failed,
+                          "reasons": s.reasons, "failures": str(s.failures_path) if s.failures_path else None}
+                   for name, s in res.stages.items()} | {"preferences": res.preferences},
+        "calls": {"sent": res.sent, "cached": res.cached, "errors": res.errors},
+        "cache": str(cache) if cache else None,
+        "elapsed_s": round(elapsed, 3),
+    }
+
+
+__all__ = ["Calls", "EvalResult", "LabelSettings", "ReviseSettings", "RunConfig", "RunResult", "Source",
+           "StageResult", "build_backend", "load_constitution", "load_run_config", "run_eval_judge",
+           "run_label", "run_pipeline", "run_revise", "ConfigError"]
