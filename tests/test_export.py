@@ -191,7 +191,8 @@ def test_card_has_constitution_judge_models_counts_diagnostics(run_dir: Path, tm
     for needle in ("both_orders", "ensemble size", "clamp", "chain of thought", "tie threshold",
                    "[0.4, 0.6]", "position consistent", "12/24 (50.0%)", "ties (held out",
                    "abstained judgements", "12/48", "mean chars, chosen", "chosen longer",
-                   "agreement with human labels", "labels.failures.jsonl", "mean revision rounds"):
+                   "agreement with human labels", "labels.failures.jsonl", "mean revision rounds",
+                   "## What the labels reward"):
         assert needle in text, needle
     for s, ds in export.dataset.items():
         assert f"| {s} | {ds.num_rows} |" in text
@@ -426,3 +427,20 @@ def test_exports_a_real_cai_run(tmp_path: Path, hh_dev: Path, capsys) -> None:
     assert sft["train_sft"].num_rows + sft["test_sft"].num_rows == 16
     train = _pids(sft["train_sft"]) | _pids(prefs["train_prefs"])
     assert not train & (_pids(sft["test_sft"]) | _pids(prefs.get("test_prefs", sft["test_sft"])))
+
+
+def test_card_embeds_the_report_headline(tmp_path: Path) -> None:
+    """A real (fake-backend) run: the card quotes `cai report`'s headline figures."""
+    from cai.backends.fake import FakeBackend
+    from cai.config import RunConfig
+    from cai.pipeline import run_pipeline
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}?"}) + "\n" for i in range(8)))
+    cfg = RunConfig.model_validate({"input": str(prompts), "output": str(tmp_path / "run"), "backend": "fake",
+                                    "progress": False, "revise": {"rounds": 1}})
+    run_pipeline(cfg, backend=FakeBackend())
+    text = (ex.save(ex.build(tmp_path / "run"), tmp_path / "out") / "README.md").read_text()
+    assert "## What the labels reward (`cai report`)" in text
+    for key in ("revision_win_rate", "position_consistency", "longer_chosen"):
+        assert f"| {key} |" in text, key

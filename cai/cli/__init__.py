@@ -17,7 +17,7 @@ from ..errors import CaiError
 from .app import app, err
 
 # Each module registers its commands on `app`; this order is the order `cai --help` lists them.
-COMMANDS = ("revise", "label", "run", "export", "constitution", "model")
+COMMANDS = ("revise", "label", "run", "report", "export", "evaluate", "constitution", "model")
 for _module in COMMANDS:
     importlib.import_module(f"{__name__}.{_module}")
 

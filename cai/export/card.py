@@ -12,7 +12,9 @@ import yaml
 
 from .. import __version__
 from ..constitution import Constitution
+from ..errors import CaiError
 from ..hashing import sha256_json
+from ..report.figures import build_report
 from .build import CARD_MARK, LABELS_FILE, TRACE, Export, RunInfo, scrub
 
 JUDGE_LABELS = {
@@ -125,6 +127,20 @@ def _judge_summary(j: dict[str, Any]) -> dict[str, Any]:
         "clamp": j.get("clamp") if cot else f"{_fmt(j.get('clamp'))} (applies to CoT only)",
         "tie threshold": j.get("tie_threshold"),
     }
+
+
+def _report_section(info: RunInfo) -> list[str]:
+    """The headline figures of `cai report` (what the labels reward), and where the page is."""
+    try:
+        headline = build_report(info.folder)["headline"]
+    except CaiError as e:
+        return ["## What the labels reward", "", f"Not computed: {e}", ""]
+    lines = ["## What the labels reward (`cai report`)", "",
+             "Length bias, refusal and other marker rates, per-principle win rates and calibration; "
+             "`cai report RUN_DIR` writes them all, with plots, to report.json and report.html.", ""]
+    if (info.folder / "report.html").exists():
+        lines += ["The run folder has the full report: `report.html`.", ""]
+    return lines + _table({k: v for k, v in headline.items() if v is not None}, ("figure", "value"))
 
 
 def _digest(dump: dict[str, Any]) -> str:
@@ -252,6 +268,7 @@ def render_card(export: Export, configs: list[dict[str, Any]], *, license: str =
     L += ["## Diagnostics", ""]
     for group, vals in diagnostics(export_rows(dd), info).items():
         L += [f"**{group}**", ""] + _table(vals if isinstance(vals, dict) else {group: vals})
+    L += _report_section(info)
     L += _constitution_section(info)
     rest = {k: v for k, v in m.items()
             if k not in ("constitution", "judge", "models", "counts", "revise")}
