@@ -50,5 +50,7 @@ if [[ $WITH_VLLM == 1 ]]; then
     .venv-vllm/bin/pip install -q --no-deps -e .
     .venv-vllm/bin/pip install -q pytest pytest-timeout typer rich tenacity
   fi
+  # The report's browser test drives Debian's headless Chromium (skipped, with the reason, without it).
+  bash scripts/install_browser.sh >&2
 fi
 say "ready"
