@@ -5,6 +5,10 @@ They pin behaviour across refactors: the rows, their order, the resume fingerpri
 version of cai (``tests/golden/cache.sqlite``) must still answer every call of the same run, so
 that users' caches and resumable outputs stay valid.
 
+The runs use the constitution and templates pinned in ``tests/golden/inputs/`` (copies of the
+shipped ones when the goldens were made), so that editing the shipped prompts or principles
+changes no golden file: these tests pin the code's behaviour.
+
 To accept an intended change of output, rerun with ``CAI_UPDATE_GOLDEN=1`` and review the diff.
 """
 
@@ -22,6 +26,17 @@ from cai.cli import main
 GOLDEN = Path(__file__).resolve().parent / "golden"
 REPO = GOLDEN.parent.parent
 UPDATE = os.environ.get("CAI_UPDATE_GOLDEN") == "1"
+
+
+PINNED = ["-c", "constitution.yaml", "-t", "templates"]
+
+
+@pytest.fixture(autouse=True)
+def pinned_inputs(tmp_path: Path) -> None:
+    """Run in tmp_path (relative paths in run.json), with the pinned constitution and templates."""
+    shutil.copy(GOLDEN / "inputs" / "constitution.yaml", tmp_path / "constitution.yaml")
+    shutil.copytree(GOLDEN / "inputs" / "templates", tmp_path / "templates")
+    monkeypatch.chdir(tmp_path)
 
 
 def prompts(path: Path, n: int = 6) -> str:
@@ -67,20 +82,18 @@ RUN_FILES = ["revisions.jsonl", "revisions.jsonl.meta.json", "labels.jsonl", "la
 
 def run_args(inp: str, out: str, *extra: str) -> list[str]:
     return ["run", "--input", inp, "-o", out, "--backend", "fake", "--revise-rounds", "2",
-            "--label-sources", "revisions,sample", "--no-progress", *extra]
+            "--label-sources", "revisions,sample", "--no-progress", *PINNED, *extra]
 
 
-def test_golden_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
+def test_golden_run(tmp_path: Path) -> None:
     assert main(run_args(prompts(tmp_path / "prompts.jsonl"), "out")) == 0
     compare(tmp_path / "out", "run", RUN_FILES)
     if UPDATE and not (GOLDEN / "cache.sqlite").exists():  # written once, by an earlier cai: never replaced
         shutil.copy(tmp_path / "out" / "cache.sqlite", GOLDEN / "cache.sqlite")
 
 
-def test_golden_cache_still_answers_every_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_golden_cache_still_answers_every_call(tmp_path: Path) -> None:
     """A cache written by an earlier cai serves the whole run: no call is sent."""
-    monkeypatch.chdir(tmp_path)
     shutil.copy(GOLDEN / "cache.sqlite", tmp_path / "old.sqlite")
     assert main(run_args(prompts(tmp_path / "prompts.jsonl"), "out", "--cache", "old.sqlite")) == 0
     manifest = json.loads((tmp_path / "out" / "run.json").read_text())
@@ -88,26 +101,23 @@ def test_golden_cache_still_answers_every_call(tmp_path: Path, monkeypatch: pyte
     assert manifest["calls"]["cached"] > 0
 
 
-def test_golden_revise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
+def test_golden_revise(tmp_path: Path) -> None:
     code = main(["revise", prompts(tmp_path / "prompts.jsonl"), "-o", "out/revisions.jsonl", "--backend", "fake",
-                 "--rounds", "2", "--no-progress"])
+                 "--rounds", "2", "--no-progress", *PINNED])
     assert code == 0
     compare(tmp_path / "out", "revise", ["revisions.jsonl", "revisions.jsonl.meta.json", "revisions.md"])
 
 
-def test_golden_label(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
+def test_golden_label(tmp_path: Path) -> None:
     code = main(["label", pairs(tmp_path / "pairs.jsonl"), "-o", "out/preferences.jsonl", "--backend", "fake",
-                 "--no-progress"])
+                 "--no-progress", *PINNED])
     assert code == 0
     compare(tmp_path / "out", "label", ["preferences.jsonl", "labels.jsonl", "labels.jsonl.meta.json"])
 
 
-def test_golden_eval_judge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
+def test_golden_eval_judge(tmp_path: Path) -> None:
     code = main(["eval-judge", pairs(tmp_path / "pairs.jsonl"), "-o", "out", "--backend", "fake", "--json",
-                 "--no-progress"])
+                 "--no-progress", *PINNED])
     assert code == 0
     compare(tmp_path / "out", "eval_judge", ["judge.jsonl", "judge.jsonl.meta.json", "naive.jsonl",
                                              "naive.jsonl.meta.json", "naive.failures.jsonl"])
