@@ -32,7 +32,7 @@ PINNED = ["-c", "constitution.yaml", "-t", "templates"]
 
 
 @pytest.fixture(autouse=True)
-def pinned_inputs(tmp_path: Path) -> None:
+def pinned_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run in tmp_path (relative paths in run.json), with the pinned constitution and templates."""
     shutil.copy(GOLDEN / "inputs" / "constitution.yaml", tmp_path / "constitution.yaml")
     shutil.copytree(GOLDEN / "inputs" / "templates", tmp_path / "templates")
