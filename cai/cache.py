@@ -13,6 +13,7 @@ Several processes may share one cache file: WAL lets readers and a writer work s
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sqlite3
@@ -114,6 +115,7 @@ class CountingBackend(BackendBase):
 
     def __init__(self, backend: Backend) -> None:
         self.inner, self.model_id, self.concurrent = backend, backend.model_id, backend.concurrent
+        self.loop, self.max_batch = backend.loop, backend.max_batch
         self.sent = self.hits = self.errors = 0
         self._count = threading.Lock()
 
@@ -123,6 +125,14 @@ class CountingBackend(BackendBase):
             self.sent += len(requests)
             self.errors += sum(c.error is not None for c in done)
         return done
+
+    async def acomplete(self, request: Request) -> Completion:
+        c = await (self.inner.acomplete(request) if self.loop is not None else
+                   asyncio.wrap_future(self.inner.submit(request)))
+        with self._count:
+            self.sent += 1
+            self.errors += c.error is not None
+        return c
 
     def close(self) -> None:
         self.inner.close()
@@ -140,6 +150,7 @@ class CachedBackend(BackendBase):
         self.cache = cache
         self.model_id = backend.model_id
         self.concurrent = backend.concurrent
+        self.loop, self.max_batch = backend.loop, backend.max_batch
         self.close_cache = close_cache
         self.sent = 0
         self.hits = 0
@@ -166,6 +177,30 @@ class CachedBackend(BackendBase):
             self.sent += len(todo)
             self.hits += len(requests) - len(todo)
         return [found[k] for k in keys]
+
+    async def acomplete(self, request: Request) -> Completion:
+        """One request: from the cache, or from the model and committed to the cache where and
+        as soon as the answer arrives (a kill loses only the calls in flight)."""
+        key = request_key(self.model_id, request)
+        hit = self.cache.get_many((key,)).get(key)
+        if hit is not None:
+            with self._count:
+                self.hits += 1
+            return hit
+        if self.loop is not None:  # a client on its own loop: we are on it, the answer arrives here
+            c = await self.inner.acomplete(request)
+            self._commit(key, c)
+            return c
+        fut = self.inner.submit(request)  # computed in a worker thread: commit there
+        fut.add_done_callback(lambda f: self._commit(key, f.result()) if f.exception() is None else None)
+        return await asyncio.wrap_future(fut)
+
+    def _commit(self, key: str, c: Completion) -> None:
+        if c.error is None:
+            self.cache.put_many(((key, self.model_id, c),))
+        with self._count:
+            self.sent += 1
+            self.errors += c.error is not None
 
     def close(self) -> None:
         try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .files import dumps, iter_jsonl, write_text_atomic
+from .files import dumps, write_text_atomic
 
 
 def _trim_partial_line(path: Path) -> None:
@@ -46,8 +46,16 @@ def _read_meta(path: Path) -> dict[str, Any]:
         return {}  # none yet, or unreadable: start the stage afresh
 
 
-def read_ids(path: Path) -> set[str]:
-    return {row["id"] for row in iter_jsonl(path)}
+def index_lines(path: Path) -> dict[str, tuple[int, int]]:
+    """Each row's id -> (line number from 1, byte offset) in a JSONL file we wrote."""
+    index: dict[str, tuple[int, int]] = {}
+    offset = 0
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                index[json.loads(line)["id"]] = (n, offset)
+            offset += len(line)
+    return index
 
 
 @dataclass
@@ -74,7 +82,9 @@ class JsonlSink:
         self.failures_part = self.failures.with_name(self.failures.name + ".part")
         self.fingerprint = fingerprint
         self.summary = SinkSummary(path=self.path)
-        self.done: set[str] = set()
+        self.done: dict[str, tuple[int, int]] = {}  # id -> (line, byte offset) in the .part file
+        self._lines = 0
+        self._offset = 0
         self._open()
 
     def _open(self) -> None:
@@ -85,22 +95,42 @@ class JsonlSink:
             os.replace(self.path, self.part)
         if same and self.part.exists():
             _trim_partial_line(self.part)
-            self.done = read_ids(self.part)
+            self.done = index_lines(self.part)
+            with self.part.open("rb") as f:
+                self._lines = sum(1 for _ in f)
+            self._offset = self.part.stat().st_size
         else:
             self.part.unlink(missing_ok=True)
         self.failures_part.unlink(missing_ok=True)
         write_text_atomic(self.meta, json.dumps({"fingerprint": self.fingerprint, "complete": False}))
         self.summary.resumed = len(self.done)
-        self._f = self.part.open("a", encoding="utf-8")
+        self._f = self.part.open("ab")
         self._fail_f = self.failures_part.open("a", encoding="utf-8")
 
     def is_done(self, row_id: str) -> bool:
         return row_id in self.done
 
-    def write(self, row: dict[str, Any]) -> None:
-        self._f.write(dumps(row) + "\n")
-        self.done.add(row["id"])
+    def line_of(self, row_id: str) -> int:
+        """The row's line number (from 1) in the output."""
+        return self.done[row_id][0]
+
+    def read(self, row_id: str) -> dict[str, Any]:
+        """A row written before (this run or an earlier one), read back from the output."""
+        self._f.flush()
+        with self.part.open("rb") as f:
+            f.seek(self.done[row_id][1])
+            row: dict[str, Any] = json.loads(f.readline())
+        return row
+
+    def write(self, row: dict[str, Any]) -> int:
+        """Append one row whole; return its line number."""
+        data = (dumps(row) + "\n").encode()
+        self._f.write(data)
+        self._lines += 1
+        self.done[row["id"]] = (self._lines, self._offset)
+        self._offset += len(data)
         self.summary.written += 1
+        return self._lines
 
     def fail(self, row_id: str, reason: str, **info: Any) -> None:
         self._fail_f.write(dumps({"id": row_id, "reason": reason, **info}) + "\n")
@@ -108,11 +138,13 @@ class JsonlSink:
         self.summary.reasons[key] = self.summary.reasons.get(key, 0) + 1
         self.summary.failed += 1
 
-    def flush(self) -> None:
-        """Make what was written so far durable (called after each chunk)."""
+    def flush(self, durable: bool = True) -> None:
+        """Hand what was written to the OS (a killed process loses none of it); with
+        ``durable``, also to the disk (a power cut loses none of it)."""
         for f in (self._f, self._fail_f):
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
 
     def finish(self) -> SinkSummary:
         self.flush()

@@ -19,35 +19,48 @@ when ``cache`` names a file: a rerun sends only the calls whose prompt changed.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .backends import Backend, build_backend
+from .backends.base import Sampling
 from .cache import CachedBackend, CallCache, CountingBackend
 from .config import LabelSettings, ReviseSettings, RunConfig, Source, load_run_config
 from .constitution import Constitution, load_constitution
 from .errors import ConfigError, InputError
 from .files import count_jsonl, iter_jsonl, write_json_atomic
 from .hashing import sha256_json
+from .inputs import PromptRow, read_prompts
 from .inputs import Source as Rows
-from .inputs import read_prompts
 from .metrics import summarize_files
-from .output import SinkSummary
+from .output import JsonlSink, SinkSummary
+from .progress import RunProgress
 from .report.markdown import write_revise_report
-from .stages.judge import JudgeConfig, judge_chunk
+from .stages.judge import JudgeConfig, JudgeStage
 from .stages.judge import fingerprint as judge_fingerprint
-from .stages.naive import NaiveConfig, naive_chunk, naive_fingerprint
-from .stages.pairs import Pair, detect_source, first_record, read_pairs, sample_pair_ids, sampled_pairs, unique_pairs
+from .stages.naive import NaiveConfig, NaiveStage, naive_fingerprint
+from .stages.pairs import (
+    Pair,
+    SampleConfig,
+    detect_source,
+    first_record,
+    read_pairs,
+    record_to_pair,
+    sample_pair_ids,
+    sample_prompt,
+)
 from .stages.preferences import PreferenceSummary, write_preferences
-from .stages.revise import ReviseConfig, revise_chunk
+from .stages.revise import ReviseConfig, ReviseStage
 from .stages.revise import fingerprint as revise_fingerprint
-from .stages.runner import Feed, Outcome, run_stage
+from .stages.runner import Call, Outcome, Pool, RowFn, Stream, run, run_stage, run_stream
 from .templates import Templates
 
 PAIR_SOURCES = ("auto", "sample", "dataset", "revisions")
@@ -156,9 +169,7 @@ def _output(path: str | Path | None, name: str) -> Iterator[tuple[Path, bool]]:
         yield Path(tmp) / name, True
 
 
-def _depth(be: Backend, overlap: int) -> int:
-    """Chunks in flight: several only for a backend that takes concurrent calls."""
-    return overlap if be.concurrent else 1
+DEFAULT_CONCURRENCY = 256
 
 
 # --- critique and revise -----------------------------------------------------------------------
@@ -167,13 +178,14 @@ def _depth(be: Backend, overlap: int) -> int:
 def run_revise(inputs: Rows, *, backend: Backend | str = "embedded", output: str | Path | None = None,
                constitution: Constitution | str | Path | None = None,
                templates: Templates | str | Path | None = None, settings: ReviseSettings | None = None,
-               seed: int = 0, cache: str | Path | None = None, chunk_size: int = 256, overlap: int = 1,
+               seed: int = 0, cache: str | Path | None = None, concurrency: int = DEFAULT_CONCURRENCY,
                limit: int | None = None, prompt_column: str | None = None, split: str = "train",
-               progress: bool | None = False, prune: bool = False, **overrides: Any) -> StageResult:
+               progress: bool | None = False, **overrides: Any) -> StageResult:
     """Critique and revise every prompt: one SFT row per prompt, with the full trace.
 
     ``settings`` (or keyword ``overrides`` of its fields: ``rounds=2``, ``max_tokens=128``...)
-    set the stage; ``output`` also gets a readable ``.md`` beside it.
+    set the stage; ``output`` also gets a readable ``.md`` beside it. Each row runs its own
+    chain of calls; ``concurrency`` requests are in flight at once.
     """
     rs = ReviseSettings.model_validate({**(settings.model_dump() if settings else {}), **overrides})
     const, tpl, rcfg = _constitution(constitution), _templates(templates), rs.resolve(seed)
@@ -181,9 +193,8 @@ def run_revise(inputs: Rows, *, backend: Backend | str = "embedded", output: str
     total = count_jsonl(inputs, limit) if isinstance(inputs, (str, Path)) else None
     with counted(backend, cache) as be, _calls(be) as calls, _output(output, "revisions.jsonl") as (path, tmp):
         summary = run_stage(path, revise_fingerprint(be, const, tpl, rcfg), rows,
-                            lambda chunk: revise_chunk(chunk, be, const, tpl, rcfg), title="revise",
-                            total=total, chunk_size=chunk_size, depth=_depth(be, overlap),
-                            progress=progress, prune=prune)
+                            ReviseStage(const, tpl, rcfg, be.model_id), backend=be, title="revise", total=total,
+                            concurrency=concurrency, progress=progress)
         result = StageResult(summary, calls)
         if tmp:
             result.rows  # noqa: B018 - read before the temporary folder goes
@@ -202,19 +213,33 @@ def labels_path(preferences: Path) -> Path:
     return preferences.with_name(preferences.name.removesuffix(".jsonl") + ".labels.jsonl")
 
 
-def _judge(labels: Path, fp: str, pairs: Iterable[Pair] | Callable[[Feed[Pair]], Iterable[Pair]],
-           be: Backend, const: Constitution, tpl: Templates, jcfg: JudgeConfig, *, total: int | None,
-           chunk_size: int, overlap: int, progress: bool | None, prune: bool = False) -> SinkSummary:
-    return run_stage(labels, fp, pairs, lambda chunk: judge_chunk(chunk, be, const, tpl, jcfg), title="label",
-                     total=total, chunk_size=chunk_size, depth=_depth(be, overlap), progress=progress,
-                     prune=prune)
+@dataclass
+class LabelStage:
+    """The label stage's row function: a pair is judged; a prompt (the `sample` source) gets
+    ``sample.n`` answers from the policy first, and every two of them are judged as a pair."""
+
+    judge: JudgeStage
+    sample: SampleConfig
+    system: str | None = None
+    policy: Pool | None = None  # the policy's requests, when it is another backend than the judge's
+
+    def ids(self, item: Pair | PromptRow) -> list[str]:
+        return sample_pair_ids(item.id, self.sample.n) if isinstance(item, PromptRow) else [item.id]
+
+    async def __call__(self, item: Pair | PromptRow, call: Call) -> list[Outcome]:
+        if isinstance(item, Pair):
+            return await self.judge(item, call)
+        policy = Call(self.policy, call.bar) if self.policy is not None else call
+        pairs = await sample_prompt(item, policy, self.sample, self.system)
+        done = await asyncio.gather(*(self.judge(p, call) for p in pairs))
+        return [o for outs in done for o in outs]
 
 
 def run_label(inputs: Rows, *, backend: Backend | str = "embedded", output: str | Path | None = None,
               pairs: str = "auto", constitution: Constitution | str | Path | None = None,
               templates: Templates | str | Path | None = None, settings: LabelSettings | None = None,
               seed: int = 0, max_tokens: int = 256, policy: Backend | None = None,
-              cache: str | Path | None = None, chunk_size: int = 64, overlap: int = 1,
+              cache: str | Path | None = None, concurrency: int = DEFAULT_CONCURRENCY,
               limit: int | None = None, prompt_column: str | None = None, split: str = "train",
               progress: bool | None = False, **overrides: Any) -> StageResult:
     """Judge pairs and write TRL preference rows to ``output`` (every judged pair, ties too, to
@@ -230,22 +255,26 @@ def run_label(inputs: Rows, *, backend: Backend | str = "embedded", output: str 
     with counted(backend, cache) as be, _calls(be) as calls, _output(output, "preferences.jsonl") as (prefs, tmp):
         fp = judge_fingerprint(be, const, tpl, jcfg)
         labels = labels_path(prefs)
-        items: Iterable[Pair] | Callable[[Feed[Pair]], Iterable[Pair]]
+        scfg = ls.sample_config(seed, max_tokens)
+        items: Iterable[Pair | PromptRow]
         with counted(policy, cache) if policy is not None else _same(be) as pol, _calls(pol) as pcalls:
+            n = count_jsonl(inputs, limit) if isinstance(inputs, (str, Path)) else None
             if pairs == "sample":
-                scfg = ls.sample_config(seed, max_tokens)
                 fp = sha256_json([fp, pol.model_id, scfg.to_dict(), tpl.digest(("generate",))])
-                system = tpl.render_text("generate", "system")
-                rows = read_prompts(inputs, column=prompt_column, split=split, limit=limit)
-                items = lambda feed: sampled_pairs(rows, pol, scfg, chunk_size, system,  # noqa: E731
-                                                   feed.is_done, feed.skipped)
-                n = count_jsonl(inputs, limit) if isinstance(inputs, (str, Path)) else None
-                total = None if n is None else n * len(sample_pair_ids("x", ls.samples))
+                items = read_prompts(inputs, column=prompt_column, split=split, limit=limit)
+                n = None if n is None else n * len(sample_pair_ids("x", ls.samples))
             else:
                 items = read_pairs(inputs, split=split, limit=limit)
-                total = count_jsonl(inputs, limit) if isinstance(inputs, (str, Path)) else None
-            summary = _judge(labels, fp, items, be, const, tpl, jcfg, total=total, chunk_size=chunk_size,
-                             overlap=overlap, progress=progress)
+            judge = JudgeStage(const, tpl, jcfg, be.model_id)
+
+            async def go(pool: Pool) -> SinkSummary:
+                stage = LabelStage(judge, scfg, tpl.render_text("generate", "system"),
+                                   Pool(pol, concurrency) if pol is not be else None)
+                with JsonlSink(labels, fp) as sink:
+                    return await run_stream(Stream[Pair | PromptRow](sink, items, stage, "label", n, ids=stage.ids,
+                                                   progress=progress), pool)
+
+            summary = run(go, be, concurrency)
         if pol is not be:
             calls.sent, calls.cached = calls.sent + pcalls.sent, calls.cached + pcalls.cached
             calls.errors += pcalls.errors
@@ -276,14 +305,12 @@ class EvalResult:
 def run_eval_judge(file: Rows, *, backend: Backend | str = "embedded", output_dir: str | Path | None = None,
                    constitution: Constitution | str | Path | None = None,
                    templates: Templates | str | Path | None = None, settings: LabelSettings | None = None,
-                   seed: int = 0, naive: bool = True, naive_max_tokens: int = 12, chunk_size: int = 32,
-                   limit: int | None = None, split: str = "train", progress: bool | None = False,
-                   **overrides: Any) -> EvalResult:
+                   seed: int = 0, naive: bool = True, naive_max_tokens: int = 12,
+                   concurrency: int = DEFAULT_CONCURRENCY, limit: int | None = None, split: str = "train",
+                   progress: bool | None = False, **overrides: Any) -> EvalResult:
     """Relabel human-labelled pairs with the judge (and, with ``naive``, a judge that parses a
     generated letter) and measure each against the human labels. ``output_dir`` keeps the
     judged rows (``judge.jsonl``, ``naive.jsonl``) so that a rerun resumes."""
-    from .backends.base import Sampling
-
     ls = LabelSettings.model_validate({**(settings.model_dump() if settings else {}), **overrides})
     const, tpl, jcfg = _constitution(constitution), _templates(templates), ls.resolve(seed)
     ncfg = NaiveConfig(principles=ls.principles, seed=seed, tie_threshold=ls.tie_threshold,
@@ -294,16 +321,16 @@ def run_eval_judge(file: Rows, *, backend: Backend | str = "embedded", output_di
     results: dict[str, dict[str, Any]] = {}
     with counted(backend) as be, (_keep(output_dir) if output_dir else tempfile.TemporaryDirectory(
             prefix="cai-eval-")) as folder:
-        judges: list[tuple[str, str, str, Callable[[list[Pair]], list[Outcome]]]] = [
+        judges: list[tuple[str, str, str, RowFn[Pair]]] = [
             (f"{jcfg.mode} judge" + ("" if jcfg.both_orders else " (one order)"), "judge.jsonl",
-             judge_fingerprint(be, const, tpl, jcfg), lambda ch: judge_chunk(ch, be, const, tpl, jcfg))]
+             judge_fingerprint(be, const, tpl, jcfg), JudgeStage(const, tpl, jcfg, be.model_id))]
         if naive:
             judges.append(("naive judge", "naive.jsonl", naive_fingerprint(be, const, tpl, ncfg),
-                           lambda ch: naive_chunk(ch, be, const, tpl, ncfg)))
-        for name, fname, fp, process in judges:
+                           NaiveStage(const, tpl, ncfg, be.model_id)))
+        for name, fname, fp, stage in judges:
             t0 = time.monotonic()
-            s = run_stage(Path(folder) / fname, fp, read_pairs(file, split=split, limit=limit), process,
-                          title=name, total=total, chunk_size=chunk_size, progress=progress)
+            s = run_stage(Path(folder) / fname, fp, read_pairs(file, split=split, limit=limit), stage, backend=be,
+                          title=name, total=total, concurrency=concurrency, progress=progress)
             results[name] = {**summarize_files(s.path, s.failures_path), "wall_s": time.monotonic() - t0,
                              "resumed": s.resumed}
     return EvalResult(results, jcfg.to_dict(), ncfg.to_dict() if naive else None, be.model_id)
@@ -319,9 +346,10 @@ def _keep(folder: str | Path) -> Iterator[str]:
 
 def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
                  constitution: Constitution | None = None) -> RunResult:
-    """Run (or resume) every enabled stage of a run config (a ``RunConfig`` or a YAML path):
-    revise -> pairs -> label, in ``cfg.output``, with ``run.json`` written last. ``backend``
-    replaces the configured one (tests, dry runs)."""
+    """Run (or resume) every enabled stage of a run config (a ``RunConfig`` or a YAML path) in
+    ``cfg.output``, with ``run.json`` written last. Revise and label run side by side: a row's
+    judge calls start as soon as its revision is written, in the same pool of requests.
+    ``backend`` replaces the configured one (tests, dry runs)."""
     t0 = time.time()
     cfg = (load_run_config(cfg) if not isinstance(cfg, RunConfig) else cfg).check()
     const = constitution or load_constitution(cfg.constitution)
@@ -336,68 +364,115 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
     res = RunResult(output=out)
     try:
         with counted(inner, cfg.cache_path()) as be:
-            rfp = revise_fingerprint(be, const, tpl, rcfg)
-            if cfg.revise.enabled:
-                assert cfg.input is not None  # cfg.check()
-                res.stages["revise"] = run_revise(
-                    cfg.input, backend=be, output=out / "revisions.jsonl", constitution=const, templates=tpl,
-                    settings=cfg.revise, seed=cfg.seed, chunk_size=cfg.chunk_size, overlap=cfg.overlap,
-                    limit=cfg.limit, prompt_column=cfg.prompt_column, split=cfg.split, progress=cfg.progress,
-                    prune=True).summary
-            if cfg.label.enabled:
-                res.stages["label"], prefs = _label_run(cfg, be, const, tpl, jcfg, rfp)
-                res.preferences = {"written": prefs.written, "ties": prefs.ties, "abstentions": prefs.abstentions,
-                                   "judgements": prefs.judgements, "position_inconsistent": prefs.inconsistent}
+            res.stages = run(lambda pool: _run_streams(cfg, be, pool, const, tpl, rcfg, jcfg), be, cfg.concurrency)
             res.sent, res.cached, res.errors = be.sent, be.hits, be.errors
             model_id = be.model_id
     finally:
         if backend is None:
             inner.close()
+    if "revise" in res.stages:
+        write_revise_report(out / "revisions.jsonl")
+    if cfg.label.enabled:
+        prefs = write_preferences(out / "labels.jsonl", out / "preferences.jsonl", keep_ties=cfg.label.keep_ties)
+        res.preferences = {"written": prefs.written, "ties": prefs.ties, "abstentions": prefs.abstentions,
+                           "judgements": prefs.judgements, "position_inconsistent": prefs.inconsistent}
     res.manifest = _manifest(cfg, const, tpl, rcfg, jcfg, res, model_id, time.time() - t0)
     write_json_atomic(out / "run.json", res.manifest)
     return res
 
 
-def _label_run(cfg: RunConfig, be: Counted, const: Constitution, tpl: Templates, jcfg: JudgeConfig,
-               revise_fp: str) -> tuple[SinkSummary, PreferenceSummary]:
-    """The label stage of `cai run`: pairs from every configured source into one labels file."""
+async def _run_streams(cfg: RunConfig, be: Counted, pool: Pool, const: Constitution, tpl: Templates,
+                       rcfg: ReviseConfig, jcfg: JudgeConfig) -> dict[str, SinkSummary]:
+    """`cai run`'s stages as two streams in one pool: revisions feed the judge as they are written."""
     out, sources = cfg.output, cfg.sources
-    revisions = out / "revisions.jsonl"
-    scfg = cfg.label.sample_config(cfg.seed, cfg.revise.max_tokens)
+    revisions, labels = out / "revisions.jsonl", out / "labels.jsonl"
+    rfp = revise_fingerprint(be, const, tpl, rcfg)
+    bars = RunProgress(enabled=cfg.progress)
+    total = count_jsonl(cfg.input, cfg.limit) if cfg.input else None
+    fused = cfg.revise.enabled and cfg.label.enabled and "revisions" in sources
+    done: dict[str, SinkSummary] = {}
+    with contextlib.ExitStack() as files:
+        queue: asyncio.Queue[Pair | None] = asyncio.Queue()
+        jobs: list[Awaitable[None]] = []
+        if cfg.revise.enabled:
+            assert cfg.input is not None  # cfg.check()
+            rsink = files.enter_context(JsonlSink(revisions, rfp))
+
+            def written(row: PromptRow, lines: list[int]) -> None:
+                if fused and lines:
+                    queue.put_nowait(record_to_pair(rsink.read(row.id), f"{revisions}:{lines[0]}"))
+
+            rows = read_prompts(cfg.input, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit)
+            stream = Stream(rsink, rows, ReviseStage(const, tpl, rcfg, be.model_id), "revise", total,
+                            written=written, prune=True, progress=cfg.progress)
+
+            async def revise() -> None:
+                try:
+                    done["revise"] = await run_stream(stream, pool, group=bars)
+                finally:
+                    queue.put_nowait(None)
+
+            jobs.append(revise())
+        if cfg.label.enabled:
+            scfg = cfg.label.sample_config(cfg.seed, cfg.revise.max_tokens)
+            fp = sha256_json([judge_fingerprint(be, const, tpl, jcfg), _upstream(cfg, rfp, scfg, tpl)])
+            lsink = files.enter_context(JsonlSink(labels, fp))
+            stage = LabelStage(JudgeStage(const, tpl, jcfg, be.model_id), scfg, tpl.render_text("generate", "system"))
+
+            async def items() -> AsyncIterator[Pair | PromptRow]:
+                if "revisions" in sources:
+                    if fused:
+                        while (pair := await queue.get()) is not None:
+                            yield pair
+                    elif not revisions.exists():
+                        raise InputError(f"{revisions}: no revisions to pair (enable the revise stage)")
+                    else:
+                        for p in read_pairs(revisions):
+                            yield p
+                if "dataset" in sources and cfg.label.pairs:
+                    for p in read_pairs(cfg.label.pairs, split=cfg.split):
+                        yield p
+                if "sample" in sources and cfg.input:
+                    for r in read_prompts(cfg.input, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit):
+                        yield r
+
+            ltotal = total if sources == ["revisions"] else None
+            lstream = Stream[Pair | PromptRow](lsink, _unique(items()), stage, "label", ltotal, ids=stage.ids,
+                                               prune=True, progress=cfg.progress)
+
+            async def label() -> None:
+                done["label"] = await run_stream(lstream, pool, group=bars)
+
+            jobs.append(label())
+        async with asyncio.TaskGroup() as group:
+            for job in jobs:
+                group.create_task(job)  # type: ignore[arg-type]
+    return {name: done[name] for name in ("revise", "label") if name in done}
+
+
+async def _unique(items: AsyncIterator[Pair | PromptRow]) -> AsyncIterator[Pair | PromptRow]:
+    """Pairs from several sources in one stream: a repeated id gets ``-2``, ``-3``..."""
+    seen: dict[str, int] = {}
+    async for item in items:
+        if isinstance(item, Pair):
+            n = seen[item.id] = seen.get(item.id, 0) + 1
+            if n > 1:
+                item = replace(item, id=f"{item.id}-{n}")
+        yield item
+
+
+def _upstream(cfg: RunConfig, revise_fp: str, scfg: SampleConfig, tpl: Templates) -> list[Any]:
+    """What the label stage's input depends on (part of its fingerprint)."""
     upstream: list[Any] = []
-    total: int | None = 0
-    if "revisions" in sources:
-        if not revisions.exists():
-            raise InputError(f"{revisions}: no revisions to pair (enable the revise stage)")
+    if "revisions" in cfg.sources:
         upstream.append(["revisions", revise_fp])
-        total = count_jsonl(revisions)
-    if "dataset" in sources:
-        assert cfg.label.pairs is not None  # cfg.check()
+    if "dataset" in cfg.sources and cfg.label.pairs:
         p = Path(cfg.label.pairs)
         upstream.append(["dataset", str(p), p.stat().st_size if p.is_file() else None])
-        total = None
-    if "sample" in sources:
+    if "sample" in cfg.sources:
         upstream.append(["sample", scfg.to_dict(), tpl.digest(("generate",)), cfg.input, cfg.limit,
                          cfg.prompt_column])
-        total = None
-    fp = sha256_json([judge_fingerprint(be, const, tpl, jcfg), upstream])
-
-    def pairs(feed: Feed[Pair]) -> Iterator[Pair]:
-        def gen() -> Iterator[Pair]:
-            if "revisions" in sources:
-                yield from read_pairs(revisions)
-            if "dataset" in sources and cfg.label.pairs:
-                yield from read_pairs(cfg.label.pairs, split=cfg.split)
-            if "sample" in sources and cfg.input:
-                rows = read_prompts(cfg.input, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit)
-                yield from sampled_pairs(rows, be, scfg, cfg.chunk_size, tpl.render_text("generate", "system"),
-                                         feed.is_done, feed.skipped)
-        return unique_pairs(gen())
-
-    labels = out / "labels.jsonl"
-    summary = _judge(labels, fp, pairs, be, const, tpl, jcfg, total=total, chunk_size=cfg.chunk_size,
-                     overlap=cfg.overlap, progress=cfg.progress, prune=True)
-    return summary, write_preferences(labels, out / "preferences.jsonl", keep_ties=cfg.label.keep_ties)
+    return upstream
 
 
 def _manifest(cfg: RunConfig, const: Constitution, tpl: Templates, rcfg: ReviseConfig, jcfg: JudgeConfig,

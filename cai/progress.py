@@ -1,4 +1,6 @@
-"""A rich progress bar for long jobs: rows done, rows/s, tokens/s and ETA."""
+"""Progress for long jobs: per stage, rows done of the total, rows/s, requests in flight,
+generated and prompt tokens/s (apart: prefill is cheap, decoding is what the engine spends),
+elapsed time and ETA. It moves on every model call, not per batch. Quiet when disabled."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -23,43 +26,76 @@ from rich.text import Text
 class _RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         elapsed = task.elapsed or 0.0
-        rows = task.completed / elapsed if elapsed > 0 else 0.0
-        toks = task.fields.get("tokens", 0) / elapsed if elapsed > 0 else 0.0
-        return Text(f"{rows:,.2f} rows/s  {toks:,.0f} tok/s", style="progress.data.speed")
+
+        def rate(x: float) -> float:
+            return x / elapsed if elapsed > 0 else 0.0
+
+        f = task.fields
+        return Text(f"{rate(task.completed):,.2f} rows/s  {f.get('in_flight', 0)} in flight  "
+                    f"gen {rate(f.get('gen', 0)):,.0f} tok/s  prompt {rate(f.get('prompt', 0)):,.0f} tok/s",
+                    style="progress.data.speed")
+
+
+class RunProgress:
+    """One live display for a run; each stage adds its bar with ``stage(title, total)``."""
+
+    def __init__(self, *, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=Console(stderr=True), disable=not self.enabled, transient=False,
+        )
+        self._open = 0
+
+    def stage(self, description: str, total: int | None) -> StageProgress:
+        return StageProgress(description, total, group=self)
+
+    def _add(self, description: str, total: int | None) -> TaskID:
+        if self._open == 0:
+            self._progress.start()
+        self._open += 1
+        return self._progress.add_task(description, total=total, gen=0, prompt=0, in_flight=0)
+
+    def _done(self) -> None:
+        self._open -= 1
+        if self._open == 0:
+            self._progress.stop()
 
 
 class StageProgress:
-    """``with StageProgress("revise", total) as p: p.advance(rows, tokens)``. Quiet when disabled."""
+    """``with StageProgress("revise", total) as p: p.advance(rows); p.called(prompt, gen, in_flight)``."""
 
-    def __init__(self, description: str, total: int | None, *, enabled: bool | None = None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.tokens = 0
-        self.rows = 0
+    def __init__(self, description: str, total: int | None, *, enabled: bool | None = None,
+                 group: RunProgress | None = None) -> None:
+        self.group = group or RunProgress(enabled=enabled)
+        self.enabled = self.group.enabled
+        self.description, self.total = description, total
+        self.rows = self.gen_tokens = self.prompt_tokens = 0
         self.started = time.monotonic()
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _RateColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            disable=not self.enabled,
-            transient=False,
-        )
-        self._task = self._progress.add_task(description, total=total, tokens=0)
+        self._task: TaskID | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.gen_tokens + self.prompt_tokens
 
     def advance(self, rows: int = 0, tokens: int = 0) -> None:
+        """Rows finished (written, failed or kept from before)."""
         self.rows += rows
-        self.tokens += tokens
-        self._progress.update(self._task, advance=rows, tokens=self.tokens)
+        if self._task is not None:
+            self.group._progress.update(self._task, advance=rows)
+
+    def called(self, prompt_tokens: int, completion_tokens: int, in_flight: int) -> None:
+        """One model call returned."""
+        self.prompt_tokens += prompt_tokens
+        self.gen_tokens += completion_tokens
+        if self._task is not None:
+            self.group._progress.update(self._task, gen=self.gen_tokens, prompt=self.prompt_tokens,
+                                        in_flight=in_flight)
 
     def __enter__(self) -> StageProgress:
-        self._progress.start()
+        self._task = self.group._add(self.description, self.total)
         return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._progress.stop()
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.group._done()

@@ -97,7 +97,8 @@ def test_kill_9_at_random_moments_then_finish(tmp_path: Path):
         assert_whole(out)
     if finished is None:
         finished = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=120)
-    assert finished.returncode == 0, finished.stderr
+    err = finished.stderr.read() if hasattr(finished.stderr, "read") else finished.stderr
+    assert finished.returncode == 0, err
     assert len(killed) >= 10, f"the run finished after only {len(killed)} kills"
 
     # exactly once: one row per input row, in every output, no leftovers

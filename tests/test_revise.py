@@ -1,13 +1,14 @@
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
-from cai.backends.base import Completion, Request
+from cai.backends.base import BackendBase, Completion, Request
 from cai.backends.fake import FakeBackend
 from cai.constitution import load_constitution
 from cai.inputs import PromptRow, read_prompts
-from cai.stages.revise import ReviseConfig, clean_revision, fingerprint, principles_for, revise_chunk
+from cai.stages.revise import ReviseConfig, ReviseStage, clean_revision, fingerprint, principles_for, revise_chunk
 from cai.stages.runner import run_stage
 from cai.templates import Templates
 
@@ -52,10 +53,35 @@ def test_rounds_chain_and_keep_every_step():
     assert len(row["calls"]) == 1 + 2 * 3
 
 
-def test_one_batched_call_per_step():
-    be = FakeBackend(scripted)
-    revise_chunk(rows(10), be, CONST, TPL, ReviseConfig(rounds=2))
-    assert be.batches == [10, 10, 10, 10, 10]
+class Gated(BackendBase):
+    """Row 0's first answer is held until row 1 has sent its last call: under a per-step
+    barrier (every row's step k before any row's step k+1) that never happens, and the
+    wait times out."""
+
+    model_id, concurrent = "gated", True
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.row1_done: asyncio.Event | None = None
+
+    async def acomplete(self, request: Request) -> Completion:
+        self.row1_done = self.row1_done or asyncio.Event()
+        text = json.dumps(request.messages)
+        row = "r0" if "question 0" in text else "r1"
+        self.order.append(row)
+        if row == "r0" and self.order.count("r0") == 1:
+            await asyncio.wait_for(self.row1_done.wait(), timeout=10)
+        if row == "r1" and self.order.count("r1") == 5:  # answer + 2 x (critique, revision)
+            self.row1_done.set()
+        return Completion(texts=[scripted(request)], finish_reasons=["stop"])
+
+
+def test_rows_stream_through_their_steps_without_a_barrier():
+    be = Gated()
+    outs = revise_chunk(rows(2), be, CONST, TPL, ReviseConfig(rounds=2))
+    assert all(o.row is not None for o in outs) and [o.id for o in outs] == ["r0", "r1"]
+    # row 1 went through all five of its steps while row 0 waited on its first
+    assert be.order[:6] == ["r0", "r1", "r1", "r1", "r1", "r1"]
 
 
 def test_failed_call_fails_only_that_row():
@@ -87,8 +113,8 @@ def test_stage_run_resumes_and_writes_failures(tmp_path: Path, hh_dev: Path):
 
     def run(limit: int) -> FakeBackend:
         b = FakeBackend(fail=be.fail)
-        run_stage(out, fp, read_prompts(hh_dev, limit=limit), lambda c: revise_chunk(c, b, CONST, TPL, cfg),
-                  title="t", total=limit, chunk_size=4, progress=False)
+        run_stage(out, fp, read_prompts(hh_dev, limit=limit), ReviseStage(CONST, TPL, cfg, b.model_id), backend=b,
+                  title="t", total=limit, concurrency=4, progress=False)
         return b
 
     run(10)

@@ -7,7 +7,11 @@ and reads the next token's log-probabilities.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, runtime_checkable
 
@@ -88,18 +92,31 @@ class Completion:
 
 @runtime_checkable
 class Backend(Protocol):
-    """Anything with a model id and a batched ``complete``. Order of results = order of requests.
+    """Anything with a model id, a batched ``complete`` and a one-request ``acomplete``.
 
+    ``complete``: order of results = order of requests. ``acomplete``: one request, awaited;
+    the runner feeds every ready request through it, so the engine always has work.
+    ``submit``: one request from any thread; the future's callbacks run where the answer
+    arrives (the call cache commits there, before anything else happens).
     A backend never raises for one bad request: it returns a ``Completion`` with ``error`` set.
     It raises ``BackendError`` only when it cannot work at all (unreachable, misconfigured).
-    ``concurrent`` declares that ``complete`` may be called from several threads at once (a
-    server client); the runner keeps several chunks in flight only then.
+
+    Declared capabilities: ``concurrent`` (``complete`` may be called from several threads at
+    once: a server client); ``max_batch`` (for one that is not: requests it computes at once);
+    ``loop`` (the event loop ``acomplete`` must be awaited in, for a
+    backend that runs its own, or None: any loop).
     """
 
     model_id: str
     concurrent: bool
+    max_batch: int
+    loop: asyncio.AbstractEventLoop | None
 
     def complete(self, requests: Sequence[Request]) -> list[Completion]: ...
+
+    async def acomplete(self, request: Request) -> Completion: ...
+
+    def submit(self, request: Request) -> Future[Completion]: ...
 
     def close(self) -> None: ...
 
@@ -109,16 +126,78 @@ class Backend(Protocol):
 
 
 class BackendBase:
-    """What every backend shares: declared capabilities, and use as a context manager
-    (``with build_backend(...) as be:`` closes it however the block ends)."""
+    """What every backend shares: declared capabilities, one-request ``acomplete`` on top of a
+    batched ``complete``, and use as a context manager (``with build_backend(...) as be:``
+    closes it however the block ends).
+
+    The default ``acomplete`` hands requests to one worker thread that calls ``complete`` on
+    whatever requests are ready (up to ``max_batch``): micro-batches of ready requests, for the
+    backends that compute in this process (embedded, fake, and vLLM's synchronous engine).
+    """
 
     concurrent: bool = False
+    loop: asyncio.AbstractEventLoop | None = None
+    max_batch: int = 64
+    _batcher: _Batcher | None = None
+
+    def complete(self, requests: Sequence[Request]) -> list[Completion]:
+        raise NotImplementedError
+
+    def submit(self, request: Request) -> Future[Completion]:
+        if self._batcher is None:
+            self._batcher = _Batcher(self.complete, self.max_batch)
+        return self._batcher.submit(request)
+
+    async def acomplete(self, request: Request) -> Completion:
+        return await asyncio.wrap_future(self.submit(request))
 
     def close(self) -> None:
-        """Free what the backend holds (connections, the model); the default holds nothing."""
+        """Stop the worker thread; subclasses free what they hold and call this too."""
+        if self._batcher is not None:
+            self._batcher.stop()
+            self._batcher = None
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Batcher:
+    """One daemon thread: take every queued request (at most ``max_batch``), answer them with
+    one ``complete`` call, repeat. A failing ``complete`` fails its batch's futures, not the thread."""
+
+    def __init__(self, complete: Callable[[Sequence[Request]], list[Completion]], max_batch: int) -> None:
+        self._complete, self._max = complete, max(1, max_batch)
+        self._queue: queue.SimpleQueue[tuple[Request, Future[Completion]] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._work, name="cai-batcher", daemon=True).start()
+
+    def submit(self, request: Request) -> Future[Completion]:
+        fut: Future[Completion] = Future()
+        self._queue.put((request, fut))
+        return fut
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _work(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch = [first]
+            while len(batch) < self._max:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            try:
+                done = self._complete([r for r, _ in batch])
+                for (_, fut), c in zip(batch, done, strict=True):
+                    fut.set_result(c)
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting rows
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)

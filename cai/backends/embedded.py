@@ -77,7 +77,7 @@ class EmbeddedBackend(BackendBase):
         self.model: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
         self.model.eval()
         self.model_id = f"{folder.name}@embedded"
-        self.batch_size = max(1, batch_size)
+        self.batch_size = self.max_batch = max(1, batch_size)  # micro-batches of ready requests
         self.max_new_tokens_cap = max_new_tokens_cap
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         eos: set[int] = set()
@@ -141,6 +141,7 @@ class EmbeddedBackend(BackendBase):
 
     def close(self) -> None:
         self.model = None
+        super().close()
 
     # ------------------------------------------------------------------------------ helpers
     def _prompt_ids(self, req: Request) -> list[int]:

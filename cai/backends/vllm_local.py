@@ -93,6 +93,7 @@ class VLLMBackend(BackendBase):
         shutdown = getattr(core, "shutdown", None)
         if callable(shutdown):
             shutdown()
+        super().close()
 
     # ------------------------------------------------------------------------------ helpers
     @staticmethod

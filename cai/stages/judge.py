@@ -25,7 +25,7 @@ from ..backends.base import Backend, Completion, Request, Sampling
 from ..constitution import Constitution, Principle
 from ..templates import Templates
 from .pairs import Pair
-from .runner import Outcome, stage_fingerprint
+from .runner import Call, Outcome, run_rows, stage_fingerprint
 
 DRAW_SALT = "judge"
 MODES = ("logprobs", "cot", "choice")
@@ -106,12 +106,12 @@ def fingerprint(
 
 
 def provenance(
-    backend: Backend, constitution: Constitution, templates: Templates, cfg: JudgeConfig
+    model_id: str, constitution: Constitution, templates: Templates, cfg: JudgeConfig
 ) -> dict[str, Any]:
     return {
         "stage": "label",
         "cai_version": __version__,
-        "model": backend.model_id,
+        "model": model_id,
         "constitution": constitution.name,
         "constitution_version": constitution.version,
         "constitution_hash": constitution.digest(),
@@ -122,9 +122,8 @@ def provenance(
 
 @dataclass
 class _Job:
-    """One (pair, principle, order) judgement in flight."""
+    """One (principle, order) judgement of a pair in flight."""
 
-    pair: int
     principle: Principle
     order: str
     ctx: dict[str, Any]
@@ -161,95 +160,89 @@ def _read(
     res.update(p_a=p_a, p_b=1.0 - p_a, abstain=None)
 
 
-def judge_chunk(
-    pairs: Sequence[Pair],
-    backend: Backend,
-    constitution: Constitution,
-    templates: Templates,
-    cfg: JudgeConfig,
-) -> list[Outcome]:
-    """Judge a chunk of pairs in one batched call per step; one ``Outcome`` per pair, in order."""
-    failed: dict[int, str] = {}
-    tokens = [0] * len(pairs)
-    jobs: list[_Job] = []
-    for i, pair in enumerate(pairs):
-        if pair.error:
-            failed[i] = pair.error
-        elif pair.response_a.strip() == pair.response_b.strip():
-            failed[i] = "identical responses: nothing to judge"
-        else:
-            for p in principles_for(pair.id, constitution, cfg):
-                for order in ORDERS if cfg.both_orders else ORDERS[:1]:
-                    a, b = (
-                        (pair.response_a, pair.response_b)
-                        if order == "ab"
-                        else (pair.response_b, pair.response_a)
-                    )
-                    ctx = {
-                        "conversation": pair.prompt,
-                        "response_a": a,
-                        "response_b": b,
-                        "principle": p,
-                    }
-                    jobs.append(_Job(i, p, order, ctx, {"principle_id": p.id, "order": order}))
+@dataclass
+class JudgeStage:
+    """Judge one pair: ``k`` principles x both orders, all sent at once; in CoT mode each
+    judgement reasons first, then its answer is read. A judgement that fails fails the pair
+    (its first failure, in judgement order, is the reason); a pair whose every judgement
+    abstains is a failure too, never a tie."""
 
-    def call(step: str, todo: list[_Job], reqs: list[Request]) -> list[tuple[_Job, Completion]]:
-        ok = []
-        for job, c in zip(todo, backend.complete(reqs) if reqs else [], strict=True):
-            tokens[job.pair] += c.prompt_tokens + c.completion_tokens
-            if c.error:
-                failed.setdefault(job.pair, f"{step}: backend error: {c.error}")
-            elif job.pair not in failed:
-                ok.append((job, c))
-        return ok
+    constitution: Constitution
+    templates: Templates
+    cfg: JudgeConfig
+    model_id: str
 
-    if cfg.mode == "cot":
-        reqs = [Request(tuple(templates.messages("judge_cot", **j.ctx)), cfg.cot) for j in jobs]
-        for job, c in call("judge reasoning", jobs, reqs):
-            job.ctx["reasoning"] = c.text.strip()
-            job.result["reasoning"] = c.text.strip()
-        jobs = [j for j in jobs if "reasoning" in j.ctx]
-    stage = "judge_cot_answer" if cfg.mode == "cot" else "judge"
-    sampling = cfg.choice_sampling() if cfg.mode == "choice" else cfg.answer_sampling()
-    reqs = [Request(tuple(templates.messages(stage, **j.ctx)), sampling) for j in jobs]
-    again: list[_Job] = []
-    for job, c in call("judge answer", jobs, reqs):
-        if cfg.mode != "choice" and cfg.fallback and c.logprobs is None:
-            again.append(job)  # this server gave no log-probs: ask for a structured choice
-        else:
-            _read(job, c, cfg.mode, cfg.clamp, cfg.min_mass)
-    if again:
-        reqs = [
-            Request(tuple(templates.messages(stage, **j.ctx)), cfg.choice_sampling()) for j in again
-        ]
-        for job, c in call("judge choice fallback", again, reqs):
-            _read(job, c, "choice", cfg.clamp, cfg.min_mass)
+    def __post_init__(self) -> None:
+        self.provenance = provenance(self.model_id, self.constitution, self.templates, self.cfg)
 
-    prov = provenance(backend, constitution, templates, cfg)
-    by_pair: dict[int, list[dict[str, Any]]] = {}
-    for j in jobs:
-        by_pair.setdefault(j.pair, []).append(j.result)
-    outcomes = []
-    for i, pair in enumerate(pairs):
+    def jobs(self, pair: Pair) -> list[_Job]:
+        out = []
+        for p in principles_for(pair.id, self.constitution, self.cfg):
+            for order in ORDERS if self.cfg.both_orders else ORDERS[:1]:
+                a, b = (pair.response_a, pair.response_b) if order == "ab" else (pair.response_b, pair.response_a)
+                ctx = {"conversation": pair.prompt, "response_a": a, "response_b": b, "principle": p}
+                out.append(_Job(p, order, ctx, {"principle_id": p.id, "order": order}))
+        return out
+
+    async def __call__(self, pair: Pair, call: Call) -> list[Outcome]:
+        cfg, tpl = self.cfg, self.templates
         info = {"source": pair.source, "origin": pair.origin}
-        if i in failed:
-            outcomes.append(Outcome(pair.id, reason=failed[i], tokens=tokens[i], info=info))
-            continue
-        row = aggregate(pair, by_pair.get(i, []), cfg)
+        tokens = 0
+
+        def failure(reason: str, **more: Any) -> list[Outcome]:
+            return [Outcome(pair.id, reason=reason, tokens=tokens, info={**info, **more})]
+
+        async def ask(step: str, todo: list[_Job], reqs: list[Request]) -> list[tuple[_Job, Completion]] | str:
+            nonlocal tokens
+            done = await call.many(reqs)
+            tokens += sum(c.prompt_tokens + c.completion_tokens for c in done)
+            for c in done:
+                if c.error:
+                    return f"{step}: backend error: {c.error}"
+            return list(zip(todo, done, strict=True))
+
+        if pair.error:
+            return failure(pair.error)
+        if pair.response_a.strip() == pair.response_b.strip():
+            return failure("identical responses: nothing to judge")
+        jobs = self.jobs(pair)
+        if cfg.mode == "cot":
+            got = await ask("judge reasoning", jobs,
+                            [Request(tuple(tpl.messages("judge_cot", **j.ctx)), cfg.cot) for j in jobs])
+            if isinstance(got, str):
+                return failure(got)
+            for job, c in got:
+                job.ctx["reasoning"] = job.result["reasoning"] = c.text.strip()
+        stage = "judge_cot_answer" if cfg.mode == "cot" else "judge"
+        sampling = cfg.choice_sampling() if cfg.mode == "choice" else cfg.answer_sampling()
+        got = await ask("judge answer", jobs, [Request(tuple(tpl.messages(stage, **j.ctx)), sampling) for j in jobs])
+        if isinstance(got, str):
+            return failure(got)
+        again: list[_Job] = []
+        for job, c in got:
+            if cfg.mode != "choice" and cfg.fallback and c.logprobs is None:
+                again.append(job)  # this server gave no log-probs: ask for a structured choice
+            else:
+                _read(job, c, cfg.mode, cfg.clamp, cfg.min_mass)
+        if again:
+            got = await ask("judge choice fallback", again,
+                            [Request(tuple(tpl.messages(stage, **j.ctx)), cfg.choice_sampling()) for j in again])
+            if isinstance(got, str):
+                return failure(got)
+            for job, c in got:
+                _read(job, c, "choice", cfg.clamp, cfg.min_mass)
+        row = aggregate(pair, [j.result for j in jobs], cfg)
         if row["p_a"] is None:
             reasons = sorted({str(j.get("abstain")) for j in row["judgements"]})
-            outcomes.append(
-                Outcome(
-                    pair.id,
-                    reason="all judgements abstained: " + "; ".join(reasons),
-                    tokens=tokens[i],
-                    info={**info, "judgements": row["judgements"]},
-                )
-            )
-            continue
-        row["provenance"] = prov
-        outcomes.append(Outcome(pair.id, row=row, tokens=tokens[i]))
-    return outcomes
+            return failure("all judgements abstained: " + "; ".join(reasons), judgements=row["judgements"])
+        row["provenance"] = self.provenance
+        return [Outcome(pair.id, row=row, tokens=tokens)]
+
+
+def judge_chunk(pairs: Sequence[Pair], backend: Backend, constitution: Constitution, templates: Templates,
+                cfg: JudgeConfig) -> list[Outcome]:
+    """Judge ``pairs`` (no output file): one ``Outcome`` per pair, in order."""
+    return run_rows(pairs, JudgeStage(constitution, templates, cfg, backend.model_id), backend)
 
 
 def _mean(xs: Sequence[float]) -> float | None:

@@ -17,7 +17,7 @@ from ..constitution import Constitution
 from ..templates import Templates
 from .judge import JudgeConfig, aggregate, principles_for, provenance
 from .pairs import Pair
-from .runner import Outcome, stage_fingerprint
+from .runner import Call, Outcome, run_rows, stage_fingerprint
 
 _LETTER = [
     re.compile(r"\(([AB])\)"),
@@ -66,66 +66,52 @@ def naive_fingerprint(
     return stage_fingerprint("naive-judge", backend, constitution, templates, ("judge",), cfg.to_dict())
 
 
-def naive_chunk(
-    pairs: Sequence[Pair],
-    backend: Backend,
-    constitution: Constitution,
-    templates: Templates,
-    cfg: NaiveConfig,
-) -> list[Outcome]:
+@dataclass
+class NaiveStage:
     """Single order, generated text, letter parsed; the label is the mean of the votes."""
-    jcfg = cfg.judge_cfg()
-    todo: list[tuple[int, str, Request]] = []
-    for i, pair in enumerate(pairs):
+
+    constitution: Constitution
+    templates: Templates
+    cfg: NaiveConfig
+    model_id: str
+
+    def __post_init__(self) -> None:
+        self.jcfg = self.cfg.judge_cfg()
+        self.provenance = {**provenance(self.model_id, self.constitution, self.templates, self.jcfg),
+                           "judge": self.cfg.to_dict()}
+
+    async def __call__(self, pair: Pair, call: Call) -> list[Outcome]:
+        info = {"source": pair.source}
         if pair.error or pair.response_a.strip() == pair.response_b.strip():
-            continue
-        for p in principles_for(pair.id, constitution, jcfg):
-            msgs = templates.messages(
-                "judge",
-                conversation=pair.prompt,
-                response_a=pair.response_a,
-                response_b=pair.response_b,
-                principle=p,
-            )
+            return [Outcome(pair.id, reason=pair.error or "identical responses: nothing to judge", info=info)]
+        todo: list[tuple[str, Request]] = []
+        for p in principles_for(pair.id, self.constitution, self.jcfg):
+            msgs = self.templates.messages("judge", conversation=pair.prompt, response_a=pair.response_a,
+                                           response_b=pair.response_b, principle=p)
             if msgs[-1]["role"] == "assistant":  # no "The answer is: (" prefix: let it write
                 msgs = msgs[:-1]
-            todo.append((i, p.id, Request(tuple(msgs), cfg.sampling)))
-    done = backend.complete([r for _, _, r in todo]) if todo else []
-    votes: dict[int, list[dict[str, Any]]] = {}
-    errors: dict[int, str] = {}
-    tokens = [0] * len(pairs)
-    for (i, pid, _), c in zip(todo, done, strict=True):
-        tokens[i] += c.prompt_tokens + c.completion_tokens
-        if c.error:
-            errors.setdefault(i, f"naive judge: backend error: {c.error}")
-            continue
-        letter = parse_letter(c.text)
-        v: dict[str, Any] = {"principle_id": pid, "order": "ab", "mode": "text", "text": c.text}
-        if letter is None:
-            v["abstain"] = "no answer letter in the text"
-        else:
-            v.update(
-                p_a=1.0 if letter == "A" else 0.0, p_b=0.0 if letter == "A" else 1.0, abstain=None
-            )
-        votes.setdefault(i, []).append(v)
-    prov = {**provenance(backend, constitution, templates, jcfg), "judge": cfg.to_dict()}
-    out = []
-    for i, pair in enumerate(pairs):
-        info = {"source": pair.source}
-        if pair.error or i in errors or i not in votes:
-            why = pair.error or errors.get(i) or "identical responses: nothing to judge"
-            out.append(Outcome(pair.id, reason=why, tokens=tokens[i], info=info))
-            continue
-        row = aggregate(pair, votes[i], jcfg)
+            todo.append((p.id, Request(tuple(msgs), self.cfg.sampling)))
+        done = await call.many(r for _, r in todo)
+        tokens = sum(c.prompt_tokens + c.completion_tokens for c in done)
+        votes: list[dict[str, Any]] = []
+        for (pid, _), c in zip(todo, done, strict=True):
+            if c.error:
+                return [Outcome(pair.id, reason=f"naive judge: backend error: {c.error}", tokens=tokens, info=info)]
+            letter = parse_letter(c.text)
+            v: dict[str, Any] = {"principle_id": pid, "order": "ab", "mode": "text", "text": c.text}
+            if letter is None:
+                v["abstain"] = "no answer letter in the text"
+            else:
+                v.update(p_a=1.0 if letter == "A" else 0.0, p_b=0.0 if letter == "A" else 1.0, abstain=None)
+            votes.append(v)
+        row = aggregate(pair, votes, self.jcfg)
         if row["p_a"] is None:
-            out.append(
-                Outcome(
-                    pair.id,
-                    reason="all judgements abstained: no answer letter",
-                    tokens=tokens[i],
-                    info={**info, "judgements": row["judgements"]},
-                )
-            )
-            continue
-        out.append(Outcome(pair.id, row={**row, "provenance": prov}, tokens=tokens[i]))
-    return out
+            return [Outcome(pair.id, reason="all judgements abstained: no answer letter", tokens=tokens,
+                            info={**info, "judgements": row["judgements"]})]
+        return [Outcome(pair.id, row={**row, "provenance": self.provenance}, tokens=tokens)]
+
+
+def naive_chunk(pairs: Sequence[Pair], backend: Backend, constitution: Constitution, templates: Templates,
+                cfg: NaiveConfig) -> list[Outcome]:
+    """The naive judge over ``pairs`` (no output file): one ``Outcome`` per pair, in order."""
+    return run_rows(pairs, NaiveStage(constitution, templates, cfg, backend.model_id), backend)

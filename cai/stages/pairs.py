@@ -14,8 +14,9 @@ with a position bias then cannot look good by always answering A.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from typing import Any
@@ -25,6 +26,7 @@ from ..errors import InputError
 from ..hashing import call_seed, hash_int, short_id, unique_ids
 from ..inputs import PromptRow, Source, iter_records, to_messages, transcript_prompt
 from ..templates import with_system
+from .runner import Call, Pool, run
 
 
 @dataclass(frozen=True)
@@ -73,35 +75,34 @@ def prompt_seed(seed: int, row_id: str) -> int:
     return call_seed(seed, row_id, "sample")
 
 
-def sample_pairs(
-    rows: Sequence[PromptRow], backend: Backend, cfg: SampleConfig, system: str | None = None
-) -> list[Pair]:
-    """Sample ``cfg.n`` answers per prompt in one batched call and pair them (all combinations).
-
-    A prompt whose call fails gives one ``Pair`` with ``error`` set. Two identical answers are
-    still returned as a pair (the judge turns it into a recorded failure, not a label).
+async def sample_prompt(r: PromptRow, call: Call, cfg: SampleConfig, system: str | None = None) -> list[Pair]:
+    """Sample ``cfg.n`` answers to one prompt (one request with ``n``, seeded per prompt) and
+    pair them (all combinations). A failed call gives one ``Pair`` with ``error`` set. Two
+    identical answers are still returned as a pair (the judge records a failure, not a label).
     """
     if cfg.n < 2:
         raise InputError("sampling pairs needs at least 2 answers per prompt (--samples >= 2)")
-    reqs = []
-    for r in rows:
-        msgs = with_system(system, r.prompt)
-        reqs.append(
-            Request(tuple(msgs), replace(cfg.sampling, n=cfg.n, seed=prompt_seed(cfg.seed, r.id)))
-        )
-    out: list[Pair] = []
-    for r, c in zip(rows, backend.complete(reqs), strict=True):
-        ids = sample_pair_ids(r.id, cfg.n)
-        base = Pair(id=ids[0], prompt=r.prompt, response_a="", response_b="", origin="sampled", source=r.source,
-                    extra=r.extra)
-        if c.error or len(c.texts) < cfg.n:
-            why = f"backend error: {c.error}" if c.error else f"got {len(c.texts)} of {cfg.n} samples"
-            out.append(replace(base, error=f"sampling: {why}"))
-            continue
-        texts = [t.strip() for t in c.texts]
-        for pid, (i, j) in zip(ids, itertools.combinations(range(cfg.n), 2), strict=True):
-            out.append(replace(base, id=pid, response_a=texts[i], response_b=texts[j]))
-    return out
+    ids = sample_pair_ids(r.id, cfg.n)
+    c = await call(Request(tuple(with_system(system, r.prompt)),
+                           replace(cfg.sampling, n=cfg.n, seed=prompt_seed(cfg.seed, r.id))))
+    base = Pair(id=ids[0], prompt=r.prompt, response_a="", response_b="", origin="sampled", source=r.source,
+                extra=r.extra)
+    if c.error or len(c.texts) < cfg.n:
+        why = f"backend error: {c.error}" if c.error else f"got {len(c.texts)} of {cfg.n} samples"
+        return [replace(base, error=f"sampling: {why}")]
+    texts = [t.strip() for t in c.texts]
+    return [replace(base, id=pid, response_a=texts[i], response_b=texts[j])
+            for pid, (i, j) in zip(ids, itertools.combinations(range(cfg.n), 2), strict=True)]
+
+
+def sample_pairs(rows: Sequence[PromptRow], backend: Backend, cfg: SampleConfig,
+                 system: str | None = None) -> list[Pair]:
+    """``sample_prompt`` over ``rows``, all at once: their pairs, in order."""
+    async def go(pool: Pool) -> list[list[Pair]]:
+        call = Call(pool)
+        return list(await asyncio.gather(*(sample_prompt(r, call, cfg, system) for r in rows)))
+
+    return [p for ps in run(go, backend, 256) for p in ps]
 
 
 # --- (b) and (c) from a dataset --------------------------------------------------------------
@@ -195,25 +196,6 @@ def read_pairs(
 def unique_pairs(pairs: Iterable[Pair]) -> Iterator[Pair]:
     """Pairs with unique ids, in order (several sources in one file may repeat one)."""
     return unique_ids(pairs, lambda p: p.id, lambda p, new: replace(p, id=new))
-
-
-def sampled_pairs(rows: Iterable[PromptRow], backend: Backend, cfg: SampleConfig, chunk_size: int,
-                  system: str | None, is_done: Callable[[str], bool],
-                  skipped: Callable[[list[str]], None]) -> Iterator[Pair]:
-    """Pairs sampled a chunk of prompts at a time. A prompt whose pairs are all written
-    (``is_done``) is not sampled again: its pair ids go to ``skipped``."""
-
-    def todo() -> Iterator[PromptRow]:
-        for r in rows:
-            ids = sample_pair_ids(r.id, cfg.n)
-            if all(is_done(i) for i in ids):
-                skipped(ids)
-            else:
-                yield r
-
-    it = todo()
-    while batch := list(islice(it, chunk_size)):
-        yield from sample_pairs(batch, backend, cfg, system)
 
 
 def first_record(source: Source, split: str = "train") -> dict[str, Any]:

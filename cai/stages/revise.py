@@ -13,12 +13,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import __version__
-from ..backends.base import Backend, Completion, Request, Sampling
+from ..backends.base import Backend, Completion, Message, Request, Sampling
 from ..constitution import Constitution, Principle
 from ..hashing import call_seed
 from ..inputs import PromptRow
 from ..templates import Templates
-from .runner import Outcome, stage_fingerprint
+from .runner import Call, Outcome, run_rows, stage_fingerprint
 
 DRAW_SALT = "revise"
 _LABEL = re.compile(r"^\s*(revised (reply|response)|revision|rewrite)\s*:\s*", re.IGNORECASE)
@@ -70,97 +70,84 @@ def _seeded(s: Sampling, seed: int, row_id: str, step: str) -> Sampling:
     return s if s.seed is None else replace(s, seed=call_seed(seed, row_id, step))
 
 
-def revise_chunk(
-    rows: Sequence[PromptRow],
-    backend: Backend,
-    constitution: Constitution,
-    templates: Templates,
-    cfg: ReviseConfig,
-) -> list[Outcome]:
-    """Run the whole critique-revise loop for a chunk of rows, one batched call per step."""
-    state: dict[str, dict[str, Any]] = {}
-    failed: dict[str, str] = {}
-    tokens: dict[str, int] = {r.id: 0 for r in rows}
-    draws = {r.id: principles_for(r.id, constitution, cfg) for r in rows}
+@dataclass
+class ReviseStage:
+    """Critique and revise one row: its answer, then per round a critique and a revision, each
+    call sent as soon as the row's previous one returns. A failed or empty call fails the row
+    with the step's name."""
 
-    def call(step: str, reqs: dict[str, Request]) -> dict[str, Completion]:
-        ids = list(reqs)
-        done = backend.complete([reqs[i] for i in ids])
-        out: dict[str, Completion] = {}
-        for rid, c in zip(ids, done, strict=True):
-            tokens[rid] += c.prompt_tokens + c.completion_tokens
+    constitution: Constitution
+    templates: Templates
+    cfg: ReviseConfig
+    model_id: str
+
+    def __post_init__(self) -> None:
+        self.provenance = {
+            "stage": "revise", "cai_version": __version__, "model": self.model_id,
+            "constitution": self.constitution.name, "constitution_version": self.constitution.version,
+            "constitution_hash": self.constitution.digest(),
+            "templates_hash": self.templates.digest(("generate", "critique", "revise")),
+            "config": self.cfg.to_dict(),
+        }
+
+    async def __call__(self, r: PromptRow, call: Call) -> list[Outcome]:
+        cfg, tpl = self.cfg, self.templates
+        tokens = 0
+
+        async def ask(step: str, messages: list[Message], sampling: Sampling) -> Completion | str:
+            nonlocal tokens
+            c = await call(Request(tuple(messages), sampling))
+            tokens += c.prompt_tokens + c.completion_tokens
             if c.error:
-                failed[rid] = f"{step}: backend error: {c.error}"
-            elif not c.text.strip():
-                failed[rid] = f"{step}: empty output (finish_reason={c.finish_reasons[:1]})"
-            else:
-                out[rid] = c
-        return out
+                return f"{step}: backend error: {c.error}"
+            if not c.text.strip():
+                return f"{step}: empty output (finish_reason={c.finish_reasons[:1]})"
+            return c
 
-    gen_reqs = {r.id: Request(tuple(templates.generate_messages(r.prompt)),
-                              _seeded(cfg.generate, cfg.seed, r.id, "initial")) for r in rows}
-    for rid, c in call("initial answer", gen_reqs).items():
-        state[rid] = {"initial": c.text.strip(), "current": c.text.strip(), "rounds": [],
-                      "calls": [_raw("initial", c)]}
+        def failure(reason: str) -> list[Outcome]:
+            return [Outcome(r.id, reason=reason, tokens=tokens, info={"source": r.source})]
 
-    by_id = {r.id: r for r in rows}
-    for rnd in range(cfg.rounds):
-        alive = [rid for rid in state if rid not in failed]
-        crit_reqs = {}
-        for rid in alive:
-            p = draws[rid][rnd]
-            msgs = templates.messages("critique", conversation=by_id[rid].prompt,
-                                      response=state[rid]["current"], principle=p, round=rnd + 1)
-            crit_reqs[rid] = Request(tuple(msgs), _seeded(cfg.critique, cfg.seed, rid, f"c{rnd}"))
-        crits = call(f"round {rnd + 1} critique", crit_reqs)
-        rev_reqs = {}
-        for rid, c in crits.items():
-            p = draws[rid][rnd]
-            msgs = templates.messages("revise", conversation=by_id[rid].prompt,
-                                      response=state[rid]["current"], critique=c.text.strip(),
-                                      principle=p, round=rnd + 1)
-            rev_reqs[rid] = Request(tuple(msgs), _seeded(cfg.revise, cfg.seed, rid, f"r{rnd}"))
-        revs = call(f"round {rnd + 1} revision", rev_reqs)
-        for rid, rc in revs.items():
-            p = draws[rid][rnd]
-            s = state[rid]
-            s["rounds"].append({
-                "round": rnd + 1, "principle_id": p.id,
-                "critique_request": p.critique, "critique": crits[rid].text,
-                "revision_request": p.revision, "revision": rc.text,
-            })
-            s["calls"] += [_raw(f"critique {rnd + 1}", crits[rid]), _raw(f"revision {rnd + 1}", rc)]
-            s["current"] = clean_revision(rc.text) or s["current"]
-
-    provenance = {
-        "stage": "revise", "cai_version": __version__, "model": backend.model_id,
-        "constitution": constitution.name, "constitution_version": constitution.version,
-        "constitution_hash": constitution.digest(),
-        "templates_hash": templates.digest(("generate", "critique", "revise")),
-        "config": cfg.to_dict(),
-    }
-    outcomes: list[Outcome] = []
-    for r in rows:
-        if r.id in failed:
-            outcomes.append(Outcome(r.id, reason=failed[r.id], tokens=tokens[r.id],
-                                    info={"source": r.source}))
-            continue
-        s = state[r.id]
+        first = await ask("initial answer", tpl.generate_messages(r.prompt),
+                          _seeded(cfg.generate, cfg.seed, r.id, "initial"))
+        if isinstance(first, str):
+            return failure(first)
+        initial = current = first.text.strip()
+        rounds: list[dict[str, Any]] = []
+        calls = [_raw("initial", first)]
+        for rnd, p in enumerate(principles_for(r.id, self.constitution, cfg)):
+            ctx = {"conversation": r.prompt, "response": current, "principle": p, "round": rnd + 1}
+            crit = await ask(f"round {rnd + 1} critique", tpl.messages("critique", **ctx),
+                             _seeded(cfg.critique, cfg.seed, r.id, f"c{rnd}"))
+            if isinstance(crit, str):
+                return failure(crit)
+            rev = await ask(f"round {rnd + 1} revision", tpl.messages("revise", **ctx, critique=crit.text.strip()),
+                            _seeded(cfg.revise, cfg.seed, r.id, f"r{rnd}"))
+            if isinstance(rev, str):
+                return failure(rev)
+            rounds.append({"round": rnd + 1, "principle_id": p.id, "critique_request": p.critique,
+                           "critique": crit.text, "revision_request": p.revision, "revision": rev.text})
+            calls += [_raw(f"critique {rnd + 1}", crit), _raw(f"revision {rnd + 1}", rev)]
+            current = clean_revision(rev.text) or current
         row = {
             "id": r.id,
             "prompt": r.prompt,
-            "messages": [*r.prompt, {"role": "assistant", "content": s["current"]}],
-            "initial_response": s["initial"],
-            "revised_response": s["current"],
-            "principle_ids": [x["principle_id"] for x in s["rounds"]],
-            "rounds": s["rounds"],
-            "calls": s["calls"],
+            "messages": [*r.prompt, {"role": "assistant", "content": current}],
+            "initial_response": initial,
+            "revised_response": current,
+            "principle_ids": [x["principle_id"] for x in rounds],
+            "rounds": rounds,
+            "calls": calls,
             "source": r.source,
             "extra": r.extra,
-            "provenance": provenance,
+            "provenance": self.provenance,
         }
-        outcomes.append(Outcome(r.id, row=row, tokens=tokens[r.id]))
-    return outcomes
+        return [Outcome(r.id, row=row, tokens=tokens)]
+
+
+def revise_chunk(rows: Sequence[PromptRow], backend: Backend, constitution: Constitution, templates: Templates,
+                 cfg: ReviseConfig) -> list[Outcome]:
+    """Critique and revise ``rows`` (no output file): one ``Outcome`` per row, in order."""
+    return run_rows(rows, ReviseStage(constitution, templates, cfg, backend.model_id), backend)
 
 
 def _raw(step: str, c: Completion) -> dict[str, Any]:

@@ -1,32 +1,37 @@
-"""The one loop that moves rows through a stage, for every command and the Python API.
+"""The one runner that moves rows through a stage, for every command and the Python API.
 
-``run_stage`` streams a stage's input, skips the rows its output already holds (resume by id),
-hands the rest to the stage's ``process`` function a chunk at a time (up to ``depth`` chunks in
-flight, for backends that take concurrent calls), writes each outcome crash-safely in input
-order, and, when asked, prunes rows whose id is no longer among the inputs.
+Each row runs its own chain of model calls (a stage is an async function of one row and a
+``Call``); every ready request goes into one bounded pool of ``concurrency`` requests in flight,
+so the engine has work while any row has a ready step: there is no per-chunk barrier. Rows are
+written as they finish, in input order (a small reorder window, so output files are
+deterministic and diffable), appended whole to ``NAME.jsonl.part``; a rerun skips the ids the
+output already holds (resume), and, when asked, rows whose id is no longer among the inputs
+are pruned at the end.
 """
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
 import json
 import os
-import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from ..backends.base import Backend
+from ..backends.base import Backend, Completion, Request
 from ..constitution import Constitution
 from ..hashing import sha256_json
 from ..output import JsonlSink, SinkSummary
-from ..progress import StageProgress
+from ..progress import RunProgress, StageProgress
 from ..templates import Templates
 
+T = TypeVar("T")
 R = TypeVar("R")
+DURABLE_EVERY_S = 1.0  # fsync the outputs at most this often (a kill loses nothing flushed)
 
 
 def stage_fingerprint(stage: str, backend: Backend, constitution: Constitution, templates: Templates,
@@ -49,100 +54,237 @@ class Outcome:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-Process = Callable[[list[R]], list[Outcome]]
+class Pool:
+    """The requests in flight, shared by every stream of a run.
+
+    At most ``concurrency`` at once for a backend that takes concurrent calls (a server); for
+    one that computes here, at most its ``max_batch`` (the rest wait here, not in its queue).
+    Waiting requests go out oldest row first: a row's next call overtakes the first calls of
+    rows admitted after it, so rows finish (and are written) early, and a server still holds
+    the row's earlier turns in its prefix cache.
+    """
+
+    def __init__(self, backend: Backend, concurrency: int) -> None:
+        self.backend = backend
+        self.concurrency = max(1, concurrency if backend.concurrent else min(concurrency, backend.max_batch))
+        self.in_flight = 0
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._count = itertools.count()
+
+    async def call(self, request: Request, priority: int = 0) -> Completion:
+        if self.in_flight >= self.concurrency or self._waiting:
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiting, (priority, next(self._count), turn))
+            await turn  # the slot is handed over by the call that frees it
+        else:
+            self.in_flight += 1
+        try:
+            loop = self.backend.loop
+            if loop is None or loop is asyncio.get_running_loop():
+                return await self.backend.acomplete(request)
+            # a backend that runs its own event loop, awaited from another one
+            fut = asyncio.run_coroutine_threadsafe(self.backend.acomplete(request), loop)
+            return await asyncio.wrap_future(fut)
+        except Exception as e:  # noqa: BLE001 - a backend bug fails this call, not the run
+            return Completion(texts=[], error=f"{type(e).__name__}: {e}")
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiting:
+            _, _, turn = heapq.heappop(self._waiting)
+            if not turn.done():  # not cancelled: the slot passes to it
+                turn.set_result(None)
+                return
+        self.in_flight -= 1
+
+
+class Call:
+    """What a stage's row function uses to ask the model: ``await call(request)`` (or
+    ``call.many(requests)``); counts tokens for the progress line. ``priority`` orders waiting
+    requests (lower first: the row's position in the input)."""
+
+    def __init__(self, pool: Pool, bar: StageProgress | None = None, priority: int = 0) -> None:
+        self.pool, self.bar, self.priority = pool, bar, priority
+
+    def row(self, priority: int) -> Call:
+        return Call(self.pool, self.bar, priority)
+
+    async def __call__(self, request: Request) -> Completion:
+        c = await self.pool.call(request, self.priority)
+        if self.bar is not None:
+            self.bar.called(c.prompt_tokens, c.completion_tokens, self.pool.in_flight)
+        return c
+
+    async def many(self, requests: Iterable[Request]) -> list[Completion]:
+        return list(await asyncio.gather(*(self(r) for r in requests)))
+
+
+RowFn = Callable[[T, Call], Awaitable[list[Outcome]]]
 
 
 @dataclass
-class Feed(Generic[R]):
-    """What a stage's input may ask of the run while it streams: whether an id is already
-    written, and (for inputs that skip work before yielding, like sampled pairs) which ids it
-    skipped, so that they count as done and are kept."""
+class Feed(Generic[T]):
+    """A stream's view of its output: which ids are written, and which ids this run's input
+    holds (``seen``: the rest are pruned when asked)."""
 
     sink: JsonlSink
-    bar: StageProgress
     seen: set[str] = field(default_factory=set)
 
     def is_done(self, row_id: str) -> bool:
         return self.sink.is_done(row_id)
 
-    def skipped(self, ids: Iterable[str]) -> None:
-        ids = list(ids)
-        self.seen.update(ids)
-        self.bar.advance(rows=len(ids))
 
+@dataclass
+class Stream(Generic[T]):
+    """One stage's rows: input items, the row function, and the output they are written to.
 
-Items = Iterable[R] | Callable[[Feed[R]], Iterable[R]]
-
-
-def run_stage(path: Path, fingerprint: str, items: Items[R], process: Process[R], *, title: str,
-              total: int | None = None, chunk_size: int = 256, depth: int = 1,
-              progress: bool | None = None, prune: bool = False) -> SinkSummary:
-    """Run (or resume) one stage into ``path``; return its summary.
-
-    ``items`` is the stage's input, or a function of the ``Feed`` that yields it. ``depth`` > 1
-    keeps that many chunks in flight (render the next while one waits on the server); chunks
-    are still written whole and in input order. With ``prune``, rows of an earlier run whose
-    id this run's input no longer has are dropped (``summary.dropped``), so that the output
-    holds one row per input row.
+    ``ids(item)`` names the rows an item yields (one id, or a sampled prompt's pair ids); an
+    item whose ids are all written is skipped. ``written(item, lines)`` is told, in input
+    order, the output line of each row an item wrote or had written before (``cai run`` feeds
+    revisions to the judge this way).
     """
-    with JsonlSink(path, fingerprint) as sink, StageProgress(title, total, enabled=progress) as bar:
-        feed: Feed[R] = Feed(sink, bar)
-        stream = items(feed) if callable(items) else items
 
-        def todo() -> Iterator[R]:
-            for r in stream:
-                rid = getattr(r, "id")  # noqa: B009 - rows and pairs both carry .id
-                feed.seen.add(rid)
-                if sink.is_done(rid):
-                    bar.advance(rows=1)
-                else:
-                    yield r
+    sink: JsonlSink
+    items: Iterable[T] | AsyncIterable[T]
+    fn: RowFn[T]
+    title: str
+    total: int | None = None
+    ids: Callable[[T], list[str]] = lambda item: [getattr(item, "id")]  # noqa: B009, E731
+    written: Callable[[T, list[int]], None] | None = None
+    prune: bool = False
+    progress: bool | None = None
 
-        def write(chunk: list[R], fut: Future[list[Outcome]]) -> None:
-            outcomes = fut.result()
-            if len(outcomes) != len(chunk):  # a stage bug, never the user's
-                raise RuntimeError(f"stage returned {len(outcomes)} outcomes for {len(chunk)} rows")
-            for o in outcomes:
-                if o.row is not None:
-                    sink.write(o.row)
-                else:
-                    sink.fail(o.id, o.reason or "unknown failure", **o.info)
-            sink.flush()
-            bar.advance(rows=len(chunk), tokens=sum(o.tokens for o in outcomes))
 
-        pending: deque[tuple[list[R], Future[list[Outcome]]]] = deque()
-        it = todo()
-        while chunk := list(islice(it, chunk_size)):
-            pending.append((chunk, _in_thread(process, chunk) if depth > 1 else _now(process, chunk)))
-            if len(pending) >= depth:
-                write(*pending.popleft())
-        while pending:
-            write(*pending.popleft())
+async def _items(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
+    if isinstance(items, AsyncIterable):
+        async for x in items:
+            yield x
+    else:
+        for x in items:
+            yield x
+
+
+async def run_stream(stream: Stream[T], pool: Pool, *, window: int | None = None,
+                     group: RunProgress | None = None) -> SinkSummary:
+    """Run one stream to its end (resume, then every remaining row), writing rows in input order.
+
+    At most ``pool.concurrency`` rows are in progress, and at most ``window`` rows (default 4 x
+    concurrency) wait for an earlier row before being written.
+    """
+    sink, feed = stream.sink, Feed[T](stream.sink)
+    window = window or 4 * pool.concurrency
+    pending: dict[int, tuple[T, asyncio.Task[list[Outcome]] | None]] = {}
+    head = 0  # the next sequence number to write
+    active = 0
+    wake = asyncio.Event()
+    failed: list[BaseException] = []
+    last_sync = time.monotonic()
+    bars = group or RunProgress(enabled=stream.progress)
+    with bars.stage(stream.title, stream.total) as bar:
+        call = Call(pool, bar)
+
+        def write_ready() -> None:
+            nonlocal head, last_sync
+            wrote = False
+            while head in pending:
+                item, task = pending[head]
+                if task is not None and not task.done():
+                    break
+                del pending[head]
+                head += 1
+                lines = [sink.line_of(i) for i in stream.ids(item) if sink.is_done(i)]
+                if task is not None:
+                    if task.exception() is not None:
+                        failed.append(task.exception())  # type: ignore[arg-type]
+                        continue
+                    lines = []
+                    for o in task.result():
+                        if sink.is_done(o.id):  # an item of several rows, some written before
+                            lines.append(sink.line_of(o.id))
+                        elif o.row is not None:
+                            lines.append(sink.write(o.row))
+                        else:
+                            sink.fail(o.id, o.reason or "unknown failure", **o.info)
+                    wrote = True
+                bar.advance(rows=len(stream.ids(item)))
+                if stream.written is not None:
+                    stream.written(item, [n for n in lines if n is not None])
+            if wrote:
+                durable = time.monotonic() - last_sync >= DURABLE_EVERY_S
+                sink.flush(durable=durable)
+                if durable:
+                    last_sync = time.monotonic()
+
+        def finished(_: asyncio.Task[list[Outcome]]) -> None:
+            nonlocal active
+            active -= 1
+            write_ready()
+            wake.set()
+
+        seq = 0
+        async for item in _items(stream.items):
+            ids = stream.ids(item)
+            feed.seen.update(ids)
+            task = None
+            if not all(sink.is_done(i) for i in ids):
+                while (active >= pool.concurrency or seq - head >= window) and not failed:
+                    wake.clear()
+                    await wake.wait()
+                if failed:
+                    break
+                task = asyncio.ensure_future(stream.fn(item, call.row(seq)))
+                active += 1
+                task.add_done_callback(finished)
+            pending[seq] = (item, task)
+            seq += 1
+            write_ready()
+        while active and not failed:
+            wake.clear()
+            await wake.wait()
+        if failed:
+            for _, t in pending.values():
+                if t is not None:
+                    t.cancel()
+            raise failed[0]
+        write_ready()
         summary = sink.finish()
-        stale = len(sink.done - feed.seen)
-    if prune and stale:
-        summary.dropped = _prune(path, feed.seen)
+    if stream.prune and len(sink.done) > len(feed.seen & sink.done.keys()):
+        summary.dropped = _prune(sink.path, feed.seen)
     return summary
 
 
-def _now(fn: Process[R], chunk: list[R]) -> Future[list[Outcome]]:
-    fut: Future[list[Outcome]] = Future()
-    fut.set_result(fn(chunk))
-    return fut
+def run(coro_fn: Callable[[Pool], Coroutine[Any, Any, R]], backend: Backend, concurrency: int) -> R:
+    """Run the runner's coroutine in the backend's event loop (a server client's own) or in a
+    new one here; ``coro_fn`` gets the request pool."""
+    async def main() -> R:
+        return await coro_fn(Pool(backend, concurrency))
+
+    if backend.loop is not None:
+        return asyncio.run_coroutine_threadsafe(main(), backend.loop).result()
+    return asyncio.run(main())
 
 
-def _in_thread(fn: Process[R], chunk: list[R]) -> Future[list[Outcome]]:
-    """``fn(chunk)`` in a daemon thread (a Ctrl-C or a kill never waits for it)."""
-    fut: Future[list[Outcome]] = Future()
+def run_stage(path: Path, fingerprint: str, items: Iterable[T], fn: RowFn[T], *, backend: Backend, title: str,
+              total: int | None = None, concurrency: int = 256, progress: bool | None = None,
+              prune: bool = False, ids: Callable[[T], list[str]] | None = None) -> SinkSummary:
+    """Run (or resume) one stage into ``path``: ``fn(item, call)`` per item, rows in input order."""
+    with JsonlSink(path, fingerprint) as sink:
+        stream = Stream(sink, items, fn, title, total, prune=prune, progress=progress)
+        if ids is not None:
+            stream.ids = ids
+        return run(lambda pool: run_stream(stream, pool), backend, concurrency)
 
-    def work() -> None:
-        try:
-            fut.set_result(fn(chunk))
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
-            fut.set_exception(e)
 
-    threading.Thread(target=work, daemon=True).start()
-    return fut
+def run_rows(items: Iterable[T], fn: RowFn[T], backend: Backend, concurrency: int = 256) -> list[Outcome]:
+    """``fn`` over ``items`` with no output file: every outcome, in input order (tests, callers
+    that keep rows in memory)."""
+    async def go(pool: Pool) -> list[Outcome]:
+        call = Call(pool)
+        done = await asyncio.gather(*(fn(item, call) for item in items))
+        return [o for outs in done for o in outs]
+
+    return run(go, backend, concurrency)
 
 
 def _prune(path: Path, keep: set[str]) -> int:
