@@ -1,12 +1,47 @@
-"""One small tree of errors. The CLI turns each into one line on stderr and exit code 2."""
+"""One small tree of errors, and the exit codes of every command.
+
+The CLI turns each ``CaiError`` into one line on stderr and its ``exit_code``; usage errors of
+the command line itself (unknown flag, missing argument, out-of-range value) get the same
+one-line treatment and exit code 2.
+"""
 
 from __future__ import annotations
+
+# --- exit codes: the one place they are defined ---------------------------------------------
+
+EXIT_OK = 0
+"""Every row was written (or the command had no rows to write and succeeded)."""
+EXIT_BUG = 1
+"""An unexpected error: a bug in cai. A traceback is printed; please report it."""
+EXIT_USAGE = 2
+"""Bad input or usage: a bad flag, file, config, constitution or template, an unreachable
+server, an output path that cannot be written, or a run that would do nothing. One line on
+stderr; nothing was written when the error is found before the work starts."""
+EXIT_ROWS_FAILED = 3
+"""The command finished, but some rows failed; they are listed in the failures file named on
+stderr (``NAME.failures.jsonl`` beside the output). Rerunning the same command retries them."""
+EXIT_INTERRUPTED = 130
+"""Interrupted (Ctrl-C). Rerunning the same command resumes where it stopped."""
+
+EXIT_BROKEN_PIPE = 141
+"""stdout was closed by its reader (``cai ... | head``): 128 + SIGPIPE, as a shell reports it."""
+
+EXIT_CODES = {
+    EXIT_OK: "every row written",
+    EXIT_USAGE: "bad input or usage (one line on stderr)",
+    EXIT_ROWS_FAILED: "some rows failed (listed in the failures file named on stderr)",
+    EXIT_INTERRUPTED: "interrupted (rerun the same command to resume)",
+    EXIT_BUG: "a bug in cai (traceback printed: please report it)",
+}
+
+EXIT_CODES_HELP = "**Exit status**: " + ", ".join(f"{code} {what}" for code, what in EXIT_CODES.items()) + "."
+"""The exit codes as one paragraph, for the epilog of each command's ``--help``."""
 
 
 class CaiError(Exception):
     """Base of every error cai raises on purpose. ``str(err)`` is the one-line message."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class ConfigError(CaiError):
@@ -35,7 +70,13 @@ class TemplateError(ConfigError):
 
 
 class InputError(CaiError):
-    """A bad dataset or record: missing column, unreadable file, malformed transcript."""
+    """A bad dataset or record: missing column, unreadable file, malformed transcript; or an
+    output path that cannot be written."""
+
+
+class UsageError(CaiError):
+    """A command that would do nothing (an empty input, every stage disabled) or flags that
+    contradict each other."""
 
 
 class BackendError(CaiError):

@@ -25,6 +25,7 @@ from .hashing import short_id, unique_ids
 Source = str | Path | Iterable[Any]
 
 PROMPT_COLUMNS = ("prompt", "messages", "chosen", "question", "instruction", "text")
+_BOM = b"\xef\xbb\xbf"
 _TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 
@@ -91,43 +92,31 @@ def _in_memory(rows: Iterable[Any]) -> Iterator[tuple[dict[str, Any], str]]:
 
 def iter_records(source: Source, split: str = "train") -> Iterator[tuple[dict[str, Any], str]]:
     """Yield (record, location) from a file, a saved dataset folder, a Hub dataset name, or rows
-    in memory (prompt strings, dicts, a ``datasets.Dataset``)."""
+    in memory (prompt strings, dicts, a ``datasets.Dataset``).
+
+    Every problem reading a file (not UTF-8, not JSON, a corrupt Parquet file, no permission)
+    is an ``InputError`` that names the file (and the line, where there is one) and what to do.
+    """
     if not isinstance(source, (str, Path)):
         yield from _in_memory(source)
         return
     path = Path(source)
+    try:
+        yield from _file_records(path, source, split)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); re-save it as UTF-8") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e}); check the path and its permissions") from None
+
+
+def _file_records(path: Path, source: str | Path, split: str) -> Iterator[tuple[dict[str, Any], str]]:
     suffix = path.suffix.lower()
     if path.is_file() and suffix in (".jsonl", ".ndjson", ".json"):
-        with path.open(encoding="utf-8") as f:
-            first = f.read(1)
-            f.seek(0)
-            if suffix == ".json" and first == "[":
-                for i, rec in enumerate(json.load(f)):
-                    yield rec, f"{path}:item {i}"
-                return
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove the line") from None
-                if not isinstance(rec, dict):
-                    raise InputError(f"{path}:{lineno}: each line must be a JSON object")
-                yield rec, f"{path}:{lineno}"
+        yield from _json_records(path, suffix)
     elif path.is_file() and suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        n = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for rec in batch.to_pylist():
-                n += 1
-                yield rec, f"{path}:row {n}"
+        yield from _parquet_records(path)
     elif path.is_file() and suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            for rec in reader:
-                yield dict(rec), f"{path}:{reader.line_num}"
+        yield from _csv_records(path, suffix)
     elif path.is_dir():
         import datasets
 
@@ -154,6 +143,72 @@ def iter_records(source: Source, split: str = "train") -> Iterator[tuple[dict[st
             yield rec, f"{source}[{split}]:row {i + 1}"
     else:
         raise InputError(f"{source}: file not found")
+
+
+def _json_records(path: Path, suffix: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """JSON lines (one object a line), or for ``.json`` a JSON array of objects. Read as bytes
+    and decoded line by line, so that a bad byte is reported with its line."""
+    with path.open("rb") as f:
+        head = f.read(64).removeprefix(_BOM).lstrip()
+        f.seek(0)
+        if suffix == ".json" and head.startswith(b"["):
+            try:
+                items = json.load(f)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file") from None
+            for i, rec in enumerate(items):
+                if not isinstance(rec, dict):
+                    raise InputError(f"{path}: item {i}: expected a JSON object of columns, got "
+                                     f"{type(rec).__name__}")
+                yield rec, f"{path}:item {i}"
+            return
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = (raw.removeprefix(_BOM) if lineno == 1 else raw).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: {e.reason}); "
+                                 "re-save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                hint = ("; a .json file must be a JSON array of objects or one object per line"
+                        if suffix == ".json" and lineno == 1 else "; fix or remove the line")
+                raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg}){hint}") from None
+            if not isinstance(rec, dict):
+                raise InputError(f"{path}:{lineno}: each line must be a JSON object, got {type(rec).__name__}")
+            yield rec, f"{path}:{lineno}"
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                n += 1
+                yield rec, f"{path}:row {n}"
+    except (pa.ArrowException, OSError) as e:
+        where = f" after row {n}" if n else ""
+        raise InputError(f"{path}: not a readable Parquet file{where} ({e}); write it again or use "
+                         "JSONL") from None
+
+
+def _csv_records(path: Path, suffix: str) -> Iterator[tuple[dict[str, Any], str]]:
+    # utf-8-sig: a byte-order mark (Excel's habit) is not part of the first column's name
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+        try:
+            for rec in reader:
+                yield dict(rec), f"{path}:{reader.line_num}"
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: not UTF-8 text near line {reader.line_num + 1} ({e.reason}); "
+                             "re-save it as UTF-8") from None
+        except csv.Error as e:
+            raise InputError(f"{path}:{reader.line_num}: bad CSV ({e})") from None
 
 
 def read_prompts(

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, preflight
 from .backends import Backend, build_backend
 from .backends.base import Sampling
 from .cache import CachedBackend, CallCache, CountingBackend
@@ -189,6 +189,8 @@ def run_revise(inputs: Rows, *, backend: Backend | str = "embedded", output: str
     """
     rs = ReviseSettings.model_validate({**(settings.model_dump() if settings else {}), **overrides})
     const, tpl, rcfg = _constitution(constitution), _templates(templates), rs.resolve(seed)
+    preflight.check_revise(inputs, output=output, cache=cache, prompt_column=prompt_column, split=split,
+                           constitution=const, templates=tpl)
     rows = read_prompts(inputs, column=prompt_column, split=split, limit=limit)
     total = count_jsonl(inputs, limit) if isinstance(inputs, (str, Path)) else None
     with counted(backend, cache) as be, _calls(be) as calls, _output(output, "revisions.jsonl") as (path, tmp):
@@ -248,6 +250,8 @@ def run_label(inputs: Rows, *, backend: Backend | str = "embedded", output: str 
     prompt from ``policy``, default the judge's backend), or ``auto`` (by the first row)."""
     ls = LabelSettings.model_validate({**(settings.model_dump() if settings else {}), **overrides})
     const, tpl, jcfg = _constitution(constitution), _templates(templates), ls.resolve(seed)
+    preflight.check_label(inputs, output=output, cache=cache, pairs=pairs, mode=ls.mode,
+                          prompt_column=prompt_column, split=split, constitution=const, templates=tpl)
     if pairs == "auto":
         pairs = detect_source(first_record(inputs, split))
     if pairs not in PAIR_SOURCES[1:]:
@@ -315,6 +319,8 @@ def run_eval_judge(file: Rows, *, backend: Backend | str = "embedded", output_di
     const, tpl, jcfg = _constitution(constitution), _templates(templates), ls.resolve(seed)
     ncfg = NaiveConfig(principles=ls.principles, seed=seed, tie_threshold=ls.tie_threshold,
                        sampling=Sampling(max_tokens=naive_max_tokens, seed=seed))
+    preflight.check_eval_judge(file, output_dir=output_dir, split=split, mode=ls.mode, constitution=const,
+                               templates=tpl)
     if not any(p.human for p in read_pairs(file, split=split, limit=limit)):
         raise InputError(f"{file}: no human labels (need chosen/rejected, or a label column A/B)")
     total = count_jsonl(file, limit) if isinstance(file, (str, Path)) else None
@@ -354,15 +360,19 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
     cfg = (load_run_config(cfg) if not isinstance(cfg, RunConfig) else cfg).check()
     const = constitution or load_constitution(cfg.constitution)
     tpl = Templates(cfg.templates)
+    preflight.check_run(cfg, constitution=const, templates=tpl)  # before any file is made
+    if backend is None:
+        preflight.check_backend(cfg.backend, cfg.base_url)
     out = cfg.output
-    out.mkdir(parents=True, exist_ok=True)
     rcfg, jcfg = cfg.revise.resolve(cfg.seed), cfg.label.resolve(cfg.seed)
-    # Until the run ends, run.json says so: `cai export` refuses a folder between two stages.
-    write_json_atomic(out / "run.json", {"cai_version": __version__, "status": "running"})
+    # The backend first: an unprepared model or an unreachable server leaves no run folder.
     inner = backend or build_backend(cfg.backend, cfg.model, base_url=cfg.base_url, api_key=cfg.api_key,
                                      concurrency=cfg.concurrency)
     res = RunResult(output=out)
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        # Until the run ends, run.json says so: `cai export` refuses a folder between two stages.
+        write_json_atomic(out / "run.json", {"cai_version": __version__, "status": "running"})
         with counted(inner, cfg.cache_path()) as be:
             res.stages = run(lambda pool: _run_streams(cfg, be, pool, const, tpl, rcfg, jcfg), be, cfg.concurrency)
             res.sent, res.cached, res.errors = be.sent, be.hits, be.errors

@@ -289,7 +289,7 @@ def test_run_summary_names_failures_and_their_file(tmp_path: Path, capsys, monke
     from cai.cli import main
 
     assert main(["run", "--input", str(tmp_path / "p.jsonl"), "-o", str(tmp_path / "o"), "-b",
-                 "fake", "--revise-rounds", "1", "--label-principles", "1", "--no-progress"]) == 0
+                 "fake", "--revise-rounds", "1", "--label-principles", "1", "--no-progress"]) == 3  # rows failed
     err = capsys.readouterr().err
     assert "calls: 26 sent, 0 served from cache" in err, err  # 6 answers + 5 x (2 + 2)
     assert "revise: 1 rows failed (initial answer: 1); listed in" in err

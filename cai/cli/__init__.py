@@ -1,19 +1,27 @@
 """The `cai` command line: one module per command group, each a thin shell over the library
 (``cai.pipeline`` is the Python API behind them).
 
-Every ``CaiError`` becomes one line on stderr and exit code 2; no traceback for a user's mistake.
+Exit codes (defined once, in ``cai.errors``): 0 every row written; 2 bad input or usage (one
+line on stderr, no traceback: every ``CaiError``, every command-line usage error, every I/O
+error on a named file); 3 some rows failed and are listed in the failures file named on
+stderr; 130 interrupted; 1 only for a bug (with its traceback).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
+import os
+import re
 import sys
 from collections.abc import Sequence
 
 import click
+import typer
 from rich.markup import escape
 
-from ..errors import CaiError
+from ..errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CaiError
 from .app import app, err
 
 # Each module registers its commands on `app`; this order is the order `cai --help` lists them.
@@ -21,23 +29,69 @@ COMMANDS = ("revise", "label", "run", "report", "export", "evaluate", "constitut
 for _module in COMMANDS:
     importlib.import_module(f"{__name__}.{_module}")
 
+# typer >= 0.23 raises its own copies of click's exceptions; older typer raises click's.
+_USAGE = (click.ClickException, typer.TyperException)
+_ABORT = (click.exceptions.Abort, typer.Abort, KeyboardInterrupt)
+
+
+def _line(text: str) -> str:
+    """One line: runs of whitespace with a line break in them become one space."""
+    return re.sub(r"\s*\n\s*", " ", text).strip()
+
+
+def error_line(message: str, code: int = EXIT_USAGE) -> int:
+    """Print ``error: MESSAGE`` as one line on stderr; return ``code``."""
+    err.print(f"[red]error:[/red] {escape(_line(message))}", highlight=False, soft_wrap=True)
+    return code
+
+
+def _usage(e: click.ClickException | typer.TyperException) -> int:
+    """A command-line usage error (unknown flag, missing argument, value out of range): one line
+    naming the command's help; bare `cai` prints the help."""
+    ctx = getattr(e, "ctx", None)
+    if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        text = ctx.get_help()  # typer's rich help prints itself (to stdout) and returns ""
+        if text:
+            click.echo(text)
+        return EXIT_USAGE
+    code = getattr(e, "exit_code", EXIT_USAGE)
+    code = EXIT_USAGE if code in (EXIT_OK, EXIT_BUG) else code
+    path = str(getattr(ctx, "command_path", "") or "")
+    hint = f" (see `{path} --help`)" if path else ""
+    return error_line(f"{e.format_message()}{hint}", code)
+
+
+def _os_error(e: OSError) -> int:
+    """An I/O error no check caught first (a full disk, a file removed while running): one line
+    with the file and what to do."""
+    if e.errno == errno.EPIPE:  # `cai ... | head`: the reader went away; nothing to say
+        with contextlib.suppress(OSError, ValueError):  # nor for Python when it flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    where = f"{e.filename}: " if e.filename else ""
+    also = f" -> {e.filename2}" if getattr(e, "filename2", None) else ""
+    return error_line(f"{where}{e.strerror or e}{also} (check the path, its permissions and free space)")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run the app, turning every CaiError into one line and exit code 2."""
+    """Entry point: run the app; return its exit code (see ``cai.errors``)."""
     try:
-        app(args=list(argv) if argv is not None else None, standalone_mode=False)
+        rv = app(args=list(argv) if argv is not None else None, standalone_mode=False)
     except CaiError as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        return e.exit_code
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.Abort:
-        err.print("aborted")
-        return 130
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    return 0
+        return error_line(str(e), e.exit_code)
+    except (click.exceptions.Exit, typer.Exit) as e:
+        rv = e.exit_code
+    except _ABORT:
+        rv = EXIT_INTERRUPTED
+    except _USAGE as e:
+        return _usage(e)
+    except UnicodeDecodeError as e:
+        return error_line(f"a file is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8")
+    except OSError as e:
+        return _os_error(e)
+    if rv == EXIT_INTERRUPTED:  # typer turns Ctrl-C into exit code 130
+        err.print("interrupted: rerun the same command to resume", highlight=False)
+    return rv if isinstance(rv, int) else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 from ..backends import BACKENDS, DEFAULT_BASE_URL, DEFAULT_CONCURRENCY, Backend, build_backend
-from ..cache import cache_path
-from ..errors import ConfigError
+from ..cache import OFF, cache_path
+from ..errors import EXIT_CODES_HELP, ConfigError
+from ..preflight import conflicting
 
 app = typer.Typer(
     name="cai",
@@ -33,6 +34,7 @@ app = typer.Typer(
         "  cai revise prompts.jsonl -o out/revisions.jsonl --limit 10\n\n"
         "Every option can also be set with an environment variable `CAI_<OPTION>`."
     ),
+    epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -129,7 +131,8 @@ class BackendSpec:
 _BACKEND_PARAMS = {"backend": (BackendOpt, "embedded"), "model": (ModelOpt, None),
                    "base_url": (BaseUrlOpt, DEFAULT_BASE_URL), "api_key": (ApiKeyOpt, None),
                    "concurrency": (ConcurrencyOpt, DEFAULT_CONCURRENCY)}
-_CACHE_PARAMS = {"cache": (CacheOpt, None), "no_cache": (NoCacheOpt, False)}
+_CACHE_PARAMS = {"cache": (CacheOpt, None), "no_cache": (NoCacheOpt, False),
+                 "cache_ctx": (typer.Context, inspect.Parameter.empty)}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -166,10 +169,24 @@ def cache_options(default_dir: Callable[[dict[str, Any]], Path]) -> Callable[[F]
         @functools.wraps(fn)
         def resolved(**kw: Any) -> Any:
             c = kw.pop("cache")
+            no_cache_conflict(c["cache_ctx"], c["cache"], c["no_cache"])
             return fn(**kw, cache=cache_path(c["cache"], c["no_cache"], default_dir(kw)))
 
         return _add_options(typing.cast(F, resolved), "cache", _CACHE_PARAMS, lambda v: v)
     return deco
+
+
+def given_on_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether the parameter ``name`` was given as a flag (not from a CAI_* variable or its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def no_cache_conflict(ctx: typer.Context, cache: str | None, no_cache: bool) -> None:
+    """``--no-cache`` with ``--cache PATH`` on one command line is a usage error; a CAI_CACHE
+    variable is a default that ``--no-cache`` overrides."""
+    if no_cache and cache is not None and cache.strip().lower() not in OFF and given_on_command_line(ctx, "cache"):
+        conflicting({"--no-cache": True, f"--cache {cache}": True})
 
 
 def settings(model: type[BaseModel], **values: Any) -> Any:

@@ -7,11 +7,12 @@ from typing import Annotated
 
 import typer
 
+from ..errors import EXIT_CODES_HELP
 from ..refusal import evaluate_refusals
 from .app import app, out
 
 
-@app.command("eval-refusal")
+@app.command("eval-refusal", epilog=EXIT_CODES_HELP)
 def eval_refusal(
     file: Annotated[str, typer.Argument(
         help="Answers labelled by people: CSV or JSONL with `completion` and `final_label` "

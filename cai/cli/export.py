@@ -8,10 +8,12 @@ from typing import Annotated
 
 import typer
 
+from ..errors import EXIT_CODES_HELP
+from ..preflight import check_output_dir
 from .app import app, say
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def export(
     run_dir: Annotated[Path, typer.Argument(
         help="A finished run folder: revisions.jsonl and/or preferences.jsonl (from `cai run`, "
@@ -65,6 +67,9 @@ def export(
     `load_dataset(repo, "prefs")`.
     """
     from ..export import export_run  # datasets is slow to import: only when exporting
+
+    if out is not None:
+        check_output_dir(out, flag="--out")
 
     res = export_run(run_dir, out or run_dir / "export", fmt=fmt, test_fraction=test_fraction, seed=seed,
                      full=full, constitutions=constitution or [], license=license, push_to_hub=push_to_hub,

@@ -11,8 +11,11 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .. import pipeline
+from .. import pipeline, preflight
 from ..config import LabelSettings
+from ..constitution import load_constitution
+from ..errors import EXIT_CODES_HELP, EXIT_ROWS_FAILED
+from ..templates import Templates
 from .app import (
     BackendSpec,
     ConstitutionOpt,
@@ -28,7 +31,7 @@ from .app import (
     say,
     settings,
 )
-from .summary import print_calls, print_failures
+from .summary import exit_status, print_calls, print_failures
 
 ModeOpt = Annotated[
     str,
@@ -76,12 +79,12 @@ ChunkOpt = Annotated[
     typer.Option(
         min=1,
         envvar="CAI_CHUNK_SIZE",
-        help="Pairs per batched step (written and resumable per chunk).",
+        help="Accepted for old scripts; no effect: pairs stream through the judge one by one.",
     ),
 ]
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 @backend_options
 @cache_options(lambda kw: kw["output"].parent)
 def label(
@@ -160,10 +163,15 @@ def label(
     ls = settings(LabelSettings, mode=mode, principles=principles, both_orders=not single_order,
                   tie_threshold=tie_threshold, keep_ties=keep_ties, clamp=clamp, cot_max_tokens=cot_max_tokens,
                   samples=samples, sample_temperature=sample_temperature)
+    const, tpl = load_constitution(constitution), Templates(templates)
+    # before the models load and before any file is made
+    preflight.check_label(input, output=output, cache=cache, pairs=pairs, mode=ls.mode, prompt_column=prompt_column,
+                          split=split, constitution=const, templates=tpl)
+    preflight.check_backend(backend.backend, backend.base_url)
     with backend.build() as be, backend.build(policy_model) if policy_model else _nothing() as policy:
-        res = pipeline.run_label(input, backend=be, output=output, pairs=pairs, constitution=constitution,
-                                 templates=templates, settings=ls, seed=seed, max_tokens=max_tokens,
-                                 policy=policy, cache=cache, chunk_size=chunk_size, limit=limit,
+        res = pipeline.run_label(input, backend=be, output=output, pairs=pairs, constitution=const,
+                                 templates=tpl, settings=ls, seed=seed, max_tokens=max_tokens,
+                                 policy=policy, cache=cache, concurrency=backend.concurrency, limit=limit,
                                  prompt_column=prompt_column, split=split, progress=progress)
     prefs, s = res.preferences, res.summary
     assert prefs is not None
@@ -174,6 +182,7 @@ def label(
         f"{s.resumed} kept from before; every judged pair in {s.path}")
     print_calls(res.calls, cache)
     print_failures({"label": s})
+    exit_status({"label": s})
 
 
 @contextmanager
@@ -216,7 +225,10 @@ def render_table(results: dict[str, dict[str, Any]]) -> Table:
     return t
 
 
-@app.command("eval-judge")
+@app.command("eval-judge", epilog=EXIT_CODES_HELP + " eval-judge exits 3 when the judge under test "
+             "failed on some pairs (its figures then cover fewer pairs than the file; with -o DIR they are listed "
+             "in DIR/judge.failures.jsonl); the naive judge's failures are one of its measured figures and "
+             "never change the exit status.")
 @backend_options
 def eval_judge(
     backend: BackendSpec,
@@ -268,10 +280,14 @@ def eval_judge(
     consistency, abstention and tie rates, beside a naive text-parsing judge."""
     ls = settings(LabelSettings, mode=mode, principles=principles, both_orders=not single_order,
                   tie_threshold=tie_threshold, clamp=clamp)
+    const, tpl = load_constitution(constitution), Templates(templates)
+    preflight.check_eval_judge(file, output_dir=output_dir, split=split, mode=ls.mode, constitution=const,
+                               templates=tpl)
+    preflight.check_backend(backend.backend, backend.base_url)
     with backend.build() as be:
-        res = pipeline.run_eval_judge(file, backend=be, output_dir=output_dir, constitution=constitution,
-                                      templates=templates, settings=ls, seed=seed, naive=naive,
-                                      naive_max_tokens=naive_max_tokens, chunk_size=chunk_size, limit=limit,
+        res = pipeline.run_eval_judge(file, backend=be, output_dir=output_dir, constitution=const,
+                                      templates=tpl, settings=ls, seed=seed, naive=naive,
+                                      naive_max_tokens=naive_max_tokens, concurrency=backend.concurrency, limit=limit,
                                       split=split, progress=progress)
     if json_out:
         out.print_json(json.dumps({"file": file, "model": res.model, "results": res.results,
@@ -280,3 +296,9 @@ def eval_judge(
         out.print(render_table(res.results))
         out.print(f"model {res.model}; {ls.principles} principles per pair; "
                   f"{'both orders' if ls.both_orders else 'one order'}; tie threshold {ls.tie_threshold}")
+    judge_name, judged = next(iter(res.results.items()))
+    if judged.get("failures"):
+        where = (f"listed in {output_dir / 'judge.failures.jsonl'}" if output_dir is not None
+                 else "pass -o DIR to keep them in DIR/judge.failures.jsonl")
+        say(f"[yellow]{judge_name}: {judged['failures']} of {judged['pairs']} pairs failed; {where}[/yellow]")
+        raise typer.Exit(EXIT_ROWS_FAILED)

@@ -7,11 +7,12 @@ from typing import Annotated
 
 import typer
 
+from ..errors import EXIT_CODES_HELP
 from ..model import default_model_dir, prepare_model
 from .app import app, out
 
 
-@app.command("prepare-model")
+@app.command("prepare-model", epilog=EXIT_CODES_HELP)
 def prepare_model_cmd(
     out_dir: Annotated[
         Path | None,

@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
-from ..errors import InputError
+from ..errors import EXIT_CODES_HELP, InputError
+from ..preflight import check_output_dir
 from ..report.figures import MAX_ROWS, write_report
 from .app import app, out, say
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (from `cai run`, or `cai revise`/`cai label` "
                                             "outputs in one folder).")],
@@ -29,6 +30,8 @@ def report(
     report.json and a self-contained report.html (no network needed to open it)."""
     if unit not in ("chars", "words"):
         raise InputError(f"--unit must be chars or words, got {unit!r}")
+    if output_dir is not None:
+        check_output_dir(output_dir, flag="--output-dir")
     figures_path, page = write_report(run_dir, output_dir, unit=unit, max_rows=max_rows)
     say(f"report: {figures_path} (figures), {page} (open in a browser)")
     out.print(str(page), highlight=False, soft_wrap=True)

@@ -7,8 +7,11 @@ from typing import Annotated
 
 import typer
 
-from .. import pipeline
+from .. import pipeline, preflight
 from ..config import ReviseSettings
+from ..constitution import load_constitution
+from ..errors import EXIT_CODES_HELP
+from ..templates import Templates
 from .app import (
     BackendSpec,
     ConstitutionOpt,
@@ -25,13 +28,13 @@ from .app import (
     say,
     settings,
 )
-from .summary import print_calls, print_failures
+from .summary import exit_status, print_calls, print_failures
 
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", envvar="CAI_OUTPUT",
                                          help="Output JSONL (a Markdown report is written beside it).")]
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 @backend_options
 @cache_options(lambda kw: kw["output"].parent)
 def revise(
@@ -50,7 +53,7 @@ def revise(
         min=0.01, help="Above 1 discourages repeating tokens of the prompt and answer (vLLM's "
         "definition; 1.1-1.3 stops a small model's loops; 1: off).")] = 1.0,
     chunk_size: Annotated[int, typer.Option(min=1, envvar="CAI_CHUNK_SIZE",
-                                            help="Rows per batched step (written and resumable per chunk).")
+                                            help="No effect (kept for old scripts): rows stream one by one.")
                           ] = 256,
     prompt_column: PromptColumnOpt = None,
     limit: LimitOpt = None,
@@ -64,12 +67,18 @@ def revise(
     """
     rs = settings(ReviseSettings, rounds=rounds, max_tokens=max_tokens, temperature=temperature,
                   repetition_penalty=repetition_penalty)
+    const, tpl = load_constitution(constitution), Templates(templates)
+    # before the model loads and before any file is made
+    preflight.check_revise(input, output=output, cache=cache, prompt_column=prompt_column, split=split,
+                           constitution=const, templates=tpl)
+    preflight.check_backend(backend.backend, backend.base_url)
     with backend.build() as be:
-        res = pipeline.run_revise(input, backend=be, output=output, constitution=constitution, templates=templates,
-                                  settings=rs, seed=seed, cache=cache, chunk_size=chunk_size, limit=limit,
+        res = pipeline.run_revise(input, backend=be, output=output, constitution=const, templates=tpl,
+                                  settings=rs, seed=seed, cache=cache, concurrency=backend.concurrency, limit=limit,
                                   prompt_column=prompt_column, split=split, progress=progress)
     s = res.summary
     say(f"revise: {s.written} rows written, {s.resumed} kept from before, {s.failed} failed -> {output} "
         f"(readable: {output.with_suffix('.md')})")
     print_calls(res.calls, cache)
     print_failures({"revise": s})
+    exit_status({"revise": s})

@@ -13,12 +13,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from .. import preflight
+from ..backends import build_backend
 from ..config import Leaf, base_type, env_names, leaves, load_run_config
 from ..constitution import load_constitution
 from ..diff import FIELD_STAGES, diff_constitutions, plan_rerun
+from ..errors import EXIT_CODES_HELP
 from ..pipeline import Calls, run_pipeline
-from .app import app, out, say
-from .summary import print_calls, print_failures
+from ..templates import Templates
+from .app import app, no_cache_conflict, out, say
+from .summary import exit_status, print_calls, print_failures
 
 SHORT = {"output": "-o", "constitution": "-c", "templates": "-t", "backend": "-b", "model": "-m",
          "limit": "-n"}
@@ -56,11 +60,18 @@ def run_command(**kw: Any) -> None:
     """
     config = kw.pop("config")
     no_cache = kw.pop("no_cache")
+    no_cache_conflict(kw.pop("ctx"), kw["cache"], no_cache)
     overrides = {leaf.path: kw[leaf.name] for leaf in leaves()}
     if no_cache:
         overrides[("cache",)] = "off"
     cfg = load_run_config(config, overrides)
-    res = run_pipeline(cfg)
+    const = load_constitution(cfg.constitution)
+    # before the model loads and before the output folder, cache or run.json is made
+    preflight.check_run(cfg, constitution=const, templates=Templates(cfg.templates))
+    preflight.check_backend(cfg.backend, cfg.base_url)
+    with build_backend(cfg.backend, cfg.model, base_url=cfg.base_url, api_key=cfg.api_key,
+                       concurrency=cfg.concurrency) as be:
+        res = run_pipeline(cfg, backend=be, constitution=const)
     say(f"run: {res.output}")
     for name, s in res.stages.items():
         gone = s.dropped
@@ -75,6 +86,7 @@ def run_command(**kw: Any) -> None:
     print_calls(Calls(res.sent, res.cached, res.errors), cfg.cache_path(), indent="  ")
     print_failures(res.stages, indent="  ")
     say(f"  manifest: {res.output / 'run.json'}")
+    exit_status(res.stages)
 
 
 def say_out(text: str) -> None:
@@ -82,6 +94,7 @@ def say_out(text: str) -> None:
 
 
 _params = [
+    inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
     inspect.Parameter(
         "config", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[Path],  # noqa: UP045
         default=typer.Argument(None, envvar="CAI_CONFIG", show_default=False,
@@ -94,10 +107,10 @@ _params = [
 ]
 run_command.__signature__ = inspect.Signature(_params)  # type: ignore[attr-defined]
 run_command.__annotations__ = {p.name: p.annotation for p in _params}
-app.command("run")(run_command)
+app.command("run", epilog=EXIT_CODES_HELP)(run_command)
 
 
-@app.command("diff")
+@app.command("diff", epilog=EXIT_CODES_HELP)
 def diff_command(
     old: Annotated[Path, typer.Argument(help="The constitution the run used.")],
     new: Annotated[Path, typer.Argument(help="The edited constitution.")],

@@ -1,9 +1,14 @@
-"""The closing lines every command prints: calls made, and failures with their reasons and file."""
+"""The closing lines every command prints (calls made, failures with their reasons and file) and
+the exit status that follows from them."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
+import typer
+
+from ..errors import EXIT_ROWS_FAILED
 from ..output import SinkSummary
 from ..pipeline import Calls
 from .app import say
@@ -19,3 +24,9 @@ def print_failures(stages: dict[str, SinkSummary], indent: str = "") -> None:
         if s.failed:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s.reasons.items()))
             say(f"{indent}[yellow]{name}: {s.failed} rows failed ({reasons}); listed in {s.failures_path}[/yellow]")
+
+
+def exit_status(stages: Mapping[str, SinkSummary]) -> None:
+    """Exit code 3 when a stage has failed rows (listed in its failures file, printed above)."""
+    if any(s.failed for s in stages.values()):
+        raise typer.Exit(EXIT_ROWS_FAILED)

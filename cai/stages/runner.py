@@ -216,37 +216,42 @@ async def run_stream(stream: Stream[T], pool: Pool, *, window: int | None = None
                 if durable:
                     last_sync = time.monotonic()
 
-        def finished(_: asyncio.Task[list[Outcome]]) -> None:
+        def finished(task: asyncio.Task[list[Outcome]]) -> None:
             nonlocal active
             active -= 1
-            write_ready()
+            if not task.cancelled():
+                write_ready()
             wake.set()
 
         seq = 0
-        async for item in _items(stream.items):
-            ids = stream.ids(item)
-            feed.seen.update(ids)
-            task = None
-            if not all(sink.is_done(i) for i in ids):
-                while (active >= pool.concurrency or seq - head >= window) and not failed:
-                    wake.clear()
-                    await wake.wait()
-                if failed:
-                    break
-                task = asyncio.ensure_future(stream.fn(item, call.row(seq)))
-                active += 1
-                task.add_done_callback(finished)
-            pending[seq] = (item, task)
-            seq += 1
-            write_ready()
-        while active and not failed:
-            wake.clear()
-            await wake.wait()
-        if failed:
-            for _, t in pending.values():
-                if t is not None:
-                    t.cancel()
-            raise failed[0]
+        try:
+            async for item in _items(stream.items):
+                ids = stream.ids(item)
+                feed.seen.update(ids)
+                task = None
+                if not all(sink.is_done(i) for i in ids):
+                    while (active >= pool.concurrency or seq - head >= window) and not failed:
+                        wake.clear()
+                        await wake.wait()
+                    if failed:
+                        break
+                    task = asyncio.ensure_future(stream.fn(item, call.row(seq)))
+                    active += 1
+                    task.add_done_callback(finished)
+                pending[seq] = (item, task)
+                seq += 1
+                write_ready()
+            while active and not failed:
+                wake.clear()
+                await wake.wait()
+            if failed:
+                raise failed[0]
+        except BaseException:  # a bad input row, a stage bug, a cancel: stop the rows in flight
+            tasks = [t for _, t in pending.values() if t is not None and not t.done()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         write_ready()
         summary = sink.finish()
     if stream.prune and len(sink.done) > len(feed.seen & sink.done.keys()):
