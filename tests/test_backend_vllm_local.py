@@ -1,4 +1,4 @@
-"""In-process vLLM (``vllm.LLM``). Runs only where ``import vllm`` works, i.e. in .venv-vllm:
+"""In-process vLLM (its async engine, ``AsyncLLM``). Runs only where ``import vllm`` works, i.e. in .venv-vllm:
 
     PYTHONPATH=. .venv-vllm/bin/python -m pytest -q tests/test_backend_vllm_local.py
 """
@@ -30,6 +30,7 @@ CPU_ENV = {
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     "VLLM_CACHE_ROOT": str(REPO / ".cache" / "vllm"),
 }
+CPU_ENGINE = {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True}  # the GPU defaults, for a CPU
 JUDGE: tuple[Message, ...] = (
     {"role": "user", "content": "Which reply is more helpful?\n(A) Paris is the capital of "
      "France.\n(B) I don't know.\nAnswer with A or B."},
@@ -56,7 +57,7 @@ def llm() -> Iterator[VLLMBackend]:
     folder = prepare_model(
         Path(os.environ.get("CAI_MODEL_DIR") or REPO / ".models" / "SmolLM2-135M-Instruct")
     )
-    backend = VLLMBackend(model=str(folder), max_model_len=2048)
+    backend = VLLMBackend(model=str(folder), **CPU_ENGINE)
     yield backend
     backend.close()
     for k, old in saved.items():
@@ -105,3 +106,32 @@ def test_bad_request_does_not_sink_the_batch(llm: VLLMBackend) -> None:
     assert ok(good).texts
     assert too_long.texts == [] and too_long.error
     assert no_n.texts == [] and no_n.error
+
+
+def test_requests_fed_one_by_one_share_the_engine(llm: VLLMBackend) -> None:
+    """The runner's path: many ``acomplete`` calls in flight at once on the engine's loop."""
+    import asyncio
+
+    reqs = [Request(user(f"Count to {i}."), Sampling(max_tokens=8)) for i in range(6)]
+
+    async def all_at_once() -> list[Completion]:
+        return list(await asyncio.gather(*(llm.acomplete(r) for r in reqs)))
+
+    assert llm.loop is not None
+    many = asyncio.run_coroutine_threadsafe(all_at_once(), llm.loop).result(timeout=300)
+    assert [ok(c).texts for c in many] == [ok(c).texts for c in llm.complete(reqs)]
+
+
+def test_cai_run_on_the_in_process_engine_resumes_from_the_cache(llm: VLLMBackend, tmp_path: Path) -> None:
+    """`cai run`'s streaming scheduler on AsyncLLM: every row written, and a rerun sends nothing."""
+    from cai.config import RunConfig
+    from cai.pipeline import run_pipeline
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "Name a colour, number {i}."}}\n' for i in range(3)))
+    cfg = RunConfig.model_validate({"input": str(prompts), "output": str(tmp_path / "run"), "progress": False,
+                                    "revise": {"rounds": 1, "max_tokens": 16}, "label": {"principles": 1}})
+    first = run_pipeline(cfg, backend=llm)
+    assert first.stages["revise"].written == 3 and first.sent == 3 * 3 + 3 * 2
+    again = run_pipeline(cfg, backend=llm)
+    assert again.sent == 0 and again.stages["revise"].resumed == 3

