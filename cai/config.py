@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .backends import DEFAULT_BASE_URL, DEFAULT_CONCURRENCY
 from .backends.base import Sampling
+from .backends.vllm_local import EngineSettings
 from .cache import OFF, cache_path
 from .constitution import load_yaml_with_lines, validation_to_config_error
 from .errors import ConfigError
@@ -146,11 +147,18 @@ class RunConfig(_Section):
     split: str = Field("train", description="Split, for dataset folders and Hub names.")
     limit: int | None = Field(None, ge=1, description="Only the first N input rows.")
     progress: bool | None = Field(None, description="Show progress bars (default: on a terminal).")
+    vllm: EngineSettings = Field(default_factory=lambda: EngineSettings.model_validate({}))
     revise: ReviseSettings = Field(default_factory=lambda: ReviseSettings.model_validate({}))
     label: LabelSettings = Field(default_factory=lambda: LabelSettings.model_validate({}))
 
     def cache_path(self) -> Path | None:
         return cache_path(self.cache, False, self.output)
+
+    def backend_options(self) -> dict[str, Any]:
+        """What ``build_backend`` takes besides the name and model: the server's settings, or
+        the in-process engine's."""
+        opts: dict[str, Any] = {"base_url": self.base_url, "api_key": self.api_key, "concurrency": self.concurrency}
+        return opts | (self.vllm.engine_args() if self.backend == "vllm" else {})
 
     @property
     def sources(self) -> list[Source]:

