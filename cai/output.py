@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, BinaryIO, TextIO
 
 from .files import dumps, write_text_atomic
 
@@ -90,22 +90,36 @@ class JsonlSink:
     def _open(self) -> None:
         meta = _read_meta(self.meta)
         same = meta.get("fingerprint") == self.fingerprint
+        self._f: BinaryIO | None = None
+        self._fail_f: TextIO | None = None
+        self._src = self.part
         if same and meta.get("complete") and self.path.exists():
-            # Finished before with the same settings: continue from the final file.
-            os.replace(self.path, self.part)
-        if same and self.part.exists():
+            # Finished before with the same settings: resume from the final file, which stays
+            # final (and run.json's readers undisturbed) until there is a new row to write.
+            self._src = self.path
+        elif same and self.part.exists():
             _trim_partial_line(self.part)
-            self.done = index_lines(self.part)
-            with self.part.open("rb") as f:
-                self._lines = sum(1 for _ in f)
-            self._offset = self.part.stat().st_size
         else:
             self.part.unlink(missing_ok=True)
-        self.failures_part.unlink(missing_ok=True)
-        write_text_atomic(self.meta, json.dumps({"fingerprint": self.fingerprint, "complete": False}))
+        if self._src.exists():
+            self.done = index_lines(self._src)
+            with self._src.open("rb") as f:
+                self._lines = sum(1 for _ in f)
+            self._offset = self._src.stat().st_size
+        self.failures_part.unlink(missing_ok=True)  # a crash's: this run retries those rows
+        if self._src == self.part:
+            self._writable()
         self.summary.resumed = len(self.done)
-        self._f = self.part.open("ab")
-        self._fail_f = self.failures_part.open("a", encoding="utf-8")
+
+    def _writable(self) -> BinaryIO:
+        """The .part file, open for appending (moving a finished output back to it first)."""
+        if self._f is None:
+            if self._src == self.path:
+                os.replace(self.path, self.part)
+                self._src = self.part
+            write_text_atomic(self.meta, json.dumps({"fingerprint": self.fingerprint, "complete": False}))
+            self._f = self.part.open("ab")
+        return self._f
 
     def is_done(self, row_id: str) -> bool:
         return row_id in self.done
@@ -116,8 +130,9 @@ class JsonlSink:
 
     def read(self, row_id: str) -> dict[str, Any]:
         """A row written before (this run or an earlier one), read back from the output."""
-        self._f.flush()
-        with self.part.open("rb") as f:
+        if self._f is not None:
+            self._f.flush()
+        with self._src.open("rb") as f:
             f.seek(self.done[row_id][1])
             row: dict[str, Any] = json.loads(f.readline())
         return row
@@ -125,7 +140,7 @@ class JsonlSink:
     def write(self, row: dict[str, Any]) -> int:
         """Append one row whole; return its line number."""
         data = (dumps(row) + "\n").encode()
-        self._f.write(data)
+        self._writable().write(data)
         self._lines += 1
         self.done[row["id"]] = (self._lines, self._offset)
         self._offset += len(data)
@@ -133,38 +148,42 @@ class JsonlSink:
         return self._lines
 
     def fail(self, row_id: str, reason: str, **info: Any) -> None:
+        if self._fail_f is None:
+            self._fail_f = self.failures_part.open("w", encoding="utf-8")
         self._fail_f.write(dumps({"id": row_id, "reason": reason, **info}) + "\n")
         key = reason.split(":")[0]
         self.summary.reasons[key] = self.summary.reasons.get(key, 0) + 1
         self.summary.failed += 1
 
+    def _files(self) -> list[IO[Any]]:
+        return [f for f in (self._f, self._fail_f) if f is not None and not f.closed]
+
     def flush(self, durable: bool = True) -> None:
         """Hand what was written to the OS (a killed process loses none of it); with
         ``durable``, also to the disk (a power cut loses none of it)."""
-        for f in (self._f, self._fail_f):
+        for f in self._files():
             f.flush()
             if durable:
                 os.fsync(f.fileno())
 
     def finish(self) -> SinkSummary:
+        """Make the output final. A rerun that wrote nothing leaves the final file as it was."""
         self.flush()
-        self._f.close()
-        self._fail_f.close()
-        os.replace(self.part, self.path)
+        self.close()
+        if self._src == self.part:
+            os.replace(self.part, self.path)
         if self.summary.failed:
             os.replace(self.failures_part, self.failures)
             self.summary.failures_path = self.failures
         else:
-            self.failures_part.unlink(missing_ok=True)
             self.failures.unlink(missing_ok=True)
         write_text_atomic(self.meta, json.dumps({"fingerprint": self.fingerprint, "complete": True}))
         return self.summary
 
     def close(self) -> None:
-        for f in (self._f, self._fail_f):
-            if not f.closed:
-                f.flush()
-                f.close()
+        for f in self._files():
+            f.flush()
+            f.close()
 
     def __enter__(self) -> JsonlSink:
         return self

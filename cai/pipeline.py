@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
@@ -370,8 +371,9 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
     res = RunResult(output=out)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        history = _history(out / "run.json")
         # Until the run ends, run.json says so: `cai export` refuses a folder between two stages.
-        write_json_atomic(out / "run.json", {"cai_version": __version__, "status": "running"})
+        write_json_atomic(out / "run.json", {"cai_version": __version__, "status": "running", "history": history})
         with counted(inner, cfg.cache_path()) as be:
             res.stages = run(lambda pool: _run_streams(cfg, be, pool, const, tpl, rcfg, jcfg), be, cfg.concurrency)
             res.sent, res.cached, res.errors = be.sent, be.hits, be.errors
@@ -386,8 +388,23 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
         res.preferences = {"written": prefs.written, "ties": prefs.ties, "abstentions": prefs.abstentions,
                            "judgements": prefs.judgements, "position_inconsistent": prefs.inconsistent}
     res.manifest = _manifest(cfg, const, tpl, rcfg, jcfg, res, model_id, time.time() - t0)
+    res.manifest["history"] = [*history, {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "elapsed_s": res.manifest["elapsed_s"],
+        "calls": res.manifest["calls"],
+        "counts": {k: {f: v[f] for f in ("written", "resumed", "failed", "dropped")}
+                   for k, v in res.manifest["counts"].items() if k != "preferences"}}]
     write_json_atomic(out / "run.json", res.manifest)
     return res
+
+
+def _history(manifest: Path) -> list[dict[str, Any]]:
+    """The runs recorded in an earlier run.json of this folder (oldest first)."""
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    history = data.get("history") if isinstance(data, dict) else None
+    return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
 
 
 async def _run_streams(cfg: RunConfig, be: Counted, pool: Pool, const: Constitution, tpl: Templates,
@@ -439,7 +456,7 @@ async def _run_streams(cfg: RunConfig, be: Counted, pool: Pool, const: Constitut
                         for p in read_pairs(revisions):
                             yield p
                 if "dataset" in sources and cfg.label.pairs:
-                    for p in read_pairs(cfg.label.pairs, split=cfg.split):
+                    for p in read_pairs(cfg.label.pairs, split=cfg.split, limit=cfg.limit):
                         yield p
                 if "sample" in sources and cfg.input:
                     for r in read_prompts(cfg.input, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit):

@@ -59,7 +59,7 @@ def normalised(path: Path) -> str:
         data.pop("elapsed_s", None)
         for run in data.get("history", []):
             run.pop("elapsed_s", None)
-            run.pop("finished", None)
+            run.pop("started", None)
         text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     return text
 

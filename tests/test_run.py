@@ -94,6 +94,10 @@ def test_no_change_rerun_sends_zero_calls(tmp_path: Path):
     res = run_pipeline(cfg, backend=again)
     assert again.calls == [] and res.sent == 0
     assert (tmp_path / "out" / "labels.jsonl").read_text() == first
+    # run.json keeps every run: the first one's calls are not overwritten by the rerun's zero
+    history = json.loads((tmp_path / "out" / "run.json").read_text())["history"]
+    assert [h["calls"]["sent"] for h in history] == [40 * 13, 0]
+    assert history[1]["counts"]["revise"] == {"written": 0, "resumed": 40, "failed": 0, "dropped": 0}
     # a fresh output folder on the same cache: every row is rebuilt, still not one call sent
     fresh = FakeBackend(unique_respond)
     res = run_pipeline(cfg.model_copy(update={"output": tmp_path / "out2",
