@@ -63,6 +63,9 @@ def key_fields(d: dict[str, Any]) -> dict[str, Any]:
 class Request:
     messages: tuple[Message, ...]
     sampling: Sampling = field(default_factory=Sampling)
+    # Which row asked (its id): a backend over several servers sends a row's calls to one server,
+    # whose prefix cache holds its earlier turns. Not part of what is asked: not in cache keys.
+    affinity: str | None = field(default=None, compare=False)
 
     @property
     def continues(self) -> bool:

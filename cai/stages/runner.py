@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -104,13 +104,17 @@ class Call:
     ``call.many(requests)``); counts tokens for the progress line. ``priority`` orders waiting
     requests (lower first: the row's position in the input)."""
 
-    def __init__(self, pool: Pool, bar: StageProgress | None = None, priority: int = 0) -> None:
-        self.pool, self.bar, self.priority = pool, bar, priority
+    def __init__(self, pool: Pool, bar: StageProgress | None = None, priority: int = 0,
+                 affinity: str | None = None) -> None:
+        self.pool, self.bar, self.priority, self.affinity = pool, bar, priority, affinity
 
-    def row(self, priority: int) -> Call:
-        return Call(self.pool, self.bar, priority)
+    def row(self, priority: int, affinity: str | None = None) -> Call:
+        """The calls of one row: its place in the input, and its id (``Request.affinity``)."""
+        return Call(self.pool, self.bar, priority, affinity)
 
     async def __call__(self, request: Request) -> Completion:
+        if self.affinity is not None and request.affinity is None:
+            request = replace(request, affinity=self.affinity)
         c = await self.pool.call(request, self.priority)
         if self.bar is not None:
             self.bar.called(c.prompt_tokens, c.completion_tokens, self.pool.in_flight)
@@ -235,7 +239,7 @@ async def run_stream(stream: Stream[T], pool: Pool, *, window: int | None = None
                         await wake.wait()
                     if failed:
                         break
-                    task = asyncio.ensure_future(stream.fn(item, call.row(seq)))
+                    task = asyncio.ensure_future(stream.fn(item, call.row(seq, ids[0] if ids else None)))
                     active += 1
                     task.add_done_callback(finished)
                 pending[seq] = (item, task)
