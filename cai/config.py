@@ -123,6 +123,27 @@ class LabelSettings(_Section):
                             sampling=Sampling(max_tokens=max_tokens, temperature=self.sample_temperature))
 
 
+class GateSettings(_Section):
+    """The quality gates: what keeps a row out of the training data (it goes to rejects.jsonl
+    with its reasons; `cai export --include-rejects` puts it back)."""
+
+    truncated: bool = Field(True, description="Drop rows and pairs with an output cut at max_tokens "
+                            "(finish_reason length) at any step.")
+    text: bool = Field(True, description="Drop revisions that are empty, stuck in a loop or meta-text "
+                       "(\"Here is the revised response:\" with no answer); a leading label line is cleaned.")
+    keep: Literal["improved", "all"] = Field("improved", description="improved: a revision the judge "
+                                             "prefers less than the first answer is no SFT target; all: keep it.")
+    dedup: bool = Field(True, description="Skip exact and near-duplicate prompts in the input (MinHash).")
+    dedup_threshold: float = Field(0.8, gt=0, le=1, description="Near-duplicate: word-bigram Jaccard at least this.")
+    decontaminate: str | None = Field(None, description="An evaluation set (JSONL/CSV/Parquet/TXT): skip "
+                                      "input prompts that match one of its prompts (same test).")
+
+    def dropping(self) -> frozenset[str]:
+        """The row flags that drop a row under these settings."""
+        return frozenset(({"truncated"} if self.truncated else set())
+                         | ({"empty", "loop", "meta"} if self.text else set()))
+
+
 class RunConfig(_Section):
     input: str | None = Field(None, description="Prompts: .jsonl/.json/.parquet/.csv, a saved "
                               "datasets folder or a Hub dataset name.")
@@ -149,6 +170,7 @@ class RunConfig(_Section):
     progress: bool | None = Field(None, description="Show progress bars (default: on a terminal).")
     vllm: EngineSettings = Field(default_factory=lambda: EngineSettings.model_validate({}))
     revise: ReviseSettings = Field(default_factory=lambda: ReviseSettings.model_validate({}))
+    gates: GateSettings = Field(default_factory=lambda: GateSettings.model_validate({}))
     label: LabelSettings = Field(default_factory=lambda: LabelSettings.model_validate({}))
 
     def cache_path(self) -> Path | None:
@@ -242,7 +264,7 @@ def _set(d: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     d[path[-1]] = value
 
 
-_FILE_PATHS = ("output", "constitution", "templates", "cache", "input")
+_FILE_PATHS = ("output", "constitution", "templates", "cache", "input")  # and gates.decontaminate
 _ENV_ALIASES = {"api_key": ("OPENAI_API_KEY",), "base_url": ("OPENAI_BASE_URL",)}
 
 
@@ -257,10 +279,11 @@ def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:
         if key == "input" and not (base / v).exists():
             continue  # maybe a Hub dataset name
         data[key] = str(base / v)
-    label = data.get("label")
-    pairs = label.get("pairs") if isinstance(label, dict) else None
-    if isinstance(pairs, str) and not Path(pairs).is_absolute() and (base / pairs).exists():
-        label["pairs"] = str(base / pairs)  # type: ignore[index]
+    for section, key in (("label", "pairs"), ("gates", "decontaminate")):
+        sect = data.get(section)
+        v = sect.get(key) if isinstance(sect, dict) else None
+        if isinstance(v, str) and not Path(v).is_absolute() and (base / v).exists():
+            sect[key] = str(base / v)  # type: ignore[index]
 
 
 def load_run_config(path: str | Path | None, overrides: dict[tuple[str, ...], Any] | None = None

@@ -34,7 +34,7 @@ from . import __version__, preflight
 from .backends import Backend, build_backend
 from .backends.base import Sampling
 from .cache import CachedBackend, CallCache, CountingBackend
-from .config import LabelSettings, ReviseSettings, RunConfig, Source, load_run_config
+from .config import GateSettings, LabelSettings, ReviseSettings, RunConfig, Source, load_run_config
 from .constitution import Constitution, load_constitution
 from .errors import ConfigError, InputError
 from .files import count_jsonl, iter_jsonl, write_json_atomic
@@ -44,6 +44,7 @@ from .inputs import Source as Rows
 from .metrics import summarize_files
 from .output import JsonlSink, SinkSummary
 from .progress import RunProgress
+from .quality import InputGate, write_rejects
 from .report.markdown import write_revise_report
 from .stages.judge import JudgeConfig, JudgeStage
 from .stages.judge import fingerprint as judge_fingerprint
@@ -85,6 +86,7 @@ class StageResult:
     summary: SinkSummary
     calls: Calls
     preferences: PreferenceSummary | None = None
+    gates: dict[str, int] = field(default_factory=dict)  # "stage.reason" -> rows kept out (rejects.jsonl)
     _rows: list[dict[str, Any]] | None = None
 
     @property
@@ -109,6 +111,7 @@ class RunResult:
     output: Path
     stages: dict[str, SinkSummary] = field(default_factory=dict)
     preferences: dict[str, int] = field(default_factory=dict)
+    gates: dict[str, int] = field(default_factory=dict)  # "stage.reason" -> rows kept out (rejects.jsonl)
     sent: int = 0
     cached: int = 0
     errors: int = 0
@@ -181,24 +184,27 @@ def run_revise(inputs: Rows, *, backend: Backend | str = "embedded", output: str
                templates: Templates | str | Path | None = None, settings: ReviseSettings | None = None,
                seed: int = 0, cache: str | Path | None = None, concurrency: int = DEFAULT_CONCURRENCY,
                limit: int | None = None, prompt_column: str | None = None, split: str = "train",
-               progress: bool | None = False, **overrides: Any) -> StageResult:
+               progress: bool | None = False, gates: GateSettings | None = None, **overrides: Any) -> StageResult:
     """Critique and revise every prompt: one SFT row per prompt, with the full trace.
 
     ``settings`` (or keyword ``overrides`` of its fields: ``rounds=2``, ``max_tokens=128``...)
-    set the stage; ``output`` also gets a readable ``.md`` beside it. Each row runs its own
-    chain of calls; ``concurrency`` requests are in flight at once.
+    set the stage; ``output`` also gets a readable ``.md`` beside it, and ``rejects.jsonl``
+    (the rows the quality ``gates`` keep out of the training data). Each row runs its own chain
+    of calls; ``concurrency`` requests are in flight at once.
     """
     rs = ReviseSettings.model_validate({**(settings.model_dump() if settings else {}), **overrides})
     const, tpl, rcfg = _constitution(constitution), _templates(templates), rs.resolve(seed)
     preflight.check_revise(inputs, output=output, cache=cache, prompt_column=prompt_column, split=split,
                            constitution=const, templates=tpl)
-    rows = read_prompts(inputs, column=prompt_column, split=split, limit=limit)
+    gate = InputGate(gates or GateSettings.model_validate({}))
+    rows = gate(read_prompts(inputs, column=prompt_column, split=split, limit=limit))
     total = count_jsonl(inputs, limit) if isinstance(inputs, (str, Path)) else None
     with counted(backend, cache) as be, _calls(be) as calls, _output(output, "revisions.jsonl") as (path, tmp):
         summary = run_stage(path, revise_fingerprint(be, const, tpl, rcfg), rows,
                             ReviseStage(const, tpl, rcfg, be.model_id), backend=be, title="revise", total=total,
                             concurrency=concurrency, progress=progress)
         result = StageResult(summary, calls)
+        result.gates = write_rejects(path.parent, gate.settings, gate.skipped, revisions=path.name)
         if tmp:
             result.rows  # noqa: B018 - read before the temporary folder goes
         else:
@@ -244,7 +250,7 @@ def run_label(inputs: Rows, *, backend: Backend | str = "embedded", output: str 
               seed: int = 0, max_tokens: int = 256, policy: Backend | None = None,
               cache: str | Path | None = None, concurrency: int = DEFAULT_CONCURRENCY,
               limit: int | None = None, prompt_column: str | None = None, split: str = "train",
-              progress: bool | None = False, **overrides: Any) -> StageResult:
+              progress: bool | None = False, gates: GateSettings | None = None, **overrides: Any) -> StageResult:
     """Judge pairs and write TRL preference rows to ``output`` (every judged pair, ties too, to
     ``labels.jsonl`` beside it). ``pairs``: ``dataset`` (existing pairs), ``revisions``
     (`cai revise` rows: initial vs revised), ``sample`` (``settings.samples`` answers per
@@ -283,7 +289,10 @@ def run_label(inputs: Rows, *, backend: Backend | str = "embedded", output: str 
         if pol is not be:
             calls.sent, calls.cached = calls.sent + pcalls.sent, calls.cached + pcalls.cached
             calls.errors += pcalls.errors
-        result = StageResult(summary, calls, write_preferences(labels, prefs, keep_ties=ls.keep_ties))
+        gs = gates or GateSettings.model_validate({})
+        result = StageResult(summary, calls, write_preferences(labels, prefs, keep_ties=ls.keep_ties,
+                                                               drop=gs.dropping() & {"truncated"}))
+        result.gates = write_rejects(prefs.parent, gs, revisions="", labels=labels.name)
         if tmp:
             result._rows = list(iter_jsonl(prefs))
     return result
@@ -374,8 +383,10 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
         history = _history(out / "run.json")
         # Until the run ends, run.json says so: `cai export` refuses a folder between two stages.
         write_json_atomic(out / "run.json", {"cai_version": __version__, "status": "running", "history": history})
+        gate = InputGate(cfg.gates)
         with counted(inner, cfg.cache_path()) as be:
-            res.stages = run(lambda pool: _run_streams(cfg, be, pool, const, tpl, rcfg, jcfg), be, cfg.concurrency)
+            res.stages = run(lambda pool: _run_streams(cfg, be, pool, const, tpl, rcfg, jcfg, gate), be,
+                             cfg.concurrency)
             res.sent, res.cached, res.errors = be.sent, be.hits, be.errors
             model_id = be.model_id
     finally:
@@ -384,9 +395,12 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
     if "revise" in res.stages:
         write_revise_report(out / "revisions.jsonl")
     if cfg.label.enabled:
-        prefs = write_preferences(out / "labels.jsonl", out / "preferences.jsonl", keep_ties=cfg.label.keep_ties)
+        prefs = write_preferences(out / "labels.jsonl", out / "preferences.jsonl", keep_ties=cfg.label.keep_ties,
+                                  drop=cfg.gates.dropping() & {"truncated"})
         res.preferences = {"written": prefs.written, "ties": prefs.ties, "abstentions": prefs.abstentions,
-                           "judgements": prefs.judgements, "position_inconsistent": prefs.inconsistent}
+                           "judgements": prefs.judgements, "position_inconsistent": prefs.inconsistent,
+                           "gated": prefs.gated}
+    res.gates = write_rejects(out, cfg.gates, gate.skipped)
     res.manifest = _manifest(cfg, const, tpl, rcfg, jcfg, res, model_id, time.time() - t0)
     res.manifest["history"] = [*history, {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "elapsed_s": res.manifest["elapsed_s"],
@@ -408,7 +422,7 @@ def _history(manifest: Path) -> list[dict[str, Any]]:
 
 
 async def _run_streams(cfg: RunConfig, be: Counted, pool: Pool, const: Constitution, tpl: Templates,
-                       rcfg: ReviseConfig, jcfg: JudgeConfig) -> dict[str, SinkSummary]:
+                       rcfg: ReviseConfig, jcfg: JudgeConfig, gate: InputGate) -> dict[str, SinkSummary]:
     """`cai run`'s stages as two streams in one pool: revisions feed the judge as they are written."""
     out, sources = cfg.output, cfg.sources
     revisions, labels = out / "revisions.jsonl", out / "labels.jsonl"
@@ -428,7 +442,7 @@ async def _run_streams(cfg: RunConfig, be: Counted, pool: Pool, const: Constitut
                 if fused and lines:
                     queue.put_nowait(record_to_pair(rsink.read(row.id), f"{revisions}:{lines[0]}"))
 
-            rows = read_prompts(cfg.input, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit)
+            rows = gate(read_prompts(cfg.input, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit))
             stream = Stream(rsink, rows, ReviseStage(const, tpl, rcfg, be.model_id), "revise", total,
                             written=written, prune=True, progress=cfg.progress)
 
@@ -520,6 +534,7 @@ def _manifest(cfg: RunConfig, const: Constitution, tpl: Templates, rcfg: ReviseC
                           "reasons": s.reasons, "failures": str(s.failures_path) if s.failures_path else None}
                    for name, s in res.stages.items()} | {"preferences": res.preferences},
         "calls": {"sent": res.sent, "cached": res.cached, "errors": res.errors},
+        "gates": res.gates,
         "cache": str(cache) if cache else None,
         "elapsed_s": round(elapsed, 3),
     }

@@ -55,6 +55,9 @@ def export(
         "--private/--public",
         help="Visibility when --push-to-hub creates the repo. --private refuses to push into an "
              "existing public repo.")] = True,
+    include_rejects: Annotated[bool, typer.Option(
+        "--include-rejects", help="Also export the SFT rows the quality gates kept out (listed in "
+             "rejects.jsonl: truncated, looping, meta-text, not improved).")] = False,
     token: Annotated[str | None, typer.Option(
         "--token", help="Hugging Face token with write access, for --push-to-hub. Default: "
              "HF_TOKEN, or the token saved by `hf auth login`. Never written or printed.",
@@ -73,7 +76,7 @@ def export(
 
     res = export_run(run_dir, out or run_dir / "export", fmt=fmt, test_fraction=test_fraction, seed=seed,
                      full=full, constitutions=constitution or [], license=license, push_to_hub=push_to_hub,
-                     private=private, token=token)
+                     private=private, token=token, include_rejects=include_rejects)
     sizes = ", ".join(f"{k} {v}" for k, v in res.splits.items())
     say(f"export: {sizes} -> {res.folder}")
     if res.url:

@@ -15,6 +15,7 @@ from .. import pipeline, preflight
 from ..config import LabelSettings
 from ..constitution import load_constitution
 from ..errors import EXIT_CODES_HELP, EXIT_ROWS_FAILED
+from ..quality import REJECTS_FILE
 from ..templates import Templates
 from .app import (
     BackendSpec,
@@ -31,7 +32,7 @@ from .app import (
     say,
     settings,
 )
-from .summary import exit_status, print_calls, print_failures
+from .summary import exit_status, print_calls, print_failures, print_gates
 
 ModeOpt = Annotated[
     str,
@@ -181,6 +182,7 @@ def label(
         f"{prefs.inconsistent} pairs position-inconsistent; {s.failed} failed; "
         f"{s.resumed} kept from before; every judged pair in {s.path}")
     print_calls(res.calls, cache)
+    print_gates(res.gates, output.parent / REJECTS_FILE)
     print_failures({"label": s})
     exit_status({"label": s})
 

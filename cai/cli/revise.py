@@ -11,6 +11,7 @@ from .. import pipeline, preflight
 from ..config import ReviseSettings
 from ..constitution import load_constitution
 from ..errors import EXIT_CODES_HELP
+from ..quality import REJECTS_FILE
 from ..templates import Templates
 from .app import (
     BackendSpec,
@@ -28,7 +29,7 @@ from .app import (
     say,
     settings,
 )
-from .summary import exit_status, print_calls, print_failures
+from .summary import exit_status, print_calls, print_failures, print_gates
 
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", envvar="CAI_OUTPUT",
                                          help="Output JSONL (a Markdown report is written beside it).")]
@@ -80,5 +81,6 @@ def revise(
     say(f"revise: {s.written} rows written, {s.resumed} kept from before, {s.failed} failed -> {output} "
         f"(readable: {output.with_suffix('.md')})")
     print_calls(res.calls, cache)
+    print_gates(res.gates, output.parent / REJECTS_FILE)
     print_failures({"revise": s})
     exit_status({"revise": s})

@@ -20,9 +20,10 @@ from ..constitution import load_constitution
 from ..diff import FIELD_STAGES, diff_constitutions, plan_rerun
 from ..errors import EXIT_CODES_HELP
 from ..pipeline import Calls, run_pipeline
+from ..quality import REJECTS_FILE
 from ..templates import Templates
 from .app import app, no_cache_conflict, out, say
-from .summary import exit_status, print_calls, print_failures
+from .summary import exit_status, print_calls, print_failures, print_gates
 
 SHORT = {"output": "-o", "constitution": "-c", "templates": "-t", "backend": "-b", "model": "-m",
          "limit": "-n"}
@@ -83,6 +84,7 @@ def run_command(**kw: Any) -> None:
             f"({p['ties']} ties {'kept' if cfg.label.keep_ties else 'held out'}, "
             f"{p['abstentions']} of {p['judgements']} judgements abstained)")
     print_calls(Calls(res.sent, res.cached, res.errors), cfg.cache_path(), indent="  ")
+    print_gates(res.gates, res.output / REJECTS_FILE, indent="  ")
     print_failures(res.stages, indent="  ")
     say(f"  manifest: {res.output / 'run.json'}")
     exit_status(res.stages)

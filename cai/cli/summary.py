@@ -30,3 +30,13 @@ def exit_status(stages: Mapping[str, SinkSummary]) -> None:
     """Exit code 3 when a stage has failed rows (listed in its failures file, printed above)."""
     if any(s.failed for s in stages.values()):
         raise typer.Exit(EXIT_ROWS_FAILED)
+
+
+def print_gates(counts: dict[str, int], rejects: Path, indent: str = "") -> None:
+    """One line: what the quality gates kept out of the training data, and where it is listed."""
+    if not counts:
+        say(f"{indent}gates: every row passed")
+        return
+    what = ", ".join(f"{n} {key.split('.', 1)[1].replace('_', ' ')} ({key.split('.', 1)[0]})"
+                     for key, n in counts.items())
+    say(f"{indent}gates: {what}; listed in {rejects} (cai export leaves them out)")

@@ -25,6 +25,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 
 from ..errors import InputError
 from ..hashing import hash_int, short_id
+from ..quality import rejected_ids
 
 SFT_FILE, PREFS_FILE, LABELS_FILE, MANIFEST = (
     "revisions.jsonl", "preferences.jsonl", "labels.jsonl", "run.json")
@@ -66,6 +67,7 @@ class RunInfo:
     rows: dict[str, int] = field(default_factory=dict)
     prompts: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)  # file name -> rows
+    rejected: dict[str, int] = field(default_factory=dict)  # kind -> rows left out by the quality gates
     test_fraction: float = 0.1
     seed: int = 0
     full: bool = False
@@ -215,8 +217,10 @@ def read_kind(folder: Path, kind: str, info: RunInfo, full: bool,
 
 
 def read_run(folder: Path, *, full: bool = False, constitutions: Sequence[dict[str, Any]] = (),
-             secrets: Sequence[str] = ()) -> tuple[dict[str, list[dict[str, Any]]], RunInfo]:
-    """Read and check every row of a finished run folder."""
+             secrets: Sequence[str] = (), include_rejects: bool = False
+             ) -> tuple[dict[str, list[dict[str, Any]]], RunInfo]:
+    """Read and check every row of a finished run folder; the SFT rows the quality gates kept
+    out (rejects.jsonl) stay out unless ``include_rejects``."""
     folder = Path(folder)
     check_run_folder(folder)
     info = RunInfo(folder=folder, full=full)
@@ -238,6 +242,11 @@ def read_run(folder: Path, *, full: bool = False, constitutions: Sequence[dict[s
     for kind, name in KINDS.items():
         if (folder / name).exists():
             rows[kind] = read_kind(folder, kind, info, full, secrets)
+    if "sft" in rows and not include_rejects:
+        out = rejected_ids(folder, "revise")
+        kept = [r for r in rows["sft"] if r["id"] not in out]
+        info.rejected["sft"] = len(rows["sft"]) - len(kept)
+        rows["sft"] = kept
     for f in sorted(folder.glob("*.failures.jsonl")):
         with f.open(encoding="utf-8") as fh:
             info.failures[f.name] = sum(1 for line in fh if line.strip())
@@ -279,11 +288,13 @@ def assign_test(rows: dict[str, list[dict[str, Any]]], fraction: float, seed: in
 
 
 def build(folder: Path, *, test_fraction: float = 0.1, seed: int = 0, full: bool = False,
-          constitutions: Sequence[dict[str, Any]] = (), secrets: Sequence[str] = ()) -> Export:
+          constitutions: Sequence[dict[str, Any]] = (), secrets: Sequence[str] = (),
+          include_rejects: bool = False) -> Export:
     """Read a finished run folder into the four-split ``DatasetDict`` (empty splits left out)."""
     if not 0 <= test_fraction < 1:
         raise InputError(f"test fraction must be in [0, 1), got {test_fraction}")
-    rows, info = read_run(folder, full=full, constitutions=constitutions, secrets=secrets)
+    rows, info = read_run(folder, full=full, constitutions=constitutions, secrets=secrets,
+                          include_rejects=include_rejects)
     info.test_fraction, info.seed = test_fraction, seed
     test = assign_test(rows, test_fraction, seed)
     dd = DatasetDict()

@@ -108,6 +108,11 @@ def diagnostics(rows: dict[str, list[dict[str, Any]]], info: RunInfo) -> dict[st
             d["labels"]["agreement with human labels"] = _ratio(agree, with_human)
     if info.failures:
         d["failures"] = dict(info.failures)
+    gates = (info.manifest or {}).get("gates")
+    if isinstance(gates, dict) or info.rejected:
+        d["quality gates (rejects.jsonl)"] = {**(gates if isinstance(gates, dict) else {}),
+                                              **{f"{k} rows left out of this export": v
+                                                 for k, v in info.rejected.items()}}
     if info.manifest and isinstance(info.manifest.get("counts"), dict):
         d["run.json counts"] = {f"{k}.{k2}" if isinstance(v, dict) else k: v2
                                 for k, v in info.manifest["counts"].items()

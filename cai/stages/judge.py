@@ -283,4 +283,5 @@ def aggregate(pair: Pair, judgements: list[dict[str, Any]], cfg: JudgeConfig) ->
         "human": pair.human,
         "origin": pair.origin,
         "source": pair.source,
+        "gates": list(pair.flags),
     }

@@ -40,6 +40,7 @@ class Pair:
     source: str = ""  # "file:line" of the input row
     error: str | None = None  # set when the pair could not be made (the judge records a failure)
     extra: dict[str, Any] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()  # quality flags of the responses (``truncated``), carried to the label row
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,7 +92,9 @@ async def sample_prompt(r: PromptRow, call: Call, cfg: SampleConfig, system: str
         why = f"backend error: {c.error}" if c.error else f"got {len(c.texts)} of {cfg.n} samples"
         return [replace(base, error=f"sampling: {why}")]
     texts = [t.strip() for t in c.texts]
-    return [replace(base, id=pid, response_a=texts[i], response_b=texts[j])
+    cut = [r == "length" for r in c.finish_reasons] + [False] * cfg.n
+    return [replace(base, id=pid, response_a=texts[i], response_b=texts[j],
+                    flags=("truncated",) if cut[i] or cut[j] else ())
             for pid, (i, j) in zip(ids, itertools.combinations(range(cfg.n), 2), strict=True)]
 
 
@@ -159,7 +162,8 @@ def record_to_pair(rec: dict[str, Any], where: str) -> Pair:
                 _reply(rec["revised_response"], "revised_response"),
             )
             pid = str(rec.get("id") or _hash(prompt, a, b))
-            return Pair(pid, prompt, a, b, origin="revision", source=where)
+            cut = ("truncated",) if "truncated" in (rec.get("gates") or ()) else ()
+            return Pair(pid, prompt, a, b, origin="revision", source=where, flags=cut)
         if "response_a" in rec and "response_b" in rec:
             prompt = to_messages(rec["prompt"], "prompt")
             a, b = _reply(rec["response_a"], "response_a"), _reply(rec["response_b"], "response_b")

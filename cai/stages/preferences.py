@@ -46,10 +46,13 @@ class PreferenceSummary:
     abstentions: int = 0  # abstained judgements, over all judged pairs
     judgements: int = 0
     inconsistent: int = 0  # pairs whose two orders prefer different responses
+    gated: int = 0  # pairs left out by a quality gate (a truncated response): listed in rejects.jsonl
 
 
-def write_preferences(labels: Path, out: Path, keep_ties: bool = False) -> PreferenceSummary:
-    """Stream ``labels`` into TRL rows at ``out`` (via ``.part`` and an atomic rename)."""
+def write_preferences(labels: Path, out: Path, keep_ties: bool = False,
+                      drop: frozenset[str] = frozenset()) -> PreferenceSummary:
+    """Stream ``labels`` into TRL rows at ``out`` (via ``.part`` and an atomic rename); a pair
+    with a gate flag in ``drop`` is left out (and counted)."""
     s = PreferenceSummary()
     part = out.with_name(out.name + ".part")
     with labels.open(encoding="utf-8") as f, part.open("w", encoding="utf-8") as g:
@@ -61,6 +64,9 @@ def write_preferences(labels: Path, out: Path, keep_ties: bool = False) -> Prefe
             s.abstentions += row.get("abstentions", 0)
             s.judgements += len(row.get("judgements", []))
             s.inconsistent += row.get("position_consistent") is False
+            if drop & set(row.get("gates") or ()):
+                s.gated += 1
+                continue
             pref = to_preference(row, keep_ties)
             if pref is not None:
                 g.write(dumps(pref) + "\n")

@@ -7,7 +7,6 @@ backend call over a chunk of rows. Every critique and revision is kept in the ou
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -15,13 +14,13 @@ from typing import Any
 from .. import __version__
 from ..backends.base import Backend, Completion, Message, Request, Sampling
 from ..constitution import Constitution, Principle
+from ..gates import FLAGS, check_text, clean_revision
 from ..hashing import call_seed
 from ..inputs import PromptRow
 from ..templates import Templates
 from .runner import Call, Outcome, run_rows, stage_fingerprint
 
 DRAW_SALT = "revise"
-_LABEL = re.compile(r"^\s*(revised (reply|response)|revision|rewrite)\s*:\s*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -50,9 +49,12 @@ class ReviseConfig:
         }
 
 
-def clean_revision(text: str) -> str:
-    """Strip whitespace and a leading "Revision:" label that small models like to add."""
-    return _LABEL.sub("", text.strip(), count=1).strip()
+def row_flags(calls: list[dict[str, Any]], final: str, critique: str | None) -> list[str]:
+    """The quality flags (``cai.gates.FLAGS``) of a row: ``truncated`` when any of its calls hit
+    the token limit, and the text checks of its final answer (the SFT target)."""
+    text = check_text(final, finish_reason=None, critique=critique)
+    cut = any(c.get("finish_reason") == "length" for c in calls)
+    return [f for f in FLAGS if f in text or (f == "truncated" and cut)]
 
 
 def fingerprint(backend: Backend, constitution: Constitution, templates: Templates, cfg: ReviseConfig) -> str:
@@ -128,6 +130,7 @@ class ReviseStage:
                            "critique": crit.text, "revision_request": p.revision, "revision": rev.text})
             calls += [_raw(f"critique {rnd + 1}", crit), _raw(f"revision {rnd + 1}", rev)]
             current = clean_revision(rev.text) or current
+        last = rounds[-1] if rounds else None
         row = {
             "id": r.id,
             "prompt": r.prompt,
@@ -140,6 +143,7 @@ class ReviseStage:
             "source": r.source,
             "extra": r.extra,
             "provenance": self.provenance,
+            "gates": row_flags(calls, last["revision"] if last else current, last["critique"] if last else None),
         }
         return [Outcome(r.id, row=row, tokens=tokens)]
 

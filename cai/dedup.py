@@ -1,0 +1,246 @@
+"""Find exact and near-duplicate prompts, and prompts that leak from an evaluation set.
+
+Two texts are an **exact** duplicate when they are equal after :func:`normalize` (Unicode NFKC,
+case-folded, apostrophes dropped, other punctuation turned into spaces, whitespace collapsed).
+They are a **near** duplicate when the Jaccard similarity of their word-bigram shingles, as
+estimated by MinHash, is at least ``threshold``. Candidates come from a MinHash LSH index
+(``datasketch``), filled while streaming, and each candidate is verified with the MinHash
+estimate before it counts, so LSH's false positives never get through.
+
+Everything is deterministic: the MinHash permutations come from a fixed seed and, among several
+matches, the earliest kept item wins.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from datasketch import MinHash, MinHashLSH
+
+from .errors import InputError
+from .inputs import iter_records
+
+Kind = Literal["exact", "near"]
+
+SEED = 1  # MinHash permutation seed: fixed so that results are the same on every run
+SCHEME = "affine32"  # datasketch>=2.0 hashing scheme, named so that a new default cannot change results
+LSH_MARGIN = 0.1  # the LSH bucket threshold is this much below the verified one
+SHINGLE_WORDS = 2  # word n-gram size of the shingles; a text shorter than this is one shingle
+TEXT_COLUMNS = ("prompt", "question", "instruction", "text", "input")
+EVAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".txt")
+
+_APOSTROPHES = re.compile(r"['\u2019\u02bc`]")
+_NON_WORD = re.compile(r"[^\w\s]+|_+")
+_SPACE = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """The form two texts must share to be exact duplicates: case, whitespace, punctuation ignored."""
+    t = unicodedata.normalize("NFKC", text).casefold()
+    t = _APOSTROPHES.sub("", t)
+    t = _NON_WORD.sub(" ", t)
+    return _SPACE.sub(" ", t).strip()
+
+
+def shingles(normalized: str, n: int = SHINGLE_WORDS) -> set[str]:
+    """Word n-grams of a normalized text (the whole text when it has fewer than ``n`` words)."""
+    words = normalized.split()
+    if len(words) <= n:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+class _Index:
+    """Exact keys plus a MinHash LSH; match() looks up, add() inserts (streaming, no rebuild)."""
+
+    def __init__(self, threshold: float, num_perm: int) -> None:
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        if num_perm < 16:
+            raise ValueError(f"num_perm must be at least 16, got {num_perm}")
+        self.threshold = threshold
+        self.num_perm = num_perm
+        self._exact: dict[str, str] = {}
+        self._order: dict[str, int] = {}
+        self._sigs: dict[str, np.ndarray] = {}
+        # LSH only proposes candidates; every one is verified against ``threshold``. Its own threshold
+        # sits LSH_MARGIN lower (and at most 0.9, which keeps at least two bands) so that pairs just
+        # above ``threshold`` are not lost to LSH's false negatives.
+        self._lsh = MinHashLSH(threshold=max(0.05, min(threshold, 0.9) - LSH_MARGIN), num_perm=num_perm)
+        # the permutations are drawn once from SEED, then shared by every MinHash of this index
+        self._proto = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def _minhash(self, shingle_set: set[str]) -> MinHash:
+        m = MinHash(num_perm=self.num_perm, seed=SEED, permutations=self._proto.permutations, scheme=SCHEME)
+        m.update_batch([s.encode("utf-8") for s in sorted(shingle_set)])
+        return m
+
+    def _sketch(self, text: str) -> tuple[str, MinHash | None]:
+        norm = normalize(text)
+        sh = shingles(norm)
+        return norm, (self._minhash(sh) if sh else None)
+
+    def _match(self, norm: str, mh: MinHash | None) -> tuple[str, Kind] | None:
+        first = self._exact.get(norm)
+        if first is not None:
+            return first, "exact"
+        if mh is None:
+            return None
+        best: str | None = None
+        for key in self._lsh.query(mh):
+            if float(np.mean(self._sigs[key] == mh.hashvalues)) >= self.threshold and (
+                best is None or self._order[key] < self._order[best]
+            ):
+                best = key
+        return (best, "near") if best is not None else None
+
+    def _add(self, key: str, norm: str, mh: MinHash | None) -> None:
+        if key in self._order:
+            raise ValueError(f"id {key!r} given twice; ids must be unique")
+        self._order[key] = len(self._order)
+        self._exact.setdefault(norm, key)
+        if mh is not None:
+            self._sigs[key] = mh.hashvalues.copy()
+            self._lsh.insert(key, mh, check_duplication=False)
+
+    def match(self, text: str) -> tuple[str, Kind] | None:
+        return self._match(*self._sketch(text))
+
+    def match_or_add(self, key: str, text: str) -> tuple[str, Kind] | None:
+        """The earliest kept item ``text`` duplicates; when there is none, keep it under ``key``."""
+        norm, mh = self._sketch(text)
+        found = self._match(norm, mh)
+        if found is None:
+            self._add(key, norm, mh)
+        return found
+
+
+def find_duplicates(
+    items: Iterable[tuple[str, str]], threshold: float = 0.8, num_perm: int = 128
+) -> dict[str, tuple[str, Kind]]:
+    """Map each duplicate id to ``(first_id, "exact" | "near")``; ids not in the result are kept.
+
+    ``items`` are ``(id, text)`` pairs in input order (ids unique); the first occurrence of each
+    group is kept and ``first_id`` is always a kept id. Exact: equal after :func:`normalize`.
+    Near: estimated Jaccard of word-bigram shingles ``>= threshold``. A copy of a near duplicate
+    is reported against the kept item (as "near"), never against the dropped one.
+    """
+    index = _Index(threshold, num_perm)
+    dups: dict[str, tuple[str, Kind]] = {}
+    for key, text in items:
+        if key in dups:
+            raise ValueError(f"id {key!r} given twice; ids must be unique")
+        found = index.match_or_add(key, text)
+        if found is not None:
+            dups[key] = found
+    return dups
+
+
+def _cell_text(value: Any) -> str | None:
+    """The text of a prompt cell: a string, or the user turns of a list of chat messages."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        user = [str(m["content"]) for m in value if m.get("role", "user") == "user"]
+        return "\n".join(user)
+    if isinstance(value, (int, float)):
+        return str(value)
+    raise TypeError(type(value).__name__)
+
+
+def _one_line(err: BaseException) -> str:
+    msg = " ".join(str(err).split()) or type(err).__name__
+    return msg if len(msg) <= 200 else msg[:197] + "..."
+
+
+class Decontaminator:
+    """Flags prompts that are exact or near copies of an evaluation set's items (same test as dedup)."""
+
+    def __init__(self, texts: Iterable[str], *, threshold: float = 0.8, num_perm: int = 128,
+                 source: str = "evaluation set") -> None:
+        self.source = source
+        self._index = _Index(threshold, num_perm)
+        self._texts: list[str] = []
+        for text in texts:
+            if not text.strip():
+                continue
+            key = str(len(self._texts))
+            self._texts.append(text)
+            self._index.match_or_add(key, text)  # an eval item that repeats another needs no entry
+        if not self._texts:
+            raise InputError(f"{source}: no evaluation prompts found; give a file with at least one non-empty prompt")
+
+    def __len__(self) -> int:
+        """The number of non-empty evaluation items read."""
+        return len(self._texts)
+
+    def hit(self, text: str) -> str | None:
+        """The evaluation item ``text`` matches (exactly or nearly), or None."""
+        found = self._index.match(text)
+        return self._texts[int(found[0])] if found else None
+
+    def check(self, text: str) -> tuple[str, Kind] | None:
+        """Like :meth:`hit`, with the kind of match."""
+        found = self._index.match(text)
+        return (self._texts[int(found[0])], found[1]) if found else None
+
+    @classmethod
+    def from_file(cls, path: str | Path, column: str | None = None, *, threshold: float = 0.8,
+                  num_perm: int = 128) -> Decontaminator:
+        """Read an evaluation set: JSONL/JSON/CSV/TSV/Parquet (text column ``column`` or the first of
+        prompt/question/instruction/text/input) or a .txt with one prompt per line."""
+        p = Path(path)
+        if not p.is_file():
+            what = "is a folder, not a file" if p.is_dir() else "file not found"
+            raise InputError(f"{p}: {what}; give an evaluation file (.jsonl, .json, .csv, .parquet or .txt)")
+        suffix = p.suffix.lower()
+        if suffix not in EVAL_SUFFIXES:
+            raise InputError(f"{p}: unsupported file type {suffix or '(none)'!r}; "
+                             "use .jsonl, .json, .csv, .tsv, .parquet or .txt (one prompt per line)")
+        try:
+            texts = list(_read_txt(p) if suffix == ".txt" else _read_column(p, column))
+        except InputError as e:
+            raise InputError(" ".join(str(e).split())) from None  # one line, whatever the reader said
+        except UnicodeDecodeError as e:
+            raise InputError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); re-save it as UTF-8") from None
+        except Exception as e:  # noqa: BLE001 - json, csv, pyarrow and the OS raise many kinds
+            raise InputError(f"{p}: cannot read the evaluation file ({_one_line(e)}); "
+                             "check that it is a valid .jsonl, .json, .csv, .parquet or .txt file") from None
+        return cls(texts, threshold=threshold, num_perm=num_perm, source=str(p))
+
+
+def _read_txt(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield line.rstrip("\r\n")
+
+
+def _read_column(path: Path, column: str | None) -> Iterator[str]:
+    col = column
+    for rec, where in iter_records(path):
+        if col is None:
+            col = next((c for c in TEXT_COLUMNS if c in rec), None)
+            if col is None:
+                have = ", ".join(map(str, rec)) or "none"
+                raise InputError(f"{where}: no text column (looked for {', '.join(TEXT_COLUMNS)}; "
+                                 f"row has {have}); name the column to use")
+        if col not in rec:
+            have = ", ".join(map(str, rec)) or "none"
+            raise InputError(f"{where}: no column {col!r} (row has {have}); name a column every row has")
+        try:
+            text = _cell_text(rec[col])
+        except TypeError as e:
+            raise InputError(f"{where}: column {col!r} holds a {e}, not text; name a text column") from None
+        if text is not None:
+            yield text

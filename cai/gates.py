@@ -1,0 +1,228 @@
+"""Text checks on one revision step's output: pure functions, no I/O.
+
+:func:`clean_revision` strips whitespace and the scaffolding small models wrap their answer in
+(a leading "Revised response:" label, "**Revision**" on a line of its own, quotes around the whole
+answer) where that is safe. :func:`check_text` returns flags from :data:`FLAGS`; the quality gates
+drop a row for the flags in :data:`DROPPING` and only count the others.
+
+Thresholds (tuned on hand-labelled SmolLM2-135M revisions, ``tests/data/gate_examples.jsonl``):
+
+* ``loop``: a text of at least ``LOOP_MIN_WORDS`` words where at least ``LOOP_REPEAT_FRACTION``
+  of its word ``LOOP_NGRAM``-grams repeat an earlier one; or one sentence/line of at least
+  ``LOOP_MIN_SENTENCE_WORDS`` words said ``LOOP_SENTENCE_TIMES`` times or more; or a text of at
+  least ``LOOP_MIN_CHARS`` characters that zlib compresses below ``LOOP_ZLIB_RATIO`` of its
+  size (character-level loops: "hahaha...", "!!!!..."). Ordinary prose repeats well under 10% of
+  its 4-grams; a list whose bullets share a few words stays far below the limits.
+* ``restates_critique``: at least ``RESTATE_OVERLAP`` of the revision's word trigrams occur in the
+  critique (revisions of at least ``RESTATE_MIN_WORDS`` words).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections import Counter
+
+FLAGS: dict[str, str] = {
+    "truncated": "the model hit the token limit (finish_reason 'length'): the text is cut off",
+    "empty": "nothing left after cleaning: no text, or only whitespace and punctuation",
+    "loop": "stuck in a loop: the same sentence or word n-grams repeated many times",
+    "meta": "talks about the response or the revision instead of being the reply to the user",
+    "restates_critique": "mostly repeats the critique instead of answering the user",
+}
+"""Every flag :func:`check_text` can return, with a one-line description."""
+
+DROPPING: frozenset[str] = frozenset({"truncated", "empty", "loop", "meta"})
+"""Flags that drop a row; the others (``restates_critique``) are only counted."""
+
+COUNTED: frozenset[str] = frozenset(FLAGS) - DROPPING
+
+LOOP_NGRAM = 4
+LOOP_MIN_WORDS = 16
+LOOP_REPEAT_FRACTION = 0.4
+LOOP_MIN_SENTENCE_WORDS = 3
+LOOP_SENTENCE_TIMES = 3
+LOOP_MIN_CHARS = 120
+LOOP_ZLIB_RATIO = 0.2
+RESTATE_NGRAM = 3
+RESTATE_MIN_WORDS = 8
+RESTATE_OVERLAP = 0.5
+
+# --- cleaning -----------------------------------------------------------------------------------
+
+_APOS = r"(?:'|\u2019)"
+_ADJ = r"(?:revised|rewritten|improved|updated|new|final|edited|corrected|better|harmless|safer|modified|reworded)"
+_NOUN = r"(?:reply|response|answer|version|revision|rewrite|text|output|message)"
+# A scaffolding label: "Revision", "Revised response", "Here is the revised version of the reply",
+# "Sure! Here's my answer", "Assistant", "Final answer", optionally numbered ("Revision 2").
+# A bare noun counts only for reply/response/answer/revision/rewrite, so "Text:" or "Note:" stay.
+_LABEL_WORDS = (
+    rf"(?:(?:(?:sure|okay|ok|certainly|of course|absolutely)[,.!]*\s+)?here(?:{_APOS}s|\s+is)\s+)?"
+    r"(?:(?:the|my|a|an|your)\s+)?"
+    rf"(?:{_ADJ}\s+{_NOUN}(?:\s+of\s+(?:the|my|your)\s+(?:(?:assistant|ai){_APOS}s\s+)?{_NOUN})?"
+    r"|(?:revised|rewritten|edited|improved|corrected|updated)"
+    rf"|(?:(?:assistant|ai){_APOS}s\s+)?(?:reply|response|answer|revision|rewrite)"
+    r"|assistant|ai)"
+    r"(?:\s*\(?#?\d+\)?)?"
+)
+_DECOR = r"[ \t*_#>]*"
+# "Label:" followed by text on the same line or the next lines.
+_LABEL_COLON = re.compile(rf"^{_DECOR}{_LABEL_WORDS}{_DECOR}:{_DECOR}(?=\S)", re.IGNORECASE)
+# "**Revised Response**" / "Revision" / "## Revised reply" on a line of its own, text below.
+_LABEL_LINE = re.compile(rf"^{_DECOR}{_LABEL_WORDS}{_DECOR}:?{_DECOR}\n\s*(?=\S)", re.IGNORECASE)
+# A label and nothing else.
+_BARE_LABEL = re.compile(rf"^{_DECOR}{_LABEL_WORDS}{_DECOR}[:.]?{_DECOR}$", re.IGNORECASE)
+# The fences the prompts use, echoed by the model: "<revision>" first, "</response>" last.
+_TAG_NAMES = r"(?:revision|revised[_ ]?(?:response|reply)|response|reply|answer|rewrite)"
+_TAG_OPEN = re.compile(rf"^<\s*{_TAG_NAMES}\s*>\s*(?=\S)", re.IGNORECASE)
+_TAG_CLOSE = re.compile(rf"(?<=\S)\s*<\s*/\s*{_TAG_NAMES}\s*>$", re.IGNORECASE)
+_QUOTES = {'"': '"', "\u201c": "\u201d", "'": "'", "\u2018": "\u2019"}
+
+
+def _unquote(text: str) -> str:
+    """Drop quotes around the whole text when no quote of that kind appears inside."""
+    if len(text) >= 3:
+        close = _QUOTES.get(text[0])
+        if close and text[-1] == close:
+            inner = text[1:-1]
+            if text[0] not in inner and close not in inner and (close != "'" or inner.count("'") == 0):
+                return inner.strip()
+    return text
+
+
+def clean_revision(text: str) -> str:
+    """Strip whitespace, a leading scaffolding label or tag and quotes around the whole answer.
+
+    A label goes only when it is a prefix of its own (ends in ":" or the line) and real answer text
+    follows, so "Revision: I can't help." becomes "I can't help." while a bare "Revised response:"
+    and "Revised plans are due Monday." are left as they are.
+    """
+    t = text.strip()
+    for _ in range(3):
+        before = t
+        m = _LABEL_COLON.match(t) or _LABEL_LINE.match(t) or _TAG_OPEN.match(t)
+        if m:
+            t = t[m.end() :].strip()
+        t = _unquote(_TAG_CLOSE.sub("", t))
+        if t == before:
+            break
+    return t
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+_WORD = re.compile(r"[\w']+")
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
+_HAS_WORD = re.compile(r"\w")
+
+# Meta-text: the reply talks about the response, the critique or the conversation instead of being
+# the reply. Checked at the start of the cleaned text...
+_META_START = re.compile(
+    r"^[\s*_#>\"']*(?:"
+    # "The original text contained...", "This response should...", "Your feedback was...", "The revision..."
+    r"(?:the|this|that|my|your|our)\s+"
+    r"(?:(?:original|previous|initial|earlier|above|following|first|revised|rewritten|edited|improved|new|final|"
+    rf"(?:assistant|ai|user){_APOS}s)\s+)*"
+    r"(?:text|message|response|reply|answer|revision|rewrite|version|feedback|critique|draft|example|comment|"
+    r"edit|revision request|critique request)s?\b"
+    # "The user requested...", "The assistant should..."
+    r"|the\s+(?:user|assistant|ai|human)\b"
+    # "I have revised the response...", "I've made some changes...", "We rewrote..."
+    rf"|(?:i|we)(?:\s+have|\s+had|{_APOS}ve)?\s+(?:(?:revised|rewritten|rewrote|edited|updated|modified|reworded|"
+    r"rephrased|reviewed|changed|removed)\s+(?:(?:the|my|your|this|that|our|its|(?:user|assistant|ai)(?:'s|\u2019s))\s+)*"
+    r"(?:(?:original|previous|initial|earlier|first)\s+)?(?:response|reply|answer|text|message|version|wording|tone|"
+    r"feedback|critique|draft)"
+    r"|made\s+(?:(?:some|the|a\s+few|several|a\s+number\s+of)\s+)?(?:changes|edits|revisions))\b"
+    # "In this revision...", "For the rewrite..."
+    r"|(?:in|for|with)\s+(?:this|the|my)\s+(?:revision|revised|rewrite|rewritten|edit)"
+    # "Here is a revised version" left over after cleaning: no answer follows
+    rf"|(?:(?:sure|okay|ok|certainly|of course)[,.!]*\s+)?here(?:{_APOS}s|\s+is|\s+are)\s+"
+    r"(?:(?:a|an|the|my|your|another|some)\s+)?(?:possible\s+)?"
+    r"(?:(?:revised|rewritten|improved|updated|edited|corrected|reworded|safer|harmless|modified)\b"
+    r"|(?:version|revision|rewrite)s?\b)"
+    # an unstripped label that introduces something other than the answer
+    r"|(?:original|revised|rewritten|reworded|rephrased)\s+(?:response|reply|answer|version|text|message)\b"
+    r"|(?:critique|revision request|critique request)\s*:"
+    r")",
+    re.IGNORECASE,
+)
+# ...and anywhere: template echo and edit scaffolding ("Original text:", "Rewritten Response:",
+# "Critique:", "1. **Original**:") and announcing a rewrite in the middle of the text.
+_META_ANYWHERE = re.compile(
+    r"^[\s*_#>\d.)-]*(?:(?:original|revised|rewritten|improved|reworded|rephrased|edited)"
+    r"(?:\s+(?:response|reply|text|version|message|sentence|question|answer))?"
+    r"|critique(?:\s+request)?|revision(?:\s+request)?|assistant(?:'s|\u2019s)\s+final\s+reply)[\s*_]*:"
+    rf"|here(?:{_APOS}s|\s+is)\s+(?:(?:a|an|the|my|another)\s+)?(?:possible\s+)?"
+    r"(?:rewritten|revised|edited|improved|reworded)\s+(?:version|response|reply|text)"
+    r"|\b(?:rewritten|revised)\s+version\s+of\s+(?:the|your|my)\b"
+    r"|\bthe\s+(?:original|previous)\s+(?:response|reply|text|message)\b",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def repeat_fraction(text: str, n: int = LOOP_NGRAM) -> float:
+    """The share of word n-grams that repeat an n-gram seen earlier in the text (0 when too short)."""
+    grams = _ngrams(_words(text), n)
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def zlib_ratio(text: str) -> float:
+    """Compressed size over raw size: near 1 for short or varied text, small for a loop."""
+    raw = text.encode("utf-8")
+    return len(zlib.compress(raw, 9)) / len(raw) if raw else 1.0
+
+
+def is_loop(text: str) -> bool:
+    words = _words(text)
+    if len(words) >= LOOP_MIN_WORDS and repeat_fraction(text) >= LOOP_REPEAT_FRACTION:
+        return True
+    sentences = Counter(
+        " ".join(_words(s)) for s in _SENTENCE_SPLIT.split(text) if len(_words(s)) >= LOOP_MIN_SENTENCE_WORDS
+    )
+    if sentences and max(sentences.values()) >= LOOP_SENTENCE_TIMES:
+        return True
+    return len(text) >= LOOP_MIN_CHARS and zlib_ratio(text) < LOOP_ZLIB_RATIO
+
+
+def is_meta(cleaned: str) -> bool:
+    """Whether cleaned text talks about the response instead of being it (a bare label counts)."""
+    return bool(_BARE_LABEL.match(cleaned) or _META_START.match(cleaned) or _META_ANYWHERE.search(cleaned))
+
+
+def critique_overlap(text: str, critique: str, n: int = RESTATE_NGRAM) -> float:
+    """The share of the text's word n-grams that also occur in the critique."""
+    grams = _ngrams(_words(text), n)
+    if not grams:
+        return 0.0
+    crit = set(_ngrams(_words(critique), n))
+    return sum(g in crit for g in grams) / len(grams)
+
+
+def check_text(text: str, *, finish_reason: str | None, critique: str | None = None) -> list[str]:
+    """The flags (from :data:`FLAGS`, in that order) that one revision's raw output earns."""
+    flags: set[str] = set()
+    if finish_reason == "length":
+        flags.add("truncated")
+    cleaned = clean_revision(text)
+    if not _HAS_WORD.search(cleaned):
+        flags.add("empty")
+    else:
+        if is_loop(cleaned):
+            flags.add("loop")
+        if is_meta(cleaned):
+            flags.add("meta")
+        if critique and len(_words(cleaned)) >= RESTATE_MIN_WORDS and critique_overlap(cleaned, critique) >= (
+            RESTATE_OVERLAP
+        ):
+            flags.add("restates_critique")
+    return [f for f in FLAGS if f in flags]
