@@ -1,4 +1,6 @@
-"""Figures about a judge's labels: agreement with people, position consistency, abstentions, ties.
+"""Figures about a judge's labels: agreement with people, calibration of the soft labels against
+their choices (Brier score, expected calibration error, the reliability curve), position
+consistency, abstentions, ties.
 
 One place for them: `cai eval-judge` prints them, the export card and the report show them.
 """
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import iter_jsonl
+from .report import stats
 
 
 def summarize(
@@ -18,6 +21,8 @@ def summarize(
     """Agreement with the human label, position consistency, abstention, ties, first-slot bias."""
     n = decided = agree = ties = 0
     soft: list[float] = []
+    p_a: list[float] = []  # the soft label, beside whether the person chose A: calibration
+    chose_a: list[float] = []
     cons: list[bool] = []
     judg = abst = first = voted = 0
 
@@ -40,6 +45,8 @@ def summarize(
         h = r.get("human")
         if h in ("a", "b") and r.get("p_a") is not None:
             soft.append(r["p_a"] if h == "a" else 1.0 - r["p_a"])
+            p_a.append(r["p_a"])
+            chose_a.append(float(h == "a"))
             if r.get("label") in ("a", "b"):
                 decided += 1
                 agree += r["label"] == h
@@ -65,6 +72,9 @@ def summarize(
         "tie_rate": rate(ties, n),
         "first_slot_rate": rate(first, voted),
         "judgements": judg,
+        "brier": stats.brier(p_a, chose_a),
+        "ece": stats.ece(p_a, chose_a),
+        "reliability": stats.reliability(p_a, chose_a),
     }
 
 

@@ -192,6 +192,10 @@ def _nothing() -> Iterator[None]:
     yield None
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -212,6 +216,8 @@ def render_table(results: dict[str, dict[str, Any]]) -> Table:
     )
     t.add_row("coverage (decided / pairs)", *[_pct(r["coverage"]) for r in s])
     t.add_row("soft agreement (mean p(human's))", *[_pct(r["soft_agreement"]) for r in s])
+    t.add_row("Brier score (0 best, 0.25 chance)", *[_num(r.get("brier")) for r in s])
+    t.add_row("calibration error (ECE, 10 bins)", *[_num(r.get("ece")) for r in s])
     t.add_row("position consistency", *[_pct(r["position_consistency"]) for r in s])
     t.add_row(
         "abstention rate (judgements)",
