@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .backends import DEFAULT_BASE_URL, DEFAULT_CONCURRENCY
+from .backends import DEFAULT_BASE_URL, DEFAULT_CONCURRENCY, base_url_value
 from .backends.base import Sampling
 from .backends.vllm_local import EngineSettings
 from .cache import OFF, cache_path
@@ -91,6 +91,8 @@ class LabelSettings(_Section):
                            "server returns no log-probs.")
     cot_max_tokens: int = Field(256, ge=1, description="Max tokens of CoT reasoning.")
     keep_ties: bool = Field(False, description="Keep ties in preferences.jsonl.")
+    debias_length: bool = Field(False, description="Also write p_chosen_length_debiased: the soft label with "
+                                "the length effect regressed out (cai export --score length-debiased uses it).")
 
     @field_validator("clamp", mode="before")
     @classmethod
@@ -154,7 +156,9 @@ class RunConfig(_Section):
                                    "shipped ones.")
     backend: str = Field("embedded", description="embedded, openai, vllm or fake.")
     model: str | None = Field(None, description="Model: served name (openai), folder or HF id.")
-    base_url: str = Field(DEFAULT_BASE_URL, description="OpenAI-compatible server URL.")
+    base_url: str | list[str] = Field(
+        DEFAULT_BASE_URL, description="OpenAI-compatible server URL. Several (a YAML list, a comma-separated "
+        "string, or the flag repeated) spread the calls over the servers; one that fails is taken out of rotation.")
     api_key: str | None = Field(None, description="API key (never written to outputs).")
     concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, description="Requests in flight to the server.")
     cache: str | None = Field(None, description="Call cache file (default: OUTPUT/cache.sqlite; "
@@ -172,6 +176,12 @@ class RunConfig(_Section):
     revise: ReviseSettings = Field(default_factory=lambda: ReviseSettings.model_validate({}))
     gates: GateSettings = Field(default_factory=lambda: GateSettings.model_validate({}))
     label: LabelSettings = Field(default_factory=lambda: LabelSettings.model_validate({}))
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _base_urls(cls, v: Any) -> Any:
+        """One URL stays a string (as it always was); several, a list; "A,B" is two."""
+        return base_url_value(v) if isinstance(v, (str, list, tuple)) else v
 
     def cache_path(self) -> Path | None:
         return cache_path(self.cache, False, self.output)

@@ -291,7 +291,8 @@ def run_label(inputs: Rows, *, backend: Backend | str = "embedded", output: str 
             calls.errors += pcalls.errors
         gs = gates or GateSettings.model_validate({})
         result = StageResult(summary, calls, write_preferences(labels, prefs, keep_ties=ls.keep_ties,
-                                                               drop=gs.dropping() & {"truncated"}))
+                                                               drop=gs.dropping() & {"truncated"},
+                                                               debias_length=ls.debias_length))
         result.gates = write_rejects(prefs.parent, gs, revisions="", labels=labels.name)
         if tmp:
             result._rows = list(iter_jsonl(prefs))
@@ -396,7 +397,7 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
         write_revise_report(out / "revisions.jsonl")
     if cfg.label.enabled:
         prefs = write_preferences(out / "labels.jsonl", out / "preferences.jsonl", keep_ties=cfg.label.keep_ties,
-                                  drop=cfg.gates.dropping() & {"truncated"})
+                                  drop=cfg.gates.dropping() & {"truncated"}, debias_length=cfg.label.debias_length)
         res.preferences = {"written": prefs.written, "ties": prefs.ties, "abstentions": prefs.abstentions,
                            "judgements": prefs.judgements, "position_inconsistent": prefs.inconsistent,
                            "gated": prefs.gated}

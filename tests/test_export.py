@@ -424,7 +424,9 @@ def test_exports_a_real_cai_run(tmp_path: Path, hh_dev: Path, capsys) -> None:
         assert needle in text, needle
     sft = datasets.load_dataset(str(out / "export"), "sft", cache_dir=str(tmp_path / "c"))
     prefs = datasets.load_dataset(str(out / "export"), "prefs", cache_dir=str(tmp_path / "c"))
-    assert sft["train_sft"].num_rows + sft["test_sft"].num_rows == 16
+    rejected = {json.loads(x)["id"] for x in (out / "rejects.jsonl").read_text().splitlines()}
+    assert sft["train_sft"].num_rows + sft["test_sft"].num_rows == 16 - len(rejected)  # gates keep them out
+    assert "quality gates (rejects.jsonl)" in text
     train = _pids(sft["train_sft"]) | _pids(prefs["train_prefs"])
     assert not train & (_pids(sft["test_sft"]) | _pids(prefs.get("test_prefs", sft["test_sft"])))
 
@@ -444,3 +446,35 @@ def test_card_embeds_the_report_headline(tmp_path: Path) -> None:
     assert "## What the labels reward (`cai report`)" in text
     for key in ("revision_win_rate", "position_consistency", "longer_chosen"):
         assert f"| {key} |" in text, key
+
+
+def test_length_debiased_scores_are_opt_in(tmp_path: Path) -> None:
+    """label.debias_length writes the debiased label beside the raw one; export can use it."""
+    from cai.backends.base import Completion, Request
+    from cai.backends.fake import FakeBackend, default_respond
+    from cai.config import RunConfig
+    from cai.pipeline import run_pipeline
+
+    def longer_wins(req: Request) -> Completion | str:
+        last = req.messages[-1]["content"]
+        if req.sampling.logprobs:
+            return default_respond(req)
+        n = int(last.split("#")[-1].split()[0]) if "#" in last else 3
+        return "word " * (5 + 7 * (n % 5)) if "Revision" in last else f"short answer #{n}"
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question #{i} please"}) + "\n" for i in range(12)))
+    base = {"input": str(prompts), "backend": "fake", "progress": False, "revise": {"rounds": 1},
+            "gates": {"keep": "all", "text": False}}
+    cfg = RunConfig.model_validate({**base, "output": str(tmp_path / "run"), "label": {"debias_length": True}})
+    run_pipeline(cfg, backend=FakeBackend(longer_wins))
+    prefs = [json.loads(x) for x in (tmp_path / "run" / "preferences.jsonl").read_text().splitlines()]
+    assert prefs and all(0 < p["p_chosen_length_debiased"] < 1 for p in prefs)
+    assert any(abs(p["p_chosen_length_debiased"] - p["p_chosen"]) > 1e-6 for p in prefs)
+    dd = ex.build(tmp_path / "run", test_fraction=0, score="length-debiased").dataset["train_prefs"]
+    by_id = {p["id"]: p["p_chosen_length_debiased"] for p in prefs}
+    assert all(r["score_chosen"] == pytest.approx(by_id[r["id"]]) for r in dd)
+    raw = RunConfig.model_validate({**base, "output": str(tmp_path / "raw")})
+    run_pipeline(raw, backend=FakeBackend(longer_wins))
+    with pytest.raises(InputError, match="debias_length"):
+        ex.build(tmp_path / "raw", score="length-debiased")

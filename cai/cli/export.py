@@ -55,6 +55,10 @@ def export(
         "--private/--public",
         help="Visibility when --push-to-hub creates the repo. --private refuses to push into an "
              "existing public repo.")] = True,
+    score: Annotated[str, typer.Option(
+        "--score", help="score_chosen/score_rejected of the preference rows: raw (the judge's soft label) or "
+             "length-debiased (the label with the length effect regressed out; needs label.debias_length).")
+    ] = "raw",
     include_rejects: Annotated[bool, typer.Option(
         "--include-rejects", help="Also export the SFT rows the quality gates kept out (listed in "
              "rejects.jsonl: truncated, looping, meta-text, not improved).")] = False,
@@ -76,7 +80,7 @@ def export(
 
     res = export_run(run_dir, out or run_dir / "export", fmt=fmt, test_fraction=test_fraction, seed=seed,
                      full=full, constitutions=constitution or [], license=license, push_to_hub=push_to_hub,
-                     private=private, token=token, include_rejects=include_rejects)
+                     private=private, token=token, include_rejects=include_rejects, score=score)
     sizes = ", ".join(f"{k} {v}" for k, v in res.splits.items())
     say(f"export: {sizes} -> {res.folder}")
     if res.url:

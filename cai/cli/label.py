@@ -129,6 +129,9 @@ def label(
     keep_ties: Annotated[
         bool, typer.Option("--keep-ties", help="Write ties to preferences too.")
     ] = False,
+    debias_length: Annotated[bool, typer.Option(
+        "--debias-length", help="Also write p_chosen_length_debiased: the soft label with the length effect "
+        "regressed out, beside the raw one (`cai export --score length-debiased` uses it).")] = False,
     clamp: ClampOpt = "0.4,0.6",
     cot_max_tokens: Annotated[int, typer.Option(min=1, help="CoT mode: reasoning tokens.")] = 256,
     samples: Annotated[
@@ -163,6 +166,7 @@ def label(
     """
     ls = settings(LabelSettings, mode=mode, principles=principles, both_orders=not single_order,
                   tie_threshold=tie_threshold, keep_ties=keep_ties, clamp=clamp, cot_max_tokens=cot_max_tokens,
+                  debias_length=debias_length,
                   samples=samples, sample_temperature=sample_temperature)
     const, tpl = load_constitution(constitution), Templates(templates)
     # before the models load and before any file is made

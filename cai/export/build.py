@@ -200,12 +200,21 @@ def _row(kind: str, raw: dict[str, Any], where: str, full: bool) -> dict[str, An
     return row
 
 
+SCORES = ("raw", "length-debiased")
+
+
 def read_kind(folder: Path, kind: str, info: RunInfo, full: bool,
-              secrets: Sequence[str]) -> list[dict[str, Any]]:
+              secrets: Sequence[str], score: str = "raw") -> list[dict[str, Any]]:
     path = folder / KINDS[kind]
     rows: list[dict[str, Any]] = []
     hashes: set[str] = set()
     for n, raw in _lines(path, secrets):
+        if kind == "prefs" and score == "length-debiased":
+            p = _float(raw.get("p_chosen_length_debiased"))
+            if p is None:
+                raise InputError(f"{path}:{n}: no p_chosen_length_debiased; label with label.debias_length "
+                                 "(--label-debias-length / --debias-length) to export length-debiased scores")
+            raw = {**raw, "score_chosen": p, "score_rejected": 1.0 - p}
         rows.append(_row(kind, raw, f"{path}:{n}", full))
         prov = raw.get("provenance") if isinstance(raw.get("provenance"), dict) else {}
         if prov:
@@ -217,7 +226,7 @@ def read_kind(folder: Path, kind: str, info: RunInfo, full: bool,
 
 
 def read_run(folder: Path, *, full: bool = False, constitutions: Sequence[dict[str, Any]] = (),
-             secrets: Sequence[str] = (), include_rejects: bool = False
+             secrets: Sequence[str] = (), include_rejects: bool = False, score: str = "raw"
              ) -> tuple[dict[str, list[dict[str, Any]]], RunInfo]:
     """Read and check every row of a finished run folder; the SFT rows the quality gates kept
     out (rejects.jsonl) stay out unless ``include_rejects``."""
@@ -241,7 +250,7 @@ def read_run(folder: Path, *, full: bool = False, constitutions: Sequence[dict[s
     rows: dict[str, list[dict[str, Any]]] = {}
     for kind, name in KINDS.items():
         if (folder / name).exists():
-            rows[kind] = read_kind(folder, kind, info, full, secrets)
+            rows[kind] = read_kind(folder, kind, info, full, secrets, score)
     if "sft" in rows and not include_rejects:
         out = rejected_ids(folder, "revise")
         kept = [r for r in rows["sft"] if r["id"] not in out]
@@ -289,12 +298,14 @@ def assign_test(rows: dict[str, list[dict[str, Any]]], fraction: float, seed: in
 
 def build(folder: Path, *, test_fraction: float = 0.1, seed: int = 0, full: bool = False,
           constitutions: Sequence[dict[str, Any]] = (), secrets: Sequence[str] = (),
-          include_rejects: bool = False) -> Export:
+          include_rejects: bool = False, score: str = "raw") -> Export:
     """Read a finished run folder into the four-split ``DatasetDict`` (empty splits left out)."""
     if not 0 <= test_fraction < 1:
         raise InputError(f"test fraction must be in [0, 1), got {test_fraction}")
+    if score not in SCORES:
+        raise InputError(f"unknown score {score!r} (one of {', '.join(SCORES)})")
     rows, info = read_run(folder, full=full, constitutions=constitutions, secrets=secrets,
-                          include_rejects=include_rejects)
+                          include_rejects=include_rejects, score=score)
     info.test_fraction, info.seed = test_fraction, seed
     test = assign_test(rows, test_fraction, seed)
     dd = DatasetDict()

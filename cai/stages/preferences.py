@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..files import dumps
+from ..files import dumps, iter_jsonl
+from ..report import stats
 
 
 def to_preference(row: dict[str, Any], keep_ties: bool = False) -> dict[str, Any] | None:
@@ -50,10 +51,13 @@ class PreferenceSummary:
 
 
 def write_preferences(labels: Path, out: Path, keep_ties: bool = False,
-                      drop: frozenset[str] = frozenset()) -> PreferenceSummary:
+                      drop: frozenset[str] = frozenset(), debias_length: bool = False) -> PreferenceSummary:
     """Stream ``labels`` into TRL rows at ``out`` (via ``.part`` and an atomic rename); a pair
-    with a gate flag in ``drop`` is left out (and counted)."""
+    with a gate flag in ``drop`` is left out (and counted). With ``debias_length`` each row also
+    gets ``p_chosen_length_debiased``: the soft label with what the length difference predicts
+    taken out (``cai.report.stats.debiased_labels``), beside the raw one."""
     s = PreferenceSummary()
+    debiased = (stats.debiased_labels(iter_jsonl(labels)) or {}) if debias_length else {}
     part = out.with_name(out.name + ".part")
     with labels.open(encoding="utf-8") as f, part.open("w", encoding="utf-8") as g:
         for line in f:
@@ -68,6 +72,9 @@ def write_preferences(labels: Path, out: Path, keep_ties: bool = False,
                 s.gated += 1
                 continue
             pref = to_preference(row, keep_ties)
+            if pref is not None and row["id"] in debiased:
+                p_a = debiased[row["id"]]
+                pref["p_chosen_length_debiased"] = p_a if pref["chosen_side"] == "a" else 1.0 - p_a
             if pref is not None:
                 g.write(dumps(pref) + "\n")
                 s.written += 1
