@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import queue
 import sqlite3
 import threading
 import time
@@ -58,6 +59,10 @@ class CallCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[tuple[str, str, Completion] | None] = queue.SimpleQueue()
+        self._queued: dict[str, Completion] = {}
+        self._queued_lock = threading.Lock()
+        self._writer: threading.Thread | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None,
@@ -76,13 +81,53 @@ class CallCache:
     def get_many(self, keys: Iterable[str]) -> dict[str, Completion]:
         keys = list(dict.fromkeys(keys))
         blobs: list[tuple[str, str]] = []
+        with self._queued_lock:  # answers handed to the writer, not committed yet
+            early = {k: self._queued[k] for k in keys if k in self._queued}
+        keys = [k for k in keys if k not in early]
         with self._lock:
             for i in range(0, len(keys), _LOOKUP_CHUNK):
                 part = keys[i: i + _LOOKUP_CHUNK]
                 marks = ",".join("?" * len(part))
                 blobs += self._db.execute(
                     f"SELECT key, completion FROM calls WHERE key IN ({marks})", part).fetchall()
-        return {key: Completion(**json.loads(blob)) for key, blob in blobs}
+        return early | {key: Completion(**json.loads(blob)) for key, blob in blobs}
+
+    def put_soon(self, key: str, model: str, completion: Completion) -> None:
+        """Commit one answer as soon as the writer thread can: it takes every answer queued
+        while it committed the last ones, in one transaction, so a commit per answer costs no
+        more than a commit per batch did, and a kill loses only the answers still queued
+        (the last few milliseconds')."""
+        with self._queued_lock:
+            self._queued[key] = completion
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write, name="cai-cache-writer", daemon=True)
+            self._writer.start()
+        self._queue.put((key, model, completion))
+
+    def _write(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch = [first]
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+            self.put_many(batch)
+            with self._queued_lock:
+                for k, _, c in batch:
+                    if self._queued.get(k) is c:
+                        del self._queued[k]
+
+    def flush(self) -> None:
+        """Wait until every queued answer is committed (the writer thread ends)."""
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
 
     def put_many(self, items: Iterable[tuple[str, str, Completion]]) -> int:
         """Store (key, model id, completion) triples in one transaction; return how many."""
@@ -102,10 +147,12 @@ class CallCache:
         return len(rows)
 
     def __len__(self) -> int:
+        self.flush()
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
 
     def close(self) -> None:
+        self.flush()
         with self._lock:
             self._db.close()
 
@@ -197,7 +244,7 @@ class CachedBackend(BackendBase):
 
     def _commit(self, key: str, c: Completion) -> None:
         if c.error is None:
-            self.cache.put_many(((key, self.model_id, c),))
+            self.cache.put_soon(key, self.model_id, c)
         with self._count:
             self.sent += 1
             self.errors += c.error is not None

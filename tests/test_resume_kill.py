@@ -27,7 +27,8 @@ from cai.config import load_run_config
 from cai.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
-ROWS, KILLS = 240, 12
+# `CAI_KILL_ROWS=500 CAI_KILL_COUNT=20` measures issue 13's kill cost (extra calls / calls needed)
+ROWS, KILLS = int(os.environ.get("CAI_KILL_ROWS", 240)), int(os.environ.get("CAI_KILL_COUNT", 12))
 FINAL = ("revisions.jsonl", "labels.jsonl", "preferences.jsonl", "run.json",
          "revisions.failures.jsonl", "labels.failures.jsonl")
 
@@ -99,7 +100,7 @@ def test_kill_9_at_random_moments_then_finish(tmp_path: Path):
         finished = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=120)
     err = finished.stderr.read() if hasattr(finished.stderr, "read") else finished.stderr
     assert finished.returncode == 0, err
-    assert len(killed) >= 10, f"the run finished after only {len(killed)} kills"
+    assert len(killed) >= min(10, KILLS), f"the run finished after only {len(killed)} kills"
 
     # exactly once: one row per input row, in every output, no leftovers
     assert_whole(out)
@@ -147,5 +148,8 @@ def test_kill_9_at_random_moments_then_finish(tmp_path: Path):
     counts = Counter(k for _, _, k in sent)
     assert set(counts) == {f"{_digest(r):016x}" for r in clean.calls}
     assert len(sent) == len(counts) + in_window
+    # answers are committed as they arrive: a kill costs only the calls answered in its last moments
+    assert in_window <= 0.1 * len(counts), f"{in_window} calls sent again for {len(counts)} needed"
     print(f"{len(killed)} kills, {len(sent)} calls sent, {len(counts)} distinct, "
-          f"{in_window} resent ({len(lost)} batches answered just before a kill)")
+          f"{in_window} resent ({len(lost)} batches answered just before a kill): "
+          f"kill cost {in_window / len(counts):.1%} extra calls")
