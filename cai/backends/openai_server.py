@@ -24,10 +24,13 @@ a final assistant message is sent as it is (the model answers in a new turn: ``n
 them); when the server ignores ``n``, the missing samples are asked for again with distinct seeds;
 when it returns no log-probs, ``logprobs`` is ``None``. ``auto`` (the default) sends vLLM's fields
 until the server refuses one by name (HTTP 400/422, as OpenAI and ``transformers serve`` do), then
-drops them for the rest of the run and resends; ``GET /models`` saying ``owned_by: vllm`` or an
-answer carrying vLLM's ``stop_reason`` confirms vLLM. ``server_kind`` and ``capabilities`` say
-what was found. ``extra_body`` is merged into every body last (less vLLM's fields, for a server
-that does not take them).
+drops them for the rest of the run and resends. The model listing (``GET /models``, read once: at
+start when the model is not named, else before the first request) tells vLLM (``owned_by: vllm``;
+an answer carrying ``stop_reason`` does too) and ``transformers serve`` (a ``status`` per model: an
+OpenAI-style server that samples only when asked to, so ``generation_config: {"do_sample": true}``
+goes with temperature > 0). ``server_kind``, ``capabilities``, ``notes`` and ``retries`` say what
+was found and done (``describe()``: all of them, for run.json). ``extra_body`` is merged into every
+body last (less vLLM's fields, for a server that does not take them).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from ..errors import BackendError
-from .base import Completion, Message, Request
+from .base import BackendBase, Completion, Message, Request
 
 try:
     import orjson
@@ -77,7 +80,8 @@ VLLM_FIELDS = frozenset({
     "use_beam_search", "length_penalty", "prompt_logprobs",
 })
 # Standard fields cai sends that some servers refuse by name: dropped from then on.
-OPTIONAL_FIELDS = frozenset({"n", "seed", "logprobs", "top_logprobs", "response_format", "stop"})
+OPTIONAL_FIELDS = frozenset({"n", "seed", "logprobs", "top_logprobs", "response_format", "stop",
+                             "generation_config"})
 _CAPABILITY_OF = {"n": "n", "logprobs": "logprobs", "top_logprobs": "logprobs",
                   "response_format": "json_schema"}
 # A 4xx message that refuses a field says so with one of these words.
@@ -87,6 +91,9 @@ _REFUSAL = re.compile(
     re.IGNORECASE,
 )
 _STRIP = string.whitespace + string.punctuation + "\u201c\u201d\u2018\u2019\u00ab\u00bb"
+# What transformers serve needs to sample at temperature > 0 as OpenAI and vLLM do (no top-k);
+# the rest of the model's generation config (eos, ...) is kept.
+TRANSFORMERS_SAMPLING = json.dumps({"do_sample": True, "top_k": 0})
 # Capability-driven resends of one request (each one learns something or ends the request).
 MAX_PASSES = 4
 
@@ -202,6 +209,8 @@ class Dialect:
     json_schema: bool = True  # when not vLLM: ask for ``choices`` through response_format
     n: bool = True  # False: the server ignores n; ask one sample per request
     refused: frozenset[str] = frozenset()
+    # transformers serve samples only when the model's generation config says do_sample: ask for it
+    do_sample: bool = False
 
 
 VLLM = Dialect()
@@ -252,6 +261,8 @@ def build_body(req: Request, model: str, extra_body: dict[str, Any] | None,
             # a short answer: the choice and a little punctuation ("(A)"), not an essay
             body["max_tokens"] = longest + 2
             mode = "plain"
+    if dialect.do_sample and s.temperature > 0:  # transformers serve: a partial GenerationConfig
+        body["generation_config"] = TRANSFORMERS_SAMPLING
     if req.continues and dialect.vllm_fields:
         body["continue_final_message"] = True
         body["add_generation_prompt"] = False
@@ -292,8 +303,14 @@ def parse_response(data: dict[str, Any]) -> Completion:
     )
 
 
-class OpenAIServerBackend:
-    """Chat completions against ``base_url`` with up to ``concurrency`` requests in flight."""
+class OpenAIServerBackend(BackendBase):
+    """Chat completions against ``base_url`` with up to ``concurrency`` requests in flight.
+
+    ``complete`` (a batch, from any thread), ``acomplete`` (one request, awaited: in ``loop``, the
+    client's own event loop, or from another loop, which hops over) and ``submit`` (one request from
+    any thread; the future is resolved on ``loop``) share the session, the retries and what is
+    learnt about the server.
+    """
 
     concurrent: bool = True  # complete() may be called from several threads at once
 
@@ -325,6 +342,7 @@ class OpenAIServerBackend:
             "logprobs": None, "n": None, "json_schema": None,
         }
         self._refused: set[str] = set()
+        self._probe: asyncio.Future[None] | None = None  # GET /models once, to tell the server
         self._retries: Counter[str] = Counter()
         self._notes: Counter[str] = Counter()
         self._session: aiohttp.ClientSession | None = None
@@ -332,6 +350,7 @@ class OpenAIServerBackend:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cai-openai-client", daemon=True)
         self._thread.start()
+        self.loop: asyncio.AbstractEventLoop | None = self._loop
         try:
             self.model_id: str = model if model else self._run(self._first_model())
         except BaseException:
@@ -341,8 +360,10 @@ class OpenAIServerBackend:
     # ----------------------------------------------------------------------------------- API
     @property
     def server_kind(self) -> str:
-        """``vllm``, ``openai`` (refused vLLM's fields, or named so) or ``unknown`` (took vLLM's fields
-        without a word: vLLM behind a proxy, or a server that ignores fields it does not know)."""
+        """``vllm``, ``openai`` (refused vLLM's fields, or named so), ``transformers`` (an OpenAI-style
+        server known to be ``transformers serve``: asked to sample when temperature > 0) or
+        ``unknown`` (took vLLM's fields without a word, or was not asked for any: vLLM behind a
+        proxy, or a server that ignores fields it does not know)."""
         return self._kind
 
     @property
@@ -373,7 +394,23 @@ class OpenAIServerBackend:
             return []
         return self._run(self._complete_all(requests))
 
+    async def acomplete(self, request: Request) -> Completion:
+        """One request; never raises for it (an error ``Completion``) unless the server is unreachable."""
+        if asyncio.get_running_loop() is not self._loop:  # awaited from another loop: hop over
+            return await asyncio.wrap_future(self.submit(request))
+        try:
+            return await self._guarded(request)
+        except _Unreachable as e:
+            raise self._unreachable(e) from None
+
+    def submit(self, request: Request) -> Future[Completion]:
+        """One request from any thread; the future is resolved on ``loop``."""
+        if self._loop.is_closed():
+            raise BackendError("this backend was closed")
+        return asyncio.run_coroutine_threadsafe(self.acomplete(request), self._loop)
+
     def close(self) -> None:
+        super().close()
         if self._loop.is_closed():
             return
         if self._session is not None:
@@ -382,12 +419,6 @@ class OpenAIServerBackend:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
-
-    def __enter__(self) -> OpenAIServerBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ------------------------------------------------------------------------------ plumbing
     def _run(self, coro: Any) -> Any:
@@ -473,9 +504,41 @@ class OpenAIServerBackend:
         models = data.get("data") if isinstance(data, dict) else None
         if not models:
             raise BackendError(f"{self.base_url}/models lists no model; pass model=")
-        if models[0].get("owned_by") == "vllm":
-            self._confirm_vllm()
+        self._read_listing(models, str(models[0]["id"]))
         return str(models[0]["id"])
+
+    def _read_listing(self, models: Any, model_id: str) -> None:
+        """Tell the server from its model listing: vLLM says ``owned_by: vllm``; transformers serve
+        adds a ``status`` (loaded or not) that no other server sends."""
+        if self._probe is None:
+            self._probe = self._loop.create_future()
+            self._probe.set_result(None)
+        entries = [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+        entry = next((m for m in entries if m.get("id") == model_id), entries[0] if entries else {})
+        if entry.get("owned_by") == "vllm":
+            self._confirm_vllm()
+        elif isinstance(entry.get("status"), dict) and self.server != "vllm" and self._kind != "vllm":
+            self._kind, self._caps["vllm_fields"] = "transformers", False
+
+    async def _probed(self) -> None:
+        """GET /models once per backend (when the model was named, so not listed yet); concurrent
+        first requests wait for it. Any failure is ignored: the requests themselves will tell."""
+        if self._probe is None:
+            probe = self._probe = self._loop.create_future()
+            try:
+                session = self._ensure_session()
+                async with session.get(f"{self.base_url}/models",
+                                       timeout=aiohttp.ClientTimeout(total=min(self.timeout, 10.0))) as resp:
+                    data = _loads(await resp.read()) if resp.status == 200 else None
+                models = data.get("data") if isinstance(data, dict) else None
+                if models:
+                    self._read_listing(models, self.model_id)
+            except Exception:  # a probe only
+                pass
+            finally:  # even when cancelled: the requests waiting on it go on
+                if not probe.done():
+                    probe.set_result(None)
+        await asyncio.shield(self._probe)
 
     # ------------------------------------------------------------------ dialect and detection
     def _confirm_vllm(self) -> None:
@@ -485,7 +548,8 @@ class OpenAIServerBackend:
     def _dialect(self) -> Dialect:
         return Dialect(vllm_fields=self._caps["vllm_fields"] is not False,
                        json_schema=self._caps["json_schema"] is not False,
-                       n=self._caps["n"] is not False, refused=frozenset(self._refused))
+                       n=self._caps["n"] is not False, refused=frozenset(self._refused),
+                       do_sample=self._kind == "transformers" and "generation_config" not in self._refused)
 
     def _learn_refusal(self, message: str, body: dict[str, Any]) -> None:
         """A 400/422 that names fields we sent as unknown: stop sending them from now on."""
@@ -552,6 +616,8 @@ class OpenAIServerBackend:
 
     async def _one(self, req: Request) -> Completion:
         """One request: build the body for what is known of the server, send, adapt, parse."""
+        if self.server != "vllm" and (self._probe is None or not self._probe.done()):
+            await self._probed()
         body: dict[str, Any] = {}
         for _ in range(MAX_PASSES):
             body, mode = build_body(req, self.model_id, self.extra_body, self._dialect())
@@ -564,7 +630,8 @@ class OpenAIServerBackend:
                 if build_body(req, self.model_id, self.extra_body, self._dialect())[0] != body:
                     continue  # the server refused a field we can do without: send it again without
                 return Completion(texts=[], error=f"HTTP {status}: {data}")
-            if self.server == "auto" and any("stop_reason" in c for c in data.get("choices") or ()):
+            if self.server == "auto" and any(isinstance(c, dict) and "stop_reason" in c
+                                             for c in data.get("choices") or ()):
                 self._confirm_vllm()  # only vLLM answers with stop_reason
             c = parse_response(data)
             if c.error:
@@ -599,6 +666,11 @@ class OpenAIServerBackend:
         if s.n > 1 and body.get("n", 1) > 1:
             self._caps["n"] = len(c.texts) >= s.n
         if len(c.texts) >= s.n:
+            return c
+        if s.temperature == 0 and c.texts:  # greedy: every sample is the first one, as vLLM's n gives
+            self._notes["greedy samples copied (n ignored)"] += s.n - len(c.texts)
+            c.texts += [c.texts[0]] * (s.n - len(c.texts))
+            c.finish_reasons += c.finish_reasons[:1] * (s.n - len(c.finish_reasons))
             return c
         # fewer samples than asked (the server ignores n): ask for the rest, one at a time, each
         # with its own seed, so that seeded runs stay reproducible and the samples differ
