@@ -21,6 +21,7 @@ from ..diff import FIELD_STAGES, diff_constitutions, plan_rerun
 from ..errors import EXIT_CODES_HELP
 from ..pipeline import Calls, run_pipeline
 from ..quality import REJECTS_FILE
+from ..scale import run_pipeline_ray
 from ..templates import Templates
 from .app import app, no_cache_conflict, out, say
 from .summary import exit_status, print_calls, print_failures, print_gates
@@ -28,6 +29,7 @@ from .summary import exit_status, print_calls, print_failures, print_gates
 SHORT = {"output": "-o", "constitution": "-c", "templates": "-t", "backend": "-b", "model": "-m",
          "limit": "-n"}
 METAVAR = {int: "INT", float: "FLOAT", Path: "PATH"}
+RAY_LOCAL = "local"  # `--ray local`: a Ray instance started here (or the one this process has)
 
 
 def _option(leaf: Leaf) -> inspect.Parameter:
@@ -61,6 +63,7 @@ def run_command(**kw: Any) -> None:
     """
     config = kw.pop("config")
     no_cache = kw.pop("no_cache")
+    ray, ray_actors = kw.pop("ray"), kw.pop("ray_actors")
     no_cache_conflict(kw.pop("ctx"), kw["cache"], no_cache)
     overrides = {leaf.path: kw[leaf.name] for leaf in leaves()}
     if no_cache:
@@ -69,10 +72,17 @@ def run_command(**kw: Any) -> None:
     const = load_constitution(cfg.constitution)
     # before the model loads and before the output folder, cache or run.json is made
     preflight.check_run(cfg, constitution=const, templates=Templates(cfg.templates))
-    preflight.check_backend(cfg.backend, cfg.base_url)
-    with build_backend(cfg.backend, cfg.model, **cfg.backend_options()) as be:
-        res = run_pipeline(cfg, backend=be, constitution=const)
+    if ray is not None:  # the rows through a Ray cluster's actors, each with its own backend
+        res = run_pipeline_ray(cfg, None if ray == RAY_LOCAL else ray, constitution=const, actors=ray_actors)
+    else:
+        preflight.check_backend(cfg.backend, cfg.base_url)
+        with build_backend(cfg.backend, cfg.model, **cfg.backend_options()) as be:
+            res = run_pipeline(cfg, backend=be, constitution=const)
     say(f"run: {res.output}")
+    if ray is not None:
+        r = res.manifest.get("ray", {})
+        say(f"  ray: {r.get('rows', 0)} work items in {r.get('blocks', 0)} blocks over {r.get('actors', 0)} actors "
+            f"on {len(r.get('nodes', []))} node(s)")
     for name, s in res.stages.items():
         gone = s.dropped
         say(f"  {name}: {s.written} rows written, {s.resumed - gone} kept from before, "
@@ -105,6 +115,19 @@ _params = [
         "no_cache", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
         default=typer.Option(False, "--no-cache", envvar="CAI_NO_CACHE", rich_help_panel="Run",
                              help="Send every call; neither read nor write the cache.")),
+    inspect.Parameter(
+        "ray", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],  # noqa: UP045
+        default=typer.Option(None, "--ray", envvar="CAI_RAY", metavar="ADDRESS", show_default=False,
+                             rich_help_panel="Ray",
+                             help="Run the rows on a Ray cluster (`pip install 'cai[ray]'`): `auto` joins the "
+                             "cluster of `ray start --head` on this machine, `ray://HOST:10001` a remote one, "
+                             "`local` starts a Ray instance here. Same outputs as a local run.")),
+    inspect.Parameter(
+        "ray_actors", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[int],  # noqa: UP045
+        default=typer.Option(None, "--ray-actors", envvar="CAI_RAY_ACTORS", min=1, show_default=False,
+                             rich_help_panel="Ray",
+                             help="Actors in the pool (default: one per tensor_parallel_size GPUs for "
+                             "`vllm`, else 2); each builds its own backend.")),
 ]
 run_command.__signature__ = inspect.Signature(_params)  # type: ignore[attr-defined]
 run_command.__annotations__ = {p.name: p.annotation for p in _params}
