@@ -381,7 +381,7 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
     res = RunResult(output=out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        history = _history(out / "run.json")
+        history = read_history(out / "run.json")
         # Until the run ends, run.json says so: `cai export` refuses a folder between two stages.
         write_json_atomic(out / "run.json", {"cai_version": __version__, "status": "running", "history": history})
         gate = InputGate(cfg.gates)
@@ -393,6 +393,15 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
     finally:
         if backend is None:
             inner.close()
+    return finish_run(cfg, const, tpl, res, model_id, t0, history, gate.skipped)
+
+
+def finish_run(cfg: RunConfig, const: Constitution, tpl: Templates, res: RunResult, model_id: str, t0: float,
+               history: list[dict[str, Any]], skipped: Iterable[dict[str, Any]] = (),
+               extra: dict[str, Any] | None = None) -> RunResult:
+    """The end of every `cai run` (local or on Ray): revisions.md, preferences.jsonl, the quality
+    gates' rejects.jsonl, and run.json with this run appended to its history."""
+    out = cfg.output
     if "revise" in res.stages:
         write_revise_report(out / "revisions.jsonl")
     if cfg.label.enabled:
@@ -401,8 +410,9 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
         res.preferences = {"written": prefs.written, "ties": prefs.ties, "abstentions": prefs.abstentions,
                            "judgements": prefs.judgements, "position_inconsistent": prefs.inconsistent,
                            "gated": prefs.gated}
-    res.gates = write_rejects(out, cfg.gates, gate.skipped)
-    res.manifest = _manifest(cfg, const, tpl, rcfg, jcfg, res, model_id, time.time() - t0)
+    res.gates = write_rejects(out, cfg.gates, skipped)
+    res.manifest = _manifest(cfg, const, tpl, cfg.revise.resolve(cfg.seed), cfg.label.resolve(cfg.seed), res,
+                             model_id, time.time() - t0) | (extra or {})
     res.manifest["history"] = [*history, {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "elapsed_s": res.manifest["elapsed_s"],
         "calls": res.manifest["calls"],
@@ -412,7 +422,7 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
     return res
 
 
-def _history(manifest: Path) -> list[dict[str, Any]]:
+def read_history(manifest: Path) -> list[dict[str, Any]]:
     """The runs recorded in an earlier run.json of this folder (oldest first)."""
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
@@ -456,7 +466,7 @@ async def _run_streams(cfg: RunConfig, be: Counted, pool: Pool, const: Constitut
             jobs.append(revise())
         if cfg.label.enabled:
             scfg = cfg.label.sample_config(cfg.seed, cfg.revise.max_tokens)
-            fp = sha256_json([judge_fingerprint(be, const, tpl, jcfg), _upstream(cfg, rfp, scfg, tpl)])
+            fp = sha256_json([judge_fingerprint(be, const, tpl, jcfg), label_upstream(cfg, rfp, scfg, tpl)])
             lsink = files.enter_context(JsonlSink(labels, fp))
             stage = LabelStage(JudgeStage(const, tpl, jcfg, be.model_id), scfg, tpl.render_text("generate", "system"))
 
@@ -502,7 +512,7 @@ async def _unique(items: AsyncIterator[Pair | PromptRow]) -> AsyncIterator[Pair 
         yield item
 
 
-def _upstream(cfg: RunConfig, revise_fp: str, scfg: SampleConfig, tpl: Templates) -> list[Any]:
+def label_upstream(cfg: RunConfig, revise_fp: str, scfg: SampleConfig, tpl: Templates) -> list[Any]:
     """What the label stage's input depends on (part of its fingerprint)."""
     upstream: list[Any] = []
     if "revisions" in cfg.sources:

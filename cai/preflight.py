@@ -187,14 +187,26 @@ def check_server(base_url: str, *, timeout: float = 5.0) -> None:
                            "<model> --port <port>`, or pass --base-url") from None
 
 
-def check_backend(name: str, base_url: str | None = None) -> None:
-    """The backend name is known; for ``openai``, ``base_url`` accepts connections."""
+def check_backend(name: str, base_url: str | Sequence[str] | None = None) -> None:
+    """The backend name is known; for ``openai``, ``base_url`` accepts connections (of several
+    servers, one is enough: the others may come back, and the run routes around them)."""
     from .backends import BACKENDS
 
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r} (choose one of: {', '.join(BACKENDS)})")
-    if name == "openai" and base_url:
-        check_server(base_url)
+    if name != "openai" or not base_url:
+        return
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    errors: list[BackendError] = []
+    for url in urls:
+        try:
+            check_server(url)
+            return
+        except BackendError as e:
+            errors.append(e)
+    if len(errors) == 1:
+        raise errors[0]
+    raise BackendError(f"none of the {len(urls)} servers can be reached ({', '.join(urls)}): are they running?")
 
 
 # --- templates ---------------------------------------------------------------------------------

@@ -77,16 +77,14 @@ from ..hashing import sha256_json
 from ..inputs import read_prompts
 from ..model import default_model_dir
 from ..output import JsonlSink
-from ..pipeline import LabelStage, RunResult, _history, _manifest, _upstream
-from ..quality import InputGate, write_rejects
-from ..report.markdown import write_revise_report
+from ..pipeline import LabelStage, RunResult, finish_run, label_upstream, read_history
+from ..quality import InputGate
 from ..stages.judge import JudgeStage
 from ..stages.judge import fingerprint as judge_fingerprint
 from ..stages.pairs import Pair, read_pairs, record_to_pair, sample_pair_ids
-from ..stages.preferences import write_preferences
 from ..stages.revise import ReviseStage
 from ..stages.revise import fingerprint as revise_fingerprint
-from ..stages.runner import DURABLE_EVERY_S, Call, Outcome, Pool, _prune, run
+from ..stages.runner import DURABLE_EVERY_S, Call, Outcome, Pool, prune, run
 from ..templates import Templates
 
 RAY_HINT = "the --ray option needs Ray Data: pip install 'cai[ray]' (or pip install 'ray[data]')"
@@ -395,7 +393,7 @@ def run_pipeline_ray(cfg: RunConfig | str | Path, address: str | None = None, *,
     scfg = cfg.label.sample_config(cfg.seed, cfg.revise.max_tokens)
     res = RunResult(output=out)
     out.mkdir(parents=True, exist_ok=True)
-    history = _history(out / "run.json")
+    history = read_history(out / "run.json")
     write_json_atomic(out / "run.json", {"cai_version": __version__, "status": "running", "history": history})
     counts: dict[str, dict[str, int]] = {}  # per actor instance: its latest call counts
     ray_info: dict[str, Any] = {"address": address, "actors": 0, "nodes": [], "blocks": 0, "rows": 0}
@@ -403,7 +401,7 @@ def run_pipeline_ray(cfg: RunConfig | str | Path, address: str | None = None, *,
         rsink = files.enter_context(JsonlSink(revisions, rfp)) if cfg.revise.enabled else None
         lsink = None
         if cfg.label.enabled:
-            lfp = sha256_json([judge_fingerprint(named, const, tpl, jcfg), _upstream(cfg, rfp, scfg, tpl)])
+            lfp = sha256_json([judge_fingerprint(named, const, tpl, jcfg), label_upstream(cfg, rfp, scfg, tpl)])
             lsink = files.enter_context(JsonlSink(out / "labels.jsonl", lfp))
         plan = _plan(cfg, rsink, lsink)
         if plan.work:
@@ -421,27 +419,11 @@ def run_pipeline_ray(cfg: RunConfig | str | Path, address: str | None = None, *,
                 continue
             summary = sink.finish()
             if len(sink.done) > len(ids & sink.done.keys()):
-                summary.dropped = _prune(sink.path, ids)
+                summary.dropped = prune(sink.path, ids)
             res.stages[name] = summary
     res.sent, res.cached, res.errors = (sum(c[k] for c in counts.values()) for k in ("sent", "cached", "errors"))
-    if "revise" in res.stages:
-        write_revise_report(revisions)
-    if cfg.label.enabled:
-        prefs = write_preferences(out / "labels.jsonl", out / "preferences.jsonl", keep_ties=cfg.label.keep_ties,
-                                  drop=cfg.gates.dropping() & {"truncated"}, debias_length=cfg.label.debias_length)
-        res.preferences = {"written": prefs.written, "ties": prefs.ties, "abstentions": prefs.abstentions,
-                           "judgements": prefs.judgements, "position_inconsistent": prefs.inconsistent,
-                           "gated": prefs.gated}
-    res.gates = write_rejects(out, cfg.gates, plan.gate.skipped if plan.gate else [])
-    res.manifest = _manifest(cfg, const, tpl, rcfg, jcfg, res, model_id, time.time() - t0)
-    res.manifest["ray"] = ray_info
-    res.manifest["history"] = [*history, {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "elapsed_s": res.manifest["elapsed_s"],
-        "calls": res.manifest["calls"],
-        "counts": {k: {f: v[f] for f in ("written", "resumed", "failed", "dropped")}
-                   for k, v in res.manifest["counts"].items() if k != "preferences"}}]
-    write_json_atomic(out / "run.json", res.manifest)
-    return res
+    return finish_run(cfg, const, tpl, res, model_id, t0, history, plan.gate.skipped if plan.gate else [],
+                      {"ray": ray_info})
 
 
 def _run_on_ray(cfg: RunConfig, spec: WorkerSpec, plan: _Plan, rsink: JsonlSink | None, lsink: JsonlSink | None,

@@ -259,7 +259,7 @@ async def run_stream(stream: Stream[T], pool: Pool, *, window: int | None = None
         write_ready()
         summary = sink.finish()
     if stream.prune and len(sink.done) > len(feed.seen & sink.done.keys()):
-        summary.dropped = _prune(sink.path, feed.seen)
+        summary.dropped = prune(sink.path, feed.seen)
     return summary
 
 
@@ -296,7 +296,7 @@ def run_rows(items: Iterable[T], fn: RowFn[T], backend: Backend, concurrency: in
     return run(go, backend, concurrency)
 
 
-def _prune(path: Path, keep: set[str]) -> int:
+def prune(path: Path, keep: set[str]) -> int:
     """Rewrite ``path`` without the rows whose id is not in ``keep``; return how many went."""
     tmp = path.with_name(path.name + ".tmp")
     dropped = 0
