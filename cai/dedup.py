@@ -17,13 +17,15 @@ import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 
 from .errors import InputError
 from .inputs import iter_records
+
+if TYPE_CHECKING:
+    from datasketch import MinHash
 
 Kind = Literal["exact", "near"]
 
@@ -63,11 +65,15 @@ class _Index:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         if num_perm < 16:
             raise ValueError(f"num_perm must be at least 16, got {num_perm}")
+        from datasketch import MinHash, MinHashLSH  # imported here: it takes a second (scipy)
+
+        self._MinHash = MinHash
         self.threshold = threshold
         self.num_perm = num_perm
         self._exact: dict[str, str] = {}
         self._order: dict[str, int] = {}
-        self._sigs: dict[str, np.ndarray] = {}
+        self._keys: list[str] = []  # by insertion order (the row of its signature)
+        self._sig_rows = np.zeros((0, num_perm), dtype=np.uint64)  # one row per item, in order
         # LSH only proposes candidates; every one is verified against ``threshold``. Its own threshold
         # sits LSH_MARGIN lower (and at most 0.9, which keeps at least two bands) so that pairs just
         # above ``threshold`` are not lost to LSH's false negatives.
@@ -79,7 +85,7 @@ class _Index:
         return len(self._order)
 
     def _minhash(self, shingle_set: set[str]) -> MinHash:
-        m = MinHash(num_perm=self.num_perm, seed=SEED, permutations=self._proto.permutations, scheme=SCHEME)
+        m = self._MinHash(num_perm=self.num_perm, seed=SEED, permutations=self._proto.permutations, scheme=SCHEME)
         m.update_batch([s.encode("utf-8") for s in sorted(shingle_set)])
         return m
 
@@ -94,21 +100,27 @@ class _Index:
             return first, "exact"
         if mh is None:
             return None
-        best: str | None = None
-        for key in self._lsh.query(mh):
-            if float(np.mean(self._sigs[key] == mh.hashvalues)) >= self.threshold and (
-                best is None or self._order[key] < self._order[best]
-            ):
-                best = key
-        return (best, "near") if best is not None else None
+        keys = self._lsh.query(mh)
+        if not keys:
+            return None
+        # every candidate verified at once: one comparison of their stacked signatures
+        rows = np.fromiter((self._order[k] for k in keys), dtype=np.int64, count=len(keys))
+        sims = (self._sig_rows[rows] == mh.hashvalues).mean(axis=1)
+        hits = rows[sims >= self.threshold]
+        return (self._keys[int(hits.min())], "near") if hits.size else None
 
     def _add(self, key: str, norm: str, mh: MinHash | None) -> None:
         if key in self._order:
             raise ValueError(f"id {key!r} given twice; ids must be unique")
-        self._order[key] = len(self._order)
+        row = self._order[key] = len(self._order)
+        self._keys.append(key)
         self._exact.setdefault(norm, key)
+        if row >= len(self._sig_rows):  # grow by doubling: appends stay amortised O(1)
+            grown = np.zeros((max(64, 2 * len(self._sig_rows)), self.num_perm), dtype=self._sig_rows.dtype)
+            grown[: len(self._sig_rows)] = self._sig_rows
+            self._sig_rows = grown
         if mh is not None:
-            self._sigs[key] = mh.hashvalues.copy()
+            self._sig_rows[row] = mh.hashvalues
             self._lsh.insert(key, mh, check_duplication=False)
 
     def match(self, text: str) -> tuple[str, Kind] | None:
