@@ -112,6 +112,7 @@ class RunResult:
     stages: dict[str, SinkSummary] = field(default_factory=dict)
     preferences: dict[str, int] = field(default_factory=dict)
     gates: dict[str, int] = field(default_factory=dict)  # "stage.reason" -> rows kept out (rejects.jsonl)
+    backend: dict[str, Any] | None = None  # what the backend says of itself: servers, capabilities, retries
     sent: int = 0
     cached: int = 0
     errors: int = 0
@@ -390,6 +391,7 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
                              cfg.concurrency)
             res.sent, res.cached, res.errors = be.sent, be.hits, be.errors
             model_id = be.model_id
+            res.backend = describe(inner)
     finally:
         if backend is None:
             inner.close()
@@ -420,6 +422,13 @@ def finish_run(cfg: RunConfig, const: Constitution, tpl: Templates, res: RunResu
                    for k, v in res.manifest["counts"].items() if k != "preferences"}}]
     write_json_atomic(out / "run.json", res.manifest)
     return res
+
+
+def describe(backend: Backend) -> dict[str, Any] | None:
+    """What a backend says of itself (a server client: the server kind, its capabilities, retries,
+    and per server the calls answered and the time out of rotation), for run.json."""
+    d = getattr(backend, "describe", None)
+    return d() if callable(d) else None
 
 
 def read_history(manifest: Path) -> list[dict[str, Any]]:
@@ -546,6 +555,7 @@ def _manifest(cfg: RunConfig, const: Constitution, tpl: Templates, rcfg: ReviseC
                    for name, s in res.stages.items()} | {"preferences": res.preferences},
         "calls": {"sent": res.sent, "cached": res.cached, "errors": res.errors},
         "gates": res.gates,
+        **({"backend": res.backend} if res.backend else {}),
         "cache": str(cache) if cache else None,
         "elapsed_s": round(elapsed, 3),
     }

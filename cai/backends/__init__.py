@@ -1,7 +1,8 @@
 """Backends by name, and the one place that builds them. No plugin system: a dict of factories.
 
 - ``embedded``: transformers on the CPU, SmolLM2-135M-Instruct prepared by `cai prepare-model`.
-- ``openai``: any OpenAI-compatible server (``vllm serve``, ...), many requests in flight.
+- ``openai``: any OpenAI-compatible server (``vllm serve``, ...), many requests in flight; given
+  several server URLs, a ``MultiServerBackend`` spreads the calls over them (``multi.py``).
 - ``vllm``: in-process ``vllm.LLM``.
 - ``fake``: scripted, for tests and dry runs.
 
@@ -10,7 +11,7 @@ Each backend declares what it can do (``concurrent``) and is a context manager.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import BackendError
@@ -26,9 +27,37 @@ def _embedded(**kw: Any) -> Backend:
     return EmbeddedBackend(**kw)
 
 
+def split_urls(value: str | Iterable[str] | None) -> list[str]:
+    """Server URLs from a flag, variable or config value: one string, a comma-separated string,
+    or a list of them; blanks and repeats dropped, order kept, a trailing ``/`` stripped."""
+    if value is None:
+        return []
+    parts = [value] if isinstance(value, str) else list(value)
+    urls = [u.strip().rstrip("/") for p in parts for u in str(p).split(",")]
+    return list(dict.fromkeys(u for u in urls if u))
+
+
+def base_url_value(value: str | Iterable[str] | None) -> str | list[str]:
+    """``base_url`` as the config and the CLI keep it: one URL as a string (as it always was),
+    several as a list. ``ValueError`` when there is none."""
+    if isinstance(value, str) and "," not in value and value.strip():
+        return value  # kept as written
+    urls = split_urls(value)
+    if not urls:
+        raise ValueError("no server URL given")
+    return urls[0] if len(urls) == 1 else urls
+
+
 def _openai(**kw: Any) -> Backend:
+    urls = split_urls(kw.get("base_url"))
+    if len(urls) > 1:  # several servers: one client each, calls spread over them
+        from .multi import MultiServerBackend
+
+        return MultiServerBackend(**{**kw, "base_url": urls})
     from .openai_server import OpenAIServerBackend
 
+    if urls:
+        kw["base_url"] = urls[0]
     return OpenAIServerBackend(**kw)
 
 
@@ -60,15 +89,17 @@ def make_backend(name: str, **options: Any) -> Backend:
     return BACKENDS[name](**{k: v for k, v in options.items() if v is not None})
 
 
-def build_backend(name: str, model: str | None = None, *, base_url: str = DEFAULT_BASE_URL,
+def build_backend(name: str, model: str | None = None, *, base_url: str | Iterable[str] = DEFAULT_BASE_URL,
                   api_key: str | None = None, concurrency: int = DEFAULT_CONCURRENCY,
                   **options: Any) -> Backend:
     """The backend the commands and the pipeline use: the server settings go to the ``openai``
-    backend only; ``options`` (engine settings, say) go to the backend as they are."""
+    backend only; ``options`` (engine settings, say) go to the backend as they are. ``base_url``
+    may name several servers (a list, or a comma-separated string): the ``openai`` backend is then
+    a ``MultiServerBackend`` over them."""
     if name == "openai":
         options.update(base_url=base_url, api_key=api_key, concurrency=concurrency)
     return make_backend(name, model=model, **options)
 
 
 __all__ = ["BACKENDS", "DEFAULT_BASE_URL", "Backend", "BackendBase", "Completion", "Message", "Request",
-           "Sampling", "build_backend", "make_backend"]
+           "Sampling", "base_url_value", "build_backend", "make_backend", "split_urls"]

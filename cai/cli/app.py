@@ -20,7 +20,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
-from ..backends import BACKENDS, DEFAULT_BASE_URL, DEFAULT_CONCURRENCY, Backend, build_backend
+from ..backends import BACKENDS, DEFAULT_BASE_URL, DEFAULT_CONCURRENCY, Backend, base_url_value, build_backend
 from ..backends.vllm_local import EngineSettings
 from ..cache import OFF, cache_path
 from ..errors import EXIT_CODES_HELP, ConfigError
@@ -66,9 +66,11 @@ ModelOpt = Annotated[
                  help="Model: a served model name (openai), a folder or HF id (vllm, embedded)."),
 ]
 BaseUrlOpt = Annotated[
-    str,
-    typer.Option("--base-url", envvar=["CAI_BASE_URL", "OPENAI_BASE_URL"],
-                 help="OpenAI-compatible server URL, e.g. http://localhost:8000/v1 for `vllm serve`."),
+    list[str] | None,
+    typer.Option("--base-url", envvar=["CAI_BASE_URL", "OPENAI_BASE_URL"], metavar="URL",
+                 show_default=DEFAULT_BASE_URL,
+                 help="OpenAI-compatible server URL, e.g. http://localhost:8000/v1 for `vllm serve`. Repeat it "
+                 "(or comma-separate the URLs) to spread the calls over several servers serving the same model."),
 ]
 ApiKeyOpt = Annotated[
     str | None,
@@ -120,7 +122,7 @@ class BackendSpec:
 
     backend: str = "embedded"
     model: str | None = None
-    base_url: str = DEFAULT_BASE_URL
+    base_url: str | list[str] = DEFAULT_BASE_URL  # several: a list (see ``base_url_value``)
     api_key: str | None = None
     concurrency: int = DEFAULT_CONCURRENCY
     engine: EngineSettings = field(default_factory=lambda: EngineSettings.model_validate({}))
@@ -142,7 +144,7 @@ def _engine_option(name: str, f: Any) -> tuple[Any, Any]:
 
 _ENGINE_PARAMS = {f"vllm_{name}": _engine_option(name, f) for name, f in EngineSettings.model_fields.items()}
 _BACKEND_PARAMS = {"backend": (BackendOpt, "embedded"), "model": (ModelOpt, None),
-                   "base_url": (BaseUrlOpt, DEFAULT_BASE_URL), "api_key": (ApiKeyOpt, None),
+                   "base_url": (BaseUrlOpt, None), "api_key": (ApiKeyOpt, None),
                    "concurrency": (ConcurrencyOpt, DEFAULT_CONCURRENCY), **_ENGINE_PARAMS}
 _CACHE_PARAMS = {"cache": (CacheOpt, None), "no_cache": (NoCacheOpt, False),
                  "cache_ctx": (typer.Context, inspect.Parameter.empty)}
@@ -177,6 +179,10 @@ def backend_options(fn: F) -> F:
 
 def _spec(values: dict[str, Any]) -> BackendSpec:
     engine = {k.removeprefix("vllm_"): values.pop(k) for k in list(values) if k.startswith("vllm_")}
+    try:  # --base-url given several times, or "A,B": several servers; not given: the default
+        values["base_url"] = base_url_value(values.get("base_url") or DEFAULT_BASE_URL)
+    except ValueError as e:
+        raise ConfigError(str(e), field="--base-url") from None
     return BackendSpec(**values, engine=settings(EngineSettings, **engine))
 
 

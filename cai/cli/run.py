@@ -37,6 +37,8 @@ def _option(leaf: Leaf) -> inspect.Parameter:
     if leaf.is_bool:
         decls[0] = f"{leaf.flag}/--no-{leaf.flag[2:]}"
         ann: Any = Optional[bool]  # noqa: UP045 - typer reads this at run time
+    elif leaf.name == "base_url":  # may be repeated (several servers); given once: a list of one
+        ann = Optional[list[str]]  # noqa: UP045 - typer reads this at run time
     else:
         ann = Optional[str]  # noqa: UP045 - parsed by the config model, like the YAML value
     base = base_type(leaf.annotation)
@@ -94,6 +96,12 @@ def run_command(**kw: Any) -> None:
             f"({p['ties']} ties {'kept' if cfg.label.keep_ties else 'held out'}, "
             f"{p['abstentions']} of {p['judgements']} judgements abstained)")
     print_calls(Calls(res.sent, res.cached, res.errors), cfg.cache_path(), indent="  ")
+    if servers := (res.backend or {}).get("servers"):
+        from ..backends.multi import servers_summary  # aiohttp: only when there were servers
+
+        say("  servers:")
+        for line in servers_summary(servers):
+            say(f"    {line}")
     print_gates(res.gates, res.output / REJECTS_FILE, indent="  ")
     print_failures(res.stages, indent="  ")
     say(f"  manifest: {res.output / 'run.json'}")

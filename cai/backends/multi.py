@@ -1,0 +1,605 @@
+"""Several OpenAI-compatible servers behind one backend: ``--base-url A --base-url B``.
+
+One ``OpenAIServerBackend`` per server does the talking (its dialect detection, retries and
+fault handling, unchanged); this backend only chooses the server of each request and keeps the
+servers that fail out of rotation.
+
+Routing: a request goes to the server in rotation with the fewest requests in flight from this
+backend (ties: the one sent fewer so far), except that a row's later calls (same
+``Request.affinity``) go to the server its first call went to while that server is in rotation,
+so the server's prefix cache still holds the row's earlier turns. The row-to-server map is an
+LRU bounded by ``affinity_limit`` entries (rows in progress number at most the concurrency).
+
+Health: a server is taken out of rotation when a call to it fails for the server's sake (it
+cannot be connected to, or the client's retries ran out: 5xx, 429, timeouts, dropped
+connections), and when its client starts retrying (its ``retries`` counts grow) and a quick
+``GET /models`` then fails. The requests in flight to it, and later ones, go to the other
+servers. It is probed again after a backoff (``down_min`` seconds, doubled for each outage in a
+row, at most ``down_max``): a one-token chat completion that must answer 200 before the
+server is put back. When every server is out of rotation, a request waits for one to come back,
+at most ``all_down_wait`` seconds from when the last one went (so a dead cluster costs one wait,
+not one per row), then fails with an error ``Completion`` that names every server and its last
+failure: the row goes to the failures file, and a rerun retries it.
+
+What a request is (messages, sampling) is untouched, and the answer is the one server's answer:
+the call cache, resume and exactly-once writing are the runner's, as with one server.
+``describe()`` (for run.json) adds ``servers``: per server, calls answered, failures, outages
+and time out of rotation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import socket
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from ..errors import BackendError
+from .base import BackendBase, Completion, Request
+from .openai_server import START_HINT, OpenAIServerBackend
+
+# The error an OpenAIServerBackend gives a request whose retries ran out (5xx, 429, timeouts,
+# dropped connections): the server's fault, not the request's.
+_GAVE_UP = re.compile(r"\(gave up after \d+ attempts?\)\s*$")
+TICK_S = 0.1  # how often the health monitor looks at the servers
+LIVENESS_EVERY_S = 1.0  # at most one liveness check a second per server (a 429 storm retries a lot)
+
+
+def check_url(url: str) -> None:
+    """``url`` is an http(s) URL with a host and a valid port (``BackendError`` if not)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BackendError(f"--base-url {url!r} is not an http(s) URL (e.g. http://localhost:8000/v1)")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise BackendError(f"--base-url {url!r}: bad port") from None
+
+
+def check_servers(urls: Sequence[str], *, timeout: float = 5.0) -> None:
+    """Preflight for several servers (before any file is made): every URL well formed, at least
+    one accepting TCP connections (one that is down starts out of rotation, probed later)."""
+    for u in urls:
+        check_url(u)
+    down: list[str] = []
+    for u in urls:
+        parts = urlsplit(u)
+        try:
+            with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                          timeout=timeout):
+                pass
+        except OSError as e:
+            down.append(f"{u} ({e.strerror or type(e).__name__})")
+    if len(down) == len(urls):
+        raise BackendError(f"cannot reach any of the {len(urls)} servers: {', '.join(down)}: are they running? "
+                           "Start one with `vllm serve <model> --port <port>`, or pass --base-url")
+
+
+def server_fault(c: Completion) -> bool:
+    """Whether an error answer is the server's fault (retries ran out), not the request's."""
+    return c.error is not None and _GAVE_UP.search(c.error) is not None
+
+
+@dataclass(eq=False)
+class _Server:
+    index: int
+    url: str
+    client: OpenAIServerBackend
+    gone: asyncio.Future[None]  # resolved when the server is taken out of rotation
+    in_flight: int = 0
+    sent: int = 0
+    answered: int = 0
+    errors: int = 0  # answered with an error that is the request's (a 400, say)
+    failures: int = 0  # calls that failed for the server's sake
+    rerouted: int = 0  # calls in flight when it went out of rotation, sent elsewhere
+    outages: int = 0
+    epoch: int = 0  # times put back in rotation
+    level: int = 0  # outages in a row (backoff exponent)
+    down_since: float | None = None
+    down_total: float = 0.0
+    up_since: float = field(default_factory=time.monotonic)
+    next_probe: float = 0.0
+    last_probe: float = 0.0
+    probing: bool = False
+    retries_seen: int = 0
+    last_failure: str | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.down_since is None
+
+    def out_of_rotation_s(self, now: float) -> float:
+        return self.down_total + (now - self.down_since if self.down_since is not None else 0.0)
+
+
+class MultiServerBackend(BackendBase):
+    """One backend over several OpenAI-compatible servers serving the same model.
+
+    Takes what ``OpenAIServerBackend`` takes (``base_url``: the list of server URLs; each server
+    gets a client with the other settings), plus the routing and health settings. Runs its own
+    event loop thread (``loop``): ``acomplete`` is awaited there (or hops over), ``submit`` and
+    ``complete`` work from any thread.
+    """
+
+    concurrent: bool = True
+    model_id: str
+
+    def __init__(
+        self,
+        model: str | None = None,
+        base_url: Sequence[str] = (),
+        api_key: str | None = None,
+        concurrency: int = 256,
+        timeout: float = 120.0,
+        max_retries: int = 5,
+        extra_body: dict[str, Any] | None = None,
+        backoff: float = 1.0,
+        server: str = "auto",
+        *,
+        affinity: bool = True,
+        affinity_limit: int | None = None,
+        probe_timeout: float = 10.0,
+        down_min: float = 1.0,
+        down_max: float = 60.0,
+        all_down_wait: float = 30.0,
+    ) -> None:
+        parts = [base_url] if isinstance(base_url, str) else list(base_url)
+        urls = list(dict.fromkeys(u.strip().rstrip("/") for p in parts for u in p.split(",") if u.strip()))
+        if not urls:
+            raise BackendError("no server URL (--base-url)")
+        for u in urls:
+            check_url(u)
+        self.urls = urls
+        self.concurrency = max(1, concurrency)
+        self.affinity = affinity
+        self.affinity_limit = affinity_limit or max(4096, 16 * self.concurrency)
+        self.probe_timeout, self.down_min, self.down_max = probe_timeout, down_min, down_max
+        self.all_down_wait = all_down_wait
+        self._api_key = api_key
+        self._client_kw: dict[str, Any] = dict(api_key=api_key, concurrency=concurrency, timeout=timeout,
+                                               max_retries=max_retries, extra_body=extra_body, backoff=backoff,
+                                               server=server)
+        self._servers: list[_Server] = []
+        self._rows: OrderedDict[str, int] = OrderedDict()
+        self._routing: Counter[str] = Counter()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._monitor: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._any_up: asyncio.Future[None] | None = None  # resolved when one comes back, while all are down
+        self._all_down_since: float | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="cai-multi-server", daemon=True)
+        self._thread.start()
+        self.loop: asyncio.AbstractEventLoop | None = self._loop
+        try:
+            self._run(self._start(model))
+        except BaseException:
+            self.close()
+            raise
+
+    # ----------------------------------------------------------------------------------- API
+    @property
+    def servers(self) -> list[dict[str, Any]]:
+        """Per server, in the order given: ``url``, ``in_rotation`` (now), ``sent`` (calls sent to it),
+        ``answered`` (calls it answered, ``errors`` of them with an error that is the request's own: a 400, say),
+        ``failures`` (calls that failed there for the server's sake: unreachable, retries run
+        out), ``rerouted`` (calls in flight when it went out of rotation, sent elsewhere),
+        ``outages`` (times taken out of rotation), ``out_of_rotation_s``, ``last_failure``,
+        and its client's ``retries`` and ``server_kind``."""
+        now = time.monotonic()
+        return [{"url": s.url, "in_rotation": s.up, "sent": s.sent, "answered": s.answered, "errors": s.errors,
+                 "failures": s.failures, "rerouted": s.rerouted, "outages": s.outages,
+                 "out_of_rotation_s": round(s.out_of_rotation_s(now), 3), "last_failure": s.last_failure,
+                 "retries": s.client.retries, "server_kind": s.client.server_kind} for s in self._servers]
+
+    @property
+    def server_kind(self) -> str:
+        kinds = {s.client.server_kind for s in self._servers} - {"unknown"}
+        return kinds.pop() if len(kinds) == 1 else ("unknown" if not kinds else "mixed")
+
+    @property
+    def capabilities(self) -> dict[str, bool | None]:
+        """Each capability: False if any server lacks it, True if one was seen to have it, else None."""
+        caps: dict[str, bool | None] = {}
+        for s in self._servers:
+            for k, v in s.client.capabilities.items():
+                prev = caps.get(k)
+                caps[k] = False if False in (v, prev) else (True if True in (v, prev) else None)
+        return caps
+
+    @property
+    def notes(self) -> dict[str, int]:
+        return dict(sum((Counter(s.client.notes) for s in self._servers), Counter()))
+
+    @property
+    def retries(self) -> dict[str, int]:
+        return dict(sum((Counter(s.client.retries) for s in self._servers), Counter()))
+
+    @property
+    def routing(self) -> dict[str, Any]:
+        """``affinity`` (on or off), ``affinity_kept`` (calls sent to their row's server),
+        ``affinity_moved`` (calls whose row's server was out of rotation), ``all_down`` (calls
+        failed because every server was out of rotation)."""
+        return {"affinity": self.affinity, "affinity_kept": self._routing["kept"],
+                "affinity_moved": self._routing["moved"], "all_down": self._routing["all_down"]}
+
+    def describe(self) -> dict[str, Any]:
+        """What ``OpenAIServerBackend.describe()`` gives (summed or merged over the servers), plus
+        ``servers`` and ``routing``, for run.json."""
+        return {"server": self._client_kw["server"], "server_kind": self.server_kind,
+                "capabilities": self.capabilities, "notes": self.notes, "retries": self.retries,
+                "servers": self.servers, "routing": self.routing}
+
+    def complete(self, requests: Sequence[Request]) -> list[Completion]:
+        if not requests:
+            return []
+        return list(self._run(self._complete_all(requests)))
+
+    async def acomplete(self, request: Request) -> Completion:
+        """One request, to one server (another one if that one fails); never raises for it."""
+        if asyncio.get_running_loop() is not self._loop:
+            return await asyncio.wrap_future(self.submit(request))
+        return await self._route(request)
+
+    def submit(self, request: Request) -> Future[Completion]:
+        if self._loop.is_closed():
+            raise BackendError("this backend was closed")
+        return asyncio.run_coroutine_threadsafe(self._route(request), self._loop)
+
+    def close(self) -> None:
+        super().close()
+        if self._loop.is_closed():
+            return
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):  # closing: nothing to report
+                self._run(self._stop())
+        for s in self._servers:
+            s.client.close()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    # ------------------------------------------------------------------------------ routing
+    def _pick(self, request: Request, tried: dict[int, int]) -> _Server | None:
+        def eligible(s: _Server) -> bool:
+            return s.up and tried.get(s.index) != s.epoch
+
+        row = request.affinity if self.affinity else None
+        if row is not None and (i := self._rows.get(row)) is not None:
+            s = self._servers[i]
+            if eligible(s):
+                self._rows.move_to_end(row)
+                self._routing["kept"] += 1
+                return s
+            self._routing["moved"] += 1
+        candidates = [s for s in self._servers if eligible(s)]
+        if not candidates:
+            return None
+        best = min(candidates, key=lambda s: (s.in_flight, s.sent, s.index))
+        if row is not None:
+            self._remember(row, best)
+        return best
+
+    def _remember(self, row: str, s: _Server) -> None:
+        self._rows[row] = s.index
+        self._rows.move_to_end(row)
+        while len(self._rows) > self.affinity_limit:
+            self._rows.popitem(last=False)
+
+    async def _route(self, request: Request) -> Completion:
+        tried: dict[int, int] = {}  # server -> its epoch when tried (a server back in rotation may be tried again)
+        last: Completion | None = None
+        for _ in range(4 * len(self._servers) + 4):  # bounded: each pass tries a server or waits once
+            s = self._pick(request, tried)
+            if s is None:
+                if any(s.up for s in self._servers):  # every server in rotation was tried
+                    break
+                if not await self._wait_for_one():
+                    break
+                continue
+            tried[s.index] = s.epoch
+            c = await self._send(s, request)
+            if c is None:  # failed there for the server's sake, or moved off it: next server
+                continue
+            if server_fault(c):
+                s.failures += 1
+                self._take_down(s, c.error or "")
+                last = c
+                continue
+            s.answered += 1
+            s.errors += c.error is not None
+            if request.affinity is not None and self.affinity:
+                self._remember(request.affinity, s)
+            return c
+        if not any(s.up for s in self._servers):
+            self._routing["all_down"] += 1
+            return Completion(texts=[], error=self._all_down_message(last))
+        return last or Completion(texts=[], error="no server could answer this request")
+
+    async def _send(self, s: _Server, request: Request) -> Completion | None:
+        """``request`` to server ``s``: its answer, or None when ``s`` failed (now out of rotation)
+        or went out of rotation while the request was in flight."""
+        s.in_flight += 1
+        s.sent += 1
+        gone = s.gone
+        try:
+            fut = asyncio.wrap_future(s.client.submit(request))
+        except BackendError as e:
+            s.in_flight -= 1
+            s.failures += 1
+            self._take_down(s, str(e))
+            return None
+        try:
+            await asyncio.wait((fut, gone), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (the run stops): stop the request there too
+            fut.cancel()
+            raise
+        finally:
+            s.in_flight -= 1
+        if not fut.done():
+            fut.cancel()
+            s.rerouted += 1
+            return None
+        try:
+            return fut.result()
+        except asyncio.CancelledError:
+            s.rerouted += 1
+            return None
+        except Exception as e:  # the client raises only when it cannot reach the server at all
+            s.failures += 1
+            self._take_down(s, str(e))
+            return None
+
+    async def _complete_all(self, requests: Sequence[Request]) -> list[Completion]:
+        results: list[Completion] = [Completion(texts=[], error="no result")] * len(requests)
+        todo: Iterator[int] = iter(range(len(requests)))
+
+        async def worker() -> None:
+            for i in todo:
+                results[i] = await self._route(requests[i])
+
+        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(requests)))))
+        return results
+
+    # ------------------------------------------------------------------------------- health
+    def _take_down(self, s: _Server, reason: str) -> None:
+        s.last_failure = " ".join(reason.split())[:300] or "failed"
+        if not s.up:
+            return
+        now = time.monotonic()
+        if now - s.up_since > self.down_max:  # up a long while: not one outage in a row
+            s.level = 0
+        s.down_since = now
+        s.outages += 1
+        s.last_probe = now
+        s.next_probe = now + min(self.down_max, self.down_min * 2 ** s.level)
+        s.level += 1
+        gone, s.gone = s.gone, self._loop.create_future()
+        gone.set_result(None)  # the requests in flight there move on
+        if not any(x.up for x in self._servers):
+            self._all_down_since = now
+            if self._any_up is None or self._any_up.done():
+                self._any_up = self._loop.create_future()
+
+    def _put_back(self, s: _Server) -> None:
+        if s.up:
+            return
+        now = time.monotonic()
+        assert s.down_since is not None
+        s.down_total += now - s.down_since
+        s.down_since = None
+        s.up_since = now
+        s.epoch += 1
+        s.retries_seen = sum(s.client.retries.values())
+        self._all_down_since = None
+        if self._any_up is not None and not self._any_up.done():
+            self._any_up.set_result(None)
+
+    async def _wait_for_one(self) -> bool:
+        """Every server is out of rotation: wait until one is back (True), at most until
+        ``all_down_wait`` seconds after the last one went (False)."""
+        since = self._all_down_since if self._all_down_since is not None else time.monotonic()
+        left = since + self.all_down_wait - time.monotonic()
+        if left <= 0 or self._any_up is None:
+            return False
+        try:
+            await asyncio.wait_for(asyncio.shield(self._any_up), left)
+        except TimeoutError:
+            return False
+        return True
+
+    def _all_down_message(self, last: Completion | None) -> str:
+        now = time.monotonic()
+        each = "; ".join(f"{s.url}: {s.last_failure or 'failed'} (next probe in {max(0.0, s.next_probe - now):.0f} s)"
+                         for s in self._servers)
+        msg = f"all {len(self._servers)} servers are out of rotation: {each}"
+        return msg + (f"; this request's last error: {last.error}" if last is not None and last.error else "")
+
+    async def _watch(self) -> None:
+        """The health monitor: a server in rotation whose client started retrying gets a quick
+        ``GET /models``; a server out of rotation is probed when its backoff is over (sooner
+        while requests wait because all are out)."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            waiting = self._any_up is not None and not self._any_up.done()
+            for s in self._servers:
+                if s.probing:
+                    continue
+                if s.up:
+                    n = sum(s.client.retries.values())
+                    if n > s.retries_seen and now - s.last_probe >= LIVENESS_EVERY_S:
+                        s.retries_seen = n
+                        self._spawn(s, self._check_alive(s))
+                elif now >= s.next_probe or (waiting and now >= s.last_probe + self.down_min):
+                    self._spawn(s, self._probe(s))
+
+    def _spawn(self, s: _Server, coro: Any) -> None:
+        s.probing = True
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            s.probing = False
+
+        task.add_done_callback(done)
+
+    async def _get_models(self, url: str) -> tuple[bool, str, Any]:
+        """GET URL/models: (answered 200, why not, the JSON)."""
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{url}/models") as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    return False, f"GET /models: HTTP {resp.status}", None
+                try:
+                    return True, "", json.loads(body)
+                except ValueError:
+                    return True, "", None
+        except Exception as e:  # unreachable, timed out, reset
+            return False, _why(e), None
+
+    async def _check_alive(self, s: _Server) -> None:
+        """The liveness check: GET /models answers 200, and vLLM's ``/health`` (beside ``/v1``),
+        where there is one, does not answer 5xx (a dead engine behind a live API server)."""
+        s.last_probe = time.monotonic()
+        ok, why, _ = await self._get_models(s.url)
+        if ok and s.url.endswith("/v1"):
+            assert self._session is not None
+            try:
+                async with self._session.get(f"{s.url.removesuffix('/v1')}/health") as resp:
+                    if resp.status >= 500:
+                        ok, why = False, f"GET /health: HTTP {resp.status}"
+            except Exception as e:  # /models answered: a /health that does not is no verdict
+                why = _why(e)
+        if not ok and s.up:
+            self._take_down(s, f"not answering: {why}")
+
+    async def _ping(self, url: str, model: str) -> tuple[bool, str]:
+        """A one-token chat completion: (answered 200, why not)."""
+        assert self._session is not None
+        body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1,
+                "temperature": 0.0}
+        try:
+            async with self._session.post(f"{url}/chat/completions", json=body) as resp:
+                await resp.read()
+                return resp.status == 200, f"probe: HTTP {resp.status}"
+        except Exception as e:
+            return False, f"probe: {_why(e)}"
+
+    async def _probe(self, s: _Server) -> None:
+        """Before a server goes back in rotation: a one-token chat completion must answer 200."""
+        s.last_probe = time.monotonic()
+        ok, why = await self._ping(s.url, self.model_id)
+        if ok:
+            self._put_back(s)
+            return
+        now = time.monotonic()
+        s.last_failure = why
+        s.next_probe = now + min(self.down_max, self.down_min * 2 ** s.level)
+        s.level += 1
+
+    # ------------------------------------------------------------------------------ plumbing
+    async def _start(self, model: str | None) -> str:
+        """Clients for every server; each server's model listing read at once (a server that does
+        not answer starts out of rotation); the model is the first listing's unless named."""
+        self._session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {self._api_key or _env_key()}"},
+            timeout=aiohttp.ClientTimeout(total=self.probe_timeout))
+        listings = await asyncio.gather(*(self._get_models(u) for u in self.urls))
+        if model is not None and not any(ok for ok, _, _ in listings):  # no model listing: do they chat?
+            pings = await asyncio.gather(*(self._ping(u, model) for u in self.urls))
+            listings = [(ok, why if ok else f"{why0}; {why}", None)
+                        for (ok, why), (_, why0, _) in zip(pings, listings, strict=True)]
+        answered = [(u, data) for u, (ok, _, data) in zip(self.urls, listings, strict=True) if ok]
+        if not answered:
+            why = "; ".join(f"{u}: {w}" for u, (_, w, _) in zip(self.urls, listings, strict=True))
+            raise BackendError(f"none of the {len(self.urls)} servers answers: {why}. {START_HINT}")
+        if model is None:
+            first = _model_ids(answered[0][1])
+            if not first:
+                raise BackendError(f"{answered[0][0]}/models lists no model; pass --model")
+            model = first[0]
+        for u, data in answered:
+            ids = _model_ids(data)
+            if ids and model not in ids:
+                raise BackendError(f"{u} does not serve model {model!r} (it lists {', '.join(ids[:5])}): "
+                                   "every --base-url must serve the same model")
+        for i, (u, (ok, why, _)) in enumerate(zip(self.urls, listings, strict=True)):
+            # each client runs its own loop thread; with the model named it sends nothing yet
+            client = OpenAIServerBackend(model=model, base_url=u, **self._client_kw)
+            s = _Server(i, u, client, self._loop.create_future())
+            self._servers.append(s)
+            if not ok:
+                self._take_down(s, f"not answering at start: {why}")
+        self.model_id = model
+        self._monitor = self._loop.create_task(self._watch())
+        return model
+
+    async def _stop(self) -> None:
+        tasks = [t for t in (self._monitor, *self._tasks) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def _run(self, coro: Any) -> Any:
+        if self._loop.is_closed():
+            raise BackendError("this backend was closed")
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()
+            raise
+
+
+def servers_summary(servers: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per server of ``describe()["servers"]``, for the end summary: the calls it
+    answered, what failed there, and its time out of rotation."""
+    lines = []
+    for s in servers:
+        line = f"{s['url']}: {s['answered']} calls answered"
+        if s.get("failures"):
+            line += f", {s['failures']} failed there"
+        if s.get("rerouted"):
+            line += f", {s['rerouted']} moved to another server"
+        if s.get("outages"):
+            times = "once" if s["outages"] == 1 else f"{s['outages']} times"
+            line += (f"; out of rotation {times}, {s['out_of_rotation_s']:.1f} s in all"
+                     f" (last: {s.get('last_failure') or 'failed'})")
+        if not s.get("in_rotation", True):
+            line += "; out of rotation at the end"
+        lines.append(line)
+    return lines
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return f"cannot connect ({e.os_error.strerror or e.os_error})" if e.os_error else "cannot connect"
+    return f"{type(e).__name__}: {e}".strip().rstrip(":")
+
+
+def _model_ids(data: Any) -> list[str]:
+    models = data.get("data") if isinstance(data, dict) else None
+    return [str(m["id"]) for m in models if isinstance(m, dict) and "id" in m] if isinstance(models, list) else []
+
+
+def _env_key() -> str:
+    return os.environ.get("OPENAI_API_KEY") or "EMPTY"

@@ -1,0 +1,587 @@
+"""Several servers behind one `openai` backend: routing, row affinity, servers going down, and
+`cai run` finishing every row with one server down from the start or killed mid-run.
+
+In-process aiohttp stubs (one loop thread) for routing and health; two `bench/sim_server.py`
+processes (answers that take time) for the server killed mid-run. 127.0.0.1 only; every
+server is stopped by its fixture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from cai.backends import base_url_value, build_backend, make_backend, split_urls
+from cai.backends.base import Request, Sampling
+from cai.backends.multi import MultiServerBackend, check_servers, server_fault, servers_summary
+from cai.backends.openai_server import OpenAIServerBackend
+from cai.cli.app import BackendSpec, backend_options
+from cai.config import RunConfig, load_run_config
+from cai.errors import BackendError
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "stub-model"
+
+
+# --- in-process stub servers --------------------------------------------------------------------
+
+
+@dataclass
+class Stub:
+    """One stub server: ``mode`` ok (answers), ``500`` (fails); ``delay`` seconds per answer;
+    ``seen``: the messages of each chat request, in arrival order."""
+
+    name: str
+    delay: float = 0.0
+    mode: str = "ok"
+    base_url: str = ""
+    seen: list[list[dict[str, Any]]] = field(default_factory=list)
+    pings: int = 0
+    runner: web.AppRunner | None = None
+
+    @property
+    def calls(self) -> int:
+        return len(self.seen)
+
+
+def answer(body: dict[str, Any]) -> dict[str, Any]:
+    """A text that depends on the messages (so revisions differ), log-probs over A/B when asked."""
+    h = zlib.crc32(json.dumps(body["messages"], sort_keys=True).encode())
+    if body.get("logprobs"):
+        p = 0.05 + 0.9 * (h % 1000) / 999
+        top = [{"token": "A", "logprob": math.log(p)}, {"token": "B", "logprob": math.log(1 - p)}]
+        tok = top[0] if p >= 0.5 else top[1]
+        choice = {"index": 0, "message": {"role": "assistant", "content": tok["token"]},
+                  "logprobs": {"content": [{**tok, "top_logprobs": top}]}, "finish_reason": "length"}
+    else:
+        choice = {"index": 0, "message": {"role": "assistant", "content": f"Answer {h:08x}: a careful reply."},
+                  "logprobs": None, "finish_reason": "stop"}
+    return {"id": "x", "object": "chat.completion", "model": MODEL, "choices": [choice],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+
+
+STUB = web.AppKey("stub", Stub)
+
+
+async def _chat(request: web.Request) -> web.Response:
+    stub = request.app[STUB]
+    body = await request.json()
+    if body["messages"] == [{"role": "user", "content": "ping"}] and body.get("max_tokens") == 1:
+        stub.pings += 1  # the health probe, not a call
+    else:
+        stub.seen.append(body["messages"])
+    if stub.delay:
+        await asyncio.sleep(stub.delay)
+    if stub.mode == "500":
+        return web.json_response({"error": {"message": "engine dead"}}, status=500)
+    return web.json_response(answer(body))
+
+
+async def _models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+
+class Stubs:
+    """Stub servers on one event loop thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.all: list[Stub] = []
+
+    def start(self, name: str, **kw: Any) -> Stub:
+        s = Stub(name, **kw)
+        app = web.Application()
+        app[STUB] = s
+        app.router.add_post("/v1/chat/completions", _chat)
+        app.router.add_get("/v1/models", _models)
+
+        async def up() -> int:
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            s.runner = runner
+            return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+        port = asyncio.run_coroutine_threadsafe(up(), self.loop).result(10)
+        s.base_url = f"http://127.0.0.1:{port}/v1"
+        self.all.append(s)
+        return s
+
+    def stop(self, s: Stub) -> None:
+        if s.runner is not None:
+            runner, s.runner = s.runner, None
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), self.loop).result(10)
+
+    def close(self) -> None:
+        for s in self.all:
+            self.stop(s)
+
+        async def drain() -> None:  # handlers still waiting (a hanging stub's)
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(drain(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def stubs() -> Iterator[Stubs]:
+    s = Stubs()
+    yield s
+    s.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dead_url() -> str:
+    """A URL nothing listens on (connection refused)."""
+    return f"http://127.0.0.1:{free_port()}/v1"
+
+
+FAST = {"backoff": 0.01, "max_retries": 1, "down_min": 0.1, "down_max": 1.0, "probe_timeout": 2.0}
+
+
+def multi(urls: list[str], **kw: Any) -> MultiServerBackend:
+    return MultiServerBackend(model=kw.pop("model", None), base_url=urls, **{**FAST, **kw})
+
+
+def ask(text: str, row: str | None = None) -> Request:
+    return Request(({"role": "user", "content": text},), Sampling(max_tokens=8), affinity=row)
+
+
+def rows_chains(be: MultiServerBackend, rows: int, calls: int) -> list[list[str]]:
+    """``rows`` rows at once, each ``calls`` dependent calls (the next asks about the last answer)."""
+    async def row(i: int) -> list[str]:
+        texts, last = [], ""
+        for k in range(calls):
+            c = await be.acomplete(ask(f"row {i} call {k} {last}", row=f"r{i}"))
+            assert c.error is None, c.error
+            texts.append(last := c.text)
+        return texts
+
+    async def go() -> list[list[str]]:
+        return list(await asyncio.gather(*(row(i) for i in range(rows))))
+
+    assert be.loop is not None
+    return asyncio.run_coroutine_threadsafe(go(), be.loop).result(60)
+
+
+def rows_by_server(stubs: list[Stub]) -> dict[str, set[str]]:
+    """row -> the servers that saw one of its calls."""
+    where: dict[str, set[str]] = defaultdict(set)
+    for s in stubs:
+        for msgs in s.seen:
+            m = re.search(r"row (\d+) ", msgs[-1]["content"])
+            assert m, msgs
+            where[m.group(1)].add(s.name)
+    return where
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+
+def test_urls_parse_from_every_form():
+    assert split_urls("http://a/v1") == ["http://a/v1"]
+    assert split_urls("http://a/v1/, http://b/v1,,") == ["http://a/v1", "http://b/v1"]
+    assert split_urls(["http://a/v1", "http://b/v1,http://c/v1", "http://a/v1"]) == [
+        "http://a/v1", "http://b/v1", "http://c/v1"]
+    assert base_url_value("http://a/v1/") == "http://a/v1/"  # one URL: kept as written
+    assert base_url_value(["http://a/v1"]) == "http://a/v1"
+    assert base_url_value("http://a/v1,http://b/v1") == ["http://a/v1", "http://b/v1"]
+    with pytest.raises(ValueError):
+        base_url_value(" , ")
+
+
+def test_run_config_takes_a_list_a_comma_string_or_one_string(tmp_path: Path, monkeypatch):
+    f = tmp_path / "run.yaml"
+    f.write_text("backend: openai\nbase_url:\n  - http://127.0.0.1:1/v1\n  - http://127.0.0.1:2/v1\n")
+    assert load_run_config(f).base_url == ["http://127.0.0.1:1/v1", "http://127.0.0.1:2/v1"]
+    f.write_text("backend: openai\nbase_url: http://127.0.0.1:1/v1\n")  # users' configs as they are
+    cfg = load_run_config(f)
+    assert cfg.base_url == "http://127.0.0.1:1/v1" and cfg.backend_options()["base_url"] == cfg.base_url
+    assert cfg.public()["base_url"] == "http://127.0.0.1:1/v1"
+    # a flag or CAI_BASE_URL arrives as one string: "A,B" is two servers, and wins over the file
+    cfg = load_run_config(f, {("base_url",): "http://127.0.0.1:3/v1,http://127.0.0.1:4/v1"})
+    assert cfg.base_url == ["http://127.0.0.1:3/v1", "http://127.0.0.1:4/v1"]
+    assert RunConfig.model_validate({}).base_url == "http://localhost:8000/v1"
+
+
+def test_backend_flags_repeat_or_comma_separate(monkeypatch):
+    """--base-url on the commands that take the backend options (cai revise, cai label)."""
+    import typer
+    from typer.testing import CliRunner
+
+    got: list[BackendSpec] = []
+    app = typer.Typer()
+
+    @app.command()
+    @backend_options
+    def cmd(backend: BackendSpec) -> None:
+        got.append(backend)
+
+    run = CliRunner().invoke
+    for k in ("CAI_BASE_URL", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(k, raising=False)
+    assert run(app, []).exit_code == 0 and got[-1].base_url == "http://localhost:8000/v1"
+    assert run(app, ["--base-url", "http://h:1/v1"]).exit_code == 0 and got[-1].base_url == "http://h:1/v1"
+    assert run(app, ["--base-url", "http://h:1/v1", "--base-url", "http://h:2/v1"]).exit_code == 0
+    assert got[-1].base_url == ["http://h:1/v1", "http://h:2/v1"]
+    assert run(app, [], env={"CAI_BASE_URL": "http://h:1/v1,http://h:2/v1"}).exit_code == 0
+    assert got[-1].base_url == ["http://h:1/v1", "http://h:2/v1"]
+
+
+def test_preflight_wants_one_server_up_and_every_url_well_formed(stubs: Stubs):
+    live = stubs.start("live")
+    check_servers([dead_url(), live.base_url])  # one down: it starts out of rotation
+    with pytest.raises(BackendError, match="cannot reach any of the 2 servers"):
+        check_servers([dead_url(), dead_url()])
+    with pytest.raises(BackendError, match="not an http"):
+        check_servers([live.base_url, "localhost:8000"])
+
+
+# --- routing ---------------------------------------------------------------------------------------
+
+
+def test_one_url_is_the_plain_client_several_are_spread(stubs: Stubs):
+    a, b = stubs.start("a"), stubs.start("b")
+    with build_backend("openai", None, base_url=[a.base_url]) as one:
+        assert isinstance(one, OpenAIServerBackend)
+    with build_backend("openai", None, base_url=f"{a.base_url},{b.base_url}", concurrency=8) as be:
+        assert isinstance(be, MultiServerBackend) and be.model_id == MODEL and be.loop is not None
+        done = be.complete([ask(f"q{i}") for i in range(40)])
+        assert all(c.error is None for c in done)
+        servers = be.describe()["servers"]
+    assert a.calls + b.calls == 40 and min(a.calls, b.calls) >= 10, (a.calls, b.calls)
+    assert [s["answered"] for s in servers] == [a.calls, b.calls]
+    assert [s["url"] for s in servers] == [a.base_url, b.base_url]
+    assert all(s["in_rotation"] and s["failures"] == 0 and s["outages"] == 0 for s in servers)
+
+
+def test_a_rows_calls_stay_on_one_server(stubs: Stubs):
+    three = [stubs.start(n, delay=0.005) for n in "abc"]
+    with multi([s.base_url for s in three]) as be:
+        rows_chains(be, rows=24, calls=4)
+        routing = be.routing
+    where = rows_by_server(three)
+    assert len(where) == 24 and all(len(v) == 1 for v in where.values()), where
+    assert all(s.calls >= 12 for s in three), [s.calls for s in three]  # rows spread over all three
+    assert routing["affinity_kept"] == 24 * 3 and routing["affinity_moved"] == 0
+
+
+def test_without_affinity_rows_wander(stubs: Stubs):
+    """Least-loaded alone: rows on the slower server move to the faster one between calls."""
+    two = [stubs.start("a", delay=0.001), stubs.start("b", delay=0.03)]
+    with multi([s.base_url for s in two], affinity=False) as be:
+        rows_chains(be, rows=16, calls=4)
+    assert any(len(v) > 1 for v in rows_by_server(two).values())
+
+
+def test_affinity_map_is_bounded(stubs: Stubs):
+    a, b = stubs.start("a"), stubs.start("b")
+    with multi([a.base_url, b.base_url], affinity_limit=10) as be:
+        be.complete([ask(f"row {i} x", row=f"r{i}") for i in range(50)])
+        assert len(be._rows) == 10
+
+
+# --- health -----------------------------------------------------------------------------------------
+
+
+def test_a_server_down_from_the_start_is_left_out(stubs: Stubs):
+    a = stubs.start("a")
+    dead = dead_url()
+    with multi([dead, a.base_url]) as be:
+        assert be.model_id == MODEL  # from the server that answered
+        done = be.complete([ask(f"q{i}") for i in range(20)])
+        assert all(c.error is None for c in done)
+        gone, up = be.servers
+    assert a.calls == 20
+    assert gone["url"] == dead and not gone["in_rotation"] and gone["answered"] == 0
+    assert gone["outages"] == 1 and gone["out_of_rotation_s"] > 0 and "connect" in gone["last_failure"]
+    assert up["answered"] == 20 and up["in_rotation"]
+    first, second = servers_summary([gone, up])
+    assert first.startswith(f"{dead}: 0 calls answered; out of rotation once, ") and "cannot connect" in first
+    assert first.endswith("out of rotation at the end") and second == f"{a.base_url}: 20 calls answered"
+
+
+def test_every_server_down_at_start_is_an_error():
+    with pytest.raises(BackendError, match="none of the 2 servers answers"):
+        multi([dead_url(), dead_url()])
+
+
+def test_a_failing_server_is_taken_out_probed_and_put_back(stubs: Stubs):
+    a, b = stubs.start("a", mode="500"), stubs.start("b")
+    with multi([a.base_url, b.base_url], model=MODEL) as be:
+        done = be.complete([ask(f"q{i}") for i in range(20)])
+        assert all(c.error is None for c in done), [c.error for c in done]
+        bad = be.servers[0]
+        assert not bad["in_rotation"] and bad["failures"] >= 1 and bad["answered"] == 0
+        assert "HTTP 500" in bad["last_failure"]
+        assert be.servers[1]["answered"] == 20
+        a.mode = "ok"  # it recovers: the probe puts it back
+        deadline = time.monotonic() + 10
+        while not be.servers[0]["in_rotation"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert be.servers[0]["in_rotation"] and a.pings >= 1
+        before = a.calls
+        be.complete([ask(f"again {i}") for i in range(10)])
+        assert a.calls > before  # back in rotation
+        assert be.servers[0]["out_of_rotation_s"] > 0 and be.servers[0]["outages"] == 1
+
+
+def test_the_clients_gave_up_error_is_what_marks_a_server_fault(stubs: Stubs):
+    """The multi backend reads the client's error text: this pins that coupling."""
+    a = stubs.start("a", mode="500")
+    with OpenAIServerBackend(model=MODEL, base_url=a.base_url, max_retries=1, backoff=0.01) as be:
+        [c] = be.complete([ask("x")])
+    assert server_fault(c), c.error
+    a.mode = "ok"
+
+
+def test_every_server_gone_fails_requests_fast_with_a_clear_error(stubs: Stubs):
+    a, b = stubs.start("a"), stubs.start("b")
+    with multi([a.base_url, b.base_url], all_down_wait=1.0, down_min=5.0) as be:
+        assert all(c.error is None for c in be.complete([ask("warm a"), ask("warm b")]))
+        stubs.stop(a)
+        stubs.stop(b)
+        t0 = time.monotonic()
+        done = be.complete([ask(f"q{i}") for i in range(8)])
+        took = time.monotonic() - t0
+        later = be.complete([ask("later")])  # the wait is once per outage, not per request
+        took_later = time.monotonic() - t0 - took
+        stats = be.describe()
+    assert all(c.error and "all 2 servers are out of rotation" in c.error for c in done + later), done
+    assert a.base_url in (done[0].error or "") and b.base_url in (done[0].error or "")
+    assert 0.9 < took < 5 and took_later < 0.8, (took, took_later)  # one wait of 1 s for the outage
+    assert stats["routing"]["all_down"] == 9
+    assert all(s["outages"] == 1 and not s["in_rotation"] for s in stats["servers"])
+
+
+def test_a_hanging_server_is_taken_out_and_its_requests_in_flight_move(stubs: Stubs):
+    """Chat requests that never answer (its model listing still does): the first request whose
+    retries run out takes the server out, and the others in flight there move at once."""
+    slow, fast = stubs.start("slow", delay=30.0), stubs.start("fast", delay=0.1)
+    with multi([slow.base_url, fast.base_url], model=MODEL, timeout=0.3, max_retries=2, backoff=0.05,
+               down_min=30.0) as be:
+        first = be.submit(ask("first"))  # to the slow one (a tie goes to the first server)
+        time.sleep(0.2)
+        rest = [be.submit(ask(f"q{i}")) for i in range(6)]  # spread: some to the slow one too
+        done = [f.result(20) for f in [first, *rest]]
+        stats = be.servers
+    assert all(c.error is None for c in done), [c.error for c in done]
+    bad = stats[0]
+    # the first request's retries ran out (2 x 0.3 s): the server went, with the later ones in flight there
+    assert bad["outages"] == 1 and bad["failures"] == 1 and bad["answered"] == 0
+    assert bad["rerouted"] >= 1 and bad["rerouted"] == bad["sent"] - 1, bad
+    assert "timed out" in bad["last_failure"]
+    assert stats[1]["answered"] == 7
+
+
+def test_a_server_that_stops_answering_is_caught_by_the_liveness_check(stubs: Stubs):
+    """The client retries a dropped server with a long backoff; the monitor sees the retries, finds
+    the server gone (GET /models fails) and moves the requests in flight well before that."""
+    a, b = stubs.start("a", delay=0.5), stubs.start("b", delay=0.05)
+    with multi([a.base_url, b.base_url], model=MODEL, backoff=10.0, max_retries=5, down_min=30.0) as be:
+        fut = [be.submit(ask(f"q{i}")) for i in range(6)]
+        time.sleep(0.2)  # in flight on both
+        t0 = time.monotonic()
+        stubs.stop(a)  # connections dropped, nothing listens
+        done = [f.result(10) for f in fut]
+        took = time.monotonic() - t0
+        stats = be.servers
+    assert all(c.error is None for c in done), [c.error for c in done]
+    assert stats[0]["outages"] == 1 and stats[0]["rerouted"] == 3 and "not answering" in stats[0]["last_failure"]
+    assert took < 4, took  # not the client's 5-10 s backoff
+
+
+# --- cai run end to end --------------------------------------------------------------------------
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    topics = ["a leaking tap", "a flat tyre", "a slow laptop", "a noisy fridge", "a stuck window"]
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"p{i}", "prompt": f"row {i} : how do I deal with {topics[i % 5]} "
+                                f"number {i * 7919 % 1000}?"}) + "\n")
+    return path
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_cai_run_over_two_servers_keeps_rows_together(stubs: Stubs, tmp_path: Path):
+    from cai.pipeline import run_pipeline
+
+    two = [stubs.start(n) for n in "ab"]
+    cfg = RunConfig.model_validate({
+        "input": str(write_prompts(tmp_path / "p.jsonl", 30)), "output": str(tmp_path / "out"),
+        "backend": "openai", "base_url": [s.base_url for s in two], "concurrency": 16, "progress": False,
+        "revise": {"rounds": 2}, "label": {"enabled": False}})
+    with build_backend("openai", None, **cfg.backend_options()) as be:
+        res = run_pipeline(cfg, backend=be)
+        servers = be.describe()["servers"]
+    assert res.stages["revise"].written == 30 and res.stages["revise"].failed == 0
+    assert len(read_rows(tmp_path / "out" / "revisions.jsonl")) == 30
+    where = rows_by_server(two)
+    assert len(where) == 30 and all(len(v) == 1 for v in where.values())
+    assert min(s.calls for s in two) >= 30, [s.calls for s in two]
+    assert sum(s["answered"] for s in servers) == 30 * 5  # an answer, then 2 x (critique, revision)
+
+
+def test_cli_run_with_one_server_down_finishes_every_row(stubs: Stubs, tmp_path: Path, capsys):
+    """`cai run --backend openai --base-url DEAD --base-url LIVE`: every row, no failures."""
+    from cai.cli import main
+
+    live = stubs.start("live")
+    out, dead = tmp_path / "out", dead_url()
+    argv = ["run", "--input", str(write_prompts(tmp_path / "p.jsonl", 12)), "-o", str(out), "-b", "openai",
+            "--base-url", dead, "--base-url", live.base_url, "--revise-rounds", "1",
+            "--label-principles", "1", "--concurrency", "8", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "servers:" in capsys.readouterr().err  # the summary says what each server did
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["config"]["base_url"] == [dead, live.base_url]
+    per_server = {s["url"]: s for s in manifest["backend"]["servers"]}
+    assert per_server[live.base_url]["answered"] >= 12 * 3 and per_server[dead]["answered"] == 0
+    assert len(read_rows(out / "revisions.jsonl")) == 12 and len(read_rows(out / "labels.jsonl")) == 12
+    assert not read_rows(out / "revisions.failures.jsonl") and not read_rows(out / "labels.failures.jsonl")
+    assert live.calls >= 12 * 3
+
+
+def test_comma_separated_variable_reaches_cai_run(stubs: Stubs, tmp_path: Path, monkeypatch):
+    from cai.cli import main
+
+    a, b = stubs.start("a"), stubs.start("b")
+    monkeypatch.setenv("CAI_BASE_URL", f"{a.base_url},{b.base_url}")
+    out = tmp_path / "out"
+    assert main(["run", "--input", str(write_prompts(tmp_path / "p.jsonl", 10)), "-o", str(out), "-b", "openai",
+                 "--revise-rounds", "1", "--no-label", "--no-progress"]) == 0
+    assert len(read_rows(out / "revisions.jsonl")) == 10 and a.calls > 0 and b.calls > 0
+    assert json.loads((out / "run.json").read_text())["config"]["base_url"] == [a.base_url, b.base_url]
+
+
+# --- a server killed mid-run (its own process) -----------------------------------------------------
+
+
+def _sim(port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, str(REPO / "bench" / "sim_server.py"), "--port", str(port),
+                             "--slots", "8", "--ms-per-token", "0.5", "--max-seconds", "120"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stats(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=2) as r:
+        return dict(json.loads(r.read()))
+
+
+@pytest.fixture
+def sims() -> Iterator[Callable[[], dict[int, subprocess.Popen[bytes]]]]:
+    """Start two sim servers: port -> process (each in its own process group)."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> dict[int, subprocess.Popen[bytes]]:
+        ports = [free_port(), free_port()]
+        started = {p: _sim(p) for p in ports}
+        procs.extend(started.values())
+        deadline = time.monotonic() + 30
+        for p in ports:
+            while True:
+                try:
+                    _stats(p)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        return started
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def test_cai_run_with_a_server_killed_mid_run_finishes_every_row(sims, tmp_path: Path):
+    from cai.pipeline import run_pipeline
+
+    started = sims()
+    pa, pb = started
+    urls = [f"http://127.0.0.1:{pa}/v1", f"http://127.0.0.1:{pb}/v1"]
+    rows = 40
+    cfg = RunConfig.model_validate({
+        "input": str(write_prompts(tmp_path / "p.jsonl", rows)), "output": str(tmp_path / "out"),
+        "backend": "openai", "model": "sim", "base_url": urls, "concurrency": 16, "progress": False,
+        "revise": {"rounds": 2, "max_tokens": 64}, "label": {"enabled": False}, "cache": "off"})
+    killed: dict[str, Any] = {}
+    finished = threading.Event()
+
+    def killer() -> None:  # kill A (SIGKILL: connections reset) once it has answered 30 calls
+        deadline = time.monotonic() + 60
+        while not finished.is_set() and time.monotonic() < deadline:
+            try:
+                if _stats(pa)["requests"] >= 30:
+                    os.killpg(started[pa].pid, signal.SIGKILL)
+                    killed["at"], killed["running"] = time.monotonic(), not finished.is_set()
+                    return
+            except OSError:
+                pass
+            time.sleep(0.01)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t0 = time.monotonic()
+    with build_backend("openai", "sim", **cfg.backend_options()) as be:
+        t.start()
+        try:
+            res = run_pipeline(cfg, backend=be)
+        finally:
+            finished.set()
+            t.join(5)
+        servers = be.describe()["servers"]
+    took = time.monotonic() - t0
+    assert killed.get("running"), "the server was not killed while the run was going"
+    assert res.stages["revise"].written == rows and res.stages["revise"].failed == 0
+    out = read_rows(tmp_path / "out" / "revisions.jsonl")
+    assert sorted(r["id"] for r in out) == sorted(f"p{i}" for i in range(rows))
+    a, b = servers
+    assert a["outages"] >= 1 and not a["in_rotation"] and a["answered"] >= 30
+    assert a["rerouted"] >= 1  # its calls in flight when it died were answered by the other
+    assert b["answered"] > a["answered"] and b["in_rotation"] and b["outages"] == 0
+    assert a["answered"] + b["answered"] == rows * 5
+    assert took < 60, took
+
+
+def test_make_backend_takes_a_list_too(stubs: Stubs):
+    a, b = stubs.start("a"), stubs.start("b")
+    with make_backend("openai", base_url=[a.base_url, b.base_url], model=None) as be:
+        assert isinstance(be, MultiServerBackend) and be.urls == [a.base_url, b.base_url]
