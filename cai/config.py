@@ -10,6 +10,7 @@ folder. A bad file gives one ``ConfigError`` with file, line and field.
 from __future__ import annotations
 
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass
@@ -161,6 +162,12 @@ class RunConfig(_Section):
         "string, or the flag repeated) spread the calls over the servers; one that fails is taken out of rotation.")
     api_key: str | None = Field(None, description="API key (never written to outputs).")
     concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, description="Requests in flight to the server.")
+    server: Literal["auto", "vllm", "openai"] = Field(
+        "auto", description="What the server takes: auto (find out: vLLM's extra fields are dropped when a server "
+        "refuses them), vllm, or openai (plain OpenAI API fields only).")
+    timeout: float = Field(120.0, gt=0, description="Seconds one request may take before it is retried.")
+    extra_body: dict[str, Any] | None = Field(
+        None, description="Fields added to every request to the server (JSON on the command line).")
     cache: str | None = Field(None, description="Call cache file (default: OUTPUT/cache.sqlite; "
                               "`off` disables it). Several runs may share one.")
     seed: int = Field(0, description="Seed for principle draws and sampling.")
@@ -190,7 +197,19 @@ class RunConfig(_Section):
         """What ``build_backend`` takes besides the name and model: the server's settings, or
         the in-process engine's."""
         opts: dict[str, Any] = {"base_url": self.base_url, "api_key": self.api_key, "concurrency": self.concurrency}
+        if self.backend == "openai":
+            opts |= {"server": self.server, "timeout": self.timeout, "extra_body": self.extra_body}
         return opts | (self.vllm.engine_args() if self.backend == "vllm" else {})
+
+    @field_validator("extra_body", mode="before")
+    @classmethod
+    def _json_body(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                return json.loads(v) if v.strip() else None
+            except ValueError as e:
+                raise ValueError(f"must be a JSON object ({e})") from None
+        return v
 
     @property
     def sources(self) -> list[Source]:

@@ -82,6 +82,17 @@ ConcurrencyOpt = Annotated[
     typer.Option("--concurrency", envvar="CAI_CONCURRENCY", min=1,
                  help="Requests in flight to the server. vLLM batches hundreds: keep it full."),
 ]
+SERVER_KINDS = ("auto", "vllm", "openai")
+ServerOpt = Annotated[
+    str,
+    typer.Option("--server", envvar="CAI_SERVER",
+                 help="What the server takes: auto (find out), vllm (its extra fields), openai (plain API only)."),
+]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout", envvar="CAI_TIMEOUT", min=0.001,
+                 help="Seconds one request may take before it is retried (a stall costs one request)."),
+]
 CacheOpt = Annotated[
     str | None,
     typer.Option("--cache", envvar="CAI_CACHE", show_default=False,
@@ -125,12 +136,15 @@ class BackendSpec:
     base_url: str | list[str] = DEFAULT_BASE_URL  # several: a list (see ``base_url_value``)
     api_key: str | None = None
     concurrency: int = DEFAULT_CONCURRENCY
+    server: str = "auto"
+    timeout: float = 120.0
     engine: EngineSettings = field(default_factory=lambda: EngineSettings.model_validate({}))
 
     def build(self, model: str | None = None) -> Backend:
-        engine = self.engine.engine_args() if self.backend == "vllm" else {}
+        opts: dict[str, Any] = (self.engine.engine_args() if self.backend == "vllm" else
+                                {"server": self.server, "timeout": self.timeout} if self.backend == "openai" else {})
         return build_backend(self.backend, model or self.model, base_url=self.base_url, api_key=self.api_key,
-                             concurrency=self.concurrency, **engine)
+                             concurrency=self.concurrency, **opts)
 
 
 def _engine_option(name: str, f: Any) -> tuple[Any, Any]:
@@ -145,7 +159,8 @@ def _engine_option(name: str, f: Any) -> tuple[Any, Any]:
 _ENGINE_PARAMS = {f"vllm_{name}": _engine_option(name, f) for name, f in EngineSettings.model_fields.items()}
 _BACKEND_PARAMS = {"backend": (BackendOpt, "embedded"), "model": (ModelOpt, None),
                    "base_url": (BaseUrlOpt, None), "api_key": (ApiKeyOpt, None),
-                   "concurrency": (ConcurrencyOpt, DEFAULT_CONCURRENCY), **_ENGINE_PARAMS}
+                   "concurrency": (ConcurrencyOpt, DEFAULT_CONCURRENCY), "server": (ServerOpt, "auto"),
+                   "timeout": (TimeoutOpt, 120.0), **_ENGINE_PARAMS}
 _CACHE_PARAMS = {"cache": (CacheOpt, None), "no_cache": (NoCacheOpt, False),
                  "cache_ctx": (typer.Context, inspect.Parameter.empty)}
 
@@ -179,6 +194,8 @@ def backend_options(fn: F) -> F:
 
 def _spec(values: dict[str, Any]) -> BackendSpec:
     engine = {k.removeprefix("vllm_"): values.pop(k) for k in list(values) if k.startswith("vllm_")}
+    if values.get("server") not in SERVER_KINDS:
+        raise ConfigError(f"must be one of {', '.join(SERVER_KINDS)} (got {values.get('server')!r})", field="--server")
     try:  # --base-url given several times, or "A,B": several servers; not given: the default
         values["base_url"] = base_url_value(values.get("base_url") or DEFAULT_BASE_URL)
     except ValueError as e:
