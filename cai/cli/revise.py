@@ -31,6 +31,7 @@ from .app import (
 )
 from .summary import exit_status, print_calls, print_failures, print_gates
 
+_DEFAULT = ReviseSettings.model_validate({})  # one set of defaults: the run config's (revise.*)
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", envvar="CAI_OUTPUT",
                                          help="Output JSONL (a Markdown report is written beside it).")]
 
@@ -46,13 +47,15 @@ def revise(
     constitution: ConstitutionOpt = None,
     templates: TemplatesOpt = None,
     rounds: Annotated[int, typer.Option(min=0, envvar="CAI_ROUNDS",
-                                        help="Critique-revision rounds (CAI paper: up to 4).")] = 4,
+                                        help="Critique-revision rounds (CAI paper: up to 4).")] = _DEFAULT.rounds,
     seed: SeedOpt = 0,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Max new tokens per answer/revision.")] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0: greedy).")] = 0.0,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Max new tokens per answer/revision.")
+                          ] = _DEFAULT.max_tokens,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0: greedy).")
+                           ] = _DEFAULT.temperature,
     repetition_penalty: Annotated[float, typer.Option(
         min=0.01, help="Above 1 discourages repeating tokens of the prompt and answer (vLLM's "
-        "definition; 1.1-1.3 stops a small model's loops; 1: off).")] = 1.0,
+        "definition; 1.1-1.3 stops a small model's loops; 1: off).")] = _DEFAULT.repetition_penalty,
     chunk_size: Annotated[int, typer.Option(min=1, envvar="CAI_CHUNK_SIZE",
                                             help="No effect (kept for old scripts): rows stream one by one.")
                           ] = 256,
