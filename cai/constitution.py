@@ -11,7 +11,7 @@ import difflib
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -19,9 +19,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationError,
     field_validator,
+    model_serializer,
+    model_validator,
 )
 
 from .errors import ConfigError
@@ -35,13 +38,47 @@ Ident = Annotated[
 
 
 class Example(BaseModel):
-    """A few-shot demonstration of one critique-and-revision step."""
+    """A few-shot demonstration of one critique-and-revision step.
+
+    Sent as chat turns before the live request: user ``prompt``, assistant ``response``, user
+    the principle's critique request, assistant ``critique`` (and, for the revise step, user
+    the revision request, assistant ``revision``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    prompt: Text
-    response: Text
-    critique: Text
-    revision: Text
+    prompt: Text = Field(description="The user's request in the demonstration.")
+    response: Text = Field(description="A flawed assistant reply to it.")
+    critique: Text = Field(description="The critique of that reply under this principle.")
+    revision: Text = Field(description="The reply rewritten to meet the principle.")
+
+
+class JudgeExample(BaseModel):
+    """A few-shot demonstration for the AI judge under this principle.
+
+    Sent as chat turns before the live question: user the judge template rendered on
+    ``prompt``, ``response_a`` and ``response_b``, assistant the answer ("The answer is: (A)",
+    after ``reasoning`` for the chain-of-thought judge, which uses only examples that have one).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prompt: Text = Field(description="The user's request in the demonstration.")
+    response_a: Text = Field(description="Option (A).")
+    response_b: Text = Field(description="Option (B).")
+    answer: Literal["A", "B"] = Field(description="The better option under this principle: A or B.")
+    reasoning: Text | None = Field(default=None, description="Optional step-by-step reasoning (CoT judge).")
+
+    @field_validator("answer", mode="before")
+    @classmethod
+    def _letter(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().strip("()").strip().upper() in ("A", "B"):
+            return v.strip().strip("()").strip().upper()
+        raise ValueError(f"answer must be A or B, got {v!r}")
+
+    @model_validator(mode="after")
+    def _different(self) -> JudgeExample:
+        if self.response_a == self.response_b:
+            raise ValueError("response_a and response_b are the same: nothing to choose")
+        return self
 
 
 class Principle(BaseModel):
@@ -51,7 +88,8 @@ class Principle(BaseModel):
     revision: Text = Field(description="Revision request: how to rewrite the response.")
     comparison: Text = Field(description="Judge question: which of two responses is better.")
     weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
-    examples: tuple[Example, ...] = ()
+    examples: tuple[Example, ...] = Field(default=(), description="Few-shot critique/revision demonstrations.")
+    judge_examples: tuple[JudgeExample, ...] = Field(default=(), description="Few-shot judge demonstrations.")
 
     @field_validator("weight", mode="before")
     @classmethod
@@ -59,6 +97,15 @@ class Principle(BaseModel):
         if isinstance(v, bool):  # YAML `weight: yes` would otherwise pass as 1.0
             raise ValueError("weight must be a positive number, not a boolean")
         return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Leave ``judge_examples`` out while empty, so that a constitution written before the
+        field existed dumps, and hashes (``Constitution.digest``), exactly as it did."""
+        data = handler(self)
+        if isinstance(data, dict) and not self.judge_examples:
+            data.pop("judge_examples", None)
+        return data
 
 
 class Constitution(BaseModel):

@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .pipeline import run_pipeline
 
 # Which stage reads which field of a principle.
-FIELD_STAGES = {"critique": "revise", "revision": "revise", "examples": "revise",
+FIELD_STAGES = {"critique": "revise", "revision": "revise", "examples": "revise", "judge_examples": "label",
                 "comparison": "label", "weight": "revise, label (draws)"}
 
 
@@ -44,7 +44,8 @@ def diff_constitutions(old: Constitution, new: Constitution) -> list[PrincipleCh
             out.append(PrincipleChange(pid, "added"))
         elif p != a[pid]:
             before, after = a[pid].model_dump(), p.model_dump()
-            out.append(PrincipleChange(pid, "changed", [k for k in after if after[k] != before[k]]))
+            fields = [k for k in dict.fromkeys([*after, *before]) if after.get(k) != before.get(k)]
+            out.append(PrincipleChange(pid, "changed", fields))
     return out
 
 

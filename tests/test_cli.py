@@ -71,8 +71,9 @@ def test_render_prints_the_exact_messages(hh_dev: Path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["messages"][-1] == {"role": "assistant", "content": "The answer is: ("}
-    assert "(A) R-A" in out["messages"][0]["content"]
-    assert "Is it still a dog pile" in out["messages"][0]["content"]
+    user = out["messages"][-2]["content"]
+    assert "(A) <response_a>\nR-A\n</response_a>" in user
+    assert "Is it still a dog pile" in user
 
 
 def test_revise_fake_end_to_end_and_rerun_is_free(tmp_path: Path, hh_dev: Path):

@@ -91,7 +91,10 @@ def test_shipped_set() -> None:
     harmless = load_constitution(ROOT / "principles.yaml")
     assert harmless.name == "harmless"
     assert len(harmless.principles) >= 16
-    assert sum(1 for p in harmless.principles if p.examples) >= 2
+    assert all(p.examples for p in harmless.principles), "every shipped principle has a few-shot example"
+    assert any(p.judge_examples for p in harmless.principles)
+    answers = [ex.answer for p in harmless.principles for ex in p.judge_examples]
+    assert set(answers) == {"A", "B"}, "balance the judge examples' answers"
     ids = {p.id for p in harmless.principles}
     assert {"not_preachy", "not_evasive"} <= ids  # harmless, but still helpful
     assert len(load_constitution(ROOT / "constitution" / "helpful_honest.yaml").principles) >= 8
@@ -221,6 +224,60 @@ def test_bad_example(tmp_path: Path) -> None:
     path = write(tmp_path, lines)
     err = load_error(path)
     assert_where(err, path, 18, "principles.2.examples.0.revision")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_examples_are_short_and_every_principle_has_one(path: Path) -> None:
+    for p in load_constitution(path).principles:
+        assert p.examples, f"{p.id}: give it a short hand-written example"
+        for ex in p.examples:
+            for text in (ex.prompt, ex.response, ex.critique, ex.revision):
+                assert len(text) < 400, f"{p.id}: keep examples short"
+        for jx in p.judge_examples:
+            assert jx.response_a != jx.response_b and jx.answer in ("A", "B")
+
+
+JUDGE_EXAMPLE = [
+    "    judge_examples:",  # 17
+    "      - prompt: How do I pick a lock?",  # 18
+    "        response_a: Here is how pin tumbler locks work.",  # 19
+    "        response_b: No.",  # 20
+    "        answer: a",  # 21
+]
+
+
+def test_judge_examples_load_and_the_answer_is_normalised(tmp_path: Path) -> None:
+    c = load_constitution(write(tmp_path, [*GOOD_LINES, *JUDGE_EXAMPLE, "        reasoning: (A) explains."]))
+    (ex,) = c.by_id()["third"].judge_examples
+    assert ex.answer == "A" and ex.reasoning == "(A) explains." and ex.prompt == "How do I pick a lock?"
+    assert c.by_id()["first"].judge_examples == ()
+
+
+@pytest.mark.parametrize("line, lineno, field, message", [
+    ("        answer: C", 21, "principles.2.judge_examples.0.answer", "answer must be A or B"),
+    ("        answr: A", 21, "principles.2.judge_examples.0.answr", "unknown field"),
+    ("        response_b: Here is how pin tumbler locks work.", 18, "principles.2.judge_examples.0", "the same"),
+])
+def test_bad_judge_example(tmp_path: Path, line: str, lineno: int, field: str, message: str) -> None:
+    lines = [*GOOD_LINES, *JUDGE_EXAMPLE]
+    lines[19 if "response_b" in line else 20] = line
+    path = write(tmp_path, lines)
+    err = load_error(path)
+    assert_where(err, path, lineno, field)
+    assert message in str(err)
+
+
+def test_a_file_without_judge_examples_dumps_and_hashes_as_before(tmp_path: Path) -> None:
+    """judge_examples is left out of the dump while empty: the hash of an existing constitution
+    (recorded in its runs' rows and manifests) does not change with the new field."""
+    c = load_constitution(write(tmp_path, GOOD_LINES))
+    assert all("judge_examples" not in p for p in c.model_dump()["principles"])
+    with_ex = load_constitution(write(tmp_path, [*GOOD_LINES, *JUDGE_EXAMPLE], "b.yaml"))
+    assert "judge_examples" in with_ex.model_dump()["principles"][2]
+    assert Constitution.model_validate(with_ex.model_dump()) == with_ex
+    assert with_ex.digest() != c.digest()
+    golden = load_constitution(ROOT / "tests" / "golden" / "inputs" / "constitution.yaml")
+    assert golden.digest() == "403bc716984ff476b09370e9fd3ffdd97f0206c06772764d62c5268520912440"
 
 
 def test_empty_file(tmp_path: Path) -> None:

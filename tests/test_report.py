@@ -396,13 +396,13 @@ def realistic_respond(req: Any) -> Any:
         return Completion(texts=["A" if p >= 0.5 else "B"], logprobs=[{"A": math.log(p), "B": math.log(1 - p)}],
                           prompt_tokens=50, completion_tokens=1)
     if "Critique request:" in last:
-        reply = _between(last, "Assistant's final reply:\n", "\n\n")
+        reply = _between(last, "<response>\n", "\n</response>")
         issues = ["It flatters the user instead of answering." if "Great question" in reply else "",
                   "It refuses without offering any safe help." if REF in reply else "",
                   "It gives no safety context."]
         return " ".join(x for x in issues if x)
     if "Revision request:" in last:
-        reply = _between(last, "Assistant's final reply:\n", "\n\nCritique:").replace("Great question! ", "")
+        reply = _between(last, "<response>\n", "\n</response>").replace("Great question! ", "")
         if REF in reply and _h(reply) % 2:
             reply = "I can help with the safe part of this. " + _PLAIN[_h(reply) % len(_PLAIN)]
         extra = _PLAIN[_h(reply, "x") % len(_PLAIN)]

@@ -20,9 +20,9 @@ def scripted(req: Request) -> str:
     """Answers that say which step asked, so the trace can be checked."""
     text = req.messages[-1]["content"]
     if "Critique request:" in text:
-        return "CRITIQUE of: " + text.split("Assistant's final reply:\n", 1)[1].split("\n")[0]
+        return "CRITIQUE of: " + text.split("<response>\n", 1)[1].split("\n")[0]
     if "Revision request:" in text:
-        return "Revision: REVISED(" + text.split("Assistant's final reply:\n", 1)[1].split("\n")[0] + ")"
+        return "Revision: REVISED(" + text.split("<response>\n", 1)[1].split("\n")[0] + ")"
     return "INITIAL"
 
 

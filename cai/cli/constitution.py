@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from ..constitution import load_constitution
+from ..constitution import Constitution, Principle, load_constitution
 from ..errors import InputError
 from ..inputs import read_prompts
-from ..stages.revise import ReviseConfig, principles_for
+from ..stages import judge as judge_stage
+from ..stages import revise as revise_stage
+from ..stages.pairs import Pair, detect_source, first_record, read_pairs, sample_pair_ids
 from ..templates import Templates
-from .app import ConstitutionOpt, InputArg, PromptColumnOpt, TemplatesOpt, app, out
+from .app import ConstitutionOpt, InputArg, PromptColumnOpt, SeedOpt, TemplatesOpt, app, out
+
+RENDER_STAGES = ("generate", "critique", "revise", "judge", "judge_cot", "judge_cot_answer")
 
 
 @app.command()
@@ -28,37 +32,105 @@ def validate(
 
 @app.command()
 def render(
-    stage: Annotated[str, typer.Argument(help="generate, critique, revise, judge or judge_cot.")],
+    stage: Annotated[str, typer.Argument(help=f"{', '.join(RENDER_STAGES)}.")],
     input: InputArg,
-    row: Annotated[int, typer.Option("--row", min=1, help="Which row (1-based).")] = 1,
+    row: Annotated[int, typer.Option(
+        "--row", min=1, help="Which row (1-based): a prompt, or a pair for the judge.")] = 1,
+    round: Annotated[int | None, typer.Option(
+        "--round", min=1, help="critique/revise: the round (its principle is the one drawn for that row and round; "
+        "default 1).")] = None,
+    draw: Annotated[int | None, typer.Option(
+        "--draw", min=1,
+        help="Judge stages: which of the pair's drawn principles (1 to `cai label -k`; default 1).")] = None,
+    order: Annotated[str, typer.Option(
+        "--order", help="Judge stages: ab (the pair as given) or ba (swapped, the judge's second order).")] = "ab",
     constitution: ConstitutionOpt = None,
     templates: TemplatesOpt = None,
-    principle: Annotated[str | None, typer.Option(help="Principle id (default: the one drawn for round 1).")] = None,
-    response: Annotated[str, typer.Option(help="Response to critique/revise (A for the judge).")] = "<response>",
-    response_b: Annotated[str, typer.Option(help="Second response, for the judge.")] = "<response B>",
-    critique: Annotated[str, typer.Option(help="Critique, for the revise stage.")] = "<critique>",
+    seed: SeedOpt = 0,
+    principle: Annotated[str | None, typer.Option(help="Principle id: overrides the drawn one.")] = None,
+    response: Annotated[str | None, typer.Option(
+        help="critique/revise: the response (the latest answer). Judge: response A (default: the pair's).")] = None,
+    response_b: Annotated[str | None, typer.Option(help="Judge: response B (default: the pair's).")] = None,
+    critique: Annotated[str, typer.Option(help="revise: the critique.")] = "[critique]",
+    reasoning: Annotated[str, typer.Option(help="judge_cot_answer: the judge's reasoning.")] = "[reasoning]",
     prompt_column: PromptColumnOpt = None,
 ) -> None:
-    """Print, as JSON, the exact chat messages a stage would send for one row."""
+    """Print, as JSON, the exact chat messages a stage sends for one row: the principle the row
+    draws (for that round, or that judge draw), its few-shot examples as chat turns, and the
+    live request. `cai label` draws the judge's principles per pair: give a pairs file (the
+    one you label) for the judge stages."""
+    if stage not in RENDER_STAGES:
+        raise InputError(f"unknown stage {stage!r} ({', '.join(RENDER_STAGES)})")
+    judging = stage in judge_stage.JUDGE_STAGES
+    if round is not None and judging:
+        raise InputError("--round is for critique and revise; the judge's principles are picked with --draw")
+    if draw is not None and not judging:
+        raise InputError("--draw is for the judge stages; critique and revise take --round")
+    if order not in judge_stage.ORDERS:
+        raise InputError(f"--order must be ab or ba, got {order!r}")
     const = load_constitution(constitution)
     tpl = Templates(templates)
+    result: dict[str, Any] = {"stage": stage}
+    if judging:
+        pair = _pair(input, row, prompt_column)
+        k = draw or 1
+        p = _principle(const, principle) or judge_stage.principles_for(
+            pair.id, const, judge_stage.JudgeConfig(principles=k, seed=seed))[k - 1]
+        a = response if response is not None else pair.response_a
+        b = response_b if response_b is not None else pair.response_b
+        if order == "ba":
+            a, b = b, a
+        ctx: dict[str, Any] = {"conversation": pair.prompt, "response_a": a, "response_b": b, "principle": p}
+        if stage == "judge_cot_answer":
+            ctx["reasoning"] = reasoning
+        result |= {"row_id": pair.id, "principle_id": p.id, "draw": k, "order": order,
+                   "messages": tpl.messages(stage, **ctx)}
+    else:
+        picked = _prompt_row(input, row, prompt_column)
+        if stage == "generate":
+            result |= {"row_id": picked.id, "messages": tpl.generate_messages(picked.prompt)}
+        else:
+            n = round or 1
+            p = _principle(const, principle) or revise_stage.principles_for(
+                picked.id, const, revise_stage.ReviseConfig(rounds=n, seed=seed))[n - 1]
+            ctx = {"conversation": picked.prompt, "response": "[response]" if response is None else response,
+                   "principle": p, "round": n}
+            if stage == "revise":
+                ctx["critique"] = critique
+            result |= {"row_id": picked.id, "principle_id": p.id, "round": n, "messages": tpl.messages(stage, **ctx)}
+    typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+
+
+def _principle(const: Constitution, pid: str | None) -> Principle | None:
+    if pid is None:
+        return None
+    if pid not in const.by_id():
+        raise InputError(f"no principle {pid!r} in {const.name} (ids: {', '.join(const.by_id())})")
+    return const.by_id()[pid]
+
+
+def _prompt_row(input: str, row: int, column: str | None) -> Any:
     picked = None
-    for i, r in enumerate(read_prompts(input, column=prompt_column, limit=row), 1):
+    for i, r in enumerate(read_prompts(input, column=column, limit=row), 1):
         if i == row:
             picked = r
     if picked is None:
         raise InputError(f"{input}: has fewer than {row} rows")
-    if principle is not None:
-        if principle not in const.by_id():
-            raise InputError(f"no principle {principle!r} in {const.name} (ids: {', '.join(const.by_id())})")
-        p = const.by_id()[principle]
-    else:
-        p = principles_for(picked.id, const, ReviseConfig(rounds=1))[0]
-    if stage == "generate":
-        msgs = tpl.generate_messages(picked.prompt)
-    elif stage in ("critique", "revise", "judge", "judge_cot"):
-        msgs = tpl.messages(stage, conversation=picked.prompt, response=response, critique=critique,
-                            response_a=response, response_b=response_b, principle=p, round=1)
-    else:
-        raise InputError(f"unknown stage {stage!r} (generate, critique, revise, judge, judge_cot)")
-    out.print_json(json.dumps({"row_id": picked.id, "principle_id": p.id, "messages": msgs}))
+    return picked
+
+
+def _pair(input: str, row: int, column: str | None) -> Pair:
+    """The ``row``-th pair as `cai label` reads it; for a prompts file, the first pair that
+    `cai label --pairs sample` would make of that prompt, with placeholder responses."""
+    if detect_source(first_record(input)) == "sample":
+        r = _prompt_row(input, row, column)
+        return Pair(sample_pair_ids(r.id, 2)[0], r.prompt, "[response A]", "[response B]")
+    picked = None
+    for i, p in enumerate(read_pairs(input, limit=row), 1):
+        if i == row:
+            picked = p
+    if picked is None:
+        raise InputError(f"{input}: has fewer than {row} rows")
+    if picked.error:
+        raise InputError(picked.error)
+    return picked
