@@ -53,10 +53,11 @@ if [[ $WITH_VLLM == 1 ]]; then
     # Its torchvision/torchaudio/torchcodec wheels do not load beside this torch; a text model needs none.
     .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
   fi
-  if ! .venv-vllm/bin/python -c "import cai, pytest" 2>/dev/null; then
+  if ! .venv-vllm/bin/python -c "import cai, pytest, datasketch, orjson" 2>/dev/null; then
     say "installing cai (no deps) and pytest into .venv-vllm for the in-process vLLM tests"
     .venv-vllm/bin/pip install -q --no-deps -e .
-    .venv-vllm/bin/pip install -q pytest pytest-timeout typer rich tenacity
+    # cai's own needs that vLLM's environment lacks (vLLM pins torch and transformers: no -e .[...] here)
+    .venv-vllm/bin/pip install -q pytest pytest-timeout typer rich tenacity datasketch orjson
   fi
   # The report's browser test drives Debian's headless Chromium (skipped, with the reason, without it).
   bash scripts/install_browser.sh >&2

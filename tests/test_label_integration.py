@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cai.backends import make_backend
-from cai.backends.base import Backend, Completion, Request, Sampling
+from cai.backends.base import Backend, BackendBase, Completion, Request, Sampling
 from cai.cli import main
 from cai.constitution import load_constitution
 from cai.inputs import PromptRow
@@ -24,7 +24,7 @@ CONST = load_constitution()
 TPL = Templates()
 
 
-class Recording:
+class Recording(BackendBase):
     """Wraps a backend and keeps every completion, to look at the raw top log-probs."""
 
     def __init__(self, inner: Backend) -> None:
@@ -35,9 +35,6 @@ class Recording:
         out = self.inner.complete(requests)
         self.done += list(zip(requests, out, strict=True))
         return out
-
-    def close(self) -> None:
-        pass
 
 
 def dev_pairs(hh_dev: Path, n: int) -> list[Pair]:

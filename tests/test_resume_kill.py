@@ -68,7 +68,7 @@ def test_kill_9_at_random_moments_then_finish(tmp_path: Path):
     rng = random.Random(int(os.environ.get("CAI_KILL_SEED", time.time_ns())))
     config = write_config(tmp_path)
     log = tmp_path / "sent.log"
-    env = {**os.environ, "CAI_FAKE_DELAY": "0.02", "CAI_FAKE_LOG": str(log)}
+    env = {**os.environ, "CAI_FAKE_DELAY": "0.04", "CAI_FAKE_LOG": str(log)}
     env.pop("CAI_CACHE", None)
     cmd = [sys.executable, "-m", "cai.cli", "run", str(config)]
     out = tmp_path / "out"
