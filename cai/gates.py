@@ -8,13 +8,18 @@ drop a row for the flags in :data:`DROPPING` and only count the others.
 Thresholds (tuned on hand-labelled SmolLM2-135M revisions, ``tests/data/gate_examples.jsonl``):
 
 * ``loop``: a text of at least ``LOOP_MIN_WORDS`` words where at least ``LOOP_REPEAT_FRACTION``
-  of its word ``LOOP_NGRAM``-grams repeat an earlier one; or one sentence/line of at least
+  of its word ``LOOP_NGRAM``-grams repeat an earlier one; or one word ``LOOP_SPAN_NGRAM``-gram
+  said ``LOOP_SPAN_TIMES`` times or more; or one sentence/line of at least
   ``LOOP_MIN_SENTENCE_WORDS`` words said ``LOOP_SENTENCE_TIMES`` times or more; or a text of at
   least ``LOOP_MIN_CHARS`` characters that zlib compresses below ``LOOP_ZLIB_RATIO`` of its
   size (character-level loops: "hahaha...", "!!!!..."). Ordinary prose repeats well under 10% of
   its 4-grams; a list whose bullets share a few words stays far below the limits.
 * ``restates_critique``: at least ``RESTATE_OVERLAP`` of the revision's word trigrams occur in the
   critique (revisions of at least ``RESTATE_MIN_WORDS`` words).
+* ``copies_example``: at least ``RESTATE_OVERLAP`` of the revision's word trigrams occur in one
+  few-shot example, or that share of the example's trigrams occurs in the revision (a copy with
+  more text after it). An answer to the example's own prompt may legitimately resemble it: pass
+  only the examples the model was shown for this step.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections import Counter
+from collections.abc import Iterable
 
 FLAGS: dict[str, str] = {
     "truncated": "the model hit the token limit (finish_reason 'length'): the text is cut off",
@@ -29,17 +35,20 @@ FLAGS: dict[str, str] = {
     "loop": "stuck in a loop: the same sentence or word n-grams repeated many times",
     "meta": "talks about the response or the revision instead of being the reply to the user",
     "restates_critique": "mostly repeats the critique instead of answering the user",
+    "copies_example": "mostly copies a few-shot example from the constitution instead of answering this prompt",
 }
 """Every flag :func:`check_text` can return, with a one-line description."""
 
-DROPPING: frozenset[str] = frozenset({"truncated", "empty", "loop", "meta"})
+DROPPING: frozenset[str] = frozenset({"truncated", "empty", "loop", "meta", "copies_example"})
 """Flags that drop a row; the others (``restates_critique``) are only counted."""
 
 COUNTED: frozenset[str] = frozenset(FLAGS) - DROPPING
 
 LOOP_NGRAM = 4
 LOOP_MIN_WORDS = 16
-LOOP_REPEAT_FRACTION = 0.4
+LOOP_REPEAT_FRACTION = 0.5
+LOOP_SPAN_NGRAM = 8
+LOOP_SPAN_TIMES = 3
 LOOP_MIN_SENTENCE_WORDS = 3
 LOOP_SENTENCE_TIMES = 3
 LOOP_MIN_CHARS = 120
@@ -76,7 +85,18 @@ _BARE_LABEL = re.compile(rf"^{_DECOR}{_LABEL_WORDS}{_DECOR}[:.]?{_DECOR}$", re.I
 _TAG_NAMES = r"(?:revision|revised[_ ]?(?:response|reply)|response|reply|answer|rewrite)"
 _TAG_OPEN = re.compile(rf"^<\s*{_TAG_NAMES}\s*>\s*(?=\S)", re.IGNORECASE)
 _TAG_CLOSE = re.compile(rf"(?<=\S)\s*<\s*/\s*{_TAG_NAMES}\s*>$", re.IGNORECASE)
+# A closing tag cut off by the token limit: "</respon", "&lt;/response", a lone "<" or "&lt;" at the very end.
+_TAG_CUT = re.compile(r"(?<=\S)\s*(?:<|&lt;)/?([a-z_]*)$", re.IGNORECASE)
+_FENCES = ("revision", "revised_response", "revised_reply", "response", "reply", "answer", "rewrite", "critique",
+           "conversation")
 _QUOTES = {'"': '"', "\u201c": "\u201d", "'": "'", "\u2018": "\u2019"}
+
+
+def _strip_cut_tag(text: str) -> str:
+    m = _TAG_CUT.search(text)
+    if m and any(f.startswith(m.group(1).lower()) for f in _FENCES):
+        return text[: m.start()].rstrip()
+    return text
 
 
 def _unquote(text: str) -> str:
@@ -103,7 +123,7 @@ def clean_revision(text: str) -> str:
         m = _LABEL_COLON.match(t) or _LABEL_LINE.match(t) or _TAG_OPEN.match(t)
         if m:
             t = t[m.end() :].strip()
-        t = _unquote(_TAG_CLOSE.sub("", t))
+        t = _unquote(_strip_cut_tag(_TAG_CLOSE.sub("", t)))
         if t == before:
             break
     return t
@@ -119,14 +139,22 @@ _HAS_WORD = re.compile(r"\w")
 # the reply. Checked at the start of the cleaned text...
 _META_START = re.compile(
     r"^[\s*_#>\"']*(?:"
-    # "The original text contained...", "This response should...", "Your feedback was...", "The revision..."
+    # "The original text contained...", "The assistant's reply was...": a qualified noun, any verb
     r"(?:the|this|that|my|your|our)\s+"
-    r"(?:(?:original|previous|initial|earlier|above|following|first|revised|rewritten|edited|improved|new|final|"
-    rf"(?:assistant|ai|user){_APOS}s)\s+)*"
-    r"(?:text|message|response|reply|answer|revision|rewrite|version|feedback|critique|draft|example|comment|"
-    r"edit|revision request|critique request)s?\b"
+    r"(?:(?:original|previous|initial|earlier|above|revised|rewritten|edited|improved|"
+    rf"(?:assistant|ai|user){_APOS}s)\s+)+"
+    r"(?:text|message|response|reply|answer|revision|rewrite|version|feedback|critique|draft|comment|edit)s?\b"
+    # "This response should...", "Your feedback was...", "The critique...": nouns that name the exercise
+    r"|(?:the|this|that|my|your|our)\s+(?:response|reply|revision|rewrite|feedback|critique|draft|"
+    r"revision\s+request|critique\s+request)s?\b"
+    r"|your\s+(?:example|suggestion|edit|comment)s?\b"
+    # "The text contains...", "This message lacks...": everyday nouns only with a verb of judging
+    r"|(?:the|this|that)\s+(?:text|message|answer|version|sentence|phrase|statement)\s+(?:should|would|could|"
+    r"must|needs?|contains?|contained|provides?|provided|lacks?|lacked|uses?|used|avoids?|avoided|removes?|"
+    r"removed|includes?|included|has\s+been|was|could\s+be|can\s+be\s+improved|is\s+(?:not\s+)?(?:clear|unclear|"
+    r"concise|harmful|inappropriate|rewritten|revised|improved|polished))\b"
     # "The user requested...", "The assistant should..."
-    r"|the\s+(?:user|assistant|ai|human)\b"
+    r"|the\s+(?:user|assistant)\b"
     # "I have revised the response...", "I've made some changes...", "We rewrote..."
     rf"|(?:i|we)(?:\s+have|\s+had|{_APOS}ve)?\s+(?:(?:revised|rewritten|rewrote|edited|updated|modified|reworded|"
     r"rephrased|reviewed|changed|removed)\s+(?:(?:the|my|your|this|that|our|its|(?:user|assistant|ai)(?:'s|\u2019s))\s+)*"
@@ -155,6 +183,18 @@ _META_ANYWHERE = re.compile(
     rf"|here(?:{_APOS}s|\s+is)\s+(?:(?:a|an|the|my|another)\s+)?(?:possible\s+)?"
     r"(?:rewritten|revised|edited|improved|reworded)\s+(?:version|response|reply|text)"
     r"|\b(?:rewritten|revised)\s+version\s+of\s+(?:the|your|my)\b"
+    # the conversation echoed as a transcript: "User: ...", "The user: ...", "Assistant: ..." lines
+    r"|^[\s*_#>]*(?:the\s+)?(?:user|human|assistant|ai)\s*[*_]*\s*:"
+    # the prompt's fences and headings echoed: "</conversation>", "&lt;/response>", "The user's final reply:"
+    r"|(?:<|&lt;)\s*/?\s*(?:conversation|response(?:_[ab])?|critique|revision|reasoning|example)\s*(?:>|&gt;)"
+    rf"|^[\s*_#>]*(?:the\s+)?(?:user|assistant|ai){_APOS}s\s+(?:final|last)\s+(?:reply|response)\s*[*_]*\s*:"
+    # a sentence judging "the response" in the middle of the text: "... The response is not a critique ..."
+    r"|(?:^|[.!?]\s+)(?:the|this)\s+(?:response|reply|critique|revision)\s+(?:is|was|does|did|should|would|"
+    r"could|suggests?|offers?|contains?|provides?|fails?|accepts?|refuses?|uses?|gives?|includes?|lacks?|"
+    r"seems?|appears?|needs?)\b"
+    # narrating the conversation: "The user asked to ..."
+    r"|(?:^|[.!?]\s+)the\s+user\s+(?:asked|asks|requested|requests|wants|wanted|is\s+asking|was\s+asking|"
+    r"has\s+asked|said|says)\b"
     r"|\bthe\s+(?:original|previous)\s+(?:response|reply|text|message)\b",
     re.IGNORECASE | re.MULTILINE,
 )
@@ -186,6 +226,9 @@ def is_loop(text: str) -> bool:
     words = _words(text)
     if len(words) >= LOOP_MIN_WORDS and repeat_fraction(text) >= LOOP_REPEAT_FRACTION:
         return True
+    spans = Counter(_ngrams(words, LOOP_SPAN_NGRAM))
+    if spans and max(spans.values()) >= LOOP_SPAN_TIMES:
+        return True
     sentences = Counter(
         " ".join(_words(s)) for s in _SENTENCE_SPLIT.split(text) if len(_words(s)) >= LOOP_MIN_SENTENCE_WORDS
     )
@@ -199,17 +242,38 @@ def is_meta(cleaned: str) -> bool:
     return bool(_BARE_LABEL.match(cleaned) or _META_START.match(cleaned) or _META_ANYWHERE.search(cleaned))
 
 
-def critique_overlap(text: str, critique: str, n: int = RESTATE_NGRAM) -> float:
-    """The share of the text's word n-grams that also occur in the critique."""
+def overlap(text: str, source: str, n: int = RESTATE_NGRAM) -> float:
+    """The share of the text's word n-grams that also occur in ``source`` (0 when the text is too short)."""
     grams = _ngrams(_words(text), n)
     if not grams:
         return 0.0
-    crit = set(_ngrams(_words(critique), n))
-    return sum(g in crit for g in grams) / len(grams)
+    seen = set(_ngrams(_words(source), n))
+    return sum(g in seen for g in grams) / len(grams)
 
 
-def check_text(text: str, *, finish_reason: str | None, critique: str | None = None) -> list[str]:
-    """The flags (from :data:`FLAGS`, in that order) that one revision's raw output earns."""
+def _restates(cleaned: str, critique: str | None) -> bool:
+    """Most of the revision is the critique's wording."""
+    return bool(critique) and len(_words(cleaned)) >= RESTATE_MIN_WORDS and overlap(cleaned, critique or "") >= (
+        RESTATE_OVERLAP
+    )
+
+
+def _copies(cleaned: str, example: str) -> bool:
+    """Most of the revision is the example's wording, or most of the example is in the revision."""
+    if len(_words(cleaned)) < RESTATE_MIN_WORDS or len(_words(example)) < RESTATE_MIN_WORDS:
+        return False
+    return max(overlap(cleaned, example), overlap(example, cleaned)) >= RESTATE_OVERLAP
+
+
+def check_text(
+    text: str, *, finish_reason: str | None, critique: str | None = None, examples: Iterable[str] = ()
+) -> list[str]:
+    """The flags (from :data:`FLAGS`, in that order) that one revision's raw output earns.
+
+    ``text`` is the raw model output, ``finish_reason`` the backend's ("length" when the token
+    limit cut it), ``critique`` the critique it answers, ``examples`` the few-shot texts the
+    model was shown for this step (the principle's example responses and revisions).
+    """
     flags: set[str] = set()
     if finish_reason == "length":
         flags.add("truncated")
@@ -221,8 +285,8 @@ def check_text(text: str, *, finish_reason: str | None, critique: str | None = N
             flags.add("loop")
         if is_meta(cleaned):
             flags.add("meta")
-        if critique and len(_words(cleaned)) >= RESTATE_MIN_WORDS and critique_overlap(cleaned, critique) >= (
-            RESTATE_OVERLAP
-        ):
+        if _restates(cleaned, critique):
             flags.add("restates_critique")
+        if any(_copies(cleaned, ex) for ex in examples):
+            flags.add("copies_example")
     return [f for f in FLAGS if f in flags]
