@@ -51,16 +51,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench_engine import get  # noqa: E402 - a sibling script: the same small HTTP helper
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PY = sys.executable
 ROUNDS = 2
-
-
-def get(url: str, data: bytes | None = None) -> dict:
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
 
 
 def free_port() -> int:
