@@ -150,6 +150,9 @@ class VLLMBackend(BackendBase):
             structured_outputs=(
                 self._choice_params(choice=list(s.choices)) if s.choices is not None else None
             ),
+            # one output, when every one of the n samples is done (cumulative outputs can end
+            # with fewer than n of them)
+            output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
         )
 
     def _text(self, tid: int, decoded: str | None) -> str:
