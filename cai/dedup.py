@@ -210,7 +210,10 @@ class Decontaminator:
     def from_file(cls, path: str | Path, column: str | None = None, *, threshold: float = 0.8,
                   num_perm: int = 128) -> Decontaminator:
         """Read an evaluation set: JSONL/JSON/CSV/TSV/Parquet (text column ``column`` or the first of
-        prompt/question/instruction/text/input) or a .txt with one prompt per line."""
+        prompt/question/instruction/text/input; a list of chat messages counts by its user turns) or
+        a .txt with one prompt per line (``column`` is not used). Matching uses ``threshold`` as in
+        :func:`find_duplicates`. A missing or unreadable file, no usable column or no prompt at all
+        raises a one-line ``InputError``."""
         p = Path(path)
         if not p.is_file():
             what = "is a folder, not a file" if p.is_dir() else "file not found"
