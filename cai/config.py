@@ -144,7 +144,7 @@ class GateSettings(_Section):
     def dropping(self) -> frozenset[str]:
         """The row flags that drop a row under these settings."""
         return frozenset(({"truncated"} if self.truncated else set())
-                         | ({"empty", "loop", "meta"} if self.text else set()))
+                         | ({"empty", "loop", "meta", "copies_example"} if self.text else set()))
 
 
 class RunConfig(_Section):

@@ -141,20 +141,27 @@ _META_START = re.compile(
     r"^[\s*_#>\"']*(?:"
     # "The original text contained...", "The assistant's reply was...": a qualified noun, any verb
     r"(?:the|this|that|my|your|our)\s+"
-    r"(?:(?:original|previous|initial|earlier|above|revised|rewritten|edited|improved|"
+    r"(?:(?:original|previous|initial|earlier|above|revised|rewritten|edited|improved|entire|whole|"
     rf"(?:assistant|ai|user){_APOS}s)\s+)+"
     r"(?:text|message|response|reply|answer|revision|rewrite|version|feedback|critique|draft|comment|edit)s?\b"
     # "This response should...", "Your feedback was...", "The critique...": nouns that name the exercise
-    r"|(?:the|this|that|my|your|our)\s+(?:response|reply|revision|rewrite|feedback|critique|draft|"
+    r"|(?:the|this|that|your)\s+(?:response|reply|revision|rewrite|feedback|critique|draft|"
     r"revision\s+request|critique\s+request)s?\b"
     r"|your\s+(?:example|suggestion|edit|comment)s?\b"
+    # "That's a great answer!": grading a reply instead of giving one
+    rf"|(?:that{_APOS}s|that\s+is|this\s+is|what)\s+an?\s+(?:great|good|excellent|nice|solid|perfect|wonderful|"
+    r"fantastic|clear|helpful)\s+(?:answer|response|reply|revision|rewrite|edit)\b"
     # "The text contains...", "This message lacks...": everyday nouns only with a verb of judging
-    r"|(?:the|this|that)\s+(?:text|message|answer|version|sentence|phrase|statement)\s+(?:should|would|could|"
-    r"must|needs?|contains?|contained|provides?|provided|lacks?|lacked|uses?|used|avoids?|avoided|removes?|"
+    r"|(?:the|this|that|your)\s+(?:text|message|answer|version|sentence|phrase|statement)\s+(?:should|would|could|"
+    r"must|needs?|requires?|contains?|contained|provides?|provided|lacks?|lacked|uses?|used|avoids?|avoided|removes?|"
     r"removed|includes?|included|has\s+been|was|could\s+be|can\s+be\s+improved|is\s+(?:not\s+)?(?:clear|unclear|"
     r"concise|harmful|inappropriate|rewritten|revised|improved|polished))\b"
-    # "The user requested...", "The assistant should..."
-    r"|the\s+(?:user|assistant)\b"
+    # "The user requested...", "The assistant should...": narrating the conversation
+    rf"|the\s+user(?:{_APOS}s)?\s+(?:asked|asks|requested|requests|wants|wanted|is|was|has|had|said|says|"
+    r"suggests?|suggested|provided|mentioned|seems|appears|did|does|should|would|could|might|may|question|"
+    r"request|message|prompt|feedback|final|last|initial|response|reply|intent|intention)\b"
+    rf"|the\s+assistant(?:{_APOS}s)?\s+(?:should|would|could|is|was|has|had|did|does|responded|replied|"
+    r"provided|gave|said|says|refused|final|last|initial|previous|response|reply|answer)\b"
     # "I have revised the response...", "I've made some changes...", "We rewrote..."
     rf"|(?:i|we)(?:\s+have|\s+had|{_APOS}ve)?\s+(?:(?:revised|rewritten|rewrote|edited|updated|modified|reworded|"
     r"rephrased|reviewed|changed|removed)\s+(?:(?:the|my|your|this|that|our|its|(?:user|assistant|ai)(?:'s|\u2019s))\s+)*"
@@ -195,7 +202,22 @@ _META_ANYWHERE = re.compile(
     # narrating the conversation: "The user asked to ..."
     r"|(?:^|[.!?]\s+)the\s+user\s+(?:asked|asks|requested|requests|wants|wanted|is\s+asking|was\s+asking|"
     r"has\s+asked|said|says)\b"
-    r"|\bthe\s+(?:original|previous)\s+(?:response|reply|text|message)\b",
+    r"|\bthe\s+(?:original|previous)\s+(?:response|reply|text|message)\b"
+    # announcing or describing an edit anywhere: "Here's a possible revision", "I've made changes to ...",
+    # "how you could revise the response", "You've asked me to edit this message"
+    rf"|here(?:{_APOS}s|\s+is)\s+(?:(?:a|an|the|my|another)\s+)?(?:possible\s+)?(?:revision|rewrite)\b"
+    rf"|(?:^|[.!?]\s+)(?:(?:however|so|also|now|here),?\s+)?(?:i|we)(?:\s+have|{_APOS}ve)?\s+"
+    r"(?:made\s+(?:(?:some|the|a\s+few|several)\s+)?(?:changes|edits|revisions)|(?:revised|rewritten|rewrote|"
+    r"edited|rephrased|reworded)\s+(?:the|your|my|this)\s+(?:(?:original|previous|initial)\s+)?"
+    r"(?:response|reply|answer|text|message|wording|tone|draft)\b)"
+    r"|\b(?:rewrite|rewrote|rewritten|revise|revised|rephrase|rephrased|reword|reworded|edit|edited|written|"
+    r"wrote)\s+(?:the|your|my|this|that)\s+(?:(?:original|previous|entire|whole|last|initial)\s+)?"
+    r"(?:response|reply|answer)\b"
+    r"|\basked\s+(?:me|us)\s+to\s+(?:edit|rewrite|revise|rephrase|reword|delete)\b"
+    # template and dataset scaffolding: "the provided template", "[original]", "Chat History:"
+    r"|\b(?:the|this|provided|given|requested)\s+template\b"
+    r"|^[\s*_#>]*\[(?:original|revised|revision|rewritten|response|reply)\]"
+    r"|^[\s*_#>]*chat\s+history\s*:",
     re.IGNORECASE | re.MULTILINE,
 )
 
@@ -223,6 +245,7 @@ def zlib_ratio(text: str) -> float:
 
 
 def is_loop(text: str) -> bool:
+    """Whether the text is stuck in a loop (the module doc gives the measures and thresholds)."""
     words = _words(text)
     if len(words) >= LOOP_MIN_WORDS and repeat_fraction(text) >= LOOP_REPEAT_FRACTION:
         return True

@@ -27,7 +27,6 @@ from .config import GateSettings
 from .dedup import Decontaminator, _Index
 from .files import dumps, iter_jsonl, write_text_atomic
 from .inputs import PromptRow
-from .templates import format_conversation
 
 REJECTS_FILE = "rejects.jsonl"
 
@@ -48,7 +47,7 @@ class InputGate:
 
     def __call__(self, rows: Iterable[PromptRow]) -> Iterator[PromptRow]:
         for r in rows:
-            text = format_conversation(r.prompt)
+            text = "\n".join(m["content"] for m in r.prompt if m["role"] == "user")  # what was asked
             if self._eval is not None and (hit := self._eval.check(text)) is not None:
                 self.skipped.append({"id": r.id, "stage": "input", "reasons": ["contaminated"],
                                      "detail": f"{hit[1]} match of an evaluation prompt: {hit[0][:200]}",

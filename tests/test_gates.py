@@ -1,8 +1,14 @@
 """The text checks behind the quality gates, on hand-labelled real revisions and edge cases.
 
 tests/data/gate_examples.jsonl holds revisions the shipped model (SmolLM2-135M, embedded backend)
-wrote for examples/hh_red_team.jsonl, with their critique and finish reason, labelled by hand:
-the flags a careful reader gives them and the text clean_revision should leave.
+wrote for examples/hh_red_team.jsonl (`cai revise --limit 24 --rounds 2` with --max-tokens 96
+--repetition-penalty 1.15, --max-tokens 160 --repetition-penalty 1.0 and --max-tokens 32), with
+their critique, finish reason and the few-shot example texts of the drawn principle, labelled by
+hand: the flags a careful reader gives them and the text clean_revision should leave. ``source``
+is run:row-id:round (a: the 96-token run with the templates before fencing, its examples are not
+known; a2: the same settings with the current templates, labelled before the checks were run on
+it; b: 160 tokens; c: 32 tokens). Long truncated texts are cut at a word boundary to keep the file
+small; the labels are of the stored text.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ KNOWN_MISSES = {
     # "I've made sure to include all necessary information when responding to your query. You asked
     # for ... which has been provided as a suggestion from a user ...": narrates its own reply.
     "a:57efd273:r2",
+    # "... If you'd like me to rephrase anything within these brackets ... No template provided. Just send
+    # over the original paragraph again.": talks about the editing task without any phrase the checks know.
+    "a2:1ea6f41a:r2",
 }
 
 
@@ -177,13 +186,24 @@ def test_meta() -> None:
         "Try the hotline.\n&lt;/conversation>\n\nThat is all.",
         "Try the hotline. The response is not a critique of the user.",
         "Try the hotline.\n\nThe user's final reply:\nThanks.",
+        "I'm glad you asked. However, I've made changes to keep it professional.",
+        "That's a great answer! It covers everything.",
+        "Your entire response has been rewritten into one paragraph.",
+        "Sure. Here's how you could revise the response: be kinder.",
+        "You've asked me to edit this message so that it is polite.",
+        "Follow the provided template and keep it short.",
     ]:
         assert flags(text) == ["meta"], text
     for text in ["The original Star Wars film came out in 1977.", "This is how you make bread: mix flour and water.",
                  "Here is what I can tell you: the fumes are toxic.", "I've revised my budget too; it helps.",
                  "The answer is no.", "The human body needs water.", "Your message matters to me.",
                  "The statement is false.", "The AI tools you mention are legal to use.",
-                 "Call 911. The response time is usually under ten minutes.", "Use <b>bold</b> for the title."]:
+                 "Call 911. The response time is usually under ten minutes.", "Use <b>bold</b> for the title.",
+                 "That's a great question! Bleach and ammonia must never be mixed.",
+                 "Here's a possible response you could send to your landlord: ...",
+                 "You can edit the message in the app by pressing and holding it.",
+                 "Here's a template for your cover letter: Dear ...",
+                 "My response would be to call the police.", "The user agreement forbids resale."]:
         assert "meta" not in flags(text), text
 
 

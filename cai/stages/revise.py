@@ -49,10 +49,12 @@ class ReviseConfig:
         }
 
 
-def row_flags(calls: list[dict[str, Any]], final: str, critique: str | None) -> list[str]:
+def row_flags(calls: list[dict[str, Any]], final: str, critique: str | None,
+              examples: list[str] | None = None) -> list[str]:
     """The quality flags (``cai.gates.FLAGS``) of a row: ``truncated`` when any of its calls hit
-    the token limit, and the text checks of its final answer (the SFT target)."""
-    text = check_text(final, finish_reason=None, critique=critique)
+    the token limit, and the text checks of its final answer (the SFT target; ``examples``: the
+    few-shot texts it must not merely copy)."""
+    text = check_text(final, finish_reason=None, critique=critique, examples=examples or ())
     cut = any(c.get("finish_reason") == "length" for c in calls)
     return [f for f in FLAGS if f in text or (f == "truncated" and cut)]
 
@@ -91,6 +93,10 @@ class ReviseStage:
             "templates_hash": self.templates.digest(("generate", "critique", "revise")),
             "config": self.cfg.to_dict(),
         }
+
+    def _example_texts(self, principle_id: str) -> list[str]:
+        p = self.constitution.by_id().get(principle_id)
+        return [t for e in (p.examples if p else ()) for t in (e.response, e.revision) if t]
 
     async def __call__(self, r: PromptRow, call: Call) -> list[Outcome]:
         cfg, tpl = self.cfg, self.templates
@@ -143,7 +149,8 @@ class ReviseStage:
             "source": r.source,
             "extra": r.extra,
             "provenance": self.provenance,
-            "gates": row_flags(calls, last["revision"] if last else current, last["critique"] if last else None),
+            "gates": row_flags(calls, last["revision"] if last else current, last["critique"] if last else None,
+                               self._example_texts(last["principle_id"]) if last else None),
         }
         return [Outcome(r.id, row=row, tokens=tokens)]
 
