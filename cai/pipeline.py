@@ -195,9 +195,10 @@ def run_revise(inputs: Rows, *, backend: Backend | str = "embedded", output: str
     """
     rs = ReviseSettings.model_validate({**(settings.model_dump() if settings else {}), **overrides})
     const, tpl, rcfg = _constitution(constitution), _templates(templates), rs.resolve(seed)
+    gates = gates or GateSettings.model_validate({})
     preflight.check_revise(inputs, output=output, cache=cache, prompt_column=prompt_column, split=split,
-                           constitution=const, templates=tpl)
-    gate = InputGate(gates or GateSettings.model_validate({}))
+                           constitution=const, templates=tpl, gates=gates)
+    gate = InputGate(gates)
     rows = gate(read_prompts(inputs, column=prompt_column, split=split, limit=limit))
     total = count_jsonl(inputs, limit) if isinstance(inputs, (str, Path)) else None
     with counted(backend, cache) as be, _calls(be) as calls, _output(output, "revisions.jsonl") as (path, tmp):

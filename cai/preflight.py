@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import BackendError, InputError, UsageError
 
 if TYPE_CHECKING:
-    from .config import RunConfig
+    from .config import GateSettings, RunConfig
     from .constitution import Constitution
     from .templates import Templates
 
@@ -252,13 +252,32 @@ def _stages_ok(constitution: Constitution | None, templates: Templates | None, s
 
 def check_revise(inputs: Any, *, output: str | Path | None, cache: str | Path | None = None,
                  prompt_column: str | None = None, split: str = "train",
-                 constitution: Constitution | None = None, templates: Templates | None = None) -> None:
+                 constitution: Constitution | None = None, templates: Templates | None = None,
+                 gates: GateSettings | None = None) -> None:
     """Everything `cai revise` / ``pipeline.run_revise`` needs, before any file is made."""
     if output is not None:
         check_output_file(output, example="revisions.jsonl")
     check_cache(cache)
     _stages_ok(constitution, templates, REVISE_STAGES)
     check_prompts(inputs, column=prompt_column, split=split)
+    check_gates(gates)
+
+
+def check_gates(gates: GateSettings | None) -> None:
+    """The gates' own input: the decontamination file is there and of a kind it can read (it is
+    read in full when the input gate starts, before any row is sent)."""
+    if gates is None or not gates.decontaminate:
+        return
+    from .dedup import EVAL_SUFFIXES  # numpy and datasketch: only when there is a set to read
+
+    p = Path(gates.decontaminate)
+    if not p.is_file():
+        what = "is a folder, not a file" if p.is_dir() else "file not found"
+        raise InputError(f"{p}: {what} (the decontamination set, --gates-decontaminate); give an evaluation "
+                         "file (.jsonl, .json, .csv, .parquet or .txt)")
+    if p.suffix.lower() not in EVAL_SUFFIXES:
+        raise InputError(f"{p}: unsupported file type {p.suffix or '(none)'!r} for the decontamination set; "
+                         "use .jsonl, .json, .csv, .tsv, .parquet or .txt (one prompt per line)")
 
 
 def check_label(inputs: Any, *, output: str | Path | None, cache: str | Path | None = None,
@@ -306,6 +325,8 @@ def check_run(cfg: RunConfig, *, constitution: Constitution | None = None,
         check_prompts(cfg.input, column=cfg.prompt_column, split=cfg.split)
     if "dataset" in sources and cfg.label.pairs:
         check_pairs(cfg.label.pairs, pairs="dataset", split=cfg.split, what="label.pairs dataset")
+    if cfg.needs_input():
+        check_gates(cfg.gates)
     if "revisions" in sources and not cfg.revise.enabled:
         revisions = Path(cfg.output) / "revisions.jsonl"
         if not revisions.is_file():

@@ -86,3 +86,33 @@ def test_revise_fake_end_to_end_and_rerun_is_free(tmp_path: Path, hh_dev: Path):
     assert (tmp_path / "rev.md").read_text().count("**Round 2: principle") == 6
     r2 = run_cli(*args)
     assert "0 rows written, 6 kept from before" in r2.stderr
+
+
+def test_revise_gate_flags_and_variables(tmp_path: Path):
+    """Each input gate of `cai revise` is a flag and a CAI_GATES_* variable, as in `cai run`."""
+    prompts = tmp_path / "p.jsonl"
+    texts = ["how do I bake bread at home", "How do I bake bread at home?", "what is a good name for a cat"]
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+
+    def revise(*flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], int]:
+        out = tmp_path / f"r{len(list(tmp_path.iterdir()))}" / "rev.jsonl"
+        r = subprocess.run([sys.executable, "-m", "cai.cli", "revise", str(prompts), "-b", "fake", "--rounds", "1",
+                            "--no-cache", "-o", str(out), *flags], capture_output=True, text=True,
+                           env={**__import__("os").environ, **(env or {})})
+        return r, len(out.read_text().splitlines()) if out.exists() else -1
+
+    r, n = revise()
+    assert r.returncode == 0 and n == 2 and "1 duplicate exact (input)" in r.stderr, r.stderr
+    r, n = revise("--no-gates-dedup")
+    assert r.returncode == 0 and n == 3 and "every row passed" in r.stderr, r.stderr
+    r, n = revise(env={"CAI_GATES_DEDUP": "false"})
+    assert r.returncode == 0 and n == 3, r.stderr
+    evals = tmp_path / "eval.txt"
+    evals.write_text("What is a good name for a cat?\n")
+    r, n = revise("--gates-decontaminate", str(evals))
+    assert r.returncode == 0 and n == 1 and "1 contaminated (input)" in r.stderr, r.stderr
+    r, n = revise("--gates-decontaminate", str(tmp_path / "missing.txt"))
+    assert r.returncode == 2 and n == -1 and "missing.txt: file not found" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r, n = revise("--gates-dedup-threshold", "2")
+    assert r.returncode == 2 and "--gates-dedup-threshold" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -12,6 +12,7 @@ log-likelihood as a continuation of the prompt and taking the best (sampling amo
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,8 @@ class EmbeddedBackend(BackendBase):
         self._torch = torch
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(folder))
         self.model: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
+        # transformers >= 5.2x names the KV cache argument `cache` (and warns on the old name)
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.model.eval()
         self.model_id = f"{folder.name}@embedded"
         self.batch_size = self.max_batch = max(1, batch_size)  # micro-batches of ready requests
@@ -196,7 +199,7 @@ class EmbeddedBackend(BackendBase):
         tids: list[list[int]] = []
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
             pos = pos[:, -1:]
             while live:
                 logits = out.logits[:, -1, :].float()
@@ -233,7 +236,7 @@ class EmbeddedBackend(BackendBase):
                 mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
                 pos = pos + 1
                 out = self.model(input_ids=torch.tensor(picks).unsqueeze(1), attention_mask=mask,
-                                 position_ids=pos, past_key_values=cache, use_cache=True)
+                                 position_ids=pos, use_cache=True, **{self._cache_kw: cache})
 
     def _penalize(self, logits: Any, rows: list[_Row]) -> Any:
         """Repetition penalty on every token already in a row's prompt or answer."""

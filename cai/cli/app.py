@@ -23,6 +23,7 @@ from rich.console import Console
 from ..backends import BACKENDS, DEFAULT_BASE_URL, DEFAULT_CONCURRENCY, Backend, base_url_value, build_backend
 from ..backends.vllm_local import EngineSettings
 from ..cache import OFF, cache_path
+from ..config import GateSettings
 from ..errors import EXIT_CODES_HELP, ConfigError
 from ..preflight import conflicting
 
@@ -203,6 +204,24 @@ def _spec(values: dict[str, Any]) -> BackendSpec:
     return BackendSpec(**values, engine=settings(EngineSettings, **engine))
 
 
+def _gate_option(name: str) -> tuple[Any, Any]:
+    """``--gates-NAME`` / ``CAI_GATES_NAME`` for one gate setting: the flag and variable `cai run` has."""
+    f = GateSettings.model_fields[name]
+    flag = "--gates-" + name.replace("_", "-")
+    decls = [f"{flag}/--no-{flag[2:]}"] if f.annotation is bool else [flag]
+    ann = str | None if name == "decontaminate" else f.annotation
+    return Annotated[ann, typer.Option(*decls, envvar=f"CAI_GATES_{name.upper()}", help=f.description,
+                                       rich_help_panel="Quality gates")], f.default
+
+
+def gate_options(*names: str) -> Callable[[F], F]:
+    """Add the quality-gate flags ``names`` (fields of ``GateSettings``); ``fn`` gets ``gates: GateSettings``."""
+    def deco(fn: F) -> F:
+        return _add_options(fn, "gates", {f"gates_{n}": _gate_option(n) for n in names},
+                            lambda v: settings(GateSettings, _prefix="gates_", **v))
+    return deco
+
+
 def cache_options(default_dir: Callable[[dict[str, Any]], Path]) -> Callable[[F], F]:
     """Add --cache and --no-cache; ``fn`` gets ``cache: Path | None`` (default: cache.sqlite in
     ``default_dir(values)``, resolved when the command runs)."""
@@ -230,12 +249,13 @@ def no_cache_conflict(ctx: typer.Context, cache: str | None, no_cache: bool) -> 
         conflicting({"--no-cache": True, f"--cache {cache}": True})
 
 
-def settings(model: type[BaseModel], **values: Any) -> Any:
-    """Build a settings model from flag values; a bad value is one line naming the flag."""
+def settings(model: type[BaseModel], _prefix: str = "", **values: Any) -> Any:
+    """Build a settings model from flag values (named ``_prefix`` + field); a bad value is one
+    line naming the flag."""
     try:
-        return model.model_validate(values)
+        return model.model_validate({k.removeprefix(_prefix): v for k, v in values.items()})
     except ValidationError as e:
         first = e.errors()[0]
-        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "a flag"
+        flag = "--" + (_prefix + str(first["loc"][0])).replace("_", "-") if first["loc"] else "a flag"
         raise ConfigError(f"{first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})",
                           field=flag) from None

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from .. import pipeline, preflight
-from ..config import LabelSettings
+from ..config import GateSettings, LabelSettings
 from ..constitution import load_constitution
 from ..errors import EXIT_CODES_HELP, EXIT_ROWS_FAILED
 from ..quality import REJECTS_FILE
@@ -28,6 +28,7 @@ from .app import (
     app,
     backend_options,
     cache_options,
+    gate_options,
     out,
     say,
     settings,
@@ -88,9 +89,11 @@ ChunkOpt = Annotated[
 @app.command(epilog=EXIT_CODES_HELP)
 @backend_options
 @cache_options(lambda kw: kw["output"].parent)
+@gate_options("truncated")
 def label(
     backend: BackendSpec,
     cache: Path | None,
+    gates: GateSettings,
     input: Annotated[
         str,
         typer.Argument(
@@ -177,7 +180,7 @@ def label(
         res = pipeline.run_label(input, backend=be, output=output, pairs=pairs, constitution=const,
                                  templates=tpl, settings=ls, seed=seed, max_tokens=max_tokens,
                                  policy=policy, cache=cache, concurrency=backend.concurrency, limit=limit,
-                                 prompt_column=prompt_column, split=split, progress=progress)
+                                 prompt_column=prompt_column, split=split, progress=progress, gates=gates)
     prefs, s = res.preferences, res.summary
     assert prefs is not None
     held = "written (--keep-ties)" if keep_ties else "held out"

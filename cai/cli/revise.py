@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import pipeline, preflight
-from ..config import ReviseSettings
+from ..config import GateSettings, ReviseSettings
 from ..constitution import load_constitution
 from ..errors import EXIT_CODES_HELP
 from ..quality import REJECTS_FILE
@@ -26,6 +26,7 @@ from .app import (
     app,
     backend_options,
     cache_options,
+    gate_options,
     say,
     settings,
 )
@@ -39,10 +40,12 @@ OutputOpt = Annotated[Path, typer.Option("--output", "-o", envvar="CAI_OUTPUT",
 @app.command(epilog=EXIT_CODES_HELP)
 @backend_options
 @cache_options(lambda kw: kw["output"].parent)
+@gate_options("truncated", "text", "dedup", "dedup_threshold", "decontaminate")
 def revise(
     input: InputArg,
     backend: BackendSpec,
     cache: Path | None,
+    gates: GateSettings,
     output: OutputOpt = Path("out/revisions.jsonl"),
     constitution: ConstitutionOpt = None,
     templates: TemplatesOpt = None,
@@ -54,8 +57,9 @@ def revise(
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0: greedy).")
                            ] = _DEFAULT.temperature,
     repetition_penalty: Annotated[float, typer.Option(
-        min=0.01, help="Above 1 discourages repeating tokens of the prompt and answer (vLLM's "
-        "definition; 1.1-1.3 stops a small model's loops; 1: off).")] = _DEFAULT.repetition_penalty,
+        min=0.01, help="Above 1 discourages repeating tokens of the prompt and answer (vLLM's definition). "
+        "The default stops the shipped 135M model's loops; a capable model rarely needs it: 1 turns it off."
+    )] = _DEFAULT.repetition_penalty,
     chunk_size: Annotated[int, typer.Option(min=1, envvar="CAI_CHUNK_SIZE",
                                             help="No effect (kept for old scripts): rows stream one by one.")
                           ] = 256,
@@ -74,12 +78,12 @@ def revise(
     const, tpl = load_constitution(constitution), Templates(templates)
     # before the model loads and before any file is made
     preflight.check_revise(input, output=output, cache=cache, prompt_column=prompt_column, split=split,
-                           constitution=const, templates=tpl)
+                           constitution=const, templates=tpl, gates=gates)
     preflight.check_backend(backend.backend, backend.base_url)
     with backend.build() as be:
         res = pipeline.run_revise(input, backend=be, output=output, constitution=const, templates=tpl,
                                   settings=rs, seed=seed, cache=cache, concurrency=backend.concurrency, limit=limit,
-                                  prompt_column=prompt_column, split=split, progress=progress)
+                                  prompt_column=prompt_column, split=split, progress=progress, gates=gates)
     s = res.summary
     say(f"revise: {s.written} rows written, {s.resumed} kept from before, {s.failed} failed -> {output} "
         f"(readable: {output.with_suffix('.md')})")
