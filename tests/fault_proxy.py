@@ -13,7 +13,7 @@ Each ``POST /v1/chat/completions`` draws one fate from a seeded RNG (``FaultProx
 
 Everything else (``GET /v1/models``, ...) is forwarded untouched. ``faults`` counts the fates
 drawn. In-process: ``with FaultProxy(upstream) as p: ... p.base_url``; it stops by itself after
-``max_seconds``. ``python tests/fault_proxy.py --upstream http://127.0.0.1:P`` runs it alone.
+``max_seconds``. ``python -m tests.fault_proxy --upstream http://127.0.0.1:P`` runs it alone.
 """
 
 from __future__ import annotations
@@ -21,16 +21,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import threading
 from collections import Counter
 
 import aiohttp
 from aiohttp import web
 
+from tests.threaded_server import ThreadedServer
+
 DEFAULT_RATES = {"http_500": 0.10, "http_429": 0.05, "stall": 0.05, "drop": 0.05, "truncate": 0.02}
 
 
-class FaultProxy:
+class FaultProxy(ThreadedServer):
+    name = "fault-proxy"
+    # handler_cancellation: a stalled handler ends when its client hangs up
+    runner_options = {"handler_cancellation": True, "shutdown_timeout": 1.0}
+    backlog = 1024
+    client_max_size = 1 << 22
+
     def __init__(self, upstream: str, rates: dict[str, float] | None = None, stall_s: float = 3.0,
                  retry_after: str = "1", seed: int = 0, max_seconds: float = 120.0) -> None:
         self.upstream = upstream.rstrip("/")
@@ -39,15 +46,10 @@ class FaultProxy:
             raise ValueError("fault rates add up to more than 1")
         self.stall_s = stall_s
         self.retry_after = retry_after
-        self.max_seconds = max_seconds
         self.faults: Counter[str] = Counter()
-        self.base_url = ""
         self._rng = random.Random(seed)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
-        self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        super().__init__(max_seconds)
 
     def _fate(self) -> str:
         x = self._rng.random()
@@ -94,48 +96,17 @@ class FaultProxy:
         return web.Response(status=status, body=data, content_type=ctype or "application/json")
 
     # ---------------------------------------------------------------------------- lifecycle
-    async def _up(self, port: int) -> int:
-        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
-        app = web.Application(client_max_size=1 << 22)
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_route("*", "/{tail:.*}", self._other)
-        # handler_cancellation: a stalled handler ends when its client hangs up
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port, backlog=1024)
-        await site.start()
-        self._timer = self._loop.call_later(self.max_seconds, lambda: asyncio.ensure_future(self._down()))
-        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
-    async def _down(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+    async def opened(self) -> None:
+        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+
+    async def closing(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
             await client.close()
-
-    def start(self, port: int = 0) -> FaultProxy:
-        self._thread.start()
-        real = asyncio.run_coroutine_threadsafe(self._up(port), self._loop).result(10)
-        self.base_url = f"http://127.0.0.1:{real}/v1"
-        return self
-
-    def stop(self) -> None:
-        if self._loop.is_closed():
-            return
-        asyncio.run_coroutine_threadsafe(self._down(), self._loop).result(15)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 if __name__ == "__main__":

@@ -11,20 +11,20 @@
 
 In-process: ``with StrictStub() as s: ...`` runs it on 127.0.0.1 on its own loop and thread; it
 records every body it was sent (``bodies``) and stops by itself after ``max_seconds``.
-``python tests/strict_stub.py --port 0`` runs it alone and prints ``listening on PORT``.
+``python -m tests.strict_stub --port 0`` runs it alone and prints ``listening on PORT``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import threading
 import zlib
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+
+from tests.threaded_server import ThreadedServer
 
 MODEL = "strict-model"
 # OpenAI's chat-completions request fields (the ones a client may send).
@@ -48,18 +48,15 @@ def _error(status: int, message: str, param: str | None = None) -> web.Response:
                                         "param": param, "code": None}}, status=status)
 
 
-class StrictStub:
+class StrictStub(ThreadedServer):
+    name = "strict-stub"
+
     def __init__(self, json_schema: bool = True, reply: Reply = default_reply, max_seconds: float = 120.0) -> None:
         self.json_schema = json_schema
         self.reply = reply
-        self.max_seconds = max_seconds
         self.bodies: list[dict[str, Any]] = []
         self.refused: list[list[str]] = []  # the unknown fields of each refused request
-        self.base_url = ""
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="strict-stub", daemon=True)
-        self._runner: web.AppRunner | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        super().__init__(max_seconds)
 
     # ------------------------------------------------------------------------------ handlers
     async def _chat(self, request: web.Request) -> web.Response:
@@ -116,43 +113,9 @@ class StrictStub:
                                   "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "system"}]})
 
     # ---------------------------------------------------------------------------- lifecycle
-    async def _up(self, port: int) -> int:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
-        await site.start()
-        self._timer = self._loop.call_later(self.max_seconds, lambda: asyncio.ensure_future(self._down()))
-        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-
-    async def _down(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
-
-    def start(self, port: int = 0) -> StrictStub:
-        self._thread.start()
-        real = asyncio.run_coroutine_threadsafe(self._up(port), self._loop).result(10)
-        self.base_url = f"http://127.0.0.1:{real}/v1"
-        return self
-
-    def stop(self) -> None:
-        if self._loop.is_closed():
-            return
-        asyncio.run_coroutine_threadsafe(self._down(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
-
-    def __enter__(self) -> StrictStub:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 if __name__ == "__main__":

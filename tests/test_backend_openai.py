@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from cai.backends import make_backend
 from cai.backends.base import Message, Request, Sampling
 from cai.backends.openai_server import OpenAIServerBackend, parse_response, request_body
 from cai.errors import BackendError
+from tests.threaded_server import RouteServer
 
 Handler = Callable[[dict[str, Any], "Stub"], "web.Response | Any"]
 
@@ -74,36 +74,23 @@ async def _models(request: web.Request) -> web.Response:
 
 @pytest.fixture
 def stub() -> Iterator[Callable[[Handler], Stub]]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    runners: list[web.AppRunner] = []
+    servers: list[RouteServer] = []
 
     def start(handler: Handler) -> Stub:
         s = Stub(handler)
-        app = web.Application()
-        app[STUB] = s
-        app.router.add_post("/v1/chat/completions", _chat)
-        app.router.add_get("/v1/models", _models)
 
-        async def up() -> int:
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            runners.append(runner)
-            return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        def routes(app: web.Application) -> None:
+            app[STUB] = s
+            app.router.add_post("/v1/chat/completions", _chat)
+            app.router.add_get("/v1/models", _models)
 
-        port = asyncio.run_coroutine_threadsafe(up(), loop).result(10)
-        s.base_url = f"http://127.0.0.1:{port}/v1"
+        servers.append(server := RouteServer(routes).start())
+        s.base_url = server.base_url
         return s
 
     yield start
-    for r in runners:
-        asyncio.run_coroutine_threadsafe(r.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.close()
+    for server in servers:
+        server.stop()
 
 
 def user(text: str) -> tuple[Message, ...]:

@@ -30,6 +30,7 @@ from cai.backends.openai_server import (
 )
 from tests.fault_proxy import FaultProxy
 from tests.strict_stub import MODEL, StrictStub
+from tests.threaded_server import RouteServer
 from tests.transformers_server import transformers_server  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,36 +203,23 @@ def test_acomplete_and_submit_share_what_was_learnt(strict: StrictStub) -> None:
 def tiny() -> Iterator[Any]:
     """``tiny(listing, chat=None)``: an aiohttp app on 127.0.0.1 serving ``listing`` as GET /v1/models
     (and ``chat`` as POST /v1/chat/completions); returns its base URL."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    runners: list[web.AppRunner] = []
+    servers: list[RouteServer] = []
 
     def start(listing: list[dict[str, Any]], chat: Any = None) -> str:
         async def models(_: web.Request) -> web.Response:
             return web.json_response({"object": "list", "data": listing})
 
-        app = web.Application()
-        app.router.add_get("/v1/models", models)
-        if chat is not None:
-            app.router.add_post("/v1/chat/completions", chat)
-        runner = web.AppRunner(app, handler_cancellation=True)
-        runners.append(runner)
+        def routes(app: web.Application) -> None:
+            app.router.add_get("/v1/models", models)
+            if chat is not None:
+                app.router.add_post("/v1/chat/completions", chat)
 
-        async def up() -> int:
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-
-        return f"http://127.0.0.1:{asyncio.run_coroutine_threadsafe(up(), loop).result(10)}/v1"
+        servers.append(server := RouteServer(routes, handler_cancellation=True).start())
+        return server.base_url
 
     yield start
-    for r in runners:
-        asyncio.run_coroutine_threadsafe(r.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.close()
+    for server in servers:
+        server.stop()
 
 
 def test_vllm_detected_from_models_listing(tiny: Any) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.vllm_server import log_tail, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 180.0
@@ -61,27 +62,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _tail(log: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the server's whole process group: SIGTERM, then SIGKILL after 10 s."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-
-
 def start(folder: Path, port: int) -> tuple[subprocess.Popen[bytes], Path]:
     tmp = REPO / ".tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -103,7 +83,7 @@ def wait_ready(proc: subprocess.Popen[bytes], log: Path, base_url: str) -> None:
     root = base_url.removesuffix("/v1")
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"transformers serve exited with code {proc.returncode}; log {log}:\n{_tail(log)}",
+            pytest.fail(f"transformers serve exited with code {proc.returncode}; log {log}:\n{log_tail(log)}",
                         pytrace=False)
         try:
             with urllib.request.urlopen(f"{root}/health", timeout=5) as resp:
@@ -114,7 +94,7 @@ def wait_ready(proc: subprocess.Popen[bytes], log: Path, base_url: str) -> None:
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
-    pytest.fail(f"transformers serve was not ready after {START_TIMEOUT_S:.0f} s; log {log}:\n{_tail(log)}",
+    pytest.fail(f"transformers serve was not ready after {START_TIMEOUT_S:.0f} s; log {log}:\n{log_tail(log)}",
                 pytrace=False)
 
 
@@ -134,4 +114,4 @@ def transformers_server() -> Iterator[str]:
         wait_ready(proc, log, base_url)
         yield base_url
     finally:
-        stop(proc)
+        stop_group(proc)

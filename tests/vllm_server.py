@@ -58,14 +58,15 @@ def free_port(start: int = 8021, end: int = 8030) -> int:
         return int(s.getsockname()[1])
 
 
-def _tail(log: Path, n: int = 40) -> str:
+def log_tail(log: Path, n: int = 40) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return "(no log)"
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server's whole process group: SIGTERM, then SIGKILL after 10 s."""
     if proc.poll() is not None:
         return
     try:
@@ -113,7 +114,7 @@ def wait_ready(proc: subprocess.Popen[bytes], log: Path, base_url: str) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(
-                f"the vLLM server exited with code {proc.returncode}; log {log}:\n{_tail(log)}",
+                f"the vLLM server exited with code {proc.returncode}; log {log}:\n{log_tail(log)}",
                 pytrace=False,
             )
         try:
@@ -124,7 +125,7 @@ def wait_ready(proc: subprocess.Popen[bytes], log: Path, base_url: str) -> None:
             pass
         time.sleep(1.0)
     pytest.fail(
-        f"the vLLM server was not ready after {START_TIMEOUT_S:.0f} s; log {log}:\n{_tail(log)}",
+        f"the vLLM server was not ready after {START_TIMEOUT_S:.0f} s; log {log}:\n{log_tail(log)}",
         pytrace=False,
     )
 
@@ -142,4 +143,4 @@ def vllm_server() -> Iterator[str]:
         wait_ready(proc, log, base_url)
         yield base_url
     finally:
-        _stop(proc)
+        stop_group(proc)
