@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +57,38 @@ class EngineSettings(BaseModel):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+# The engine core and its workers are child processes; vLLM stops them on shutdown, but a cai
+# killed with SIGKILL alone (the OOM killer, `kill -9 PID`) would leave them running, holding the
+# GPU. A small watchdog, started after the engine, kills them once cai is gone (its parent changes).
+_WATCHDOG = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops cai, and cai stops the engine
+parent, kids = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
+while os.getppid() == parent:
+    time.sleep(0.5)
+for pid in kids:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+def _children() -> set[int]:
+    """This process's descendants (engine core, workers, multiprocessing helpers)."""
+    import psutil  # a vLLM dependency
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _guard(pids: list[int]) -> subprocess.Popen[bytes] | None:
+    """Start the watchdog that kills ``pids`` when this process dies."""
+    if not pids:
+        return None
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), *map(str, pids)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 class VLLMBackend(BackendBase):
     """``AsyncLLM`` in this process; ``model`` is a folder or a Hugging Face model id."""
 
@@ -86,11 +121,14 @@ class VLLMBackend(BackendBase):
         async def start() -> Any:  # the engine's output handler runs on the loop it starts in
             return AsyncLLM.from_engine_args(AsyncEngineArgs(model=path, **self.settings))
 
+        before = _children()
+        self._guard: subprocess.Popen[bytes] | None = None
         try:
             self.engine: Any = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
         except Exception as e:
             self._stop_loop()
             raise BackendError(f"vLLM could not load {path}: {e}") from e
+        self._guard = _guard(sorted(_children() - before))
         self.tokenizer: Any = self.engine.get_tokenizer()
 
     # ----------------------------------------------------------------------------------- API
@@ -121,6 +159,10 @@ class VLLMBackend(BackendBase):
         engine, self.engine = getattr(self, "engine", None), None
         if engine is not None:
             engine.shutdown()
+        guard, self._guard = getattr(self, "_guard", None), None
+        if guard is not None:
+            guard.kill()
+            guard.wait()
         self._stop_loop()
         super().close()
 

@@ -152,8 +152,10 @@ def diff_command(
         "a rerun with NEW reuses and the calls it redoes.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Which principles changed between two constitutions, and (with --run) exactly how many
-    cached calls a rerun will reuse and how many it will send again."""
+    """Which principles changed between two constitutions, and (with --run) how many cached calls
+    a rerun will reuse and how many it will send again: exact for calls whose prompt changes; the
+    calls after them are counted too, though a redone answer that comes out the same (greedy
+    sampling, a small rewording) leaves them cached, so the rerun may send fewer."""
     a, b = load_constitution(old), load_constitution(new)
     changes = diff_constitutions(a, b)
     plan = plan_rerun(run, new, b) if run is not None else None
@@ -172,5 +174,5 @@ def diff_command(
         return
     say_out(f"rerun of {plan['run']} with {new} (cache {plan['cache']}, "
             f"{plan['stored']} calls stored):")
-    say_out(f"  {plan['reused']} cached calls reused, {plan['redo']} calls redone (sent to "
-            f"the model); {plan['unused']} cached calls no longer used")
+    say_out(f"  {plan['reused']} cached calls reused, at most {plan['redo']} calls redone (sent to "
+            f"the model; fewer where a redone answer comes out as before); {plan['unused']} cached calls no longer used")
