@@ -56,10 +56,10 @@ async def bare_loop(url: str, n: int, concurrency: int) -> dict:
     conn = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=conn, headers={
             "Content-Type": "application/json", "Authorization": "Bearer EMPTY"}) as session:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-        dt = time.perf_counter() - t0
-    return {"requests": n, "ok": ok, "seconds": dt, "rps": n / dt}
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"requests": n, "ok": ok, "seconds": dt, "rps": n / dt, "cpu_us_per_request": round(cpu / n * 1e6, 1)}
 
 
 def backend_only(url: str, n: int, concurrency: int, batch: int) -> dict:
@@ -89,7 +89,8 @@ def run_measured(cmd: list[str]) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
-    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "stderr": err}
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "stderr": err}
 
 
 def write_prompts(path: Path, n: int) -> None:
@@ -115,6 +116,9 @@ def cai_run(url: str, prompts: Path, out: Path, args: argparse.Namespace) -> dic
             "wall_s": round(r["wall_s"], 2), "pipeline_s": m["elapsed_s"],
             "rps_wall": round(sent / r["wall_s"], 1),
             "rps_pipeline": round(sent / m["elapsed_s"], 1) if sent else 0.0,
+            # the process's own CPU (all threads, start-up included): with other jobs on the
+            # same cores, a steadier measure than the rates
+            "cpu_s": round(r["cpu_s"], 2), "cpu_us_per_call": round(r["cpu_s"] / sent * 1e6, 1) if sent else None,
             "peak_rss_mib": round(r["peak_rss_mib"], 1), "command": " ".join(cmd)}
 
 
@@ -198,6 +202,8 @@ def main() -> None:
         "large_over_small_time": round(big["wall_s"] / s["wall_s"], 2),
         "large_over_small_pipeline": round(big["pipeline_s"] / s["pipeline_s"], 2),
         "peak_rss_mib": max(s["peak_rss_mib"], big["peak_rss_mib"]),
+        "bare_cpu_us_per_request": res["bare_1"]["cpu_us_per_request"],
+        "cai_cpu_us_per_call": [s["cpu_us_per_call"], big["cpu_us_per_call"]],
         "rerun_calls_sent": res["cai_small_rerun"]["calls_sent"],
     }
     (args.out / "results.json").write_text(json.dumps(res, indent=2))

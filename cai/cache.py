@@ -14,6 +14,7 @@ Several processes may share one cache file: WAL lets readers and a writer work s
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import queue
@@ -22,8 +23,11 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
-from .backends.base import Backend, BackendBase, Completion, Request, key_fields
+import orjson
+
+from .backends.base import Backend, BackendBase, Completion, Message, Request, key_fields
 from .errors import ConfigError
 
 _SCHEMA = """
@@ -38,18 +42,47 @@ _LOOKUP_CHUNK = 500  # stay well below SQLite's limit on bound parameters
 OFF = ("off", "false", "no", "0", "none")  # values of --cache / CAI_CACHE that disable it
 
 
+# json.dumps with these settings, without building an encoder per call
+_COMPACT = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _compact(obj: Any) -> bytes:
+    return _COMPACT.encode(obj).encode()
+
+
+_model_json = functools.lru_cache(maxsize=64)(_compact)  # a run has one or two model ids
+
+
+def _strings(messages: tuple[Message, ...]) -> bool:
+    """Whether every message is a dict of strings (a plain loop: twice as fast as all())."""
+    for m in messages:
+        if type(m) is not dict:
+            return False
+        for v in m.values():
+            if type(v) is not str:
+                return False
+    return True
+
+
 def request_key(model_id: str, req: Request) -> str:
     """The cache key of one call: model id, messages and sampling (seed included).
 
-    The sampling fields go in as ``Sampling.to_dict()`` has them (JSON writes tuples as lists);
-    ``vars()`` instead of ``dataclasses.asdict`` because asdict's deep copies cost more than
-    the rest of the key.
+    The SHA-256 of ``{"messages":..,"model":..,"sampling":..}`` as compact, key-sorted JSON
+    (non-ASCII as UTF-8). The sampling fields go in as ``Sampling.to_dict()`` has them (JSON writes
+    tuples as lists); ``vars()`` instead of ``dataclasses.asdict`` because asdict's deep copies
+    cost more than the rest of the key. Messages of plain strings (every prompt cai renders) are
+    encoded by orjson, whose output for strings is byte for byte the stdlib's (every code point
+    is checked in tests/test_cache.py) at a fraction of the cost on long prompts; anything else
+    goes through the stdlib encoder, so every key is what it always was.
     """
-    blob = json.dumps(
-        {"model": model_id, "messages": req.messages, "sampling": key_fields(vars(req.sampling))},
-        sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
+    h = hashlib.sha256(b'{"messages":')
+    messages = req.messages
+    try:  # orjson refuses a key that is not a string
+        h.update(orjson.dumps(messages, option=orjson.OPT_SORT_KEYS) if _strings(messages) else _compact(messages))
+    except TypeError:
+        h.update(_compact(messages))
+    h.update(b',"model":' + _model_json(model_id) + b',"sampling":' + _compact(key_fields(vars(req.sampling))) + b"}")
+    return h.hexdigest()
 
 
 class CallCache:
@@ -74,9 +107,26 @@ class CallCache:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA wal_autocheckpoint=10000")
             self._db.execute(_SCHEMA)
+            # Lookups on a connection of their own: in WAL mode a reader never waits for the
+            # writer thread's commits (they held the one connection's lock, and every lookup
+            # of the event loop with it).
+            self._reader = sqlite3.connect(str(self.path), timeout=60, isolation_level=None,
+                                           check_same_thread=False)
         except sqlite3.DatabaseError as e:
             raise ConfigError(f"not a usable cache database ({e})", file=str(self.path),
                               hint="pass another --cache path, or --no-cache") from None
+        self._read_lock = threading.Lock()
+
+    def get(self, key: str) -> Completion | None:
+        """One key's stored answer (the runner's lookup, once per call), or None."""
+        with self._queued_lock:  # an answer handed to the writer, not committed yet
+            c = self._queued.get(key)
+        if c is not None:
+            return c
+        # Looked up after the queue: the writer commits an answer before taking it off the queue.
+        with self._read_lock:
+            row = self._reader.execute("SELECT completion FROM calls WHERE key = ?", (key,)).fetchone()
+        return Completion(**json.loads(row[0])) if row is not None else None
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Completion]:
         keys = list(dict.fromkeys(keys))
@@ -84,11 +134,11 @@ class CallCache:
         with self._queued_lock:  # answers handed to the writer, not committed yet
             early = {k: self._queued[k] for k in keys if k in self._queued}
         keys = [k for k in keys if k not in early]
-        with self._lock:
+        with self._read_lock:
             for i in range(0, len(keys), _LOOKUP_CHUNK):
                 part = keys[i: i + _LOOKUP_CHUNK]
                 marks = ",".join("?" * len(part))
-                blobs += self._db.execute(
+                blobs += self._reader.execute(
                     f"SELECT key, completion FROM calls WHERE key IN ({marks})", part).fetchall()
         return early | {key: Completion(**json.loads(blob)) for key, blob in blobs}
 
@@ -153,6 +203,8 @@ class CallCache:
 
     def close(self) -> None:
         self.flush()
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
 
@@ -229,7 +281,7 @@ class CachedBackend(BackendBase):
         """One request: from the cache, or from the model and committed to the cache where and
         as soon as the answer arrives (a kill loses only the calls in flight)."""
         key = request_key(self.model_id, request)
-        hit = self.cache.get_many((key,)).get(key)
+        hit = self.cache.get(key)
         if hit is not None:
             with self._count:
                 self.hits += 1

@@ -24,10 +24,12 @@ Thresholds (tuned on hand-labelled SmolLM2-135M revisions, ``tests/data/gate_exa
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 
 FLAGS: dict[str, str] = {
     "truncated": "the model hit the token limit (finish_reason 'length'): the text is cut off",
@@ -232,7 +234,11 @@ def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
 
 def repeat_fraction(text: str, n: int = LOOP_NGRAM) -> float:
     """The share of word n-grams that repeat an n-gram seen earlier in the text (0 when too short)."""
-    grams = _ngrams(_words(text), n)
+    return _repeat_fraction(_words(text), n)
+
+
+def _repeat_fraction(words: list[str], n: int) -> float:
+    grams = _ngrams(words, n)
     if not grams:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
@@ -246,14 +252,17 @@ def zlib_ratio(text: str) -> float:
 
 def is_loop(text: str) -> bool:
     """Whether the text is stuck in a loop (the module doc gives the measures and thresholds)."""
-    words = _words(text)
-    if len(words) >= LOOP_MIN_WORDS and repeat_fraction(text) >= LOOP_REPEAT_FRACTION:
+    return _is_loop(text, _words(text))
+
+
+def _is_loop(text: str, words: list[str]) -> bool:
+    if len(words) >= LOOP_MIN_WORDS and _repeat_fraction(words, LOOP_NGRAM) >= LOOP_REPEAT_FRACTION:
         return True
     spans = Counter(_ngrams(words, LOOP_SPAN_NGRAM))
     if spans and max(spans.values()) >= LOOP_SPAN_TIMES:
         return True
     sentences = Counter(
-        " ".join(_words(s)) for s in _SENTENCE_SPLIT.split(text) if len(_words(s)) >= LOOP_MIN_SENTENCE_WORDS
+        " ".join(w) for w in map(_words, _SENTENCE_SPLIT.split(text)) if len(w) >= LOOP_MIN_SENTENCE_WORDS
     )
     if sentences and max(sentences.values()) >= LOOP_SENTENCE_TIMES:
         return True
@@ -267,25 +276,51 @@ def is_meta(cleaned: str) -> bool:
 
 def overlap(text: str, source: str, n: int = RESTATE_NGRAM) -> float:
     """The share of the text's word n-grams that also occur in ``source`` (0 when the text is too short)."""
-    grams = _ngrams(_words(text), n)
+    return _overlap(_ngrams(_words(text), n), set(_ngrams(_words(source), n)))
+
+
+def _overlap(grams: list[tuple[str, ...]], seen: Collection[tuple[str, ...]]) -> float:
     if not grams:
         return 0.0
-    seen = set(_ngrams(_words(source), n))
     return sum(g in seen for g in grams) / len(grams)
 
 
-def _restates(cleaned: str, critique: str | None) -> bool:
+@dataclass(frozen=True)
+class _Grams:
+    """A text's word count and word n-grams (a list, and a set to look them up in)."""
+
+    words: int
+    grams: list[tuple[str, ...]]
+    seen: frozenset[tuple[str, ...]]
+
+    @classmethod
+    def of(cls, text: str) -> _Grams:
+        return cls.of_words(_words(text))
+
+    @classmethod
+    def of_words(cls, words: list[str]) -> _Grams:
+        grams = _ngrams(words, RESTATE_NGRAM)
+        return cls(len(words), grams, frozenset(grams))
+
+
+# The few-shot examples are the constitution's few texts, compared with every revision: their
+# n-grams are made once.
+_example_grams = functools.lru_cache(maxsize=1024)(_Grams.of)
+
+
+def _restates(cleaned: _Grams, critique: str | None) -> bool:
     """Most of the revision is the critique's wording."""
-    return bool(critique) and len(_words(cleaned)) >= RESTATE_MIN_WORDS and overlap(cleaned, critique or "") >= (
-        RESTATE_OVERLAP
-    )
-
-
-def _copies(cleaned: str, example: str) -> bool:
-    """Most of the revision is the example's wording, or most of the example is in the revision."""
-    if len(_words(cleaned)) < RESTATE_MIN_WORDS or len(_words(example)) < RESTATE_MIN_WORDS:
+    if not critique or cleaned.words < RESTATE_MIN_WORDS:
         return False
-    return max(overlap(cleaned, example), overlap(example, cleaned)) >= RESTATE_OVERLAP
+    return _overlap(cleaned.grams, set(_ngrams(_words(critique), RESTATE_NGRAM))) >= RESTATE_OVERLAP
+
+
+def _copies(cleaned: _Grams, example: str) -> bool:
+    """Most of the revision is the example's wording, or most of the example is in the revision."""
+    ex = _example_grams(example)
+    if cleaned.words < RESTATE_MIN_WORDS or ex.words < RESTATE_MIN_WORDS:
+        return False
+    return max(_overlap(cleaned.grams, ex.seen), _overlap(ex.grams, cleaned.seen)) >= RESTATE_OVERLAP
 
 
 def check_text(
@@ -304,12 +339,14 @@ def check_text(
     if not _HAS_WORD.search(cleaned):
         flags.add("empty")
     else:
-        if is_loop(cleaned):
+        words = _words(cleaned)
+        grams = _Grams.of_words(words)
+        if _is_loop(cleaned, words):
             flags.add("loop")
         if is_meta(cleaned):
             flags.add("meta")
-        if _restates(cleaned, critique):
+        if _restates(grams, critique):
             flags.add("restates_critique")
-        if any(_copies(cleaned, ex) for ex in examples):
+        if any(_copies(grams, ex) for ex in examples):
             flags.add("copies_example")
     return [f for f in FLAGS if f in flags]

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TextIO
 
 from .files import dumps, write_text_atomic
+
+RECENT_ROWS = 1024  # rows kept in memory for ``JsonlSink.read`` (each is read right after it is written)
 
 
 def _trim_partial_line(path: Path) -> None:
@@ -85,6 +88,9 @@ class JsonlSink:
         self.done: dict[str, tuple[int, int]] = {}  # id -> (line, byte offset) in the .part file
         self._lines = 0
         self._offset = 0
+        # The lines written last, by id: ``read`` is asked for a row just written (`cai run`
+        # pairs each revision as it is written), which needs no flush, open and seek.
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._open()
 
     def _open(self) -> None:
@@ -130,6 +136,9 @@ class JsonlSink:
 
     def read(self, row_id: str) -> dict[str, Any]:
         """A row written before (this run or an earlier one), read back from the output."""
+        line = self._recent.get(row_id)
+        if line is not None:
+            return json.loads(line)
         if self._f is not None:
             self._f.flush()
         with self._src.open("rb") as f:
@@ -143,6 +152,9 @@ class JsonlSink:
         self._writable().write(data)
         self._lines += 1
         self.done[row["id"]] = (self._lines, self._offset)
+        self._recent[row["id"]] = data
+        if len(self._recent) > RECENT_ROWS:
+            self._recent.popitem(last=False)  # the oldest
         self._offset += len(data)
         self.summary.written += 1
         return self._lines

@@ -66,6 +66,9 @@ MAX_INT_BITS = 16_384  # the biggest integer a template may compute (about 4,900
 # Tags whose opening or closing form is neutralised inside any fenced text (besides the fence's own).
 FENCE_NAMES = ("conversation", "response", "critique", "revision", "reasoning", "example")
 _TAG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+# The context a judge example replaces with its own (with the principle, all that its turns see
+# in the judge and judge_cot stages' contexts).
+_JUDGE_EXAMPLE_CTX = frozenset({"principle", "conversation", "response_a", "response_b"})
 
 
 def format_conversation(messages: Sequence[Message], user: str = "User", assistant: str = "Assistant") -> str:
@@ -77,8 +80,15 @@ def format_conversation(messages: Sequence[Message], user: str = "User", assista
 def neutralise_tags(text: str, *names: str) -> str:
     """``text`` with every ``<name`` and ``</name`` (any case, spaces allowed) turned into
     ``&lt;name`` / ``&lt;/name``, so that it cannot open or close a fence of one of ``names``."""
+    return _tag_opener(names).sub("&lt;", text)
+
+
+@functools.lru_cache(maxsize=256)
+def _tag_opener(names: tuple[str, ...]) -> re.Pattern[str]:
+    """The ``<`` that opens one of ``names``, compiled once per set of names: building the
+    pattern cost more than applying it, on every fenced text of every prompt."""
     alts = "|".join(re.escape(n) for n in sorted(set(names), key=len, reverse=True))
-    return re.sub(rf"<(?=\s*/?\s*(?:{alts}))", "&lt;", text, flags=re.IGNORECASE)
+    return re.compile(rf"<(?=\s*/?\s*(?:{alts}))", re.IGNORECASE)
 
 
 def fenced(text: Any, tag: str) -> str:
@@ -358,6 +368,8 @@ class Templates:
         self.env.filters["fenced"] = fenced
         self._cache: dict[str, jinja2.Template | None] = {}
         self._own_examples: dict[str, bool] = {}
+        self._text: dict[str, str | None] = {}  # template -> its text, when it is plain text
+        self._turns: dict[tuple[str, int], tuple[Any, list[tuple[str, str]]]] = {}
 
     def _get(self, name: str) -> jinja2.Template | None:
         if name not in self._cache:
@@ -388,6 +400,11 @@ class Templates:
         tpl = self._get(name)
         if tpl is None:
             return None
+        if name not in self._text:
+            self._text[name] = self._plain_text(name, tpl)
+        text = self._text[name]
+        if text is not None:
+            return text
         file = self.source_path(name)
         try:
             return _render_capped(tpl, ctx, file).strip()
@@ -404,6 +421,15 @@ class Templates:
             message, err = f"{type(e).__name__}: {_one_line(str(e))}", e
         where, line = _error_where(err, name, file)
         raise TemplateError(message, file=where, line=line) from None
+
+    def _plain_text(self, name: str, tpl: jinja2.Template) -> str | None:
+        """What a template of plain text renders to (an answer prefix such as "The answer is: (",
+        a system prompt: no variable, tag or expression), rendered once; None for any other."""
+        src, _, _ = self.env.loader.get_source(self.env, name)  # type: ignore[union-attr]
+        tree = self.env.parse(src, name)
+        if not all(isinstance(n, (nodes.Output, nodes.TemplateData)) for n in tree.find_all(nodes.Node)):
+            return None
+        return _render_capped(tpl, {}, self.source_path(name)).strip()
 
     def generate_messages(self, prompt: Sequence[Message]) -> list[Message]:
         """The first-answer request: the ``generate`` system prompt (when there is one), then the prompt."""
@@ -459,6 +485,20 @@ class Templates:
         p = ctx.get("principle")
         if p is None or self.handles_examples(stage):
             return []
+        # The turns depend on the stage and the principle only (a judge example replaces the live
+        # context, unless the context holds more: CoT answers carry the live reasoning), so they
+        # are made once per principle, not on every call. The principle is kept with its turns,
+        # so that its id cannot be reused by another object while they are cached.
+        key = (stage, id(p))
+        cacheable = stage not in JUDGE_STAGES or ctx.keys() <= _JUDGE_EXAMPLE_CTX
+        hit = self._turns.get(key) if cacheable else None
+        if hit is None or hit[0] is not p:
+            hit = (p, self._example_turns(stage, p, ctx))
+            if cacheable:
+                self._turns[key] = hit
+        return [{"role": r, "content": c} for r, c in hit[1]]  # type: ignore[typeddict-item]
+
+    def _example_turns(self, stage: str, p: Any, ctx: dict[str, Any]) -> list[tuple[str, str]]:
         turns: list[tuple[str, str]] = []
         if stage in ("critique", "revise"):
             for ex in getattr(p, "examples", ()):
@@ -480,7 +520,7 @@ class Templates:
                 else:
                     prefix = self.render_text("judge", "assistant", **demo) or ""
                 turns += [("user", user), ("assistant", answer_text(prefix, ex.answer))]
-        return [{"role": r, "content": c} for r, c in turns]  # type: ignore[typeddict-item]
+        return turns
 
     def digest(self, stages: Sequence[str] = STAGES) -> str:
         """Hash of the template sources that the given stages resolve to (for provenance)."""

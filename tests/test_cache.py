@@ -133,3 +133,55 @@ def test_unusable_file_is_a_config_error(tmp_path: Path):
     bad.write_text("this is not a database, " * 100)
     with pytest.raises(ConfigError, match="not a usable cache database"):
         CallCache(bad)
+
+
+def _stdlib_key(model_id: str, r: Request) -> str:
+    """The key as cai always computed it: the stdlib's compact, key-sorted JSON."""
+    import hashlib
+    import json
+
+    from cai.backends.base import key_fields
+
+    blob = json.dumps({"model": model_id, "messages": r.messages, "sampling": key_fields(vars(r.sampling))},
+                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def test_orjson_writes_every_code_point_as_the_stdlib_does():
+    """request_key encodes string messages with orjson: its bytes must be the stdlib's."""
+    import json
+
+    import orjson
+
+    points = [*range(0xD800), *range(0xE000, 0x110000)]  # every scalar value (no lone surrogates)
+    for i in range(0, len(points), 4096):
+        text = "".join(map(chr, points[i: i + 4096]))
+        assert orjson.dumps(text) == json.dumps(text, ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("messages", [
+    ({"role": "user", "content": "caf\u00e9 \U0001f600 \x00\x1f\x7f \u2028 \"q\" \\ </x>"},),
+    ({"role": "system", "content": "s"}, {"role": "user", "content": "u", "name": "bob", "Zeta": "z"}),
+    ({"role": "user", "content": "n", "weight": 1e16},),  # not all strings: the stdlib encodes it
+    ({"role": "user", "content": "t", "tags": ["a", {"b": 1.5}]},),
+    (),
+])
+def test_keys_are_the_stdlib_json_keys(messages):
+    for sampling in (Sampling(), Sampling(temperature=0.7, stop=("x",), seed=None, logprobs=5),
+                     Sampling(choices=("A", "B"), repetition_penalty=1.15, top_p=1e-5)):
+        r = Request(messages, sampling)
+        assert request_key("m\u00e9", r) == _stdlib_key("m\u00e9", r)
+
+
+def test_a_queued_answer_is_found_before_its_commit(tmp_path: Path):
+    cache = CallCache(tmp_path / "c.sqlite")
+    c = Completion(texts=["x"], finish_reasons=["stop"])
+    assert cache.get("k") is None
+    cache.put_soon("k", "m", c)
+    assert cache.get("k") == c  # queued or committed: found either way
+    cache.flush()
+    assert cache.get("k") == c and cache.get_many(["k", "other"]) == {"k": c}
+    other = CallCache(tmp_path / "c.sqlite")  # committed: another connection sees it
+    assert other.get("k") == c
+    other.close()
+    cache.close()

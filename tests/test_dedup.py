@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cai.dedup import Decontaminator, find_duplicates, normalize, shingles
@@ -153,3 +154,39 @@ def test_bad_evaluation_files_give_one_line_input_errors(
 def test_a_folder_is_not_an_evaluation_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="is a folder"):
         Decontaminator.from_file(tmp_path)
+
+
+def _templated(i: int) -> str:
+    return f"Question {i}: how should I handle situation number {i} with my neighbour's dog?"
+
+
+def test_candidates_are_lsh_query_and_the_check_is_the_minhash_estimate() -> None:
+    """The index's own candidate union and verification give what datasketch's query() and
+    MinHash.jaccard() give, on templated prompts (a bucket holding a share of every item)."""
+    import random
+
+    from cai.dedup import _Index
+
+    index = _Index(0.8, 128)
+    kept: dict[int, np.ndarray] = {}
+    rng = random.Random(0)
+    for i in range(1500):
+        text = _templated(i) if i % 3 else _templated(rng.randrange(max(1, i))) + " please"
+        norm, mh = index._sketch(text)
+        assert mh is not None
+        assert index._candidates(mh) == set(index._lsh.query(mh))
+        hits = [row for row in index._lsh.query(mh)
+                if (kept[row] == mh.hashvalues).mean() >= index.threshold]
+        found = index._match(norm, mh)
+        if found is None or found[1] == "near":
+            assert found == ((index._keys[min(hits)], "near") if hits else None)
+        if found is None:
+            kept[len(index)] = mh.hashvalues.copy()
+            index._add(f"k{i}", norm, mh)
+    assert len(index) < 1500  # some near duplicates were found
+
+
+def test_templated_prompts_are_all_kept() -> None:
+    items = [(str(i), _templated(i)) for i in range(3000)]
+    assert find_duplicates(items) == {}
+    assert find_duplicates([*items, ("again", _templated(7).upper())]) == {"again": ("7", "exact")}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cai.output import JsonlSink
+from cai.output import RECENT_ROWS, JsonlSink
 
 
 def finished(path: Path, ids: list[str], fp: str = "fp") -> None:
@@ -51,3 +51,19 @@ def test_another_fingerprint_starts_afresh(tmp_path: Path) -> None:
     sink.fail("z", "backend error: boom")
     sink.finish()
     assert out.read_text() == "" and (tmp_path / "rows.failures.jsonl").exists()
+
+
+def test_read_gives_back_a_row_written_now_or_before(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    rows = [{"id": f"r{i}", "text": f"caf\u00e9 {i}", "n": [i, 1.5, None]} for i in range(RECENT_ROWS + 10)]
+    with JsonlSink(path, "fp") as sink:
+        for row in rows[:5]:
+            sink.write(row)
+        sink.finish()
+    with JsonlSink(path, "fp") as sink:  # a rerun: the first rows are read from the file
+        for row in rows[5:]:
+            sink.write(row)
+            assert sink.read(row["id"]) == row  # from memory, before any flush
+        assert [sink.read(r["id"]) for r in rows] == rows  # the oldest from the file
+        sink.finish()
+    assert [json.loads(x) for x in path.read_text().splitlines()] == rows

@@ -252,3 +252,48 @@ def test_undelimited_bench_templates_are_todays_judge_templates(tmp_path: Path):
     (msg, _) = Templates(tmp_path / "t").messages("judge", conversation=CONV, response_a="no", response_b="sure",
                                                   principle=BARE)
     assert "(A) no\n\n(B) sure" in msg["content"]
+
+
+def test_example_turns_are_rendered_once_per_principle_and_stage(tmp_path: Path):
+    tpl = Templates()
+    judge = {"conversation": CONV, "response_a": "no", "response_b": "sure", "principle": P}
+    first = tpl.messages("judge", **judge)
+    renders: list[str] = []
+    render = tpl.render_text
+
+    def counted(stage: str, role: str, **ctx: object) -> str | None:
+        renders.append(f"{stage}.{role}")
+        return render(stage, role, **ctx)
+
+    tpl.render_text = counted  # type: ignore[method-assign]
+    again = tpl.messages("judge", **{**judge, "response_a": "other"})
+    assert renders == ["judge.system", "judge.user", "judge.assistant"]  # the live request only
+    assert again[:-2] == first[:-2] and again[-2] != first[-2]
+    # each call gets messages of its own, never the cached ones
+    again[0]["content"] = "changed"
+    assert tpl.messages("judge", **judge) == first
+    # another principle object (even an equal one) and another stage are turns of their own
+    other = P.model_copy(update={"judge_examples": (JX_PLAIN,)})
+    assert len(tpl.example_turns("judge", **{**judge, "principle": other})) == 2
+    assert len(tpl.example_turns("judge_cot", **{**judge, "principle": P})) == 2
+    assert len(tpl.example_turns("critique", principle=P)) == 8
+
+
+def test_cot_answer_examples_see_the_live_context_so_they_are_not_cached(tmp_path: Path):
+    (tmp_path / "judge_cot_answer.user.j2").write_text("Q {{ conversation | conversation }} / {{ reasoning }}")
+    tpl = Templates(tmp_path)
+    ctx = {"conversation": CONV, "response_a": "no", "response_b": "sure", "principle": P}
+    one = tpl.example_turns("judge_cot_answer", **ctx, reasoning="first")
+    two = tpl.example_turns("judge_cot_answer", **ctx, reasoning="second")
+    assert one[0]["content"].endswith("/ first") and two[0]["content"].endswith("/ second")
+
+
+def test_a_plain_text_template_is_rendered_once(tmp_path: Path):
+    (tmp_path / "judge.assistant.j2").write_text("{# a comment #}The answer is: (\n")
+    (tmp_path / "generate.system.j2").write_text("Be brief on {{ 'weekdays' }}.")
+    tpl = Templates(tmp_path)
+    ctx = {"conversation": CONV, "response_a": "no", "response_b": "sure", "principle": BARE}
+    assert tpl.messages("judge", **ctx)[-1]["content"] == "The answer is: ("
+    assert tpl._text == {"judge.user.j2": None, "judge.assistant.j2": "The answer is: ("}
+    assert tpl.generate_messages(CONV)[0] == {"role": "system", "content": "Be brief on weekdays."}
+    assert tpl._text["generate.system.j2"] is None  # an expression: rendered every time

@@ -175,4 +175,5 @@ def diff_command(
     say_out(f"rerun of {plan['run']} with {new} (cache {plan['cache']}, "
             f"{plan['stored']} calls stored):")
     say_out(f"  {plan['reused']} cached calls reused, at most {plan['redo']} calls redone (sent to "
-            f"the model; fewer where a redone answer comes out as before); {plan['unused']} cached calls no longer used")
+            f"the model; fewer where a redone answer comes out as before); "
+            f"{plan['unused']} cached calls no longer used")

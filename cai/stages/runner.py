@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -114,7 +114,8 @@ class Call:
 
     async def __call__(self, request: Request) -> Completion:
         if self.affinity is not None and request.affinity is None:
-            request = replace(request, affinity=self.affinity)
+            # what dataclasses.replace does, at a fraction of its cost (it inspects the fields)
+            request = Request(request.messages, request.sampling, self.affinity)
         c = await self.pool.call(request, self.priority)
         if self.bar is not None:
             self.bar.called(c.prompt_tokens, c.completion_tokens, self.pool.in_flight)
