@@ -22,6 +22,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,9 @@ def request_key(model_id: str, req: Request) -> str:
     return h.hexdigest()
 
 
+_Queued = tuple[str, str, Completion, "Future[None]"]  # key, model id, answer, done once committed
+
+
 class CallCache:
     """A key -> Completion store in one SQLite file. Safe to share between processes and
     between the threads of one (a lock serialises its one connection)."""
@@ -92,7 +96,7 @@ class CallCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[tuple[str, str, Completion] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Queued | None] = queue.SimpleQueue()
         self._queued: dict[str, Completion] = {}
         self._queued_lock = threading.Lock()
         self._writer: threading.Thread | None = None
@@ -142,17 +146,19 @@ class CallCache:
                     f"SELECT key, completion FROM calls WHERE key IN ({marks})", part).fetchall()
         return early | {key: Completion(**json.loads(blob)) for key, blob in blobs}
 
-    def put_soon(self, key: str, model: str, completion: Completion) -> None:
+    def put_soon(self, key: str, model: str, completion: Completion) -> Future[None]:
         """Commit one answer as soon as the writer thread can: it takes every answer queued
         while it committed the last ones, in one transaction, so a commit per answer costs no
         more than a commit per batch did, and a kill loses only the answers still queued
-        (the last few milliseconds')."""
+        (the last few milliseconds'). The future is done once the answer is committed."""
+        done: Future[None] = Future()
         with self._queued_lock:
             self._queued[key] = completion
         if self._writer is None:
             self._writer = threading.Thread(target=self._write, name="cai-cache-writer", daemon=True)
             self._writer.start()
-        self._queue.put((key, model, completion))
+        self._queue.put((key, model, completion, done))
+        return done
 
     def _write(self) -> None:
         while (first := self._queue.get()) is not None:
@@ -166,11 +172,18 @@ class CallCache:
                     self._queue.put(None)
                     break
                 batch.append(nxt)
-            self.put_many(batch)
+            try:
+                self.put_many((k, m, c) for k, m, c, _ in batch)
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the commit
+                for *_, done in batch:
+                    done.set_exception(e)
+                continue
             with self._queued_lock:
-                for k, _, c in batch:
+                for k, _, c, _ in batch:
                     if self._queued.get(k) is c:
                         del self._queued[k]
+            for *_, done in batch:
+                done.set_result(None)
 
     def flush(self) -> None:
         """Wait until every queued answer is committed (the writer thread ends)."""
@@ -286,20 +299,35 @@ class CachedBackend(BackendBase):
             with self._count:
                 self.hits += 1
             return hit
+        # An answer is returned only once it is committed: the row that uses it may be written
+        # next, and a row on disk whose calls are not in the cache would be asked again (and may
+        # come out different) by a rerun that redoes the row or reads the cache from elsewhere.
         if self.loop is not None:  # a client on its own loop: we are on it, the answer arrives here
             c = await self.inner.acomplete(request)
-            self._commit(key, c)
+            await asyncio.wrap_future(self._commit(key, c))
             return c
-        fut = self.inner.submit(request)  # computed in a worker thread: commit there
-        fut.add_done_callback(lambda f: self._commit(key, f.result()) if f.exception() is None else None)
-        return await asyncio.wrap_future(fut)
+        answered: Future[Completion] = Future()
 
-    def _commit(self, key: str, c: Completion) -> None:
-        if c.error is None:
-            self.cache.put_soon(key, self.model_id, c)
+        def commit(f: Future[Completion]) -> None:  # in the worker thread that computed it
+            if (e := f.exception()) is not None:
+                answered.set_exception(e)
+                return
+            c = f.result()
+            self._commit(key, c).add_done_callback(
+                lambda d: answered.set_result(c) if d.exception() is None else answered.set_exception(d.exception()))
+
+        self.inner.submit(request).add_done_callback(commit)
+        return await asyncio.wrap_future(answered)
+
+    def _commit(self, key: str, c: Completion) -> Future[None]:
         with self._count:
             self.sent += 1
             self.errors += c.error is not None
+        if c.error is None:
+            return self.cache.put_soon(key, self.model_id, c)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
 
     def close(self) -> None:
         try:
