@@ -51,7 +51,8 @@ class EngineSettings(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM engine: GPUs to shard the model over.")
     enforce_eager: bool = Field(False, description="vLLM engine: no CUDA graphs (slower; needed on a CPU).")
     enable_prefix_caching: bool = Field(True, description="vLLM engine: reuse the KV blocks of shared prefixes "
-                                        "(the system prompt and a principle's few-shot turns, shared by the rows that draw it).")
+                                        "(the system prompt and a principle's few-shot turns, shared by the "
+                                        "rows that draw it).")
 
     def engine_args(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
