@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -252,21 +250,6 @@ def test_transformers_serve_detected_and_asked_to_sample(tiny: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------ faults
-@pytest.fixture
-def stub_server() -> Iterator[str]:
-    """bench/stub_server.py in its own process (it stops by itself after 90 s)."""
-    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "stub_server.py"), "--port", "0",
-                             "--max-seconds", "90"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on"), line
-        yield f"http://127.0.0.1:{int(line.split()[-1])}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 def test_fault_proxy_every_request_ends_answered_or_with_a_reason(stub_server: str) -> None:
     t0 = time.perf_counter()
     reqs = [Request(user(f"question {i}"), Sampling(max_tokens=8, logprobs=2 if i % 3 == 0 else None,

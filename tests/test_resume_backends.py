@@ -33,7 +33,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -296,21 +296,6 @@ def check_no_committed_call_sent_again(proxy: RecordingProxy, marks: list[tuple[
 
 
 # ---------------------------------------------------------------------------- openai: stub
-@pytest.fixture
-def stub_server() -> Iterator[str]:
-    """bench/stub_server.py in its own process (it stops by itself after 300 s)."""
-    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "stub_server.py"), "--port", "0",
-                             "--max-seconds", "300"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on"), line
-        yield f"http://127.0.0.1:{int(line.split()[-1])}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 def openai_scenario(tmp_path: Path, upstream: str, *, n: int, kills: int, window: float, delay: float,
                     concurrency: int, extra: list[str], deterministic: bool, startup_timeout: float,
                     timeout: float) -> dict[str, str]:
