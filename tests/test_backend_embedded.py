@@ -178,3 +178,18 @@ def test_repetition_penalty_means_what_vllm_means(embedded: EmbeddedBackend, vll
     ours = ok(embedded.complete(reqs)[0])
     plain = ok(embedded.complete([Request(LOOPY, Sampling(max_tokens=12))])[0])
     assert ours.text == theirs.text != plain.text  # greedy, float32: the same tokens
+
+
+def test_repetition_penalty_spares_the_end_of_turn(embedded: EmbeddedBackend) -> None:
+    """The prompt's turns all end with the end-of-turn token: the penalty must not make stopping
+    harder (it made the shipped model's revisions run to the token limit)."""
+    import torch
+
+    from cai.backends.embedded import _Row
+
+    eos, other = min(embedded.eos), 42
+    row = _Row(req=0, sample=0, prompt=[eos, other, eos], max_tokens=8, temperature=0.0, top_p=1.0,
+               penalty=2.0, stop=(), logprobs=None, generator=None)
+    logits = torch.full((1, max(eos, other) + 1), 4.0)
+    out = embedded._penalize(logits, [row])
+    assert out[0, eos] == 4.0 and out[0, other] == 2.0

@@ -245,7 +245,10 @@ class EmbeddedBackend(BackendBase):
         for b, r in enumerate(rows):
             if r.penalty == 1.0:
                 continue
-            seen = torch.tensor(sorted(set(r.prompt) | set(r.tokens)), dtype=torch.long)
+            # End-of-turn tokens are left out: every chat turn of the prompt ends with one, so
+            # penalising them keeps the model from ever stopping (measured: with the few-shot turns,
+            # 9 of 12 revisions of the README's main job ran to 512 tokens; none without).
+            seen = torch.tensor(sorted((set(r.prompt) | set(r.tokens)) - self.eos), dtype=torch.long)
             v = logits[b, seen]
             logits[b, seen] = torch.where(v > 0, v / r.penalty, v * r.penalty)
         return logits
