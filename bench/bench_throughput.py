@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -93,13 +94,21 @@ def run_measured(cmd: list[str]) -> dict:
             "stderr": err}
 
 
-def write_prompts(path: Path, n: int) -> None:
-    if path.exists() and sum(1 for _ in path.open()) == n:
-        return
+def prompt_text(i: int, kind: str) -> str:
+    """Prompt ``i``. ``templated``: one sentence with the number changed, so that every pair is
+    about 0.5 similar and the near-duplicate gate's LSH proposes a share of all rows kept so
+    far for each new one (its cost grows with the rows); ``varied``: 14 words drawn from 5,000
+    (seeded), as unalike as real prompt sets are."""
+    if kind == "templated":
+        return f"Question {i}: how should I handle situation number {i} with my neighbour's dog?"
+    rng = random.Random(i)
+    return f"Question {i}: " + " ".join(f"w{rng.randrange(5000)}" for _ in range(14)) + "?"
+
+
+def write_prompts(path: Path, n: int, kind: str) -> None:
     with path.open("w") as f:
         for i in range(n):
-            f.write(json.dumps({"id": f"r{i}", "prompt": f"Question {i}: how should I handle "
-                                f"situation number {i} with my neighbour's dog?"}) + "\n")
+            f.write(json.dumps({"id": f"r{i}", "prompt": prompt_text(i, kind)}) + "\n")
 
 
 def cai_run(url: str, prompts: Path, out: Path, args: argparse.Namespace) -> dict:
@@ -144,6 +153,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="revise.rounds (cai's default: 4)")
     ap.add_argument("--principles", type=int, default=1,
                     help="label.principles, judged in both orders (cai's default: 4)")
+    ap.add_argument("--prompts", choices=("varied", "templated"), default="varied",
+                    help="varied: unalike prompts (default); templated: one sentence, the number changed "
+                    "(the near-duplicate gate's worst case: its cost per row grows with the rows)")
     ap.add_argument("--out", type=Path, default=REPO / ".tmp" / "bench")
     ap.add_argument("--bare", nargs=3, metavar=("URL", "N", "CONCURRENCY"), help=argparse.SUPPRESS)
     ap.add_argument("--backend-only", nargs=4, help=argparse.SUPPRESS)
@@ -166,14 +178,14 @@ def main() -> None:
         assert server.stdout is not None
         port = int(server.stdout.readline().split()[-1])
         url = f"http://127.0.0.1:{port}/v1"
-        write_prompts(args.out / "small.jsonl", small)
-        write_prompts(args.out / "large.jsonl", large)
+        write_prompts(args.out / "small.jsonl", small, args.prompts)
+        write_prompts(args.out / "large.jsonl", large, args.prompts)
         # the answer, a critique and a revision per round, k principles x both orders
         calls_per_row = 1 + 2 * args.rounds + 2 * args.principles
         n_bare = small * calls_per_row
         res: dict = {"cpus": os.cpu_count(), "concurrency": args.concurrency,
                      "chunk_size": args.chunk_size, "rounds": args.rounds,
-                     "principles": args.principles}
+                     "principles": args.principles, "prompts": args.prompts}
         print(f"stub server on {url}; {os.cpu_count()} CPUs", flush=True)
         res["bare_1"] = bare(url, n_bare, args.concurrency)
         print("bare loop:", res["bare_1"], flush=True)

@@ -54,7 +54,7 @@ time in the reverse order (batch, in-process, server: A B C C B A), and prints e
 and their mean; ``--rounds 0`` alone is the cheap way to do that.
 
 Figures, never assertions. Writes ``.tmp/bench/vllm.json``; logs and the runs' files are kept
-under ``.tmp/bench/vllm-work/``. ``--skip-server``/``--skip-inprocess`` leave a part out.
+under ``.tmp/bench/vllm-work/``. ``--skip-server``/``--skip-inprocess``/``--skip-batch`` leave a part out.
 """
 
 from __future__ import annotations
@@ -568,6 +568,7 @@ def main() -> None:
     ap.add_argument("--input", type=Path, default=DATA if DATA.exists() else REPO / "examples" / "hh_red_team.jsonl")
     ap.add_argument("--skip-server", action="store_true", help="no vLLM server runs (no hit rate)")
     ap.add_argument("--skip-inprocess", action="store_true", help="no --backend vllm runs")
+    ap.add_argument("--skip-batch", action="store_true", help="no LLM.generate baseline (hit rate only)")
     a = ap.parse_args()
     a.rows = a.rows or (16 if a.quick else 128)
     a.max_tokens = a.max_tokens or (32 if a.quick else 64)

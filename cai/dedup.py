@@ -81,8 +81,15 @@ class _Index:
         self._fp_rows = np.zeros((0, num_perm), dtype=np.uint8)
         # LSH only proposes candidates; every one is verified against ``threshold``. Its own threshold
         # sits LSH_MARGIN lower (and at most 0.9, which keeps at least two bands) so that pairs just
-        # above ``threshold`` are not lost to LSH's false negatives.
-        self._lsh = MinHashLSH(threshold=max(0.05, min(threshold, 0.9) - LSH_MARGIN), num_perm=num_perm)
+        # above ``threshold`` are not lost to LSH's false negatives. datasketch picks the bands
+        # (b bands of r hash values); the buckets are kept here, compactly (``_band_keys``).
+        lsh = MinHashLSH(threshold=max(0.05, min(threshold, 0.9) - LSH_MARGIN), num_perm=num_perm)
+        self.bands, self.rows_per_band = lsh.b, lsh.r
+        # One dict per band: bucket key -> the row in it, or the list of rows once there are several.
+        # datasketch's own storage (a set per bucket, and each item's band bytes kept for removal)
+        # took about 6 KB per item at 128 permutations (600 MB at 100k prompts); this, about 1.5 KB.
+        self._buckets: list[dict[int, int | list[int]]] = [{} for _ in range(self.bands)]
+        self._mix = np.random.default_rng(SEED).integers(1, 2**63, size=self.rows_per_band, dtype=np.uint64) | 1
         # the permutations are drawn once from SEED; one MinHash is cleared and refilled for each
         # text (the index keeps copies of its hash values, never the MinHash)
         self._mh = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME)
@@ -122,15 +129,27 @@ class _Index:
         hits = rows[same / self.num_perm >= self.threshold]  # the estimate MinHash.jaccard makes
         return (self._keys[int(hits.min())], "near") if hits.size else None
 
+    def _band_keys(self, mh: MinHash) -> list[int]:
+        """Each band's bucket key: its r hash values mixed into 64 bits (a multiply-add with
+        fixed odd multipliers, wrapping). Equal bands get equal keys, as in ``MinHashLSH``; a
+        collision of unequal ones only adds a candidate, which the check then rules out."""
+        bands = mh.hashvalues[: self.bands * self.rows_per_band].reshape(self.bands, self.rows_per_band)
+        with np.errstate(over="ignore"):
+            return (bands.astype(np.uint64) * self._mix).sum(axis=1, dtype=np.uint64).tolist()  # type: ignore[no-any-return]
+
     def _candidates(self, mh: MinHash) -> set[int]:
-        """``MinHashLSH.query``: the items sharing at least one band with ``mh``. The union of
-        the band buckets is taken in one C call; query() adds their members one by one in
-        Python, which near-identical inputs (a bucket holding a share of all items) make the
-        cost that grows with the input. tests/test_dedup.py checks both give the same."""
-        lsh = self._lsh
-        buckets = [table.get(lsh._H(mh.hashvalues[start:end]))
-                   for (start, end), table in zip(lsh.hashranges, lsh.hashtables, strict=True)]
-        return set().union(*buckets)
+        """``MinHashLSH.query``: the rows sharing at least one band with ``mh`` (tests/test_dedup.py
+        checks both give the same)."""
+        out: set[int] = set()
+        for key, table in zip(self._band_keys(mh), self._buckets, strict=True):
+            hit = table.get(key)
+            if hit is None:
+                continue
+            if isinstance(hit, int):
+                out.add(hit)
+            else:
+                out.update(hit)
+        return out
 
     def _add(self, key: str, norm: str, mh: MinHash | None) -> None:
         if key in self._order:
@@ -143,7 +162,13 @@ class _Index:
         if mh is not None:
             self._sig_rows[row] = mh.hashvalues
             self._fp_rows[row] = mh.hashvalues.astype(np.uint8)
-            self._lsh.insert(row, mh, check_duplication=False)
+            for key, table in zip(self._band_keys(mh), self._buckets, strict=True):
+                hit = table.setdefault(key, row)
+                if hit != row:
+                    if isinstance(hit, int):
+                        table[key] = [hit, row]
+                    else:
+                        hit.append(row)
 
     def match(self, text: str) -> tuple[str, Kind] | None:
         return self._match(*self._sketch(text))

@@ -11,7 +11,8 @@ message and the live request that the stage's templates render (the CAI paper's 
 Face's open CAI recipe's format, prompt included):
 
 - critique: user ``example.prompt``, assistant ``example.response``, user the critique request
-  (``principle.critique``), assistant ``example.critique``;
+  (``principle.critique``), assistant ``example.critique`` (and the revise stage's two more
+  turns when the revision continues the critique's chat, below);
 - revise: the same four turns, then user the revision request (``principle.revision``),
   assistant ``example.revision``;
 - judge, judge_cot, judge_cot_answer: for each of ``principle.judge_examples``, user the stage's
@@ -19,6 +20,15 @@ Face's open CAI recipe's format, prompt included):
   the answer prefix (``judge.assistant.j2``, or ``judge_cot_answer.assistant.j2`` with the
   example's reasoning for the CoT stages) followed by the answer letter. The CoT stages use
   only the examples that have a ``reasoning``.
+
+How a revision is asked. When the revise templates read none of ``conversation``, ``response``
+and ``critique`` (the shipped ``revise.user.j2`` shows only the revision request), the revision
+continues the critique's chat, as in the CAI paper: the critique request exactly as sent, the
+critique as the assistant's turn, then the revision request. The critique's example turns then
+carry each example's revision too, so that a revision request begins with every token of its
+critique request and an engine's prefix cache reuses the whole critique (prompt and answer).
+A revise template that shows the context itself (cai 0.1's did) is sent on its own, after the
+revise example turns, as before.
 
 A stage whose templates use ``principle.examples`` or ``principle.judge_examples`` themselves
 (as the templates of cai 0.x did) renders the examples its own way and gets no example turns,
@@ -339,6 +349,15 @@ def _capped_batch(value: Any, linecount: int, fill_with: Any = None) -> Any:
 # --- templates ------------------------------------------------------------------------------
 
 
+# The context a revise template that continues the critique's chat does without (module doc).
+_REVISE_CONTEXT = frozenset({"conversation", "response", "critique"})
+
+
+def _mentions_context(node: nodes.Node) -> bool:
+    """Whether a template reads any of the variables that show the conversation under revision."""
+    return any(n.name in _REVISE_CONTEXT and n.ctx == "load" for n in node.find_all(nodes.Name))
+
+
 def _mentions_examples(node: nodes.Node) -> bool:
     """Whether a template reads ``x.examples`` / ``x.judge_examples`` (or ``x['examples']``)."""
     for n in node.find_all((nodes.Getattr, nodes.Getitem)):
@@ -368,6 +387,7 @@ class Templates:
         self.env.filters["fenced"] = fenced
         self._cache: dict[str, jinja2.Template | None] = {}
         self._own_examples: dict[str, bool] = {}
+        self._continues: bool | None = None
         self._text: dict[str, str | None] = {}  # template -> its text, when it is plain text
         self._turns: dict[tuple[str, int], tuple[Any, list[tuple[str, str]]]] = {}
 
@@ -440,6 +460,8 @@ class Templates:
         examples as chat turns, the live user message, and the assistant prefix (if any)."""
         if not self.has(stage, "user"):
             raise TemplateError(f"no template {stage}.user.j2", file=str(self.user_folder or "prompts"))
+        if stage == "revise" and self.revision_continues():
+            return self._continued_revision(ctx)
         texts = {role: self.render_text(stage, role, **ctx) for role in ROLES}
         out: list[Message] = []
         if texts["system"]:
@@ -450,19 +472,41 @@ class Templates:
                 out.append({"role": role, "content": texts[role]})  # type: ignore[typeddict-item]
         return out
 
+    def _continued_revision(self, ctx: dict[str, Any]) -> list[Message]:
+        """The critique's request as sent, the critique as the assistant's turn (after the
+        critique's answer prefix, if any), then the revision request (module doc)."""
+        out = self.messages("critique", **ctx)
+        critique = str(ctx.get("critique", ""))
+        if out and out[-1]["role"] == "assistant":
+            out[-1] = {"role": "assistant", "content": out[-1]["content"] + critique}
+        else:
+            out.append({"role": "assistant", "content": critique})
+        for role in ("user", "assistant"):
+            text = self.render_text("revise", role, **ctx)
+            if text:
+                out.append({"role": role, "content": text})  # type: ignore[typeddict-item]
+        return out
+
+    def revision_continues(self) -> bool:
+        """Whether a revision continues the critique's chat: the revise templates read none of
+        ``conversation``, ``response`` and ``critique`` (module doc)."""
+        if self._continues is None:
+            self._continues = not any(self._stage_reads("revise", _mentions_context))
+        return self._continues
+
     def handles_examples(self, stage: str) -> bool:
         """Whether the stage's own templates render the principle's examples (then no turns)."""
         if stage not in self._own_examples:
-            found = False
-            for role in ROLES:
-                name = f"{stage}.{role}.j2"
-                if self._get(name) is not None and self._reads_examples(name, set()):
-                    found = True
-                    break
-            self._own_examples[stage] = found
+            self._own_examples[stage] = any(self._stage_reads(stage, _mentions_examples))
         return self._own_examples[stage]
 
-    def _reads_examples(self, name: str, seen: set[str]) -> bool:
+    def _stage_reads(self, stage: str, test: Callable[[nodes.Node], bool]) -> Iterable[bool]:
+        for role in ROLES:
+            name = f"{stage}.{role}.j2"
+            yield self._get(name) is not None and self._reads(name, test, set())
+
+    def _reads(self, name: str, test: Callable[[nodes.Node], bool], seen: set[str]) -> bool:
+        """Whether a template, or one it includes, extends or imports, passes ``test``."""
         if name in seen:
             return False
         seen.add(name)
@@ -471,12 +515,12 @@ class Templates:
         except jinja2.TemplateNotFound:
             return False
         tree = self.env.parse(src, name)
-        if _mentions_examples(tree):
+        if test(tree):
             return True
         for node in tree.find_all((nodes.Include, nodes.Extends, nodes.Import, nodes.FromImport)):
             target = getattr(node, "template", None)
             if isinstance(target, nodes.Const) and isinstance(target.value, str) \
-                    and self._reads_examples(target.value, seen):
+                    and self._reads(target.value, test, seen):
                 return True
         return False
 
@@ -504,7 +548,7 @@ class Templates:
             for ex in getattr(p, "examples", ()):
                 turns += [("user", ex.prompt), ("assistant", ex.response),
                           ("user", p.critique), ("assistant", ex.critique)]
-                if stage == "revise":
+                if stage == "revise" or self.revision_continues():
                     turns += [("user", p.revision), ("assistant", ex.revision)]
         elif stage in JUDGE_STAGES:
             cot = stage != "judge"

@@ -165,23 +165,28 @@ def test_candidates_are_lsh_query_and_the_check_is_the_minhash_estimate() -> Non
     MinHash.jaccard() give, on templated prompts (a bucket holding a share of every item)."""
     import random
 
+    from datasketch import MinHashLSH
+
     from cai.dedup import _Index
 
     index = _Index(0.8, 128)
+    lsh = MinHashLSH(threshold=0.7, num_perm=128)  # the bands the index uses (LSH_MARGIN below 0.8)
+    assert (lsh.b, lsh.r) == (index.bands, index.rows_per_band)
     kept: dict[int, np.ndarray] = {}
     rng = random.Random(0)
     for i in range(1500):
         text = _templated(i) if i % 3 else _templated(rng.randrange(max(1, i))) + " please"
         norm, mh = index._sketch(text)
         assert mh is not None
-        assert index._candidates(mh) == set(index._lsh.query(mh))
-        hits = [row for row in index._lsh.query(mh)
+        assert index._candidates(mh) == set(lsh.query(mh))
+        hits = [row for row in lsh.query(mh)
                 if (kept[row] == mh.hashvalues).mean() >= index.threshold]
         found = index._match(norm, mh)
         if found is None or found[1] == "near":
             assert found == ((index._keys[min(hits)], "near") if hits else None)
         if found is None:
             kept[len(index)] = mh.hashvalues.copy()
+            lsh.insert(len(index), mh, check_duplication=False)
             index._add(f"k{i}", norm, mh)
     assert len(index) < 1500  # some near duplicates were found
 

@@ -201,7 +201,8 @@ def rows_by_server(stubs: list[Stub]) -> dict[str, set[str]]:
     where: dict[str, set[str]] = defaultdict(set)
     for s in stubs:
         for msgs in s.seen:
-            m = re.search(r"row (\d+) ", msgs[-1]["content"])
+            # the live request, or (a revision) the critique request it continues
+            m = next((m for msg in reversed(msgs) if (m := re.search(r"row (\d+) ", msg["content"]))), None)
             assert m, msgs
             where[m.group(1)].add(s.name)
     return where
@@ -258,6 +259,31 @@ def test_backend_flags_repeat_or_comma_separate(monkeypatch):
     assert got[-1].base_url == ["http://h:1/v1", "http://h:2/v1"]
     assert run(app, [], env={"CAI_BASE_URL": "http://h:1/v1,http://h:2/v1"}).exit_code == 0
     assert got[-1].base_url == ["http://h:1/v1", "http://h:2/v1"]
+
+
+def test_engine_flags_reach_the_in_process_engine(monkeypatch: pytest.MonkeyPatch):
+    """--vllm-block-size / --vllm-max-num-seqs (and CAI_VLLM_*) become AsyncEngineArgs keywords;
+    unset, they are left to vLLM."""
+    import typer
+    from typer.testing import CliRunner
+
+    got: list[BackendSpec] = []
+    app = typer.Typer()
+
+    @app.command()
+    @backend_options
+    def cmd(backend: BackendSpec) -> None:
+        got.append(backend)
+
+    run = CliRunner().invoke
+    assert run(app, ["--backend", "vllm"]).exit_code == 0
+    assert "block_size" not in got[-1].engine.engine_args() and "max_num_seqs" not in got[-1].engine.engine_args()
+    r = run(app, ["--backend", "vllm", "--vllm-block-size", "16"], env={"CAI_VLLM_MAX_NUM_SEQS": "64"})
+    assert r.exit_code == 0, r.output
+    assert got[-1].engine.engine_args().items() >= {"block_size": 16, "max_num_seqs": 64}.items()
+    cfg = RunConfig.model_validate({"backend": "vllm", "vllm": {"block_size": 32}})
+    assert cfg.backend_options()["block_size"] == 32
+    assert run(app, ["--backend", "vllm", "--vllm-block-size", "0"]).exit_code != 0
 
 
 def test_preflight_wants_one_server_up_and_every_url_well_formed(stubs: Stubs):

@@ -401,8 +401,9 @@ def realistic_respond(req: Any) -> Any:
                   "It refuses without offering any safe help." if REF in reply else "",
                   "It gives no safety context."]
         return " ".join(x for x in issues if x)
-    if "Revision request:" in last:
-        reply = _between(last, "<response>\n", "\n</response>").replace("Great question! ", "")
+    if "Revision request:" in last:  # the revision continues the critique's chat: the reply is shown there
+        shown = next(m["content"] for m in reversed(req.messages) if "<response>\n" in m["content"])
+        reply = _between(shown, "<response>\n", "\n</response>").replace("Great question! ", "")
         if REF in reply and _h(reply) % 2:
             reply = "I can help with the safe part of this. " + _PLAIN[_h(reply) % len(_PLAIN)]
         extra = _PLAIN[_h(reply, "x") % len(_PLAIN)]

@@ -19,10 +19,12 @@ TPL = Templates()
 def scripted(req: Request) -> str:
     """Answers that say which step asked, so the trace can be checked."""
     text = req.messages[-1]["content"]
+    # the reply under work is in the critique request (which a revision continues)
+    shown = next((m["content"] for m in reversed(req.messages) if "<response>\n" in m["content"]), "")
     if "Critique request:" in text:
-        return "CRITIQUE of: " + text.split("<response>\n", 1)[1].split("\n")[0]
+        return "CRITIQUE of: " + shown.split("<response>\n", 1)[1].split("\n")[0]
     if "Revision request:" in text:
-        return "Revision: REVISED(" + text.split("<response>\n", 1)[1].split("\n")[0] + ")"
+        return "Revision: REVISED(" + shown.split("<response>\n", 1)[1].split("\n")[0] + ")"
     return "INITIAL"
 
 
@@ -85,7 +87,7 @@ def test_rows_stream_through_their_steps_without_a_barrier():
 
 
 def test_failed_call_fails_only_that_row():
-    be = FakeBackend(scripted, fail=lambda r: "question 3" in r.messages[-1]["content"]
+    be = FakeBackend(scripted, fail=lambda r: any("question 3" in m["content"] for m in r.messages)
                      and "Revision request" in r.messages[-1]["content"])
     outs = revise_chunk(rows(5), be, CONST, TPL, ReviseConfig(rounds=1))
     bad = [o for o in outs if o.row is None]

@@ -120,7 +120,10 @@ def expected_redo(ids: list[str], const: Constitution, cfg: RunConfig, pid: str,
     for rid in ids:
         changed = False  # has this row's answer changed yet
         for p in revise_principles(rid, const, rcfg):
-            crit = changed or (p.id == pid and bool(fields & {"critique", "examples"}))
+            # a principle's examples show its revision request, in the critique's few-shot turns
+            # too (the revision continues the critique's chat)
+            crit = changed or (p.id == pid and bool(fields & {"critique", "examples"}
+                                                    or ("revision" in fields and p.examples)))
             changed = crit or (p.id == pid and bool(fields & {"revision", "examples"}))
             n += crit + changed
         judged = [p.id for p in judge_principles(rid, const, jcfg)]

@@ -48,9 +48,12 @@ def test_judge_messages_end_with_answer_prefix():
 
 def test_critique_examples_are_chat_turns_before_the_live_request():
     msgs = Templates().messages("critique", conversation=CONV, response="Sure: ...", principle=P, round=1)
+    # the revision continues this chat, so each example shows its revision too (the CAI paper's form)
     assert [(m["role"], m["content"]) for m in msgs[:-1]] == [
         ("user", "P1?"), ("assistant", "R1."), ("user", "Identify harm."), ("assistant", "C1."),
+        ("user", "Please remove harm."), ("assistant", "V1."),
         ("user", "P2?"), ("assistant", "R2."), ("user", "Identify harm."), ("assistant", "C2."),
+        ("user", "Please remove harm."), ("assistant", "V2."),
     ]
     live = msgs[-1]
     assert live["role"] == "user" and "Critique request: Identify harm." in live["content"]
@@ -58,11 +61,53 @@ def test_critique_examples_are_chat_turns_before_the_live_request():
     assert "R1." not in live["content"], "examples are turns, not pasted into the request"
 
 
-def test_revise_examples_include_the_critique_and_the_revision():
-    msgs = Templates().messages("revise", conversation=CONV, response="Sure", critique="Unsafe.", principle=P, round=2)
+def test_revision_continues_the_critique_chat():
+    """A revision request is the critique request as sent, the critique, then the revision
+    request: every token of the critique's call is a prefix of the revision's (prefix cache)."""
+    t = Templates()
+    assert t.revision_continues()
+    ctx = {"conversation": CONV, "response": "Sure", "principle": P, "round": 2}
+    crit = t.messages("critique", **ctx)
+    msgs = t.messages("revise", **ctx, critique="Unsafe.")
+    assert msgs[:len(crit)] == crit
+    assert msgs[len(crit)] == {"role": "assistant", "content": "Unsafe."}
+    (last,) = msgs[len(crit) + 1:]
+    assert last["role"] == "user" and last["content"].startswith("Revision request: Please remove harm.")
+    assert "Sure" not in last["content"] and "Unsafe." not in last["content"]
+
+
+def test_a_critique_answer_prefix_is_kept_in_the_continued_chat(tmp_path: Path):
+    (tmp_path / "critique.assistant.j2").write_text("Critique:")
+    t = Templates(tmp_path)
+    ctx = {"conversation": CONV, "response": "Sure", "principle": BARE, "round": 1}
+    crit = t.messages("critique", **ctx)
+    assert crit[-1] == {"role": "assistant", "content": "Critique:"}
+    msgs = t.messages("revise", **ctx, critique=" Unsafe.")
+    assert msgs[:len(crit) - 1] == crit[:-1]
+    assert msgs[len(crit) - 1] == {"role": "assistant", "content": "Critique: Unsafe."}
+    assert msgs[-1]["content"].startswith("Revision request:")
+
+
+@pytest.mark.parametrize("source", [
+    "Rewrite {{ response }}: {{ principle.revision }}",
+    "{{ critique }} -> {{ principle.revision }}",
+    '{% include "ctx.j2" %}{{ principle.revision }}',
+])
+def test_a_revise_template_that_shows_the_context_is_sent_on_its_own(tmp_path: Path, source: str):
+    """cai 0.1's revise template showed the conversation, reply and critique itself: such a
+    template is sent as one request after the revise example turns, exactly as before."""
+    (tmp_path / "ctx.j2").write_text("{{ conversation | conversation }}")
+    (tmp_path / "revise.user.j2").write_text(source)
+    t = Templates(tmp_path)
+    assert not t.revision_continues()
+    msgs = t.messages("revise", conversation=CONV, response="Sure", critique="Unsafe.", principle=P, round=2)
     assert [m["content"] for m in msgs[:6]] == ["P1?", "R1.", "Identify harm.", "C1.", "Please remove harm.", "V1."]
     assert [m["role"] for m in msgs] == ["user", "assistant"] * 6 + ["user"]
-    assert fence_body(msgs[-1]["content"], "critique") == "Unsafe."
+    crit = t.messages("critique", conversation=CONV, response="Sure", principle=P, round=2)
+    assert [m["content"] for m in crit[:5]] == ["P1?", "R1.", "Identify harm.", "C1.", "P2?"], \
+        "critique examples without revision turns when the revision is not a continuation"
+    old = Templates(GOLDEN_TEMPLATES)
+    assert not old.revision_continues()
 
 
 def test_judge_examples_are_rendered_with_the_judge_template_and_answered():
@@ -227,6 +272,7 @@ def test_user_folder_overrides_one_file_and_changes_digest(tmp_path: Path):
     base = Templates()
     (tmp_path / "revise.user.j2").write_text("Rewrite: {{ response }} per {{ principle.revision }}")
     over = Templates(tmp_path)
+    assert not over.revision_continues()
     msgs = over.messages("revise", conversation=CONV, response="r", critique="c", principle=BARE, round=1)
     assert msgs == [{"role": "user", "content": f"Rewrite: r per {BARE.revision}"}]
     # untouched stages still come from the shipped folder
@@ -276,7 +322,7 @@ def test_example_turns_are_rendered_once_per_principle_and_stage(tmp_path: Path)
     other = P.model_copy(update={"judge_examples": (JX_PLAIN,)})
     assert len(tpl.example_turns("judge", **{**judge, "principle": other})) == 2
     assert len(tpl.example_turns("judge_cot", **{**judge, "principle": P})) == 2
-    assert len(tpl.example_turns("critique", principle=P)) == 8
+    assert len(tpl.example_turns("critique", principle=P)) == 12  # with the revision turns (continued chat)
 
 
 def test_cot_answer_examples_see_the_live_context_so_they_are_not_cached(tmp_path: Path):

