@@ -135,7 +135,7 @@ class _Index:
         collision of unequal ones only adds a candidate, which the check then rules out."""
         bands = mh.hashvalues[: self.bands * self.rows_per_band].reshape(self.bands, self.rows_per_band)
         with np.errstate(over="ignore"):
-            return (bands.astype(np.uint64) * self._mix).sum(axis=1, dtype=np.uint64).tolist()  # type: ignore[no-any-return]
+            return (bands.astype(np.uint64) * self._mix).sum(axis=1, dtype=np.uint64).tolist()
 
     def _candidates(self, mh: MinHash) -> set[int]:
         """``MinHashLSH.query``: the rows sharing at least one band with ``mh`` (tests/test_dedup.py
@@ -162,11 +162,11 @@ class _Index:
         if mh is not None:
             self._sig_rows[row] = mh.hashvalues
             self._fp_rows[row] = mh.hashvalues.astype(np.uint8)
-            for key, table in zip(self._band_keys(mh), self._buckets, strict=True):
-                hit = table.setdefault(key, row)
+            for band, table in zip(self._band_keys(mh), self._buckets, strict=True):
+                hit = table.setdefault(band, row)
                 if hit != row:
                     if isinstance(hit, int):
-                        table[key] = [hit, row]
+                        table[band] = [hit, row]
                     else:
                         hit.append(row)
 

@@ -484,7 +484,7 @@ class Templates:
         for role in ("user", "assistant"):
             text = self.render_text("revise", role, **ctx)
             if text:
-                out.append({"role": role, "content": text})  # type: ignore[typeddict-item]
+                out.append({"role": role, "content": text})
         return out
 
     def revision_continues(self) -> bool:
