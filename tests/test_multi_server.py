@@ -9,6 +9,7 @@ server is stopped by its fixture.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import os
@@ -237,8 +238,9 @@ def test_run_config_takes_a_list_a_comma_string_or_one_string(tmp_path: Path, mo
     assert RunConfig.model_validate({}).base_url == "http://localhost:8000/v1"
 
 
-def test_backend_flags_repeat_or_comma_separate(monkeypatch):
-    """--base-url on the commands that take the backend options (cai revise, cai label)."""
+def backend_flags_command() -> tuple[Callable[..., Any], list[BackendSpec]]:
+    """A command with the backend options (as cai revise and cai label have them): a runner for
+    it (args, env=...) and the list of the ``BackendSpec`` each invocation received."""
     import typer
     from typer.testing import CliRunner
 
@@ -250,40 +252,34 @@ def test_backend_flags_repeat_or_comma_separate(monkeypatch):
     def cmd(backend: BackendSpec) -> None:
         got.append(backend)
 
-    run = CliRunner().invoke
+    return functools.partial(CliRunner().invoke, app), got
+
+
+def test_backend_flags_repeat_or_comma_separate(monkeypatch):
+    """--base-url on the commands that take the backend options (cai revise, cai label)."""
+    run, got = backend_flags_command()
     for k in ("CAI_BASE_URL", "OPENAI_BASE_URL"):
         monkeypatch.delenv(k, raising=False)
-    assert run(app, []).exit_code == 0 and got[-1].base_url == "http://localhost:8000/v1"
-    assert run(app, ["--base-url", "http://h:1/v1"]).exit_code == 0 and got[-1].base_url == "http://h:1/v1"
-    assert run(app, ["--base-url", "http://h:1/v1", "--base-url", "http://h:2/v1"]).exit_code == 0
+    assert run([]).exit_code == 0 and got[-1].base_url == "http://localhost:8000/v1"
+    assert run(["--base-url", "http://h:1/v1"]).exit_code == 0 and got[-1].base_url == "http://h:1/v1"
+    assert run(["--base-url", "http://h:1/v1", "--base-url", "http://h:2/v1"]).exit_code == 0
     assert got[-1].base_url == ["http://h:1/v1", "http://h:2/v1"]
-    assert run(app, [], env={"CAI_BASE_URL": "http://h:1/v1,http://h:2/v1"}).exit_code == 0
+    assert run([], env={"CAI_BASE_URL": "http://h:1/v1,http://h:2/v1"}).exit_code == 0
     assert got[-1].base_url == ["http://h:1/v1", "http://h:2/v1"]
 
 
 def test_engine_flags_reach_the_in_process_engine(monkeypatch: pytest.MonkeyPatch):
     """--vllm-block-size / --vllm-max-num-seqs (and CAI_VLLM_*) become AsyncEngineArgs keywords;
     unset, they are left to vLLM."""
-    import typer
-    from typer.testing import CliRunner
-
-    got: list[BackendSpec] = []
-    app = typer.Typer()
-
-    @app.command()
-    @backend_options
-    def cmd(backend: BackendSpec) -> None:
-        got.append(backend)
-
-    run = CliRunner().invoke
-    assert run(app, ["--backend", "vllm"]).exit_code == 0
+    run, got = backend_flags_command()
+    assert run(["--backend", "vllm"]).exit_code == 0
     assert "block_size" not in got[-1].engine.engine_args() and "max_num_seqs" not in got[-1].engine.engine_args()
-    r = run(app, ["--backend", "vllm", "--vllm-block-size", "16"], env={"CAI_VLLM_MAX_NUM_SEQS": "64"})
+    r = run(["--backend", "vllm", "--vllm-block-size", "16"], env={"CAI_VLLM_MAX_NUM_SEQS": "64"})
     assert r.exit_code == 0, r.output
     assert got[-1].engine.engine_args().items() >= {"block_size": 16, "max_num_seqs": 64}.items()
     cfg = RunConfig.model_validate({"backend": "vllm", "vllm": {"block_size": 32}})
     assert cfg.backend_options()["block_size"] == 32
-    assert run(app, ["--backend", "vllm", "--vllm-block-size", "0"]).exit_code != 0
+    assert run(["--backend", "vllm", "--vllm-block-size", "0"]).exit_code != 0
 
 
 def test_preflight_wants_one_server_up_and_every_url_well_formed(stubs: Stubs):
