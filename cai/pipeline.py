@@ -110,7 +110,7 @@ class RunResult:
 
     output: Path
     stages: dict[str, SinkSummary] = field(default_factory=dict)
-    preferences: dict[str, int] = field(default_factory=dict)
+    preferences: dict[str, Any] = field(default_factory=dict)
     gates: dict[str, int] = field(default_factory=dict)  # "stage.reason" -> rows kept out (rejects.jsonl)
     backend: dict[str, Any] | None = None  # what the backend says of itself: servers, capabilities, retries
     sent: int = 0
@@ -412,7 +412,7 @@ def finish_run(cfg: RunConfig, const: Constitution, tpl: Templates, res: RunResu
                                   drop=cfg.gates.dropping() & {"truncated"}, debias_length=cfg.label.debias_length)
         res.preferences = {"written": prefs.written, "ties": prefs.ties, "abstentions": prefs.abstentions,
                            "judgements": prefs.judgements, "position_inconsistent": prefs.inconsistent,
-                           "gated": prefs.gated}
+                           "gated": prefs.gated, "judged_by": prefs.modes}
     res.gates = write_rejects(out, cfg.gates, skipped)
     res.manifest = _manifest(cfg, const, tpl, cfg.revise.resolve(cfg.seed), cfg.label.resolve(cfg.seed), res,
                              model_id, time.time() - t0) | (extra or {})

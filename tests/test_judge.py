@@ -228,7 +228,7 @@ def test_cot_reasons_first_then_reads_the_options_and_clamps() -> None:
     assert free.row["p_a"] == pytest.approx(0.95)
 
 
-def test_choice_mode_and_fallback_for_servers_without_logprobs() -> None:
+def test_choice_mode_and_fallback_for_servers_without_logprobs(tmp_path: Path) -> None:
     def respond(req: Request) -> Completion:
         if req.sampling.choices:
             assert req.sampling.choices == ("A", "B")
@@ -244,6 +244,12 @@ def test_choice_mode_and_fallback_for_servers_without_logprobs() -> None:
     assert be2.batches == [8] and direct.row["p_a"] == 1.0
     (nofb,) = judge_chunk([pair()], FakeBackend(respond), CONST, TPL, JudgeConfig(fallback=False))
     assert nofb.row is None and "no log-probs returned" in nofb.reason
+    # the summary says how the judgements were read: here by the fallback, not by log-probs
+    (logp,) = judge_chunk([pair("lp")], FakeBackend(prefers_good(0.8)), CONST, TPL, JudgeConfig())
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in (out.row, logp.row)))
+    s = write_preferences(labels, tmp_path / "preferences.jsonl")
+    assert s.modes == {"choice": 8, "logprobs": 8} and s.judged_by() == "choice 8, logprobs 8"
 
 
 def test_trl_orientation_and_columns(tmp_path: Path) -> None:
@@ -370,6 +376,8 @@ def test_cli_label_writes_preferences_labels_and_resumes(tmp_path: Path, capsys)
     ties = sum(r["tie"] for r in labels)
     assert len(labels) == 6 and len(prefs) == 6 - ties
     assert f"label: {len(prefs)} preference pairs" in err and f"{ties} ties held out" in err
+    n = sum(len(r["judgements"]) for r in labels)
+    assert f"0 of {n} judgements abstained (judged by logprobs {n})" in err  # how they were read
     assert "0 failed" in err
     assert main(args) == 0  # a rerun keeps everything
     assert "6 kept from before" in capsys.readouterr().err

@@ -185,7 +185,8 @@ def label(
     assert prefs is not None
     held = "written (--keep-ties)" if keep_ties else "held out"
     say(f"label: {prefs.written} preference pairs -> {output}; {prefs.ties} ties {held}; "
-        f"{prefs.abstentions} of {prefs.judgements} judgements abstained; "
+        f"{prefs.abstentions} of {prefs.judgements} judgements abstained"
+        + (f" (judged by {prefs.judged_by()})" if prefs.modes else "") + "; "
         f"{prefs.inconsistent} pairs position-inconsistent; {s.failed} failed; "
         f"{s.resumed} kept from before; every judged pair in {s.path}")
     print_calls(res.calls, cache)

@@ -22,6 +22,7 @@ from ..errors import EXIT_CODES_HELP
 from ..pipeline import Calls, run_pipeline
 from ..quality import REJECTS_FILE
 from ..scale import run_pipeline_ray
+from ..stages.preferences import judged_by
 from ..templates import Templates
 from .app import app, no_cache_conflict, out, say
 from .summary import exit_status, print_calls, print_failures, print_gates
@@ -92,9 +93,10 @@ def run_command(**kw: Any) -> None:
             + (f" ({gone} rows no longer in the input dropped)" if gone else ""))
     if res.preferences:
         p = res.preferences
+        by = judged_by(p.get("judged_by") or {})
         say(f"  preferences: {p['written']} pairs -> {res.output / 'preferences.jsonl'} "
             f"({p['ties']} ties {'kept' if cfg.label.keep_ties else 'held out'}, "
-            f"{p['abstentions']} of {p['judgements']} judgements abstained)")
+            f"{p['abstentions']} of {p['judgements']} judgements abstained" + (f"; judged by {by})" if by else ")"))
     print_calls(Calls(res.sent, res.cached, res.errors), cfg.cache_path(), indent="  ")
     if servers := (res.backend or {}).get("servers"):
         from ..backends.multi import servers_summary  # aiohttp: only when there were servers

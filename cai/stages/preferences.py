@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,17 @@ class PreferenceSummary:
     judgements: int = 0
     inconsistent: int = 0  # pairs whose two orders prefer different responses
     gated: int = 0  # pairs left out by a quality gate (a truncated response): listed in rejects.jsonl
+    # how the judgements were read: {"logprobs": n, "choice": m, "cot": k}; "choice" beside
+    # "logprobs" means a server gave no log-probs and the structured-choice fallback answered
+    modes: dict[str, int] = field(default_factory=dict)
+
+    def judged_by(self) -> str:
+        return judged_by(self.modes)
+
+
+def judged_by(modes: dict[str, int]) -> str:
+    """``logprobs 380, choice 20``: judgements by how they were read, most first."""
+    return ", ".join(f"{m} {n}" for m, n in sorted(modes.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def write_preferences(labels: Path, out: Path, keep_ties: bool = False,
@@ -66,7 +77,10 @@ def write_preferences(labels: Path, out: Path, keep_ties: bool = False,
             row = json.loads(line)
             s.ties += bool(row.get("tie"))
             s.abstentions += row.get("abstentions", 0)
-            s.judgements += len(row.get("judgements", []))
+            for j in row.get("judgements", []):
+                s.judgements += 1
+                if mode := j.get("mode"):
+                    s.modes[mode] = s.modes.get(mode, 0) + 1
             s.inconsistent += row.get("position_consistent") is False
             if drop & set(row.get("gates") or ()):
                 s.gated += 1
