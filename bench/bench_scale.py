@@ -65,6 +65,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_for_vllm(proc: subprocess.Popen[bytes], log: Path, port: int, deadline: float) -> None:
+    """Until the vLLM server on ``port`` answers /v1/models; its exit or ``deadline`` (monotonic)
+    ends the benchmark, naming its log."""
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"vLLM exited ({proc.returncode}); see {log}")
+        try:
+            get(f"http://127.0.0.1:{port}/v1/models")
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"vLLM not ready in time; see {log}") from None
+            time.sleep(2)
+
+
 def start_servers(n: int, slots: int, ms_per_token: float) -> list[tuple[int, subprocess.Popen[bytes]]]:
     servers = []
     for _ in range(n):
@@ -150,16 +165,7 @@ def vllm_mode(rows: int, max_tokens: int, concurrency: int) -> None:
     try:
         deadline = time.monotonic() + 1200
         for port, (proc, log) in zip(ports, started, strict=True):
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"vLLM exited ({proc.returncode}); see {log}")
-                try:
-                    get(f"http://127.0.0.1:{port}/v1/models")
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit(f"vLLM not ready after 1200 s; see {log}") from None
-                    time.sleep(2)
+            wait_for_vllm(proc, log, port, deadline)
         print(f"  vLLM servers ready on {ports}", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="cai-bench-scale-vllm-") as tmp:
             prompts = Path(tmp) / "prompts.jsonl"

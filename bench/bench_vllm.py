@@ -271,7 +271,7 @@ def metrics(port: int) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def vllm_server(kv_gib: int) -> Iterator[tuple[int, Path]]:
-    from bench_scale import free_port  # noqa: PLC0415 - a sibling script, only needed here
+    from bench_scale import free_port, wait_for_vllm  # noqa: PLC0415 - a sibling script, only needed here
 
     port = free_port()
     log = WORK / f"server-{port}.log"
@@ -285,17 +285,7 @@ def vllm_server(kv_gib: int) -> Iterator[tuple[int, Path]]:
             stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO,
             start_new_session=True)
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"vLLM exited ({proc.returncode}); see {log}")
-            try:
-                http(f"http://127.0.0.1:{port}/v1/models")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"vLLM not ready after 900 s; see {log}") from None
-                time.sleep(2)
+        wait_for_vllm(proc, log, port, time.monotonic() + 900)
         body = {"model": SERVED, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
         http(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(), timeout=300)  # warm-up
         yield port, log

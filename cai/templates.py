@@ -475,8 +475,11 @@ class Templates:
     def _continued_revision(self, ctx: dict[str, Any]) -> list[Message]:
         """The critique's request as sent, the critique as the assistant's turn (after the
         critique's answer prefix, if any), then the revision request (module doc)."""
+        if "critique" not in ctx:  # never sent without it: the chat would end at the critique request
+            raise TemplateError("a revision continues its critique: no critique given",
+                                file=self.source_path("revise.user.j2"))
         out = self.messages("critique", **ctx)
-        critique = str(ctx.get("critique", ""))
+        critique = str(ctx["critique"])
         if out and out[-1]["role"] == "assistant":
             out[-1] = {"role": "assistant", "content": out[-1]["content"] + critique}
         else:

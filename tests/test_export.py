@@ -90,7 +90,8 @@ def make_run(folder: Path, prompts: int = 12, pairs_per_prompt: int = 2, *, mani
             "cai_version": "0.1.0", "config": {"backend": "openai", "api_key": "sk-SECRET-KEY"},
             "constitution": const.model_dump(mode="json"), "templates_hash": "t" * 64,
             "models": {"policy": MODEL, "judge": MODEL}, "judge": judge,
-            "counts": {"revisions": len(revs), "pairs": len(pref_rows), "ties": 1},
+            "counts": {"revisions": len(revs), "pairs": len(pref_rows), "ties": 1,
+                       "preferences": {"written": len(pref_rows), "judged_by": {"logprobs": 40, "choice": 8}}},
             "calls": {"total": 123},
         }))
     return folder
@@ -196,6 +197,9 @@ def test_card_has_constitution_judge_models_counts_diagnostics(run_dir: Path, tm
         assert needle in text, needle
     for s, ds in export.dataset.items():
         assert f"| {s} | {ds.num_rows} |" in text
+    # run.json's nested counts, one dotted name each (how the judgements were read, too)
+    assert "| preferences.judged_by.logprobs | 40 |" in text and "| preferences.judged_by.choice | 8 |" in text
+    assert "| revisions | " in text
     assert "sk-SECRET-KEY" not in text and "<redacted>" in text and '"max_tokens": 256' in text
 
 

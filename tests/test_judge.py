@@ -18,7 +18,7 @@ from cai.metrics import summarize
 from cai.stages.judge import JudgeConfig, judge_chunk, option_probs
 from cai.stages.naive import NaiveConfig, naive_chunk, parse_letter
 from cai.stages.pairs import Pair
-from cai.stages.preferences import to_preference, write_preferences
+from cai.stages.preferences import judged_by, to_preference, write_preferences
 from cai.templates import Templates
 
 CONST = Constitution(
@@ -249,7 +249,7 @@ def test_choice_mode_and_fallback_for_servers_without_logprobs(tmp_path: Path) -
     labels = tmp_path / "labels.jsonl"
     labels.write_text("".join(json.dumps(r) + "\n" for r in (out.row, logp.row)))
     s = write_preferences(labels, tmp_path / "preferences.jsonl")
-    assert s.modes == {"choice": 8, "logprobs": 8} and s.judged_by() == "choice 8, logprobs 8"
+    assert s.modes == {"choice": 8, "logprobs": 8} and judged_by(s.modes) == "choice 8, logprobs 8"
 
 
 def test_trl_orientation_and_columns(tmp_path: Path) -> None:

@@ -74,6 +74,8 @@ def test_revision_continues_the_critique_chat():
     (last,) = msgs[len(crit) + 1:]
     assert last["role"] == "user" and last["content"].startswith("Revision request: Please remove harm.")
     assert "Sure" not in last["content"] and "Unsafe." not in last["content"]
+    with pytest.raises(TemplateError, match="no critique given"):
+        t.messages("revise", **ctx)
 
 
 def test_a_critique_answer_prefix_is_kept_in_the_continued_chat(tmp_path: Path):

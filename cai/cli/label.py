@@ -16,6 +16,7 @@ from ..config import GateSettings, LabelSettings
 from ..constitution import load_constitution
 from ..errors import EXIT_CODES_HELP, EXIT_ROWS_FAILED
 from ..quality import REJECTS_FILE
+from ..stages.preferences import judged_by
 from ..templates import Templates
 from .app import (
     BackendSpec,
@@ -186,7 +187,7 @@ def label(
     held = "written (--keep-ties)" if keep_ties else "held out"
     say(f"label: {prefs.written} preference pairs -> {output}; {prefs.ties} ties {held}; "
         f"{prefs.abstentions} of {prefs.judgements} judgements abstained"
-        + (f" (judged by {prefs.judged_by()})" if prefs.modes else "") + "; "
+        + (f" (judged by {judged_by(prefs.modes)})" if prefs.modes else "") + "; "
         f"{prefs.inconsistent} pairs position-inconsistent; {s.failed} failed; "
         f"{s.resumed} kept from before; every judged pair in {s.path}")
     print_calls(res.calls, cache)

@@ -114,10 +114,16 @@ def diagnostics(rows: dict[str, list[dict[str, Any]]], info: RunInfo) -> dict[st
                                               **{f"{k} rows left out of this export": v
                                                  for k, v in info.rejected.items()}}
     if info.manifest and isinstance(info.manifest.get("counts"), dict):
-        d["run.json counts"] = {f"{k}.{k2}" if isinstance(v, dict) else k: v2
-                                for k, v in info.manifest["counts"].items()
-                                for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
+        d["run.json counts"] = _dotted(info.manifest["counts"])
     return d
+
+
+def _dotted(counts: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested counts as one level of dotted names: ``preferences.judged_by.logprobs``."""
+    out: dict[str, Any] = {}
+    for k, v in counts.items():
+        out |= _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
 
 
 def _judge_summary(j: dict[str, Any]) -> dict[str, Any]:

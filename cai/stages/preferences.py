@@ -52,9 +52,6 @@ class PreferenceSummary:
     # "logprobs" means a server gave no log-probs and the structured-choice fallback answered
     modes: dict[str, int] = field(default_factory=dict)
 
-    def judged_by(self) -> str:
-        return judged_by(self.modes)
-
 
 def judged_by(modes: dict[str, int]) -> str:
     """``logprobs 380, choice 20``: judgements by how they were read, most first."""
