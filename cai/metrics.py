@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import iter_jsonl
-from .report import stats
+from . import stats
 
 
 def summarize(

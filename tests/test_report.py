@@ -15,7 +15,8 @@ import pytest
 
 from cai.errors import InputError
 from cai.refusal import marker_rates
-from cai.report import figures, stats
+from cai import stats
+from cai.report import figures
 from cai.report.figures import build_report, write_report
 
 REPO = Path(__file__).resolve().parent.parent

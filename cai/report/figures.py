@@ -15,7 +15,7 @@ for the page's table) and returns the figures as one JSON-ready dict:
   judge's preference for the revision (pairs from the ``revisions`` source, oriented by
   matching their texts with ``revisions.jsonl``) and, when pairs carry a human label,
   agreement, Brier score, ECE and a reliability table.
-- ``length_bias``: ``cai.report.stats.length_bias`` on all pairs and on the revision pairs
+- ``length_bias``: ``cai.stats.length_bias`` on all pairs and on the revision pairs
   oriented so that A is the revision (so there ``lc_rate`` is the length-controlled
   revision win rate).
 - ``lengths``: histograms of the chosen and rejected answers' lengths on shared bins.
@@ -32,7 +32,7 @@ Definitions, all over the rows that have the figure's inputs:
 - human agreement: as `cai eval-judge` (``cai.metrics``): pairs where the judge's label equals
   the human's / human-labelled pairs the judge decided (``coverage``: decided / all;
   ``agreement_all`` counts a tie as a disagreement). Brier and ECE are of ``p_a`` against "the
-  human preferred A" (see ``cai.report.stats``).
+  human preferred A" (see ``cai.stats``).
 - first-slot rate: share of judgements (not exactly 0.5) that prefer the answer shown first.
 - length growth: mean over rows of len(round k) / len(round k-1), characters.
 """
@@ -54,8 +54,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..refusal import MARKER_NAMES, markers
-from ..stages.revise import clean_revision
-from . import stats
+from ..gates import clean_revision
+from .. import stats
 
 REPORT_VERSION = 1
 MAX_ROWS = 2000  # rows embedded in the page's table

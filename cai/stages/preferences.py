@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import dumps, iter_jsonl
-from ..report import stats
+from .. import stats
 
 
 def to_preference(row: dict[str, Any], keep_ties: bool = False) -> dict[str, Any] | None:
@@ -63,7 +63,7 @@ def write_preferences(labels: Path, out: Path, keep_ties: bool = False,
     """Stream ``labels`` into TRL rows at ``out`` (via ``.part`` and an atomic rename); a pair
     with a gate flag in ``drop`` is left out (and counted). With ``debias_length`` each row also
     gets ``p_chosen_length_debiased``: the soft label with what the length difference predicts
-    taken out (``cai.report.stats.debiased_labels``), beside the raw one."""
+    taken out (``cai.stats.debiased_labels``), beside the raw one."""
     s = PreferenceSummary()
     debiased = (stats.debiased_labels(iter_jsonl(labels)) or {}) if debias_length else {}
     part = out.with_name(out.name + ".part")
