@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
+from cai import analysis, stats
+from cai.analysis import build_report
 from cai.errors import InputError
 from cai.refusal import marker_rates
-from cai import stats
-from cai.report import figures
-from cai.report.figures import build_report, write_report
+from cai.report.html import write_report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -285,7 +285,7 @@ def test_hostile_text_is_escaped(tmp_path: Path):
 
 def test_table_is_capped(tmp_path: Path):
     run = write_run(tmp_path / "run")
-    data = figures.load_run(run, max_rows=3)
+    data = analysis.load_run(run, max_rows=3)
     assert len(data.table) == 3 and data.table_total == 8
     assert data.table[0]["label"] == "revision" and data.table[2]["label"] == "initial"
     _, h = write_report(run, max_rows=3)

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from cai.report.figures import write_report
+from cai.report.html import write_report
 from tests.test_report import realistic_run, write_run
 
 CHROMIUM = os.environ.get("CAI_CHROMIUM") or "/usr/bin/chromium"

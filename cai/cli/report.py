@@ -9,7 +9,7 @@ import typer
 
 from ..errors import EXIT_CODES_HELP, InputError
 from ..preflight import check_output_dir
-from ..report.figures import MAX_ROWS, write_report
+from ..report.html import MAX_ROWS, write_report
 from .app import app, out, say
 
 

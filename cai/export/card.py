@@ -14,7 +14,7 @@ from .. import __version__
 from ..constitution import Constitution
 from ..errors import CaiError
 from ..hashing import sha256_json
-from ..report.figures import build_report
+from ..analysis import build_report
 from .build import CARD_MARK, LABELS_FILE, TRACE, Export, RunInfo, scrub
 
 JUDGE_LABELS = {

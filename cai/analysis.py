@@ -1,4 +1,4 @@
-"""The diagnostics report of a `cai run` folder: figures (``report.json``) and a page (``report.html``).
+"""A `cai run` folder as numbers: the figures of ``report.json`` (``cai.report`` draws them) and the card.
 
 ``build_report(run_dir)`` reads ``run.json`` (optional: `cai revise`/`cai label` with
 ``-o DIR/...`` write none), ``revisions.jsonl``, ``labels.jsonl`` and their
@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import statistics
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -52,10 +51,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
-from ..refusal import MARKER_NAMES, markers
-from ..gates import clean_revision
-from .. import stats
+from . import stats
+from .errors import InputError
+from .gates import clean_revision
+from .refusal import MARKER_NAMES, markers
 
 REPORT_VERSION = 1
 MAX_ROWS = 2000  # rows embedded in the page's table
@@ -749,46 +748,3 @@ def figures(data: RunData) -> dict[str, Any]:
 def build_report(run_dir: Path, *, unit: str = "chars") -> dict[str, Any]:
     """The figures of a finished run folder (``InputError`` when it is not one); see the module doc."""
     return figures(load_run(Path(run_dir), unit=unit, max_rows=0))
-
-
-def _write_all(files: dict[Path, str]) -> None:
-    """Write every file to a ``.tmp`` beside it first, then rename each into place: an error
-    while building or writing leaves the old files (or none), never a half-written one."""
-    tmps: list[tuple[Path, Path]] = []
-    try:
-        for path, text in files.items():
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmps.append((tmp, path))
-            with tmp.open("w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, path in tmps:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in tmps:
-            tmp.unlink(missing_ok=True)
-
-
-def write_report(run_dir: Path, out_dir: Path | None = None, *, unit: str = "chars",
-                 max_rows: int = MAX_ROWS) -> tuple[Path, Path]:
-    """Write ``report.json`` (the figures) and ``report.html`` (the page) into ``out_dir``
-    (default: the run folder); return their paths."""
-    from .html import render
-
-    run_dir = Path(run_dir)
-    data = load_run(run_dir, unit=unit, max_rows=max_rows)
-    report = figures(data)
-    page = render(report, data.table)
-    out = Path(out_dir) if out_dir is not None else run_dir
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"{out}: cannot create the report folder ({_one_line(e)})") from None
-    json_path, html_path = out / "report.json", out / "report.html"
-    try:
-        _write_all({json_path: json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
-                    html_path: page})
-    except OSError as e:
-        raise InputError(f"{out}: cannot write the report ({_one_line(e)})") from None
-    return json_path, html_path
