@@ -1,4 +1,5 @@
-"""The package's shape: the library never imports the CLI, and no module imports itself back.
+"""The package's shape: the library never imports the CLI, no module imports itself back, and no
+two packages import each other (dependencies point down).
 
 Every ``import`` in ``cai/`` counts, those inside functions too (a late import that dodges a
 cycle is still a cycle).
@@ -7,6 +8,7 @@ cycle is still a cycle).
 from __future__ import annotations
 
 import ast
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,44 @@ def test_library_never_imports_the_cli() -> None:
 def test_no_import_cycles() -> None:
     cycle = find_cycle(graph())
     assert cycle is None, " -> ".join(cycle or [])
+
+
+def package_of(module: str) -> str:
+    """A module's node in the package graph: its subpackage (``cai.report.html`` -> ``cai.report``);
+    a top-level module ``cai/x.py`` is its own node (``cai.x``), and ``cai/__init__.py`` is ``cai``."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_graph(g: dict[str, set[str]]) -> tuple[dict[str, set[str]], dict[tuple[str, str], list[str]]]:
+    """Edges A -> B when a module of A imports a module of B, with the imports behind each edge."""
+    pg: dict[str, set[str]] = {}
+    why: dict[tuple[str, str], list[str]] = {}
+    for a, bs in g.items():
+        for b in bs:
+            pa, pb = package_of(a), package_of(b)
+            if pa != pb:
+                pg.setdefault(pa, set()).add(pb)
+                why.setdefault((pa, pb), []).append(f"{a} imports {b}")
+    return pg, why
+
+
+def test_no_cycles_between_packages() -> None:
+    pg, why = package_graph(graph())
+    cycle = find_cycle(pg)
+    if cycle is not None:
+        steps = "; ".join(f"{a} -> {b} ({', '.join(sorted(why[a, b]))})" for a, b in pairwise(cycle))
+        pytest.fail(f"packages import each other: {' -> '.join(cycle)}. {steps}. Move the shared code "
+                    "down into a module both can import (as cai.stats and cai.analysis are), or pass it in.")
+
+
+def test_package_graph_of_modules() -> None:
+    pg, why = package_graph({"cai.report.html": {"cai.analysis", "cai.report.svg"}, "cai.analysis": {"cai.stats"},
+                             "cai.stages.label": {"cai.stats"}, "cai.stats": set()})
+    assert pg == {"cai.report": {"cai.analysis"}, "cai.analysis": {"cai.stats"}, "cai.stages": {"cai.stats"}}
+    assert why["cai.report", "cai.analysis"] == ["cai.report.html imports cai.analysis"]
+    assert find_cycle(pg) is None
+    assert find_cycle(package_graph({"cai.a.x": {"cai.b.y"}, "cai.b.z": {"cai.a.w"}})[0]) == \
+        ["cai.a", "cai.b", "cai.a"]
 
 
 @pytest.mark.parametrize(("g", "cycle"), [
