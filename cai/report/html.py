@@ -20,6 +20,7 @@ import jinja2
 from markupsafe import Markup
 
 from ..analysis import MAX_ROWS, figures, load_run
+from ..analysis.read import one_line
 from ..errors import InputError
 from ..refusal import MARKER_NAMES
 from .svg import LOSS, SERIES, WIN, grouped_bars_svg, histogram_svg, lines_svg, reliability_svg, stacked_bars_svg
@@ -127,10 +128,6 @@ def _write_all(files: dict[Path, str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
-
-
 def write_report(run_dir: Path, out_dir: Path | None = None, *, unit: str = "chars",
                  max_rows: int = MAX_ROWS) -> tuple[Path, Path]:
     """Write ``report.json`` (the figures) and ``report.html`` (the page) into ``out_dir``
@@ -143,11 +140,11 @@ def write_report(run_dir: Path, out_dir: Path | None = None, *, unit: str = "cha
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise InputError(f"{out}: cannot create the report folder ({_one_line(e)})") from None
+        raise InputError(f"{out}: cannot create the report folder ({one_line(e)})") from None
     json_path, html_path = out / "report.json", out / "report.html"
     try:
         _write_all({json_path: json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
                     html_path: page})
     except OSError as e:
-        raise InputError(f"{out}: cannot write the report ({_one_line(e)})") from None
+        raise InputError(f"{out}: cannot write the report ({one_line(e)})") from None
     return json_path, html_path

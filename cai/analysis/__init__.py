@@ -1,0 +1,142 @@
+"""A `cai run` folder as numbers: the figures of ``report.json`` (``cai.report`` draws them) and the card.
+
+``build_report(run_dir)`` reads ``run.json`` (optional: `cai revise`/`cai label` with
+``-o DIR/...`` write none), ``revisions.jsonl``, ``labels.jsonl`` and their
+``*.failures.jsonl`` (one pass each, streaming: only the first ``max_rows`` rows are kept whole,
+for the page's table) and returns the figures as one JSON-ready dict:
+
+- ``headline``: the few numbers to read first (also what a dataset card can quote).
+- ``revise``: rows, failures, answer length per round (round 0 is the initial answer) and its
+  growth, marker rates (``cai.refusal``) per round, and per revision principle how often it
+  was drawn, how much its revisions grew the answer, and how often the judge then preferred
+  the final revision.
+- ``labels``: ``overall`` and ``per_principle`` (the judge's principles, read from each
+  pair's judgements): pairs, mean soft label, ties, abstentions, position consistency, the
+  judge's preference for the revision (pairs from the ``revisions`` source, oriented by
+  matching their texts with ``revisions.jsonl``) and, when pairs carry a human label,
+  agreement, Brier score, ECE and a reliability table.
+- ``length_bias``: ``cai.stats.length_bias`` on all pairs and on the revision pairs
+  oriented so that A is the revision (so there ``lc_rate`` is the length-controlled
+  revision win rate).
+- ``lengths``: histograms of the chosen and rejected answers' lengths on shared bins.
+- ``markers``: marker rates of chosen and rejected answers (decided pairs).
+- ``gates``: counts of each gate flag (rows' optional ``gates`` list), per file.
+
+Definitions, all over the rows that have the figure's inputs:
+- revision win rate: pairs where the label is the revised answer / revision pairs (ties count
+  as not won; ``decided_win_rate`` leaves them out). ``mean_p``: mean soft label of the revision.
+- a tie: ``|p - 0.5| < tie_threshold`` (the run's judge setting), as ``cai.judge`` decides.
+- position consistency: share of pairs whose two orders (A/B and B/A) prefer the same answer
+  (``position_consistent`` of the label rows; per principle, from that principle's judgements).
+- abstention rate: abstained judgements / judgements; failures: rows in ``*.failures.jsonl``.
+- human agreement: as `cai eval-judge` (``cai.metrics``): pairs where the judge's label equals
+  the human's / human-labelled pairs the judge decided (``coverage``: decided / all;
+  ``agreement_all`` counts a tie as a disagreement). Brier and ECE are of ``p_a`` against "the
+  human preferred A" (see ``cai.stats``).
+- first-slot rate: share of judgements (not exactly 0.5) that prefer the answer shown first.
+- length growth: mean over rows of len(round k) / len(round k-1), characters.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .. import stats
+from .counts import describe, histograms, rounded
+from .read import MAX_CHARS, MAX_ROWS, RunData, as_dict, as_list, as_text, load_run
+
+REPORT_VERSION = 1
+__all__ = ["MAX_ROWS", "REPORT_VERSION", "RunData", "build_report", "figures", "load_run"]
+
+
+def figures(data: RunData) -> dict[str, Any]:
+    """The report's figures from a loaded run (what ``report.json`` holds)."""
+    assert data.overall is not None
+    m = data.manifest
+    label_cfg = as_dict(as_dict(m.get("config")).get("label"))
+    const = as_dict(m.get("constitution"))
+    principles = [p for p in as_list(const.get("principles")) if isinstance(p, dict)]
+    judge = as_dict(m.get("judge"))
+    by_round = []
+    for k, lengths in enumerate(data.round_lengths):
+        growth = data.round_growth[k]
+        by_round.append({"round": k, **describe(lengths), "growth": statistics.fmean(growth) if growth else None,
+                         "markers": data.round_markers[k].rates()})
+    first, last = (data.round_lengths[0] if data.round_lengths else []), data.final_lengths
+    whole = data.whole_growth
+    revise = {
+        "rows": data.revise_rows, "failures": data.revise_failures, "failure_reasons": dict(data.revise_reasons),
+        "rounds": max(len(data.round_lengths) - 1, 0),
+        "lengths": {"unit": "chars", "initial": describe(first), "revised": describe(last),
+                    "growth": statistics.fmean(whole) if whole else None},
+        "by_round": by_round,
+        "markers": {"initial": data.round_markers[0].rates() if data.round_markers else None,
+                    "revised": data.final_markers.rates() if data.final_markers.n else None},
+        "per_principle": {pid: {"rounds": v["rounds"],
+                                "growth": statistics.fmean(v["growth"]) if v["growth"] else None,
+                                "judged": v["side"].summary()}
+                          for pid, v in sorted(data.revise_principles.items())},
+        "gates": dict(data.revise_gates),
+    }
+    overall = data.overall.summary()
+    labels = {
+        "pairs": data.overall.pairs, "failures": data.label_failures,
+        "failure_reasons": dict(data.label_reasons), "by_origin": dict(data.origins),
+        "unmatched_revision_pairs": data.unmatched, "tie_threshold": data.tie_threshold,
+        "overall": overall,
+        "per_principle": {pid: g.summary(with_bins=False) for pid, g in sorted(data.per_principle.items())},
+        "gates": dict(data.label_gates),
+    }
+    bias = {"all": stats.length_bias(data.length_rows, unit=data.unit) if data.length_rows else None,
+            "revision": stats.length_bias(data.revision_length_rows, unit=data.unit)
+            if data.revision_length_rows else None}
+    rev = as_dict(overall["revision"])
+    human = as_dict(overall["human"])
+    lead = as_dict(bias["revision"] or bias["all"])
+    headline = {
+        "rows_revised": data.revise_rows, "pairs_labelled": data.overall.pairs,
+        "failures": data.revise_failures + data.label_failures,
+        "revision_win_rate": rev["win_rate"],
+        "revision_win_rate_length_controlled": as_dict(bias["revision"]).get("lc_rate"),
+        "mean_p_revision": rev["mean_p"],
+        "mean_p_a": overall["mean_p_a"],
+        "tie_rate": overall["tie_rate"], "abstention_rate": overall["abstention_rate"],
+        "position_consistency": overall["position_consistency"],
+        "first_slot_rate": overall["first_slot_rate"],
+        "longer_chosen": as_dict(bias["all"]).get("longer_chosen"),
+        "length_pearson": lead.get("pearson"),
+        "length_growth": statistics.fmean(whole) if whole else None,
+        "human_pairs": human.get("pairs", 0), "human_agreement": human.get("agreement"),
+        "human_coverage": human.get("coverage"),
+        "brier": human.get("brier"), "ece": human.get("ece"),
+    }
+    report = {
+        "report_version": REPORT_VERSION,
+        "run": {
+            "dir": str(data.run_dir), "cai_version": m.get("cai_version"), "status": m.get("status", "complete"),
+            "models": m.get("models"), "constitution": const.get("name"),
+            "principles": {str(p.get("id")): as_text(p.get("comparison") or p.get("critique")) for p in principles},
+            "label_mode": judge.get("mode") or label_cfg.get("mode"),
+            "sources": label_cfg.get("sources"),
+            "length_unit": data.unit, "table_rows": len(data.table), "table_total": data.table_total,
+            "text_chars": MAX_CHARS,
+        },
+        "headline": headline,
+        "revise": revise,
+        "labels": labels,
+        "length_bias": bias,
+        "lengths": {"unit": "chars", "chosen": describe(data.chosen_lengths),
+                    "rejected": describe(data.rejected_lengths),
+                    "histogram": histograms(data.chosen_lengths, data.rejected_lengths)},
+        "markers": {"pairs": data.chosen_markers.n, "chosen": data.chosen_markers.rates(),
+                    "rejected": data.rejected_markers.rates()},
+    }
+    out: dict[str, Any] = rounded(report)
+    return out
+
+
+def build_report(run_dir: Path, *, unit: str = "chars") -> dict[str, Any]:
+    """The figures of a finished run folder (``InputError`` when it is not one); see the module doc."""
+    return figures(load_run(Path(run_dir), unit=unit, max_rows=0))

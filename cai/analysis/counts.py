@@ -1,0 +1,201 @@
+"""Running counts of a run's figures, filled row by row as ``cai.analysis.read`` streams a run
+folder: marker rates, the judge's view of the revision, agreement with people, label figures per
+group of pairs; and the summaries (``describe``, ``histograms``) the figures are made of."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import stats
+from ..refusal import MARKER_NAMES
+
+HIST_BINS = 20
+
+
+class Markers:
+    """Marker rates over a stream of texts (as ``cai.refusal.marker_rates``, counted as we go
+    from each text's ``cai.refusal.markers``)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.counts: Counter[str] = Counter()
+
+    def record(self, found: dict[str, bool]) -> dict[str, bool]:
+        self.n += 1
+        self.counts.update(k for k, v in found.items() if v)
+        return found
+
+    def rates(self) -> dict[str, float]:
+        return {k: (self.counts[k] / self.n if self.n else 0.0) for k in MARKER_NAMES}
+
+
+@dataclass
+class Side:
+    """The judge's view of one side (the revision) over many pairs, with a tie threshold."""
+
+    n: int = 0
+    won: int = 0
+    tied: int = 0
+    p_sum: float = 0.0
+
+    def add(self, p: float, tie: bool) -> None:
+        self.n += 1
+        self.p_sum += p
+        self.tied += tie
+        self.won += (not tie) and p > 0.5
+
+    def summary(self) -> dict[str, Any]:
+        if not self.n:
+            return {"pairs": 0, "win_rate": None, "tie_rate": None, "loss_rate": None,
+                    "decided_win_rate": None, "mean_p": None}
+        lost = self.n - self.won - self.tied
+        decided = self.won + lost
+        return {"pairs": self.n, "win_rate": self.won / self.n, "tie_rate": self.tied / self.n,
+                "loss_rate": lost / self.n, "decided_win_rate": self.won / decided if decided else None,
+                "mean_p": self.p_sum / self.n}
+
+
+@dataclass
+class Human:
+    """Judge against human labels: probabilities of A, the human's A/B, the judge's label."""
+
+    p: list[float] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
+    agree: int = 0
+    decided: int = 0
+    decided_agree: int = 0
+
+    def add(self, p_a: float, human: str, label: str | None) -> None:
+        self.p.append(p_a)
+        self.y.append(1.0 if human == "a" else 0.0)
+        self.agree += label == human
+        if label in ("a", "b"):
+            self.decided += 1
+            self.decided_agree += label == human
+
+    def summary(self, bins: int = 10, with_bins: bool = True) -> dict[str, Any] | None:
+        """As `cai eval-judge` counts (``cai.metrics``): ``agreement`` over decided pairs, with
+        ``coverage`` the decided share; ``agreement_all`` counts a tie as a disagreement."""
+        if not self.p:
+            return None
+        n = len(self.p)
+        out: dict[str, Any] = {
+            "pairs": n, "decided": self.decided,
+            "agreement": self.decided_agree / self.decided if self.decided else None,
+            "coverage": self.decided / n, "agreement_all": self.agree / n,
+            "soft_agreement": sum(p if y else 1.0 - p for p, y in zip(self.p, self.y, strict=True)) / n,
+            "brier": stats.brier(self.p, self.y), "ece": stats.ece(self.p, self.y, bins),
+        }
+        if with_bins:
+            out["reliability"] = stats.reliability(self.p, self.y, bins)
+        return out
+
+
+@dataclass
+class Group:
+    """Label figures over a group of pairs (all pairs, or one judge principle's)."""
+
+    tie_threshold: float
+    pairs: int = 0
+    p_sum: float = 0.0
+    ties: int = 0
+    judgements: int = 0
+    abstained: int = 0
+    pairs_with_abstention: int = 0
+    consistent: int = 0
+    consistency_known: int = 0
+    first_slot: int = 0
+    voted: int = 0
+    labels: Counter[str] = field(default_factory=Counter)
+    revision: Side = field(default_factory=Side)
+    human: Human = field(default_factory=Human)
+
+    def vote(self, order: str, p_a: float) -> None:
+        """One judgement: did it prefer whichever answer was shown first? (0.5 is no vote.)"""
+        if p_a != 0.5:
+            self.voted += 1
+            self.first_slot += (p_a > 0.5) == (order == "ab")
+
+    def is_tie(self, p: float) -> bool:
+        return abs(p - 0.5) < self.tie_threshold or p == 0.5
+
+    def add(self, p_a: float, judgements: int, abstained: int, consistent: bool | None,
+            revised_side: str | None, human: str | None, label: str | None = None) -> None:
+        if label not in ("a", "b", "tie"):
+            label = "tie" if self.is_tie(p_a) else "a" if p_a > 0.5 else "b"
+        tie = label == "tie"
+        self.pairs += 1
+        self.p_sum += p_a
+        self.ties += tie
+        self.labels[label] += 1
+        self.judgements += judgements
+        self.abstained += abstained
+        self.pairs_with_abstention += abstained > 0
+        if consistent is not None:
+            self.consistency_known += 1
+            self.consistent += consistent
+        if revised_side is not None:
+            self.revision.add(p_a if revised_side == "a" else 1.0 - p_a, tie)
+        if human in ("a", "b"):
+            self.human.add(p_a, human, label)
+
+    def summary(self, with_bins: bool = True) -> dict[str, Any]:
+        n = self.pairs
+        return {
+            "pairs": n,
+            "mean_p_a": self.p_sum / n if n else None,
+            "labels": {k: self.labels.get(k, 0) for k in ("a", "b", "tie")},
+            "tie_rate": self.ties / n if n else None,
+            "judgements": self.judgements,
+            "abstentions": self.abstained,
+            "abstention_rate": self.abstained / self.judgements if self.judgements else None,
+            "pairs_with_abstention": self.pairs_with_abstention,
+            "position_consistency": self.consistent / self.consistency_known if self.consistency_known else None,
+            "first_slot_rate": self.first_slot / self.voted if self.voted else None,
+            "revision": self.revision.summary(),
+            "human": self.human.summary(with_bins=with_bins),
+        }
+
+
+def describe(xs: list[int] | list[float]) -> dict[str, Any]:
+    if not xs:
+        return {"n": 0, "mean": None, "median": None}
+    return {"n": len(xs), "mean": float(statistics.fmean(xs)), "median": float(statistics.median(xs))}
+
+
+def histograms(chosen: list[int], rejected: list[int], bins: int = HIST_BINS) -> dict[str, Any]:
+    """Counts of chosen and rejected lengths on at most ``bins`` shared equal-width bins of a
+    round width, up to the 99th percentile (longer answers go in the last bin, so one outlier
+    does not flatten the plot)."""
+    both = chosen + rejected
+    if not both:
+        return {"edges": [], "chosen": [], "rejected": []}
+    top = max(float(np.percentile(both, 99)) if len(both) >= 50 else float(max(both)), 1.0)
+    mag = 10 ** math.floor(math.log10(top / bins))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag * bins >= top)  # round bin edges
+    edges = np.arange(0, bins + 1) * step
+    bins = max(1, math.ceil(top / step - 1e-9))
+    edges = edges[:bins + 1]
+    top = float(edges[-1])
+
+    def count(xs: list[int]) -> list[int]:
+        clipped = np.minimum(np.asarray(xs, dtype=np.float64), top)
+        return [int(c) for c in np.histogram(clipped, bins=edges)[0]] if xs else [0] * (len(edges) - 1)
+
+    return {"edges": [float(e) for e in edges], "chosen": count(chosen), "rejected": count(rejected)}
+
+
+def rounded(obj: Any, digits: int = 6) -> Any:
+    if isinstance(obj, float):
+        return round(obj, digits) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [rounded(v, digits) for v in obj]
+    return obj

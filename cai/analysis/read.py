@@ -1,0 +1,427 @@
+"""One streaming pass over a finished run folder (``load_run``): the manifest and the rows, checked
+with one-line errors naming file and line, counted into ``RunData``, and the first rows kept
+whole (texts cut) for the page's table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import stats
+from ..errors import InputError
+from ..gates import clean_revision
+from ..refusal import MARKER_NAMES, markers
+from .counts import Group, Markers, Side
+
+MAX_ROWS = 2000  # rows embedded in the page's table
+MAX_CHARS = 2000  # characters kept of each text in the table
+MAX_TABLE_CHARS = 6_000_000  # and no more rows once the table's texts reach this many characters
+RUN_FILES = ("run.json", "revisions.jsonl", "labels.jsonl")
+REVISION_KEYS = ("id", "prompt", "initial_response", "revised_response", "rounds")
+LABEL_KEYS = ("id", "response_a", "response_b", "p_a")
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: not a folder; pass the output folder of `cai run`")
+    present = [name for name in RUN_FILES if (run_dir / name).is_file()]
+    if not present:
+        raise InputError(f"{run_dir}: not a cai run folder (no run.json, revisions.jsonl or labels.jsonl); "
+                         "pass the folder `cai run` wrote")
+    parts = sorted(p.name for p in run_dir.glob("*.jsonl.part"))
+    if parts:
+        raise InputError(f"{run_dir / parts[0]}: a stage is still running or crashed; wait for it, or rerun it "
+                         "with the same settings to finish it (it resumes)")
+    path = run_dir / "run.json"
+    if not path.is_file():  # `cai revise -o DIR/...` or `cai label -o DIR/...` write no run.json
+        return {}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path}: not readable JSON ({one_line(e)}); rerun `cai run` to rewrite it") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}: not a JSON object; rerun `cai run` to rewrite it")
+    status = manifest.get("status", "complete")
+    if status != "complete":
+        raise InputError(f"{path}: the run is not finished (status {status!r}); wait for `cai run` to end, "
+                         "or rerun it with the same config to resume it")
+    if not any((run_dir / name).is_file() for name in RUN_FILES[1:]):
+        raise InputError(f"{run_dir}: no revisions.jsonl or labels.jsonl; this run wrote no rows "
+                         "(enable the revise or label stage and rerun `cai run`)")
+    return manifest
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def iter_rows(path: Path, kind: str, required: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSONL file, with one-line errors naming file and line."""
+    if not path.is_file():
+        return
+    try:
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise InputError(f"{path}:{n}: not valid JSON ({one_line(e)}); the file is damaged: "
+                                     "rerun `cai run` to rewrite it") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{path}:{n}: not a JSON object; is this a cai {kind} file?")
+                missing = [k for k in required if k not in row]
+                if missing:
+                    raise InputError(f"{path}:{n}: a {kind} row needs {', '.join(map(repr, missing))}; "
+                                     f"is this a cai {kind} file?")
+                yield row
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({one_line(e)}); rerun `cai run` to rewrite it") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({one_line(e)})") from None
+
+
+def digest(text: str) -> bytes:
+    return hashlib.blake2b(text.strip().encode("utf-8", "surrogatepass"), digest_size=12).digest()
+
+
+def as_text(value: Any) -> str:
+    return value if isinstance(value, str) else "" if value is None else str(value)
+
+
+def conversation(prompt: Any) -> str:
+    """Chat messages (or a plain string) as a transcript, tolerant of odd roles."""
+    if isinstance(prompt, str):
+        return prompt
+    if not isinstance(prompt, list):
+        return as_text(prompt)
+    parts = []
+    for m in prompt:
+        if isinstance(m, dict):
+            parts.append(f"{str(m.get('role', '?')).capitalize()}: {as_text(m.get('content'))}")
+        else:
+            parts.append(as_text(m))
+    return "\n\n".join(parts)
+
+
+def cut(text: str, limit: int = MAX_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f" [... {len(text) - limit:,} more characters]"
+
+
+def gates_of(row: dict[str, Any]) -> list[str]:
+    g = row.get("gates")
+    if isinstance(g, list):
+        return [str(x) for x in g]
+    if isinstance(g, str) and g:
+        return [g]
+    return []
+
+
+def as_dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def as_list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
+def number(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+@dataclass
+class _Revised:
+    """What the label stage needs to know of a revision row."""
+
+    initial: bytes
+    revised: bytes
+    principles: list[str]
+
+
+@dataclass
+class RunData:
+    """One pass over a run folder: the figures' inputs and the first rows for the table."""
+
+    run_dir: Path
+    manifest: dict[str, Any]
+    tie_threshold: float
+    unit: str
+    revised: dict[str, _Revised] = field(default_factory=dict)
+    revise_rows: int = 0
+    revise_failures: int = 0
+    revise_reasons: Counter[str] = field(default_factory=Counter)
+    label_failures: int = 0
+    label_reasons: Counter[str] = field(default_factory=Counter)
+    round_lengths: list[list[int]] = field(default_factory=list)
+    round_growth: list[list[float]] = field(default_factory=list)
+    whole_growth: list[float] = field(default_factory=list)
+    final_lengths: list[int] = field(default_factory=list)
+    final_markers: Markers = field(default_factory=Markers)
+    round_markers: list[Markers] = field(default_factory=list)
+    revise_principles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    revise_gates: Counter[str] = field(default_factory=Counter)
+    label_gates: Counter[str] = field(default_factory=Counter)
+    overall: Group | None = None
+    per_principle: dict[str, Group] = field(default_factory=dict)
+    origins: Counter[str] = field(default_factory=Counter)
+    unmatched: int = 0
+    length_rows: list[dict[str, Any]] = field(default_factory=list)
+    revision_length_rows: list[dict[str, Any]] = field(default_factory=list)
+    chosen_lengths: list[int] = field(default_factory=list)
+    rejected_lengths: list[int] = field(default_factory=list)
+    chosen_markers: Markers = field(default_factory=Markers)
+    rejected_markers: Markers = field(default_factory=Markers)
+    table: list[dict[str, Any]] = field(default_factory=list)
+    table_index: dict[str, int] = field(default_factory=dict)
+    table_total: int = 0
+    table_chars: int = 0
+    marker_cache: dict[bytes, int] = field(default_factory=dict)
+
+    def markers_of(self, text: str, keep: bool = True) -> dict[str, bool]:
+        """``cai.refusal.markers`` of a text, remembered (as a bit mask, by digest) for the
+        initial and final answers, which come back as the two sides of revision pairs."""
+        key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).digest()
+        mask = self.marker_cache.get(key)
+        if mask is not None:
+            return {name: bool(mask >> i & 1) for i, name in enumerate(MARKER_NAMES)}
+        found = markers(text)
+        if keep:
+            self.marker_cache[key] = sum(1 << i for i, name in enumerate(MARKER_NAMES) if found.get(name))
+        return found
+
+
+def _tie_threshold(manifest: dict[str, Any]) -> float:
+    for where in (manifest.get("judge"), (manifest.get("config") or {}).get("label")):
+        if isinstance(where, dict) and number(where.get("tie_threshold")) is not None:
+            return float(where["tie_threshold"])
+    return 0.05
+
+
+def load_run(run_dir: Path, *, unit: str = "chars", max_rows: int = MAX_ROWS) -> RunData:
+    """Read a finished run folder once (``InputError`` for anything that is not one)."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    stats.length_of(unit)  # a bad unit fails before any reading
+    data = RunData(run_dir=run_dir, manifest=manifest, tie_threshold=_tie_threshold(manifest), unit=unit)
+    data.overall = Group(data.tie_threshold)
+    _read_revisions(data, max_rows)
+    _read_labels(data, max_rows)
+    for stage in ("revisions", "labels"):
+        path = run_dir / f"{stage}.failures.jsonl"
+        for row in iter_rows(path, "failures"):
+            full = str(row.get("reason", "unknown"))
+            reason = full.split(":")[0]
+            at = data.table_index.get(str(row.get("id")))
+            if at is not None and data.table[at].get("label") is None:
+                data.table[at]["failure"] = cut(f"{stage[:-1]}: {full}", 300)
+            if stage == "revisions":
+                data.revise_failures += 1
+                data.revise_reasons[reason] += 1
+            else:
+                data.label_failures += 1
+                data.label_reasons[reason] += 1
+    return data
+
+
+def _round_texts(row: dict[str, Any], clean: Callable[[str], str]) -> list[str]:
+    """The answer after each round (index 0: the initial answer), as the revise stage kept it."""
+    current = as_text(row["initial_response"]).strip()
+    texts = [current]
+    for r in row["rounds"] if isinstance(row["rounds"], list) else []:
+        if isinstance(r, dict):
+            current = clean(as_text(r.get("revision"))) or current
+            texts.append(current)
+    return texts
+
+
+def _read_revisions(data: RunData, max_rows: int) -> None:
+    clean = clean_revision
+    path = data.run_dir / "revisions.jsonl"
+    for row in iter_rows(path, "revisions", REVISION_KEYS):
+        rid = str(row["id"])
+        data.revise_rows += 1
+        rounds = [r for r in row["rounds"] if isinstance(r, dict)] if isinstance(row["rounds"], list) else []
+        principles = [str(r.get("principle_id", "?")) for r in rounds]
+        data.revised[rid] = _Revised(digest(as_text(row["initial_response"])),
+                                     digest(as_text(row["revised_response"])), list(dict.fromkeys(principles)))
+        texts = _round_texts(row, clean)
+        if len(texts) > 1 and texts[0]:
+            data.whole_growth.append(len(texts[-1]) / len(texts[0]))
+        found: list[dict[str, bool]] = []
+        for k, text in enumerate(texts):
+            while len(data.round_lengths) <= k:
+                data.round_lengths.append([])
+                data.round_growth.append([])
+                data.round_markers.append(Markers())
+            data.round_lengths[k].append(len(text))
+            if k and len(texts[k - 1]):
+                data.round_growth[k].append(len(text) / len(texts[k - 1]))
+            found.append(data.round_markers[k].record(
+                data.markers_of(text, keep=k == 0 or k == len(texts) - 1)))
+            if k:
+                pid = principles[k - 1]
+                per = data.revise_principles.setdefault(pid, {"rounds": 0, "growth": [], "side": Side()})
+                per["rounds"] += 1
+                if len(texts[k - 1]):
+                    per["growth"].append(len(text) / len(texts[k - 1]))
+        data.final_lengths.append(len(texts[-1]))
+        data.final_markers.record(found[-1])
+        gates = gates_of(row)
+        data.revise_gates.update(gates)
+        data.table_total += 1
+        if _room(data, max_rows):
+            _add_row(data, {
+                "id": rid, "kind": "revision", "prompt": cut(conversation(row["prompt"])),
+                "initial": cut(texts[0]), "final": cut(as_text(row["revised_response"])),
+                "rounds": [{"round": r.get("round", i + 1), "principle": str(r.get("principle_id", "?")),
+                            "critique": cut(as_text(r.get("critique")).strip()),
+                            "revision": cut(as_text(r.get("revision")).strip())} for i, r in enumerate(rounds)],
+                "revise_principles": principles, "judge_principles": [], "gates": gates,
+                "markers_initial": [k for k, v in found[0].items() if v],
+                "markers_final": [k for k, v in found[-1].items() if v],
+                "label": None, "p": None, "human": None,
+            })
+
+
+def _room(data: RunData, max_rows: int) -> bool:
+    return len(data.table) < max_rows and data.table_chars < MAX_TABLE_CHARS
+
+
+def _chars(obj: Any) -> int:
+    if isinstance(obj, str):
+        return len(obj)
+    if isinstance(obj, dict):
+        return sum(_chars(v) for v in obj.values())
+    if isinstance(obj, list):
+        return sum(_chars(v) for v in obj)
+    return 0
+
+
+def _add_row(data: RunData, entry: dict[str, Any]) -> None:
+    data.table_index[entry["id"]] = len(data.table)
+    data.table.append(entry)
+    data.table_chars += _chars(entry)
+
+
+def _revised_side(row: dict[str, Any], rev: _Revised | None) -> str | None:
+    """Which side of a label row is the revised answer: 'a', 'b', or None when not a revision
+    pair (or its revision row is not in this run's revisions.jsonl)."""
+    for key in ("revised_side", "revision_side"):
+        if row.get(key) in ("a", "b"):
+            return str(row[key])
+    if rev is None:
+        return None
+    a, b = digest(as_text(row["response_a"])), digest(as_text(row["response_b"]))
+    if a == rev.revised and b == rev.initial:
+        return "a"
+    if b == rev.revised and a == rev.initial:
+        return "b"
+    return None
+
+
+def _principle_views(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per judge principle of a label row: p_a per order (non-abstained) and counts."""
+    views: dict[str, dict[str, Any]] = {}
+    judgements = row.get("judgements")
+    for j in judgements if isinstance(judgements, list) else []:
+        if not isinstance(j, dict):
+            continue
+        v = views.setdefault(str(j.get("principle_id", "?")), {"orders": {}, "n": 0, "abstained": 0})
+        v["n"] += 1
+        p = number(j.get("p_a"))
+        if j.get("abstain") or p is None:
+            v["abstained"] += 1
+        else:
+            v["orders"][str(j.get("order", "ab"))] = p
+    return views
+
+
+def _read_labels(data: RunData, max_rows: int) -> None:
+    assert data.overall is not None
+    path = data.run_dir / "labels.jsonl"
+    size = stats.length_of(data.unit)
+    for row in iter_rows(path, "labels", LABEL_KEYS):
+        p_a = number(row["p_a"])
+        if p_a is None:
+            continue  # the judge stage writes such pairs to the failures file; nothing to count
+        rid = str(row["id"])
+        origin = str(row.get("origin") or "unknown")
+        data.origins[origin] += 1
+        rev = data.revised.get(rid)
+        side = _revised_side(row, rev)
+        if origin.startswith("revision") and side is None:
+            data.unmatched += 1
+        human = row.get("human") if row.get("human") in ("a", "b") else None
+        views = _principle_views(row)
+        judgements = as_list(row.get("judgements"))
+        abstained = sum(1 for j in judgements if isinstance(j, dict) and j.get("abstain"))
+        consistent = row.get("position_consistent")
+        label = row.get("label") if row.get("label") in ("a", "b", "tie") else None
+        data.overall.add(p_a, len(judgements), abstained, consistent if isinstance(consistent, bool) else None,
+                         side, human, label)
+        label = label or ("tie" if data.overall.is_tie(p_a) else "a" if p_a > 0.5 else "b")
+        for pid, v in views.items():
+            g = data.per_principle.setdefault(pid, Group(data.tie_threshold))
+            orders = v["orders"]
+            for order, p in orders.items():
+                g.vote(order, p)
+                data.overall.vote(order, p)
+            if not orders:
+                g.judgements += v["n"]
+                g.abstained += v["abstained"]
+                g.pairs_with_abstention += 1
+                continue
+            both = ("ab" in orders and "ba" in orders)
+            g.add(sum(orders.values()) / len(orders), v["n"], v["abstained"],
+                  (orders["ab"] - 0.5) * (orders["ba"] - 0.5) > 0 if both else None, side, human)
+        a, b = as_text(row["response_a"]), as_text(row["response_b"])
+        len_a, len_b = size(a), size(b)
+        lrow = {"id": rid, "p_a": p_a, "label": label, "len_a": len_a, "len_b": len_b}
+        data.length_rows.append(lrow)
+        if side is not None:
+            flip = side == "b"
+            data.revision_length_rows.append({
+                "id": rid, "p_a": 1.0 - p_a if flip else p_a,
+                "label": {"a": "b", "b": "a"}.get(label, label) if flip else label,
+                "len_a": len_b if flip else len_a, "len_b": len_a if flip else len_b})
+            if rev is not None:
+                for pid in rev.principles:
+                    per = data.revise_principles.setdefault(pid, {"rounds": 0, "growth": [], "side": Side()})
+                    per["side"].add(1.0 - p_a if flip else p_a, label == "tie")
+        if label in ("a", "b"):
+            chosen, rejected = (a, b) if label == "a" else (b, a)
+            data.chosen_lengths.append(len(chosen))
+            data.rejected_lengths.append(len(rejected))
+            data.chosen_markers.record(data.markers_of(chosen))
+            data.rejected_markers.record(data.markers_of(rejected))
+        gates = gates_of(row)
+        data.label_gates.update(gates)
+        oriented_p = None if side is None else (p_a if side == "a" else 1.0 - p_a)
+        verdict = label if side is None else (
+            "tie" if label == "tie" else "revision" if label == side else "initial")
+        entry = {"label": verdict, "p": oriented_p if side is not None else p_a, "human": human,
+                 "judge_principles": list(views), "position_consistent": consistent}
+        if rid in data.table_index:
+            t = data.table[data.table_index[rid]]
+            t.update(entry)
+            t["gates"] = list(dict.fromkeys([*t["gates"], *gates]))
+            continue
+        if side is not None:
+            continue  # a revision pair whose revision row was past the table's cap
+        data.table_total += 1
+        if _room(data, max_rows):
+            _add_row(data, {
+                "id": rid, "kind": "pair", "origin": origin, "prompt": cut(conversation(row.get("prompt"))),
+                "response_a": cut(a), "response_b": cut(b), "rounds": [], "revise_principles": [],
+                "gates": gates, "markers_a": [k for k, v in data.markers_of(a).items() if v],
+                "markers_b": [k for k, v in data.markers_of(b).items() if v], **entry})
