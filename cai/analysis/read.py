@@ -26,7 +26,9 @@ RUN_FILES = ("run.json", "revisions.jsonl", "labels.jsonl")
 REVISION_KEYS = ("id", "prompt", "initial_response", "revised_response", "rounds")
 LABEL_KEYS = ("id", "response_a", "response_b", "p_a")
 
+
 def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """``run.json`` of a finished run folder (``{}`` when it has none), or an ``InputError``."""
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: not a folder; pass the output folder of `cai run`")
     present = [name for name in RUN_FILES if (run_dir / name).is_file()]
