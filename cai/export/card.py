@@ -3,18 +3,21 @@ the data: the constitution in full, the models, the judge settings, counts and d
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Sequence
+from importlib.resources import files
 from typing import Any
 
+import jinja2
 import yaml
 
 from .. import __version__
+from ..analysis import build_report
 from ..constitution import Constitution
 from ..errors import CaiError
 from ..hashing import sha256_json
-from ..analysis import build_report
 from .build import CARD_MARK, LABELS_FILE, TRACE, Export, RunInfo, scrub
 
 JUDGE_LABELS = {
@@ -140,60 +143,11 @@ def _judge_summary(j: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _report_section(info: RunInfo) -> list[str]:
-    """The headline figures of `cai report` (what the labels reward), and where the page is."""
-    try:
-        headline = build_report(info.folder)["headline"]
-    except CaiError as e:
-        return ["## What the labels reward", "", f"Not computed: {e}", ""]
-    lines = ["## What the labels reward (`cai report`)", "",
-             "Length bias, refusal and other marker rates, per-principle win rates and calibration; "
-             "`cai report RUN_DIR` writes them all, with plots, to report.json and report.html.", ""]
-    if (info.folder / "report.html").exists():
-        lines += ["The run folder has the full report: `report.html`.", ""]
-    return lines + _table({k: v for k, v in headline.items() if v is not None}, ("figure", "value"))
-
-
 def _digest(dump: dict[str, Any]) -> str:
     try:
         return Constitution.model_validate(dump).digest()
     except Exception:
         return sha256_json(dump)
-
-
-def _constitution_section(info: RunInfo) -> list[str]:
-    used = {h: sorted(k for k, hs in info.hashes.items() if h in hs)
-            for hs in info.hashes.values() for h in hs}
-    dumps = {_digest(d): d for d in info.constitutions}
-    lines = ["## Constitution", ""]
-    if not used and not dumps:
-        return lines + ["Not recorded in the run folder.", ""]
-    for h in sorted(set(used) | set(dumps)):
-        d = dumps.get(h)
-        stages = ", ".join(used.get(h, [])) or "no row records this hash"
-        name = f"**{d.get('name')}** v{d.get('version')}" if d else "a constitution"
-        lines += [f"{name} (sha256 `{h[:16]}`, used by: {stages}).", ""]
-        if d is None:
-            lines += ["Its full text is not in the run folder (no run.json); export again with "
-                      "`--constitution FILE` to include it.", ""]
-            continue
-        if d.get("description"):
-            lines += [str(d["description"]).strip(), ""]
-        lines += [f"{len(d.get('principles', []))} principles, in full (a valid constitution file "
-                  "for `cai`):", "", "```yaml",
-                  yaml.safe_dump(scrub(d), sort_keys=False, allow_unicode=True, width=100).rstrip(),
-                  "```", ""]
-    return lines
-
-
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(rows: dict[str, Any], head: tuple[str, str] = ("", "")) -> list[str]:
-    out = [f"| {head[0]} | {head[1]} |", "|---|---|"]
-    out += [f"| {_cell(k)} | {_cell(_fmt(v))} |" for k, v in rows.items()]
-    return out + [""]
 
 
 def _size(n: int) -> str:
@@ -202,6 +156,24 @@ def _size(n: int) -> str:
         if n < cap:
             return label
     return "1M<n<10M"
+
+
+@functools.cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined)
+    env.filters.update(fmt=_fmt, cell=lambda t: str(t).replace("|", "\\|").replace("\n", " "),
+                       yaml=lambda d: yaml.safe_dump(scrub(d), sort_keys=False, allow_unicode=True, width=100).rstrip(),
+                       tojson_indent=lambda v: json.dumps(v, indent=2, ensure_ascii=False, default=str))
+    return env.from_string(files(__package__).joinpath("card.md.j2").read_text(encoding="utf-8"))
+
+
+def _constitutions(info: RunInfo) -> list[tuple[str, dict[str, Any] | None, str]]:
+    """(hash, full dump or None, the stages that used it) per constitution the run knows."""
+    used = {h: sorted(k for k, hs in info.hashes.items() if h in hs) for hs in info.hashes.values() for h in hs}
+    dumps = {_digest(d): d for d in info.constitutions}
+    return [(h, dumps.get(h), ", ".join(used.get(h, [])) or "no row records this hash")
+            for h in sorted(set(used) | set(dumps))]
 
 
 def render_card(export: Export, configs: list[dict[str, Any]], *, license: str = "unknown",
@@ -218,72 +190,23 @@ def render_card(export: Export, configs: list[dict[str, Any]], *, license: str =
         "size_categories": [_size(sum(ds.num_rows for ds in dd.values()))],
         "configs": configs,
     }
-    repo = repo_id or "<repo_id>"
-    L = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---",
-         CARD_MARK,
-         f"# {meta['pretty_name']}", "",
-         f"Alignment training data written by `cai export` (cai {__version__}) from a `cai` run: "
-         "Constitutional AI critique-and-revision answers for supervised fine-tuning (`sft`) and "
-         "AI-judge preference pairs for DPO or reward models (`prefs`), guided by the "
-         f"constitution below. Generated by small or large models: check the diagnostics.", "",
-         "## Load and train", "", "```python", "from datasets import load_dataset", ""]
-    for c in configs:
-        L.append(f'{c["config_name"]} = load_dataset("{repo}", "{c["config_name"]}")  # '
-                 + ", ".join(f["split"] for f in c["data_files"]))
-    L += ["```", "",
-          "The splits go to TRL as they are: `SFTTrainer(train_dataset=sft[\"train_sft\"])` "
-          "(conversational `messages`), `DPOTrainer` or `RewardTrainer(train_dataset="
-          "prefs[\"train_prefs\"])` (conversational `prompt`/`chosen`/`rejected`, explicit "
-          "prompt). "
-          "TRL drops the other columns (`remove_unused_columns`).", "",
-          "## Splits", "", "| config | split | rows | prompts |", "|---|---|---|---|"]
-    for c in configs:
-        for f in c["data_files"]:
-            ds = dd[f["split"]]
-            L.append(f"| {c['config_name']} | {f['split']} | {ds.num_rows} | "
-                     f"{len(set(ds['prompt_id']))} |")
-    L += ["", f"Split by prompt: a prompt goes to test when a hash of its messages (seed "
-          f"{info.seed}) falls below {info.test_fraction}, so SFT rows and pairs with the same "
-          "prompt are on the same side and no prompt is in both train and test (`prompt_id` "
-          "shows it). With very few prompts one is moved so that each config has both splits; a "
-          "split with no rows is left out.", "",
-          "## Columns", "",
-          "- `sft`: `messages` (prompt, then the final revision), `id`, `prompt_id`, "
-          "`initial_response` (the answer before critique and revision), `principle_ids` (one per "
-          "round), `source` (input file:line). No `prompt` column: SFTTrainer would read it as "
-          "prompt-completion data.",
-          "- `prefs`: `prompt`, `chosen`, `rejected`, `score_chosen`/`score_rejected` (judge "
-          "probability), `id`, `prompt_id`, `p_chosen`, `chosen_side`, `tie`, `principle_ids`, "
-          "`position_consistent`, `label_mode`, `source`."]
-    if info.full:
-        cols = "; ".join(f"{k}: " + ", ".join(f"`{c}`" for c in v) for k, v in TRACE.items())
-        L.append(f"- Trace (exported with `--full`), as JSON text (`json.loads`): {cols}.")
-    else:
-        L.append("- The critique/revision trace (`rounds`, `calls`), per-principle judgements, "
-                 "source-row extras and provenance are not exported (their nested shapes vary "
-                 "row to row); `cai export --full` adds them as JSON text columns.")
-    L += ["", "## Models", ""]
-    models = m.get("models") or {k: p.get("model") for k, p in prov.items()}
-    L += _table(models if isinstance(models, dict) else {"models": models}, ("role", "model"))
     judge = m.get("judge") or prov.get("prefs", {}).get("judge")
-    if "prefs" in info.rows:
-        L += ["## Judge settings", ""]
-        if isinstance(judge, dict):
-            L += [f"- {k}: {_fmt(v)}" for k, v in _judge_summary(judge).items()] + [""]
-        L += (_table({f"`{k}`" + (f": {JUDGE_LABELS[k]}" if k in JUDGE_LABELS else ""): v
-                      for k, v in judge.items()}, ("setting", "value"))
-              if isinstance(judge, dict) else ["Not recorded.", ""])
-    rev = m.get("revise") or prov.get("sft", {}).get("config")
-    if isinstance(rev, dict):
-        L += ["## Critique and revision settings", ""] + _table(rev, ("setting", "value"))
-    L += ["## Diagnostics", ""]
-    for group, vals in diagnostics(export_rows(dd), info).items():
-        L += [f"**{group}**", ""] + _table(vals if isinstance(vals, dict) else {group: vals})
-    L += _report_section(info)
-    L += _constitution_section(info)
-    rest = {k: v for k, v in m.items()
-            if k not in ("constitution", "judge", "models", "counts", "revise")}
-    if rest:
-        L += ["## Run manifest", "", "```json", json.dumps(rest, indent=2, ensure_ascii=False,
-                                                           default=str), "```", ""]
-    return "\n".join(L).rstrip() + "\n"
+    try:
+        headline, error = build_report(info.folder)["headline"], None
+    except CaiError as e:
+        headline, error = {}, e
+    page = _template().render(
+        meta=meta, meta_yaml=yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), mark=CARD_MARK,
+        version=__version__, repo=repo_id or "<repo_id>", info=info, trace=TRACE,
+        splits=[(c["config_name"], f["split"], dd[f["split"]].num_rows, len(set(dd[f["split"]]["prompt_id"])))
+                for c in configs for f in c["data_files"]],
+        models=m.get("models") or {k: p.get("model") for k, p in prov.items()},
+        judge=judge, judge_summary=_judge_summary(judge) if isinstance(judge, dict) else {},
+        judge_rows={f"`{k}`" + (f": {JUDGE_LABELS[k]}" if k in JUDGE_LABELS else ""): v
+                    for k, v in judge.items()} if isinstance(judge, dict) else {},
+        revise=m.get("revise") or prov.get("sft", {}).get("config"),
+        diagnostics=diagnostics(export_rows(dd), info),
+        report_error=error, report_html=(info.folder / "report.html").exists(),
+        headline={k: v for k, v in headline.items() if v is not None}, constitutions=_constitutions(info),
+        rest={k: v for k, v in m.items() if k not in ("constitution", "judge", "models", "counts", "revise")})
+    return page.rstrip() + "\n"
