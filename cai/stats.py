@@ -1,4 +1,5 @@
-"""Statistics for the diagnostics report: calibration against human labels, and length bias.
+"""Statistics the report, `cai eval-judge` and the preference writer share: calibration against
+human labels, and length bias.
 
 Pure functions of plain numbers and label rows (dicts as in ``labels.jsonl``); numpy only.
 Degenerate input (too few values, no variance, or labels of one class only where a fit needs
