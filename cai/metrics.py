@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .files import iter_jsonl
 from . import stats
+from .files import iter_jsonl
 
 
 def summarize(

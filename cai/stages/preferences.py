@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import dumps, iter_jsonl
 from .. import stats
+from ..files import dumps, iter_jsonl
 
 
 def to_preference(row: dict[str, Any], keep_ties: bool = False) -> dict[str, Any] | None:
