@@ -109,17 +109,9 @@ def pearson(x: Iterable[float], y: Iterable[float]) -> float | None:
 
 def _ranks(a: FloatArray) -> FloatArray:
     """Ranks from 1, ties sharing their mean rank (as Spearman's rho needs)."""
-    order = np.argsort(a, kind="mergesort")
-    sorted_a = a[order]
-    ranks = np.empty(a.size, dtype=np.float64)
-    i = 0
-    while i < a.size:
-        j = i
-        while j + 1 < a.size and sorted_a[j + 1] == sorted_a[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    _, where, counts = np.unique(a, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)  # the last rank of each group of equal values
+    return np.asarray((ends - (counts - 1) / 2)[where], dtype=np.float64)
 
 
 def spearman(x: Iterable[float], y: Iterable[float]) -> float | None:
