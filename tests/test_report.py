@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cai.errors import InputError
-from cai.refusal import marker_rates
+from cai.eval.refusal import marker_rates
 from cai.report import figures, stats
 from cai.report.figures import build_report, write_report
 

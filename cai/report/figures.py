@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..refusal import MARKER_NAMES, markers
+from ..eval.refusal import MARKER_NAMES, markers
 from ..stages.revise import clean_revision
 from . import stats
 

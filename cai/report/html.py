@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any
 
-from ..refusal import MARKER_NAMES
+from ..eval.refusal import MARKER_NAMES
 
 WIN, TIE, LOSS = "#2a9d8f", "#b8b8b8", "#e76f51"
 SERIES = ("#3a6ea5", "#e9a03b", "#8e5ea2", "#d1495b", "#2a9d8f", "#6c757d")

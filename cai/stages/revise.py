@@ -14,9 +14,9 @@ from typing import Any
 from .. import __version__
 from ..backends.base import Backend, Completion, Message, Request, Sampling
 from ..constitution import Constitution, Principle
-from ..gates import FLAGS, check_text, clean_revision
 from ..hashing import call_seed
 from ..inputs import PromptRow
+from ..quality.flags import FLAGS, check_text, clean_revision
 from ..templates import Templates
 from .runner import Call, Outcome, run_rows, stage_fingerprint
 

@@ -1,7 +1,7 @@
 """The quality gates: what keeps a row out of the training data, and the file that says why.
 
 Rows record facts, not verdicts: every revision row carries its flags (``gates``: truncated,
-empty, loop, meta, restates_critique; see ``cai.gates``) and every label row the flags of its
+empty, loop, meta, restates_critique; see ``cai.quality.flags``) and every label row the flags of its
 responses. The gate settings (``GateSettings``) turn facts into verdicts at the end of a run:
 
 - a revision row with a dropping flag, or (``keep: improved``) one whose revision the judge
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import GateSettings
+from ..config import GateSettings
+from ..files import dumps, iter_jsonl, write_text_atomic
+from ..inputs import PromptRow
 from .dedup import Decontaminator, _Index
-from .files import dumps, iter_jsonl, write_text_atomic
-from .inputs import PromptRow
 
 REJECTS_FILE = "rejects.jsonl"
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .errors import InputError
-from .inputs import iter_records
+from ..errors import InputError
+from ..inputs import iter_records
 
 if TYPE_CHECKING:
     from datasketch import MinHash

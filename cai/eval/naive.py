@@ -14,10 +14,10 @@ from typing import Any
 
 from ..backends.base import Backend, Request, Sampling
 from ..constitution import Constitution
+from ..stages.judge import JudgeConfig, aggregate, principles_for, provenance
+from ..stages.pairs import Pair
+from ..stages.runner import Call, Outcome, run_rows, stage_fingerprint
 from ..templates import Templates
-from .judge import JudgeConfig, aggregate, principles_for, provenance
-from .pairs import Pair
-from .runner import Call, Outcome, run_rows, stage_fingerprint
 
 _LETTER = [
     re.compile(r"\(([AB])\)"),
