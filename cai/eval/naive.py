@@ -1,4 +1,4 @@
-"""Measure a judge against human labels, beside a naive judge that parses the answer text.
+"""The naive judge that `cai eval-judge` measures beside the real one against human labels.
 
 The naive judge is what one writes first: show the pair once (A/B as given), let the model
 write a few tokens, find the letter in the text. It uses the same principles as the real judge,
@@ -43,21 +43,12 @@ class NaiveConfig:
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=12))
 
     def judge_cfg(self) -> JudgeConfig:
-        return JudgeConfig(
-            principles=self.principles,
-            seed=self.seed,
-            both_orders=False,
-            tie_threshold=self.tie_threshold,
-        )
+        return JudgeConfig(principles=self.principles, seed=self.seed, both_orders=False,
+                           tie_threshold=self.tie_threshold)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "naive": True,
-            "principles": self.principles,
-            "seed": self.seed,
-            "tie_threshold": self.tie_threshold,
-            "sampling": self.sampling.to_dict(),
-        }
+        return {"naive": True, "principles": self.principles, "seed": self.seed,
+                "tie_threshold": self.tie_threshold, "sampling": self.sampling.to_dict()}
 
 
 def naive_fingerprint(

@@ -114,6 +114,7 @@ each category; ``markers`` gives one bool per category in ``MARKER_NAMES`` order
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 
 # --- is_refusal: phrase groups ----------------------------------------------------------------
@@ -316,10 +317,9 @@ def markers(text: str) -> dict[str, bool]:
 
 def marker_rates(texts: Iterable[str]) -> dict[str, float]:
     """The share of ``texts`` with each marker (``MARKER_NAMES`` order; all 0.0 when there are none)."""
-    counts = dict.fromkeys(MARKER_NAMES, 0)
+    counts: Counter[str] = Counter()
     n = 0
     for text in texts:
         n += 1
-        for name, hit in markers(text).items():
-            counts[name] += hit
-    return {name: (c / n if n else 0.0) for name, c in counts.items()}
+        counts.update(name for name, hit in markers(text).items() if hit)
+    return {name: counts[name] / n if n else 0.0 for name in MARKER_NAMES}

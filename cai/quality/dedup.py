@@ -100,16 +100,14 @@ class _Index:
     def __len__(self) -> int:
         return len(self._order)
 
-    def _minhash(self, shingle_set: set[str]) -> MinHash:
-        m = self._mh
-        m.clear()
-        m.update_batch([s.encode("utf-8") for s in sorted(shingle_set)])
-        return m
-
     def _sketch(self, text: str) -> tuple[str, MinHash | None]:
+        """The normalized text and its MinHash (None for a text without words)."""
         norm = normalize(text)
-        sh = shingles(norm)
-        return norm, (self._minhash(sh) if sh else None)
+        if not (sh := shingles(norm)):
+            return norm, None
+        self._mh.clear()
+        self._mh.update_batch([s.encode("utf-8") for s in sorted(sh)])
+        return norm, self._mh
 
     def _match(self, norm: str, mh: MinHash | None) -> tuple[str, Kind] | None:
         first = self._exact.get(norm)
@@ -143,13 +141,8 @@ class _Index:
         checks both give the same)."""
         out: set[int] = set()
         for key, table in zip(self._band_keys(mh), self._buckets, strict=True):
-            hit = table.get(key)
-            if hit is None:
-                continue
-            if isinstance(hit, int):
-                out.add(hit)
-            else:
-                out.update(hit)
+            if (hit := table.get(key)) is not None:
+                out.update((hit,) if isinstance(hit, int) else hit)
         return out
 
     def _add(self, key: str, norm: str, mh: MinHash | None) -> None:
@@ -251,15 +244,14 @@ class Decontaminator:
         """The number of non-empty evaluation items read."""
         return len(self._texts)
 
-    def hit(self, text: str) -> str | None:
-        """The evaluation item ``text`` matches (exactly or nearly), or None."""
-        found = self._index.match(text)
-        return self._texts[int(found[0])] if found else None
-
     def check(self, text: str) -> tuple[str, Kind] | None:
-        """Like :meth:`hit`, with the kind of match."""
+        """The evaluation item ``text`` matches and the kind of match (exact or near), or None."""
         found = self._index.match(text)
         return (self._texts[int(found[0])], found[1]) if found else None
+
+    def hit(self, text: str) -> str | None:
+        """The evaluation item ``text`` matches (exactly or nearly), or None."""
+        return found[0] if (found := self.check(text)) else None
 
     @classmethod
     def from_file(cls, path: str | Path, column: str | None = None, *, threshold: float = 0.8,
