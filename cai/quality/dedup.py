@@ -43,18 +43,14 @@ _SPACE = re.compile(r"\s+")
 
 def normalize(text: str) -> str:
     """The form two texts must share to be exact duplicates: case, whitespace, punctuation ignored."""
-    t = unicodedata.normalize("NFKC", text).casefold()
-    t = _APOSTROPHES.sub("", t)
-    t = _NON_WORD.sub(" ", t)
-    return _SPACE.sub(" ", t).strip()
+    t = _APOSTROPHES.sub("", unicodedata.normalize("NFKC", text).casefold())
+    return _SPACE.sub(" ", _NON_WORD.sub(" ", t)).strip()
 
 
 def shingles(normalized: str, n: int = SHINGLE_WORDS) -> set[str]:
     """Word n-grams of a normalized text (the whole text when it has fewer than ``n`` words)."""
     words = normalized.split()
-    if len(words) <= n:
-        return {" ".join(words)} if words else set()
-    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+    return {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))} if words else set()
 
 
 class _Index:
@@ -151,8 +147,9 @@ class _Index:
         row = self._order[key] = len(self._order)
         self._keys.append(key)
         self._exact.setdefault(norm, key)
-        if row >= len(self._sig_rows):  # grow by doubling: appends stay amortised O(1)
-            self._sig_rows, self._fp_rows = (_grown(a) for a in (self._sig_rows, self._fp_rows))
+        if row >= len(self._sig_rows):  # grow by doubling (at least 64 rows, new ones zero): appends stay O(1)
+            more = ((0, max(64, 2 * row) - row), (0, 0))
+            self._sig_rows, self._fp_rows = np.pad(self._sig_rows, more), np.pad(self._fp_rows, more)
         if mh is not None:
             self._sig_rows[row] = mh.hashvalues
             self._fp_rows[row] = mh.hashvalues.astype(np.uint8)
@@ -174,13 +171,6 @@ class _Index:
         if found is None:
             self._add(key, norm, mh)
         return found
-
-
-def _grown(a: np.ndarray) -> np.ndarray:
-    """``a`` with twice the rows (at least 64), the new ones zero."""
-    grown = np.zeros((max(64, 2 * len(a)), a.shape[1]), dtype=a.dtype)
-    grown[: len(a)] = a
-    return grown
 
 
 def find_duplicates(
@@ -216,11 +206,6 @@ def _cell_text(value: Any) -> str | None:
     if isinstance(value, (int, float)):
         return str(value)
     raise TypeError(type(value).__name__)
-
-
-def _one_line(err: BaseException) -> str:
-    msg = " ".join(str(err).split()) or type(err).__name__
-    return msg if len(msg) <= 200 else msg[:197] + "..."
 
 
 class Decontaminator:
@@ -270,22 +255,17 @@ class Decontaminator:
             raise InputError(f"{p}: unsupported file type {suffix or '(none)'!r}; "
                              "use .jsonl, .json, .csv, .tsv, .parquet or .txt (one prompt per line)")
         try:
-            texts = list(_read_txt(p) if suffix == ".txt" else _read_column(p, column))
+            # .txt: one prompt a line (universal newlines; blank lines are skipped like empty cells)
+            texts = p.read_text(encoding="utf-8").split("\n") if suffix == ".txt" else list(_read_column(p, column))
         except InputError as e:
             raise InputError(" ".join(str(e).split())) from None  # one line, whatever the reader said
         except UnicodeDecodeError as e:
             raise InputError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); re-save it as UTF-8") from None
         except Exception as e:  # noqa: BLE001 - json, csv, pyarrow and the OS raise many kinds
-            raise InputError(f"{p}: cannot read the evaluation file ({_one_line(e)}); "
+            msg = " ".join(str(e).split()) or type(e).__name__
+            raise InputError(f"{p}: cannot read the evaluation file ({msg if len(msg) <= 200 else msg[:197] + '...'}); "
                              "check that it is a valid .jsonl, .json, .csv, .parquet or .txt file") from None
         return cls(texts, threshold=threshold, num_perm=num_perm, source=str(p))
-
-
-def _read_txt(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield line.rstrip("\r\n")
 
 
 def _read_column(path: Path, column: str | None) -> Iterator[str]:
