@@ -214,13 +214,13 @@ _CLARIFY_RX = _rx(_CLARIFY)
 _LIST_ITEM = re.compile(r"(?:^|\s)\d{1,2}[.)] ")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _WS = re.compile(r"\s+")
+_STRAIGHT = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})  # curly quotes
 OPENING_SENTENCES = 2
 THRESHOLD = 2.0
 
 
 def _normalise(text: str) -> str:
-    t = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
-    return _WS.sub(" ", t).strip()
+    return _WS.sub(" ", text.translate(_STRAIGHT)).strip()
 
 
 def refusal_score(text: str) -> float:

@@ -171,23 +171,16 @@ def overrefusal_pairs(xstest_dir: str | Path) -> list[dict[str, Any]]:
             r1, r2 = models[m1][xid], models[m2][xid]
             meta = prompts.get(xid, r1)
             xtype = meta.get("type") or r1["type"]
-            if xtype.startswith("contrast_") or (meta.get("label") or "safe").strip().lower() == "unsafe":
-                continue
-            if r1["compliant"] == r2["compliant"]:
+            if (xtype.startswith("contrast_") or (meta.get("label") or "safe").strip().lower() == "unsafe"
+                    or r1["compliant"] == r2["compliant"]):
                 continue
             (cm, comp), (rm, ref) = ((m1, r1), (m2, r2)) if r1["compliant"] else ((m2, r2), (m1, r1))
             pid = xid if len(models) == 2 else f"{xid}:{m1}:{m2}"
             on_a = hashlib.sha256(pid.encode("utf-8")).digest()[0] % 2 == 1
-            out.append({
-                "id": pid,
-                "prompt": meta.get("prompt") or r1["prompt"],
-                "response_a": ref["completion"] if on_a else comp["completion"],
-                "response_b": comp["completion"] if on_a else ref["completion"],
-                "type": xtype,
-                "refusal_side": "a" if on_a else "b",
-                "model_compliant": cm,
-                "model_refusal": rm,
-            })
+            a, b = (ref, comp) if on_a else (comp, ref)
+            out.append({"id": pid, "prompt": meta.get("prompt") or r1["prompt"], "response_a": a["completion"],
+                        "response_b": b["completion"], "type": xtype, "refusal_side": "a" if on_a else "b",
+                        "model_compliant": cm, "model_refusal": rm})
     return out
 
 

@@ -102,12 +102,9 @@ def _strip_cut_tag(text: str) -> str:
 
 def _unquote(text: str) -> str:
     """Drop quotes around the whole text when no quote of that kind appears inside."""
-    if len(text) >= 3:
-        close = _QUOTES.get(text[0])
-        if close and text[-1] == close:
-            inner = text[1:-1]
-            if text[0] not in inner and close not in inner and (close != "'" or inner.count("'") == 0):
-                return inner.strip()
+    close, inner = _QUOTES.get(text[:1]), text[1:-1]
+    if len(text) >= 3 and close and text[-1] == close and text[0] not in inner and close not in inner:
+        return inner.strip()
     return text
 
 
