@@ -106,13 +106,9 @@ class _Index:
         return norm, self._mh
 
     def _match(self, norm: str, mh: MinHash | None) -> tuple[str, Kind] | None:
-        first = self._exact.get(norm)
-        if first is not None:
+        if (first := self._exact.get(norm)) is not None:
             return first, "exact"
-        if mh is None:
-            return None
-        keys = self._candidates(mh)  # their rows
-        if not keys:
+        if mh is None or not (keys := self._candidates(mh)):  # keys: the candidates' rows
             return None
         # Every candidate verified at once: one comparison of their stacked signatures, first of
         # their low bytes (agreeing at least where the full values do: a superset of the hits).
@@ -196,9 +192,7 @@ def find_duplicates(
 
 def _cell_text(value: Any) -> str | None:
     """The text of a prompt cell: a string, or the user turns of a list of chat messages."""
-    if value is None:
-        return None
-    if isinstance(value, str):
+    if value is None or isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
         user = [str(m["content"]) for m in value if m.get("role", "user") == "user"]
@@ -216,12 +210,9 @@ class Decontaminator:
         self.source = source
         self._index = _Index(threshold, num_perm)
         self._texts: list[str] = []
-        for text in texts:
-            if not text.strip():
-                continue
-            key = str(len(self._texts))
+        for text in filter(str.strip, texts):  # blank items are skipped
+            self._index.match_or_add(str(len(self._texts)), text)  # an item that repeats another needs no entry
             self._texts.append(text)
-            self._index.match_or_add(key, text)  # an eval item that repeats another needs no entry
         if not self._texts:
             raise InputError(f"{source}: no evaluation prompts found; give a file with at least one non-empty prompt")
 
@@ -271,15 +262,12 @@ class Decontaminator:
 def _read_column(path: Path, column: str | None) -> Iterator[str]:
     col = column
     for rec, where in iter_records(path):
-        if col is None:
-            col = next((c for c in TEXT_COLUMNS if c in rec), None)
-            if col is None:
-                have = ", ".join(map(str, rec)) or "none"
-                raise InputError(f"{where}: no text column (looked for {', '.join(TEXT_COLUMNS)}; "
-                                 f"row has {have}); name the column to use")
-        if col not in rec:
+        col = next((c for c in TEXT_COLUMNS if c in rec), None) if col is None else col
+        if col is None or col not in rec:
             have = ", ".join(map(str, rec)) or "none"
-            raise InputError(f"{where}: no column {col!r} (row has {have}); name a column every row has")
+            why = (f"no text column (looked for {', '.join(TEXT_COLUMNS)}; row has {have}); name the column to use"
+                   if col is None else f"no column {col!r} (row has {have}); name a column every row has")
+            raise InputError(f"{where}: {why}")
         try:
             text = _cell_text(rec[col])
         except TypeError as e:

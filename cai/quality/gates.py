@@ -49,15 +49,14 @@ class InputGate:
         for r in rows:
             text = "\n".join(m["content"] for m in r.prompt if m["role"] == "user")  # what was asked
             if self._eval is not None and (hit := self._eval.check(text)) is not None:
-                self.skipped.append({"id": r.id, "stage": "input", "reasons": ["contaminated"],
-                                     "detail": f"{hit[1]} match of an evaluation prompt: {hit[0][:200]}",
-                                     "source": r.source})
+                reason, detail = "contaminated", f"{hit[1]} match of an evaluation prompt: {hit[0][:200]}"
+            elif self._index is not None and (dup := self._index.match_or_add(r.id, text)) is not None:
+                reason, detail = f"duplicate_{dup[1]}", f"{dup[1]} duplicate of {dup[0]}"
+            else:
+                yield r
                 continue
-            if self._index is not None and (dup := self._index.match_or_add(r.id, text)) is not None:
-                self.skipped.append({"id": r.id, "stage": "input", "reasons": [f"duplicate_{dup[1]}"],
-                                     "detail": f"{dup[1]} duplicate of {dup[0]}", "source": r.source})
-                continue
-            yield r
+            self.skipped.append({"id": r.id, "stage": "input", "reasons": [reason], "detail": detail,
+                                 "source": r.source})
 
 
 def rejects(folder: Path, settings: GateSettings, skipped: Iterable[dict[str, Any]] = (),
