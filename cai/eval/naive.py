@@ -51,9 +51,7 @@ class NaiveConfig:
                 "tie_threshold": self.tie_threshold, "sampling": self.sampling.to_dict()}
 
 
-def naive_fingerprint(
-    backend: Backend, constitution: Constitution, templates: Templates, cfg: NaiveConfig
-) -> str:
+def naive_fingerprint(backend: Backend, constitution: Constitution, templates: Templates, cfg: NaiveConfig) -> str:
     return stage_fingerprint("naive-judge", backend, constitution, templates, ("judge",), cfg.to_dict())
 
 

@@ -286,9 +286,7 @@ def check_text(
     limit cut it), ``critique`` the critique it answers, ``examples`` the few-shot texts the
     model was shown for this step (the principle's example responses and revisions).
     """
-    flags: set[str] = set()
-    if finish_reason == "length":
-        flags.add("truncated")
+    flags: set[str] = {"truncated"} if finish_reason == "length" else set()
     cleaned = clean_revision(text)
     if not _HAS_WORD.search(cleaned):
         flags.add("empty")

@@ -66,8 +66,7 @@ def rejects(folder: Path, settings: GateSettings, skipped: Iterable[dict[str, An
     drop = settings.dropping()
     worse: set[str] = set()
     for row in iter_jsonl(folder / labels if labels else None):
-        reasons = sorted(drop & set(row.get("gates") or ()))
-        if reasons:
+        if reasons := sorted(drop & set(row.get("gates") or ())):
             out.append({"id": row["id"], "stage": "label", "reasons": reasons})
         if row.get("origin") == "revision" and row.get("label") == "a":  # a: the first answer
             worse.add(row["id"])
