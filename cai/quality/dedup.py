@@ -207,7 +207,6 @@ class Decontaminator:
 
     def __init__(self, texts: Iterable[str], *, threshold: float = 0.8, num_perm: int = 128,
                  source: str = "evaluation set") -> None:
-        self.source = source
         self._index = _Index(threshold, num_perm)
         self._texts: list[str] = []
         for text in filter(str.strip, texts):  # blank items are skipped
