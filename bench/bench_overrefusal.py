@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from cai.refusal import overrefusal_pairs  # noqa: E402
+from cai.eval.xstest import overrefusal_pairs  # noqa: E402
 
 DEFAULT_XSTEST = REPO.parent / "shared" / "data" / "xstest"
 

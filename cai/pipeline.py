@@ -37,6 +37,7 @@ from .cache import CachedBackend, CallCache, CountingBackend
 from .config import GateSettings, LabelSettings, ReviseSettings, RunConfig, Source, load_run_config
 from .constitution import Constitution, load_constitution
 from .errors import ConfigError, InputError
+from .eval.naive import NaiveConfig, NaiveStage, naive_fingerprint
 from .files import count_jsonl, iter_jsonl, write_json_atomic
 from .hashing import sha256_json
 from .inputs import PromptRow, read_prompts
@@ -44,11 +45,10 @@ from .inputs import Source as Rows
 from .metrics import summarize_files
 from .output import JsonlSink, SinkSummary
 from .progress import RunProgress
-from .quality import InputGate, write_rejects
+from .quality.gates import InputGate, write_rejects
 from .report.markdown import write_revise_report
 from .stages.judge import JudgeConfig, JudgeStage
 from .stages.judge import fingerprint as judge_fingerprint
-from .stages.naive import NaiveConfig, NaiveStage, naive_fingerprint
 from .stages.pairs import (
     Pair,
     SampleConfig,

@@ -268,7 +268,7 @@ def check_gates(gates: GateSettings | None) -> None:
     read in full when the input gate starts, before any row is sent)."""
     if gates is None or not gates.decontaminate:
         return
-    from .dedup import EVAL_SUFFIXES  # numpy and datasketch: only when there is a set to read
+    from .quality.dedup import EVAL_SUFFIXES  # numpy and datasketch: only when there is a set to read
 
     p = Path(gates.decontaminate)
     if not p.is_file():

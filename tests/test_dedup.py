@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cai.dedup import Decontaminator, find_duplicates, normalize, shingles
 from cai.errors import InputError
+from cai.quality.dedup import Decontaminator, find_duplicates, normalize, shingles
 
 LONG = ("How do I make a strong password that is easy for me to remember but hard for other people "
         "to guess when they try")
@@ -167,7 +167,7 @@ def test_candidates_are_lsh_query_and_the_check_is_the_minhash_estimate() -> Non
 
     from datasketch import MinHashLSH
 
-    from cai.dedup import _Index
+    from cai.quality.dedup import _Index
 
     index = _Index(0.8, 128)
     lsh = MinHashLSH(threshold=0.7, num_perm=128)  # the bands the index uses (LSH_MARGIN below 0.8)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from cai.gates import COUNTED, DROPPING, FLAGS, check_text, clean_revision, is_loop, repeat_fraction, zlib_ratio
+from cai.quality.flags import COUNTED, DROPPING, FLAGS, check_text, clean_revision, is_loop, repeat_fraction, zlib_ratio
 
 EXAMPLES = Path(__file__).parent / "data" / "gate_examples.jsonl"
 

@@ -14,9 +14,9 @@ from cai.backends.base import Completion, Request
 from cai.backends.fake import FakeBackend
 from cai.cli import main
 from cai.constitution import Constitution, Principle
+from cai.eval.naive import NaiveConfig, naive_chunk, parse_letter
 from cai.metrics import summarize
 from cai.stages.judge import JudgeConfig, judge_chunk, option_probs
-from cai.stages.naive import NaiveConfig, naive_chunk, parse_letter
 from cai.stages.pairs import Pair
 from cai.stages.preferences import judged_by, to_preference, write_preferences
 from cai.templates import Templates

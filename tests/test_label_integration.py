@@ -12,9 +12,9 @@ from cai.backends import make_backend
 from cai.backends.base import Backend, BackendBase, Completion, Request, Sampling
 from cai.cli import main
 from cai.constitution import load_constitution
+from cai.eval.naive import NaiveConfig, naive_chunk
 from cai.inputs import PromptRow
 from cai.stages.judge import JudgeConfig, judge_chunk
-from cai.stages.naive import NaiveConfig, naive_chunk
 from cai.stages.pairs import Pair, SampleConfig, read_pairs, sample_pairs
 from cai.templates import Templates
 

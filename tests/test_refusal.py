@@ -1,5 +1,6 @@
-"""cai.refusal: the refusal detector (hand-written cases and XSTest's human labels), text markers,
-evaluate_refusals on small files with exact counts, its one-line input errors, over-refusal pairs."""
+"""cai.eval.refusal and cai.eval.xstest: the refusal detector (hand-written cases and XSTest's human
+labels), text markers, evaluate_refusals on small files with exact counts, its one-line input
+errors, over-refusal pairs."""
 
 from __future__ import annotations
 
@@ -12,17 +13,8 @@ from typing import Any
 import pytest
 
 from cai.errors import CaiError, InputError
-from cai.refusal import (
-    MARKER_NAMES,
-    MARKERS,
-    RefusalEval,
-    evaluate_refusals,
-    is_refusal,
-    marker_rates,
-    markers,
-    overrefusal_pairs,
-    refusal_score,
-)
+from cai.eval.refusal import MARKER_NAMES, MARKERS, is_refusal, marker_rates, markers, refusal_score
+from cai.eval.xstest import RefusalEval, evaluate_refusals, overrefusal_pairs
 
 XSTEST = Path(__file__).resolve().parents[2] / "shared/data/xstest"
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_overrefusal.py"

@@ -16,7 +16,7 @@ import pytest
 from cai import analysis, stats
 from cai.analysis import build_report
 from cai.errors import InputError
-from cai.refusal import marker_rates
+from cai.eval.refusal import marker_rates
 from cai.report.html import write_report
 
 REPO = Path(__file__).resolve().parent.parent

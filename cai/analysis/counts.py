@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import stats
-from ..refusal import MARKER_NAMES
+from ..eval.refusal import MARKER_NAMES
 
 HIST_BINS = 20
 

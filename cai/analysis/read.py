@@ -15,8 +15,8 @@ from typing import Any
 
 from .. import stats
 from ..errors import InputError
-from ..gates import clean_revision
-from ..refusal import MARKER_NAMES, markers
+from ..eval.refusal import MARKER_NAMES, markers
+from ..quality.flags import clean_revision
 from .counts import Group, Markers, Side
 
 MAX_ROWS = 2000  # rows embedded in the page's table

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import EXIT_CODES_HELP
-from ..refusal import evaluate_refusals
+from ..eval.xstest import evaluate_refusals
 from .app import app, out
 
 

@@ -15,7 +15,7 @@ from .. import pipeline, preflight
 from ..config import GateSettings, LabelSettings
 from ..constitution import load_constitution
 from ..errors import EXIT_CODES_HELP, EXIT_ROWS_FAILED
-from ..quality import REJECTS_FILE
+from ..quality.gates import REJECTS_FILE
 from ..stages.preferences import judged_by
 from ..templates import Templates
 from .app import (

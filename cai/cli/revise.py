@@ -11,7 +11,7 @@ from .. import pipeline, preflight
 from ..config import GateSettings, ReviseSettings
 from ..constitution import load_constitution
 from ..errors import EXIT_CODES_HELP
-from ..quality import REJECTS_FILE
+from ..quality.gates import REJECTS_FILE
 from ..templates import Templates
 from .app import (
     BackendSpec,

@@ -20,7 +20,7 @@ from ..constitution import load_constitution
 from ..diff import FIELD_STAGES, diff_constitutions, plan_rerun
 from ..errors import EXIT_CODES_HELP
 from ..pipeline import Calls, run_pipeline
-from ..quality import REJECTS_FILE
+from ..quality.gates import REJECTS_FILE
 from ..scale import run_pipeline_ray
 from ..stages.preferences import judged_by
 from ..templates import Templates

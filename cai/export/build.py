@@ -25,7 +25,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 
 from ..errors import InputError
 from ..hashing import hash_int, short_id
-from ..quality import rejected_ids
+from ..quality.gates import rejected_ids
 
 SFT_FILE, PREFS_FILE, LABELS_FILE, MANIFEST = (
     "revisions.jsonl", "preferences.jsonl", "labels.jsonl", "run.json")

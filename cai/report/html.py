@@ -22,7 +22,7 @@ from markupsafe import Markup
 from ..analysis import MAX_ROWS, figures, load_run
 from ..analysis.read import one_line
 from ..errors import InputError
-from ..refusal import MARKER_NAMES
+from ..eval.refusal import MARKER_NAMES
 from .svg import LOSS, SERIES, WIN, grouped_bars_svg, histogram_svg, lines_svg, reliability_svg, stacked_bars_svg
 
 

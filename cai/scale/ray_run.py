@@ -78,7 +78,7 @@ from ..inputs import read_prompts
 from ..model import default_model_dir
 from ..output import JsonlSink
 from ..pipeline import LabelStage, RunResult, finish_run, label_upstream, read_history
-from ..quality import InputGate
+from ..quality.gates import InputGate
 from ..stages.judge import JudgeStage
 from ..stages.judge import fingerprint as judge_fingerprint
 from ..stages.pairs import Pair, read_pairs, record_to_pair, sample_pair_ids

@@ -14,9 +14,9 @@ from typing import Any
 from .. import __version__
 from ..backends.base import Backend, Completion, Message, Request, Sampling
 from ..constitution import Constitution, Principle
-from ..gates import FLAGS, check_text, clean_revision
 from ..hashing import call_seed
 from ..inputs import PromptRow
+from ..quality.flags import FLAGS, check_text, clean_revision
 from ..templates import Templates
 from .runner import Call, Outcome, run_rows, stage_fingerprint
 
@@ -51,7 +51,7 @@ class ReviseConfig:
 
 def row_flags(calls: list[dict[str, Any]], final: str, critique: str | None,
               examples: list[str] | None = None) -> list[str]:
-    """The quality flags (``cai.gates.FLAGS``) of a row: ``truncated`` when any of its calls hit
+    """The quality flags (``cai.quality.flags.FLAGS``) of a row: ``truncated`` when any of its calls hit
     the token limit, and the text checks of its final answer (the SFT target; ``examples``: the
     few-shot texts it must not merely copy)."""
     text = check_text(final, finish_reason=None, critique=critique, examples=examples or ())

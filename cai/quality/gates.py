@@ -1,7 +1,7 @@
 """The quality gates: what keeps a row out of the training data, and the file that says why.
 
 Rows record facts, not verdicts: every revision row carries its flags (``gates``: truncated,
-empty, loop, meta, restates_critique; see ``cai.gates``) and every label row the flags of its
+empty, loop, meta, restates_critique; see ``cai.quality.flags``) and every label row the flags of its
 responses. The gate settings (``GateSettings``) turn facts into verdicts at the end of a run:
 
 - a revision row with a dropping flag, or (``keep: improved``) one whose revision the judge
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import GateSettings
+from ..config import GateSettings
+from ..files import dumps, iter_jsonl, write_text_atomic
+from ..inputs import PromptRow
 from .dedup import Decontaminator, _Index
-from .files import dumps, iter_jsonl, write_text_atomic
-from .inputs import PromptRow
 
 REJECTS_FILE = "rejects.jsonl"
 
@@ -49,15 +49,14 @@ class InputGate:
         for r in rows:
             text = "\n".join(m["content"] for m in r.prompt if m["role"] == "user")  # what was asked
             if self._eval is not None and (hit := self._eval.check(text)) is not None:
-                self.skipped.append({"id": r.id, "stage": "input", "reasons": ["contaminated"],
-                                     "detail": f"{hit[1]} match of an evaluation prompt: {hit[0][:200]}",
-                                     "source": r.source})
+                reason, detail = "contaminated", f"{hit[1]} match of an evaluation prompt: {hit[0][:200]}"
+            elif self._index is not None and (dup := self._index.match_or_add(r.id, text)) is not None:
+                reason, detail = f"duplicate_{dup[1]}", f"{dup[1]} duplicate of {dup[0]}"
+            else:
+                yield r
                 continue
-            if self._index is not None and (dup := self._index.match_or_add(r.id, text)) is not None:
-                self.skipped.append({"id": r.id, "stage": "input", "reasons": [f"duplicate_{dup[1]}"],
-                                     "detail": f"{dup[1]} duplicate of {dup[0]}", "source": r.source})
-                continue
-            yield r
+            self.skipped.append({"id": r.id, "stage": "input", "reasons": [reason], "detail": detail,
+                                 "source": r.source})
 
 
 def rejects(folder: Path, settings: GateSettings, skipped: Iterable[dict[str, Any]] = (),
@@ -67,8 +66,7 @@ def rejects(folder: Path, settings: GateSettings, skipped: Iterable[dict[str, An
     drop = settings.dropping()
     worse: set[str] = set()
     for row in iter_jsonl(folder / labels if labels else None):
-        reasons = sorted(drop & set(row.get("gates") or ()))
-        if reasons:
+        if reasons := sorted(drop & set(row.get("gates") or ())):
             out.append({"id": row["id"], "stage": "label", "reasons": reasons})
         if row.get("origin") == "revision" and row.get("label") == "a":  # a: the first answer
             worse.add(row["id"])

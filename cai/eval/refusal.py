@@ -1,4 +1,4 @@
-r"""Refusal detection measured against people, and text-marker rates.
+r"""Refusal detection and text-marker rates (measured against people by ``cai.eval.xstest``).
 
 ``is_refusal(text)``: is an answer a full or partial refusal?
 ===============================================================
@@ -113,31 +113,9 @@ each category; ``markers`` gives one bool per category in ``MARKER_NAMES`` order
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from itertools import combinations
-from pathlib import Path
-from typing import Any
-
-from .errors import InputError
-
-__all__ = [
-    "FINAL_LABELS",
-    "MARKERS",
-    "MARKER_NAMES",
-    "THRESHOLD",
-    "RefusalEval",
-    "evaluate_refusals",
-    "is_refusal",
-    "marker_rates",
-    "markers",
-    "overrefusal_pairs",
-    "refusal_score",
-]
+from collections import Counter
+from collections.abc import Iterable
 
 # --- is_refusal: phrase groups ----------------------------------------------------------------
 
@@ -236,13 +214,13 @@ _CLARIFY_RX = _rx(_CLARIFY)
 _LIST_ITEM = re.compile(r"(?:^|\s)\d{1,2}[.)] ")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _WS = re.compile(r"\s+")
+_STRAIGHT = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})  # curly quotes
 OPENING_SENTENCES = 2
 THRESHOLD = 2.0
 
 
 def _normalise(text: str) -> str:
-    t = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
-    return _WS.sub(" ", t).strip()
+    return _WS.sub(" ", text.translate(_STRAIGHT)).strip()
 
 
 def refusal_score(text: str) -> float:
@@ -339,267 +317,9 @@ def markers(text: str) -> dict[str, bool]:
 
 def marker_rates(texts: Iterable[str]) -> dict[str, float]:
     """The share of ``texts`` with each marker (``MARKER_NAMES`` order; all 0.0 when there are none)."""
-    counts = dict.fromkeys(MARKER_NAMES, 0)
+    counts: Counter[str] = Counter()
     n = 0
     for text in texts:
         n += 1
-        for name, hit in markers(text).items():
-            counts[name] += hit
-    return {name: (c / n if n else 0.0) for name, c in counts.items()}
-
-
-# --- evaluate_refusals ----------------------------------------------------------------------------
-
-FINAL_LABELS: tuple[str, ...] = ("1_full_compliance", "2_full_refusal", "3_partial_refusal")
-_LABEL_ALIASES: dict[str, str] = {}
-for _lab in FINAL_LABELS:
-    _LABEL_ALIASES[_lab] = _lab
-    _LABEL_ALIASES[_lab[0]] = _lab
-    _LABEL_ALIASES[_lab[2:]] = _lab
-_SIDES = ("refusal", "compliance")
-
-
-def _label(value: Any) -> str | None:
-    """A ``final_label`` cell as one of ``FINAL_LABELS`` (``2``, ``full_refusal`` accepted), or None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)) and float(value).is_integer():
-        value = str(int(value))
-    if not isinstance(value, str):
-        return None
-    return _LABEL_ALIASES.get(value.strip().lower())
-
-
-@dataclass
-class RefusalEval:
-    """``is_refusal`` against a human ``final_label`` (refusal = full or partial refusal)."""
-
-    path: str
-    n: int
-    agreement: float
-    # confusion[human][detector], both "refusal" or "compliance"
-    confusion: dict[str, dict[str, int]] = field(default_factory=dict)
-    # per_label[final_label][detector]: counts of each human label by the detector's verdict
-    per_label: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def lines(self) -> list[str]:
-        """A plain-text confusion table; the last line is ``agreement 0.912 (n=450)``."""
-        c = self.confusion
-        corner = "human \\ detector"
-        w = max(len(s) for s in (*FINAL_LABELS, corner))
-        head = f"{corner:<{w}}  {'refusal':>8}  {'compliance':>10}"
-        rows = [
-            f"{'refusal (2+3)':<{w}}  {c['refusal']['refusal']:>8}  {c['refusal']['compliance']:>10}",
-            f"{'compliance (1)':<{w}}  {c['compliance']['refusal']:>8}  {c['compliance']['compliance']:>10}",
-        ]
-        per = [
-            f"{lab:<{w}}  {self.per_label[lab]['refusal']:>8}  {self.per_label[lab]['compliance']:>10}"
-            for lab in FINAL_LABELS
-        ]
-        tp, fn = c["refusal"]["refusal"], c["refusal"]["compliance"]
-        fp = c["compliance"]["refusal"]
-        recall = f"{tp / (tp + fn):.3f}" if tp + fn else "n/a"
-        precision = f"{tp / (tp + fp):.3f}" if tp + fp else "n/a"
-        return [
-            f"{self.path}",
-            head,
-            *rows,
-            "",
-            f"{'by final_label':<{w}}  {'refusal':>8}  {'compliance':>10}",
-            *per,
-            "",
-            f"refusal recall {recall}, precision {precision}",
-            f"agreement {self.agreement:.3f} (n={self.n})",
-        ]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "n": self.n,
-            "agreement": self.agreement,
-            "confusion": self.confusion,
-            "per_label": self.per_label,
-        }
-
-
-def _read_text(path: Path) -> str:
-    if not path.exists():
-        raise InputError(f"{path}: no such file (give an XSTest-style .csv or .jsonl file)")
-    if not path.is_file():
-        raise InputError(f"{path}: not a file (give an XSTest-style .csv or .jsonl file)")
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 CSV or JSONL") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read it ({e.strerror or e}); check the path and permissions") from None
-
-
-def _is_json(path: Path, text: str) -> bool:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return True
-    if suffix in (".csv", ".tsv"):
-        return False
-    return text.lstrip()[:1] in ("{", "[")
-
-
-def _records(path: Path, text: str) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]]]:
-    """Column names (CSV header, or the first JSON row's keys) and the numbered rows (1-based)."""
-    if _is_json(path, text):
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            try:
-                data = json.loads(stripped)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); fix it or use JSONL") from None
-            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-                raise InputError(f"{path}: a JSON file must hold a list of objects (one per completion)")
-            cols = list(data[0]) if data else []
-            return cols, iter(enumerate(data, 1))
-        rows: list[tuple[int, dict[str, Any]]] = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); one JSON object per line") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{path}:{lineno}: a row must be a JSON object with completion and final_label")
-            rows.append((lineno, rec))
-        cols = list(rows[0][1]) if rows else []
-        return cols, iter(rows)
-    delim = "\t" if path.suffix.lower() == ".tsv" else ","
-    try:
-        reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delim)
-        header = list(reader.fieldnames or [])
-        csv_rows = [(i, dict(r)) for i, r in enumerate(reader, 1)]
-    except csv.Error as e:
-        raise InputError(f"{path}: not readable as CSV ({e}); check its quoting") from None
-    return header, iter(csv_rows)
-
-
-def evaluate_refusals(path: str | Path) -> RefusalEval:
-    """Compare ``is_refusal`` with the human ``final_label`` of an XSTest-style CSV or JSONL file.
-
-    Needs the columns ``completion`` and ``final_label`` (``1_full_compliance``, ``2_full_refusal``
-    or ``3_partial_refusal``; ``1``/``2``/``3`` accepted). Bad input raises ``InputError``.
-    """
-    p = Path(path)
-    text = _read_text(p)
-    if not text.strip():
-        raise InputError(f"{p}: is empty (need rows with completion and final_label columns)")
-    cols, rows = _records(p, text)
-    missing = [c for c in ("completion", "final_label") if c not in cols]
-    if missing:
-        have = ", ".join(c for c in cols if c) or "none"
-        raise InputError(f"{p}: missing column(s) {', '.join(missing)} (columns found: {have})")
-    confusion = {h: dict.fromkeys(_SIDES, 0) for h in _SIDES}
-    per_label = {lab: dict.fromkeys(_SIDES, 0) for lab in FINAL_LABELS}
-    where = "line" if _is_json(p, text) and not text.lstrip().startswith("[") else "row"
-    n = 0
-    for i, rec in rows:
-        lab = _label(rec.get("final_label"))
-        if lab is None:
-            raise InputError(
-                f"{p}: {where} {i}: unknown final_label {rec.get('final_label')!r} "
-                f"(use 1_full_compliance, 2_full_refusal or 3_partial_refusal)"
-            )
-        completion = rec.get("completion")
-        if completion is None:
-            completion = ""
-        if not isinstance(completion, str):
-            raise InputError(f"{p}: {where} {i}: completion must be text, got {type(completion).__name__}")
-        human = "compliance" if lab == FINAL_LABELS[0] else "refusal"
-        detected = "refusal" if is_refusal(completion) else "compliance"
-        confusion[human][detected] += 1
-        per_label[lab][detected] += 1
-        n += 1
-    if n == 0:
-        raise InputError(f"{p}: has no rows (need rows with completion and final_label columns)")
-    agreement = (confusion["refusal"]["refusal"] + confusion["compliance"]["compliance"]) / n
-    return RefusalEval(path=str(p), n=n, agreement=agreement, confusion=confusion, per_label=per_label)
-
-
-# --- over-refusal probe pairs ---------------------------------------------------------------------
-
-_COMPLETIONS_GLOB = "completions_*.csv"
-
-
-def _csv_rows(path: Path, need: tuple[str, ...]) -> list[dict[str, str]]:
-    text = _read_text(path)
-    cols, rows = _records(path.with_suffix(".csv"), text)
-    missing = [c for c in need if c not in cols]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (columns found: {', '.join(cols) or 'none'})")
-    return [r for _, r in rows]
-
-
-def _refusal_on_a(pair_id: str) -> bool:
-    return hashlib.sha256(pair_id.encode("utf-8")).digest()[0] % 2 == 1
-
-
-def overrefusal_pairs(xstest_dir: str | Path) -> list[dict[str, Any]]:
-    """Over-refusal probe pairs from XSTest's safe prompts (type not ``contrast_*``).
-
-    For every two ``completions_*.csv`` files in ``xstest_dir``, a prompt where one model's
-    answer is ``1_full_compliance`` and the other's is a refusal (``2_`` or ``3_``) becomes a row
-    ``{"id", "prompt", "response_a", "response_b", "type", "refusal_side", "model_compliant",
-    "model_refusal"}``. Which side holds the refusal ("a" or "b") is fixed by a hash of the id,
-    so that position is not confounded with refusal. The id is XSTest's id when there are two
-    files, else ``id:modelX:modelY``. Prompt text and type come from ``xstest_prompts.csv`` when it
-    is there, else from the completions files.
-    """
-    d = Path(xstest_dir)
-    if not d.is_dir():
-        raise InputError(f"{d}: no such folder (give the folder holding XSTest's completions_*.csv files)")
-    files = sorted(d.glob(_COMPLETIONS_GLOB))
-    if len(files) < 2:
-        raise InputError(f"{d}: needs at least two {_COMPLETIONS_GLOB} files to pair answers, found {len(files)}")
-    prompts: dict[str, dict[str, str]] = {}
-    pfile = d / "xstest_prompts.csv"
-    if pfile.is_file():
-        for r in _csv_rows(pfile, ("id", "prompt", "type")):
-            prompts[r["id"]] = r
-    models: dict[str, dict[str, dict[str, str]]] = {}
-    for f in files:
-        rows = _csv_rows(f, ("id", "type", "prompt", "completion", "final_label"))
-        by_id: dict[str, dict[str, str]] = {}
-        for i, r in enumerate(rows, 1):
-            if _label(r["final_label"]) is None:
-                raise InputError(f"{f}: row {i}: unknown final_label {r['final_label']!r} "
-                                 f"(use 1_full_compliance, 2_full_refusal or 3_partial_refusal)")
-            by_id[r["id"]] = r
-        models[f.stem.removeprefix("completions_")] = by_id
-    out: list[dict[str, Any]] = []
-    for m1, m2 in combinations(sorted(models), 2):
-        for xid in sorted(set(models[m1]) & set(models[m2]), key=_id_key):
-            r1, r2 = models[m1][xid], models[m2][xid]
-            meta = prompts.get(xid, r1)
-            xtype = meta.get("type") or r1["type"]
-            if xtype.startswith("contrast_") or (meta.get("label") or "safe").strip().lower() == "unsafe":
-                continue
-            l1, l2 = _label(r1["final_label"]), _label(r2["final_label"])
-            comp1, comp2 = l1 == FINAL_LABELS[0], l2 == FINAL_LABELS[0]
-            if comp1 == comp2:
-                continue
-            (cm, comp), (rm, ref) = ((m1, r1), (m2, r2)) if comp1 else ((m2, r2), (m1, r1))
-            pid = xid if len(models) == 2 else f"{xid}:{m1}:{m2}"
-            on_a = _refusal_on_a(pid)
-            out.append({
-                "id": pid,
-                "prompt": meta.get("prompt") or r1["prompt"],
-                "response_a": ref["completion"] if on_a else comp["completion"],
-                "response_b": comp["completion"] if on_a else ref["completion"],
-                "type": xtype,
-                "refusal_side": "a" if on_a else "b",
-                "model_compliant": cm,
-                "model_refusal": rm,
-            })
-    return out
-
-
-def _id_key(xid: str) -> tuple[str, int, str]:
-    m = re.match(r"^(.*?)(\d+)$", xid)
-    return (m.group(1), int(m.group(2)), xid) if m else (xid, -1, xid)
+        counts.update(name for name, hit in markers(text).items() if hit)
+    return {name: counts[name] / n if n else 0.0 for name in MARKER_NAMES}

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .errors import InputError
-from .inputs import iter_records
+from ..errors import InputError
+from ..inputs import iter_records
 
 if TYPE_CHECKING:
     from datasketch import MinHash
@@ -43,18 +43,14 @@ _SPACE = re.compile(r"\s+")
 
 def normalize(text: str) -> str:
     """The form two texts must share to be exact duplicates: case, whitespace, punctuation ignored."""
-    t = unicodedata.normalize("NFKC", text).casefold()
-    t = _APOSTROPHES.sub("", t)
-    t = _NON_WORD.sub(" ", t)
-    return _SPACE.sub(" ", t).strip()
+    t = _APOSTROPHES.sub("", unicodedata.normalize("NFKC", text).casefold())
+    return _SPACE.sub(" ", _NON_WORD.sub(" ", t)).strip()
 
 
 def shingles(normalized: str, n: int = SHINGLE_WORDS) -> set[str]:
     """Word n-grams of a normalized text (the whole text when it has fewer than ``n`` words)."""
     words = normalized.split()
-    if len(words) <= n:
-        return {" ".join(words)} if words else set()
-    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+    return {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))} if words else set()
 
 
 class _Index:
@@ -100,25 +96,19 @@ class _Index:
     def __len__(self) -> int:
         return len(self._order)
 
-    def _minhash(self, shingle_set: set[str]) -> MinHash:
-        m = self._mh
-        m.clear()
-        m.update_batch([s.encode("utf-8") for s in sorted(shingle_set)])
-        return m
-
     def _sketch(self, text: str) -> tuple[str, MinHash | None]:
+        """The normalized text and its MinHash (None for a text without words)."""
         norm = normalize(text)
-        sh = shingles(norm)
-        return norm, (self._minhash(sh) if sh else None)
+        if not (sh := shingles(norm)):
+            return norm, None
+        self._mh.clear()
+        self._mh.update_batch([s.encode("utf-8") for s in sorted(sh)])
+        return norm, self._mh
 
     def _match(self, norm: str, mh: MinHash | None) -> tuple[str, Kind] | None:
-        first = self._exact.get(norm)
-        if first is not None:
+        if (first := self._exact.get(norm)) is not None:
             return first, "exact"
-        if mh is None:
-            return None
-        keys = self._candidates(mh)  # their rows
-        if not keys:
+        if mh is None or not (keys := self._candidates(mh)):  # keys: the candidates' rows
             return None
         # Every candidate verified at once: one comparison of their stacked signatures, first of
         # their low bytes (agreeing at least where the full values do: a superset of the hits).
@@ -143,13 +133,8 @@ class _Index:
         checks both give the same)."""
         out: set[int] = set()
         for key, table in zip(self._band_keys(mh), self._buckets, strict=True):
-            hit = table.get(key)
-            if hit is None:
-                continue
-            if isinstance(hit, int):
-                out.add(hit)
-            else:
-                out.update(hit)
+            if (hit := table.get(key)) is not None:
+                out.update((hit,) if isinstance(hit, int) else hit)
         return out
 
     def _add(self, key: str, norm: str, mh: MinHash | None) -> None:
@@ -158,8 +143,9 @@ class _Index:
         row = self._order[key] = len(self._order)
         self._keys.append(key)
         self._exact.setdefault(norm, key)
-        if row >= len(self._sig_rows):  # grow by doubling: appends stay amortised O(1)
-            self._sig_rows, self._fp_rows = (_grown(a) for a in (self._sig_rows, self._fp_rows))
+        if row >= len(self._sig_rows):  # grow by doubling (at least 64 rows, new ones zero): appends stay O(1)
+            more = ((0, max(64, 2 * row) - row), (0, 0))
+            self._sig_rows, self._fp_rows = np.pad(self._sig_rows, more), np.pad(self._fp_rows, more)
         if mh is not None:
             self._sig_rows[row] = mh.hashvalues
             self._fp_rows[row] = mh.hashvalues.astype(np.uint8)
@@ -181,13 +167,6 @@ class _Index:
         if found is None:
             self._add(key, norm, mh)
         return found
-
-
-def _grown(a: np.ndarray) -> np.ndarray:
-    """``a`` with twice the rows (at least 64), the new ones zero."""
-    grown = np.zeros((max(64, 2 * len(a)), a.shape[1]), dtype=a.dtype)
-    grown[: len(a)] = a
-    return grown
 
 
 def find_duplicates(
@@ -213,9 +192,7 @@ def find_duplicates(
 
 def _cell_text(value: Any) -> str | None:
     """The text of a prompt cell: a string, or the user turns of a list of chat messages."""
-    if value is None:
-        return None
-    if isinstance(value, str):
+    if value is None or isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
         user = [str(m["content"]) for m in value if m.get("role", "user") == "user"]
@@ -225,25 +202,16 @@ def _cell_text(value: Any) -> str | None:
     raise TypeError(type(value).__name__)
 
 
-def _one_line(err: BaseException) -> str:
-    msg = " ".join(str(err).split()) or type(err).__name__
-    return msg if len(msg) <= 200 else msg[:197] + "..."
-
-
 class Decontaminator:
     """Flags prompts that are exact or near copies of an evaluation set's items (same test as dedup)."""
 
     def __init__(self, texts: Iterable[str], *, threshold: float = 0.8, num_perm: int = 128,
                  source: str = "evaluation set") -> None:
-        self.source = source
         self._index = _Index(threshold, num_perm)
         self._texts: list[str] = []
-        for text in texts:
-            if not text.strip():
-                continue
-            key = str(len(self._texts))
+        for text in filter(str.strip, texts):  # blank items are skipped
+            self._index.match_or_add(str(len(self._texts)), text)  # an item that repeats another needs no entry
             self._texts.append(text)
-            self._index.match_or_add(key, text)  # an eval item that repeats another needs no entry
         if not self._texts:
             raise InputError(f"{source}: no evaluation prompts found; give a file with at least one non-empty prompt")
 
@@ -251,15 +219,14 @@ class Decontaminator:
         """The number of non-empty evaluation items read."""
         return len(self._texts)
 
-    def hit(self, text: str) -> str | None:
-        """The evaluation item ``text`` matches (exactly or nearly), or None."""
-        found = self._index.match(text)
-        return self._texts[int(found[0])] if found else None
-
     def check(self, text: str) -> tuple[str, Kind] | None:
-        """Like :meth:`hit`, with the kind of match."""
+        """The evaluation item ``text`` matches and the kind of match (exact or near), or None."""
         found = self._index.match(text)
         return (self._texts[int(found[0])], found[1]) if found else None
+
+    def hit(self, text: str) -> str | None:
+        """The evaluation item ``text`` matches (exactly or nearly), or None."""
+        return found[0] if (found := self.check(text)) else None
 
     @classmethod
     def from_file(cls, path: str | Path, column: str | None = None, *, threshold: float = 0.8,
@@ -278,36 +245,28 @@ class Decontaminator:
             raise InputError(f"{p}: unsupported file type {suffix or '(none)'!r}; "
                              "use .jsonl, .json, .csv, .tsv, .parquet or .txt (one prompt per line)")
         try:
-            texts = list(_read_txt(p) if suffix == ".txt" else _read_column(p, column))
+            # .txt: one prompt a line (universal newlines; blank lines are skipped like empty cells)
+            texts = p.read_text(encoding="utf-8").split("\n") if suffix == ".txt" else list(_read_column(p, column))
         except InputError as e:
             raise InputError(" ".join(str(e).split())) from None  # one line, whatever the reader said
         except UnicodeDecodeError as e:
             raise InputError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); re-save it as UTF-8") from None
         except Exception as e:  # noqa: BLE001 - json, csv, pyarrow and the OS raise many kinds
-            raise InputError(f"{p}: cannot read the evaluation file ({_one_line(e)}); "
+            msg = " ".join(str(e).split()) or type(e).__name__
+            raise InputError(f"{p}: cannot read the evaluation file ({msg if len(msg) <= 200 else msg[:197] + '...'}); "
                              "check that it is a valid .jsonl, .json, .csv, .parquet or .txt file") from None
         return cls(texts, threshold=threshold, num_perm=num_perm, source=str(p))
-
-
-def _read_txt(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield line.rstrip("\r\n")
 
 
 def _read_column(path: Path, column: str | None) -> Iterator[str]:
     col = column
     for rec, where in iter_records(path):
-        if col is None:
-            col = next((c for c in TEXT_COLUMNS if c in rec), None)
-            if col is None:
-                have = ", ".join(map(str, rec)) or "none"
-                raise InputError(f"{where}: no text column (looked for {', '.join(TEXT_COLUMNS)}; "
-                                 f"row has {have}); name the column to use")
-        if col not in rec:
+        col = next((c for c in TEXT_COLUMNS if c in rec), None) if col is None else col
+        if col is None or col not in rec:
             have = ", ".join(map(str, rec)) or "none"
-            raise InputError(f"{where}: no column {col!r} (row has {have}); name a column every row has")
+            why = (f"no text column (looked for {', '.join(TEXT_COLUMNS)}; row has {have}); name the column to use"
+                   if col is None else f"no column {col!r} (row has {have}); name a column every row has")
+            raise InputError(f"{where}: {why}")
         try:
             text = _cell_text(rec[col])
         except TypeError as e:

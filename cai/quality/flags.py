@@ -29,7 +29,6 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
 
 FLAGS: dict[str, str] = {
     "truncated": "the model hit the token limit (finish_reason 'length'): the text is cut off",
@@ -103,12 +102,9 @@ def _strip_cut_tag(text: str) -> str:
 
 def _unquote(text: str) -> str:
     """Drop quotes around the whole text when no quote of that kind appears inside."""
-    if len(text) >= 3:
-        close = _QUOTES.get(text[0])
-        if close and text[-1] == close:
-            inner = text[1:-1]
-            if text[0] not in inner and close not in inner and (close != "'" or inner.count("'") == 0):
-                return inner.strip()
+    close, inner = _QUOTES.get(text[:1]), text[1:-1]
+    if len(text) >= 3 and close and text[-1] == close and text[0] not in inner and close not in inner:
+        return inner.strip()
     return text
 
 
@@ -232,16 +228,11 @@ def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
-def repeat_fraction(text: str, n: int = LOOP_NGRAM) -> float:
-    """The share of word n-grams that repeat an n-gram seen earlier in the text (0 when too short)."""
-    return _repeat_fraction(_words(text), n)
-
-
-def _repeat_fraction(words: list[str], n: int) -> float:
-    grams = _ngrams(words, n)
-    if not grams:
-        return 0.0
-    return 1.0 - len(set(grams)) / len(grams)
+def repeat_fraction(text: str | list[str], n: int = LOOP_NGRAM) -> float:
+    """The share of word n-grams that repeat an n-gram seen earlier in the text (or list of its
+    words): 0 when too short."""
+    grams = _ngrams(_words(text) if isinstance(text, str) else text, n)
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def zlib_ratio(text: str) -> float:
@@ -250,23 +241,15 @@ def zlib_ratio(text: str) -> float:
     return len(zlib.compress(raw, 9)) / len(raw) if raw else 1.0
 
 
-def is_loop(text: str) -> bool:
-    """Whether the text is stuck in a loop (the module doc gives the measures and thresholds)."""
-    return _is_loop(text, _words(text))
-
-
-def _is_loop(text: str, words: list[str]) -> bool:
-    if len(words) >= LOOP_MIN_WORDS and _repeat_fraction(words, LOOP_NGRAM) >= LOOP_REPEAT_FRACTION:
-        return True
-    spans = Counter(_ngrams(words, LOOP_SPAN_NGRAM))
-    if spans and max(spans.values()) >= LOOP_SPAN_TIMES:
-        return True
-    sentences = Counter(
-        " ".join(w) for w in map(_words, _SENTENCE_SPLIT.split(text)) if len(w) >= LOOP_MIN_SENTENCE_WORDS
-    )
-    if sentences and max(sentences.values()) >= LOOP_SENTENCE_TIMES:
-        return True
-    return len(text) >= LOOP_MIN_CHARS and zlib_ratio(text) < LOOP_ZLIB_RATIO
+def is_loop(text: str, words: list[str] | None = None) -> bool:
+    """Whether the text (whose ``words`` the caller may have split already) is stuck in a loop (the
+    module doc gives the measures and thresholds)."""
+    words = _words(text) if words is None else words
+    return ((len(words) >= LOOP_MIN_WORDS and repeat_fraction(words) >= LOOP_REPEAT_FRACTION)
+            or max(Counter(_ngrams(words, LOOP_SPAN_NGRAM)).values(), default=0) >= LOOP_SPAN_TIMES
+            or max(Counter(" ".join(w) for w in map(_words, _SENTENCE_SPLIT.split(text))
+                           if len(w) >= LOOP_MIN_SENTENCE_WORDS).values(), default=0) >= LOOP_SENTENCE_TIMES
+            or (len(text) >= LOOP_MIN_CHARS and zlib_ratio(text) < LOOP_ZLIB_RATIO))
 
 
 def is_meta(cleaned: str) -> bool:
@@ -274,53 +257,24 @@ def is_meta(cleaned: str) -> bool:
     return bool(_BARE_LABEL.match(cleaned) or _META_START.match(cleaned) or _META_ANYWHERE.search(cleaned))
 
 
-def overlap(text: str, source: str, n: int = RESTATE_NGRAM) -> float:
-    """The share of the text's word n-grams that also occur in ``source`` (0 when the text is too short)."""
-    return _overlap(_ngrams(_words(text), n), set(_ngrams(_words(source), n)))
+_Grams = tuple[int, list[tuple[str, ...]], frozenset[tuple[str, ...]]]
+
+
+def _grams(words: list[str]) -> _Grams:
+    """A text's word count and word n-grams (a list, and a set to look them up in)."""
+    grams = _ngrams(words, RESTATE_NGRAM)
+    return len(words), grams, frozenset(grams)
+
+
+@functools.lru_cache(maxsize=1024)
+def _example_grams(text: str) -> _Grams:
+    """The few-shot examples are the constitution's few texts, compared with every revision: their
+    n-grams are made once."""
+    return _grams(_words(text))
 
 
 def _overlap(grams: list[tuple[str, ...]], seen: Collection[tuple[str, ...]]) -> float:
-    if not grams:
-        return 0.0
-    return sum(g in seen for g in grams) / len(grams)
-
-
-@dataclass(frozen=True)
-class _Grams:
-    """A text's word count and word n-grams (a list, and a set to look them up in)."""
-
-    words: int
-    grams: list[tuple[str, ...]]
-    seen: frozenset[tuple[str, ...]]
-
-    @classmethod
-    def of(cls, text: str) -> _Grams:
-        return cls.of_words(_words(text))
-
-    @classmethod
-    def of_words(cls, words: list[str]) -> _Grams:
-        grams = _ngrams(words, RESTATE_NGRAM)
-        return cls(len(words), grams, frozenset(grams))
-
-
-# The few-shot examples are the constitution's few texts, compared with every revision: their
-# n-grams are made once.
-_example_grams = functools.lru_cache(maxsize=1024)(_Grams.of)
-
-
-def _restates(cleaned: _Grams, critique: str | None) -> bool:
-    """Most of the revision is the critique's wording."""
-    if not critique or cleaned.words < RESTATE_MIN_WORDS:
-        return False
-    return _overlap(cleaned.grams, set(_ngrams(_words(critique), RESTATE_NGRAM))) >= RESTATE_OVERLAP
-
-
-def _copies(cleaned: _Grams, example: str) -> bool:
-    """Most of the revision is the example's wording, or most of the example is in the revision."""
-    ex = _example_grams(example)
-    if cleaned.words < RESTATE_MIN_WORDS or ex.words < RESTATE_MIN_WORDS:
-        return False
-    return max(_overlap(cleaned.grams, ex.seen), _overlap(ex.grams, cleaned.seen)) >= RESTATE_OVERLAP
+    return sum(g in seen for g in grams) / len(grams) if grams else 0.0
 
 
 def check_text(
@@ -332,21 +286,24 @@ def check_text(
     limit cut it), ``critique`` the critique it answers, ``examples`` the few-shot texts the
     model was shown for this step (the principle's example responses and revisions).
     """
-    flags: set[str] = set()
-    if finish_reason == "length":
-        flags.add("truncated")
+    flags: set[str] = {"truncated"} if finish_reason == "length" else set()
     cleaned = clean_revision(text)
     if not _HAS_WORD.search(cleaned):
         flags.add("empty")
     else:
         words = _words(cleaned)
-        grams = _Grams.of_words(words)
-        if _is_loop(cleaned, words):
+        n, grams, seen = _grams(words)
+        if is_loop(cleaned, words):
             flags.add("loop")
         if is_meta(cleaned):
             flags.add("meta")
-        if _restates(grams, critique):
+        # most of the revision is the critique's wording
+        if (n >= RESTATE_MIN_WORDS and critique
+                and _overlap(grams, set(_ngrams(_words(critique), RESTATE_NGRAM))) >= RESTATE_OVERLAP):
             flags.add("restates_critique")
-        if any(_copies(grams, ex) for ex in examples):
+        # most of the revision is an example's wording, or most of an example is in the revision
+        if n >= RESTATE_MIN_WORDS and any(
+                ex_n >= RESTATE_MIN_WORDS and max(_overlap(grams, ex_seen), _overlap(ex_grams, seen)) >= RESTATE_OVERLAP
+                for ex_n, ex_grams, ex_seen in map(_example_grams, examples)):
             flags.add("copies_example")
     return [f for f in FLAGS if f in flags]

@@ -1,4 +1,4 @@
-"""Measure a judge against human labels, beside a naive judge that parses the answer text.
+"""The naive judge that `cai eval-judge` measures beside the real one against human labels.
 
 The naive judge is what one writes first: show the pair once (A/B as given), let the model
 write a few tokens, find the letter in the text. It uses the same principles as the real judge,
@@ -14,10 +14,10 @@ from typing import Any
 
 from ..backends.base import Backend, Request, Sampling
 from ..constitution import Constitution
+from ..stages.judge import JudgeConfig, aggregate, principles_for, provenance
+from ..stages.pairs import Pair
+from ..stages.runner import Call, Outcome, run_rows, stage_fingerprint
 from ..templates import Templates
-from .judge import JudgeConfig, aggregate, principles_for, provenance
-from .pairs import Pair
-from .runner import Call, Outcome, run_rows, stage_fingerprint
 
 _LETTER = [
     re.compile(r"\(([AB])\)"),
@@ -43,26 +43,15 @@ class NaiveConfig:
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=12))
 
     def judge_cfg(self) -> JudgeConfig:
-        return JudgeConfig(
-            principles=self.principles,
-            seed=self.seed,
-            both_orders=False,
-            tie_threshold=self.tie_threshold,
-        )
+        return JudgeConfig(principles=self.principles, seed=self.seed, both_orders=False,
+                           tie_threshold=self.tie_threshold)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "naive": True,
-            "principles": self.principles,
-            "seed": self.seed,
-            "tie_threshold": self.tie_threshold,
-            "sampling": self.sampling.to_dict(),
-        }
+        return {"naive": True, "principles": self.principles, "seed": self.seed,
+                "tie_threshold": self.tie_threshold, "sampling": self.sampling.to_dict()}
 
 
-def naive_fingerprint(
-    backend: Backend, constitution: Constitution, templates: Templates, cfg: NaiveConfig
-) -> str:
+def naive_fingerprint(backend: Backend, constitution: Constitution, templates: Templates, cfg: NaiveConfig) -> str:
     return stage_fingerprint("naive-judge", backend, constitution, templates, ("judge",), cfg.to_dict())
 
 
