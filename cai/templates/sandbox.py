@@ -29,7 +29,7 @@ from jinja2.compiler import CodeGenerator, Frame, optimizeconst
 from jinja2.filters import do_batch, do_center, do_format, do_indent, do_replace, sync_do_join
 from jinja2.runtime import markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
-from jinja2.utils import missing
+from jinja2.utils import Namespace, missing
 
 from ..errors import CaiError, TemplateError
 
@@ -62,6 +62,8 @@ def size(x: Any, limit: int = MAX_CHARS, depth: int = 0) -> int:
         items: Iterable[Any] = x.items()
     elif isinstance(x, Collection) and not isinstance(x, jinja2.Undefined):
         items = x
+    elif isinstance(x, Namespace):  # it hides its __dict__
+        items = object.__getattribute__(x, "_Namespace__attrs").values()
     elif isinstance(getattr(x, "__dict__", None), dict) and not callable(x):  # a namespace, a principle
         items = vars(x).values()
     else:
@@ -165,7 +167,7 @@ def _check_method(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tu
     return args
 
 
-class _TextBuffer(list):  # type: ignore[type-arg]
+class _TextBuffer(list[str]):
     """The text of a macro, a ``{% set %}`` block or a filter block, refused as it passes the cap."""
 
     chars = 0
@@ -212,7 +214,7 @@ class _CappedCodeGenerator(CodeGenerator):
         self.writeline(f"{frame.buffer} = environment.text_buffer()")
 
 
-_LOOKED_UP: ContextVar[jinja2.Undefined | None] = ContextVar("cai_undefined", default=None)
+_LOOKED_UP: ContextVar[tuple[jinja2.Undefined, str] | None] = ContextVar("cai_undefined", default=None)
 
 
 class _Undefined(jinja2.StrictUndefined):
@@ -222,8 +224,9 @@ class _Undefined(jinja2.StrictUndefined):
 
     @property
     def _undefined_message(self) -> str:
-        _LOOKED_UP.set(self)
-        return super()._undefined_message
+        message = super()._undefined_message
+        _LOOKED_UP.set((self, message))
+        return message
 
 
 class CappedSandbox(ImmutableSandboxedEnvironment):
@@ -396,18 +399,17 @@ def render_error(err: Exception, ctx: dict[str, Any], name: str, file: str) -> C
 def undefined_message(err: jinja2.UndefinedError, ctx: dict[str, Any]) -> str:
     """What was missing, named as the template wrote it, and what was there instead (never
     "'cai.constitution.Principle object' has no attribute ...")."""
-    u, obj = _LOOKED_UP.get(), missing
+    u, said = _LOOKED_UP.get() or (None, None)
     _LOOKED_UP.set(None)
-    if isinstance(u, _Undefined) and not u._undefined_hint:
-        obj = u._undefined_obj
+    obj = u._undefined_obj if u is not None and said == err.message and not u._undefined_hint else missing
     if obj is missing:
         return f"{err.message}; variables available: {', '.join(sorted(ctx))}"
-    kind = type(obj).__name__
-    what = next((k for k, v in ctx.items() if v is obj), None) or f"{'an' if kind[0] in 'AEIOU' else 'a'} {kind}"
+    kind, name = type(obj).__name__, u._undefined_name  # type: ignore[union-attr]
+    what = f"{'an' if kind[0] in 'AEIOUaeiou' else 'a'} {kind}"
+    var = next((k for k, v in ctx.items() if v is obj), None)
     fields = getattr(type(obj), "model_fields", None) or (obj if isinstance(obj, Mapping) else None)
-    if fields is None:
-        return f"{what} ({kind}) has no attribute {u._undefined_name!r}"  # type: ignore[union-attr]
-    return f"{what} has no attribute {u._undefined_name!r}; it has: {', '.join(map(str, fields))}"  # type: ignore[union-attr]
+    return (f"{f'{var} ({what})' if var else what} has no {'attribute' if isinstance(name, str) else 'element'} "
+            f"{name!r}" + (f"; it has: {', '.join(map(str, fields))}" if fields else ""))
 
 
 def _generator_line(gen: Any) -> int | None:
