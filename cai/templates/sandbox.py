@@ -1,16 +1,14 @@
-"""The sandbox templates render in: Jinja2's immutable sandbox, with caps on what a template builds.
+"""Jinja2's immutable sandbox, with caps on what a template builds.
 
-Every value a template builds (a literal, an operator's or a filter's or a call's result, a macro's
-or a ``{% set %}`` block's text) is measured in characters (a list, dict or object: its items', plus
-one each) and refused, with a ``TemplateError`` naming the file and line, once it would pass
-``MAX_CHARS``: before it is built where its size is known beforehand (``'a' * 10**10``, ``[s] *
-999999``, ``s.ljust(10**9)``, ``'%10000000s' % x``, a ``join`` or ``replace`` that grows), item by
-item while it is built otherwise (an iterator a filter returns, a block's text). Integers are capped
-at ``MAX_INT_BITS`` bits, ``range`` at ``MAX_RANGE`` numbers, a render at ``MAX_WORK`` steps (loop
-iterations and calls), and the rendered message at ``MAX_CHARS`` characters as it streams. So a
-mistake ends in one line, in bounded memory. A template is configuration the user trusts: the caps
-catch its mistakes (a loop nested too deep, a repeat too big); they do not try to stop a template
-written to burn CPU time within its budget.
+Every value a template builds (a literal; an operator's, filter's or call's result; a macro's or
+``{% set %}`` block's text) is measured in characters (a list, dict or object: its items', plus one
+each) and refused, as a ``TemplateError`` naming file and line, past ``MAX_CHARS``: before it is
+built where its size is known beforehand (``'a' * 10**10``, ``[s] * 999999``, ``s.ljust(10**9)``,
+``'%10000000s' % x``, a growing ``join`` or ``replace``), item by item otherwise (an iterator a
+filter returns, a block's text). Integers are capped at ``MAX_INT_BITS`` bits, ``range`` at
+``MAX_RANGE`` numbers, a render at ``MAX_WORK`` steps (loop iterations and calls), the rendered
+message at ``MAX_CHARS`` characters as it streams. A template is configuration the user trusts: the
+caps turn its mistakes into one line in bounded memory; they do not stop one written to burn CPU.
 """
 
 from __future__ import annotations
@@ -109,10 +107,6 @@ def _int_cap(bits: float) -> None:
                             f"limit of {MAX_INT_BITS:,}")
 
 
-def _ints(args: Iterable[Any]) -> list[int]:
-    return [a for a in args if isinstance(a, int)]
-
-
 def _check_printf(fmt: str, args: Any) -> None:
     """Refuse ``'%10000000s' % x`` and ``'%*s' % (10**9, x)``."""
     star = False
@@ -123,8 +117,8 @@ def _check_printf(fmt: str, args: Any) -> None:
             elif x:
                 _too_big(int(x), "a padded field")
     if star:
-        for n in _ints(args if isinstance(args, tuple) else (args,)):
-            _too_big(abs(n), "a padded field")
+        for n in args if isinstance(args, tuple) else (args,):
+            _too_big(abs(n) if isinstance(n, int) else 0, "a padded field")
 
 
 def _check_format(fmt: str, args: Iterable[Any]) -> None:
@@ -134,18 +128,21 @@ def _check_format(fmt: str, args: Iterable[Any]) -> None:
         for num in re.findall(r"\d+", spec or ""):
             _too_big(int(num), "a padded field")
         nested = nested or "{" in (spec or "")
-    for n in _ints(args) if nested else ():
-        _too_big(abs(n), "a padded field")
+    for n in args if nested else ():
+        _too_big(abs(n) if isinstance(n, int) else 0, "a padded field")
 
 
 def _check_method(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """Bound methods of strings that can grow them: check the size they would make. Returns the
     arguments to call with (an iterator given to ``join`` is read into a list first)."""
-    owner = getattr(obj, "__self__", None)
+    method = getattr(obj, "__wrapped__", obj)  # str.format comes wrapped by the sandbox
+    owner, name = getattr(method, "__self__", None), getattr(method, "__name__", "")
     if not isinstance(owner, (str, bytes)):
         return args
-    name = getattr(obj, "__name__", "")
-    if name in ("ljust", "rjust", "center", "zfill") and args and isinstance(args[0], int):
+    if name in ("format", "format_map") and isinstance(owner, str):
+        mapped = args[0].values() if args and isinstance(args[0], dict) else ()
+        _check_format(owner, [*args, *kwargs.values(), *mapped])
+    elif name in ("ljust", "rjust", "center", "zfill") and args and isinstance(args[0], int):
         _too_big(args[0], "a string")
     elif name == "expandtabs":
         tab = args[0] if args else kwargs.get("tabsize", 8)
@@ -297,19 +294,6 @@ class CappedSandbox(ImmutableSandboxedEnvironment):
         __self.step()
         args = _check_method(__obj, args, kwargs)
         return checked(__context.call(__obj, *args, **kwargs))
-
-    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
-        wrapped = super().wrap_str_format(value)
-        if wrapped is None:
-            return None
-        fmt, is_map = value.__self__, value.__name__ == "format_map"
-
-        def checked_format(*args: Any, **kwargs: Any) -> str:
-            mapping = args[0] if is_map and len(args) == 1 and isinstance(args[0], dict) else kwargs
-            _check_format(fmt, [*(() if mapping is not kwargs else args), *mapping.values()])
-            return wrapped(*args, **kwargs)
-
-        return functools.update_wrapper(checked_format, value)
 
 
 def capped_range(*args: int) -> range:
