@@ -31,16 +31,9 @@ class Templates:
         self.user_folder = Path(folder) if folder is not None else None
         if self.user_folder is not None and not self.user_folder.is_dir():
             raise TemplateError("templates folder not found", file=str(self.user_folder))
-        dirs = [str(data_path("prompts"))]
-        if self.user_folder is not None:
-            dirs.insert(0, str(self.user_folder))
-        self.env = CappedSandbox(
-            loader=jinja2.FileSystemLoader(dirs),
-            autoescape=False,
-            keep_trailing_newline=False,
-        )
-        self.env.filters["conversation"] = format_conversation
-        self.env.filters["fenced"] = fenced
+        dirs = [str(d) for d in (self.user_folder, data_path("prompts")) if d is not None]  # the user's first
+        self.env = CappedSandbox(loader=jinja2.FileSystemLoader(dirs))
+        self.env.filters.update(conversation=format_conversation, fenced=fenced)
         self._cache: dict[str, jinja2.Template | None] = {}
         self._own_examples: dict[str, bool] = {}
         self._continues: bool | None = None
@@ -55,9 +48,8 @@ class Templates:
             except jinja2.TemplateNotFound:
                 self._cache[name] = None
             except jinja2.TemplateSyntaxError as e:
-                raise TemplateError(
-                    f"template syntax error: {e.message}", file=e.filename or name, line=e.lineno
-                ) from None
+                raise TemplateError(f"template syntax error: {e.message}", file=e.filename or name,
+                                    line=e.lineno) from None
         return self._cache[name]
 
     def source_path(self, name: str) -> str:

@@ -62,7 +62,7 @@ def size(x: Any, limit: int = MAX_CHARS, depth: int = 0) -> int:
         items = x
     elif isinstance(x, Namespace):  # it hides its __dict__
         items = object.__getattribute__(x, "_Namespace__attrs").values()
-    elif isinstance(getattr(x, "__dict__", None), dict) and not callable(x):  # a namespace, a principle
+    elif isinstance(getattr(x, "__dict__", None), dict) and not callable(x):  # a principle, a cycler
         items = vars(x).values()
     else:
         return 1
@@ -109,16 +109,10 @@ def _int_cap(bits: float) -> None:
 
 def _check_printf(fmt: str, args: Any) -> None:
     """Refuse ``'%10000000s' % x`` and ``'%*s' % (10**9, x)``."""
-    star = False
-    for width, prec in _PRINTF.findall(fmt):
-        for x in (width, prec):
-            if x == "*":
-                star = True
-            elif x:
-                _too_big(int(x), "a padded field")
-    if star:
-        for n in args if isinstance(args, tuple) else (args,):
-            _too_big(abs(n) if isinstance(n, int) else 0, "a padded field")
+    sizes = [x for spec in _PRINTF.findall(fmt) for x in spec if x]
+    stars = [abs(n) for n in (args if isinstance(args, tuple) else (args,)) if isinstance(n, int)]
+    for n in [int(x) for x in sizes if x != "*"] + (stars if "*" in sizes else []):
+        _too_big(n, "a padded field")
 
 
 def _check_format(fmt: str, args: Iterable[Any]) -> None:
