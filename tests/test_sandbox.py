@@ -134,3 +134,15 @@ def test_ordinary_loops_lists_and_macros_still_render(tmp_path: Path):
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     (msg,) = Templates(tmp_path).messages("critique", conversation=conv, response="r", principle=None, round=1)
     assert msg["content"] == "1:user=hi;2:assistant=yo; 1+2+3 {\"a\": 1} ['x', 'x', 'x'] 012 ['0', '1', '2']"
+
+
+def test_an_imported_templates_text_is_capped_and_its_macros_work(tmp_path: Path, memory_guard: None):
+    (tmp_path / "lib.j2").write_text("top{% macro m() %}M{% endmacro %}")
+    (tmp_path / "big.j2").write_text("{% for i in range(100000) %}{{ 'a' * 999 ~ i }}{% endfor %}")
+    (tmp_path / "critique.user.j2").write_text("{% import 'lib.j2' as lib %}{% from 'lib.j2' import m %}"
+                                               "{{ lib.m() }}{{ m() }}{{ lib }}")
+    kw = {"conversation": [], "response": "r", "principle": None, "round": 1}
+    assert Templates(tmp_path).messages("critique", **kw) == [{"role": "user", "content": "MMtop"}]
+    (tmp_path / "critique.user.j2").write_text("Critique:\n{% import 'big.j2' as big %}\n")
+    with pytest.raises(TemplateError, match=r"critique\.user\.j2:2: the template would make a string of 1,000,888 "):
+        Templates(tmp_path).messages("critique", **kw)
