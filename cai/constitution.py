@@ -176,36 +176,22 @@ def _draw(principles: Sequence[Principle], key: str, k: int, seed: int, salt: st
 # --- loading with line numbers -------------------------------------------------------------
 
 
-def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), out: dict | None = None) -> dict:
-    """Map each path in the YAML document (keys and list indexes) to its 1-based line."""
+def _line_map(node: yaml.Node, file: str, path: tuple[Any, ...] = (), out: dict | None = None) -> dict:
+    """Map each path in the YAML document (keys and list indexes) to its 1-based line; a key
+    that appears twice in one mapping is an error."""
     out = {} if out is None else out
     out.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
-            key = k.value
-            out[(*path, key)] = k.start_mark.line + 1
-            _line_map(v, (*path, key), out)
+            if (*path, k.value) in out:
+                raise ConfigError("key appears twice in one mapping", file=file, line=k.start_mark.line + 1,
+                                  field=str(k.value), hint="remove one of them")
+            out[(*path, k.value)] = k.start_mark.line + 1
+            _line_map(v, file, (*path, k.value), out)
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
-            _line_map(v, (*path, i), out)
+            _line_map(v, file, (*path, i), out)
     return out
-
-
-def _check_duplicate_keys(node: yaml.Node, file: str) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for k, v in node.value:
-            if k.value in seen:
-                raise ConfigError(
-                    "key appears twice in one mapping",
-                    file=file, line=k.start_mark.line + 1, field=str(k.value),
-                    hint="remove one of them",
-                )
-            seen.add(k.value)
-            _check_duplicate_keys(v, file)
-    elif isinstance(node, yaml.SequenceNode):
-        for v in node.value:
-            _check_duplicate_keys(v, file)
 
 
 # libyaml's safe loader where PyYAML has it: the same documents, marks and errors, parsed
@@ -236,8 +222,7 @@ def load_yaml_with_lines(path: Path) -> tuple[Any, dict]:
         raise ConfigError(f"YAML syntax error: {e}", file=file) from None
     if node is None:
         raise ConfigError("file is empty", file=file, hint="see principles.yaml for the format")
-    _check_duplicate_keys(node, file)
-    return data, _line_map(node)
+    return data, _line_map(node, file)
 
 
 def validation_to_config_error(err: ValidationError, file: str, lines: dict) -> ConfigError:
