@@ -54,7 +54,8 @@ from cai.errors import TemplateError
 from cai.templates import Templates
 from cai.constitution import Principle
 vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
-resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30) if hard < 0 else min(vm + (1 << 30), hard), hard))
 base = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 1024  # KiB resident now
 p = Principle(id="p", critique="c", revision="r", comparison="q")
 out = []
@@ -90,7 +91,7 @@ def memory_guard() -> Iterator[None]:
     not a shared machine out of memory."""
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     vm = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
-    resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), hard))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30) if hard < 0 else min(vm + (1 << 30), hard), hard))
     try:
         yield
     finally:
@@ -104,7 +105,7 @@ def test_cai_render_stops_with_one_line(source: str, expect: str, tmp_path: Path
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "critique.user.j2").write_text("Critique:\n" + source + "\n")
     (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
-    code = main(["render", "critique", "p.jsonl", "-t", "t"])
+    code = main(["render", "critique", "p.jsonl", "--templates", "t"])
     err = capsys.readouterr().err.strip()
     assert code == EXIT_USAGE and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("error: ") and "critique.user.j2:2: " in err and expect in err, err
