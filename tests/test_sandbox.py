@@ -147,3 +147,15 @@ def test_an_imported_templates_text_is_capped_and_its_macros_work(tmp_path: Path
     (tmp_path / "critique.user.j2").write_text("Critique:\n{% import 'big.j2' as big %}\n")
     with pytest.raises(TemplateError, match=r"critique\.user\.j2:2: the template would make a string of 1,000,888 "):
         Templates(tmp_path).messages("critique", **kw)
+
+
+def test_cai_render_names_an_undefined_attribute_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "critique.user.j2").write_text("Critique:\n{{ principle.critiqu }}\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    assert main(["render", "critique", "p.jsonl", "--templates", "t"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cai.constitution" not in err, err
+    assert "critique.user.j2:2: principle (a Principle) has no attribute 'critiqu'; it has: id, critique" in err, err

@@ -111,7 +111,7 @@ class Templates:
 
     def _continued_revision(self, ctx: dict[str, Any]) -> list[Message]:
         """The critique's request as sent, the critique as the assistant's turn (after the
-        critique's answer prefix, if any), then the revision request (module doc)."""
+        critique's answer prefix, if any), then the revision request (package doc)."""
         if "critique" not in ctx:  # never sent without it: the chat would end at the critique request
             raise TemplateError("a revision continues its critique: no critique given",
                                 file=self.source_path("revise.user.j2"))
@@ -129,7 +129,7 @@ class Templates:
 
     def revision_continues(self) -> bool:
         """Whether a revision continues the critique's chat: the revise templates read none of
-        ``conversation``, ``response`` and ``critique`` (module doc)."""
+        ``conversation``, ``response`` and ``critique`` (package doc)."""
         if self._continues is None:
             self._continues = not any(self._stage_reads("revise", mentions_context))
         return self._continues
@@ -165,7 +165,7 @@ class Templates:
         return False
 
     def example_turns(self, stage: str, **ctx: Any) -> list[Message]:
-        """The principle's few-shot examples for ``stage``, as chat turns (see the module doc)."""
+        """The principle's few-shot examples for ``stage``, as chat turns (see the package doc)."""
         p = ctx.get("principle")
         if p is None or self.handles_examples(stage):
             return []
