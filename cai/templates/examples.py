@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jinja2 import nodes
-
-if TYPE_CHECKING:
-    from .render import Templates
 
 ROLES = ("system", "user", "assistant")
 STAGES = ("generate", "critique", "revise", "judge", "judge_cot", "judge_cot_answer")
@@ -35,8 +32,8 @@ def mentions_examples(node: nodes.Node) -> bool:
     return False
 
 
-def example_turns(tpl: Templates, stage: str, p: Any, ctx: dict[str, Any]) -> list[tuple[str, str]]:
-    """The (role, text) turns of principle ``p``'s examples for ``stage``."""
+def example_turns(tpl: Any, stage: str, p: Any, ctx: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (role, text) turns of principle ``p``'s examples for ``stage``, rendered by ``tpl`` (a Templates)."""
     turns: list[tuple[str, str]] = []
     if stage in ("critique", "revise"):
         for ex in getattr(p, "examples", ()):
