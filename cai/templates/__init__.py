@@ -1,38 +1,25 @@
 """Jinja2 prompt templates, rendered in a capped sandbox (``sandbox``) with strict undefined names.
 
-A stage's prompt is made of up to three files in a templates folder:
-``{stage}.system.j2`` (optional), ``{stage}.user.j2`` and ``{stage}.assistant.j2`` (optional:
-a prefix the model continues, such as "The answer is: ("). A user folder given with
-``--templates DIR`` is searched first, then the templates shipped with cai, so a user can
-override one file and keep the rest.
+A stage's prompt is up to three files: ``{stage}.system.j2`` (optional), ``{stage}.user.j2`` and
+``{stage}.assistant.j2`` (optional: a prefix the model continues, such as "The answer is: ("). A
+folder given with ``--templates DIR`` is searched first, then the shipped ``prompts/``, so a user
+can override one file and keep the rest.
 
-Few-shot examples. A principle's examples are sent as real chat turns between the system
-message and the live request that the stage's templates render (the CAI paper's and Hugging
-Face's open CAI recipe's format, prompt included):
+Few-shot examples are real chat turns between the system message and the live request (the CAI
+paper's and Hugging Face's open CAI recipe's format): critique: user ``example.prompt``, assistant
+``example.response``, user ``principle.critique``, assistant ``example.critique``; revise: the same,
+then user ``principle.revision``, assistant ``example.revision``; the judge stages: per
+``principle.judge_examples`` (the CoT stages: those with a ``reasoning``), user the stage's own user
+template rendered on the example, assistant the answer prefix (``judge.assistant.j2``, or
+``judge_cot_answer.assistant.j2`` with the reasoning) and the letter.
 
-- critique: user ``example.prompt``, assistant ``example.response``, user the critique request
-  (``principle.critique``), assistant ``example.critique`` (and the revise stage's two more
-  turns when the revision continues the critique's chat, below);
-- revise: the same four turns, then user the revision request (``principle.revision``),
-  assistant ``example.revision``;
-- judge, judge_cot, judge_cot_answer: for each of ``principle.judge_examples``, user the stage's
-  own user template rendered on the example (its prompt, response_a, response_b), assistant
-  the answer prefix (``judge.assistant.j2``, or ``judge_cot_answer.assistant.j2`` with the
-  example's reasoning for the CoT stages) followed by the answer letter. The CoT stages use
-  only the examples that have a ``reasoning``.
-
-How a revision is asked. When the revise templates read none of ``conversation``, ``response``
-and ``critique`` (the shipped ``revise.user.j2`` shows only the revision request), the revision
-continues the critique's chat, as in the CAI paper: the critique request exactly as sent, the
-critique as the assistant's turn, then the revision request. The critique's example turns then
-carry each example's revision too, so that a revision request begins with every token of its
-critique request and an engine's prefix cache reuses the whole critique (prompt and answer).
-A revise template that shows the context itself (cai 0.1's did) is sent on its own, after the
-revise example turns, as before.
-
-A stage whose templates use ``principle.examples`` or ``principle.judge_examples`` themselves
-(as the templates of cai 0.x did) renders the examples its own way and gets no example turns,
-so that an older template folder keeps sending exactly what it sent.
+When the revise templates read none of ``conversation``, ``response`` and ``critique`` (the shipped
+``revise.user.j2``), a revision continues the critique's chat, as in the CAI paper: the critique
+request exactly as sent (its example turns then carry each example's revision too), the critique as
+the assistant's turn, then the revision request; so an engine's prefix cache reuses the whole
+critique. A revise template that shows the context itself (cai 0.1's) is sent on its own, after the
+revise example turns. A stage whose templates read ``principle.examples`` or
+``principle.judge_examples`` themselves (cai 0.x's) gets no example turns: it sends what it sent.
 """
 
 from .examples import JUDGE_STAGES, ROLES, STAGES, answer_text
