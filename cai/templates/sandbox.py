@@ -144,19 +144,26 @@ def _check_method(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tu
         if isinstance(tab, int):
             _too_big(len(owner) + owner.count("\t" if isinstance(owner, str) else b"\t") * tab, "a string")  # type: ignore[arg-type]
     elif name == "replace" and len(args) >= 2 and isinstance(args[0], type(owner)) and isinstance(args[1], type(owner)):
-        count = owner.count(args[0]) if args[0] else len(owner) + 1  # type: ignore[arg-type]
-        if len(args) > 2 and isinstance(args[2], int) and args[2] >= 0:
-            count = min(count, args[2])
-        _too_big(len(owner) + count * max(0, len(args[1]) - len(args[0])), "a string")
+        _check_replace(owner, args[0], args[1], args[2] if len(args) > 2 else None)
     elif name == "join" and args:
         items = list(args[0])
-        _too_big(sum(len(x) for x in items if isinstance(x, _SIZED)) + len(owner) * max(0, len(items) - 1),
-                 "a string")
+        _check_join(items, owner)
         return (items, *args[1:])
     elif name == "translate" and args and isinstance(args[0], dict):
         longest = max((len(v) for v in args[0].values() if isinstance(v, _SIZED)), default=1)
         _too_big(len(owner) * max(1, longest), "a string")
     return args
+
+
+def _check_replace(text: Any, old: Any, new: Any, count: Any) -> None:
+    times = text.count(old) if old else len(text) + 1
+    if isinstance(count, int) and count >= 0:
+        times = min(times, count)
+    _too_big(len(text) + times * max(0, len(new) - len(old)), "a string")
+
+
+def _check_join(items: list[Any], sep: Any) -> None:
+    _too_big(sum(size(x) for x in items) + len(sep) * max(0, len(items) - 1), "a string")
 
 
 class _TextBuffer(list[str]):
@@ -327,11 +334,7 @@ def _capped_format(value: str, *args: Any, **kwargs: Any) -> str:
 
 @jinja2.pass_eval_context
 def _capped_replace(eval_ctx: Any, s: str, old: str, new: str, count: int | None = None) -> str:
-    text, o, n = str(s), str(old), str(new)
-    times = text.count(o) if o else len(text) + 1
-    if count is not None and count >= 0:
-        times = min(times, count)
-    _too_big(len(text) + times * max(0, len(n) - len(o)), "a string")
+    _check_replace(str(s), str(old), str(new), count)
     return do_replace(eval_ctx, s, old, new, count)
 
 
@@ -339,7 +342,7 @@ def _capped_replace(eval_ctx: Any, s: str, old: str, new: str, count: int | None
 def _capped_join(eval_ctx: Any, value: Iterable[Any], d: str = "", attribute: str | int | None = None) -> str:
     items = list(value)
     if attribute is None:
-        _too_big(sum(size(x) for x in items) + len(str(d)) * max(0, len(items) - 1), "a string")
+        _check_join(items, str(d))
     return sync_do_join(eval_ctx, items, d, attribute)
 
 
