@@ -144,9 +144,7 @@ class Constitution(BaseModel):
         return _draw(self.principles, key, k, seed, salt)
 
 
-def draw_ids(
-    principles: Sequence[Principle], key: str, k: int, seed: int = 0, salt: str = ""
-) -> list[str]:
+def draw_ids(principles: Sequence[Principle], key: str, k: int, seed: int = 0, salt: str = "") -> list[str]:
     """Weighted rendezvous hashing (Efraimidis-Spirakis keys over a per-(key, id) hash).
 
     Each principle gets the score ``-ln(u) / weight`` with ``u`` a uniform hash of
@@ -176,36 +174,22 @@ def _draw(principles: Sequence[Principle], key: str, k: int, seed: int, salt: st
 # --- loading with line numbers -------------------------------------------------------------
 
 
-def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), out: dict | None = None) -> dict:
-    """Map each path in the YAML document (keys and list indexes) to its 1-based line."""
+def _line_map(node: yaml.Node, file: str, path: tuple[Any, ...] = (), out: dict | None = None) -> dict:
+    """Map each path in the YAML document (keys and list indexes) to its 1-based line; a key
+    that appears twice in one mapping is an error."""
     out = {} if out is None else out
     out.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
-            key = k.value
-            out[(*path, key)] = k.start_mark.line + 1
-            _line_map(v, (*path, key), out)
+            if (*path, k.value) in out:
+                raise ConfigError("key appears twice in one mapping", file=file, line=k.start_mark.line + 1,
+                                  field=str(k.value), hint="remove one of them")
+            out[(*path, k.value)] = k.start_mark.line + 1
+            _line_map(v, file, (*path, k.value), out)
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
-            _line_map(v, (*path, i), out)
+            _line_map(v, file, (*path, i), out)
     return out
-
-
-def _check_duplicate_keys(node: yaml.Node, file: str) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for k, v in node.value:
-            if k.value in seen:
-                raise ConfigError(
-                    "key appears twice in one mapping",
-                    file=file, line=k.start_mark.line + 1, field=str(k.value),
-                    hint="remove one of them",
-                )
-            seen.add(k.value)
-            _check_duplicate_keys(v, file)
-    elif isinstance(node, yaml.SequenceNode):
-        for v in node.value:
-            _check_duplicate_keys(v, file)
 
 
 # libyaml's safe loader where PyYAML has it: the same documents, marks and errors, parsed
@@ -236,8 +220,7 @@ def load_yaml_with_lines(path: Path) -> tuple[Any, dict]:
         raise ConfigError(f"YAML syntax error: {e}", file=file) from None
     if node is None:
         raise ConfigError("file is empty", file=file, hint="see principles.yaml for the format")
-    _check_duplicate_keys(node, file)
-    return data, _line_map(node)
+    return data, _line_map(node, file)
 
 
 def validation_to_config_error(err: ValidationError, file: str, lines: dict) -> ConfigError:
@@ -245,31 +228,20 @@ def validation_to_config_error(err: ValidationError, file: str, lines: dict) -> 
     errors = err.errors()
     # A failing item inside `principles` also makes pydantic report "too short" on the list
     # itself; that echo is not a separate problem.
-    errors = [
-        e for e in errors
-        if not (e["type"] == "too_short"
-                and any(o is not e and tuple(o["loc"])[: len(e["loc"])] == tuple(e["loc"])
-                        for o in errors))
-    ] or errors
+    errors = [e for e in errors if not (e["type"] == "too_short" and any(
+        o is not e and tuple(o["loc"])[: len(e["loc"])] == tuple(e["loc"]) for o in errors))] or errors
     # A misspelt key shows up twice: as an unknown field and as a missing one. The unknown
     # field is the real mistake, so report it first.
     errors.sort(key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
     loc = tuple(first["loc"])
-    line = None
-    for cut in range(len(loc), -1, -1):
-        if loc[:cut] in lines:
-            line = lines[loc[:cut]]
-            break
+    line = next((lines[loc[:cut]] for cut in range(len(loc), -1, -1) if loc[:cut] in lines), None)
     field = ".".join(str(p) for p in loc) or None
     kind, msg = first["type"], first["msg"]
     hint = None
     if kind == "extra_forbidden":
         msg = "unknown field"
-        missing = [
-            str(e["loc"][-1]) for e in errors
-            if e["type"] == "missing" and tuple(e["loc"][:-1]) == loc[:-1]
-        ]
+        missing = [str(e["loc"][-1]) for e in errors if e["type"] == "missing" and tuple(e["loc"][:-1]) == loc[:-1]]
         close = difflib.get_close_matches(str(loc[-1]), missing, n=1) if loc else []
         hint = f"did you mean {close[0]!r}?" if close else None
     elif kind == "missing":
@@ -290,9 +262,7 @@ def load_constitution(path: str | Path | None = None) -> Constitution:
     p = Path(path) if path is not None else data_path("principles.yaml")
     data, lines = load_yaml_with_lines(p)
     if not isinstance(data, dict):
-        raise ConfigError(
-            "top level must be a mapping with name and principles", file=str(p), line=lines.get(())
-        )
+        raise ConfigError("top level must be a mapping with name and principles", file=str(p), line=lines.get(()))
     seen: dict[str, int] = {}
     items = data.get("principles")
     for i, item in enumerate(items if isinstance(items, list) else []):
@@ -300,11 +270,9 @@ def load_constitution(path: str | Path | None = None) -> Constitution:
         pid = pid.strip() if isinstance(pid, str) else pid
         if isinstance(pid, str) and pid in seen:
             first_line = lines.get(("principles", seen[pid], "id"))
-            raise ConfigError(
-                f"duplicate principle id {pid!r} (first at line {first_line})",
-                file=str(p), line=lines.get(("principles", i, "id")), field=f"principles.{i}.id",
-                hint="every principle needs its own id",
-            )
+            raise ConfigError(f"duplicate principle id {pid!r} (first at line {first_line})", file=str(p),
+                              line=lines.get(("principles", i, "id")), field=f"principles.{i}.id",
+                              hint="every principle needs its own id")
         if isinstance(pid, str):
             seen[pid] = i
     try:
