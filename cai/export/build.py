@@ -164,11 +164,32 @@ def scrub(obj: Any) -> Any:
     return obj
 
 
+def portable(value: Any, output: str | None = None) -> Any:
+    """Paths as an export may show them, in nested settings too: relative to the run folder
+    (``output``: the run folder as run.json records it), a ``path:line`` source keeps its
+    line, and an absolute path (or one climbing out with ``..``) keeps its file name only."""
+    if isinstance(value, dict):
+        return {k: portable(v, output) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, output) for v in value]
+    if not isinstance(value, str) or "://" in value:
+        return value
+    path, sep, line = value.rpartition(":")
+    if not (sep and path and line.isdigit()):
+        path, sep, line = value, "", ""
+    out = (output or "").rstrip("/\\")
+    if out and (path == out or path.startswith(out + "/")):
+        path = path[len(out):].lstrip("/") or "."
+    if path.startswith(("/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", path) or ".." in re.split(r"[\\/]", path):
+        path = re.split(r"[\\/]", path.rstrip("/\\"))[-1]
+    return path + sep + line
+
+
 def _row(kind: str, raw: dict[str, Any], where: str, full: bool) -> dict[str, Any]:
     """The exported row: TRL's columns, light metadata, the prompt's id (and the trace)."""
     src = raw.get("source")
     pids = raw.get("principle_ids") or []
-    common = {"id": str(raw.get("id", "")), "source": src if isinstance(src, str) else "",
+    common = {"id": str(raw.get("id", "")), "source": portable(src) if isinstance(src, str) else "",
               "principle_ids": [str(p) for p in pids] if isinstance(pids, list) else []}
     if kind == "sft":
         msgs = _messages(raw.get("messages"), where, "messages", last="assistant")
@@ -195,7 +216,7 @@ def _row(kind: str, raw: dict[str, Any], where: str, full: bool) -> dict[str, An
     row["prompt_id"] = prompt_id(prompt)
     if full:
         for c in TRACE[kind]:
-            v = scrub(raw.get(c)) if c == "provenance" else raw.get(c)
+            v = portable(scrub(raw.get(c))) if c == "provenance" else raw.get(c)
             row[c] = None if v is None else json.dumps(v, ensure_ascii=False, default=str)
     return row
 
