@@ -479,14 +479,18 @@ def cli_folders(tmp: Path) -> dict[str, Path]:
     return out
 
 
-def page_problems(page: str) -> list[str]:
-    """What misleads a reader of report.html: n/a tiles, unknowns in the header, empty sentences."""
-    header = re.search(r'<p class="meta">(.*?)</p>', page, re.S)
-    text = re.sub(r"<script.*?</script>|<style.*?</style>|<[^>]+>", " ", page, flags=re.S)
-    return ([f"n/a: {m.group(0)!r}" for m in re.finditer(r".{40}n/a.{20}", text)]
-            + (["? in the header"] if header is None or "?" in header.group(1) else [])
+def text_problems(text: str, header: str | None) -> list[str]:
+    """What misleads a reader of a page's text: n/a, unknowns in the header, empty sentences."""
+    return ([f"n/a: {m.group(0)!r}" for m in re.finditer(r".{0,40}n/a.{0,20}", text)]
+            + (["? in the header"] if header is None or "?" in header else [])
             + [f"empty sentence: {m.group(0)!r}" for m in re.finditer(r"\w[\w ]*:\s*\.", text)]
             + [f"empty value: {m.group(0)!r}" for m in re.finditer(r"(?:×|%|\d)\s*(?:,\s*){2,}", text)])
+
+
+def page_problems(page: str) -> list[str]:
+    header = re.search(r'<p class="meta">(.*?)</p>', page, re.S)
+    text = re.sub(r"<script.*?</script>|<style.*?</style>|<[^>]+>", " ", page, flags=re.S)
+    return text_problems(text, header.group(1) if header else None)
 
 
 def test_pages_of_revise_only_label_only_and_full_folders(tmp_path: Path):
