@@ -54,6 +54,12 @@ def test_card_tells_the_truth(run: Path, tmp_path: Path) -> None:
     # an explicit licence wins
     text = ex.save(ex.build(run), tmp_path / "o2", license="cc-by-4.0").joinpath("README.md").read_text()
     assert yaml.safe_load(text.split("---")[1])["license"] == "cc-by-4.0" and "`cc-by-4.0`" in text
+    # and `license:` in the run config comes before the source's
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["config"]["license"] = "apache-2.0"
+    (run / "run.json").write_text(json.dumps(manifest))
+    text = ex.save(ex.build(run), tmp_path / "o3").joinpath("README.md").read_text()
+    assert "license: apache-2.0" in text and "`apache-2.0` (the run config's `license`)" in text
 
 
 def test_no_preference_split_no_word_of_it(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -266,9 +266,10 @@ def render_card(export: Export, configs: list[dict[str, Any]], *, license: str |
     rows = export_rows(dd)
     srcs = sources(info, rows, output if isinstance(output, str) else None)
     known = {s["license"] for s in srcs}
-    if license in (None, "", "unknown"):
-        license = (m.get("config") or {}).get("license") or (known.pop() if len(known) == 1 and None not in known
-                                                             else "unknown")
+    configured = (m.get("config") or {}).get("license")
+    origin = "given" if license not in (None, "", "unknown") else "config" if configured else "source"
+    if origin != "given":
+        license = configured or (known.pop() if len(known) == 1 and None not in known else "unknown")
     cname = next((d.get("name") for d in info.constitutions if d.get("name")), None) or next(
         (p.get("constitution") for p in prov.values() if p.get("constitution")), "constitution")
     meta = {
@@ -297,7 +298,8 @@ def render_card(export: Export, configs: list[dict[str, Any]], *, license: str |
         if isinstance(judge, dict) else None,
         revise=revise_settings(revise) if isinstance(revise, dict) else None,
         diagnostics=diagnostics(rows, info), cost=cost(m) if info.manifest else {},
-        sources=srcs, license=license, report_error=error, report_html=(info.folder / "report.html").exists(),
+        sources=srcs, license=license, license_origin=origin, report_error=error,
+        report_html=(info.folder / "report.html").exists(),
         headline=[(*FIGURES.get(k, (k, "")), f"{v:.1%}" if k in RATES else _fmt(v))
                   for k, v in headline.items() if v is not None],
         constitutions=_constitutions(info), rest={**rest, **({"config": config} if config else {})})
