@@ -35,6 +35,17 @@ JUDGE_SETTINGS = {
     "fallback": ("structured-choice fallback", "ask again as a structured choice when no log-probs come back"),
     "seed": ("seed", "sampling seed"),
 }
+# The label stage's settings that are not the judge's (run.json ``config.label``).
+PAIR_SETTINGS = {
+    "sources": ("pair sources", "revisions: first answer vs final revision; sample: two sampled answers; "
+                "dataset: the given pairs"),
+    "pairs": ("pairs file", "the given pairs (source dataset)"),
+    "samples": ("samples per prompt", "answers sampled per prompt for the sample source"),
+    "sample_temperature": ("sample temperature", "temperature of those samples"),
+    "keep_ties": ("ties kept", "whether tied pairs stay in the preference split"),
+    "debias_length": ("length-debiased label", "whether a label with the length effect regressed out is "
+                      "written beside the raw one"),
+}
 COT_SETTINGS = {"clamp": ("CoT clamp", "chain-of-thought labels are clamped to this range"),
                 "cot": ("CoT sampling", "how the chain of thought is sampled")}
 # The report's headline figures (``cai.analysis``): a name and one line on what each means.
@@ -286,6 +297,7 @@ def render_card(export: Export, configs: list[dict[str, Any]], *, license: str |
     except CaiError as e:
         headline, error = {}, str(e).replace(f"{info.folder}{os.sep}", "")
     config = {k: v for k, v in (m.get("config") or {}).items() if k not in ("label", "revise", "license")}
+    label_cfg = (m.get("config") or {}).get("label") or {}
     rest = {k: v for k, v in m.items() if k not in (
         "constitution", "judge", "models", "counts", "revise", "history", "calls", "elapsed_s", "config")}
     page = _template().render(
@@ -295,6 +307,7 @@ def render_card(export: Export, configs: list[dict[str, Any]], *, license: str |
                 for c in configs for f in c["data_files"]],
         models=m.get("models") or {k: p.get("model") for k, p in prov.items()},
         judge=_settings(JUDGE_SETTINGS | (COT_SETTINGS if judge.get("mode") == "cot" else {}), judge)
+        + _settings(PAIR_SETTINGS, {k: v for k, v in label_cfg.items() if k in PAIR_SETTINGS and v is not None})
         if isinstance(judge, dict) else None,
         revise=revise_settings(revise) if isinstance(revise, dict) else None,
         diagnostics=diagnostics(rows, info), cost=cost(m) if info.manifest else {},
