@@ -43,6 +43,8 @@ def test_card_tells_the_truth(run: Path, tmp_path: Path) -> None:
             .splitlines()]
     assert rows and not any("/home/someone" in json.dumps(r) for r in rows)  # nor in the data
     assert {r["source"] for r in rows if r["source"].startswith("hh_")} >= {"hh_red_team.jsonl:1"}
+    # a pair from a revision names the run's own file, relative to the run folder (run.json says "out/...")
+    assert "revisions.jsonl:2" in {r["source"] for r in rows} and not any(r["source"].startswith("out/") for r in rows)
     # the licence is that of the known source, and the source has its section
     assert yaml.safe_load(text.split("---")[1])["license"] == "mit"
     assert "## Source data" in text and "Prompts: `hh_red_team.jsonl`: the harmlessness test split" in text

@@ -185,6 +185,14 @@ def portable(value: Any, output: str | None = None) -> Any:
     return path + sep + line
 
 
+def _source(src: str, output: str | None) -> str:
+    """A row's ``source`` relative to the run folder: a file of the run itself by its name."""
+    src = portable(src, output)
+    path, sep, line = src.rpartition(":")
+    name = re.split(r"[\\/]", path)[-1]
+    return name + sep + line if sep and name in (*KINDS.values(), LABELS_FILE) else src
+
+
 def _row(kind: str, raw: dict[str, Any], where: str, full: bool) -> dict[str, Any]:
     """The exported row: TRL's columns, light metadata, the prompt's id (and the trace)."""
     src = raw.get("source")
@@ -227,6 +235,8 @@ SCORES = ("raw", "length-debiased")
 def read_kind(folder: Path, kind: str, info: RunInfo, full: bool,
               secrets: Sequence[str], score: str = "raw") -> list[dict[str, Any]]:
     path = folder / KINDS[kind]
+    output = ((info.manifest or {}).get("config") or {}).get("output")
+    output = output if isinstance(output, str) else None
     rows: list[dict[str, Any]] = []
     hashes: set[str] = set()
     for n, raw in _lines(path, secrets):
@@ -236,7 +246,9 @@ def read_kind(folder: Path, kind: str, info: RunInfo, full: bool,
                 raise InputError(f"{path}:{n}: no p_chosen_length_debiased; label with label.debias_length "
                                  "(--label-debias-length / --debias-length) to export length-debiased scores")
             raw = {**raw, "score_chosen": p, "score_rejected": 1.0 - p}
-        rows.append(_row(kind, raw, f"{path}:{n}", full))
+        row = _row(kind, raw, f"{path}:{n}", full)
+        row["source"] = _source(row["source"], output)
+        rows.append(row)
         prov = raw.get("provenance") if isinstance(raw.get("provenance"), dict) else {}
         if prov:
             info.provenance.setdefault(kind, prov)

@@ -21,7 +21,7 @@ from ..analysis import build_report
 from ..constitution import Constitution
 from ..errors import CaiError
 from ..hashing import sha256_json
-from .build import CARD_MARK, LABELS_FILE, TRACE, Export, RunInfo, portable, scrub
+from .build import CARD_MARK, KINDS, LABELS_FILE, TRACE, Export, RunInfo, portable, scrub
 
 # The judge's settings (``JudgeConfig.to_dict()``): a name and what it means, in table order.
 JUDGE_SETTINGS = {
@@ -223,9 +223,10 @@ def revise_settings(cfg: dict[str, Any]) -> list[tuple[str, Any, str]]:
 def sources(info: RunInfo, rows: dict[str, list[dict[str, Any]]], output: str | None) -> list[dict[str, Any]]:
     """Where the prompts came from: run.json's input, else the files the rows' ``source`` names."""
     given = ((info.manifest or {}).get("config") or {}).get("input")
+    own = {"", "revisions", "sample", "pairs", *KINDS.values(), LABELS_FILE}  # the run's own files, pair origins
     names = [str(portable(given, output))] if isinstance(given, str) and given else sorted(
         {str(r.get("source") or "").rpartition(":")[0] or str(r.get("source") or "")
-         for r in rows.get("sft", []) + rows.get("prefs", [])} - {"", "revisions", "sample", "pairs"})
+         for r in rows.get("sft", []) + rows.get("prefs", [])} - own)
     out = []
     for name in names:
         known = KNOWN_SOURCES.get(name.rsplit("/", 1)[-1]) or KNOWN_SOURCES.get(name)
