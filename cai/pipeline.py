@@ -405,8 +405,6 @@ def finish_run(cfg: RunConfig, const: Constitution, tpl: Templates, res: RunResu
     """The end of every `cai run` (local or on Ray): revisions.md, preferences.jsonl, the quality
     gates' rejects.jsonl, and run.json with this run appended to its history."""
     out = cfg.output
-    if "revise" in res.stages:
-        write_revise_report(out / "revisions.jsonl")
     if cfg.label.enabled:
         prefs = write_preferences(out / "labels.jsonl", out / "preferences.jsonl", keep_ties=cfg.label.keep_ties,
                                   drop=cfg.gates.dropping() & {"truncated"}, debias_length=cfg.label.debias_length)
@@ -414,6 +412,8 @@ def finish_run(cfg: RunConfig, const: Constitution, tpl: Templates, res: RunResu
                            "judgements": prefs.judgements, "position_inconsistent": prefs.inconsistent,
                            "gated": prefs.gated, "judged_by": prefs.modes}
     res.gates = write_rejects(out, cfg.gates, skipped)
+    if "revise" in res.stages:  # after rejects.jsonl: it marks the gated rows
+        write_revise_report(out / "revisions.jsonl")
     res.manifest = _manifest(cfg, const, tpl, cfg.revise.resolve(cfg.seed), cfg.label.resolve(cfg.seed), res,
                              model_id, time.time() - t0) | (extra or {})
     res.manifest["history"] = [*history, {

@@ -189,24 +189,25 @@ def test_card_has_constitution_judge_models_counts_diagnostics(run_dir: Path, tm
     for p in const.principles:
         assert p.id in text
     assert MODEL in text
-    for needle in ("both_orders", "ensemble size", "clamp", "chain of thought", "tie threshold",
-                   "[0.4, 0.6]", "position consistent", "12/24 (50.0%)", "ties (held out",
+    for needle in ("| both orders | True |", "| principles per pair | 2 |", "| CoT clamp | `[0.4, 0.6]` |",
+                   "| label mode | cot |", "| tie threshold | 0.05 |",
+                   "position consistent", "12/24 (50.0%)", "ties (held out",
                    "abstained judgements", "12/48", "mean chars, chosen", "chosen longer",
                    "agreement with human labels", "labels.failures.jsonl", "mean revision rounds",
-                   "## What the labels reward"):
+                   "## Figures (`cai report`)", "## Source data", "- Prompts: `prompts.jsonl`."):
         assert needle in text, needle
     for s, ds in export.dataset.items():
         assert f"| {s} | {ds.num_rows} |" in text
-    # run.json's nested counts, one dotted name each (how the judgements were read, too)
-    assert "| preferences.judged_by.logprobs | 40 |" in text and "| preferences.judged_by.choice | 8 |" in text
-    assert "| revisions | " in text
-    assert "sk-SECRET-KEY" not in text and "<redacted>" in text and '"max_tokens": 256' in text
+    assert "sk-SECRET-KEY" not in text and "<redacted>" in text and "max_tokens 64" in text
+    # each setting once: the judge's settings are one table, not repeated in the manifest
+    assert text.count("| tie threshold |") == 1 and text.count("| both orders |") == 1 and "tie_threshold" not in text
+    assert "Not computed: labels.jsonl:25:" in text and str(tmp_path) not in text  # no machine path
 
 
 def test_card_without_manifest(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run", manifest=False)
     text = ex.save(ex.build(run), tmp_path / "o1").joinpath("README.md").read_text()
-    assert "not in the run folder" in text and MODEL in text and "both_orders" in text
+    assert "not in the run folder" in text and MODEL in text and "| both orders | True |" in text
     const = load_constitution().model_dump(mode="json")
     out = ex.save(ex.build(run, constitutions=[const]), tmp_path / "o2")
     text = (out / "README.md").read_text()
@@ -423,9 +424,10 @@ def test_exports_a_real_cai_run(tmp_path: Path, hh_dev: Path, capsys) -> None:
     assert main(["export", str(out), "--test-fraction", "0.25"]) == 0
     assert "export: train_sft" in capsys.readouterr().err
     text = (out / "export" / "README.md").read_text()
-    for needle in ("orders: ab and ba", "ensemble size (principles per pair): 4",
-                   "chain of thought: False", "preferences.ties", "```yaml"):
+    for needle in ("| both orders | True |", "| principles per pair | 4 |", "| runs of `cai run` | 1 |",
+                   "```yaml", "- Prompts: `in.jsonl`"):
         assert needle in text, needle
+    assert str(tmp_path) not in text  # no path of the machine that made it
     sft = datasets.load_dataset(str(out / "export"), "sft", cache_dir=str(tmp_path / "c"))
     prefs = datasets.load_dataset(str(out / "export"), "prefs", cache_dir=str(tmp_path / "c"))
     rejected = {json.loads(x)["id"] for x in (out / "rejects.jsonl").read_text().splitlines()}
@@ -447,9 +449,9 @@ def test_card_embeds_the_report_headline(tmp_path: Path) -> None:
                                     "progress": False, "revise": {"rounds": 1}})
     run_pipeline(cfg, backend=FakeBackend())
     text = (ex.save(ex.build(tmp_path / "run"), tmp_path / "out") / "README.md").read_text()
-    assert "## What the labels reward (`cai report`)" in text
-    for key in ("revision_win_rate", "position_consistency", "longer_chosen"):
-        assert f"| {key} |" in text, key
+    assert "## Figures (`cai report`)" in text
+    for name in ("revision preferred", "position consistency", "longer answer chosen"):
+        assert f"| {name} | " in text, name
 
 
 def test_length_debiased_scores_are_opt_in(tmp_path: Path) -> None:

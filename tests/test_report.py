@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import re
+import statistics
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -233,8 +234,14 @@ def test_figures_of_a_known_run(tmp_path: Path):
     assert rv["rows"] == 4 and rv["rounds"] == 2 and rv["gates"] == {"too_long": 1}
     for k in range(3):
         assert rv["by_round"][k]["mean"] == pytest.approx(sum(len(t[k]) for t in texts) / 4)
-    assert rv["by_round"][1]["growth"] == pytest.approx(sum(len(t[1]) / len(t[0]) for t in texts) / 4, abs=1e-6)
-    assert rv["lengths"]["growth"] == pytest.approx(sum(len(t[2]) / len(t[0]) for t in texts) / 4, abs=1e-6)
+    # growth: the ratio of mean lengths (as the plotted means move), the median per-row ratio beside it
+    assert rv["by_round"][1]["growth"] == pytest.approx(sum(len(t[1]) for t in texts) / sum(len(t[0]) for t in texts),
+                                                        abs=1e-6)
+    assert rv["lengths"]["growth"] == pytest.approx(sum(len(t[2]) for t in texts) / sum(len(t[0]) for t in texts),
+                                                    abs=1e-6)
+    assert rv["lengths"]["median_row_ratio"] == pytest.approx(statistics.median(len(t[2]) / len(t[0]) for t in texts),
+                                                              abs=1e-6)
+    assert rep["headline"]["length_growth"] == rv["lengths"]["growth"]
     m0, m2 = rv["by_round"][0]["markers"], rv["by_round"][2]["markers"]
     assert (m0["sycophancy"], m0["refusal"]) == (0.5, 0.25)  # r1, r4 flatter; r2 refuses
     assert (m2["sycophancy"], m2["refusal"]) == (0.0, 0.25)  # r1's revision refuses
@@ -452,3 +459,76 @@ def test_report_of_a_real_pipeline_run(tmp_path: Path):
     assert rep["labels"]["overall"]["human"]["pairs"] == origins["dataset"] > 20
     assert rep["headline"]["brier"] is not None and rep["labels"]["overall"]["abstentions"] > 0
     assert h.stat().st_size < 2_000_000
+
+
+# --- what a reader sees: revise-only, label-only and full folders ------------------------------
+
+
+def cli_folders(tmp: Path) -> dict[str, Path]:
+    """A `cai revise` folder and a `cai label` folder (no run.json: the rows' provenance tells), and
+    a full `cai run` folder, all on the fake backend."""
+    from cai.cli import main
+
+    data = str(REPO / "examples" / "hh_red_team.jsonl")
+    out = {"revise": tmp / "revise", "label": tmp / "label", "run": tmp / "run"}
+    assert main(["revise", data, "--limit", "6", "--rounds", "2", "-o", str(out["revise"] / "revisions.jsonl"),
+                 "--backend", "fake", "--no-progress", "--cache", "off"]) == 0
+    assert main(["label", data, "--limit", "6", "-o", str(out["label"] / "preferences.jsonl"), "--backend", "fake",
+                 "--no-progress", "--cache", "off"]) == 0
+    realistic_run(out["run"], limit=12)
+    return out
+
+
+def text_problems(text: str, header: str | None) -> list[str]:
+    """What misleads a reader of a page's text: n/a, unknowns in the header, empty sentences."""
+    return ([f"n/a: {m.group(0)!r}" for m in re.finditer(r".{0,40}n/a.{0,20}", text)]
+            + (["? in the header"] if header is None or "?" in header else [])
+            + [f"empty sentence: {m.group(0)!r}" for m in re.finditer(r"\w[\w ]*:\s*\.", text)]
+            + [f"empty value: {m.group(0)!r}" for m in re.finditer(r"(?:×|%|\d)\s*(?:,\s*){2,}", text)])
+
+
+def page_problems(page: str) -> list[str]:
+    header = re.search(r'<p class="meta">(.*?)</p>', page, re.S)
+    text = re.sub(r"<script.*?</script>|<style.*?</style>|<[^>]+>", " ", page, flags=re.S)
+    return text_problems(text, header.group(1) if header else None)
+
+
+def test_pages_of_revise_only_label_only_and_full_folders(tmp_path: Path):
+    folders = cli_folders(tmp_path)
+    pages = {k: write_report(f)[1].read_text() for k, f in folders.items()}
+    for kind, page in pages.items():
+        assert page_problems(page) == [], kind
+        meta = re.search(r'<p class="meta">(.*?)</p>', page, re.S).group(1)  # type: ignore[union-attr]
+        assert "constitution harmless v1" in meta and "cai 0.1" in meta, (kind, meta)
+    assert "policy: fake" in pages["revise"] and "judge mode logprobs" in pages["label"]
+    # tiles that do not apply are left out
+    assert "Pairs labelled" not in pages["revise"] and "Rows revised" not in pages["label"]
+    assert "Length growth" not in pages["label"] and "Ties" not in pages["revise"]
+    # revise and judge principles apart: two tables, two chip groups
+    assert "<h2>Revision principles</h2>" in pages["run"] and "<h2>Judge principles</h2>" in pages["run"]
+    assert "<h2>Judge principles</h2>" not in pages["revise"] and "<h2>Revision principles</h2>" not in pages["label"]
+
+
+def test_length_growth_is_the_ratio_of_mean_lengths(tmp_path: Path):
+    """One short first answer must not make a shrinking revision look like growth."""
+    run = write_run(tmp_path / "run")
+    rows = [json.loads(x) for x in (run / "revisions.jsonl").read_text().splitlines()][:2]
+    rows[0]["initial_response"], rows[0]["rounds"][-1]["revision"] = "x" * 19, "y" * 190
+    rows[1]["initial_response"], rows[1]["rounds"][-1]["revision"] = "x" * 700, "y" * 300
+    for r in rows:
+        r["rounds"] = r["rounds"][-1:]
+        r["revised_response"] = r["rounds"][0]["revision"]
+    (run / "revisions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = build_report(run)
+    assert rep["headline"]["length_growth"] == pytest.approx(490 / 719, abs=1e-6)  # the mean fell
+    assert rep["headline"]["length_growth_median_ratio"] == pytest.approx((10 + 300 / 700) / 2, abs=1e-6)
+    page = write_report(run)[1].read_text()
+    assert "\u00d70.68" in page and "Median per-row length ratio" in page
+
+
+def test_per_principle_count_labels_fit():
+    from cai.report.svg import PLOT_W, stacked_bars_svg
+
+    svg = str(stacked_bars_svg([("harm", 1.0, 0.0, 0.0, 12345), ("x", 0.5, 0.2, 0.3, 7)], "t"))
+    label = re.search(r'x="([\d.]+)"[^>]*>100% \(n=12345\)', svg)
+    assert label and float(label.group(1)) + 7 * len("100% (n=12345)") <= PLOT_W

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from cai.report.html import write_report
-from tests.test_report import realistic_run, write_run
+from tests.test_report import cli_folders, realistic_run, text_problems, write_run
 
 CHROMIUM = os.environ.get("CAI_CHROMIUM") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -206,7 +206,7 @@ async def _check_report(port: int, html: Path, shots: Path) -> dict[str, Any]:
         seen["by_principle"] = await p.js(VISIBLE_ROWS)
         seen["all_have_it"] = await p.js(
             "Array.from(document.querySelectorAll('#rows tbody tr')).every(tr=>tr.cells[0].textContent"
-            f".includes({json.dumps(seen['principle'])}))")
+            f".includes({json.dumps(seen['principle'][2:])}))")  # values are r:ID (revised by), j:ID (judged by)
         # expand one row's rounds
         seen["rounds_open"] = await p.js(
             "(()=>{const d=document.querySelector('#rows details');if(!d)return null;d.open=true;"
@@ -259,3 +259,51 @@ def test_hostile_rows_stay_text(chromium: int, tmp_path: Path):
 
     pwned, imgs, shown, n, errors = asyncio.run(check())
     assert (pwned, imgs, shown, n, errors) == ("undefined", 0, True, 8, [])
+
+
+def test_revise_only_label_only_and_full_pages_tell_the_truth(chromium: int, tmp_path: Path):
+    """Screenshots of the three kinds of folder; none shows n/a, a ? in its header or an empty
+    sentence, as the browser renders it (CAI_REPORT_SHOTS=DIR keeps the PNGs there)."""
+    folders = cli_folders(tmp_path / "runs")
+    keep = os.environ.get("CAI_REPORT_SHOTS")
+
+    async def check(html: Path, png: Path) -> tuple[str, str | None, list[str], int]:
+        async with page(chromium) as p:
+            await p.open(html.as_uri())
+            await p.screenshot(png, height=2400)
+            return (await p.js("Array.from(document.querySelector('main').children).filter(e=>e.tagName!=='SCRIPT'"
+                               "&&!e.querySelector('#rows')).map(e=>e.innerText).join('\\n')"),  # not the rows' texts
+                    await p.js("document.querySelector('.meta').textContent"),
+                    p.errors(), await p.js(VISIBLE_ROWS))
+
+    for kind, folder in folders.items():
+        _, html = write_report(folder)
+        png = tmp_path / f"{kind}.png"
+        text, header, errors, rows = asyncio.run(check(html, png))
+        assert errors == [] and rows > 0, kind
+        assert text_problems(text, header) == [], kind
+        assert _png_size(png)[0] == WIDTH
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, Path(keep) / png.name)
+
+
+def test_cut_text_has_a_cue(chromium: int, tmp_path: Path):
+    """A long answer shows its start, an ellipsis and a button that shows it all."""
+    run = write_run(tmp_path / "run")
+    rows = [json.loads(x) for x in (run / "revisions.jsonl").read_text().splitlines()]
+    rows[0]["initial_response"] = "word " * 300  # 1,500 characters: shown cut in the cell, whole in the page
+    (run / "revisions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, html = write_report(run)
+
+    async def check() -> tuple[Any, ...]:
+        async with page(chromium) as p:
+            await p.open(html.as_uri())
+            cell = "document.querySelector('#rows tbody tr').cells[2]"
+            before = await p.js(f"{cell}.innerText")
+            await p.js(f"{cell}.querySelector('button.more').click()")
+            return before, await p.js(f"{cell}.innerText"), p.errors()
+
+    before, after, errors = asyncio.run(check())
+    assert errors == [] and "\u2026" in before and "show all 1,499 characters" in before
+    assert after.strip() == ("word " * 300).strip() and len(before) < 700

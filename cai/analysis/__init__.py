@@ -34,7 +34,12 @@ Definitions, all over the rows that have the figure's inputs:
   ``agreement_all`` counts a tie as a disagreement). Brier and ECE are of ``p_a`` against "the
   human preferred A" (see ``cai.stats``).
 - first-slot rate: share of judgements (not exactly 0.5) that prefer the answer shown first.
-- length growth: mean over rows of len(round k) / len(round k-1), characters.
+- length growth: the ratio of mean lengths, sum over rows of len(round k) / sum of len(round
+  k-1) (characters; the whole revision: last round over the first answer), so it moves with
+  the plotted mean lengths; ``median_row_ratio`` beside it: the median over rows of the
+  per-row ratio.
+- ``run``: models, constitution, judge mode and cai version from run.json, else from the rows'
+  provenance (folders of `cai revise` or `cai label`, which write no run.json).
 """
 
 from __future__ import annotations
@@ -51,6 +56,28 @@ REPORT_VERSION = 1
 __all__ = ["MAX_ROWS", "REPORT_VERSION", "RunData", "build_report", "figures", "load_run"]
 
 
+def _ratio(sums: list[int]) -> float | None:
+    return sums[1] / sums[0] if sums[0] else None
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def _run_info(data: RunData) -> dict[str, Any]:
+    """Models, constitution, judge mode and cai version: run.json's, else the rows' provenance."""
+    m, rev, lab = data.manifest, data.provenance.get("revise", {}), data.provenance.get("label", {})
+    const = as_dict(m.get("constitution"))
+    models = m.get("models") or {k: p["model"] for k, p in (("policy", rev), ("judge", lab)) if p.get("model")}
+    name = const.get("name") or rev.get("constitution") or lab.get("constitution")
+    version = const.get("version") or rev.get("constitution_version") or lab.get("constitution_version")
+    mode = (as_dict(m.get("judge")).get("mode") or as_dict(as_dict(m.get("config")).get("label")).get("mode")
+            or as_dict(lab.get("judge")).get("mode"))
+    return {"cai_version": m.get("cai_version") or rev.get("cai_version") or lab.get("cai_version"),
+            "models": models or None, "constitution": name,
+            "constitution_version": str(version) if version is not None else None, "label_mode": mode}
+
+
 def figures(data: RunData) -> dict[str, Any]:
     """The report's figures from a loaded run (what ``report.json`` holds)."""
     assert data.overall is not None
@@ -58,11 +85,10 @@ def figures(data: RunData) -> dict[str, Any]:
     label_cfg = as_dict(as_dict(m.get("config")).get("label"))
     const = as_dict(m.get("constitution"))
     principles = [p for p in as_list(const.get("principles")) if isinstance(p, dict)]
-    judge = as_dict(m.get("judge"))
     by_round = []
     for k, lengths in enumerate(data.round_lengths):
-        growth = data.round_growth[k]
-        by_round.append({"round": k, **describe(lengths), "growth": statistics.fmean(growth) if growth else None,
+        by_round.append({"round": k, **describe(lengths), "growth": _ratio(data.round_sums[k]),
+                         "median_row_ratio": _median(data.round_growth[k]),
                          "markers": data.round_markers[k].rates()})
     first, last = (data.round_lengths[0] if data.round_lengths else []), data.final_lengths
     whole = data.whole_growth
@@ -70,12 +96,11 @@ def figures(data: RunData) -> dict[str, Any]:
         "rows": data.revise_rows, "failures": data.revise_failures, "failure_reasons": dict(data.revise_reasons),
         "rounds": max(len(data.round_lengths) - 1, 0),
         "lengths": {"unit": "chars", "initial": describe(first), "revised": describe(last),
-                    "growth": statistics.fmean(whole) if whole else None},
+                    "growth": _ratio(data.whole_sums), "median_row_ratio": _median(whole)},
         "by_round": by_round,
         "markers": {"initial": data.round_markers[0].rates() if data.round_markers else None,
                     "revised": data.final_markers.rates() if data.final_markers.n else None},
-        "per_principle": {pid: {"rounds": v["rounds"],
-                                "growth": statistics.fmean(v["growth"]) if v["growth"] else None,
+        "per_principle": {pid: {"rounds": v["rounds"], "growth": _ratio(v["growth"]),
                                 "judged": v["side"].summary()}
                           for pid, v in sorted(data.revise_principles.items())},
         "gates": dict(data.revise_gates),
@@ -107,7 +132,7 @@ def figures(data: RunData) -> dict[str, Any]:
         "first_slot_rate": overall["first_slot_rate"],
         "longer_chosen": as_dict(bias["all"]).get("longer_chosen"),
         "length_pearson": lead.get("pearson"),
-        "length_growth": statistics.fmean(whole) if whole else None,
+        "length_growth": _ratio(data.whole_sums), "length_growth_median_ratio": _median(whole),
         "human_pairs": human.get("pairs", 0), "human_agreement": human.get("agreement"),
         "human_coverage": human.get("coverage"),
         "brier": human.get("brier"), "ece": human.get("ece"),
@@ -115,10 +140,8 @@ def figures(data: RunData) -> dict[str, Any]:
     report = {
         "report_version": REPORT_VERSION,
         "run": {
-            "dir": str(data.run_dir), "cai_version": m.get("cai_version"), "status": m.get("status", "complete"),
-            "models": m.get("models"), "constitution": const.get("name"),
+            "dir": str(data.run_dir), "status": m.get("status", "complete"), **_run_info(data),
             "principles": {str(p.get("id")): as_text(p.get("comparison") or p.get("critique")) for p in principles},
-            "label_mode": judge.get("mode") or label_cfg.get("mode"),
             "sources": label_cfg.get("sources"),
             "length_unit": data.unit, "table_rows": len(data.table), "table_total": data.table_total,
             "text_chars": MAX_CHARS,

@@ -165,8 +165,11 @@ class RunData:
     label_failures: int = 0
     label_reasons: Counter[str] = field(default_factory=Counter)
     round_lengths: list[list[int]] = field(default_factory=list)
-    round_growth: list[list[float]] = field(default_factory=list)
+    round_growth: list[list[float]] = field(default_factory=list)  # per-row ratios, for their median
+    round_sums: list[list[int]] = field(default_factory=list)  # [chars before, chars after] per round
     whole_growth: list[float] = field(default_factory=list)
+    whole_sums: list[int] = field(default_factory=lambda: [0, 0])
+    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> first row's
     final_lengths: list[int] = field(default_factory=list)
     final_markers: Markers = field(default_factory=Markers)
     round_markers: list[Markers] = field(default_factory=list)
@@ -256,26 +259,34 @@ def _read_revisions(data: RunData, max_rows: int) -> None:
         principles = [str(r.get("principle_id", "?")) for r in rounds]
         data.revised[rid] = _Revised(digest(as_text(row["initial_response"])),
                                      digest(as_text(row["revised_response"])), list(dict.fromkeys(principles)))
+        if isinstance(row.get("provenance"), dict) and row["provenance"]:
+            data.provenance.setdefault("revise", row["provenance"])
         texts = _round_texts(row, clean)
         if len(texts) > 1 and texts[0]:
             data.whole_growth.append(len(texts[-1]) / len(texts[0]))
+            data.whole_sums[0] += len(texts[0])
+            data.whole_sums[1] += len(texts[-1])
         found: list[dict[str, bool]] = []
         for k, text in enumerate(texts):
             while len(data.round_lengths) <= k:
                 data.round_lengths.append([])
                 data.round_growth.append([])
+                data.round_sums.append([0, 0])
                 data.round_markers.append(Markers())
             data.round_lengths[k].append(len(text))
             if k and len(texts[k - 1]):
                 data.round_growth[k].append(len(text) / len(texts[k - 1]))
+                data.round_sums[k][0] += len(texts[k - 1])
+                data.round_sums[k][1] += len(text)
             found.append(data.round_markers[k].record(
                 data.markers_of(text, keep=k == 0 or k == len(texts) - 1)))
             if k:
                 pid = principles[k - 1]
-                per = data.revise_principles.setdefault(pid, {"rounds": 0, "growth": [], "side": Side()})
+                per = data.revise_principles.setdefault(pid, {"rounds": 0, "growth": [0, 0], "side": Side()})
                 per["rounds"] += 1
                 if len(texts[k - 1]):
-                    per["growth"].append(len(text) / len(texts[k - 1]))
+                    per["growth"][0] += len(texts[k - 1])
+                    per["growth"][1] += len(text)
         data.final_lengths.append(len(texts[-1]))
         data.final_markers.record(found[-1])
         gates = gates_of(row)
@@ -357,6 +368,8 @@ def _read_labels(data: RunData, max_rows: int) -> None:
         if p_a is None:
             continue  # the judge stage writes such pairs to the failures file; nothing to count
         rid = str(row["id"])
+        if isinstance(row.get("provenance"), dict) and row["provenance"]:
+            data.provenance.setdefault("label", row["provenance"])
         origin = str(row.get("origin") or "unknown")
         data.origins[origin] += 1
         rev = data.revised.get(rid)
@@ -398,7 +411,7 @@ def _read_labels(data: RunData, max_rows: int) -> None:
                 "len_a": len_b if flip else len_a, "len_b": len_a if flip else len_b})
             if rev is not None:
                 for pid in rev.principles:
-                    per = data.revise_principles.setdefault(pid, {"rounds": 0, "growth": [], "side": Side()})
+                    per = data.revise_principles.setdefault(pid, {"rounds": 0, "growth": [0, 0], "side": Side()})
                     per["side"].add(1.0 - p_a if flip else p_a, label == "tie")
         if label in ("a", "b"):
             chosen, rejected = (a, b) if label == "a" else (b, a)

@@ -82,6 +82,8 @@ def export(
                      full=full, constitutions=constitution or [], license=license, push_to_hub=push_to_hub,
                      private=private, token=token, include_rejects=include_rejects, score=score)
     sizes = ", ".join(f"{k} {v}" for k, v in res.splits.items())
+    for w in res.warnings:
+        say(f"warning: {w}")
     say(f"export: {sizes} -> {res.folder}")
     if res.url:
         say(f"pushed: {res.url}")

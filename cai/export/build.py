@@ -164,11 +164,40 @@ def scrub(obj: Any) -> Any:
     return obj
 
 
+def portable(value: Any, output: str | None = None) -> Any:
+    """Paths as an export may show them, in nested settings too: relative to the run folder
+    (``output``: the run folder as run.json records it), a ``path:line`` source keeps its
+    line, and an absolute path (or one climbing out with ``..``) keeps its file name only."""
+    if isinstance(value, dict):
+        return {k: portable(v, output) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, output) for v in value]
+    if not isinstance(value, str) or "://" in value:
+        return value
+    path, sep, line = value.rpartition(":")
+    if not (sep and path and line.isdigit()):
+        path, sep, line = value, "", ""
+    out = (output or "").rstrip("/\\")
+    if out and (path == out or path.startswith(out + "/")):
+        path = path[len(out):].lstrip("/") or "."
+    if path.startswith(("/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", path) or ".." in re.split(r"[\\/]", path):
+        path = re.split(r"[\\/]", path.rstrip("/\\"))[-1]
+    return path + sep + line
+
+
+def _source(src: str, output: str | None) -> str:
+    """A row's ``source`` relative to the run folder: a file of the run itself by its name."""
+    src = portable(src, output)
+    path, sep, line = src.rpartition(":")
+    name = re.split(r"[\\/]", path)[-1]
+    return name + sep + line if sep and name in (*KINDS.values(), LABELS_FILE) else src
+
+
 def _row(kind: str, raw: dict[str, Any], where: str, full: bool) -> dict[str, Any]:
     """The exported row: TRL's columns, light metadata, the prompt's id (and the trace)."""
     src = raw.get("source")
     pids = raw.get("principle_ids") or []
-    common = {"id": str(raw.get("id", "")), "source": src if isinstance(src, str) else "",
+    common = {"id": str(raw.get("id", "")), "source": portable(src) if isinstance(src, str) else "",
               "principle_ids": [str(p) for p in pids] if isinstance(pids, list) else []}
     if kind == "sft":
         msgs = _messages(raw.get("messages"), where, "messages", last="assistant")
@@ -195,7 +224,7 @@ def _row(kind: str, raw: dict[str, Any], where: str, full: bool) -> dict[str, An
     row["prompt_id"] = prompt_id(prompt)
     if full:
         for c in TRACE[kind]:
-            v = scrub(raw.get(c)) if c == "provenance" else raw.get(c)
+            v = portable(scrub(raw.get(c))) if c == "provenance" else raw.get(c)
             row[c] = None if v is None else json.dumps(v, ensure_ascii=False, default=str)
     return row
 
@@ -206,6 +235,8 @@ SCORES = ("raw", "length-debiased")
 def read_kind(folder: Path, kind: str, info: RunInfo, full: bool,
               secrets: Sequence[str], score: str = "raw") -> list[dict[str, Any]]:
     path = folder / KINDS[kind]
+    output = ((info.manifest or {}).get("config") or {}).get("output")
+    output = output if isinstance(output, str) else None
     rows: list[dict[str, Any]] = []
     hashes: set[str] = set()
     for n, raw in _lines(path, secrets):
@@ -215,7 +246,9 @@ def read_kind(folder: Path, kind: str, info: RunInfo, full: bool,
                 raise InputError(f"{path}:{n}: no p_chosen_length_debiased; label with label.debias_length "
                                  "(--label-debias-length / --debias-length) to export length-debiased scores")
             raw = {**raw, "score_chosen": p, "score_rejected": 1.0 - p}
-        rows.append(_row(kind, raw, f"{path}:{n}", full))
+        row = _row(kind, raw, f"{path}:{n}", full)
+        row["source"] = _source(row["source"], output)
+        rows.append(row)
         prov = raw.get("provenance") if isinstance(raw.get("provenance"), dict) else {}
         if prov:
             info.provenance.setdefault(kind, prov)

@@ -1,10 +1,13 @@
 """The dataset card (README.md) of an export: YAML metadata, then what a reader needs to trust
-the data: the constitution in full, the models, the judge settings, counts and diagnostics."""
+the data: where the prompts came from and their licence, the models, each setting once (with
+what it means), what the data cost over the run's whole history, diagnostics, the report's
+figures by name, and the constitution in full. Paths are relative to the run folder."""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 from collections import Counter
 from collections.abc import Sequence
 from importlib.resources import files
@@ -18,18 +21,70 @@ from ..analysis import build_report
 from ..constitution import Constitution
 from ..errors import CaiError
 from ..hashing import sha256_json
-from .build import CARD_MARK, LABELS_FILE, TRACE, Export, RunInfo, scrub
+from .build import CARD_MARK, KINDS, LABELS_FILE, TRACE, Export, RunInfo, portable, scrub
 
-JUDGE_LABELS = {
-    "mode": "label mode (logprobs, choice, or cot = chain of thought before the answer)",
-    "principles": "ensemble size (principles judged per pair; the label is their mean)",
-    "both_orders": "orders (true: each pair judged as A/B and B/A, averaged)",
-    "clamp": "clamp of CoT probabilities",
-    "tie_threshold": "tie threshold (|p - 0.5| below it is a tie)",
-    "min_mass": "abstain below this option probability mass",
-    "top_logprobs": "top log-probs read",
-    "fallback": "ask again as a structured choice when no log-probs",
-    "cot": "CoT sampling",
+# The judge's settings (``JudgeConfig.to_dict()``): a name and what it means, in table order.
+JUDGE_SETTINGS = {
+    "mode": ("label mode", "logprobs: the judge's probabilities of the letters A and B; choice: a structured "
+             "choice; cot: a chain of thought, then the answer"),
+    "principles": ("principles per pair", "constitution principles judged per pair; the label is their mean"),
+    "both_orders": ("both orders", "each pair judged as A/B and as B/A, averaged (controls position bias)"),
+    "tie_threshold": ("tie threshold", "a pair whose label is this close to 0.5 is a tie, left out of the pairs"),
+    "top_logprobs": ("top log-probs read", "how many of the judge's most likely next tokens are read"),
+    "min_mass": ("abstain below", "a judgement abstains when A and B together get less probability"),
+    "fallback": ("structured-choice fallback", "ask again as a structured choice when no log-probs come back"),
+    "seed": ("seed", "sampling seed"),
+}
+# The label stage's settings that are not the judge's (run.json ``config.label``).
+PAIR_SETTINGS = {
+    "sources": ("pair sources", "revisions: first answer vs final revision; sample: two sampled answers; "
+                "dataset: the given pairs"),
+    "pairs": ("pairs file", "the given pairs (source dataset)"),
+    "samples": ("samples per prompt", "answers sampled per prompt for the sample source"),
+    "sample_temperature": ("sample temperature", "temperature of those samples"),
+    "keep_ties": ("ties kept", "whether tied pairs stay in the preference split"),
+    "debias_length": ("length-debiased label", "whether a label with the length effect regressed out is "
+                      "written beside the raw one"),
+}
+COT_SETTINGS = {"clamp": ("CoT clamp", "chain-of-thought labels are clamped to this range"),
+                "cot": ("CoT sampling", "how the chain of thought is sampled")}
+# The report's headline figures (``cai.analysis``): a name and one line on what each means.
+FIGURES = {
+    "rows_revised": ("rows revised", "rows in revisions.jsonl"),
+    "pairs_labelled": ("pairs judged", "rows in labels.jsonl"),
+    "failures": ("failed rows", "rows in the *.failures.jsonl files (a call failed or its answer was unreadable)"),
+    "revision_win_rate": ("revision preferred", "share of revision pairs whose label is the revised answer "
+                          "(a tie counts as not preferred)"),
+    "revision_win_rate_length_controlled": ("revision preferred at equal length", "the same, predicted for "
+                                            "answers of equal length (logistic regression on the length difference)"),
+    "mean_p_revision": ("mean p(revision)", "mean probability the judge gives the revised answer"),
+    "mean_p_a": ("mean p(A)", "mean probability of the answer stored as A"),
+    "tie_rate": ("ties", "share of pairs whose label is within the tie threshold of 0.5"),
+    "abstention_rate": ("abstentions", "share of judgements with no A or B among the top log-probs"),
+    "position_consistency": ("position consistency", "share of pairs whose A/B and B/A orders prefer the "
+                             "same answer"),
+    "first_slot_rate": ("first-slot preference", "share of judgements preferring the answer shown first "
+                        "(0.5: no position bias)"),
+    "longer_chosen": ("longer answer chosen", "share of decided pairs whose chosen answer is the longer"),
+    "length_pearson": ("length correlation", "Pearson r of the length difference with the label (0: none)"),
+    "length_growth": ("length growth", "mean length of the final revisions / mean length of the first answers"),
+    "length_growth_median_ratio": ("median per-row length ratio", "median over rows of final length / first "
+                                   "length"),
+    "human_pairs": ("human-labelled pairs", "pairs that carry a person's label"),
+    "human_agreement": ("agreement with people", "share of decided human-labelled pairs where the judge's "
+                        "label is the person's"),
+    "human_coverage": ("decided share", "share of human-labelled pairs the judge decided (not a tie)"),
+    "brier": ("Brier score", "mean (p(A) - person chose A)^2; 0 is perfect, 0.25 is a coin"),
+    "ece": ("calibration error (ECE)", "gap between the judge's probability and how often people agree, "
+            "10 bins"),
+}
+RATES = {"revision_win_rate", "revision_win_rate_length_controlled", "tie_rate", "abstention_rate",
+         "position_consistency", "first_slot_rate", "longer_chosen", "human_agreement", "human_coverage"}
+# Prompt sources cai ships or knows: where they come from and their licence (a Hub license id).
+KNOWN_SOURCES = {
+    "hh_red_team.jsonl": ("the harmlessness test split of Anthropic's HH-RLHF data (github.com/anthropics/hh-rlhf, "
+                          "`harmless-base/test.jsonl.gz`), as shipped in cai's examples/", "mit"),
+    "Anthropic/hh-rlhf": ("Anthropic's HH-RLHF data on the Hub", "mit"),
 }
 
 
@@ -43,7 +98,7 @@ def _ratio(k: int, n: int) -> str:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.3f}"
+        return f"{v:.3f}".rstrip("0").rstrip(".")
     if isinstance(v, (dict, list)):
         return "`" + json.dumps(v, ensure_ascii=False) + "`"
     return "n/a" if v is None else str(v)
@@ -116,31 +171,67 @@ def diagnostics(rows: dict[str, list[dict[str, Any]]], info: RunInfo) -> dict[st
         d["quality gates (rejects.jsonl)"] = {**(gates if isinstance(gates, dict) else {}),
                                               **{f"{k} rows left out of this export": v
                                                  for k, v in info.rejected.items()}}
-    if info.manifest and isinstance(info.manifest.get("counts"), dict):
-        d["run.json counts"] = _dotted(info.manifest["counts"])
     return d
 
 
-def _dotted(counts: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested counts as one level of dotted names: ``preferences.judged_by.logprobs``."""
-    out: dict[str, Any] = {}
-    for k, v in counts.items():
-        out |= _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def cost(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the data cost in all: calls and rows summed over every run in run.json's history
+    (an older run.json without one: its last run)."""
+    runs = [h for h in manifest.get("history") or [] if isinstance(h, dict)] or [manifest]
+    total: Counter[str] = Counter()
+    for h in runs:
+        calls, counts = _dict(h.get("calls")), _dict(h.get("counts"))
+        total.update({k: int(v) for k, v in calls.items() if isinstance(v, int)})
+        for stage in ("revise", "label"):
+            c = _dict(counts.get(stage))
+            total.update({f"{stage}.{k}": int(v) for k, v in c.items() if isinstance(v, int)})
+        if isinstance(h.get("elapsed_s"), int | float):
+            total["seconds"] += h["elapsed_s"]
+    names = {"sent": "model calls sent", "cached": "calls answered from the cache", "errors": "calls that failed",
+             "revise.written": "revision rows written", "revise.failed": "revision rows failed",
+             "label.written": "pairs judged", "label.failed": "pairs that failed to judge",
+             "seconds": "time (seconds)"}
+    return {"runs of `cai run`": len(runs), **{name: round(total[k], 1) if k == "seconds" else total[k]
+                                              for k, name in names.items() if k in total}}
+
+
+def _settings(table: dict[str, tuple[str, str]], values: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(name, value, meaning) per recorded setting, known ones first; unknown keys by their code name."""
+    return ([(name, values[k], meaning) for k, (name, meaning) in table.items() if k in values]
+            + [(f"`{k}`", v, "") for k, v in values.items() if k not in table and k not in COT_SETTINGS])
+
+
+def _sampling(cfg: dict[str, Any]) -> str:
+    keys = ("max_tokens", "temperature", "top_p", "repetition_penalty", "stop")
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in cfg.items() if k in keys and v not in ([], None))
+
+
+def revise_settings(cfg: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """The critique-and-revision settings (``ReviseConfig.to_dict()``), each once."""
+    calls = {"generate": "first answer", "critique": "critique", "revise": "revision"}
+    out: list[tuple[str, Any, str]] = [
+        ("rounds", cfg.get("rounds"), "critique-and-revision rounds per prompt, one principle each"),
+        ("seed", cfg.get("seed"), "seed of the principle draw and of sampling")]
+    out += [(f"{name} sampling", _sampling(cfg[k]), "") for k, name in calls.items() if isinstance(cfg.get(k), dict)]
+    return out + [(f"`{k}`", v, "") for k, v in cfg.items() if k not in ("rounds", "seed", *calls)]
+
+
+def sources(info: RunInfo, rows: dict[str, list[dict[str, Any]]], output: str | None) -> list[dict[str, Any]]:
+    """Where the prompts came from: run.json's input, else the files the rows' ``source`` names."""
+    given = ((info.manifest or {}).get("config") or {}).get("input")
+    own = {"", "revisions", "sample", "pairs", *KINDS.values(), LABELS_FILE}  # the run's own files, pair origins
+    names = [str(portable(given, output))] if isinstance(given, str) and given else sorted(
+        {str(r.get("source") or "").rpartition(":")[0] or str(r.get("source") or "")
+         for r in rows.get("sft", []) + rows.get("prefs", [])} - own)
+    out = []
+    for name in names:
+        known = KNOWN_SOURCES.get(name.rsplit("/", 1)[-1]) or KNOWN_SOURCES.get(name)
+        out.append({"name": name, "about": known[0] if known else None, "license": known[1] if known else None})
     return out
-
-
-def _judge_summary(j: dict[str, Any]) -> dict[str, Any]:
-    """The settings that decide what a label means (``JudgeConfig.to_dict()``, as rows and
-    run.json record them)."""
-    orders = ["ab", "ba"] if j.get("both_orders") else ["ab"]
-    cot = j.get("mode") == "cot"
-    return {
-        "orders": " and ".join(orders) + (" (averaged: position-bias control)" if len(orders) > 1 else ""),
-        "ensemble size (principles per pair)": j.get("principles"),
-        "chain of thought": cot,
-        "clamp": j.get("clamp") if cot else f"{_fmt(j.get('clamp'))} (applies to CoT only)",
-        "tie threshold": j.get("tie_threshold"),
-    }
 
 
 def _digest(dump: dict[str, Any]) -> str:
@@ -176,11 +267,21 @@ def _constitutions(info: RunInfo) -> list[tuple[str, dict[str, Any] | None, str]
             for h in sorted(set(used) | set(dumps))]
 
 
-def render_card(export: Export, configs: list[dict[str, Any]], *, license: str = "unknown",
+def render_card(export: Export, configs: list[dict[str, Any]], *, license: str | None = None,
                 repo_id: str | None = None) -> str:
+    """The card: ``license`` (a Hub license id) defaults to run.json's ``config.license``, then to
+    the known licence of the prompts' source, then ``unknown``."""
     info, dd = export.info, export.dataset
-    m = scrub(info.manifest or {})
-    prov = {k: scrub(v) for k, v in info.provenance.items()}
+    output = ((info.manifest or {}).get("config") or {}).get("output")
+    m = portable(scrub(info.manifest or {}), output if isinstance(output, str) else None)
+    prov = {k: portable(scrub(v)) for k, v in info.provenance.items()}
+    rows = export_rows(dd)
+    srcs = sources(info, rows, output if isinstance(output, str) else None)
+    known = {s["license"] for s in srcs}
+    configured = (m.get("config") or {}).get("license")
+    origin = "given" if license not in (None, "", "unknown") else "config" if configured else "source"
+    if origin != "given":
+        license = configured or (known.pop() if len(known) == 1 and None not in known else "unknown")
     cname = next((d.get("name") for d in info.constitutions if d.get("name")), None) or next(
         (p.get("constitution") for p in prov.values() if p.get("constitution")), "constitution")
     meta = {
@@ -191,22 +292,29 @@ def render_card(export: Export, configs: list[dict[str, Any]], *, license: str =
         "configs": configs,
     }
     judge = m.get("judge") or prov.get("prefs", {}).get("judge")
+    revise = m.get("revise") or prov.get("sft", {}).get("config")
     try:
         headline, error = build_report(info.folder)["headline"], None
     except CaiError as e:
-        headline, error = {}, e
+        headline, error = {}, str(e).replace(f"{info.folder}{os.sep}", "")
+    config = {k: v for k, v in (m.get("config") or {}).items() if k not in ("label", "revise", "license")}
+    label_cfg = (m.get("config") or {}).get("label") or {}
+    rest = {k: v for k, v in m.items() if k not in (
+        "constitution", "judge", "models", "counts", "revise", "history", "calls", "elapsed_s", "config")}
     page = _template().render(
         meta=meta, meta_yaml=yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), mark=CARD_MARK,
-        version=__version__, repo=repo_id or "<repo_id>", info=info, trace=TRACE,
+        version=__version__, repo=repo_id, info=info, trace=TRACE, kinds=[c["config_name"] for c in configs],
         splits=[(c["config_name"], f["split"], dd[f["split"]].num_rows, len(set(dd[f["split"]]["prompt_id"])))
                 for c in configs for f in c["data_files"]],
         models=m.get("models") or {k: p.get("model") for k, p in prov.items()},
-        judge=judge, judge_summary=_judge_summary(judge) if isinstance(judge, dict) else {},
-        judge_rows={f"`{k}`" + (f": {JUDGE_LABELS[k]}" if k in JUDGE_LABELS else ""): v
-                    for k, v in judge.items()} if isinstance(judge, dict) else {},
-        revise=m.get("revise") or prov.get("sft", {}).get("config"),
-        diagnostics=diagnostics(export_rows(dd), info),
-        report_error=error, report_html=(info.folder / "report.html").exists(),
-        headline={k: v for k, v in headline.items() if v is not None}, constitutions=_constitutions(info),
-        rest={k: v for k, v in m.items() if k not in ("constitution", "judge", "models", "counts", "revise")})
+        judge=_settings(JUDGE_SETTINGS | (COT_SETTINGS if judge.get("mode") == "cot" else {}), judge)
+        + _settings(PAIR_SETTINGS, {k: v for k, v in label_cfg.items() if k in PAIR_SETTINGS and v is not None})
+        if isinstance(judge, dict) else None,
+        revise=revise_settings(revise) if isinstance(revise, dict) else None,
+        diagnostics=diagnostics(rows, info), cost=cost(m) if info.manifest else {},
+        sources=srcs, license=license, license_origin=origin, report_error=error,
+        report_html=(info.folder / "report.html").exists(),
+        headline=[(*FIGURES.get(k, (k, "")), f"{v:.1%}" if k in RATES else _fmt(v))
+                  for k, v in headline.items() if v is not None],
+        constitutions=_constitutions(info), rest={**rest, **({"config": config} if config else {})})
     return page.rstrip() + "\n"

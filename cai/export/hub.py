@@ -45,7 +45,7 @@ def _quiet() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def write_folder(export: Export, folder: Path, fmt: str = "parquet", *, license: str = "unknown",
+def write_folder(export: Export, folder: Path, fmt: str = "parquet", *, license: str | None = None,
                  repo_id: str | None = None, secrets: Sequence[str] = ()) -> None:
     """Write data files and the card into an empty ``folder``, then read them back to check."""
     if fmt not in FORMATS:
@@ -90,7 +90,7 @@ def _is_export(folder: Path) -> bool:
     return readme.is_file() and CARD_MARK in readme.read_text(encoding="utf-8", errors="replace")
 
 
-def save(export: Export, out: Path, fmt: str = "parquet", *, license: str = "unknown",
+def save(export: Export, out: Path, fmt: str = "parquet", *, license: str | None = None,
          repo_id: str | None = None, secrets: Sequence[str] = ()) -> Path:
     """Write the export to ``out`` (replacing an earlier cai export there, never other files)."""
     out = Path(out)

@@ -27,65 +27,130 @@ from .svg import LOSS, SERIES, WIN, grouped_bars_svg, histogram_svg, lines_svg, 
 
 
 def _pct(v: Any, digits: int = 0) -> str:
-    return "n/a" if not isinstance(v, int | float) or isinstance(v, bool) else f"{100 * v:.{digits}f}%"
+    return "" if not isinstance(v, int | float) or isinstance(v, bool) else f"{100 * v:.{digits}f}%"
 
 
 def _num(v: Any, digits: int = 3) -> str:
     if isinstance(v, bool) or not isinstance(v, int | float):
-        return "n/a"
+        return ""
     return f"{v:,}" if isinstance(v, int) else f"{v:.{digits}f}"
 
 
 def _growth(v: Any) -> str:
-    return "n/a" if isinstance(v, bool) or not isinstance(v, int | float) else f"\u00d7{v:.2f}"
+    return "" if isinstance(v, bool) or not isinstance(v, int | float) else f"\u00d7{v:.2f}"
 
 
 @functools.cache
 def _template() -> jinja2.Template:
     env = jinja2.Environment(autoescape=True, keep_trailing_newline=True, undefined=jinja2.ChainableUndefined)
-    env.filters.update(pct=_pct, num=_num, growth=_growth)
     env.policies["json.dumps_kwargs"] = {"ensure_ascii": False, "allow_nan": False, "separators": (",", ":")}
     return env.from_string(files(__package__).joinpath("page.html.j2").read_text(encoding="utf-8"))
 
 
-def _plots(report: dict[str, Any]) -> list[tuple[str, Markup | None, str, str]]:
-    """(title, svg, caption, text when there is nothing to plot) per figure."""
+def _plots(report: dict[str, Any]) -> list[tuple[str, Markup, str]]:
+    """(title, svg, caption) per figure that has something to plot; the others are left out."""
     hist, mk, by_round = report["lengths"]["histogram"], report["markers"], report["revise"]["by_round"]
     per, human = report["labels"]["per_principle"], report["labels"]["overall"].get("human")
     bars = sorted(((pid, v["revision"]["win_rate"], v["revision"]["tie_rate"], v["revision"]["loss_rate"],
                     v["revision"]["pairs"]) for pid, v in per.items() if v["revision"]["pairs"]), key=lambda b: -b[1])
-    xs = [r["round"] for r in by_round]
+    xs = [r["round"] for r in by_round if r["n"]] if len(by_round) > 1 else []
+    growth = [f"round {r['round']} \u00d7{r['growth']:.2f} (median per-row ratio \u00d7{r['median_row_ratio']:.2f})"
+              for r in by_round if r.get("growth") is not None and r.get("median_row_ratio") is not None]
     figs = [
         ("Length of chosen vs rejected answers",
          histogram_svg(hist["edges"], [("chosen", hist["chosen"], WIN), ("rejected", hist["rejected"], LOSS)],
                        "answer length histogram", "characters"),
          f"Decided pairs; the longest 1% go in the last bin. Mean chosen {_num(report['lengths']['chosen']['mean'], 0)}"
-         f", rejected {_num(report['lengths']['rejected']['mean'], 0)}.", "No decided pairs."),
+         f", rejected {_num(report['lengths']['rejected']['mean'], 0)}."),
         ("Revision preferred, per judge principle", stacked_bars_svg(bars, "revision win rate per principle"),
          "For each principle the judge weighed: how often its verdict (mean of both orders) "
-         "preferred the revised answer.", "No revision pairs were labelled.")]
-    if human:
-        figs.append(("Calibration against human labels", reliability_svg(human["reliability"], "reliability diagram"),
-                     f"{human['pairs']} human-labelled pairs in 10 equal-width bins of p(A); on the diagonal is "
-                     f"calibrated. Brier {_num(human['brier'])}, ECE {_num(human['ece'])}.", "No human labels."))
-    return figs + [
+         "preferred the revised answer."),
+        ("Calibration against human labels",
+         reliability_svg(human["reliability"], "reliability diagram") if human else None,
+         f"{human['pairs']} human-labelled pairs in 10 equal-width bins of p(A); on the diagonal is "
+         f"calibrated. Brier {_num(human['brier'])}, ECE {_num(human['ece'])}." if human else ""),
         ("Marker rates by revision round",
          lines_svg(xs, [(name, [r["markers"][name] for r in by_round], SERIES[i % len(SERIES)])
                         for i, name in enumerate(MARKER_NAMES)], "marker rates by round",
-                   "round (0: initial answer)", "share of answers"),
-         "Share of answers with each text marker (cai.refusal) after each round.", "No revisions."),
+                   "round (0: initial answer)", "share of answers") if xs else None,
+         "Share of answers with each text marker (cai.refusal) after each round."),
         ("Answer length by revision round",
          lines_svg(xs, [("mean", [r["mean"] for r in by_round], SERIES[0]),
                         ("median", [r["median"] for r in by_round], SERIES[1])],
-                   "answer length by round", "round (0: initial answer)", "characters", percent=False),
-         "Mean growth per round: " + ", ".join(f"round {r['round']} \u00d7{r['growth']:.2f}"
-                                               for r in by_round if r.get("growth") is not None) + ".",
-         "No revisions."),
+                   "answer length by round", "round (0: initial answer)", "characters", percent=False) if xs else None,
+         "Growth of the mean length per round (mean after / mean before): " + "; ".join(growth) + "."
+         if growth else "Mean and median answer length after each round."),
         ("Markers in chosen vs rejected answers",
          grouped_bars_svg(list(MARKER_NAMES), [("chosen", [mk["chosen"][n] for n in MARKER_NAMES], WIN),
                                                ("rejected", [mk["rejected"][n] for n in MARKER_NAMES], LOSS)],
                           "markers in chosen and rejected answers") if mk["pairs"] else None,
-         f"Over {mk['pairs']} decided pairs.", "No decided pairs.")]
+         f"Over {mk['pairs']} decided pairs.")]
+    return [(title, svg, caption) for title, svg, caption in figs if svg is not None]
+
+
+def _tiles(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(value, name, what it means) per headline figure that applies to this folder."""
+    h, bias = report["headline"], report["length_bias"]["revision"] or report["length_bias"]["all"] or {}
+    revised, pairs = h["rows_revised"], h["pairs_labelled"]
+    tiles = [
+        ("Rows revised", _num(revised) if revised or not pairs else None, "rows in revisions.jsonl"),
+        ("Pairs labelled", _num(pairs) if pairs or not revised else None, "rows in labels.jsonl"),
+        ("Failures", _num(h["failures"]), "rows in *.failures.jsonl"),
+        ("Revision preferred", _pct(h["revision_win_rate"], 1),
+         "share of revision pairs where the judge's label is the revised answer (ties count as not won)"),
+        ("Revision preferred, length-controlled", _pct(h["revision_win_rate_length_controlled"], 1),
+         "the same, predicted at equal answer length (logistic regression on the length difference)"),
+        ("Mean p(revision)", _num(h["mean_p_revision"]), "mean soft label of the revised answer"),
+        ("Ties", _pct(h["tie_rate"], 1), "pairs whose soft label is within the tie threshold of 0.5"),
+        ("Position consistency", _pct(h["position_consistency"], 1),
+         "pairs whose A/B and B/A orders prefer the same answer"),
+        ("Abstentions", _pct(h["abstention_rate"], 1), "judgements with no option in the top log-probs"),
+        ("First slot", _pct(h["first_slot_rate"], 1), "judgements preferring the answer shown first"),
+        ("Longer chosen", _pct(h["longer_chosen"], 1), "decided pairs where the chosen answer is the longer"),
+        ("Length corr.", _num(h["length_pearson"], 2),
+         f"Pearson r of the length difference with the soft label ({bias.get('unit') or 'chars'})"),
+        ("Length growth", _growth(h["length_growth"]),
+         "ratio of mean lengths: mean revised answer / mean initial answer (characters)"),
+        ("Median per-row length ratio", _growth(h["length_growth_median_ratio"]),
+         "median over rows of revised length / initial length"),
+    ]
+    if h["human_pairs"]:
+        tiles += [("Human agreement", _pct(h["human_agreement"], 1),
+                   f"judge label equals the human's, over the decided ones of {h['human_pairs']} human-labelled "
+                   f"pairs (coverage {_pct(h['human_coverage'], 1)})"),
+                  ("Brier", _num(h["brier"]), "mean (p(A) - human chose A)^2"),
+                  ("ECE", _num(h["ece"]), "expected calibration error, 10 equal-width bins")]
+    return [(v, k, tip) for k, v, tip in tiles if v]
+
+
+def _table(head: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """A table without the columns that hold nothing (the first, the name, always stays)."""
+    keep = [i for i in range(len(head)) if i == 0 or any(r[i] for r in rows)]
+    return [head[i] for i in keep], [[r[i] for i in keep] for r in rows]
+
+
+def _principles(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """(title, note, header, rows): the revision principles and the judge's principles, apart."""
+    judged, revised = report["labels"]["per_principle"], report["revise"]["per_principle"]
+    order = list(report["run"].get("principles") or {})
+    out = []
+    if revised:
+        names = sorted(revised, key=lambda n: (order.index(n) if n in order else len(order), n))
+        out.append(("Revision principles", "The principles drawn for critique and revision rounds.",
+                    *_table(["principle", "rounds", "length growth (ratio of mean lengths)",
+                             "final revision preferred by the judge", "revision pairs judged"],
+                            [[n, _num(r["rounds"]), _growth(r["growth"]), _pct(r["judged"]["win_rate"]),
+                              _num(r["judged"]["pairs"]) if r["judged"]["pairs"] else ""]
+                             for n in names for r in [revised[n]]])))
+    if judged:
+        names = sorted(judged, key=lambda n: (order.index(n) if n in order else len(order), n))
+        out.append(("Judge principles", "The principles the judge weighed each pair by.",
+                    *_table(["principle", "judged pairs", "revision preferred", "mean p(revision)", "ties",
+                             "position consistency", "abstentions", "human agreement"],
+                            [[n, _num(j["pairs"]), _pct(j["revision"]["win_rate"]), _num(j["revision"]["mean_p"], 2),
+                              _pct(j["tie_rate"]), _pct(j["position_consistency"]), _pct(j["abstention_rate"]),
+                              _pct((j.get("human") or {}).get("agreement"))] for n in names for j in [judged[n]]])))
+    return out
 
 
 def render(report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
@@ -93,19 +158,21 @@ def render(report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     run = report["run"]
     cut = run.get("text_chars") or 0
     models = run.get("models") or {}
-    model_text = ", ".join(f"{k}: {v}" for k, v in models.items()) if isinstance(models, dict) else str(models)
+    model_text = ", ".join(f"{k}: {v}" for k, v in models.items()) if isinstance(models, dict) else str(models or "")
+    const = run.get("constitution")
     meta = " \u00b7 ".join(str(x) for x in (
-        run.get("dir"), f"constitution {run.get('constitution') or 'n/a'}", model_text,
-        f"judge mode {run.get('label_mode') or 'n/a'}", f"cai {run.get('cai_version') or '?'}") if x)
+        run.get("dir"), const and f"constitution {const}" + (f" v{run['constitution_version']}"
+                                                            if run.get("constitution_version") else ""),
+        model_text, run.get("label_mode") and f"judge mode {run['label_mode']}",
+        run.get("cai_version") and f"cai {run['cai_version']}") if x)
     total = run.get("table_total", len(rows))
     cap = (f"The table holds the first {len(rows):,} of {total:,} rows (texts cut at {cut:,} characters) to "
            "keep this page small; revisions.jsonl and labels.jsonl hold them all." if len(rows) < total else
            f"All {total:,} rows (texts cut at {cut:,} characters).")
     gates = {**report["revise"].get("gates", {}), **report["labels"].get("gates", {})}
-    judged, revised = report["labels"]["per_principle"], report["revise"]["per_principle"]
-    names = [n for n in dict.fromkeys([*run.get("principles", {}), *revised, *judged]) if n in judged or n in revised]
     return _template().render(
-        report=report, rows=list(rows), meta=meta, cap=cap, plots=_plots(report), principles=names,
+        run=run, rows=list(rows), meta=meta, cap=cap, plots=_plots(report), tiles=_tiles(report),
+        tables=_principles(report),
         gate_text=("Gate flags: " + ", ".join(f"{k} ({v})" for k, v in sorted(gates.items())) + ".") if gates else "")
 
 

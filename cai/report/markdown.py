@@ -7,30 +7,58 @@ from pathlib import Path
 
 from ..templates import format_conversation
 
+REJECTS = "rejects.jsonl"  # cai.quality.REJECTS_FILE, read here without importing the gates
+
 
 def _quote(text: str) -> str:
     return "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
 
 
+def rejected_rows(folder: Path, stage: str = "revise") -> dict[str, list[str]] | None:
+    """id -> reasons of one stage's rows in ``rejects.jsonl`` beside the outputs (None: no such file)."""
+    path = folder / REJECTS
+    if not path.is_file():
+        return None
+    out: dict[str, list[str]] = {}
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line) if line.strip() else {}
+            if row.get("stage") == stage:
+                out.setdefault(str(row.get("id")), []).extend(str(r) for r in row.get("reasons") or [])
+    return out
+
+
 def write_revise_report(path: Path, max_rows: int = 200) -> Path:
-    """Write ``NAME.md`` beside ``NAME.jsonl``: each prompt, the first answer, every round."""
+    """Write ``NAME.md`` beside ``NAME.jsonl``: each prompt, the first answer, every round, and
+    for the rows the quality gates kept out of the SFT data (``rejects.jsonl``), why."""
     report = path.with_suffix(".md")
-    lines = [f"# Critique and revision: {path.name}", ""]
+    rejected = rejected_rows(path.parent)
+    lines: list[str] = []
     n = 0
     with path.open(encoding="utf-8") as f:
         for line in f:
-            if n >= max_rows:
-                lines.append(f"_(first {max_rows} rows shown; the JSONL has them all)_")
-                break
             row = json.loads(line)
             n += 1
-            lines += [f"## {n}. row `{row['id']}`", "", "**Prompt**", "",
+            if n > max_rows:
+                continue
+            reasons = (rejected or {}).get(str(row["id"]))
+            mark = f" (rejected: {', '.join(reasons)})" if reasons else ""
+            lines += [f"## {n}. row `{row['id']}`{mark}", "", "**Prompt**", "",
                       _quote(format_conversation(row["prompt"])), "",
                       "**Initial answer**", "", _quote(row["initial_response"]), ""]
             for r in row["rounds"]:
                 lines += [f"**Round {r['round']}: principle `{r['principle_id']}`**", "",
                           "Critique:", "", _quote(r["critique"]), "",
                           "Revision:", "", _quote(r["revision"]), ""]
-            lines += ["**Final (SFT target)**", "", _quote(row["revised_response"]), "", "---", ""]
-    report.write_text("\n".join(lines), encoding="utf-8")
+            final = (f"**Final revision: rejected ({', '.join(reasons)}), not in the SFT data**" if reasons
+                     else "**Final (SFT target)**")
+            lines += [final, "", _quote(row["revised_response"]), "", "---", ""]
+    if n > max_rows:
+        lines.append(f"_(first {max_rows} rows shown; the JSONL has them all)_")
+    head = [f"# Critique and revision: {path.name}", ""]
+    if rejected is not None:
+        k = sum(1 for rid in rejected if rid)
+        head += [f"Quality gates: {k} of {n} row{'s' if n != 1 else ''} rejected (kept out of the SFT data; "
+                 f"see {REJECTS}){', marked below' if k else ''}.", ""]
+    report.write_text("\n".join(head + lines), encoding="utf-8")
     return report

@@ -14,6 +14,7 @@ WIN, TIE, LOSS = "#2a9d8f", "#b8b8b8", "#e76f51"
 SERIES = ("#3a6ea5", "#e9a03b", "#8e5ea2", "#d1495b", "#2a9d8f", "#6c757d")
 PLOT_W, PLOT_H = 520, 250
 LEFT, RIGHT, TOP, BOTTOM = 52, 14, 28, 40
+CHAR_W = 7  # width of a character of the 11px tick labels, rounded up (digits and "%()=" are narrower)
 
 
 def fmt(x: float) -> str:
@@ -108,7 +109,8 @@ def stacked_bars_svg(rows: Sequence[tuple[str, float, float, float, int]], title
         return None
     left, bar, gap = 190, 16, 6
     height = TOP + len(rows) * (bar + gap) + 24
-    x1 = PLOT_W - 64
+    counts = [f"{100 * win:.0f}% (n={n})" for _, win, _, _, n in rows]
+    x1 = PLOT_W - RIGHT - 6 - CHAR_W * max(len(c) for c in counts)  # room for the longest count label
     body = _legend([("revision preferred", WIN), ("tie", TIE), ("initial preferred", LOSS)], left)
     for i, (name, win, tie, loss, n) in enumerate(rows):
         y = TOP + i * (bar + gap)
@@ -121,7 +123,7 @@ def stacked_bars_svg(rows: Sequence[tuple[str, float, float, float, int]], title
                 body.append(_tip(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{bar}" fill="{color}">',
                                  f"{name}: {100 * share:.0f}% of {n}"))
             x += w
-        body.append(_text(f'class="tick" x="{x1 + 6}" y="{y + bar - 4}"', f"{100 * win:.0f}% (n={n})"))
+        body.append(_text(f'class="tick" x="{x1 + 6:.1f}" y="{y + bar - 4}"', counts[i]))
     for frac in (0.0, 0.5, 1.0):
         xx = left + frac * (x1 - left)
         body.append(Markup(f'<line class="grid" x1="{xx:.1f}" y1="{TOP - 4}" x2="{xx:.1f}" y2="{height - 20}"/>'
