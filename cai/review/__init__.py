@@ -2,9 +2,9 @@
 (``server``); each answer appended to ``RUN_DIR/human_labels.jsonl`` (``labels``); judge-vs-human
 agreement on the run's own pairs (``agreement``); human labels in the exported pairs (``export``)."""
 
-from .agreement import agreement_summary, summary_lines
+from .agreement import agreement_summary, review_diagnostics, summary_lines
 from .export import MODES, apply_human_labels
 from .labels import HUMAN_FILE, human_labels, import_labels
 
 __all__ = ["HUMAN_FILE", "MODES", "agreement_summary", "apply_human_labels", "human_labels", "import_labels",
-           "summary_lines"]
+           "review_diagnostics", "summary_lines"]

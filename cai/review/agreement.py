@@ -179,3 +179,15 @@ def summary_lines(s: dict[str, Any]) -> dict[str, str]:
     for pid, fig in s["by_principle"].items():
         out[f"principle {pid} (its own verdict)"] = _ratio(fig)
     return out
+
+
+def review_diagnostics(run_dir: Path, prefs: Iterable[dict[str, Any]] = ()) -> dict[str, dict[str, str]]:
+    """The dataset card's "human review" group (nothing when the run has no human labels)."""
+    s = agreement_summary(run_dir)
+    if s is None:
+        return {}
+    lines = summary_lines(s)
+    sources = [r["label_source"] for r in prefs if r.get("label_source")]
+    if sources:
+        lines["exported pairs by label_source"] = ", ".join(f"{x} {sources.count(x)}" for x in ("human", "ai"))
+    return {"human review (cai review, human_labels.jsonl)": lines}

@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import InputError
 from ..quality.gates import rejected_ids
 from ..stages.preferences import to_preference
-from .labels import human_labels, load_pairs
+from .labels import HUMAN_FILE, LABELS_FILE, human_labels, load_pairs
 
 MODES = ("ai", "human", "human-first")
 
@@ -66,3 +66,19 @@ def apply_human_labels(rows: Iterable[dict[str, Any]], run_dir: Path, mode: str 
         if pid not in done and pid not in gated and h in ("a", "b"):
             out.append(_human_row(pair, h))
     return out
+
+
+def with_human_labels(numbered: Iterable[tuple[str, dict[str, Any]]], run_dir: Path, mode: str = "human-first"
+                      ) -> Iterable[tuple[str, dict[str, Any]]]:
+    """``apply_human_labels`` over (where, row) pairs (where: ``file:line`` of the row, for error
+    messages). A run folder without human_labels.jsonl gets its rows back untouched (no
+    ``label_source``: the export stays as it was), except that ``human`` mode is refused."""
+    if not (Path(run_dir) / HUMAN_FILE).exists():
+        if mode == "human":
+            raise InputError(f"{run_dir}: no {HUMAN_FILE}: label pairs with `cai review {run_dir}` first, "
+                             "or export with --labels ai or human-first")
+        return numbered
+    numbered = list(numbered)
+    where = {r.get("id"): w for w, r in numbered}
+    return [(where.get(r["id"], f"{Path(run_dir) / LABELS_FILE}: pair {r['id']}"), r)
+            for r in apply_human_labels((r for _, r in numbered), run_dir, mode)]

@@ -112,21 +112,24 @@ def record(pair_id: str, label: str | None, left: str | None, reviewer: str, sam
     return rec | ({"sample": sample} if sample else {})
 
 
-def append(run_dir: Path, records: Iterable[dict[str, Any]]) -> int:
+def append(run_dir: Path, records: list[dict[str, Any]]) -> int:
     """Append records to human_labels.jsonl as whole lines under an exclusive lock, then fsync."""
     data = "".join(dumps(r) + "\n" for r in records).encode("utf-8")
     if not data:
         return 0
-    fd = os.open(Path(run_dir) / HUMAN_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(Path(run_dir) / HUMAN_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        end = os.fstat(fd).st_size
+        if end and os.pread(fd, 1, end - 1) != b"\n":  # a line torn by a crash: end it, keep ours whole
+            data = b"\n" + data
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)  # closing releases the lock
-    return data.count(b"\n")
+    return len(records)
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
