@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +39,15 @@ PAIRS = {"q0": {"harm": (0.9, 0.9), "honest": (0.8, 0.8)},    # a, 0.85
 HUMAN = {"q0": "a", "q1": "b", "q2": "a", "q3": "b", "q4": "a", "q5": "tie"}  # 3 agree, 2 flipped, 1 tie
 
 
-def label_row(rid: str, per: dict[str, tuple[float, float]], a: str | None = None, b: str | None = None
-              ) -> dict[str, Any]:
+def label_row(rid: str, per: dict[str, tuple[float, float]], prompt: str | None = None, a: str | None = None,
+              b: str | None = None) -> dict[str, Any]:
     """A labels.jsonl row as `cai.stages.judge.aggregate` writes it."""
     js = [{"principle_id": pid, "order": o, "mode": "logprobs", "mass": 1.0, "p_a": p, "p_b": 1 - p, "abstain": None}
           for pid, ps in per.items() for o, p in zip(("ab", "ba"), ps, strict=True)]
     p_a = sum(sum(ps) / 2 for ps in per.values()) / len(per)
     means = [sum(ps[i] for ps in per.values()) / len(per) for i in (0, 1)]
     tie = abs(p_a - 0.5) < 0.05
-    return {"id": rid, "prompt": [{"role": "user", "content": f"question {rid}?"}],
+    return {"id": rid, "prompt": [{"role": "user", "content": prompt or f"question {rid}?"}],
             "response_a": a or f"answer A to {rid}", "response_b": b or f"answer B to {rid}, longer",
             "p_a": p_a, "p_b": 1 - p_a, "label": "tie" if tie else "a" if p_a > 0.5 else "b", "tie": tie,
             "principle_ids": list(per), "judgements": js, "abstentions": 0,
@@ -53,14 +55,15 @@ def label_row(rid: str, per: dict[str, tuple[float, float]], a: str | None = Non
             "label_mode": "logprobs", "human": None, "origin": "revision", "source": f"in.jsonl:{rid}", "gates": []}
 
 
-def make_run(folder: Path, pairs: dict[str, Any] = PAIRS, **texts: tuple[str, str]) -> Path:
-    """A labelled run folder: run.json, labels.jsonl, preferences.jsonl (ties held out)."""
+def make_run(folder: Path, pairs: dict[str, Any] = PAIRS, **texts: tuple[str | None, str, str]) -> Path:
+    """A labelled run folder: run.json, labels.jsonl, preferences.jsonl (ties held out); ``texts``:
+    (prompt, response A, response B) by pair id."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "run.json").write_text(json.dumps({
         "cai_version": "0.1.0", "status": "complete", "models": {"policy": "fake", "judge": "fake"},
         "judge": {"mode": "logprobs", "tie_threshold": 0.05},
         "constitution": {"name": "tiny", "principles": [{"id": k, "comparison": v} for k, v in PRINCIPLES.items()]}}))
-    rows = [label_row(rid, per, *texts.get(rid, (None, None))) for rid, per in pairs.items()]
+    rows = [label_row(rid, per, *texts.get(rid, (None, None, None))) for rid, per in pairs.items()]
     (folder / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_preferences(folder / "labels.jsonl", folder / "preferences.jsonl")
     return folder
@@ -286,16 +289,26 @@ def test_server_api_and_a_page_without_external_resources(tmp_path: Path):
         ("q4", "a", "bob", "uncertainty"), ("q6", "tie", "bob", "uncertainty"), ("q6", None, "bob", "uncertainty")]
 
 
+@contextmanager
+def serving(run: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """`cai review RUN --no-open --port 0 ARGS` in a process of its own; yields its address."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "cai.cli", "review", run.name, "--no-open", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=run.parent)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), proc.stderr.read()
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+
 def test_kill_9_after_an_answer_keeps_it(tmp_path: Path):
     run = make_run(tmp_path / "run")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "cai.cli", "review", str(run), "--no-open", "--port", "0",
-                             "--reviewer", "ann", "--sample", "3", "--seed", "4"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.stderr else url
+    with serving(run, "--reviewer", "ann", "--sample", "3", "--seed", "4") as (url, proc):
         with urllib.request.urlopen(url + "api/state", timeout=30) as r:
             first = json.load(r)["pairs"][0]
         req = urllib.request.Request(url + "api/label", method="POST", headers={"Content-Type": "application/json"},
@@ -305,9 +318,6 @@ def test_kill_9_after_an_answer_keeps_it(tmp_path: Path):
             assert json.load(r)["labels"] == {first["id"]: "b"}
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     recs = lab.read_records(run)
     assert [(r["id"], r["label"], r["shown_left"], r["reviewer"], r["sample"]) for r in recs] == [
         (first["id"], "b", first["left"], "ann", "uniform")]

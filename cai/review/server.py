@@ -131,9 +131,12 @@ def make_app(review: Review) -> web.Application:
         body = await _json(request)
         return web.json_response(review.undo(_reviewer(body.get("reviewer"), review.reviewer)))
 
+    async def no_icon(request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
     app = web.Application()
     app.add_routes([web.get("/", page), web.get("/api/state", state), web.post("/api/label", label),
-                    web.post("/api/undo", undo)])
+                    web.post("/api/undo", undo), web.get("/favicon.ico", no_icon)])
     return app
 
 
