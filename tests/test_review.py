@@ -327,3 +327,15 @@ def test_review_refuses_a_folder_without_labels(tmp_path: Path, capsys: pytest.C
     (tmp_path / "empty").mkdir()
     assert main(["review", str(tmp_path / "empty"), "--no-open"]) == 2
     assert "no labels.jsonl" in capsys.readouterr().err
+
+
+def test_report_json_holds_the_human_review(tmp_path: Path):
+    from cai.report.html import write_report
+
+    run = make_run(tmp_path / "run")
+    json_path, _ = write_report(run)
+    assert "human_review" not in json.loads(json_path.read_text())
+    label_all(run)
+    rep = json.loads(write_report(run)[0].read_text())["human_review"]
+    assert (rep["agreement"]["n"], rep["agreement"]["agree"], rep["sample"]) == (5, 3, "uncertainty")
+    assert rep["agreement"]["wilson95"] == [pytest.approx(0.230724, abs=1e-5), pytest.approx(0.882378, abs=1e-5)]
