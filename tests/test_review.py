@@ -339,3 +339,20 @@ def test_report_json_holds_the_human_review(tmp_path: Path):
     rep = json.loads(write_report(run)[0].read_text())["human_review"]
     assert (rep["agreement"]["n"], rep["agreement"]["agree"], rep["sample"]) == (5, 3, "uncertainty")
     assert rep["agreement"]["wilson95"] == [pytest.approx(0.230724, abs=1e-5), pytest.approx(0.882378, abs=1e-5)]
+
+
+def test_only_loopback_names_and_json_reach_the_server(tmp_path: Path):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    run = make_run(tmp_path / "run")
+
+    async def go() -> list[int]:
+        async with TestClient(TestServer(make_app(Review(run, reviewer="ann")))) as c:
+            return [(await c.get("/", headers={"Host": "evil.example:8765"})).status,
+                    (await c.get("/api/state", headers={"Host": "localhost:8765"})).status,
+                    (await c.get("/favicon.ico", headers={"Host": "[::1]:8765"})).status,
+                    (await c.post("/api/label", data="{nope", headers={"Content-Type": "application/json"})).status,
+                    (await c.post("/api/label", json=[1])).status]
+
+    assert asyncio.run(go()) == [403, 200, 204, 400, 400]
+    assert not (run / lab.HUMAN_FILE).exists()

@@ -107,13 +107,29 @@ def _reviewer(value: Any, default: str) -> str:
 async def _json(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise web.HTTPUnsupportedMediaType(text="send JSON (Content-Type: application/json)")
-    body = await request.json()
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text="not valid JSON") from None
     if not isinstance(body, dict):
         raise web.HTTPBadRequest(text="send a JSON object")
     return body
 
 
-def make_app(review: Review) -> web.Application:
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def make_app(review: Review, host: str = "127.0.0.1") -> web.Application:
+    """The app; bound to a loopback address it answers only requests addressed to one (another
+    name resolving here, as in DNS rebinding, gets 403)."""
+
+    @web.middleware
+    async def local_only(request: web.Request, handler: Any) -> web.StreamResponse:
+        if host in LOOPBACK and request.url.host not in LOOPBACK:
+            raise web.HTTPForbidden(text=f"this page answers on {host} only")
+        result: web.StreamResponse = await handler(request)
+        return result
+
     async def page(request: web.Request) -> web.Response:
         html = _template().render(run=str(review.run_dir), order_text=review.order_text,
                                   config={"reviewer": review.reviewer, "show_principles": review.show_principles})
@@ -134,7 +150,7 @@ def make_app(review: Review) -> web.Application:
     async def no_icon(request: web.Request) -> web.Response:
         return web.Response(status=204)
 
-    app = web.Application()
+    app = web.Application(middlewares=[local_only])
     app.add_routes([web.get("/", page), web.get("/api/state", state), web.post("/api/label", label),
                     web.post("/api/undo", undo), web.get("/favicon.ico", no_icon)])
     return app
@@ -143,7 +159,7 @@ def make_app(review: Review) -> web.Application:
 async def serve(review: Review, host: str = "127.0.0.1", port: int = 8765, open_browser: bool = True,
                 ready: Callable[[str], None] = print) -> None:
     """Serve until cancelled; ``ready`` gets the page's address once it listens."""
-    runner = web.AppRunner(make_app(review), access_log=None)
+    runner = web.AppRunner(make_app(review, host), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
