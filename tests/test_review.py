@@ -256,6 +256,9 @@ def test_server_api_and_a_page_without_external_resources(tmp_path: Path):
         seen: dict[str, Any] = {}
         async with TestClient(TestServer(make_app(Review(run, reviewer="ann")))) as c:
             seen["html"] = await (await c.get("/")).text()
+        async with TestClient(TestServer(make_app(Review(run, reviewer="ann", show_principles=True)))) as c:
+            seen["upfront"] = await (await c.get("/")).text()
+        async with TestClient(TestServer(make_app(Review(run, reviewer="ann")))) as c:
             state = await (await c.get("/api/state?reviewer=bob")).json()
             seen["ids"] = [p["id"] for p in state["pairs"]]
             seen["left"] = {p["id"]: p["left"] for p in state["pairs"]}
@@ -274,6 +277,7 @@ def test_server_api_and_a_page_without_external_resources(tmp_path: Path):
     seen = asyncio.run(go())
     html = seen["html"]
     assert "run&lt;script&gt;x" in html and "run<script>x" not in html
+    assert '"show_principles":false' in html and '"show_principles":true' in seen["upfront"]
     assert not any(x in html for x in ("http://", "https://", "src=", "<link", "@import", "url("))
     assert seen["ids"] == ["q6", "q4", "q5", "q2", "q3", "q1", "q0", "q7"]
     assert seen["left"] == {i: lab.shown_left(i, "bob") for i in PAIRS}

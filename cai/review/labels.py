@@ -133,7 +133,9 @@ def append(run_dir: Path, records: list[dict[str, Any]]) -> int:
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """Every record, in file order (a torn last line from a crash mid-write is left out)."""
+    """Every record, in file order. A line that is not a valid record (a line torn by a crash
+    mid-write, a hand edit gone wrong) is left out; ``--import`` checks every line before it
+    appends, and ``check`` says what is wrong with one."""
     out = []
     path = Path(run_dir) / HUMAN_FILE
     if path.exists():
