@@ -343,6 +343,7 @@ def test_report_json_holds_the_human_review(tmp_path: Path):
     rep = json.loads(write_report(run)[0].read_text())["human_review"]
     assert (rep["agreement"]["n"], rep["agreement"]["agree"], rep["sample"]) == (5, 3, "uncertainty")
     assert rep["agreement"]["wilson95"] == [pytest.approx(0.230724, abs=1e-5), pytest.approx(0.882378, abs=1e-5)]
+    assert ag.summary_lines(rep)["judge-human agreement"] == "3/5 (60.0%; Wilson 95% 23.1%-88.2%)"  # for the page
 
 
 def test_only_loopback_names_and_json_reach_the_server(tmp_path: Path):
