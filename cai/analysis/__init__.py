@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import stats
+from ..review.agreement import agreement_summary
 from .counts import describe, histograms, rounded
 from .read import MAX_CHARS, MAX_ROWS, RunData, as_dict, as_list, as_text, load_run
 
@@ -156,6 +157,8 @@ def figures(data: RunData) -> dict[str, Any]:
         "markers": {"pairs": data.chosen_markers.n, "chosen": data.chosen_markers.rates(),
                     "rejected": data.rejected_markers.rates()},
     }
+    if (review := agreement_summary(data.run_dir)) is not None:  # human labels from `cai review`
+        report["human_review"] = review
     out: dict[str, Any] = rounded(report)
     return out
 

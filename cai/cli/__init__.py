@@ -25,7 +25,7 @@ from ..errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT
 from .app import app, err
 
 # Each module registers its commands on `app`; this order is the order `cai --help` lists them.
-COMMANDS = ("revise", "label", "run", "report", "export", "evaluate", "constitution", "model")
+COMMANDS = ("revise", "label", "run", "report", "export", "review", "evaluate", "constitution", "model")
 for _module in COMMANDS:
     importlib.import_module(f"{__name__}.{_module}")
 

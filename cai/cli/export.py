@@ -62,6 +62,10 @@ def export(
     include_rejects: Annotated[bool, typer.Option(
         "--include-rejects", help="Also export the SFT rows the quality gates kept out (listed in "
              "rejects.jsonl: truncated, looping, meta-text, not improved).")] = False,
+    labels: Annotated[str, typer.Option(
+        "--labels", help="Preference labels: human-first (a person's label from `cai review` where one exists, "
+             "the judge's elsewhere; a human tie drops the pair), human (only human-labelled pairs) or ai. "
+             "Each row's label_source says which.")] = "human-first",
     token: Annotated[str | None, typer.Option(
         "--token", help="Hugging Face token with write access, for --push-to-hub. Default: "
              "HF_TOKEN, or the token saved by `hf auth login`. Never written or printed.",
@@ -80,7 +84,8 @@ def export(
 
     res = export_run(run_dir, out or run_dir / "export", fmt=fmt, test_fraction=test_fraction, seed=seed,
                      full=full, constitutions=constitution or [], license=license, push_to_hub=push_to_hub,
-                     private=private, token=token, include_rejects=include_rejects, score=score)
+                     private=private, token=token, include_rejects=include_rejects, score=score,
+                     labels=labels)
     sizes = ", ".join(f"{k} {v}" for k, v in res.splits.items())
     for w in res.warnings:
         say(f"warning: {w}")

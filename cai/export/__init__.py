@@ -24,7 +24,7 @@ class Exported:
 def export_run(run_dir: Path, out: Path, *, fmt: str = "parquet", test_fraction: float = 0.1, seed: int = 0,
                full: bool = False, constitutions: Sequence[Path] = (), license: str | None = None,
                push_to_hub: str | None = None, private: bool = True, token: str | None = None,
-               include_rejects: bool = False, score: str = "raw") -> Exported:
+               include_rejects: bool = False, score: str = "raw", labels: str = "human-first") -> Exported:
     """`cai export`: build the run's datasets, write and check the folder, push it if asked.
     ``constitutions`` (files) describe a run folder without run.json; each must be one the rows
     record by hash."""
@@ -32,7 +32,7 @@ def export_run(run_dir: Path, out: Path, *, fmt: str = "parquet", test_fraction:
     secrets = [tok] if tok else []
     dumps = [load_constitution(f).model_dump(mode="json") for f in constitutions]
     ex = build(run_dir, test_fraction=test_fraction, seed=seed, full=full, constitutions=dumps, secrets=secrets,
-               include_rejects=include_rejects, score=score)
+               include_rejects=include_rejects, score=score, labels=labels)
     used = {h for hs in ex.info.hashes.values() for h in hs}
     for f, d in zip(constitutions, dumps, strict=True):
         h = Constitution.model_validate(d).digest()

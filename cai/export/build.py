@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 from ..errors import InputError
 from ..hashing import hash_int, short_id
 from ..quality.gates import rejected_ids
+from ..review.export import with_human_labels
 
 SFT_FILE, PREFS_FILE, LABELS_FILE, MANIFEST = (
     "revisions.jsonl", "preferences.jsonl", "labels.jsonl", "run.json")
@@ -222,6 +223,8 @@ def _row(kind: str, raw: dict[str, Any], where: str, full: bool) -> dict[str, An
                "position_consistent": pc if isinstance(pc, bool) else None,
                "label_mode": mode if isinstance(mode, str) else None}
     row["prompt_id"] = prompt_id(prompt)
+    if "label_source" in raw:  # human labels (cai.review): "human" or "ai"
+        row["label_source"] = raw["label_source"]
     if full:
         for c in TRACE[kind]:
             v = portable(scrub(raw.get(c))) if c == "provenance" else raw.get(c)
@@ -233,20 +236,21 @@ SCORES = ("raw", "length-debiased")
 
 
 def read_kind(folder: Path, kind: str, info: RunInfo, full: bool,
-              secrets: Sequence[str], score: str = "raw") -> list[dict[str, Any]]:
+              secrets: Sequence[str], score: str = "raw", labels: str = "human-first") -> list[dict[str, Any]]:
     path = folder / KINDS[kind]
     output = ((info.manifest or {}).get("config") or {}).get("output")
     output = output if isinstance(output, str) else None
     rows: list[dict[str, Any]] = []
     hashes: set[str] = set()
-    for n, raw in _lines(path, secrets):
-        if kind == "prefs" and score == "length-debiased":
+    numbered: Iterable[tuple[str, dict[str, Any]]] = ((f"{path}:{n}", raw) for n, raw in _lines(path, secrets))
+    for where, raw in with_human_labels(numbered, folder, labels) if kind == "prefs" else numbered:
+        if kind == "prefs" and score == "length-debiased" and raw.get("label_source") != "human":
             p = _float(raw.get("p_chosen_length_debiased"))
             if p is None:
-                raise InputError(f"{path}:{n}: no p_chosen_length_debiased; label with label.debias_length "
+                raise InputError(f"{where}: no p_chosen_length_debiased; label with label.debias_length "
                                  "(--label-debias-length / --debias-length) to export length-debiased scores")
             raw = {**raw, "score_chosen": p, "score_rejected": 1.0 - p}
-        row = _row(kind, raw, f"{path}:{n}", full)
+        row = _row(kind, raw, where, full)
         row["source"] = _source(row["source"], output)
         rows.append(row)
         prov = raw.get("provenance") if isinstance(raw.get("provenance"), dict) else {}
@@ -259,8 +263,8 @@ def read_kind(folder: Path, kind: str, info: RunInfo, full: bool,
 
 
 def read_run(folder: Path, *, full: bool = False, constitutions: Sequence[dict[str, Any]] = (),
-             secrets: Sequence[str] = (), include_rejects: bool = False, score: str = "raw"
-             ) -> tuple[dict[str, list[dict[str, Any]]], RunInfo]:
+             secrets: Sequence[str] = (), include_rejects: bool = False, score: str = "raw",
+             labels: str = "human-first") -> tuple[dict[str, list[dict[str, Any]]], RunInfo]:
     """Read and check every row of a finished run folder; the SFT rows the quality gates kept
     out (rejects.jsonl) stay out unless ``include_rejects``."""
     folder = Path(folder)
@@ -283,7 +287,7 @@ def read_run(folder: Path, *, full: bool = False, constitutions: Sequence[dict[s
     rows: dict[str, list[dict[str, Any]]] = {}
     for kind, name in KINDS.items():
         if (folder / name).exists():
-            rows[kind] = read_kind(folder, kind, info, full, secrets, score)
+            rows[kind] = read_kind(folder, kind, info, full, secrets, score, labels)
     if "sft" in rows and not include_rejects:
         out = rejected_ids(folder, "revise")
         kept = [r for r in rows["sft"] if r["id"] not in out]
@@ -331,14 +335,14 @@ def assign_test(rows: dict[str, list[dict[str, Any]]], fraction: float, seed: in
 
 def build(folder: Path, *, test_fraction: float = 0.1, seed: int = 0, full: bool = False,
           constitutions: Sequence[dict[str, Any]] = (), secrets: Sequence[str] = (),
-          include_rejects: bool = False, score: str = "raw") -> Export:
+          include_rejects: bool = False, score: str = "raw", labels: str = "human-first") -> Export:
     """Read a finished run folder into the four-split ``DatasetDict`` (empty splits left out)."""
     if not 0 <= test_fraction < 1:
         raise InputError(f"test fraction must be in [0, 1), got {test_fraction}")
     if score not in SCORES:
         raise InputError(f"unknown score {score!r} (one of {', '.join(SCORES)})")
     rows, info = read_run(folder, full=full, constitutions=constitutions, secrets=secrets,
-                          include_rejects=include_rejects, score=score)
+                          include_rejects=include_rejects, score=score, labels=labels)
     info.test_fraction, info.seed = test_fraction, seed
     test = assign_test(rows, test_fraction, seed)
     dd = DatasetDict()
@@ -346,6 +350,8 @@ def build(folder: Path, *, test_fraction: float = 0.1, seed: int = 0, full: bool
         feats = Features(dict(FEATURES[kind]))
         if full:
             feats.update({c: Value("string") for c in TRACE[kind]})
+        if any("label_source" in r for r in rs):
+            feats["label_source"] = Value("string")
         info.rows[kind] = len(rs)
         info.prompts[kind] = len({r["prompt_id"] for r in rs})
         for side in ("train", "test"):

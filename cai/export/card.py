@@ -21,6 +21,7 @@ from ..analysis import build_report
 from ..constitution import Constitution
 from ..errors import CaiError
 from ..hashing import sha256_json
+from ..review.agreement import review_diagnostics
 from .build import CARD_MARK, KINDS, LABELS_FILE, TRACE, Export, RunInfo, portable, scrub
 
 # The judge's settings (``JudgeConfig.to_dict()``): a name and what it means, in table order.
@@ -164,6 +165,7 @@ def diagnostics(rows: dict[str, list[dict[str, Any]]], info: RunInfo) -> dict[st
                            _ratio(sum(consistent), len(consistent))}
         if with_human:
             d["labels"]["agreement with human labels"] = _ratio(agree, with_human)
+    d |= review_diagnostics(info.folder, rows.get("prefs") or [])
     if info.failures:
         d["failures"] = dict(info.failures)
     gates = (info.manifest or {}).get("gates")
