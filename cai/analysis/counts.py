@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import stats
+from ..stats import Human
 from ..eval.refusal import MARKER_NAMES
 
 HIST_BINS = 20
@@ -59,42 +59,6 @@ class Side:
         return {"pairs": self.n, "win_rate": self.won / self.n, "tie_rate": self.tied / self.n,
                 "loss_rate": lost / self.n, "decided_win_rate": self.won / decided if decided else None,
                 "mean_p": self.p_sum / self.n}
-
-
-@dataclass
-class Human:
-    """Judge against human labels: probabilities of A, the human's A/B, the judge's label."""
-
-    p: list[float] = field(default_factory=list)
-    y: list[float] = field(default_factory=list)
-    agree: int = 0
-    decided: int = 0
-    decided_agree: int = 0
-
-    def add(self, p_a: float, human: str, label: str | None) -> None:
-        self.p.append(p_a)
-        self.y.append(1.0 if human == "a" else 0.0)
-        self.agree += label == human
-        if label in ("a", "b"):
-            self.decided += 1
-            self.decided_agree += label == human
-
-    def summary(self, bins: int = 10, with_bins: bool = True) -> dict[str, Any] | None:
-        """As `cai eval-judge` counts (``cai.metrics``): ``agreement`` over decided pairs, with
-        ``coverage`` the decided share; ``agreement_all`` counts a tie as a disagreement."""
-        if not self.p:
-            return None
-        n = len(self.p)
-        out: dict[str, Any] = {
-            "pairs": n, "decided": self.decided,
-            "agreement": self.decided_agree / self.decided if self.decided else None,
-            "coverage": self.decided / n, "agreement_all": self.agree / n,
-            "soft_agreement": sum(p if y else 1.0 - p for p, y in zip(self.p, self.y, strict=True)) / n,
-            "brier": stats.brier(self.p, self.y), "ece": stats.ece(self.p, self.y, bins),
-        }
-        if with_bins:
-            out["reliability"] = stats.reliability(self.p, self.y, bins)
-        return out
 
 
 @dataclass
