@@ -12,27 +12,31 @@ from typing import Any
 
 import numpy as np
 
+from ..eval.refusal import Markers
 from ..stats import Human
-from ..eval.refusal import MARKER_NAMES
 
 HIST_BINS = 20
 
 
-class Markers:
-    """Marker rates over a stream of texts (as ``cai.refusal.marker_rates``, counted as we go
-    from each text's ``cai.refusal.markers``)."""
+@dataclass
+class Lengths:
+    """Answer lengths at one step of the revisions (a round, or the whole revision), their growth
+    over the step (per-row ratios, and the summed lengths before and after) and marker rates."""
 
-    def __init__(self) -> None:
-        self.n = 0
-        self.counts: Counter[str] = Counter()
+    lengths: list[int] = field(default_factory=list)
+    growth: list[float] = field(default_factory=list)
+    sums: list[int] = field(default_factory=lambda: [0, 0])
+    markers: Markers = field(default_factory=Markers)
 
-    def record(self, found: dict[str, bool]) -> dict[str, bool]:
-        self.n += 1
-        self.counts.update(k for k, v in found.items() if v)
-        return found
-
-    def rates(self) -> dict[str, float]:
-        return {k: (self.counts[k] / self.n if self.n else 0.0) for k in MARKER_NAMES}
+    def add(self, text: str, before: str | None, found: dict[str, bool] | None) -> None:
+        """One answer, the one it grew from (None: not a growth step) and its markers (None: not counted)."""
+        self.lengths.append(len(text))
+        if before:
+            self.growth.append(len(text) / len(before))
+            self.sums[0] += len(before)
+            self.sums[1] += len(text)
+        if found is not None:
+            self.markers.record(found)
 
 
 @dataclass
