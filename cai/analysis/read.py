@@ -182,6 +182,10 @@ class RunData:
     table_chars: int = 0
     marker_cache: dict[bytes, int] = field(default_factory=dict)
 
+    def principle(self, pid: str) -> dict[str, Any]:
+        """The counts of one revision principle: rounds drawn, growth, the judge's view of its revisions."""
+        return self.revise_principles.setdefault(pid, {"rounds": 0, "growth": [0, 0], "side": Side()})
+
     def markers_of(self, text: str, keep: bool = True) -> dict[str, bool]:
         """``cai.refusal.markers`` of a text, remembered (as a bit mask, by digest) for the
         initial and final answers, which come back as the two sides of revision pairs."""
@@ -253,8 +257,7 @@ def _read_revisions(data: RunData, max_rows: int) -> None:
                 data.rounds.append(Lengths())
             data.rounds[k].add(text, texts[k - 1] if k else None, found[k])
             if k:
-                pid = principles[k - 1]
-                per = data.revise_principles.setdefault(pid, {"rounds": 0, "growth": [0, 0], "side": Side()})
+                per = data.principle(principles[k - 1])
                 per["rounds"] += 1
                 if len(texts[k - 1]):
                     per["growth"][0] += len(texts[k - 1])
@@ -374,26 +377,23 @@ def _read_labels(data: RunData, max_rows: int) -> None:
         len_a, len_b = size(a), size(b)
         lrow = {"id": rid, "p_a": p_a, "label": label, "len_a": len_a, "len_b": len_b}
         data.length_rows.append(lrow)
+        flip = side == "b"
+        p_rev = 1.0 - p_a if flip else p_a  # the revision's, in a revision pair
         if side is not None:
-            flip = side == "b"
             data.revision_length_rows.append({
-                "id": rid, "p_a": 1.0 - p_a if flip else p_a,
-                "label": {"a": "b", "b": "a"}.get(label, label) if flip else label,
+                "id": rid, "p_a": p_rev, "label": {"a": "b", "b": "a"}.get(label, label) if flip else label,
                 "len_a": len_b if flip else len_a, "len_b": len_a if flip else len_b})
-            if rev is not None:
-                for pid in rev.principles:
-                    per = data.revise_principles.setdefault(pid, {"rounds": 0, "growth": [0, 0], "side": Side()})
-                    per["side"].add(1.0 - p_a if flip else p_a, label == "tie")
+            for pid in rev.principles if rev is not None else ():
+                data.principle(pid)["side"].add(p_rev, label == "tie")
         if label in ("a", "b"):
             chosen, rejected = (a, b) if label == "a" else (b, a)
             data.chosen.add(chosen, None, data.markers_of(chosen))
             data.rejected.add(rejected, None, data.markers_of(rejected))
         gates = gates_of(row)
         data.label_gates.update(gates)
-        oriented_p = None if side is None else (p_a if side == "a" else 1.0 - p_a)
         verdict = label if side is None else (
             "tie" if label == "tie" else "revision" if label == side else "initial")
-        entry = {"label": verdict, "p": oriented_p if side is not None else p_a, "human": human,
+        entry = {"label": verdict, "p": p_rev, "human": human,
                  "judge_principles": list(views), "position_consistent": consistent}
         if rid in data.table_index:
             t = data.table[data.table_index[rid]]
