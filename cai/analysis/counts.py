@@ -90,13 +90,11 @@ class Group:
             self.voted += 1
             self.first_slot += (p_a > 0.5) == (order == "ab")
 
-    def is_tie(self, p: float) -> bool:
-        return abs(p - 0.5) < self.tie_threshold or p == 0.5
-
     def add(self, p_a: float, judgements: int, abstained: int, consistent: bool | None,
-            revised_side: str | None, human: str | None, label: str | None = None) -> None:
+            revised_side: str | None, human: str | None, label: str | None = None) -> str:
+        """One pair; returns its label (the row's, else decided from ``p_a`` and the tie threshold)."""
         if label not in ("a", "b", "tie"):
-            label = "tie" if self.is_tie(p_a) else "a" if p_a > 0.5 else "b"
+            label = "tie" if abs(p_a - 0.5) < self.tie_threshold or p_a == 0.5 else "a" if p_a > 0.5 else "b"
         tie = label == "tie"
         self.pairs += 1
         self.p_sum += p_a
@@ -112,6 +110,7 @@ class Group:
             self.revision.add(p_a if revised_side == "a" else 1.0 - p_a, tie)
         if human in ("a", "b"):
             self.human.add(p_a, human, label)
+        return label
 
     def summary(self, with_bins: bool = True) -> dict[str, Any]:
         n = self.pairs

@@ -355,10 +355,8 @@ def _read_labels(data: RunData, max_rows: int) -> None:
         judgements = as_list(row.get("judgements"))
         abstained = sum(1 for j in judgements if isinstance(j, dict) and j.get("abstain"))
         consistent = row.get("position_consistent")
-        label = row.get("label") if row.get("label") in ("a", "b", "tie") else None
-        data.overall.add(p_a, len(judgements), abstained, consistent if isinstance(consistent, bool) else None,
-                         side, human, label)
-        label = label or ("tie" if data.overall.is_tie(p_a) else "a" if p_a > 0.5 else "b")
+        label = data.overall.add(p_a, len(judgements), abstained,
+                                 consistent if isinstance(consistent, bool) else None, side, human, row.get("label"))
         for pid, v in views.items():
             g = data.per_principle.setdefault(pid, Group(data.tie_threshold))
             orders = v["orders"]
