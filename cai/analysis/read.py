@@ -189,7 +189,7 @@ class RunData:
     def markers_of(self, text: str, keep: bool = True) -> dict[str, bool]:
         """``cai.refusal.markers`` of a text, remembered (as a bit mask, by digest) for the
         initial and final answers, which come back as the two sides of revision pairs."""
-        key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).digest()
+        key = digest(text)  # markers() strips the text too
         mask = self.marker_cache.get(key)
         if mask is not None:
             return {name: bool(mask >> i & 1) for i, name in enumerate(MARKER_NAMES)}
