@@ -1,6 +1,7 @@
 """Running counts of a run's figures, filled row by row as ``cai.analysis.read`` streams a run
-folder: marker rates, the judge's view of the revision, agreement with people, label figures per
-group of pairs; and the summaries (``describe``, ``histograms``) the figures are made of."""
+folder: answer lengths and marker rates, the judge's view of the revision, label figures per group
+of pairs (agreement with people: ``cai.stats.Human``); and the summaries (``describe``,
+``histograms``) the figures are made of."""
 
 from __future__ import annotations
 
@@ -20,23 +21,23 @@ HIST_BINS = 20
 
 @dataclass
 class Lengths:
-    """Answer lengths at one step of the revisions (a round, or the whole revision), their growth
-    over the step (per-row ratios, and the summed lengths before and after) and marker rates."""
+    """Answer lengths and marker rates of a set of answers (one round's, the final revisions, the
+    chosen or the rejected ones) and their growth from the answers they revise (per-row ratios,
+    and the summed lengths before and after)."""
 
     lengths: list[int] = field(default_factory=list)
     growth: list[float] = field(default_factory=list)
     sums: list[int] = field(default_factory=lambda: [0, 0])
     markers: Markers = field(default_factory=Markers)
 
-    def add(self, text: str, before: str | None, found: dict[str, bool] | None) -> None:
-        """One answer, the one it grew from (None: not a growth step) and its markers (None: not counted)."""
+    def add(self, text: str, before: str | None, found: dict[str, bool]) -> None:
+        """One answer, the one it grew from (None or empty: no growth counted) and its markers."""
         self.lengths.append(len(text))
+        self.markers.record(found)
         if before:
             self.growth.append(len(text) / len(before))
             self.sums[0] += len(before)
             self.sums[1] += len(text)
-        if found is not None:
-            self.markers.record(found)
 
 
 @dataclass
