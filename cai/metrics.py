@@ -15,9 +15,7 @@ from . import stats
 from .files import iter_jsonl
 
 
-def summarize(
-    rows: Iterable[dict[str, Any]], failures: Iterable[dict[str, Any]] = ()
-) -> dict[str, Any]:
+def summarize(rows: Iterable[dict[str, Any]], failures: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
     """Agreement with the human label, position consistency, abstention, ties, first-slot bias."""
     n = ties = judg = abst = first = voted = 0
     human = stats.Human()
@@ -52,23 +50,11 @@ def summarize(
 
     h = human.summary() or {"agreement": None, "soft_agreement": None, "brier": None, "ece": None,
                             "reliability": stats.reliability([], [])}
-    return {
-        "pairs": total,
-        "labelled": n,
-        "failures": failed,
-        "decided": human.decided,
-        "agreement": h["agreement"],
-        "coverage": rate(human.decided, total),
-        "soft_agreement": h["soft_agreement"],
-        "position_consistency": rate(sum(cons), len(cons)),
-        "abstention_rate": rate(abst, judg),
-        "tie_rate": rate(ties, n),
-        "first_slot_rate": rate(first, voted),
-        "judgements": judg,
-        "brier": h["brier"],
-        "ece": h["ece"],
-        "reliability": h["reliability"],
-    }
+    return {"pairs": total, "labelled": n, "failures": failed, "decided": human.decided, "agreement": h["agreement"],
+            "coverage": rate(human.decided, total), "soft_agreement": h["soft_agreement"],
+            "position_consistency": rate(sum(cons), len(cons)), "abstention_rate": rate(abst, judg),
+            "tie_rate": rate(ties, n), "first_slot_rate": rate(first, voted), "judgements": judg,
+            "brier": h["brier"], "ece": h["ece"], "reliability": h["reliability"]}
 
 
 def summarize_files(labels: Path, failures: Path | None) -> dict[str, Any]:
