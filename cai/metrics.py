@@ -15,16 +15,11 @@ from . import stats
 from .files import iter_jsonl
 
 
-def summarize(
-    rows: Iterable[dict[str, Any]], failures: Iterable[dict[str, Any]] = ()
-) -> dict[str, Any]:
+def summarize(rows: Iterable[dict[str, Any]], failures: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
     """Agreement with the human label, position consistency, abstention, ties, first-slot bias."""
-    n = decided = agree = ties = 0
-    soft: list[float] = []
-    p_a: list[float] = []  # the soft label, beside whether the person chose A: calibration
-    chose_a: list[float] = []
+    n = ties = judg = abst = first = voted = 0
+    human = stats.Human()
     cons: list[bool] = []
-    judg = abst = first = voted = 0
 
     def count_judgements(js: list[dict[str, Any]]) -> None:
         nonlocal judg, abst, first, voted
@@ -42,14 +37,8 @@ def summarize(
         ties += bool(r.get("tie"))
         if r.get("position_consistent") is not None:
             cons.append(bool(r["position_consistent"]))
-        h = r.get("human")
-        if h in ("a", "b") and r.get("p_a") is not None:
-            soft.append(r["p_a"] if h == "a" else 1.0 - r["p_a"])
-            p_a.append(r["p_a"])
-            chose_a.append(float(h == "a"))
-            if r.get("label") in ("a", "b"):
-                decided += 1
-                agree += r["label"] == h
+        if r.get("human") in ("a", "b") and r.get("p_a") is not None:
+            human.add(r["p_a"], r["human"], r.get("label"))
     failed = 0
     for f in failures:
         failed += 1
@@ -59,23 +48,13 @@ def summarize(
     def rate(a: float, b: float) -> float | None:
         return a / b if b else None
 
-    return {
-        "pairs": total,
-        "labelled": n,
-        "failures": failed,
-        "decided": decided,
-        "agreement": rate(agree, decided),
-        "coverage": rate(decided, total),
-        "soft_agreement": rate(sum(soft), len(soft)),
-        "position_consistency": rate(sum(cons), len(cons)),
-        "abstention_rate": rate(abst, judg),
-        "tie_rate": rate(ties, n),
-        "first_slot_rate": rate(first, voted),
-        "judgements": judg,
-        "brier": stats.brier(p_a, chose_a),
-        "ece": stats.ece(p_a, chose_a),
-        "reliability": stats.reliability(p_a, chose_a),
-    }
+    h = human.summary() or {"agreement": None, "soft_agreement": None, "brier": None, "ece": None,
+                            "reliability": stats.reliability([], [])}
+    return {"pairs": total, "labelled": n, "failures": failed, "decided": human.decided, "agreement": h["agreement"],
+            "coverage": rate(human.decided, total), "soft_agreement": h["soft_agreement"],
+            "position_consistency": rate(sum(cons), len(cons)), "abstention_rate": rate(abst, judg),
+            "tie_rate": rate(ties, n), "first_slot_rate": rate(first, voted), "judgements": judg,
+            "brier": h["brier"], "ece": h["ece"], "reliability": h["reliability"]}
 
 
 def summarize_files(labels: Path, failures: Path | None) -> dict[str, Any]:

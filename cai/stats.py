@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -61,18 +62,13 @@ def brier(p: Iterable[float | None], y: Iterable[float | None]) -> float | None:
     return float(np.mean((pa - ya) ** 2))
 
 
-def _bin_index(p: FloatArray, bins: int) -> np.ndarray[Any, np.dtype[np.intp]]:
-    """Equal-width bins over [0, 1]; 1.0 falls in the last bin."""
-    if bins < 1:
-        raise ValueError(f"bins must be at least 1, got {bins}")
-    return np.clip(np.floor(p * bins).astype(np.intp), 0, bins - 1)
-
-
 def reliability(p: Iterable[float | None], y: Iterable[float | None], bins: int = 10) -> list[dict[str, Any]]:
     """Per equal-width bin of ``p``: its edges, the mean ``p``, the observed rate of ``y`` and the
     count. Every bin is listed; an empty bin has ``count`` 0 and ``mean_p``/``rate`` None."""
     pa, ya = _finite_pairs(p, y)
-    idx = _bin_index(pa, bins)
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, got {bins}")
+    idx = np.clip(np.floor(pa * bins).astype(np.intp), 0, bins - 1)  # equal-width; 1.0 in the last bin
     out: list[dict[str, Any]] = []
     for b in range(bins):
         sel = idx == b
@@ -85,17 +81,46 @@ def reliability(p: Iterable[float | None], y: Iterable[float | None], bins: int 
 
 def ece(p: Iterable[float | None], y: Iterable[float | None], bins: int = 10) -> float | None:
     """Expected calibration error: sum over equal-width bins of (bin share) x |mean p - rate|."""
-    pa, ya = _finite_pairs(p, y)
-    if pa.size == 0:
-        return None
-    idx = _bin_index(pa, bins)
-    total = 0.0
-    for b in range(bins):
-        sel = idx == b
-        n = int(sel.sum())
-        if n:
-            total += n / pa.size * abs(float(pa[sel].mean()) - float(ya[sel].mean()))
-    return total
+    table = reliability(p, y, bins)
+    n = sum(b["count"] for b in table)
+    return sum(b["count"] / n * abs(b["mean_p"] - b["rate"]) for b in table if b["count"]) if n else None
+
+
+@dataclass
+class Human:
+    """A judge against human labels, counted pair by pair: ``add`` the judge's ``p_a``, the
+    human's choice (a or b) and the judge's label (a, b or tie)."""
+
+    p: list[float] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
+    agree: int = 0
+    decided: int = 0
+    decided_agree: int = 0
+
+    def add(self, p_a: float, human: str, label: str | None) -> None:
+        self.p.append(p_a)
+        self.y.append(1.0 if human == "a" else 0.0)
+        self.agree += label == human
+        if label in ("a", "b"):
+            self.decided += 1
+            self.decided_agree += label == human
+
+    def summary(self, bins: int = 10, with_bins: bool = True) -> dict[str, Any] | None:
+        """``agreement`` over the pairs the judge decided, ``coverage`` the decided share,
+        ``agreement_all`` a tie counted as a disagreement; soft agreement and calibration."""
+        if not self.p:
+            return None
+        n = len(self.p)
+        out: dict[str, Any] = {
+            "pairs": n, "decided": self.decided,
+            "agreement": self.decided_agree / self.decided if self.decided else None,
+            "coverage": self.decided / n, "agreement_all": self.agree / n,
+            "soft_agreement": sum(p if y else 1.0 - p for p, y in zip(self.p, self.y, strict=True)) / n,
+            "brier": brier(self.p, self.y), "ece": ece(self.p, self.y, bins),
+        }
+        if with_bins:
+            out["reliability"] = reliability(self.p, self.y, bins)
+        return out
 
 
 def pearson(x: Iterable[float], y: Iterable[float]) -> float | None:
@@ -172,10 +197,10 @@ def length_of(unit: str = "chars") -> Callable[[str], int]:
 
 
 def _length_rows(rows: Iterable[Mapping[str, Any]], unit: str
-                 ) -> list[tuple[str, float, float, float, str | None]]:
+                 ) -> tuple[list[tuple[str, float, float, float, str | None]], FloatArray, FloatArray]:
     """(id, len_a, len_b, p_a, label) for each row with a number ``p_a`` and both lengths: the
     row's ``len_a``/``len_b`` when given (numbers, already in ``unit``), else measured from
-    ``response_a``/``response_b``."""
+    ``response_a``/``response_b``; and, as arrays, the length differences and the ``p_a``."""
     size = length_of(unit)
     out = []
     for r in rows:
@@ -191,7 +216,8 @@ def _length_rows(rows: Iterable[Mapping[str, Any]], unit: str
                 lengths.append(float(size(text)))
         if len(lengths) == 2:
             out.append((str(r.get("id", "")), lengths[0], lengths[1], float(p), r.get("label")))
-    return out
+    d = np.asarray([la - lb for _, la, lb, _, _ in out], dtype=np.float64)
+    return out, d, np.asarray([pa for *_, pa, _ in out], dtype=np.float64)
 
 
 def _length_model(d: FloatArray, y: FloatArray) -> tuple[float, float, float] | None:
@@ -218,7 +244,7 @@ def length_bias(rows: Iterable[Mapping[str, Any]], unit: str = "chars", soft: bo
       preferring A per standard deviation (``sd``) of the length difference.
     Each figure is None when it cannot be computed from these rows.
     """
-    data = _length_rows(rows, unit)
+    data, d, p = _length_rows(rows, unit)
     out: dict[str, Any] = {"unit": unit, "labels": "soft" if soft else "hard", "n": len(data),
                            "decided": 0, "equal_length": 0, "longer_chosen": None,
                            "mean_diff": None, "pearson": None, "spearman": None, "raw_rate": None,
@@ -230,8 +256,6 @@ def length_bias(rows: Iterable[Mapping[str, Any]], unit: str = "chars", soft: bo
     out["decided"], out["equal_length"] = len(decided), len(decided) - len(unequal)
     if unequal:
         out["longer_chosen"] = sum((la > lb) == (lab == "a") for la, lb, lab in unequal) / len(unequal)
-    d = np.asarray([la - lb for _, la, lb, _, _ in data], dtype=np.float64)
-    p = np.asarray([pa for *_, pa, _ in data], dtype=np.float64)
     out["mean_diff"] = float(d.mean())
     out["pearson"], out["spearman"] = pearson(d, p), spearman(d, p)
     if soft:
@@ -260,9 +284,7 @@ def debiased_labels(rows: Iterable[Mapping[str, Any]], unit: str = "chars") -> d
     ``[EPS, 1 - EPS]`` first, so hard 0/1 labels move only a little. A pair of two answers of
     equal length keeps its (clipped) label. None when the model cannot be fitted (see ``length_bias``).
     """
-    data = _length_rows(rows, unit)
-    d = np.asarray([la - lb for _, la, lb, _, _ in data], dtype=np.float64)
-    p = np.asarray([pa for *_, pa, _ in data], dtype=np.float64)
+    data, d, p = _length_rows(rows, unit)
     model = _length_model(d, p)
     if model is None:
         return None

@@ -87,20 +87,19 @@ def figures(data: RunData) -> dict[str, Any]:
     const = as_dict(m.get("constitution"))
     principles = [p for p in as_list(const.get("principles")) if isinstance(p, dict)]
     by_round = []
-    for k, lengths in enumerate(data.round_lengths):
-        by_round.append({"round": k, **describe(lengths), "growth": _ratio(data.round_sums[k]),
-                         "median_row_ratio": _median(data.round_growth[k]),
-                         "markers": data.round_markers[k].rates()})
-    first, last = (data.round_lengths[0] if data.round_lengths else []), data.final_lengths
-    whole = data.whole_growth
+    for k, r in enumerate(data.rounds):
+        by_round.append({"round": k, **describe(r.lengths), "growth": _ratio(r.sums),
+                         "median_row_ratio": _median(r.growth), "markers": r.markers.rates()})
+    first, whole = (data.rounds[0].lengths if data.rounds else []), data.whole
+    fails = {stage: sum(reasons.values()) for stage, reasons in data.failures.items()}
     revise = {
-        "rows": data.revise_rows, "failures": data.revise_failures, "failure_reasons": dict(data.revise_reasons),
-        "rounds": max(len(data.round_lengths) - 1, 0),
-        "lengths": {"unit": "chars", "initial": describe(first), "revised": describe(last),
-                    "growth": _ratio(data.whole_sums), "median_row_ratio": _median(whole)},
+        "rows": data.revise_rows, "failures": fails["revisions"],
+        "failure_reasons": dict(data.failures["revisions"]), "rounds": max(len(data.rounds) - 1, 0),
+        "lengths": {"unit": "chars", "initial": describe(first), "revised": describe(whole.lengths),
+                    "growth": _ratio(whole.sums), "median_row_ratio": _median(whole.growth)},
         "by_round": by_round,
-        "markers": {"initial": data.round_markers[0].rates() if data.round_markers else None,
-                    "revised": data.final_markers.rates() if data.final_markers.n else None},
+        "markers": {"initial": data.rounds[0].markers.rates() if data.rounds else None,
+                    "revised": whole.markers.rates() if whole.markers.n else None},
         "per_principle": {pid: {"rounds": v["rounds"], "growth": _ratio(v["growth"]),
                                 "judged": v["side"].summary()}
                           for pid, v in sorted(data.revise_principles.items())},
@@ -108,8 +107,8 @@ def figures(data: RunData) -> dict[str, Any]:
     }
     overall = data.overall.summary()
     labels = {
-        "pairs": data.overall.pairs, "failures": data.label_failures,
-        "failure_reasons": dict(data.label_reasons), "by_origin": dict(data.origins),
+        "pairs": data.overall.pairs, "failures": fails["labels"],
+        "failure_reasons": dict(data.failures["labels"]), "by_origin": dict(data.origins),
         "unmatched_revision_pairs": data.unmatched, "tie_threshold": data.tie_threshold,
         "overall": overall,
         "per_principle": {pid: g.summary(with_bins=False) for pid, g in sorted(data.per_principle.items())},
@@ -123,7 +122,7 @@ def figures(data: RunData) -> dict[str, Any]:
     lead = as_dict(bias["revision"] or bias["all"])
     headline = {
         "rows_revised": data.revise_rows, "pairs_labelled": data.overall.pairs,
-        "failures": data.revise_failures + data.label_failures,
+        "failures": fails["revisions"] + fails["labels"],
         "revision_win_rate": rev["win_rate"],
         "revision_win_rate_length_controlled": as_dict(bias["revision"]).get("lc_rate"),
         "mean_p_revision": rev["mean_p"],
@@ -133,7 +132,7 @@ def figures(data: RunData) -> dict[str, Any]:
         "first_slot_rate": overall["first_slot_rate"],
         "longer_chosen": as_dict(bias["all"]).get("longer_chosen"),
         "length_pearson": lead.get("pearson"),
-        "length_growth": _ratio(data.whole_sums), "length_growth_median_ratio": _median(whole),
+        "length_growth": _ratio(whole.sums), "length_growth_median_ratio": _median(whole.growth),
         "human_pairs": human.get("pairs", 0), "human_agreement": human.get("agreement"),
         "human_coverage": human.get("coverage"),
         "brier": human.get("brier"), "ece": human.get("ece"),
@@ -151,11 +150,11 @@ def figures(data: RunData) -> dict[str, Any]:
         "revise": revise,
         "labels": labels,
         "length_bias": bias,
-        "lengths": {"unit": "chars", "chosen": describe(data.chosen_lengths),
-                    "rejected": describe(data.rejected_lengths),
-                    "histogram": histograms(data.chosen_lengths, data.rejected_lengths)},
-        "markers": {"pairs": data.chosen_markers.n, "chosen": data.chosen_markers.rates(),
-                    "rejected": data.rejected_markers.rates()},
+        "lengths": {"unit": "chars", "chosen": describe(data.chosen.lengths),
+                    "rejected": describe(data.rejected.lengths),
+                    "histogram": histograms(data.chosen.lengths, data.rejected.lengths)},
+        "markers": {"pairs": data.chosen.markers.n, "chosen": data.chosen.markers.rates(),
+                    "rejected": data.rejected.markers.rates()},
     }
     if (review := agreement_summary(data.run_dir)) is not None:  # human labels from `cai review`
         report["human_review"] = review

@@ -1,6 +1,7 @@
 """Running counts of a run's figures, filled row by row as ``cai.analysis.read`` streams a run
-folder: marker rates, the judge's view of the revision, agreement with people, label figures per
-group of pairs; and the summaries (``describe``, ``histograms``) the figures are made of."""
+folder: answer lengths and marker rates, the judge's view of the revision, label figures per group
+of pairs (agreement with people: ``cai.stats.Human``); and the summaries (``describe``,
+``histograms``) the figures are made of."""
 
 from __future__ import annotations
 
@@ -12,27 +13,31 @@ from typing import Any
 
 import numpy as np
 
-from .. import stats
-from ..eval.refusal import MARKER_NAMES
+from ..eval.refusal import Markers
+from ..stats import Human
 
 HIST_BINS = 20
 
 
-class Markers:
-    """Marker rates over a stream of texts (as ``cai.refusal.marker_rates``, counted as we go
-    from each text's ``cai.refusal.markers``)."""
+@dataclass
+class Lengths:
+    """Answer lengths and marker rates of a set of answers (one round's, the final revisions, the
+    chosen or the rejected ones) and their growth from the answers they revise (per-row ratios,
+    and the summed lengths before and after)."""
 
-    def __init__(self) -> None:
-        self.n = 0
-        self.counts: Counter[str] = Counter()
+    lengths: list[int] = field(default_factory=list)
+    growth: list[float] = field(default_factory=list)
+    sums: list[int] = field(default_factory=lambda: [0, 0])
+    markers: Markers = field(default_factory=Markers)
 
-    def record(self, found: dict[str, bool]) -> dict[str, bool]:
-        self.n += 1
-        self.counts.update(k for k, v in found.items() if v)
-        return found
-
-    def rates(self) -> dict[str, float]:
-        return {k: (self.counts[k] / self.n if self.n else 0.0) for k in MARKER_NAMES}
+    def add(self, text: str, before: str | None, found: dict[str, bool]) -> None:
+        """One answer, the one it grew from (None or empty: no growth counted) and its markers."""
+        self.lengths.append(len(text))
+        self.markers.record(found)
+        if before:
+            self.growth.append(len(text) / len(before))
+            self.sums[0] += len(before)
+            self.sums[1] += len(text)
 
 
 @dataclass
@@ -62,42 +67,6 @@ class Side:
 
 
 @dataclass
-class Human:
-    """Judge against human labels: probabilities of A, the human's A/B, the judge's label."""
-
-    p: list[float] = field(default_factory=list)
-    y: list[float] = field(default_factory=list)
-    agree: int = 0
-    decided: int = 0
-    decided_agree: int = 0
-
-    def add(self, p_a: float, human: str, label: str | None) -> None:
-        self.p.append(p_a)
-        self.y.append(1.0 if human == "a" else 0.0)
-        self.agree += label == human
-        if label in ("a", "b"):
-            self.decided += 1
-            self.decided_agree += label == human
-
-    def summary(self, bins: int = 10, with_bins: bool = True) -> dict[str, Any] | None:
-        """As `cai eval-judge` counts (``cai.metrics``): ``agreement`` over decided pairs, with
-        ``coverage`` the decided share; ``agreement_all`` counts a tie as a disagreement."""
-        if not self.p:
-            return None
-        n = len(self.p)
-        out: dict[str, Any] = {
-            "pairs": n, "decided": self.decided,
-            "agreement": self.decided_agree / self.decided if self.decided else None,
-            "coverage": self.decided / n, "agreement_all": self.agree / n,
-            "soft_agreement": sum(p if y else 1.0 - p for p, y in zip(self.p, self.y, strict=True)) / n,
-            "brier": stats.brier(self.p, self.y), "ece": stats.ece(self.p, self.y, bins),
-        }
-        if with_bins:
-            out["reliability"] = stats.reliability(self.p, self.y, bins)
-        return out
-
-
-@dataclass
 class Group:
     """Label figures over a group of pairs (all pairs, or one judge principle's)."""
 
@@ -122,13 +91,11 @@ class Group:
             self.voted += 1
             self.first_slot += (p_a > 0.5) == (order == "ab")
 
-    def is_tie(self, p: float) -> bool:
-        return abs(p - 0.5) < self.tie_threshold or p == 0.5
-
     def add(self, p_a: float, judgements: int, abstained: int, consistent: bool | None,
-            revised_side: str | None, human: str | None, label: str | None = None) -> None:
+            revised_side: str | None, human: str | None, label: str | None = None) -> str:
+        """One pair; returns its label (the row's, else decided from ``p_a`` and the tie threshold)."""
         if label not in ("a", "b", "tie"):
-            label = "tie" if self.is_tie(p_a) else "a" if p_a > 0.5 else "b"
+            label = "tie" if abs(p_a - 0.5) < self.tie_threshold or p_a == 0.5 else "a" if p_a > 0.5 else "b"
         tie = label == "tie"
         self.pairs += 1
         self.p_sum += p_a
@@ -144,6 +111,7 @@ class Group:
             self.revision.add(p_a if revised_side == "a" else 1.0 - p_a, tie)
         if human in ("a", "b"):
             self.human.add(p_a, human, label)
+        return label
 
     def summary(self, with_bins: bool = True) -> dict[str, Any]:
         n = self.pairs

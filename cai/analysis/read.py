@@ -17,7 +17,7 @@ from .. import stats
 from ..errors import InputError
 from ..eval.refusal import MARKER_NAMES, markers
 from ..quality.flags import clean_revision
-from .counts import Group, Markers, Side
+from .counts import Group, Lengths, Side
 
 MAX_ROWS = 2000  # rows embedded in the page's table
 MAX_CHARS = 2000  # characters kept of each text in the table
@@ -160,19 +160,11 @@ class RunData:
     unit: str
     revised: dict[str, _Revised] = field(default_factory=dict)
     revise_rows: int = 0
-    revise_failures: int = 0
-    revise_reasons: Counter[str] = field(default_factory=Counter)
-    label_failures: int = 0
-    label_reasons: Counter[str] = field(default_factory=Counter)
-    round_lengths: list[list[int]] = field(default_factory=list)
-    round_growth: list[list[float]] = field(default_factory=list)  # per-row ratios, for their median
-    round_sums: list[list[int]] = field(default_factory=list)  # [chars before, chars after] per round
-    whole_growth: list[float] = field(default_factory=list)
-    whole_sums: list[int] = field(default_factory=lambda: [0, 0])
+    failures: dict[str, Counter[str]] = field(  # reasons of the rows in each stage's failures file
+        default_factory=lambda: {"revisions": Counter(), "labels": Counter()})
+    rounds: list[Lengths] = field(default_factory=list)  # index 0: the initial answers
+    whole: Lengths = field(default_factory=Lengths)  # the final answers, grown from the initial ones
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> first row's
-    final_lengths: list[int] = field(default_factory=list)
-    final_markers: Markers = field(default_factory=Markers)
-    round_markers: list[Markers] = field(default_factory=list)
     revise_principles: dict[str, dict[str, Any]] = field(default_factory=dict)
     revise_gates: Counter[str] = field(default_factory=Counter)
     label_gates: Counter[str] = field(default_factory=Counter)
@@ -182,20 +174,22 @@ class RunData:
     unmatched: int = 0
     length_rows: list[dict[str, Any]] = field(default_factory=list)
     revision_length_rows: list[dict[str, Any]] = field(default_factory=list)
-    chosen_lengths: list[int] = field(default_factory=list)
-    rejected_lengths: list[int] = field(default_factory=list)
-    chosen_markers: Markers = field(default_factory=Markers)
-    rejected_markers: Markers = field(default_factory=Markers)
+    chosen: Lengths = field(default_factory=Lengths)  # the chosen and rejected answers of decided pairs
+    rejected: Lengths = field(default_factory=Lengths)
     table: list[dict[str, Any]] = field(default_factory=list)
     table_index: dict[str, int] = field(default_factory=dict)
     table_total: int = 0
     table_chars: int = 0
     marker_cache: dict[bytes, int] = field(default_factory=dict)
 
+    def principle(self, pid: str) -> dict[str, Any]:
+        """The counts of one revision principle: rounds drawn, growth, the judge's view of its revisions."""
+        return self.revise_principles.setdefault(pid, {"rounds": 0, "growth": [0, 0], "side": Side()})
+
     def markers_of(self, text: str, keep: bool = True) -> dict[str, bool]:
         """``cai.refusal.markers`` of a text, remembered (as a bit mask, by digest) for the
         initial and final answers, which come back as the two sides of revision pairs."""
-        key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).digest()
+        key = digest(text)  # markers() strips the text too
         mask = self.marker_cache.get(key)
         if mask is not None:
             return {name: bool(mask >> i & 1) for i, name in enumerate(MARKER_NAMES)}
@@ -229,12 +223,7 @@ def load_run(run_dir: Path, *, unit: str = "chars", max_rows: int = MAX_ROWS) ->
             at = data.table_index.get(str(row.get("id")))
             if at is not None and data.table[at].get("label") is None:
                 data.table[at]["failure"] = cut(f"{stage[:-1]}: {full}", 300)
-            if stage == "revisions":
-                data.revise_failures += 1
-                data.revise_reasons[reason] += 1
-            else:
-                data.label_failures += 1
-                data.label_reasons[reason] += 1
+            data.failures[stage][reason] += 1
     return data
 
 
@@ -262,33 +251,18 @@ def _read_revisions(data: RunData, max_rows: int) -> None:
         if isinstance(row.get("provenance"), dict) and row["provenance"]:
             data.provenance.setdefault("revise", row["provenance"])
         texts = _round_texts(row, clean)
-        if len(texts) > 1 and texts[0]:
-            data.whole_growth.append(len(texts[-1]) / len(texts[0]))
-            data.whole_sums[0] += len(texts[0])
-            data.whole_sums[1] += len(texts[-1])
-        found: list[dict[str, bool]] = []
+        found = [data.markers_of(text, keep=k == 0 or k == len(texts) - 1) for k, text in enumerate(texts)]
         for k, text in enumerate(texts):
-            while len(data.round_lengths) <= k:
-                data.round_lengths.append([])
-                data.round_growth.append([])
-                data.round_sums.append([0, 0])
-                data.round_markers.append(Markers())
-            data.round_lengths[k].append(len(text))
-            if k and len(texts[k - 1]):
-                data.round_growth[k].append(len(text) / len(texts[k - 1]))
-                data.round_sums[k][0] += len(texts[k - 1])
-                data.round_sums[k][1] += len(text)
-            found.append(data.round_markers[k].record(
-                data.markers_of(text, keep=k == 0 or k == len(texts) - 1)))
+            if len(data.rounds) <= k:
+                data.rounds.append(Lengths())
+            data.rounds[k].add(text, texts[k - 1] if k else None, found[k])
             if k:
-                pid = principles[k - 1]
-                per = data.revise_principles.setdefault(pid, {"rounds": 0, "growth": [0, 0], "side": Side()})
+                per = data.principle(principles[k - 1])
                 per["rounds"] += 1
                 if len(texts[k - 1]):
                     per["growth"][0] += len(texts[k - 1])
                     per["growth"][1] += len(text)
-        data.final_lengths.append(len(texts[-1]))
-        data.final_markers.record(found[-1])
+        data.whole.add(texts[-1], texts[0] if len(texts) > 1 else None, found[-1])
         gates = gates_of(row)
         data.revise_gates.update(gates)
         data.table_total += 1
@@ -381,10 +355,8 @@ def _read_labels(data: RunData, max_rows: int) -> None:
         judgements = as_list(row.get("judgements"))
         abstained = sum(1 for j in judgements if isinstance(j, dict) and j.get("abstain"))
         consistent = row.get("position_consistent")
-        label = row.get("label") if row.get("label") in ("a", "b", "tie") else None
-        data.overall.add(p_a, len(judgements), abstained, consistent if isinstance(consistent, bool) else None,
-                         side, human, label)
-        label = label or ("tie" if data.overall.is_tie(p_a) else "a" if p_a > 0.5 else "b")
+        label = data.overall.add(p_a, len(judgements), abstained,
+                                 consistent if isinstance(consistent, bool) else None, side, human, row.get("label"))
         for pid, v in views.items():
             g = data.per_principle.setdefault(pid, Group(data.tie_threshold))
             orders = v["orders"]
@@ -403,28 +375,23 @@ def _read_labels(data: RunData, max_rows: int) -> None:
         len_a, len_b = size(a), size(b)
         lrow = {"id": rid, "p_a": p_a, "label": label, "len_a": len_a, "len_b": len_b}
         data.length_rows.append(lrow)
+        flip = side == "b"
+        p_rev = 1.0 - p_a if flip else p_a  # the revision's, in a revision pair
         if side is not None:
-            flip = side == "b"
             data.revision_length_rows.append({
-                "id": rid, "p_a": 1.0 - p_a if flip else p_a,
-                "label": {"a": "b", "b": "a"}.get(label, label) if flip else label,
+                "id": rid, "p_a": p_rev, "label": {"a": "b", "b": "a"}.get(label, label) if flip else label,
                 "len_a": len_b if flip else len_a, "len_b": len_a if flip else len_b})
-            if rev is not None:
-                for pid in rev.principles:
-                    per = data.revise_principles.setdefault(pid, {"rounds": 0, "growth": [0, 0], "side": Side()})
-                    per["side"].add(1.0 - p_a if flip else p_a, label == "tie")
+            for pid in rev.principles if rev is not None else ():
+                data.principle(pid)["side"].add(p_rev, label == "tie")
         if label in ("a", "b"):
             chosen, rejected = (a, b) if label == "a" else (b, a)
-            data.chosen_lengths.append(len(chosen))
-            data.rejected_lengths.append(len(rejected))
-            data.chosen_markers.record(data.markers_of(chosen))
-            data.rejected_markers.record(data.markers_of(rejected))
+            data.chosen.add(chosen, None, data.markers_of(chosen))
+            data.rejected.add(rejected, None, data.markers_of(rejected))
         gates = gates_of(row)
         data.label_gates.update(gates)
-        oriented_p = None if side is None else (p_a if side == "a" else 1.0 - p_a)
         verdict = label if side is None else (
             "tie" if label == "tie" else "revision" if label == side else "initial")
-        entry = {"label": verdict, "p": oriented_p if side is not None else p_a, "human": human,
+        entry = {"label": verdict, "p": p_rev, "human": human,
                  "judge_principles": list(views), "position_consistent": consistent}
         if rid in data.table_index:
             t = data.table[data.table_index[rid]]

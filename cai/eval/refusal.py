@@ -315,11 +315,26 @@ def markers(text: str) -> dict[str, bool]:
     }
 
 
+class Markers:
+    """Marker rates over a stream of texts, counted as they come: ``record`` each text's
+    ``markers``, then ``rates``."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.counts: Counter[str] = Counter()
+
+    def record(self, found: dict[str, bool]) -> dict[str, bool]:
+        self.n += 1
+        self.counts.update(k for k, v in found.items() if v)
+        return found
+
+    def rates(self) -> dict[str, float]:
+        return {k: (self.counts[k] / self.n if self.n else 0.0) for k in MARKER_NAMES}
+
+
 def marker_rates(texts: Iterable[str]) -> dict[str, float]:
     """The share of ``texts`` with each marker (``MARKER_NAMES`` order; all 0.0 when there are none)."""
-    counts: Counter[str] = Counter()
-    n = 0
+    m = Markers()
     for text in texts:
-        n += 1
-        counts.update(name for name, hit in markers(text).items() if hit)
-    return {name: counts[name] / n if n else 0.0 for name in MARKER_NAMES}
+        m.record(markers(text))
+    return m.rates()

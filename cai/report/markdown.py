@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..files import iter_jsonl
 from ..templates import format_conversation
 
 REJECTS = "rejects.jsonl"  # cai.quality.REJECTS_FILE, read here without importing the gates
@@ -16,15 +16,12 @@ def _quote(text: str) -> str:
 
 def rejected_rows(folder: Path, stage: str = "revise") -> dict[str, list[str]] | None:
     """id -> reasons of one stage's rows in ``rejects.jsonl`` beside the outputs (None: no such file)."""
-    path = folder / REJECTS
-    if not path.is_file():
+    if not (folder / REJECTS).is_file():
         return None
     out: dict[str, list[str]] = {}
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line) if line.strip() else {}
-            if row.get("stage") == stage:
-                out.setdefault(str(row.get("id")), []).extend(str(r) for r in row.get("reasons") or [])
+    for row in iter_jsonl(folder / REJECTS):
+        if row.get("stage") == stage:
+            out.setdefault(str(row.get("id")), []).extend(str(r) for r in row.get("reasons") or [])
     return out
 
 
@@ -35,24 +32,22 @@ def write_revise_report(path: Path, max_rows: int = 200) -> Path:
     rejected = rejected_rows(path.parent)
     lines: list[str] = []
     n = 0
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            n += 1
-            if n > max_rows:
-                continue
-            reasons = (rejected or {}).get(str(row["id"]))
-            mark = f" (rejected: {', '.join(reasons)})" if reasons else ""
-            lines += [f"## {n}. row `{row['id']}`{mark}", "", "**Prompt**", "",
-                      _quote(format_conversation(row["prompt"])), "",
-                      "**Initial answer**", "", _quote(row["initial_response"]), ""]
-            for r in row["rounds"]:
-                lines += [f"**Round {r['round']}: principle `{r['principle_id']}`**", "",
-                          "Critique:", "", _quote(r["critique"]), "",
-                          "Revision:", "", _quote(r["revision"]), ""]
-            final = (f"**Final revision: rejected ({', '.join(reasons)}), not in the SFT data**" if reasons
-                     else "**Final (SFT target)**")
-            lines += [final, "", _quote(row["revised_response"]), "", "---", ""]
+    for row in iter_jsonl(path):
+        n += 1
+        if n > max_rows:
+            continue
+        reasons = (rejected or {}).get(str(row["id"]))
+        mark = f" (rejected: {', '.join(reasons)})" if reasons else ""
+        lines += [f"## {n}. row `{row['id']}`{mark}", "", "**Prompt**", "",
+                  _quote(format_conversation(row["prompt"])), "",
+                  "**Initial answer**", "", _quote(row["initial_response"]), ""]
+        for r in row["rounds"]:
+            lines += [f"**Round {r['round']}: principle `{r['principle_id']}`**", "",
+                      "Critique:", "", _quote(r["critique"]), "",
+                      "Revision:", "", _quote(r["revision"]), ""]
+        final = (f"**Final revision: rejected ({', '.join(reasons)}), not in the SFT data**" if reasons
+                 else "**Final (SFT target)**")
+        lines += [final, "", _quote(row["revised_response"]), "", "---", ""]
     if n > max_rows:
         lines.append(f"_(first {max_rows} rows shown; the JSONL has them all)_")
     head = [f"# Critique and revision: {path.name}", ""]

@@ -5,7 +5,7 @@ escaped by ``markupsafe`` as it is put in (``Markup.format``), never by hand."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from markupsafe import Markup
@@ -49,6 +49,11 @@ def _nice_max(v: float) -> tuple[float, int]:
     return step * n, n
 
 
+def _scale(lo: float, span: float, a: float, b: float) -> Callable[[float], float]:
+    """The pixel position of a value: ``lo`` at ``a``, ``lo + span`` at ``b``."""
+    return lambda v: a + (v - lo) / span * (b - a)
+
+
 def _frame(xlabel: str, ylabel: str, yticks: Sequence[tuple[float, str]], xticks: Sequence[tuple[float, str]],
            width: int = PLOT_W, height: int = PLOT_H) -> list[Markup]:
     """Axes, grid lines and tick labels; tick positions are in pixels."""
@@ -83,12 +88,7 @@ def histogram_svg(edges: Sequence[float], series: Sequence[tuple[str, Sequence[i
     top, nt = _nice_max(max(max(c) for _, c, _ in series))
     lo, hi = edges[0], edges[-1]
 
-    def sx(v: float) -> float:
-        return x0 + (v - lo) / ((hi - lo) or 1) * (x1 - x0)
-
-    def sy(v: float) -> float:
-        return y0 - v / top * (y0 - y1)
-
+    sx, sy = _scale(lo, (hi - lo) or 1, x0, x1), _scale(0, top, y0, y1)
     xfmt = (lambda v: f"{v:,.0f}") if hi - lo >= 20 else fmt
     xtop, xn = _nice_max(hi - lo)
     xs = [lo + xtop * i / xn for i in range(xn + 1) if xtop * i / xn <= (hi - lo) * (1 + 1e-9)]
@@ -139,12 +139,7 @@ def reliability_svg(bins: Sequence[dict[str, Any]], title: str) -> Markup | None
     size = 300
     x0, x1, y0, y1 = LEFT, size - RIGHT, size - BOTTOM, TOP
 
-    def sx(v: float) -> float:
-        return x0 + v * (x1 - x0)
-
-    def sy(v: float) -> float:
-        return y0 - v * (y0 - y1)
-
+    sx, sy = _scale(0, 1, x0, x1), _scale(0, 1, y0, y1)
     ticks = [(i / 4, f"{i / 4:.2f}") for i in range(5)]
     body = _frame("judge p(A)", "human chose A (rate)", [(sy(v), t) for v, t in ticks],
                   [(sx(v), t) for v, t in ticks], size, size)
@@ -170,9 +165,7 @@ def lines_svg(xs: Sequence[int], series: Sequence[tuple[str, Sequence[float | No
     def sx(v: float) -> float:
         return x0 + (v - min(xs)) / span * (x1 - x0) if len(xs) > 1 else (x0 + x1) / 2
 
-    def sy(v: float) -> float:
-        return y0 - v / top * (y0 - y1)
-
+    sy = _scale(0, top, y0, y1)
     label = (lambda v: fmt(100 * v) + "%") if percent else fmt
     body = _frame(xlabel, ylabel, [(sy(top * i / nt), label(top * i / nt)) for i in range(nt + 1)],
                   [(sx(x), str(x)) for x in xs])
@@ -198,9 +191,7 @@ def grouped_bars_svg(names: Sequence[str], series: Sequence[tuple[str, Sequence[
     slot = (x1 - x0) / len(names)
     bw = slot * 0.8 / len(series)
 
-    def sy(v: float) -> float:
-        return y0 - v / top * (y0 - y1)
-
+    sy = _scale(0, top, y0, y1)
     body = _frame("", "share of answers", [(sy(top * i / nt), fmt(100 * top * i / nt) + "%") for i in range(nt + 1)],
                   [(x0 + slot * (i + 0.5), n) for i, n in enumerate(names)])
     for k, (sname, vs, color) in enumerate(series):
