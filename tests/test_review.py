@@ -237,6 +237,7 @@ def test_export_follows_the_humans_and_the_card_shows_agreement(tmp_path: Path):
     card = (res.folder / "README.md").read_text()
     assert "3/5 (60.0%; Wilson 95% 23.1%-88.2%)" in card
     assert "exported pairs by label_source | human 5, ai 1" in card
+    assert "`label_source` (`human`: a person's label from `cai review`" in card
     ai = export_run(run, tmp_path / "ai2", fmt="jsonl", test_fraction=0.0, labels="ai")
     assert ai.splits == {"train_prefs": 7}
     assert main(["export", str(run), "-o", str(tmp_path / "h"), "--format", "jsonl", "--test-fraction", "0",
@@ -337,10 +338,14 @@ def test_report_json_holds_the_human_review(tmp_path: Path):
     from cai.report.html import write_report
 
     run = make_run(tmp_path / "run")
-    json_path, _ = write_report(run)
+    json_path, html_path = write_report(run)
     assert "human_review" not in json.loads(json_path.read_text())
+    assert "Judge vs human" not in html_path.read_text()
     label_all(run)
-    rep = json.loads(write_report(run)[0].read_text())["human_review"]
+    json_path, html_path = write_report(run)
+    rep = json.loads(json_path.read_text())["human_review"]
+    page = html_path.read_text()
+    assert "Judge vs human (cai review)" in page and "3/5 (60.0%; Wilson 95% 23.1%-88.2%)" in page
     assert (rep["agreement"]["n"], rep["agreement"]["agree"], rep["sample"]) == (5, 3, "uncertainty")
     assert rep["agreement"]["wilson95"] == [pytest.approx(0.230724, abs=1e-5), pytest.approx(0.882378, abs=1e-5)]
     assert ag.summary_lines(rep)["judge-human agreement"] == "3/5 (60.0%; Wilson 95% 23.1%-88.2%)"  # for the page

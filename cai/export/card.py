@@ -314,6 +314,7 @@ def render_card(export: Export, configs: list[dict[str, Any]], *, license: str |
         if isinstance(judge, dict) else None,
         revise=revise_settings(revise) if isinstance(revise, dict) else None,
         diagnostics=diagnostics(rows, info), cost=cost(m) if info.manifest else {},
+        label_source=any("label_source" in r for r in rows.get("prefs") or []),
         sources=srcs, license=license, license_origin=origin, report_error=error,
         report_html=(info.folder / "report.html").exists(),
         headline=[(*FIGURES.get(k, (k, "")), f"{v:.1%}" if k in RATES else _fmt(v))

@@ -23,6 +23,7 @@ from ..analysis import MAX_ROWS, figures, load_run
 from ..analysis.read import one_line
 from ..errors import InputError
 from ..eval.refusal import MARKER_NAMES
+from ..review.agreement import SAMPLE_TEXT, summary_lines
 from .svg import LOSS, SERIES, WIN, grouped_bars_svg, histogram_svg, lines_svg, reliability_svg, stacked_bars_svg
 
 
@@ -153,6 +154,15 @@ def _principles(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[
     return out
 
 
+def _human_review(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """The judge against people (`cai review`'s human_labels.jsonl), when the run has any."""
+    hr = report.get("human_review")
+    if not hr:
+        return []
+    return [("Judge vs human (cai review)", SAMPLE_TEXT[hr["sample"]], ["figure", "value"],
+             [[k, v] for k, v in summary_lines(hr).items()])]
+
+
 def render(report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     """The page for a report (``cai.analysis.figures``) and its table rows."""
     run = report["run"]
@@ -172,7 +182,7 @@ def render(report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     gates = {**report["revise"].get("gates", {}), **report["labels"].get("gates", {})}
     return _template().render(
         run=run, rows=list(rows), meta=meta, cap=cap, plots=_plots(report), tiles=_tiles(report),
-        tables=_principles(report),
+        tables=_principles(report) + _human_review(report),
         gate_text=("Gate flags: " + ", ".join(f"{k} ({v})" for k, v in sorted(gates.items())) + ".") if gates else "")
 
 
