@@ -381,7 +381,8 @@ def load_run_config(path: str | Path | None, overrides: dict[tuple[str, ...], An
         if hit is not None:
             leaf = known[hit]
             msg = e.errors()[0]["msg"].removeprefix("Value error, ")
-            names = " ".join(n.split("/")[0] for n in leaf.flags(stage))
+            alias = [n.split("/")[0] for n in leaf.flags(stage)][1:]
+            names = leaf.flag + (f" ({', '.join(alias)})" if alias else "")
             raise ConfigError(f"{msg} (got {data_get(data, hit)!r})", field=f"{names} / {leaf.env}") from None
         ce = validation_to_config_error(e, file, lines)
         first = e.errors()[0]
