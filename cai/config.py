@@ -377,7 +377,8 @@ def load_run_config(path: str | Path | None, overrides: dict[tuple[str, ...], An
         return model.model_validate(data)
     except ValidationError as e:
         loc = tuple(str(x) for x in e.errors()[0]["loc"])
-        hit = next((p for p in (overrides or {}) if loc[: len(p)] == p and overrides[p] is not None), None)
+        given = {p for p, v in (overrides or {}).items() if v is not None}
+        hit = next((p for p in given if loc[: len(p)] == p), None)
         if hit is not None:
             leaf = known[hit]
             msg = e.errors()[0]["msg"].removeprefix("Value error, ")

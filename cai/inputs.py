@@ -269,7 +269,8 @@ class Problems:
     """The bad records of an input, found in one pass: the first ``shown`` kept, the rest counted."""
 
     def __init__(self, shown: int = 20) -> None:
-        self.shown, self.lines, self.count = shown, [], 0
+        self.shown, self.count = shown, 0
+        self.lines: list[str] = []
 
     def add(self, message: str) -> None:
         self.count += 1

@@ -22,8 +22,7 @@ from typing import Any, Literal
 from .config import RunConfig
 from .constitution import Constitution, load_constitution
 from .errors import BackendError, InputError, UsageError
-from .inputs import PromptRow, iter_records, prompt_row, read_prompts
-from .inputs import Problems as Problems
+from .inputs import Problems, PromptRow, iter_records, prompt_row, read_prompts
 from .stages.pairs import Pair, detect_source, read_pairs, record_to_pair, sample_pair_ids
 from .templates import Templates
 
@@ -228,8 +227,9 @@ def check_templates(templates: Templates, constitution: Constitution, stages: It
     judge = {"conversation": _SAMPLE_PROMPT, "response_a": "<response A>", "response_b": "<response B>",
              "principle": principle}
     revise = {"conversation": _SAMPLE_PROMPT, "response": "<response>", "principle": principle, "round": 1}
-    context = {"critique": revise, "revise": {**revise, "critique": "<critique>"}, "judge": judge,
-               "judge_cot": judge, "judge_cot_answer": {**judge, "reasoning": "<reasoning>"}}
+    context: dict[str, dict[str, Any]] = {
+        "critique": revise, "revise": {**revise, "critique": "<critique>"}, "judge": judge, "judge_cot": judge,
+        "judge_cot_answer": {**judge, "reasoning": "<reasoning>"}}
     for stage in dict.fromkeys(stages):
         if stage == "generate":
             templates.render_text(stage, "system")
@@ -401,7 +401,7 @@ class Plan:
 
     def upstream(self, revise_fp: str, sample: dict[str, Any], generate_digest: str) -> list[Any]:
         """What `cai run`'s label stage input depends on (part of its fingerprint)."""
-        cfg, out = self.config, []
+        cfg, out = self.config, list[Any]()
         if "revisions" in self.sources:
             out.append(["revisions", revise_fp])
         if "dataset" in self.sources and cfg.label.pairs:

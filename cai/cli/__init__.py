@@ -25,9 +25,9 @@ import typer
 from rich.markup import escape
 
 from ..errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CaiError
+from .app import app, err
 
 EXIT_TERMINATED = 128 + signal.SIGTERM
-from .app import app, err
 
 # Each module registers its commands on `app`; this order is the order `cai --help` lists them.
 COMMANDS = ("revise", "label", "run", "report", "export", "evaluate", "constitution", "model")

@@ -87,9 +87,9 @@ def settings_options(include: Include, *, stage: str | None = None, positional: 
     picked = [x for x in leaves(model, prefix) if include(x)]
     extra = [_param(x, stage, x.name == positional, (helps or {}).get(x.name)) for x in picked]
     if any(x.name == "cache" for x in picked):
-        extra.append(inspect.Parameter("no_cache", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-            False, "--no-cache", envvar="CAI_NO_CACHE", rich_help_panel="Run",
-            help="Send every call; neither read nor write the cache.")))
+        no_cache = typer.Option(False, "--no-cache", envvar="CAI_NO_CACHE", rich_help_panel="Run",
+                                help="Send every call; neither read nor write the cache.")
+        extra.append(inspect.Parameter("no_cache", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=no_cache))
         extra.append(inspect.Parameter("cache_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
 
     def deco(fn: F) -> F:

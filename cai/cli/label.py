@@ -39,7 +39,7 @@ def label(config: RunConfig) -> None:
     Rerunning the same command resumes: finished pairs are kept, the rest are judged.
     """
     output = stage_file(config, "preferences.jsonl")
-    res = pipeline.run_label(config.input, output=output, config=config)
+    res = pipeline.run_label(config.input or "", output=output, config=config)
     prefs, s = res.preferences, res.summary
     assert prefs is not None
     held = "written (--keep-ties)" if config.label.keep_ties else "held out"
@@ -113,7 +113,7 @@ def eval_judge(
     """Relabel human-labelled pairs and print agreement with the human label, position
     consistency, abstention and tie rates, beside a naive text-parsing judge."""
     output_dir = None if config.output == RunConfig.model_fields["output"].default else config.output
-    res = pipeline.run_eval_judge(config.input, output=output_dir, config=config, naive=naive)
+    res = pipeline.run_eval_judge(config.input or "", output=output_dir, config=config, naive=naive)
     ls = config.label
     if json_out:
         out.print_json(json.dumps({"file": config.input, "model": res.model, "results": res.results,

@@ -24,7 +24,7 @@ def revise(config: RunConfig) -> None:
     Rerunning the same command resumes: finished rows are kept, the rest are done.
     """
     output = stage_file(config, "revisions.jsonl")
-    res = pipeline.run_revise(config.input, output=output, config=config)
+    res = pipeline.run_revise(config.input or "", output=output, config=config)
     s = res.summary
     say(f"revise: {s.written} rows written, {s.resumed} kept from before, {s.failed} failed -> {output} "
         f"(readable: {output.with_suffix('.md')})")
