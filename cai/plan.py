@@ -56,7 +56,6 @@ def unique_pair(p: Pair, seen: dict[str, int]) -> Pair:
 class Scan:
     rows: int = 0
     human: bool = False  # a pair with a person's label was seen
-    kind: str | None = None  # detect_source of the first record
 
 
 def _scannable(source: Any) -> bool:
@@ -72,8 +71,6 @@ def scan(source: Any, *, pairs: bool, column: str | None = None, split: str = "t
     if not _scannable(source):
         return found
     for rec, where in islice(iter_records(source, split, problems), limit):
-        if found.kind is None:
-            found.kind = detect_source(rec)
         try:
             if pairs:
                 found.human |= record_to_pair(rec, where).human is not None

@@ -1,51 +1,27 @@
-"""`cai run CONFIG --ray ADDRESS`: the whole pipeline over a Ray cluster, same outputs as a local run.
+"""`cai run CONFIG --ray-address ADDRESS`: the whole pipeline on a Ray cluster, as a local run writes it.
 
     from cai.scale import run_pipeline_ray
 
     res = run_pipeline_ray("run.yaml", address="auto")   # None: a local Ray instance
 
-How it runs
------------
-- The **driver** (this process) reads the input with cai's own reader (``read_prompts``: the
-  same ids, de-duplicated ids, ``file:line`` sources and ``--limit`` as a local run), opens the
-  outputs (``JsonlSink``: resume by id) and leaves out every row already written: the work
-  items of the run's ``Plan``, checked before anything is sent, as a local run has them. The rows
-  left to do become a Ray Dataset (``ray.data.from_items``, one block per ``ray.block_size`` rows).
-- ``map_batches`` over an **actor pool** runs the per-row pipeline on each block: critique and
-  revise the prompt, then judge the initial-vs-revised pair (``ReviseStage`` then the judge,
-  chained per row, exactly as `cai run` fuses them); pairs from ``label.pairs`` (``dataset``) and
-  sampled pairs (``sample``) go through the same actors, after the input's rows, so that
-  ``labels.jsonl`` holds them in the order a local run writes them. Each actor builds its own
-  backend from the config: the in-process vLLM engine on ``tensor_parallel_size`` GPUs
-  (``num_gpus``), an OpenAI-compatible server (or several: ``base_url`` as a list, each actor
-  spreading its calls over them, a row's calls kept on one server), or ``fake``. An actor runs
-  a block's ``ray.block_size`` rows at once (two blocks at a time), with at most
-  ``concurrency`` requests in flight.
-- The **driver is the only writer**: results come back in input order and are appended to
-  ``revisions.jsonl``, ``labels.jsonl`` and their failures files; ``preferences.jsonl``,
-  ``revisions.md`` and ``run.json`` follow as in a local run (``run.json`` also says how Ray
-  ran it, under ``ray``). An id already written is never written again, so neither Ray's
-  retries (a dead actor is restarted, its block is run again: ``max_restarts``,
-  ``max_task_retries``) nor a rerun after a crash (resume by id) can duplicate a row.
-- **The call cache**: actors on the driver's node share the run's SQLite file (WAL is safe across
-  processes on one host). Actors on other nodes keep a cache per node (``node_cache``, default
-  ``<tmp>/cai-cache/``): never put one SQLite file on a network file system. A rerun is free
-  for the rows whose calls are in the cache of the node that gets them (and the rows already
-  written are not sent at all); ``cache: off`` turns every cache off.
-- What the driver holds: every input row's id, and the rows left to do until they are handed
-  to Ray (a few hundred bytes each: a million prompts fit in a GB or so).
+How it runs: the **driver** (this process) builds the run's ``Plan`` (every check before the
+first call; the work items in order), opens the outputs (``JsonlSink``: resume by id) and
+hands the items not yet written to Ray as a Dataset (``ray.data.from_items``, blocks of
+``ray.block_size``). ``map_batches`` over an **actor pool** runs each item's whole chain (revise,
+then judge the initial-vs-revised pair, as `cai run` fuses them; dataset and sampled pairs
+after the input's rows), each actor with its own backend built from the config (vLLM on
+``tensor_parallel_size`` GPUs, an OpenAI-compatible client over every ``base_url``, or ``fake``).
+The **driver is the only writer**: results come back in input order and are appended as a local
+run appends them, then preferences.jsonl, revisions.md and run.json (with a ``ray`` section); an
+id already written is never written again, so Ray's retries and reruns cannot duplicate a row.
+**The call cache**: actors on the driver's node share the run's SQLite file; actors elsewhere
+keep one per node (``node_cache``; never one SQLite file on a network file system).
 
-Why not ``ray.data.llm``
-------------------------
-Ray's LLM batch API (``ray.data.llm.build_processor``) maps one prompt to one completion per row:
-a stage of independent requests. cai's calls are chained and dependent per row: the critique
-needs the answer, the revision needs the critique, for up to four rounds, and the judge needs
-the final revision, and each row's principles and seeds come from its id. As a sequence of
-processors that would be 2 + 2 x rounds + 1 passes, each a full barrier over the dataset, with
-the conversation carried in columns between them. Here one actor runs the whole chain of a row
-while its other rows' calls keep the engine full (cai's request pool), and a row's turns stay
-in one engine's prefix cache. ``ray.data.llm`` would serve a stage of single independent calls
-(answering a fixed prompt set once, say); cai has none.
+Why not ``ray.data.llm``: it maps one prompt to one completion per row. cai's calls are chained
+per row (answer, critique, revision for up to four rounds, then the judge), and each row's
+principles and seeds come from its id: as processors that is 2 + 2 x rounds + 1 barriers over
+the dataset. Here one actor runs a row's whole chain while its other rows keep the engine full,
+and a row's turns stay in one engine's prefix cache.
 """
 
 from __future__ import annotations
@@ -86,7 +62,7 @@ from ..stages.revise import fingerprint as revise_fingerprint
 from ..stages.runner import DURABLE_EVERY_S, Call, Outcome, Pool, prune, run
 from ..templates import Templates
 
-RAY_HINT = "the --ray option needs Ray Data: pip install 'cai[ray]' (or pip install 'ray[data]')"
+RAY_HINT = "--ray-address needs Ray Data: pip install 'cai[ray]' (or pip install 'ray[data]')"
 # The revisions.jsonl line a fused pair comes from is known only when the driver writes the
 # revision: an actor puts this in the label row's `source`, and the driver fills it in.
 _LINE = "\x00cai:revision-line\x00"
