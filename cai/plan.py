@@ -70,6 +70,8 @@ def scan(source: Any, *, pairs: bool, column: str | None = None, split: str = "t
     found, problems = Scan(), Problems()
     if not _scannable(source):
         return found
+    if isinstance(source, (str, Path)) and not Path(source).exists() and "/" in str(source):
+        limit = 1  # a Hub dataset name: its first record (the rest are checked as they stream)
     for rec, where in islice(iter_records(source, split, problems), limit):
         try:
             if pairs:

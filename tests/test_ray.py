@@ -86,6 +86,7 @@ def manifest(folder: Path, fresh: bool) -> dict[str, Any]:
     m = json.loads((folder / "run.json").read_text())
     for key in ("elapsed_s", "history", "ray", *(() if fresh else ("calls",))):
         m.pop(key, None)
+    m["config"].pop("ray")  # the settings of how it ran (`--ray-address local` or none)
     if not fresh:
         for c in m["counts"].values():
             if "resumed" in c:  # a stage's counts (preferences.jsonl is written whole every run)

@@ -13,7 +13,7 @@ import inspect
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import typer
 from pydantic import BaseModel
@@ -144,26 +144,3 @@ def given_on_command_line(ctx: typer.Context, name: str) -> bool:
 def stage_file(cfg: RunConfig, name: str) -> Path:
     """A stage command's output file: ``-o FILE``, else ``NAME`` in the default run folder."""
     return cfg.output / name if cfg.output == RunConfig.model_fields["output"].default else cfg.output
-
-
-# Options of commands that are not settings of a run (`cai render`, `cai validate`...).
-ConstitutionOpt = Annotated[
-    Path | None,
-    typer.Option("--constitution", "-c", envvar="CAI_CONSTITUTION",
-                 help="Constitution YAML file. Default: the shipped principles.yaml (harmlessness)."),
-]
-TemplatesOpt = Annotated[
-    Path | None,
-    typer.Option("--templates", "-t", envvar="CAI_TEMPLATES",
-                 help="Folder of Jinja2 templates overriding the shipped ones file by file."),
-]
-SeedOpt = Annotated[int, typer.Option(envvar="CAI_SEED", help="Seed for principle draws and sampling.")]
-InputArg = Annotated[
-    str,
-    typer.Argument(help="Prompts: .jsonl/.json/.parquet/.csv, a saved datasets folder, or a Hub "
-                   "dataset name. Columns: prompt, messages, or hh-rlhf `chosen` transcripts."),
-]
-PromptColumnOpt = Annotated[
-    str | None, typer.Option("--prompt-column", envvar="CAI_PROMPT_COLUMN",
-                             help="Column holding the prompt (default: detected).")
-]
