@@ -68,13 +68,34 @@ def to_messages(value: Any, column: str) -> list[Message]:
             return prompt
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        msgs = [{"role": m["role"], "content": m["content"]} for m in value]
+        msgs = [{"role": _role(m["role"], column, i), "content": _content(m["content"], column, i)}
+                for i, m in enumerate(value)]
         if column == "messages" and msgs and msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]  # SFT data: the prompt is everything before the final reply
         if not msgs:
             raise InputError(f"column {column!r} holds no messages")
         return msgs  # type: ignore[return-value]
     raise InputError(f"column {column!r} must be a string or a list of {{role, content}} messages")
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _role(role: Any, column: str, i: int) -> str:
+    if role not in ROLES:
+        raise InputError(f"column {column!r}, message {i + 1}: role {role!r} is not one of {', '.join(ROLES)}")
+    return str(role)
+
+
+def _content(content: Any, column: str, i: int) -> str:
+    """A message's text: a string, or OpenAI content parts of type text (joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise InputError(f"column {column!r}, message {i + 1}: content must be text (a string, or content parts "
+                     f"of type text), got {type(content).__name__}")
 
 
 def row_id(prompt: list[Message]) -> str:

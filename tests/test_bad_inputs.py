@@ -136,6 +136,12 @@ CASES = [
          "3 bad input records: p.jsonl:3: invalid JSON", {"p.jsonl": "".join(
              "{bad\n" if i in (3, 300) else '{"x": 1}\n' if i == 499 else f'{{"prompt": "q{i}"}}\n'
              for i in range(1, 501))}),
+    Case("data-bad-role", ["revise", "p.jsonl", "-o", "out/r.jsonl", *FAST],
+         "p.jsonl:1: column 'messages', message 1: role 'wizard' is not one of system, user, assistant, tool",
+         {"p.jsonl": '{"messages": [{"role": "wizard", "content": "hi"}]}\n'}),
+    Case("data-null-content", ["revise", "p.jsonl", "-o", "out/r.jsonl", *FAST],
+         "p.jsonl:2: column 'messages', message 1: content must be text",
+         {"p.jsonl": '{"prompt": "fine"}\n{"messages": [{"role": "user", "content": null}]}\n'}),
     Case("data-many-bad-lines", ["revise", "p.jsonl", "-o", "out/r.jsonl", *FAST],
          "25 bad input records: p.jsonl:1: invalid JSON", {"p.jsonl": "{bad\n" * 25}),
     Case("data-parquet-corrupt", ["revise", "p.parquet", "-o", "out/r.jsonl", *FAST],

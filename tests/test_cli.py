@@ -230,3 +230,29 @@ def test_limit_variable_limits_every_stage_command(tmp_path: Path):
                            capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
         assert r.returncode == 0, r.stderr
         assert len(out.read_text().splitlines()) == 2, (argv[0], r.stderr)
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupt_exits_130_sigterm_143_and_the_rerun_resumes(tmp_path: Path, sig: str, code: int):
+    import os
+    import signal
+    import time
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i} about {i * 7}"}) + "\n" for i in range(300)))
+    argv = [sys.executable, "-m", "cai.cli", "run", "--input", str(prompts), "-o", str(tmp_path / "o"), "-b", "fake",
+            "--no-progress", "--concurrency", "4", "--revise-rounds", "1", "--label-principles", "1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAI_")} | {"CAI_FAKE_DELAY": "0.01"}
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    part = tmp_path / "o" / "revisions.jsonl.part"
+    deadline = time.monotonic() + 60
+    while not (part.exists() and part.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == code, err
+    assert "interrupted: rerun the same command to resume" in err
+    r = subprocess.run(argv, capture_output=True, text=True, env={**env, "CAI_FAKE_DELAY": "0"}, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len((tmp_path / "o" / "revisions.jsonl").read_text().splitlines()) == 300
