@@ -261,26 +261,13 @@ def _work(plan: Plan, gate: InputGate, rsink: JsonlSink | None, lsink: JsonlSink
 def _write(result: dict[str, list[Outcome]], rsink: JsonlSink | None, lsink: JsonlSink | None,
            revisions: Path) -> None:
     """One work item's rows, as a local run writes them (an id written before is left as it is)."""
-    line: int | None = None
-    for o in result["revise"]:
-        assert rsink is not None
-        if rsink.is_done(o.id):
-            line = rsink.line_of(o.id)
-        elif o.row is not None:
-            line = rsink.write(o.row)
-        else:
-            rsink.fail(o.id, o.reason or "unknown failure", **o.info)
+    lines = rsink.put(result["revise"]) if rsink is not None else []
     for o in result["label"]:
-        assert lsink is not None
         for d in (o.row, o.info):
             if d is not None and d.get("source") == _LINE:
-                d["source"] = f"{revisions}:{line}"
-        if lsink.is_done(o.id):
-            continue
-        if o.row is not None:
-            lsink.write(o.row)
-        else:
-            lsink.fail(o.id, o.reason or "unknown failure", **o.info)
+                d["source"] = f"{revisions}:{lines[0] if lines else None}"
+    if lsink is not None:
+        lsink.put(result["label"])
 
 
 def _connect(address: str | None, init_args: dict[str, Any] | None) -> bool:
