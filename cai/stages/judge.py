@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .. import __version__
@@ -72,18 +72,8 @@ class JudgeConfig:
         return Sampling(max_tokens=1, temperature=0.0, seed=self.seed, choices=OPTIONS)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode,
-            "principles": self.principles,
-            "both_orders": self.both_orders,
-            "seed": self.seed,
-            "top_logprobs": self.top_logprobs,
-            "min_mass": self.min_mass,
-            "clamp": list(self.clamp) if self.clamp else None,
-            "tie_threshold": self.tie_threshold,
-            "fallback": self.fallback,
-            "cot": self.cot.to_dict(),
-        }
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return d | {"clamp": list(self.clamp) if self.clamp else None, "cot": self.cot.to_dict()}
 
 
 def option_probs(
