@@ -282,6 +282,9 @@ def prompt_row(rec: dict[str, Any], where: str, column: str | None = None, id_co
         prompt = to_messages(rec[col], col)
     except InputError as e:
         raise InputError(f"{where}: {e}") from None
+    if prompt[-1]["role"] != "user":
+        raise InputError(f"{where}: column {col!r}: the conversation must end with a user turn to answer (it "
+                         f"ends with {prompt[-1]['role']!r})")
     rid = str(rec[id_column]) if id_column and rec.get(id_column) not in (None, "") else row_id(prompt)
     return PromptRow(id=rid, prompt=prompt, extra={k: v for k, v in rec.items() if k != col}, source=where)
 

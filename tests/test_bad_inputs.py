@@ -11,6 +11,7 @@ that nothing else (a traceback, a logged warning) reaches stderr.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -142,6 +143,12 @@ CASES = [
     Case("data-null-content", ["revise", "p.jsonl", "-o", "out/r.jsonl", *FAST],
          "p.jsonl:2: column 'messages', message 1: content must be text",
          {"p.jsonl": '{"prompt": "fine"}\n{"messages": [{"role": "user", "content": null}]}\n'}),
+    Case("data-prompt-ends-with-assistant", ["revise", "p.jsonl", "-o", "out/r.jsonl", *FAST],
+         "p.jsonl:1: column 'prompt': the conversation must end with a user turn to answer (it ends with 'assistant')",
+         {"p.jsonl": '{"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'}),
+    Case("data-pair-chosen-is-rejected", ["label", "p.jsonl", "-o", "out/p.jsonl", *FAST],
+         "p.jsonl:2: chosen and rejected are the same text", {"p.jsonl": PAIR + json.dumps(
+             {"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n"}),
     Case("data-many-bad-lines", ["revise", "p.jsonl", "-o", "out/r.jsonl", *FAST],
          "25 bad input records: p.jsonl:1: invalid JSON", {"p.jsonl": "{bad\n" * 25}),
     Case("data-parquet-corrupt", ["revise", "p.parquet", "-o", "out/r.jsonl", *FAST],

@@ -156,6 +156,12 @@ def _from_chosen_rejected(rec: dict[str, Any]) -> tuple[list[Message], str, str]
     return to_messages(rec["prompt"], "prompt"), _reply(ch, "chosen"), _reply(rj, "rejected")
 
 
+def _differ(a: str, b: str, what: str) -> None:
+    """A dataset pair of two equal answers has nothing to judge (it would fail on every rerun)."""
+    if a == b:
+        raise InputError(f"{what} are the same text: nothing to judge (drop the row)")
+
+
 def detect_source(rec: dict[str, Any]) -> str:
     if "initial_response" in rec and "revised_response" in rec:
         return "revisions"
@@ -182,10 +188,12 @@ def record_to_pair(rec: dict[str, Any], where: str) -> Pair:
             label = str(rec.get("label") or "").strip().lower() or None
             if label not in (None, "a", "b"):
                 raise InputError(f"label must be 'A' or 'B', got {rec['label']!r}")
+            _differ(a, b, "response_a and response_b")
             pid = str(rec.get("id") or _hash(prompt, a, b))
             return Pair(pid, prompt, a, b, human=label, origin="dataset", source=where)
         if "chosen" in rec and "rejected" in rec:
             prompt, chosen, rejected = _from_chosen_rejected(rec)
+            _differ(chosen, rejected, "chosen and rejected")
             pid = str(rec.get("id") or _hash(prompt, chosen, rejected))
             if _swap_bit(pid):
                 return Pair(
