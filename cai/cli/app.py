@@ -70,7 +70,9 @@ def _param(leaf: Leaf, stage: str | None, positional: bool, help: str | None) ->
         ann = Optional[list[str]]  # noqa: UP045
     else:
         ann = Optional[str]  # noqa: UP045
-    meta = None if leaf.is_bool else "A,B,..." if leaf.is_list else METAVAR.get(base_type(leaf.annotation), "TEXT")
+    t = base_type(leaf.annotation)
+    choices = "|".join(typing.get_args(t)) if typing.get_origin(t) is typing.Literal else None
+    meta = None if leaf.is_bool else "A,B,..." if leaf.is_list else choices or METAVAR.get(t, "TEXT")
     default = "" if leaf.default is None or leaf.is_bool or help else f" [default: {leaf.default}]"
     opt = typer.Option(None, *leaf.flags(stage), envvar=leaf.envs, help=(help or leaf.help) + default,
                        show_default=False, metavar=meta, rich_help_panel=PANELS.get(leaf.path[0], "Run"))
