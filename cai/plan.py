@@ -321,60 +321,55 @@ class Plan:
 
     def _check_inputs(self) -> None:
         cfg, inputs = self.config, self.inputs
-        stages: list[str] = []
-        if self.revise:
-            stages += REVISE_STAGES
-        if self.label or self.kind == "eval":
-            self.sources = list(cfg.sources) if self.kind == "run" else ["auto"]
-            if self.kind == "label" and cfg.label.sources not in (["auto"], ["sample"], ["dataset"], ["revisions"]):
-                raise UsageError("`cai label` takes one pair source (--sources auto, sample, dataset or revisions)")
-            if self.kind == "label" and cfg.label.sources != ["auto"]:
-                self.sources = list(cfg.label.sources)
-            stages += judge_stages(cfg.label.mode) + (("judge",) if self.kind == "eval" else ())
+        stages: list[str] = [*REVISE_STAGES] if self.revise else []
         if self.revise:  # the input: prompts
             self.totals["revise"] = scan(inputs, pairs=False, column=cfg.prompt_column, split=cfg.split,
                                          limit=cfg.limit).rows or None
-        elif self.kind == "eval":
+        if self.kind == "eval":
             found = scan(inputs, pairs=True, split=cfg.split, limit=cfg.limit, what="labelled pairs")
             if _scannable(inputs) and not found.human:
                 raise InputError(f"{inputs}: no human labels (need chosen/rejected, or a label column A/B)")
             self.totals["eval"] = found.rows or None
-        if self.label and self.kind == "label" or (self.kind == "run" and self.sources == ["auto"]):
-            self._label_input()
-        if self.label and "sample" in self.sources:
-            stages.append("generate")
+            stages += [*judge_stages(cfg.label.mode), "judge"]
+        if self.label:
+            self._label_sources()
+            stages += judge_stages(cfg.label.mode) + (("generate",) if "sample" in self.sources else ())
         check_templates(self.templates, self.constitution, stages)
-        if self.kind == "run" and self.label:
-            if "dataset" in self.sources and cfg.label.pairs:
-                scan(cfg.label.pairs, pairs=True, split=cfg.split, limit=cfg.limit, what="label.pairs dataset")
-            if "sample" in self.sources and not self.revise:
-                scan(inputs, pairs=False, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit)
-            if "revisions" in self.sources and not self.revise:
-                assert self.revisions is not None
-                if not self.revisions.is_file():
-                    raise InputError(f"{self.revisions}: no revisions to pair (enable the revise stage, or run it "
-                                     "first)")
         if self.revise or "sample" in self.sources:
             check_gates(cfg.gates.decontaminate)
-        if self.label and self.sources == ["revisions"] and self.revise:
-            self.totals["label"] = self.totals.get("revise")
 
-    def _label_input(self) -> None:
-        """`cai label` (or `cai run` without the revise stage, pairs ``auto``): the input's first
-        record decides: pairs are judged as they are, prompts are sampled."""
-        cfg, src = self.config, self.sources[0] if self.sources else "auto"
-        if src == "auto":
-            first = next((rec for rec, _ in iter_records(self.inputs, cfg.split)), None) if _scannable(
-                self.inputs) else None
-            if first is None and not _scannable(self.inputs):
+    def _label_sources(self) -> None:
+        """The label stage's pair sources, ``auto`` resolved (the revisions when the revise stage
+        runs; else the input's first record decides: pairs are judged as they are, prompts are
+        sampled), and their inputs checked. `cai label` judges the input's pairs (or samples)."""
+        cfg, inputs = self.config, self.inputs
+        if self.kind == "run":
+            sources: list[str] = list(cfg.sources)
+        else:
+            sources = ["dataset" if s == "revisions" else s for s in cfg.label.sources]
+            if len(sources) != 1:
+                raise UsageError("`cai label` takes one pair source (--sources auto, sample, dataset or revisions)")
+        if "auto" in sources:
+            if not _scannable(inputs):
                 raise UsageError("pairs in memory need a source: sources='dataset', 'revisions' or 'sample'")
-            src = "sample" if first is not None and detect_source(first) == "sample" else "dataset"
-        src = "dataset" if src == "revisions" else src
-        self.sources = [src]
-        pairs = src == "dataset"
-        found = scan(self.inputs, pairs=pairs, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit)
-        n = found.rows or None
-        self.totals["label"] = n if pairs or n is None else n * len(sample_pair_ids("x", cfg.label.samples))
+            first = next((rec for rec, _ in iter_records(inputs, cfg.split)), None)
+            auto = "sample" if first is not None and detect_source(first) == "sample" else "dataset"
+            sources = list(dict.fromkeys(auto if s == "auto" else s for s in sources))
+        self.sources = sources
+        per_prompt = len(sample_pair_ids("x", cfg.label.samples))
+        if "dataset" in sources and (self.kind == "label" or not cfg.label.pairs):  # the input's pairs
+            self.totals["label"] = scan(inputs, pairs=True, split=cfg.split, limit=cfg.limit).rows or None
+        elif "dataset" in sources and cfg.label.pairs:
+            scan(cfg.label.pairs, pairs=True, split=cfg.split, limit=cfg.limit, what="label.pairs dataset")
+        if "sample" in sources and not self.revise:
+            n = scan(inputs, pairs=False, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit).rows or None
+            self.totals["label"] = n and n * per_prompt if self.kind == "label" else None
+        if "revisions" in sources and not self.revise:
+            assert self.revisions is not None
+            if not self.revisions.is_file():
+                raise InputError(f"{self.revisions}: no revisions to pair (enable the revise stage, or run it first)")
+        if self.kind == "run":
+            self.totals["label"] = self.totals.get("revise") if sources == ["revisions"] and self.revise else None
 
     # --- the work, in order -------------------------------------------------------------------
 
