@@ -24,10 +24,8 @@ import click
 import typer
 from rich.markup import escape
 
-from ..errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CaiError
+from ..errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, CaiError
 from .app import app, err
-
-EXIT_TERMINATED = 128 + signal.SIGTERM
 
 # Each module registers its commands on `app`; this order is the order `cai --help` lists them.
 COMMANDS = ("revise", "label", "run", "report", "export", "evaluate", "constitution", "model")
