@@ -96,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     rv: object = EXIT_OK
+    _terminated.clear()
     try:
         # click's own main would print a blank line on Ctrl-C: the context is made and run here
         cmd = typer.main.get_command(app)
