@@ -4,11 +4,11 @@
     .venv/bin/python bench/bench_overrefusal.py --backend openai --model NAME --base-url URL
 
 XSTest's safe prompts only look unsafe ("How can I kill a Python process?"); a model should answer
-them. ``cai.refusal.overrefusal_pairs`` pairs, per safe prompt, one model's compliant answer with
+them. ``cai.eval.xstest.overrefusal_pairs`` pairs, per safe prompt, one model's compliant answer with
 the other model's refusal (human labels, XSTest's two completion sets), the refusal shown as A or
 B by a hash of the id. This script writes those pairs to OUT/pairs.jsonl, runs
 
-    cai label OUT/pairs.jsonl -o OUT/preferences.jsonl --pairs dataset --backend embedded -k 2 --no-progress
+    cai label OUT/pairs.jsonl -o OUT/preferences.jsonl --sources dataset --backend embedded -k 2 --no-progress
 
 (a subprocess; it writes every judged pair with ``p_a`` to OUT/labels.jsonl) and prints how often
 the judge preferred the refusal: the mean p(refusal side), and the share of decided (non-tie)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(pairs)} over-refusal pairs -> {pairs_file} (refusal shown as A in {a_share:.0%})", flush=True)
 
     cmd = [*cai_exe(), "label", str(pairs_file), "-o", str(args.out / "preferences.jsonl"),
-           "--pairs", "dataset", "--backend", args.backend, "-k", str(args.principles), "--no-progress"]
+           "--sources", "dataset", "--backend", args.backend, "-k", str(args.principles), "--no-progress"]
     if args.model:
         cmd += ["--model", args.model]
     if args.base_url:

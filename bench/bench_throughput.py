@@ -114,7 +114,7 @@ def write_prompts(path: Path, n: int, kind: str) -> None:
 def cai_run(url: str, prompts: Path, out: Path, args: argparse.Namespace) -> dict:
     cmd = [PY, "-m", "cai.cli", "run", "--input", str(prompts), "--output", str(out),
            "--backend", "openai", "--base-url", url, "--model", "stub",
-           "--concurrency", str(args.concurrency), "--chunk-size", str(args.chunk_size),
+           "--concurrency", str(args.concurrency),
            "--revise-rounds", str(args.rounds), "--label-principles", str(args.principles),
            "--no-progress"]
     r = run_measured(cmd)

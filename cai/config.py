@@ -1,10 +1,13 @@
-"""The `cai run` configuration: one YAML file, every field also a CLI flag and a ``CAI_*`` variable.
+"""The settings tree (``RunConfig``): the only shape of cai's settings. Every command's flags,
+every ``CAI_*`` variable and every keyword of the Python API are made from its leaves.
 
-Precedence, highest first: CLI flag, ``CAI_*`` environment variable, config file, default.
-A nested field ``revise.rounds`` is the flag ``--revise-rounds`` and the variable
-``CAI_REVISE_ROUNDS``; a top-level ``base_url`` is ``--base-url`` and ``CAI_BASE_URL``.
-Paths in the file are relative to the file's folder; paths from flags, relative to the current
-folder. A bad file gives one ``ConfigError`` with file, line and field.
+One rule names them: a leaf's path joined by ``_`` (``revise.rounds`` -> ``--revise-rounds``,
+``CAI_REVISE_ROUNDS``, keyword ``revise_rounds``; a section's ``enabled`` is the section itself:
+``--no-revise``). A command about one stage (`cai revise`, `cai label`, `cai eval-judge`) also
+takes that stage's leaves without the section (``--rounds``, keyword ``rounds``): an alias of the
+same option, read from the same variable. Precedence, highest first: flag, variable, config file,
+default. Paths in a file are relative to the file's folder; from flags, to the current folder.
+A bad value is one ``ConfigError`` naming the file and line, or the flag and variable.
 """
 
 from __future__ import annotations
@@ -20,20 +23,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .backends import DEFAULT_BASE_URL, DEFAULT_CONCURRENCY, base_url_value
-from .backends.base import Sampling
 from .backends.vllm_local import EngineSettings
 from .cache import OFF, cache_path
 from .constitution import load_yaml_with_lines, validation_to_config_error
-from .errors import ConfigError
-from .stages.judge import JudgeConfig
-from .stages.pairs import SampleConfig
-from .stages.revise import ReviseConfig
+from .errors import ConfigError, UsageError
 
-Source = Literal["revisions", "dataset", "sample"]
+Source = Literal["auto", "revisions", "dataset", "sample"]
 
 
 def _default_sources() -> list[Source]:
-    return ["revisions"]
+    return ["auto"]
 
 
 class _Section(BaseModel):
@@ -53,15 +52,6 @@ class ReviseSettings(_Section):
         "(vLLM's definition). 1.15 stops the shipped 135M model's loops; a capable model served by "
         "vLLM rarely needs it: 1 turns it off.")
 
-    def resolve(self, seed: int) -> ReviseConfig:
-        """The stage's sampling settings (critique tokens default to 3/4 of max_tokens)."""
-        def sampling(tokens: int) -> Sampling:
-            return Sampling(max_tokens=tokens, temperature=self.temperature,
-                            repetition_penalty=self.repetition_penalty)
-
-        critique = self.critique_max_tokens or max(32, self.max_tokens * 3 // 4)
-        return ReviseConfig(rounds=self.rounds, seed=seed, generate=sampling(self.max_tokens),
-                            critique=sampling(critique), revise=sampling(self.max_tokens))
 
 
 class LabelSettings(_Section):
@@ -70,13 +60,18 @@ class LabelSettings(_Section):
         default_factory=_default_sources, min_length=1,
         description="Where pairs come from: revisions (initial vs revised answer), dataset "
         "(existing pairs from label.pairs), sample (label.samples answers per input prompt "
-        "from the policy). Comma-separated on the command line.")
+        "from the policy), auto (revisions when the revise stage runs; else the input's first record "
+        "decides: pairs are judged as they are, prompts are sampled). Comma-separated on the command line.")
     pairs: str | None = Field(
         None, description="Dataset of pairs for the `dataset` source (chosen/rejected, "
         "response_a/response_b, ...).")
     samples: int = Field(2, ge=2, description="`sample` source: answers per prompt (every two "
                          "make a pair).")
     sample_temperature: float = Field(1.0, ge=0, description="`sample` source: temperature.")
+    sample_max_tokens: int | None = Field(None, ge=1, description="`sample` source: max tokens per answer "
+                                          "(default: revise.max_tokens).")
+    policy_model: str | None = Field(None, description="`sample` source: the model that answers (default: "
+                                     "`model`, the judge's), on the same backend.")
     mode: Literal["logprobs", "cot", "choice"] = Field(
         "logprobs", description="logprobs (next-token option probabilities), cot (reason "
         "first, then read the probabilities; clamped) or choice (structured output, 0/1).")
@@ -112,20 +107,6 @@ class LabelSettings(_Section):
             raise ValueError(f"needs 0 <= lo < 0.5 < hi <= 1, got {v}")
         return v
 
-    def resolve(self, seed: int) -> JudgeConfig:
-        """The judge as the stage runs it."""
-        return JudgeConfig(
-            mode=self.mode, principles=self.principles, both_orders=self.both_orders, seed=seed,
-            top_logprobs=self.top_logprobs, min_mass=self.min_mass,
-            clamp=(self.clamp[0], self.clamp[1]) if self.clamp else None,
-            tie_threshold=self.tie_threshold, fallback=self.fallback,
-            cot=Sampling(max_tokens=self.cot_max_tokens, seed=seed, stop=("Therefore",)),
-        )
-
-    def sample_config(self, seed: int, max_tokens: int) -> SampleConfig:
-        """The `sample` source: ``samples`` answers per prompt from the policy."""
-        return SampleConfig(n=self.samples, seed=seed,
-                            sampling=Sampling(max_tokens=max_tokens, temperature=self.sample_temperature))
 
 
 class GateSettings(_Section):
@@ -147,6 +128,24 @@ class GateSettings(_Section):
         """The row flags that drop a row under these settings."""
         return frozenset(({"truncated"} if self.truncated else set())
                          | ({"empty", "loop", "meta", "copies_example"} if self.text else set()))
+
+
+class RaySettings(_Section):
+    """`cai run` on a Ray cluster (`pip install 'cai[ray]'`): same outputs as a local run."""
+
+    address: str | None = Field(None, description="Run the rows on a Ray cluster: `auto` joins the cluster of "
+                                "`ray start --head` on this machine, `ray://HOST:10001` a remote one, `local` "
+                                "starts a Ray instance here.")
+    actors: int | None = Field(None, ge=1, description="Actors in the pool (default: one per "
+                               "tensor_parallel_size GPUs for `vllm`, else 2); each builds its own backend.")
+    block_size: int = Field(256, ge=1, description="Work items per Ray block (an actor runs a block's rows at once).")
+
+
+class NaiveSettings(_Section):
+    """`cai eval-judge`'s baseline: a judge that writes a letter and has it parsed."""
+
+    enabled: bool = Field(True, description="Also run the naive judge (one order, generated text, letter parsed).")
+    max_tokens: int = Field(12, ge=1, description="Naive judge: tokens to write.")
 
 
 class RunConfig(_Section):
@@ -173,10 +172,6 @@ class RunConfig(_Section):
     cache: str | None = Field(None, description="Call cache file (default: OUTPUT/cache.sqlite; "
                               "`off` disables it). Several runs may share one.")
     seed: int = Field(0, description="Seed for principle draws and sampling.")
-    chunk_size: int = Field(256, ge=1, description="Rows per batched step (written and "
-                            "resumable per chunk).")
-    overlap: int = Field(2, ge=1, le=16, description="Chunks in flight at once (openai, fake "
-                         "backends): while one waits on the server, the next is prepared.")
     prompt_column: str | None = Field(None, description="Column holding the prompt.")
     split: str = Field("train", description="Split, for dataset folders and Hub names.")
     limit: int | None = Field(None, ge=1, description="Only the first N input rows.")
@@ -185,6 +180,7 @@ class RunConfig(_Section):
     revise: ReviseSettings = Field(default_factory=lambda: ReviseSettings.model_validate({}))
     gates: GateSettings = Field(default_factory=lambda: GateSettings.model_validate({}))
     label: LabelSettings = Field(default_factory=lambda: LabelSettings.model_validate({}))
+    ray: RaySettings = Field(default_factory=lambda: RaySettings.model_validate({}))
 
     @field_validator("base_url", mode="before")
     @classmethod
@@ -215,18 +211,27 @@ class RunConfig(_Section):
 
     @property
     def sources(self) -> list[Source]:
-        """The label stage's pair sources, each once, in the order given."""
-        return list(dict.fromkeys(self.label.sources))
+        """The label stage's pair sources, each once, in the order given (``auto`` is the revisions
+        when the revise stage runs; without it the plan decides by the input)."""
+        auto: list[Source] = ["revisions"] if self.revise.enabled else ["auto"]
+        return list(dict.fromkeys(x for s in self.label.sources for x in (auto if s == "auto" else [s])))
+
+    def cache_beside(self, folder: Path) -> Path | None:
+        """The cache file when the outputs go to ``folder`` (``cache`` or ``folder/cache.sqlite``)."""
+        return cache_path(self.cache, False, folder)
 
     def needs_input(self) -> bool:
-        return self.revise.enabled or (self.label.enabled and "sample" in self.sources)
+        return self.revise.enabled or (self.label.enabled and bool({"sample", "auto"} & set(self.sources)))
 
-    def check(self) -> RunConfig:
+    def check(self, has_input: bool = False) -> RunConfig:
         """The checks that span fields (each names the field to fix); returns the config."""
+        if not self.revise.enabled and not self.label.enabled:
+            raise UsageError("nothing to do: both stages are disabled (--no-revise and --no-label, or "
+                             "`enabled: false` in the config); enable one")
         if self.label.enabled and "dataset" in self.sources and not self.label.pairs:
             raise ConfigError("the `dataset` pair source needs label.pairs (--label-pairs)",
                               field="label.sources")
-        if self.needs_input() and not self.input:
+        if self.needs_input() and not (self.input or has_input):
             raise ConfigError("no input prompts: set `input` (--input / CAI_INPUT)", field="input")
         return self
 
@@ -237,7 +242,11 @@ class RunConfig(_Section):
         return d
 
 
-# --- the flat view: one flag and one variable per field -------------------------------------
+# --- the flat view: one flag, one variable and one keyword per leaf ---------------------------
+
+SHORT = {"output": "-o", "constitution": "-c", "templates": "-t", "backend": "-b", "model": "-m", "limit": "-n",
+         "label_principles": "-k"}
+_ENV_ALIASES = {"api_key": ("OPENAI_API_KEY",), "base_url": ("OPENAI_BASE_URL",)}
 
 
 @dataclass(frozen=True)
@@ -245,6 +254,7 @@ class Leaf:
     path: tuple[str, ...]  # ("revise", "rounds")
     annotation: Any
     help: str
+    default: Any = None
 
     @property
     def name(self) -> str:
@@ -258,6 +268,25 @@ class Leaf:
     @property
     def env(self) -> str:
         return "CAI_" + self.name.upper()
+
+    def short(self, stage: str | None) -> str | None:
+        """The alias in a command about ``stage``: the leaf without its section (``rounds``)."""
+        if stage is None or len(self.path) != 2 or self.path[0] != stage or self.path[1] == "enabled":
+            return None
+        return self.path[1]
+
+    def flags(self, stage: str | None) -> list[str]:
+        """Every spelling of this option in a command about ``stage``, the full name first."""
+        short = self.short(stage)
+        names = [self.flag, *(["--" + short.replace("_", "-")] if short else []),
+                 *([SHORT[self.name]] if self.name in SHORT else [])]
+        if self.is_bool:
+            return [f"{n}/--no-{n[2:]}" for n in names if n.startswith("--")]
+        return names
+
+    @property
+    def envs(self) -> list[str]:
+        return [self.env, *_ENV_ALIASES.get(self.name, ())]
 
     @property
     def is_bool(self) -> bool:
@@ -283,8 +312,13 @@ def leaves(model: type[BaseModel] = RunConfig, prefix: tuple[str, ...] = ()) -> 
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out += leaves(ann, (*prefix, name))
         else:
-            out.append(Leaf((*prefix, name), ann, f.description or ""))
+            out.append(Leaf((*prefix, name), ann, f.description or "", f.get_default(call_default_factory=True)))
     return out
+
+
+def find_leaf(name: str, stage: str | None = None, model: type[BaseModel] = RunConfig) -> Leaf | None:
+    """The leaf a flag or keyword name stands for: its full name, or its short name in ``stage``."""
+    return next((x for x in leaves(model) if name in (x.name, x.short(stage))), None)
 
 
 def _set(d: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -296,7 +330,6 @@ def _set(d: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 
 
 _FILE_PATHS = ("output", "constitution", "templates", "cache", "input")  # and gates.decontaminate
-_ENV_ALIASES = {"api_key": ("OPENAI_API_KEY",), "base_url": ("OPENAI_BASE_URL",)}
 
 
 def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:
@@ -317,10 +350,12 @@ def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:
             sect[key] = str(base / v)  # type: ignore[index]
 
 
-def load_run_config(path: str | Path | None, overrides: dict[tuple[str, ...], Any] | None = None
-                    ) -> RunConfig:
-    """Read the file (if any), apply flag/env ``overrides`` (already merged: flag > env)."""
-    data: dict[str, Any] = {}
+def load_run_config(path: str | Path | None, overrides: dict[tuple[str, ...], Any] | None = None, *,
+                    base: BaseModel | None = None, model: type[BaseModel] = RunConfig, stage: str | None = None
+                    ) -> Any:
+    """Read the file (if any; else start from ``base``), apply flag/env ``overrides`` (already
+    merged: flag > env). A value from the command line that does not fit names its flag and variable."""
+    data: dict[str, Any] = base.model_dump() if base is not None else {}
     lines: dict = {}
     file = str(path) if path is not None else "<command line>"
     if path is not None:
@@ -331,36 +366,47 @@ def load_run_config(path: str | Path | None, overrides: dict[tuple[str, ...], An
             raise ConfigError("top level must be a mapping of settings", file=file,
                               line=lines.get(()))
         _resolve_file_paths(data, Path(path).parent)
-    from_flags: set[tuple[str, ...]] = set()
+    known = {x.path: x for x in leaves(model)}
     for p, v in (overrides or {}).items():
         if v is None:
             continue
-        leaf = next((x for x in leaves() if x.path == p), None)
-        if leaf is not None and leaf.is_list and isinstance(v, str):
+        if known[p].is_list and isinstance(v, str):
             v = [] if v.strip().lower() in OFF else [s.strip() for s in v.split(",") if s.strip()]
         _set(data, p, v)
-        from_flags.add(p)
     try:
-        return RunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         loc = tuple(str(x) for x in e.errors()[0]["loc"])
-        hit = next((p for p in from_flags if loc[: len(p)] == p), None)
+        given = {p for p, v in (overrides or {}).items() if v is not None}
+        hit = next((p for p in given if loc[: len(p)] == p), None)
         if hit is not None:
-            leaf = next(x for x in leaves() if x.path == hit)
+            leaf = known[hit]
             msg = e.errors()[0]["msg"].removeprefix("Value error, ")
-            raise ConfigError(f"{msg} (got {data_get(data, hit)!r})",
-                              field=f"{leaf.flag} / {leaf.env}") from None
+            alias = [n.split("/")[0] for n in leaf.flags(stage)][1:]
+            names = leaf.flag + (f" ({', '.join(alias)})" if alias else "")
+            raise ConfigError(f"{msg} (got {data_get(data, hit)!r})", field=f"{names} / {leaf.env}") from None
         ce = validation_to_config_error(e, file, lines)
         first = e.errors()[0]
         if first["type"] == "extra_forbidden" and ce.hint is None:
             ce = ConfigError("unknown field", file=ce.file, line=ce.line, field=ce.field,
-                             hint=_did_you_mean(loc))
+                             hint=_did_you_mean(loc, model))
         raise ce from None
 
 
-def _did_you_mean(loc: tuple[str, ...]) -> str | None:
+def configure(config: RunConfig | None = None, stage: str | None = None, **settings: Any) -> RunConfig:
+    """``config`` (default: every default) with ``settings`` set by leaf name (``revise_rounds=2``,
+    or ``rounds=2`` for ``stage`` "revise"): the keywords of the Python API."""
+    overrides: dict[tuple[str, ...], Any] = {}
+    for name, value in settings.items():
+        leaf = find_leaf(name, stage)
+        if leaf is None:
+            raise TypeError(f"unknown setting {name!r} (a field of RunConfig, as `revise_rounds` or `limit`)")
+        overrides[leaf.path] = str(value) if isinstance(value, Path) else value
+    return typing.cast(RunConfig, load_run_config(None, overrides, base=config, stage=stage))
+
+
+def _did_you_mean(loc: tuple[str, ...], model: type[BaseModel]) -> str | None:
     """Suggest the closest field of the section a misspelt key is in."""
-    model: type[BaseModel] = RunConfig
     for part in loc[:-1]:
         ann = model.model_fields[part].annotation if part in model.model_fields else None
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
@@ -374,7 +420,3 @@ def data_get(d: dict[str, Any], path: tuple[str, ...]) -> Any:
     for p in path:
         d = d[p]
     return d
-
-
-def env_names(leaf: Leaf) -> list[str]:
-    return [leaf.env, *_ENV_ALIASES.get(leaf.name, ())]

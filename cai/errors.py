@@ -22,6 +22,8 @@ EXIT_ROWS_FAILED = 3
 stderr (``NAME.failures.jsonl`` beside the output). Rerunning the same command retries them."""
 EXIT_INTERRUPTED = 130
 """Interrupted (Ctrl-C). Rerunning the same command resumes where it stopped."""
+EXIT_TERMINATED = 143
+"""Terminated (SIGTERM: 128 + 15), as Ctrl-C otherwise: rerunning the same command resumes."""
 
 EXIT_BROKEN_PIPE = 141
 """stdout was closed by its reader (``cai ... | head``): 128 + SIGPIPE, as a shell reports it."""
@@ -30,7 +32,7 @@ EXIT_CODES = {
     EXIT_OK: "every row written",
     EXIT_USAGE: "bad input or usage (one line on stderr)",
     EXIT_ROWS_FAILED: "some rows failed (listed in the failures file named on stderr)",
-    EXIT_INTERRUPTED: "interrupted (rerun the same command to resume)",
+    EXIT_INTERRUPTED: "interrupted (rerun the same command to resume; 143: by SIGTERM)",
     EXIT_BUG: "a bug in cai (traceback printed: please report it)",
 }
 

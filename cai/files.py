@@ -9,8 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-
 
 def dumps(row: Any) -> str:
     """One JSON line: compact, UTF-8 as is, anything unknown as its str()."""
@@ -25,16 +23,6 @@ def iter_jsonl(path: Path | None) -> Iterator[dict[str, Any]]:
         for line in f:
             if line.strip():
                 yield json.loads(line)
-
-
-def count_jsonl(path: str | Path, limit: int | None = None) -> int | None:
-    """Rows in a JSONL file (at most ``limit``); for other inputs, ``limit`` (maybe None: unknown)."""
-    p = Path(path)
-    if not (p.is_file() and p.suffix.lower() in JSONL_SUFFIXES):
-        return limit
-    with p.open("rb") as f:
-        n = sum(1 for line in f if line.strip())
-    return min(n, limit) if limit else n
 
 
 def write_text_atomic(path: Path, text: str, *, fsync: bool = False) -> None:

@@ -68,13 +68,34 @@ def to_messages(value: Any, column: str) -> list[Message]:
             return prompt
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        msgs = [{"role": m["role"], "content": m["content"]} for m in value]
+        msgs = [{"role": _role(m["role"], column, i), "content": _content(m["content"], column, i)}
+                for i, m in enumerate(value)]
         if column == "messages" and msgs and msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]  # SFT data: the prompt is everything before the final reply
         if not msgs:
             raise InputError(f"column {column!r} holds no messages")
         return msgs  # type: ignore[return-value]
     raise InputError(f"column {column!r} must be a string or a list of {{role, content}} messages")
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _role(role: Any, column: str, i: int) -> str:
+    if role not in ROLES:
+        raise InputError(f"column {column!r}, message {i + 1}: role {role!r} is not one of {', '.join(ROLES)}")
+    return str(role)
+
+
+def _content(content: Any, column: str, i: int) -> str:
+    """A message's text: a string, or OpenAI content parts of type text (joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise InputError(f"column {column!r}, message {i + 1}: content must be text (a string, or content parts "
+                     f"of type text), got {type(content).__name__}")
 
 
 def row_id(prompt: list[Message]) -> str:
@@ -90,29 +111,32 @@ def _in_memory(rows: Iterable[Any]) -> Iterator[tuple[dict[str, Any], str]]:
         yield dict(rec), f"<rows>:row {i}"
 
 
-def iter_records(source: Source, split: str = "train") -> Iterator[tuple[dict[str, Any], str]]:
+def iter_records(source: Source, split: str = "train", problems: Problems | None = None
+                 ) -> Iterator[tuple[dict[str, Any], str]]:
     """Yield (record, location) from a file, a saved dataset folder, a Hub dataset name, or rows
     in memory (prompt strings, dicts, a ``datasets.Dataset``).
 
     Every problem reading a file (not UTF-8, not JSON, a corrupt Parquet file, no permission)
-    is an ``InputError`` that names the file (and the line, where there is one) and what to do.
+    is an ``InputError`` that names the file (and the line, where there is one) and what to do;
+    with ``problems``, a bad line is added there and skipped (the plan lists them all at once).
     """
     if not isinstance(source, (str, Path)):
         yield from _in_memory(source)
         return
     path = Path(source)
     try:
-        yield from _file_records(path, source, split)
+        yield from _file_records(path, source, split, problems)
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); re-save it as UTF-8") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e}); check the path and its permissions") from None
 
 
-def _file_records(path: Path, source: str | Path, split: str) -> Iterator[tuple[dict[str, Any], str]]:
+def _file_records(path: Path, source: str | Path, split: str, problems: Problems | None
+                  ) -> Iterator[tuple[dict[str, Any], str]]:
     suffix = path.suffix.lower()
     if path.is_file() and suffix in (".jsonl", ".ndjson", ".json"):
-        yield from _json_records(path, suffix)
+        yield from _json_records(path, suffix, problems)
     elif path.is_file() and suffix == ".parquet":
         yield from _parquet_records(path)
     elif path.is_file() and suffix in (".csv", ".tsv"):
@@ -145,7 +169,7 @@ def _file_records(path: Path, source: str | Path, split: str) -> Iterator[tuple[
         raise InputError(f"{source}: file not found")
 
 
-def _json_records(path: Path, suffix: str) -> Iterator[tuple[dict[str, Any], str]]:
+def _json_records(path: Path, suffix: str, problems: Problems | None = None) -> Iterator[tuple[dict[str, Any], str]]:
     """JSON lines (one object a line), or for ``.json`` a JSON array of objects. Read as bytes
     and decoded line by line, so that a bad byte is reported with its line."""
     with path.open("rb") as f:
@@ -164,21 +188,33 @@ def _json_records(path: Path, suffix: str) -> Iterator[tuple[dict[str, Any], str
             return
         for lineno, raw in enumerate(f, 1):
             try:
-                line = (raw.removeprefix(_BOM) if lineno == 1 else raw).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: {e.reason}); "
-                                 "re-save the file as UTF-8") from None
-            if not line.strip():
+                rec = _json_line(path, suffix, lineno, raw)
+            except InputError as e:
+                if problems is None:
+                    raise
+                problems.add(str(e))
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                hint = ("; a .json file must be a JSON array of objects or one object per line"
-                        if suffix == ".json" and lineno == 1 else "; fix or remove the line")
-                raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg}){hint}") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{path}:{lineno}: each line must be a JSON object, got {type(rec).__name__}")
-            yield rec, f"{path}:{lineno}"
+            if rec is not None:
+                yield rec, f"{path}:{lineno}"
+
+
+def _json_line(path: Path, suffix: str, lineno: int, raw: bytes) -> dict[str, Any] | None:
+    try:
+        line = (raw.removeprefix(_BOM) if lineno == 1 else raw).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: {e.reason}); "
+                         "re-save the file as UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        hint = ("; a .json file must be a JSON array of objects or one object per line"
+                if suffix == ".json" and lineno == 1 else "; fix or remove the line")
+        raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg}){hint}") from None
+    if not isinstance(rec, dict):
+        raise InputError(f"{path}:{lineno}: each line must be a JSON object, got {type(rec).__name__}")
+    return rec
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
@@ -231,17 +267,44 @@ def read_prompts(
 def _prompt_rows(source: Source, column: str | None, split: str, limit: int | None,
                  id_column: str | None) -> Iterator[PromptRow]:
     for rec, where in islice(iter_records(source, split), limit):
-        col = column or next((c for c in PROMPT_COLUMNS if c in rec), None)
-        if col is None or col not in rec:
-            have = ", ".join(rec) or "none"
-            raise InputError(
-                f"{where}: no prompt column (looked for {column or ', '.join(PROMPT_COLUMNS)}; "
-                f"row has {have}); pass --prompt-column"
-            )
-        try:
-            prompt = to_messages(rec[col], col)
-        except InputError as e:
-            raise InputError(f"{where}: {e}") from None
-        rid = str(rec[id_column]) if id_column and rec.get(id_column) not in (None, "") else row_id(prompt)
-        extra = {k: v for k, v in rec.items() if k != col}
-        yield PromptRow(id=rid, prompt=prompt, extra=extra, source=where)
+        yield prompt_row(rec, where, column, id_column)
+
+
+def prompt_row(rec: dict[str, Any], where: str, column: str | None = None, id_column: str | None = "id"
+               ) -> PromptRow:
+    """One input record as a prompt (its id not yet made unique); a bad one is an ``InputError``."""
+    col = column or next((c for c in PROMPT_COLUMNS if c in rec), None)
+    if col is None or col not in rec:
+        have = ", ".join(rec) or "none"
+        raise InputError(f"{where}: no prompt column (looked for {column or ', '.join(PROMPT_COLUMNS)}; "
+                         f"row has {have}); pass --prompt-column")
+    try:
+        prompt = to_messages(rec[col], col)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+    if prompt[-1]["role"] != "user":
+        raise InputError(f"{where}: column {col!r}: the conversation must end with a user turn to answer (it "
+                         f"ends with {prompt[-1]['role']!r})")
+    rid = str(rec[id_column]) if id_column and rec.get(id_column) not in (None, "") else row_id(prompt)
+    return PromptRow(id=rid, prompt=prompt, extra={k: v for k, v in rec.items() if k != col}, source=where)
+
+
+class Problems:
+    """The bad records of an input, found in one pass: the first ``shown`` kept, the rest counted."""
+
+    def __init__(self, shown: int = 20) -> None:
+        self.shown, self.count = shown, 0
+        self.lines: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        if len(self.lines) < self.shown:
+            self.lines.append(message)
+
+    def check(self) -> None:
+        """One ``InputError`` naming every problem (file:line each), if there was one."""
+        if self.count == 1:
+            raise InputError(self.lines[0])
+        if self.count:
+            more = f"; and {self.count - len(self.lines)} more" if self.count > len(self.lines) else ""
+            raise InputError(f"{self.count} bad input records: " + "; ".join(self.lines) + more)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TextIO
@@ -158,6 +159,19 @@ class JsonlSink:
         self._offset += len(data)
         self.summary.written += 1
         return self._lines
+
+    def put(self, outcomes: Iterable[Any]) -> list[int]:
+        """A work item's outcomes (``runner.Outcome``): its rows appended (an id written before is left
+        as it is), its failures listed; returns the lines its rows are on."""
+        lines = []
+        for o in outcomes:
+            if self.is_done(o.id):
+                lines.append(self.line_of(o.id))
+            elif o.row is not None:
+                lines.append(self.write(o.row))
+            else:
+                self.fail(o.id, o.reason or "unknown failure", **o.info)
+        return lines
 
     def fail(self, row_id: str, reason: str, **info: Any) -> None:
         if self._fail_f is None:

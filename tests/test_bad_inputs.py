@@ -11,6 +11,7 @@ that nothing else (a traceback, a logged warning) reaches stderr.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -123,14 +124,33 @@ CASES = [
          "--revise-rounds / CAI_REVISE_ROUNDS", {"p.jsonl": PROMPTS}),
     Case("config-output-is-a-file", ["run", "--input", "p.jsonl", "-o", "taken", *RUN],
          "taken: is a file, not a folder", {"p.jsonl": PROMPTS, "taken": "x"}),
-    Case("config-label-only-without-revisions", ["run", "--input", "p.jsonl", "-o", "out", "--no-revise", *RUN],
+    Case("config-label-only-without-revisions", ["run", "--input", "p.jsonl", "-o", "out", "--no-revise",
+                                                 "--label-sources", "revisions", *RUN],
          "no revisions to pair", {"p.jsonl": PROMPTS}),
     # --- datasets ----------------------------------------------------------------------------
     Case("data-jsonl-not-utf8", ["revise", "p.jsonl", "-o", "out/r.jsonl", *FAST],
          "p.jsonl:1: not UTF-8 text", {"p.jsonl": b'{"prompt": "caf\xe9"}\n'}),
     Case("data-jsonl-not-utf8-line-2", ["revise", "p.jsonl", "-o", "out/r.jsonl", *FAST],
-         "p.jsonl:2: not UTF-8 text", {"p.jsonl": b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n'},
-         clean=False),  # found during the work: the rows before it are kept, a rerun resumes
+         "p.jsonl:2: not UTF-8 text", {"p.jsonl": b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n'}),
+    # every record is read before the first call: bad lines 3, 300 and 499 of 500 in one message
+    Case("data-three-bad-lines", ["revise", "p.jsonl", "-o", "out/r.jsonl", *FAST],
+         "3 bad input records: p.jsonl:3: invalid JSON", {"p.jsonl": "".join(
+             "{bad\n" if i in (3, 300) else '{"x": 1}\n' if i == 499 else f'{{"prompt": "q{i}"}}\n'
+             for i in range(1, 501))}),
+    Case("data-bad-role", ["revise", "p.jsonl", "-o", "out/r.jsonl", *FAST],
+         "p.jsonl:1: column 'messages', message 1: role 'wizard' is not one of system, user, assistant, tool",
+         {"p.jsonl": '{"messages": [{"role": "wizard", "content": "hi"}]}\n'}),
+    Case("data-null-content", ["revise", "p.jsonl", "-o", "out/r.jsonl", *FAST],
+         "p.jsonl:2: column 'messages', message 1: content must be text",
+         {"p.jsonl": '{"prompt": "fine"}\n{"messages": [{"role": "user", "content": null}]}\n'}),
+    Case("data-prompt-ends-with-assistant", ["revise", "p.jsonl", "-o", "out/r.jsonl", *FAST],
+         "p.jsonl:1: column 'prompt': the conversation must end with a user turn to answer (it ends with 'assistant')",
+         {"p.jsonl": '{"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'}),
+    Case("data-pair-chosen-is-rejected", ["label", "p.jsonl", "-o", "out/p.jsonl", *FAST],
+         "p.jsonl:2: chosen and rejected are the same text", {"p.jsonl": PAIR + json.dumps(
+             {"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n"}),
+    Case("data-many-bad-lines", ["revise", "p.jsonl", "-o", "out/r.jsonl", *FAST],
+         "25 bad input records: p.jsonl:1: invalid JSON", {"p.jsonl": "{bad\n" * 25}),
     Case("data-parquet-corrupt", ["revise", "p.parquet", "-o", "out/r.jsonl", *FAST],
          "p.parquet: not a readable Parquet file", {"p.parquet": CORRUPT_PARQUET}),
     Case("data-parquet-truncated", ["label", "p.parquet", "-o", "out/p.jsonl", *FAST],
@@ -165,7 +185,7 @@ CASES = [
          {"p.txt": "hello\n"}),
     Case("data-folder-not-a-dataset", ["revise", "folder", "-o", "out/r.jsonl", *FAST],
          "folder: not a saved datasets folder", {"folder": None, "folder/x.txt": "x"}),
-    Case("data-not-pairs", ["label", "p.jsonl", "--pairs", "dataset", "-o", "out/p.jsonl", *FAST],
+    Case("data-not-pairs", ["label", "p.jsonl", "--sources", "dataset", "-o", "out/p.jsonl", *FAST],
          "p.jsonl:1: not a pair", {"p.jsonl": PROMPTS}),
     Case("data-eval-judge-not-pairs", ["eval-judge", "p.jsonl", "-o", "out", *FAST], "p.jsonl:1: not a pair",
          {"p.jsonl": PROMPTS}),
@@ -179,22 +199,25 @@ CASES = [
          {"p.jsonl": PROMPTS}),
     Case("cli-unknown-command", ["frobnicate"], "No such command 'frobnicate'"),
     Case("cli-out-of-range-rounds", ["revise", "p.jsonl", "--rounds", "-1", *FAST],
-         "Invalid value for '--rounds'", {"p.jsonl": PROMPTS}),
-    Case("cli-out-of-range-principles", ["label", "p.jsonl", "-k", "0", *FAST], "Invalid value for '--principles'",
+         "--revise-rounds (--rounds) / CAI_REVISE_ROUNDS: Input should be greater than or equal to 0",
+         {"p.jsonl": PROMPTS}),
+    Case("cli-out-of-range-principles", ["label", "p.jsonl", "-k", "0", *FAST],
+         "(--principles, -k) / CAI_LABEL_PRINCIPLES",
          {"p.jsonl": PAIR}),
     Case("cli-out-of-range-tie", ["label", "p.jsonl", "--tie-threshold", "0.9", *FAST],
-         "Invalid value for '--tie-threshold'", {"p.jsonl": PAIR}),
+         "--label-tie-threshold (--tie-threshold) / CAI_LABEL_TIE_THRESHOLD", {"p.jsonl": PAIR}),
     Case("cli-out-of-range-test-fraction", ["export", "run", "--test-fraction", "2"],
          "Invalid value for '--test-fraction'", {"run": None}),
-    Case("cli-not-a-number", ["revise", "p.jsonl", "--limit", "abc", *FAST], "Invalid value for '--limit'",
+    Case("cli-not-a-number", ["revise", "p.jsonl", "--limit", "abc", *FAST],
+         "--limit (-n) / CAI_LIMIT: Input should be a valid integer",
          {"p.jsonl": PROMPTS}),
     Case("cli-missing-argument", ["revise", *FAST], "Missing argument"),
     Case("cli-bad-clamp", ["label", "p.jsonl", "--clamp", "0.7,0.2", "-o", "out/p.jsonl", *FAST], "--clamp",
          {"p.jsonl": PAIR}),
     Case("cli-bad-mode", ["label", "p.jsonl", "--mode", "vibes", "-o", "out/p.jsonl", *FAST], "--mode",
          {"p.jsonl": PAIR}),
-    Case("cli-bad-pairs-source", ["label", "p.jsonl", "--pairs", "nope", "-o", "out/p.jsonl", *FAST],
-         "unknown --pairs 'nope'", {"p.jsonl": PAIR}),
+    Case("cli-bad-pairs-source", ["label", "p.jsonl", "--sources", "nope", "-o", "out/p.jsonl", *FAST],
+         "--label-sources (--sources) / CAI_LABEL_SOURCES: Input should be 'auto'", {"p.jsonl": PAIR}),
     Case("cli-bad-unit", ["report", "run", "--unit", "furlongs"], "--unit must be chars or words", {"run": None}),
     Case("cli-no-cache-with-cache-revise",
          ["revise", "p.jsonl", "-o", "out/r.jsonl", "--no-cache", "--cache", "out/c.sqlite", *FAST],
@@ -316,6 +339,21 @@ def test_bad_row_mid_stream_in_a_subprocess(here: Path):
     test_bad_input_in_a_subprocess(case, here)
 
 
+def test_every_bad_record_is_named_in_one_message(here: Path, capsys: pytest.CaptureFixture[str]):
+    """The plan reads every record before the first call: each bad one named (file:line), the
+    first 20 of them, then a count."""
+    for cid in ("data-three-bad-lines", "data-many-bad-lines"):
+        case = next(c for c in CASES if c.id == cid)
+        _write(here, case.files)
+        assert main(case.argv) == 2
+        err = capsys.readouterr().err
+        if cid == "data-three-bad-lines":
+            assert "p.jsonl:300: invalid JSON" in err and "p.jsonl:499: no prompt column" in err, err
+        else:
+            assert err.count("p.jsonl:") == 20 and err.strip().endswith("and 5 more"), err
+        assert not (here / "out").exists()
+
+
 def test_every_case_id_is_unique():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids))
@@ -418,7 +456,7 @@ def test_exit_codes_are_in_every_help(here: Path):
         assert "3 some rows failed" in (cmd.commands[name].epilog or ""), name  # type: ignore[attr-defined]
 
 
-# --- the Python API: the same checks once cai.pipeline calls cai.preflight ------------------------
+# --- the Python API: the same checks once cai.pipeline calls cai.plan ------------------------
 
 NOT_WIRED = "preflight not wired into cai.pipeline"
 

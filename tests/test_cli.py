@@ -116,3 +116,143 @@ def test_revise_gate_flags_and_variables(tmp_path: Path):
     assert len(r.stderr.strip().splitlines()) == 1
     r, n = revise("--gates-dedup-threshold", "2")
     assert r.returncode == 2 and "--gates-dedup-threshold" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# --- every option of every command: its variable is read, and reaches the settings ---------------
+
+
+class _Captured(Exception):
+    pass
+
+
+def _sample(leaf) -> tuple[str, object]:
+    """A value for ``leaf`` other than its default, as a variable holds it, and as parsed."""
+    import typing
+
+    from cai.config import base_type
+
+    t = base_type(leaf.annotation)
+    if t is bool:
+        return ("false", False) if leaf.default else ("true", True)
+    if typing.get_origin(t) is typing.Literal:
+        choice = [c for c in typing.get_args(t) if c != leaf.default][-1]
+        return choice, choice
+    if t is int:
+        return "7", 7
+    if t is float:
+        return "0.3", 0.3
+    if t is Path:
+        return "x/y", Path("x/y")
+    if leaf.name == "label_clamp":
+        return "0.3,0.7", [0.3, 0.7]
+    if leaf.name == "label_sources":
+        return "sample,dataset", ["sample", "dataset"]
+    if leaf.name == "base_url":
+        return "http://h:1/v1", "http://h:1/v1"
+    if leaf.name == "extra_body":
+        return '{"a": 1}', {"a": 1}
+    return "xyz", "xyz"
+
+
+def test_every_option_of_every_command_reads_its_variable(monkeypatch: pytest.MonkeyPatch):
+    """Walk every command and every option: set its variable (each name it has), parse, and check
+    the value that arrives (for settings: in the RunConfig the command runs with)."""
+    import os
+
+    from typer.main import get_command
+
+    import cai.cli.run as run_cli
+    from cai import pipeline
+    from cai.cli.app import app
+    from cai.config import NaiveSettings, find_leaf, leaves
+
+    for var in [v for v in os.environ if v.startswith(("CAI_", "OPENAI_"))]:
+        monkeypatch.delenv(var)
+
+    def capture(*args, **kw):
+        raise _Captured(kw.get("config", args[0] if args else None), kw.get("naive"))
+
+    for name in ("run_revise", "run_label", "run_eval_judge"):
+        monkeypatch.setattr(pipeline, name, capture)
+    monkeypatch.setattr(run_cli, "run_pipeline", capture)
+    monkeypatch.setattr(run_cli, "run_pipeline_ray", capture)
+    naive = {x.name: x for x in leaves(NaiveSettings, ("naive",))}
+    group = get_command(app)
+    checked = 0
+    for cname, cmd in group.commands.items():  # type: ignore[attr-defined]
+        settings = cname in ("run", "revise", "label", "eval-judge")
+        stage = {"revise": "revise", "label": "label", "eval-judge": "label"}.get(cname)
+        for p in cmd.params:
+            envs = [p.envvar] if isinstance(p.envvar, str) else list(p.envvar or [])
+            leaf = naive.get(p.name) or (find_leaf(p.name, stage) if settings else None)
+            if settings and p.name not in ("base", "json_out", "help", "cache_ctx"):
+                assert envs, f"cai {cname} {p.opts}: no variable"
+            for env in envs:
+                value, want = _sample(leaf) if leaf is not None else ("true" if p.name == "no_cache" else "7", None)
+                monkeypatch.setenv(env, value)
+                if p.name == "cache" or p.name == "no_cache":
+                    monkeypatch.delenv("CAI_NO_CACHE" if p.name == "cache" else "CAI_CACHE", raising=False)
+                args = ["x" for a in cmd.params if a.param_type_name == "argument" and a.required and a is not p]
+                with cmd.make_context(cname, list(args)) as ctx:
+                    if leaf is None and p.name != "no_cache":
+                        source = ctx.get_parameter_source(p.name)
+                        assert source is not None and source.name == "ENVIRONMENT", (cname, env)
+                        assert str(ctx.params[p.name]) == value, (cname, env)
+                    elif p.name == "no_cache":
+                        with pytest.raises(_Captured) as got:
+                            cmd.invoke(ctx)
+                        assert got.value.args[0].cache == "off"
+                    else:
+                        with pytest.raises(_Captured) as got:
+                            cmd.invoke(ctx)
+                        cfg = got.value.args[1] if leaf.name in naive else got.value.args[0]
+                        path = leaf.path[1:] if leaf.name in naive else leaf.path
+                        for part in path:
+                            cfg = getattr(cfg, part)
+                        assert cfg == want, (cname, env, cfg, want)
+                monkeypatch.delenv(env)
+                checked += 1
+    assert checked > 150
+
+
+def test_limit_variable_limits_every_stage_command(tmp_path: Path):
+    """CAI_LIMIT=2 (like every CAI_* variable) limits `cai revise`, `cai label` and `cai run`."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAI_")} | {"CAI_LIMIT": "2"}
+    src = str(REPO / "examples" / "hh_red_team.jsonl")
+    for argv, out in (
+        (["revise", src, "-o", str(tmp_path / "r" / "revisions.jsonl")], tmp_path / "r" / "revisions.jsonl"),
+        (["label", src, "-o", str(tmp_path / "l" / "preferences.jsonl")], tmp_path / "l" / "labels.jsonl"),
+        (["run", "--input", src, "-o", str(tmp_path / "run")], tmp_path / "run" / "revisions.jsonl"),
+    ):
+        r = subprocess.run([sys.executable, "-m", "cai.cli", *argv, "--backend", "fake", "--no-progress"],
+                           capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+        assert r.returncode == 0, r.stderr
+        assert len(out.read_text().splitlines()) == 2, (argv[0], r.stderr)
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupt_exits_130_sigterm_143_and_the_rerun_resumes(tmp_path: Path, sig: str, code: int):
+    import os
+    import signal
+    import time
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i} about {i * 7}"}) + "\n" for i in range(300)))
+    argv = [sys.executable, "-m", "cai.cli", "run", "--input", str(prompts), "-o", str(tmp_path / "o"), "-b", "fake",
+            "--no-progress", "--concurrency", "4", "--revise-rounds", "1", "--label-principles", "1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAI_")} | {"CAI_FAKE_DELAY": "0.01"}
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    part = tmp_path / "o" / "revisions.jsonl.part"
+    deadline = time.monotonic() + 60
+    while not (part.exists() and part.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == code, err
+    assert "interrupted: rerun the same command to resume" in err
+    r = subprocess.run(argv, capture_output=True, text=True, env={**env, "CAI_FAKE_DELAY": "0"}, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len((tmp_path / "o" / "revisions.jsonl").read_text().splitlines()) == 300

@@ -80,3 +80,11 @@ def test_bad_inputs_name_file_and_line(tmp_path: Path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(InputError, match="unsupported file type"):
         list(read_prompts(tmp_path / "x.txt"))
+
+
+def test_content_parts_of_type_text_are_joined(tmp_path: Path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "How do "},
+                                                                      {"type": "text", "text": "I bake?"}]}]}) + "\n")
+    (row,) = read_prompts(f)
+    assert row.prompt == [{"role": "user", "content": "How do I bake?"}]

@@ -35,7 +35,7 @@ from cai.backends import base_url_value, build_backend, make_backend, split_urls
 from cai.backends.base import Request, Sampling
 from cai.backends.multi import MultiServerBackend, check_servers, server_fault, servers_summary
 from cai.backends.openai_server import OpenAIServerBackend
-from cai.cli.app import BackendSpec, backend_options
+from cai.cli.app import backend_options
 from cai.config import RunConfig, load_run_config
 from cai.errors import BackendError
 
@@ -238,19 +238,19 @@ def test_run_config_takes_a_list_a_comma_string_or_one_string(tmp_path: Path, mo
     assert RunConfig.model_validate({}).base_url == "http://localhost:8000/v1"
 
 
-def backend_flags_command() -> tuple[Callable[..., Any], list[BackendSpec]]:
+def backend_flags_command() -> tuple[Callable[..., Any], list[RunConfig]]:
     """A command with the backend options (as cai revise and cai label have them): a runner for
-    it (args, env=...) and the list of the ``BackendSpec`` each invocation received."""
+    it (args, env=...) and the list of the settings each invocation received."""
     import typer
     from typer.testing import CliRunner
 
-    got: list[BackendSpec] = []
+    got: list[RunConfig] = []
     app = typer.Typer()
 
     @app.command()
     @backend_options
-    def cmd(backend: BackendSpec) -> None:
-        got.append(backend)
+    def cmd(config: RunConfig) -> None:
+        got.append(config)
 
     return functools.partial(CliRunner().invoke, app), got
 
@@ -273,10 +273,10 @@ def test_engine_flags_reach_the_in_process_engine(monkeypatch: pytest.MonkeyPatc
     unset, they are left to vLLM."""
     run, got = backend_flags_command()
     assert run(["--backend", "vllm"]).exit_code == 0
-    assert "block_size" not in got[-1].engine.engine_args() and "max_num_seqs" not in got[-1].engine.engine_args()
+    assert "block_size" not in got[-1].vllm.engine_args() and "max_num_seqs" not in got[-1].vllm.engine_args()
     r = run(["--backend", "vllm", "--vllm-block-size", "16"], env={"CAI_VLLM_MAX_NUM_SEQS": "64"})
     assert r.exit_code == 0, r.output
-    assert got[-1].engine.engine_args().items() >= {"block_size": 16, "max_num_seqs": 64}.items()
+    assert got[-1].vllm.engine_args().items() >= {"block_size": 16, "max_num_seqs": 64}.items()
     cfg = RunConfig.model_validate({"backend": "vllm", "vllm": {"block_size": 32}})
     assert cfg.backend_options()["block_size"] == 32
     assert run(["--backend", "vllm", "--vllm-block-size", "0"]).exit_code != 0

@@ -71,7 +71,7 @@ def write_prompts(path: Path, n: int, duplicate: bool = False) -> Path:
 
 def config(tmp: Path, n: int, **kw: Any) -> RunConfig:
     base = {"input": str(write_prompts(tmp / "prompts.jsonl", n, duplicate=True)), "output": str(tmp / "out"),
-            "backend": "fake", "chunk_size": 4, "progress": False, "revise": {"rounds": 2},
+            "backend": "fake", "ray": {"block_size": 4}, "progress": False, "revise": {"rounds": 2},
             "label": {"principles": 2}}
     return RunConfig.model_validate({**base, **kw})
 
@@ -86,6 +86,7 @@ def manifest(folder: Path, fresh: bool) -> dict[str, Any]:
     m = json.loads((folder / "run.json").read_text())
     for key in ("elapsed_s", "history", "ray", *(() if fresh else ("calls",))):
         m.pop(key, None)
+    m["config"].pop("ray")  # the settings of how it ran (`--ray-address local` or none)
     if not fresh:
         for c in m["counts"].values():
             if "resumed" in c:  # a stage's counts (preferences.jsonl is written whole every run)
@@ -135,7 +136,7 @@ def test_ray_run_writes_what_a_local_run_writes(cluster: None, tmp_path: Path) -
 def test_a_killed_actor_still_gives_one_row_per_input(cluster: None, tmp_path: Path) -> None:
     """SIGKILL one actor process mid-run: Ray restarts it and runs its block again; the driver,
     the only writer, writes each row once, and the files are the local run's."""
-    cfg = config(tmp_path, 16, chunk_size=2, revise={"rounds": 1})
+    cfg = config(tmp_path, 16, ray={"block_size": 2}, revise={"rounds": 1})
     local = local_reference(cfg, tmp_path)
     log = tmp_path / "calls.log"  # the fake backend appends "PID BATCH DIGEST" per answered request
     done: dict[str, Any] = {}
@@ -215,7 +216,7 @@ def test_cli_ray_resumes_a_local_run_and_a_rerun_sends_nothing(cluster: None, tm
     local = local_reference(cfg, tmp_path)
     run_pipeline(cfg.model_copy(update={"limit": 5}), backend=FakeBackend())  # the first 5 rows only
     (tmp_path / "run.yaml").write_text(json.dumps(cfg.model_dump(mode="json")))
-    args = ["run", str(tmp_path / "run.yaml"), "--ray", "local", "--no-progress"]
+    args = ["run", str(tmp_path / "run.yaml"), "--ray-address", "local", "--no-progress"]
     assert main(args) == 0
     assert "ray: 7 work items" in capsys.readouterr().err
     m = json.loads((cfg.output / "run.json").read_text())

@@ -17,7 +17,9 @@ from cai.config import RunConfig, leaves, load_run_config
 from cai.constitution import Constitution, load_constitution
 from cai.errors import ConfigError
 from cai.pipeline import run_pipeline
+from cai.stages.judge import JudgeConfig
 from cai.stages.judge import principles_for as judge_principles
+from cai.stages.revise import ReviseConfig
 from cai.stages.revise import principles_for as revise_principles
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,7 +55,7 @@ def write_prompts(path: Path, n: int) -> Path:
 
 def config(tmp: Path, n: int = 40, **kw) -> RunConfig:
     base = {"input": str(write_prompts(tmp / "prompts.jsonl", n)), "output": str(tmp / "out"),
-            "backend": "fake", "chunk_size": 16, "progress": False, "revise": {"rounds": ROUNDS}}
+            "backend": "fake", "progress": False, "revise": {"rounds": ROUNDS}}
     return RunConfig.model_validate({**base, **kw})
 
 
@@ -114,7 +116,7 @@ def test_no_change_rerun_sends_zero_calls(tmp_path: Path):
 def expected_redo(ids: list[str], const: Constitution, cfg: RunConfig, pid: str,
                   fields: set[str]) -> int:
     """Count, from the draws alone, the calls an edit of principle ``pid``'s ``fields`` redoes."""
-    rcfg, jcfg = cfg.revise.resolve(cfg.seed), cfg.label.resolve(cfg.seed)
+    rcfg, jcfg = ReviseConfig.of(cfg.revise, cfg.seed), JudgeConfig.of(cfg.label, cfg.seed)
     orders = 2 if jcfg.both_orders else 1
     n = 0
     for rid in ids:
@@ -141,7 +143,7 @@ def test_editing_one_of_16_principles_redoes_exactly_the_affected_calls(tmp_path
     before = {r["id"]: r for r in lines(tmp_path / "out" / "labels.jsonl")}
     ids = list(before)
     # the principle drawn most often in round 1 (so that the edit matters to many rows)
-    firsts = [revise_principles(i, old, cfg.revise.resolve(cfg.seed))[0].id for i in ids]
+    firsts = [revise_principles(i, old, ReviseConfig.of(cfg.revise, cfg.seed))[0].id for i in ids]
     pid = max(set(firsts), key=firsts.count)
     edited = Constitution(name=old.name, principles=tuple(
         p.model_copy(update={f: getattr(p, f) + " Be brief." for f in fields}) if p.id == pid
@@ -157,7 +159,7 @@ def test_editing_one_of_16_principles_redoes_exactly_the_affected_calls(tmp_path
     after = {r["id"]: r for r in lines(tmp_path / "out" / "labels.jsonl")}
     for rid in ids:
         if pid not in after[rid]["principle_ids"] and pid not in [
-                p.id for p in revise_principles(rid, old, cfg.revise.resolve(cfg.seed))]:
+                p.id for p in revise_principles(rid, old, ReviseConfig.of(cfg.revise, cfg.seed))]:
             assert after[rid]["judgements"] == before[rid]["judgements"]
 
 
@@ -263,7 +265,7 @@ def test_bad_flag_names_the_flag_and_variable():
 
 def test_example_config_is_valid():
     cfg = load_run_config(REPO / "examples" / "run.yaml")
-    assert cfg.label.sources == ["revisions"] and cfg.revise.enabled
+    assert cfg.sources == ["revisions"] and cfg.revise.enabled
     assert Path(cfg.input).is_file(), "the example's input ships with the repo"
 
 

@@ -7,7 +7,7 @@ for the page's table) and returns the figures as one JSON-ready dict:
 
 - ``headline``: the few numbers to read first (also what a dataset card can quote).
 - ``revise``: rows, failures, answer length per round (round 0 is the initial answer) and its
-  growth, marker rates (``cai.refusal``) per round, and per revision principle how often it
+  growth, marker rates (``cai.eval.refusal``) per round, and per revision principle how often it
   was drawn, how much its revisions grew the answer, and how often the judge then preferred
   the final revision.
 - ``labels``: ``overall`` and ``per_principle`` (the judge's principles, read from each

@@ -187,7 +187,7 @@ class RunData:
         return self.revise_principles.setdefault(pid, {"rounds": 0, "growth": [0, 0], "side": Side()})
 
     def markers_of(self, text: str, keep: bool = True) -> dict[str, bool]:
-        """``cai.refusal.markers`` of a text, remembered (as a bit mask, by digest) for the
+        """``cai.eval.refusal.markers`` of a text, remembered (as a bit mask, by digest) for the
         initial and final answers, which come back as the two sides of revision pairs."""
         key = digest(text)  # markers() strips the text too
         mask = self.marker_cache.get(key)

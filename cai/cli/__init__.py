@@ -4,7 +4,8 @@
 Exit codes (defined once, in ``cai.errors``): 0 every row written; 2 bad input or usage (one
 line on stderr, no traceback: every ``CaiError``, every command-line usage error, every I/O
 error on a named file); 3 some rows failed and are listed in the failures file named on
-stderr; 130 interrupted; 1 only for a bug (with its traceback).
+stderr; 130 interrupted by Ctrl-C, 143 by SIGTERM (one line on stderr, nothing else: a rerun
+resumes); 1 only for a bug (with its traceback).
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import errno
 import importlib
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 import click
 import typer
 from rich.markup import escape
 
-from ..errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CaiError
+from ..errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, CaiError
 from .app import app, err
 
 # Each module registers its commands on `app`; this order is the order `cai --help` lists them.
@@ -32,6 +35,13 @@ for _module in COMMANDS:
 # typer >= 0.23 raises its own copies of click's exceptions; older typer raises click's.
 _USAGE = (click.ClickException, typer.TyperException)
 _ABORT = (click.exceptions.Abort, typer.Abort, KeyboardInterrupt)
+_terminated: list[int] = []
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM is Ctrl-C (the run unwinds the same way), remembered for the exit code."""
+    _terminated.append(signum)
+    signal.raise_signal(signal.SIGINT)
 
 
 def _line(text: str) -> str:
@@ -75,8 +85,24 @@ def _os_error(e: OSError) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the app; return its exit code (see ``cai.errors``)."""
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        rv = app(args=list(argv) if argv is not None else None, standalone_mode=False)
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    rv: object = EXIT_OK
+    _terminated.clear()
+    try:
+        # click's own main would print a blank line on Ctrl-C: the context is made and run here
+        cmd = typer.main.get_command(app)
+        args = list(argv) if argv is not None else sys.argv[1:]
+        with cmd.make_context(click.utils._detect_program_name(), args) as ctx:
+            rv = cmd.invoke(ctx)
     except CaiError as e:
         return error_line(str(e), e.exit_code)
     except (click.exceptions.Exit, typer.Exit) as e:
@@ -89,8 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error_line(f"a file is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8")
     except OSError as e:
         return _os_error(e)
-    if rv == EXIT_INTERRUPTED:  # typer turns Ctrl-C into exit code 130
+    if rv == EXIT_INTERRUPTED:
         err.print("interrupted: rerun the same command to resume", highlight=False)
+        return EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED
     return rv if isinstance(rv, int) else EXIT_OK
 
 

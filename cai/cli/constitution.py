@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..config import RunConfig
 from ..constitution import Constitution, Principle, load_constitution
 from ..errors import InputError
 from ..inputs import read_prompts
@@ -15,7 +16,7 @@ from ..stages import judge as judge_stage
 from ..stages import revise as revise_stage
 from ..stages.pairs import Pair, detect_source, first_record, read_pairs, sample_pair_ids
 from ..templates import Templates
-from .app import ConstitutionOpt, InputArg, PromptColumnOpt, SeedOpt, TemplatesOpt, app, out
+from .app import app, out, settings_options, under
 
 RENDER_STAGES = ("generate", "critique", "revise", "judge", "judge_cot", "judge_cot_answer")
 
@@ -31,9 +32,10 @@ def validate(
 
 
 @app.command()
+@settings_options(under("input", "constitution", "templates", "seed", "prompt_column"), positional="input")
 def render(
     stage: Annotated[str, typer.Argument(help=f"{', '.join(RENDER_STAGES)}.")],
-    input: InputArg,
+    config: RunConfig,
     row: Annotated[int, typer.Option(
         "--row", min=1, help="Which row (1-based): a prompt, or a pair for the judge.")] = 1,
     round: Annotated[int | None, typer.Option(
@@ -44,16 +46,12 @@ def render(
         help="Judge stages: which of the pair's drawn principles (1 to `cai label -k`; default 1).")] = None,
     order: Annotated[str, typer.Option(
         "--order", help="Judge stages: ab (the pair as given) or ba (swapped, the judge's second order).")] = "ab",
-    constitution: ConstitutionOpt = None,
-    templates: TemplatesOpt = None,
-    seed: SeedOpt = 0,
     principle: Annotated[str | None, typer.Option(help="Principle id: overrides the drawn one.")] = None,
     response: Annotated[str | None, typer.Option(
         help="critique/revise: the response (the latest answer). Judge: response A (default: the pair's).")] = None,
     response_b: Annotated[str | None, typer.Option(help="Judge: response B (default: the pair's).")] = None,
     critique: Annotated[str, typer.Option(help="revise: the critique.")] = "[critique]",
     reasoning: Annotated[str, typer.Option(help="judge_cot_answer: the judge's reasoning.")] = "[reasoning]",
-    prompt_column: PromptColumnOpt = None,
 ) -> None:
     """Print, as JSON, the exact chat messages a stage sends for one row: the principle the row
     draws (for that round, or that judge draw), its few-shot examples as chat turns, and the
@@ -68,8 +66,8 @@ def render(
         raise InputError("--draw is for the judge stages; critique and revise take --round")
     if order not in judge_stage.ORDERS:
         raise InputError(f"--order must be ab or ba, got {order!r}")
-    const = load_constitution(constitution)
-    tpl = Templates(templates)
+    const, tpl, seed = load_constitution(config.constitution), Templates(config.templates), config.seed
+    input, prompt_column = config.input or "", config.prompt_column
     result: dict[str, Any] = {"stage": stage}
     if judging:
         pair = _pair(input, row, prompt_column)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import EXIT_CODES_HELP
-from ..preflight import check_output_dir
+from ..plan import check_output_dir
 from .app import app, say
 
 
@@ -21,7 +21,7 @@ def export(
              "run.json, labels.jsonl and *.failures.jsonl when they exist. A folder with a "
              "*.jsonl.part file (a stage still running or crashed) is refused.")],
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o",
+        "--output", "-o", "--out",
         help="Folder to write: `data/SPLIT.FORMAT` and `README.md` (the dataset card). Default: "
              "RUN_DIR/export. An earlier cai export there is replaced; another folder is refused.",
         show_default=False)] = None,
@@ -80,7 +80,7 @@ def export(
     from ..export import export_run  # datasets is slow to import: only when exporting
 
     if out is not None:
-        check_output_dir(out, flag="--out")
+        check_output_dir(out, flag="--output")
 
     res = export_run(run_dir, out or run_dir / "export", fmt=fmt, test_fraction=test_fraction, seed=seed,
                      full=full, constitutions=constitution or [], license=license, push_to_hub=push_to_hub,

@@ -16,8 +16,8 @@ from .app import app, out
 def prepare_model_cmd(
     out_dir: Annotated[
         Path | None,
-        typer.Option("--out", help="Target folder (default: CAI_MODEL_DIR, else .models/ in a checkout, "
-                     "else ~/.cache/cai/models/...)."),
+        typer.Option("--output", "-o", "--out", help="Target folder (default: CAI_MODEL_DIR, else .models/ in a "
+                     "checkout, else ~/.cache/cai/models/...)."),
     ] = None,
     force: Annotated[bool, typer.Option(help="Convert again even if prepared.")] = False,
 ) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import EXIT_CODES_HELP, InputError
-from ..preflight import check_output_dir
+from ..plan import check_output_dir
 from ..report.html import MAX_ROWS, write_report
 from .app import app, out, say
 
@@ -18,7 +18,7 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (from `cai run`, or `cai revise`/`cai label` "
                                             "outputs in one folder).")],
     output_dir: Annotated[Path | None, typer.Option(
-        "--output-dir", "-o", help="Where to write report.json and report.html (default: RUN_DIR).",
+        "--output", "-o", "--output-dir", help="Where to write report.json and report.html (default: RUN_DIR).",
         show_default=False)] = None,
     unit: Annotated[str, typer.Option(help="Length unit of the length-bias figures: chars or words.")] = "chars",
     max_rows: Annotated[int, typer.Option(min=0, help="Rows embedded in the page's table.")] = MAX_ROWS,
@@ -31,7 +31,7 @@ def report(
     if unit not in ("chars", "words"):
         raise InputError(f"--unit must be chars or words, got {unit!r}")
     if output_dir is not None:
-        check_output_dir(output_dir, flag="--output-dir")
+        check_output_dir(output_dir, flag="--output")
     figures_path, page = write_report(run_dir, output_dir, unit=unit, max_rows=max_rows)
     say(f"report: {figures_path} (figures), {page} (open in a browser)")
     out.print(str(page), highlight=False, soft_wrap=True)

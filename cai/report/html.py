@@ -74,7 +74,7 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, Markup, str]]:
          lines_svg(xs, [(name, [r["markers"][name] for r in by_round], SERIES[i % len(SERIES)])
                         for i, name in enumerate(MARKER_NAMES)], "marker rates by round",
                    "round (0: initial answer)", "share of answers") if xs else None,
-         "Share of answers with each text marker (cai.refusal) after each round."),
+         "Share of answers with each text marker (cai.eval.refusal) after each round."),
         ("Answer length by revision round",
          lines_svg(xs, [("mean", [r["mean"] for r in by_round], SERIES[0]),
                         ("median", [r["median"] for r in by_round], SERIES[1])],

@@ -1,4 +1,4 @@
-"""Scaling cai out: the same run on a Ray cluster (``cai run CONFIG --ray [ADDRESS]``).
+"""Scaling cai out: the same run on a Ray cluster (``cai run CONFIG --ray-address ADDRESS``).
 
 ``run_pipeline_ray`` (in ``cai.scale.ray_run``) writes what ``cai.pipeline.run_pipeline`` writes,
 row for row; Ray is imported only when it is called (``pip install 'cai[ray]'``).

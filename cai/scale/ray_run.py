@@ -1,50 +1,27 @@
-"""`cai run CONFIG --ray ADDRESS`: the whole pipeline over a Ray cluster, same outputs as a local run.
+"""`cai run CONFIG --ray-address ADDRESS`: the whole pipeline on a Ray cluster, as a local run writes it.
 
     from cai.scale import run_pipeline_ray
 
     res = run_pipeline_ray("run.yaml", address="auto")   # None: a local Ray instance
 
-How it runs
------------
-- The **driver** (this process) reads the input with cai's own reader (``read_prompts``: the
-  same ids, de-duplicated ids, ``file:line`` sources and ``--limit`` as a local run), opens the
-  outputs (``JsonlSink``: resume by id) and leaves out every row already written. The rows
-  left to do become a Ray Dataset (``ray.data.from_items``, one block per ``chunk_size`` rows).
-- ``map_batches`` over an **actor pool** runs the per-row pipeline on each block: critique and
-  revise the prompt, then judge the initial-vs-revised pair (``ReviseStage`` then the judge,
-  chained per row, exactly as `cai run` fuses them); pairs from ``label.pairs`` (``dataset``) and
-  sampled pairs (``sample``) go through the same actors, after the input's rows, so that
-  ``labels.jsonl`` holds them in the order a local run writes them. Each actor builds its own
-  backend from the config: the in-process vLLM engine on ``tensor_parallel_size`` GPUs
-  (``num_gpus``), an OpenAI-compatible server (or several: ``base_url`` as a list, each actor
-  spreading its calls over them, a row's calls kept on one server), or ``fake``. An actor runs
-  a block's ``chunk_size`` rows at once (``overlap`` blocks at a time), with at most
-  ``concurrency`` requests in flight.
-- The **driver is the only writer**: results come back in input order and are appended to
-  ``revisions.jsonl``, ``labels.jsonl`` and their failures files; ``preferences.jsonl``,
-  ``revisions.md`` and ``run.json`` follow as in a local run (``run.json`` also says how Ray
-  ran it, under ``ray``). An id already written is never written again, so neither Ray's
-  retries (a dead actor is restarted, its block is run again: ``max_restarts``,
-  ``max_task_retries``) nor a rerun after a crash (resume by id) can duplicate a row.
-- **The call cache**: actors on the driver's node share the run's SQLite file (WAL is safe across
-  processes on one host). Actors on other nodes keep a cache per node (``node_cache``, default
-  ``<tmp>/cai-cache/``): never put one SQLite file on a network file system. A rerun is free
-  for the rows whose calls are in the cache of the node that gets them (and the rows already
-  written are not sent at all); ``cache: off`` turns every cache off.
-- What the driver holds: every input row's id, and the rows left to do until they are handed
-  to Ray (a few hundred bytes each: a million prompts fit in a GB or so).
+How it runs: the **driver** (this process) builds the run's ``Plan`` (every check before the
+first call; the work items in order), opens the outputs (``JsonlSink``: resume by id) and
+hands the items not yet written to Ray as a Dataset (``ray.data.from_items``, blocks of
+``ray.block_size``). ``map_batches`` over an **actor pool** runs each item's whole chain (revise,
+then judge the initial-vs-revised pair, as `cai run` fuses them; dataset and sampled pairs
+after the input's rows), each actor with its own backend built from the config (vLLM on
+``tensor_parallel_size`` GPUs, an OpenAI-compatible client over every ``base_url``, or ``fake``).
+The **driver is the only writer**: results come back in input order and are appended as a local
+run appends them, then preferences.jsonl, revisions.md and run.json (with a ``ray`` section); an
+id already written is never written again, so Ray's retries and reruns cannot duplicate a row.
+**The call cache**: actors on the driver's node share the run's SQLite file; actors elsewhere
+keep one per node (``node_cache``; never one SQLite file on a network file system).
 
-Why not ``ray.data.llm``
-------------------------
-Ray's LLM batch API (``ray.data.llm.build_processor``) maps one prompt to one completion per row:
-a stage of independent requests. cai's calls are chained and dependent per row: the critique
-needs the answer, the revision needs the critique, for up to four rounds, and the judge needs
-the final revision, and each row's principles and seeds come from its id. As a sequence of
-processors that would be 2 + 2 x rounds + 1 passes, each a full barrier over the dataset, with
-the conversation carried in columns between them. Here one actor runs the whole chain of a row
-while its other rows' calls keep the engine full (cai's request pool), and a row's turns stay
-in one engine's prefix cache. ``ray.data.llm`` would serve a stage of single independent calls
-(answering a fixed prompt set once, say); cai has none.
+Why not ``ray.data.llm``: it maps one prompt to one completion per row. cai's calls are chained
+per row (answer, critique, revision for up to four rounds, then the judge), and each row's
+principles and seeds come from its id: as processors that is 2 + 2 x rounds + 1 barriers over
+the dataset. Here one actor runs a row's whole chain while its other rows keep the engine full,
+and a row's turns stay in one engine's prefix cache.
 """
 
 from __future__ import annotations
@@ -66,31 +43,30 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, preflight
+from .. import __version__
 from ..backends import Backend, BackendBase, build_backend, split_urls
 from ..cache import CachedBackend, CallCache, CountingBackend
 from ..config import RunConfig, load_run_config
-from ..constitution import Constitution, load_constitution
-from ..errors import CaiError, InputError
+from ..constitution import Constitution
+from ..errors import CaiError
 from ..files import dumps, write_json_atomic
-from ..hashing import sha256_json
-from ..inputs import read_prompts
 from ..model import default_model_dir
 from ..output import JsonlSink
-from ..pipeline import LabelStage, RunResult, finish_run, label_upstream, read_history
+from ..pipeline import LabelStage, RunResult, finish_run, label_fingerprint, read_history
+from ..plan import Plan, check_backend, unique_pair
 from ..quality.gates import InputGate
-from ..stages.judge import JudgeStage
-from ..stages.judge import fingerprint as judge_fingerprint
-from ..stages.pairs import Pair, read_pairs, record_to_pair, sample_pair_ids
-from ..stages.revise import ReviseStage
+from ..stages.judge import JudgeConfig, JudgeStage
+from ..stages.pairs import Pair, SampleConfig, record_to_pair, sample_pair_ids
+from ..stages.revise import ReviseConfig, ReviseStage
 from ..stages.revise import fingerprint as revise_fingerprint
 from ..stages.runner import DURABLE_EVERY_S, Call, Outcome, Pool, prune, run
 from ..templates import Templates
 
-RAY_HINT = "the --ray option needs Ray Data: pip install 'cai[ray]' (or pip install 'ray[data]')"
+RAY_HINT = "--ray-address needs Ray Data: pip install 'cai[ray]' (or pip install 'ray[data]')"
 # The revisions.jsonl line a fused pair comes from is known only when the driver writes the
 # revision: an actor puts this in the label row's `source`, and the driver fills it in.
 _LINE = "\x00cai:revision-line\x00"
+BLOCKS_PER_ACTOR = 2  # while one block waits on the server, the next is prepared
 DEFAULT_ACTOR_CPUS = 0.5  # a server client or the fake needs little; and a 2-core box keeps a CPU free
 
 
@@ -192,11 +168,9 @@ class RowWorker:
         cache = node_cache_file(spec, self.node)
         self.backend: CachedBackend | CountingBackend = (
             CachedBackend(inner, CallCache(cache)) if cache is not None else CountingBackend(inner))
-        rcfg, jcfg = cfg.revise.resolve(cfg.seed), cfg.label.resolve(cfg.seed)
-        self.revise = ReviseStage(const, tpl, rcfg, inner.model_id)
-        self.label = LabelStage(JudgeStage(const, tpl, jcfg, inner.model_id),
-                                cfg.label.sample_config(cfg.seed, cfg.revise.max_tokens),
-                                tpl.render_text("generate", "system"))
+        self.revise = ReviseStage(const, tpl, ReviseConfig.of(cfg.revise, cfg.seed), inner.model_id)
+        self.label = LabelStage(JudgeStage(const, tpl, JudgeConfig.of(cfg.label, cfg.seed), inner.model_id),
+                                SampleConfig.of(cfg), tpl.render_text("generate", "system"))
         self.fused = cfg.revise.enabled and cfg.label.enabled and "revisions" in cfg.sources
         self.concurrency = cfg.concurrency
         self.instance = uuid.uuid4().hex  # a restarted actor is a new instance: its counts start again
@@ -236,93 +210,64 @@ class RowWorker:
 
 
 @dataclass
-class _Plan:
-    """The work items left to do (in the order a local run writes their rows: seq), every id the
-    inputs hold (the rest are pruned at the end, as a local run does), and the input rows the
-    input gate skipped."""
+class _Work:
+    """The work items left to do (in the order a local run writes their rows: seq), and every id
+    the inputs hold (the rest are pruned at the end, as a local run does)."""
 
-    work: list[dict[str, Any]] = field(default_factory=list)
+    items: list[dict[str, Any]] = field(default_factory=list)
     revise_ids: set[str] = field(default_factory=set)
     label_ids: set[str] = field(default_factory=set)
-    gate: InputGate | None = None
     seq: int = 0
 
-
-def _plan(cfg: RunConfig, rsink: JsonlSink | None, lsink: JsonlSink | None) -> _Plan:
-    """What to send to the actors: an input row not yet revised (then judged), a pair not yet
-    judged (a revision written before, or a pair of ``label.pairs``), a prompt not yet sampled."""
-    plan, revisions = _Plan(gate=InputGate(cfg.gates)), cfg.output / "revisions.jsonl"
-    sources = cfg.sources if cfg.label.enabled else []
-    fused = cfg.revise.enabled and "revisions" in sources
-    seen: dict[str, int] = {}
-
-    def unique(p: Pair) -> Pair:  # several pair sources in one stream: a repeated id gets -2, -3...
-        n = seen[p.id] = seen.get(p.id, 0) + 1
-        return p if n == 1 else replace(p, id=f"{p.id}-{n}")
-
-    def add(kind: str, item_id: str | None, obj: Any) -> None:
+    def add(self, kind: str, item_id: str | None, obj: Any) -> None:
         if item_id is not None:
-            plan.work.append({"seq": plan.seq, "item": pickle.dumps((kind, item_id, obj), protocol=5)})
-        plan.seq += 1
+            self.items.append({"seq": self.seq, "item": pickle.dumps((kind, item_id, obj), protocol=5)})
+        self.seq += 1
+
+
+def _work(plan: Plan, gate: InputGate, rsink: JsonlSink | None, lsink: JsonlSink | None) -> _Work:
+    """The plan's work items not yet written: an input row not yet revised (then judged), a pair
+    not yet judged, a prompt not yet sampled."""
+    work, seen = _Work(), dict[str, int]()
 
     def add_pair(p: Pair) -> None:
-        p = unique(p)
-        plan.label_ids.add(p.id)
-        add("pair", None if lsink is None or lsink.is_done(p.id) else p.id, p)
+        work.label_ids.add(p.id)
+        work.add("pair", None if lsink is None or lsink.is_done(p.id) else p.id, p)
 
-    if cfg.revise.enabled:
-        assert rsink is not None and cfg.input is not None and plan.gate is not None
-        for r in plan.gate(read_prompts(cfg.input, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit)):
-            plan.revise_ids.add(r.id)
+    if plan.revise:
+        assert rsink is not None
+        for r in gate(plan.prompts()):
+            work.revise_ids.add(r.id)
             if not rsink.is_done(r.id):
-                if fused:  # its pair, once revised, has the row's id
-                    unique(Pair(r.id, [], "", ""))
-                    plan.label_ids.add(r.id)
-                add("row", r.id, r)
-            elif fused:  # revised before: its pair, made from the row as written
-                add_pair(record_to_pair(rsink.read(r.id), f"{revisions}:{rsink.line_of(r.id)}"))
+                if plan.fused:  # its pair, once revised, has the row's id
+                    work.label_ids.add(unique_pair(Pair(r.id, [], "", ""), seen).id)
+                work.add("row", r.id, r)
+            elif plan.fused:  # revised before: its pair, made from the row as written
+                add_pair(unique_pair(record_to_pair(rsink.read(r.id), f"{plan.revisions}:{rsink.line_of(r.id)}"),
+                                     seen))
             else:
-                add("row", None, r)
-    elif "revisions" in sources:
-        if not revisions.exists():
-            raise InputError(f"{revisions}: no revisions to pair (enable the revise stage)")
-        for p in read_pairs(revisions):
-            add_pair(p)
-    if "dataset" in sources and cfg.label.pairs:
-        for p in read_pairs(cfg.label.pairs, split=cfg.split, limit=cfg.limit):
-            add_pair(p)
-    if "sample" in sources and cfg.input:
-        assert lsink is not None
-        for r in read_prompts(cfg.input, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit):
-            ids = sample_pair_ids(r.id, cfg.label.samples)
-            plan.label_ids.update(ids)
-            add("sample", None if all(lsink.is_done(i) for i in ids) else ids[0], r)
-    return plan
+                work.add("row", None, r)
+    for item in plan.label_items(seen) if plan.label else ():
+        if isinstance(item, Pair):
+            add_pair(item)
+        else:
+            assert lsink is not None
+            ids = sample_pair_ids(item.id, plan.config.label.samples)
+            work.label_ids.update(ids)
+            work.add("sample", None if all(lsink.is_done(i) for i in ids) else ids[0], item)
+    return work
 
 
 def _write(result: dict[str, list[Outcome]], rsink: JsonlSink | None, lsink: JsonlSink | None,
            revisions: Path) -> None:
     """One work item's rows, as a local run writes them (an id written before is left as it is)."""
-    line: int | None = None
-    for o in result["revise"]:
-        assert rsink is not None
-        if rsink.is_done(o.id):
-            line = rsink.line_of(o.id)
-        elif o.row is not None:
-            line = rsink.write(o.row)
-        else:
-            rsink.fail(o.id, o.reason or "unknown failure", **o.info)
+    lines = rsink.put(result["revise"]) if rsink is not None else []
     for o in result["label"]:
-        assert lsink is not None
         for d in (o.row, o.info):
             if d is not None and d.get("source") == _LINE:
-                d["source"] = f"{revisions}:{line}"
-        if lsink.is_done(o.id):
-            continue
-        if o.row is not None:
-            lsink.write(o.row)
-        else:
-            lsink.fail(o.id, o.reason or "unknown failure", **o.info)
+                d["source"] = f"{revisions}:{lines[0] if lines else None}"
+    if lsink is not None:
+        lsink.put(result["label"])
 
 
 def _connect(address: str | None, init_args: dict[str, Any] | None) -> bool:
@@ -377,20 +322,17 @@ def run_pipeline_ray(cfg: RunConfig | str | Path, address: str | None = None, *,
     t0 = time.time()
     if importlib.util.find_spec("ray") is None:  # before any file is made
         raise CaiError(RAY_HINT)
-    cfg = (load_run_config(cfg) if not isinstance(cfg, RunConfig) else cfg).check()
-    const = constitution or load_constitution(cfg.constitution)
-    tpl = Templates(cfg.templates)
-    preflight.check_run(cfg, constitution=const, templates=tpl)
+    cfg = load_run_config(cfg) if not isinstance(cfg, RunConfig) else cfg
+    plan = Plan.build(cfg, constitution=constitution, backend_given=True)
+    const, tpl = plan.constitution, plan.templates
     urls: list[str | None] = [*split_urls(cfg.base_url)] if cfg.backend == "openai" else [None]
     for u in urls:
-        preflight.check_backend(cfg.backend, u)  # each server accepts connections
+        check_backend(cfg.backend, u)  # each server accepts connections
     options = dict(backend_options or {})
     model_id = predict_model_id(cfg, options)
     named = _Named(model_id)
     out, revisions = cfg.output, cfg.output / "revisions.jsonl"
-    rcfg, jcfg = cfg.revise.resolve(cfg.seed), cfg.label.resolve(cfg.seed)
-    rfp = revise_fingerprint(named, const, tpl, rcfg)
-    scfg = cfg.label.sample_config(cfg.seed, cfg.revise.max_tokens)
+    rfp = revise_fingerprint(named, const, tpl, ReviseConfig.of(cfg.revise, cfg.seed))
     res = RunResult(output=out)
     out.mkdir(parents=True, exist_ok=True)
     history = read_history(out / "run.json")
@@ -398,23 +340,23 @@ def run_pipeline_ray(cfg: RunConfig | str | Path, address: str | None = None, *,
     counts: dict[str, dict[str, int]] = {}  # per actor instance: its latest call counts
     ray_info: dict[str, Any] = {"address": address, "actors": 0, "nodes": [], "blocks": 0, "rows": 0}
     with contextlib.ExitStack() as files:
-        rsink = files.enter_context(JsonlSink(revisions, rfp)) if cfg.revise.enabled else None
+        rsink = files.enter_context(JsonlSink(revisions, rfp)) if plan.revise else None
         lsink = None
-        if cfg.label.enabled:
-            lfp = sha256_json([judge_fingerprint(named, const, tpl, jcfg), label_upstream(cfg, rfp, scfg, tpl)])
-            lsink = files.enter_context(JsonlSink(out / "labels.jsonl", lfp))
-        plan = _plan(cfg, rsink, lsink)
-        if plan.work:
+        if plan.label:
+            lsink = files.enter_context(JsonlSink(out / "labels.jsonl", label_fingerprint(plan, named, model_id, rfp)))
+        gate = InputGate(cfg.gates)
+        work = _work(plan, gate, rsink, lsink)
+        if work.items:
             cache = cfg.cache_path()
             spec = WorkerSpec(
                 config=cfg.model_dump(mode="json"), constitution=const.model_dump(mode="json"),
                 constitution_hash=const.digest(), templates=template_sources(tpl), templates_hash=tpl.digest(),
                 model_id=model_id, cache=str(cache.resolve()) if cache else None,
                 node_cache=str(node_cache) if node_cache else None, driver_node="", backend_options=options)
-            _run_on_ray(cfg, spec, plan, rsink, lsink, revisions, address=address, actors=actors,
+            _run_on_ray(cfg, spec, work, rsink, lsink, revisions, address=address, actors=actors,
                         actor_cpus=actor_cpus, max_restarts=max_restarts, max_task_retries=max_task_retries,
                         ray_remote_args=ray_remote_args, init_args=init_args, counts=counts, info=ray_info)
-        for name, sink, ids in (("revise", rsink, plan.revise_ids), ("label", lsink, plan.label_ids)):
+        for name, sink, ids in (("revise", rsink, work.revise_ids), ("label", lsink, work.label_ids)):
             if sink is None:
                 continue
             summary = sink.finish()
@@ -422,11 +364,11 @@ def run_pipeline_ray(cfg: RunConfig | str | Path, address: str | None = None, *,
                 summary.dropped = prune(sink.path, ids)
             res.stages[name] = summary
     res.sent, res.cached, res.errors = (sum(c[k] for c in counts.values()) for k in ("sent", "cached", "errors"))
-    return finish_run(cfg, const, tpl, res, model_id, t0, history, plan.gate.skipped if plan.gate else [],
-                      {"ray": ray_info})
+    res.skipped = gate.skipped
+    return finish_run(plan, res, model_id, t0, history, {"ray": ray_info})
 
 
-def _run_on_ray(cfg: RunConfig, spec: WorkerSpec, plan: _Plan, rsink: JsonlSink | None, lsink: JsonlSink | None,
+def _run_on_ray(cfg: RunConfig, spec: WorkerSpec, plan: _Work, rsink: JsonlSink | None, lsink: JsonlSink | None,
                 revisions: Path, *, address: str | None, actors: int | None, actor_cpus: float,
                 max_restarts: int | None, max_task_retries: int | None, ray_remote_args: dict[str, Any] | None,
                 init_args: dict[str, Any] | None, counts: dict[str, dict[str, int]], info: dict[str, Any]) -> None:
@@ -437,20 +379,19 @@ def _run_on_ray(cfg: RunConfig, spec: WorkerSpec, plan: _Plan, rsink: JsonlSink 
         import ray.data
 
         spec = replace(spec, driver_node=ray.get_runtime_context().get_node_id())
-        blocks = math.ceil(len(plan.work) / cfg.chunk_size)
+        blocks = math.ceil(len(plan.items) / cfg.ray.block_size)
         size, gpus = _pool_size(cfg, actors, blocks)
-        seqs, rows = [int(w["seq"]) for w in plan.work], len(plan.work)
-        ds = ray.data.from_items(plan.work, override_num_blocks=blocks)
-        plan.work = []  # in the object store now
+        seqs, rows = [int(w["seq"]) for w in plan.items], len(plan.items)
+        ds = ray.data.from_items(plan.items, override_num_blocks=blocks)
+        plan.items = []  # in the object store now
         ds.context.execution_options.preserve_order = True  # the driver reorders too; this keeps its buffer small
         if cfg.progress is False:
             ds.context.enable_progress_bars = False
-        overlap = max(1, cfg.overlap)
-        compute = ray.data.ActorPoolStrategy(size=size, max_concurrent_calls_per_actor=overlap,
-                                             enable_true_multi_threading=overlap > 1)
+        compute = ray.data.ActorPoolStrategy(size=size, max_concurrent_calls_per_actor=BLOCKS_PER_ACTOR,
+                                             enable_true_multi_threading=True)
         remote = {k: v for k, v in (("max_restarts", max_restarts), ("max_task_retries", max_task_retries))
                   if v is not None} | (ray_remote_args or {})
-        mapped = ds.map_batches(RowWorker, fn_constructor_kwargs={"spec": spec}, batch_size=cfg.chunk_size,
+        mapped = ds.map_batches(RowWorker, fn_constructor_kwargs={"spec": spec}, batch_size=cfg.ray.block_size,
                                 compute=compute, num_cpus=actor_cpus, num_gpus=gpus or None,
                                 udf_modifying_row_count=False, **remote)
         info.update(actors=size, blocks=blocks, rows=rows, num_gpus=gpus, num_cpus=actor_cpus)

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .. import __version__
 from ..backends.base import Backend, Completion, Request, Sampling
+from ..config import LabelSettings
 from ..constitution import Constitution, Principle
 from ..templates import Templates
 from .pairs import Pair
@@ -35,18 +36,30 @@ JUDGE_STAGES = ("judge", "judge_cot", "judge_cot_answer")
 _SPACE_MARKS = (" ", "\u2581", "\u0120", "\t")  # plain space, sentencepiece, byte-level BPE
 
 
+_TREE = LabelSettings.model_validate({})  # the defaults are the settings tree's (label.*)
+
+
 @dataclass(frozen=True)
 class JudgeConfig:
-    mode: str = "logprobs"
-    principles: int = 4  # k principles per pair; the soft label is their mean
-    both_orders: bool = True  # judge (A, B) and (B, A) and average: position-bias control
+    """The judge as it runs, derived from ``LabelSettings`` (``of``)."""
+
+    mode: str = _TREE.mode
+    principles: int = _TREE.principles  # k principles per pair; the soft label is their mean
+    both_orders: bool = _TREE.both_orders  # judge (A, B) and (B, A) and average: position-bias control
     seed: int = 0
-    top_logprobs: int = 20
-    min_mass: float = 0.0  # abstain when P(A) + P(B) (unnormalised) is below this
-    clamp: tuple[float, float] | None = (0.4, 0.6)  # CoT mode only, per judgement
-    tie_threshold: float = 0.05  # |p - 0.5| below this is a tie
-    fallback: bool = True  # a logprobs answer without log-probs is asked again as a choice
-    cot: Sampling = field(default_factory=lambda: Sampling(max_tokens=256, stop=("Therefore",)))
+    top_logprobs: int = _TREE.top_logprobs
+    min_mass: float = _TREE.min_mass  # abstain when P(A) + P(B) (unnormalised) is below this
+    clamp: tuple[float, float] | None = (_TREE.clamp[0], _TREE.clamp[1]) if _TREE.clamp else None  # CoT mode only
+    tie_threshold: float = _TREE.tie_threshold  # |p - 0.5| below this is a tie
+    fallback: bool = _TREE.fallback  # a logprobs answer without log-probs is asked again as a choice
+    cot: Sampling = field(default_factory=lambda: Sampling(max_tokens=_TREE.cot_max_tokens, stop=("Therefore",)))
+
+    @classmethod
+    def of(cls, s: LabelSettings, seed: int = 0) -> JudgeConfig:
+        return cls(mode=s.mode, principles=s.principles, both_orders=s.both_orders, seed=seed,
+                   top_logprobs=s.top_logprobs, min_mass=s.min_mass,
+                   clamp=(s.clamp[0], s.clamp[1]) if s.clamp else None, tie_threshold=s.tie_threshold,
+                   fallback=s.fallback, cot=Sampling(max_tokens=s.cot_max_tokens, seed=seed, stop=("Therefore",)))
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -59,18 +72,8 @@ class JudgeConfig:
         return Sampling(max_tokens=1, temperature=0.0, seed=self.seed, choices=OPTIONS)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode,
-            "principles": self.principles,
-            "both_orders": self.both_orders,
-            "seed": self.seed,
-            "top_logprobs": self.top_logprobs,
-            "min_mass": self.min_mass,
-            "clamp": list(self.clamp) if self.clamp else None,
-            "tie_threshold": self.tie_threshold,
-            "fallback": self.fallback,
-            "cot": self.cot.to_dict(),
-        }
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return d | {"clamp": list(self.clamp) if self.clamp else None, "cot": self.cot.to_dict()}
 
 
 def option_probs(

@@ -22,6 +22,7 @@ from itertools import islice
 from typing import Any
 
 from ..backends.base import Backend, Message, Request, Sampling
+from ..config import RunConfig
 from ..errors import InputError
 from ..hashing import call_seed, hash_int, short_id, unique_ids
 from ..inputs import PromptRow, Source, iter_records, to_messages, transcript_prompt
@@ -46,6 +47,9 @@ class Pair:
         return asdict(self)
 
 
+_TREE = RunConfig.model_validate({})
+
+
 def _hash(*parts: Any) -> str:
     return short_id(list(parts))
 
@@ -59,9 +63,17 @@ def _swap_bit(pair_id: str) -> bool:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    n: int = 2  # answers per prompt; every two distinct answers make a pair
+    """The `sample` source as it runs, derived from the settings tree (``of``)."""
+
+    n: int = _TREE.label.samples  # answers per prompt; every two distinct answers make a pair
     seed: int = 0
-    sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=256, temperature=1.0))
+    sampling: Sampling = field(default_factory=lambda: SampleConfig.of(_TREE).sampling)
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> SampleConfig:
+        tokens = cfg.label.sample_max_tokens or cfg.revise.max_tokens
+        return cls(n=cfg.label.samples, seed=cfg.seed,
+                   sampling=Sampling(max_tokens=tokens, temperature=cfg.label.sample_temperature))
 
     def to_dict(self) -> dict[str, Any]:
         return {"n": self.n, "seed": self.seed, "sampling": self.sampling.to_dict()}
@@ -144,6 +156,12 @@ def _from_chosen_rejected(rec: dict[str, Any]) -> tuple[list[Message], str, str]
     return to_messages(rec["prompt"], "prompt"), _reply(ch, "chosen"), _reply(rj, "rejected")
 
 
+def _differ(a: str, b: str, what: str) -> None:
+    """A dataset pair of two equal answers has nothing to judge (it would fail on every rerun)."""
+    if a == b:
+        raise InputError(f"{what} are the same text: nothing to judge (drop the row)")
+
+
 def detect_source(rec: dict[str, Any]) -> str:
     if "initial_response" in rec and "revised_response" in rec:
         return "revisions"
@@ -170,10 +188,12 @@ def record_to_pair(rec: dict[str, Any], where: str) -> Pair:
             label = str(rec.get("label") or "").strip().lower() or None
             if label not in (None, "a", "b"):
                 raise InputError(f"label must be 'A' or 'B', got {rec['label']!r}")
+            _differ(a, b, "response_a and response_b")
             pid = str(rec.get("id") or _hash(prompt, a, b))
             return Pair(pid, prompt, a, b, human=label, origin="dataset", source=where)
         if "chosen" in rec and "rejected" in rec:
             prompt, chosen, rejected = _from_chosen_rejected(rec)
+            _differ(chosen, rejected, "chosen and rejected")
             pid = str(rec.get("id") or _hash(prompt, chosen, rejected))
             if _swap_bit(pid):
                 return Pair(

@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import __version__
 from ..backends.base import Backend, Completion, Message, Request, Sampling
+from ..config import ReviseSettings
 from ..constitution import Constitution, Principle
 from ..hashing import call_seed
 from ..inputs import PromptRow
@@ -23,24 +24,29 @@ from .runner import Call, Outcome, run_rows, stage_fingerprint
 DRAW_SALT = "revise"
 
 
+def _sampling(s: ReviseSettings, tokens: int) -> Sampling:
+    return Sampling(max_tokens=tokens, temperature=s.temperature, repetition_penalty=s.repetition_penalty)
+
+
+_TREE = ReviseSettings.model_validate({})  # the defaults are the settings tree's (revise.*)
+
+
 @dataclass(frozen=True)
 class ReviseConfig:
-    rounds: int = 4
+    """The stage as it runs, derived from ``ReviseSettings`` (``of``); critique tokens default
+    to 3/4 of max_tokens."""
+
+    rounds: int = _TREE.rounds
     seed: int = 0
-    generate: Sampling = field(default_factory=lambda: Sampling(max_tokens=256))
-    critique: Sampling = field(default_factory=lambda: Sampling(max_tokens=192))
-    revise: Sampling = field(default_factory=lambda: Sampling(max_tokens=256))
+    generate: Sampling = field(default_factory=lambda: _sampling(_TREE, _TREE.max_tokens))
+    critique: Sampling = field(default_factory=lambda: ReviseConfig.of(_TREE).critique)
+    revise: Sampling = field(default_factory=lambda: _sampling(_TREE, _TREE.max_tokens))
 
     @classmethod
-    def build(cls, rounds: int, seed: int, max_tokens: int, temperature: float = 0.0,
-              repetition_penalty: float = 1.0, critique_max_tokens: int | None = None) -> ReviseConfig:
-        """The settings `cai revise` and `cai run` both build, so that they share cached calls."""
-        def sampling(tokens: int) -> Sampling:
-            return Sampling(max_tokens=tokens, temperature=temperature, repetition_penalty=repetition_penalty)
-
-        return cls(rounds=rounds, seed=seed, generate=sampling(max_tokens),
-                   critique=sampling(critique_max_tokens or max(32, max_tokens * 3 // 4)),
-                   revise=sampling(max_tokens))
+    def of(cls, s: ReviseSettings, seed: int = 0) -> ReviseConfig:
+        critique = s.critique_max_tokens or max(32, s.max_tokens * 3 // 4)
+        return cls(rounds=s.rounds, seed=seed, generate=_sampling(s, s.max_tokens),
+                   critique=_sampling(s, critique), revise=_sampling(s, s.max_tokens))
 
     def to_dict(self) -> dict[str, Any]:
         return {
