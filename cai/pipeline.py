@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import __version__, preflight
+from . import __version__, preflight, runtime
 from .backends import Backend, build_backend
 from .backends.base import Sampling
 from .cache import CachedBackend, CallCache, CountingBackend
@@ -149,7 +149,7 @@ def counted(backend: Backend | str, cache: str | Path | None = None) -> Iterator
         if isinstance(be, CachedBackend):
             be.cache.close()
         if isinstance(backend, str):
-            inner.close()
+            runtime.close(inner)
 
 
 @contextmanager
@@ -395,7 +395,7 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
             res.backend = describe(inner)
     finally:
         if backend is None:
-            inner.close()
+            runtime.close(inner)
     return finish_run(cfg, const, tpl, res, model_id, t0, history, gate.skipped)
 
 

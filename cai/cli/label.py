@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from .. import pipeline, preflight
+from .. import pipeline, preflight, runtime
 from ..config import GateSettings, LabelSettings
 from ..constitution import load_constitution
 from ..errors import EXIT_CODES_HELP, EXIT_ROWS_FAILED
@@ -177,7 +175,8 @@ def label(
     preflight.check_label(input, output=output, cache=cache, pairs=pairs, mode=ls.mode, prompt_column=prompt_column,
                           split=split, constitution=const, templates=tpl)
     preflight.check_backend(backend.backend, backend.base_url)
-    with backend.build() as be, backend.build(policy_model) if policy_model else _nothing() as policy:
+    with (runtime.closing(backend.build()) as be,
+          runtime.closing(backend.build(policy_model) if policy_model else None) as policy):
         res = pipeline.run_label(input, backend=be, output=output, pairs=pairs, constitution=const,
                                  templates=tpl, settings=ls, seed=seed, max_tokens=max_tokens,
                                  policy=policy, cache=cache, concurrency=backend.concurrency, limit=limit,
@@ -194,11 +193,6 @@ def label(
     print_gates(res.gates, output.parent / REJECTS_FILE)
     print_failures({"label": s})
     exit_status({"label": s})
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield None
 
 
 def _num(x: float | None) -> str:
@@ -301,7 +295,7 @@ def eval_judge(
     preflight.check_eval_judge(file, output_dir=output_dir, split=split, mode=ls.mode, constitution=const,
                                templates=tpl)
     preflight.check_backend(backend.backend, backend.base_url)
-    with backend.build() as be:
+    with runtime.closing(backend.build()) as be:
         res = pipeline.run_eval_judge(file, backend=be, output_dir=output_dir, constitution=const,
                                       templates=tpl, settings=ls, seed=seed, naive=naive,
                                       naive_max_tokens=naive_max_tokens, concurrency=backend.concurrency, limit=limit,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .. import pipeline, preflight
+from .. import pipeline, preflight, runtime
 from ..config import GateSettings, ReviseSettings
 from ..constitution import load_constitution
 from ..errors import EXIT_CODES_HELP
@@ -80,7 +80,7 @@ def revise(
     preflight.check_revise(input, output=output, cache=cache, prompt_column=prompt_column, split=split,
                            constitution=const, templates=tpl, gates=gates)
     preflight.check_backend(backend.backend, backend.base_url)
-    with backend.build() as be:
+    with runtime.closing(backend.build()) as be:
         res = pipeline.run_revise(input, backend=be, output=output, constitution=const, templates=tpl,
                                   settings=rs, seed=seed, cache=cache, concurrency=backend.concurrency, limit=limit,
                                   prompt_column=prompt_column, split=split, progress=progress, gates=gates)

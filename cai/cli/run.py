@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .. import preflight
+from .. import preflight, runtime
 from ..backends import build_backend
 from ..config import Leaf, base_type, env_names, leaves, load_run_config
 from ..constitution import load_constitution
@@ -79,7 +79,7 @@ def run_command(**kw: Any) -> None:
         res = run_pipeline_ray(cfg, None if ray == RAY_LOCAL else ray, constitution=const, actors=ray_actors)
     else:
         preflight.check_backend(cfg.backend, cfg.base_url)
-        with build_backend(cfg.backend, cfg.model, **cfg.backend_options()) as be:
+        with runtime.closing(build_backend(cfg.backend, cfg.model, **cfg.backend_options())) as be:
             res = run_pipeline(cfg, backend=be, constitution=const)
     say(f"run: {res.output}")
     if ray is not None:
