@@ -43,6 +43,9 @@ class MicroBatcher:
                 raise
             except Exception as e:  # noqa: BLE001 - handed to the waiting requests
                 done = [Completion.failed("request", f"{type(e).__name__}: {e}")] * len(batch)
+            if len(done) != len(batch):  # a backend bug; never hand out (or cache) a misaligned answer
+                why = f"backend returned {len(done)} completions for {len(batch)} requests"
+                done = [Completion.failed("request", why)] * len(batch)
             for (_, fut), c in zip(batch, done, strict=True):
                 if not fut.done():
                     fut.set_result(c)
