@@ -357,6 +357,7 @@ class OpenAIServerBackend:
         }
         self._refused: set[str] = set()
         self._probe: asyncio.Future[None] | None = None  # GET /models once, to tell the server
+        self._first: asyncio.Future[None] | None = None  # done when the first request was answered
         self._notes: Counter[str] = Counter()
         self.model_id: str = model if model else runtime.run(self._first_model())
 
@@ -465,35 +466,50 @@ class OpenAIServerBackend:
 
     # ------------------------------------------------------------------------------ requests
     async def _one(self, req: Request) -> Completion:
-        """One request: build the body for what is known of the server, send, adapt, parse."""
+        """One request: build the body for what is known of the server, send, adapt, parse. The
+        backend's first request goes alone: what it learns (a refused field) the others need not."""
         if self.server != "vllm" and (self._probe is None or not self._probe.done()):
             await self._probed()
-        body: dict[str, Any] = {}
-        for _ in range(MAX_PASSES):
-            body, mode = build_body(req, self.model_id, self.extra_body, self._dialect())
-            try:
-                status, data = await self.client.post(body)
-            except _GaveUp as e:
-                return Completion([], failure=Failure("server", f"{e.reason} (gave up after {e.tries} attempts)"))
-            if status != 200:
-                self._learn_refusal(data, body)
-                if build_body(req, self.model_id, self.extra_body, self._dialect())[0] != body:
-                    continue  # the server refused a field we can do without: send it again without
-                return Completion([], failure=Failure("request", f"HTTP {status}: {data}"))
-            if self.server == "auto" and any(isinstance(c, dict) and "stop_reason" in c
-                                             for c in data.get("choices") or ()):
-                self._confirm_vllm()  # only vLLM answers with stop_reason
-            c = parse_response(data)
-            if c.failure is not None:
-                return c
-            if mode == "json_schema" and not c.text.lstrip().startswith("{"):
-                # the server took response_format but ignored it: ask for a plain answer instead
-                self._caps["json_schema"] = False
-                self._notes["response_format ignored"] += 1
-                continue
-            return await self._adapt(req, body, mode, c)
-        return Completion(texts=[], error=f"the server kept refusing the request's fields (last body keys: "
-                                          f"{sorted(body)})")
+        first = self._first
+        if first is None:
+            first = self._first = asyncio.get_running_loop().create_future()
+        elif not first.done():
+            await asyncio.shield(first)
+            first = None
+        else:
+            first = None
+        try:
+            body: dict[str, Any] = {}
+            for _ in range(MAX_PASSES):
+                body, mode = build_body(req, self.model_id, self.extra_body, self._dialect())
+                try:
+                    status, data = await self.client.post(body)
+                except _GaveUp as e:
+                    return Completion([], failure=Failure("server", f"{e.reason} (gave up after {e.tries} attempts)"))
+                if status != 200:
+                    self._learn_refusal(data, body)
+                    if build_body(req, self.model_id, self.extra_body, self._dialect())[0] != body:
+                        continue  # the server refused a field we can do without: send it again without
+                    return Completion([], failure=Failure("request", f"HTTP {status}: {data}"))
+                if self.server == "auto" and any(isinstance(c, dict) and "stop_reason" in c
+                                                 for c in data.get("choices") or ()):
+                    self._confirm_vllm()  # only vLLM answers with stop_reason
+                c = parse_response(data)
+                if c.failure is not None:
+                    return c
+                if mode == "json_schema" and not c.text.lstrip().startswith("{"):
+                    # the server took response_format but ignored it: ask for a plain answer instead
+                    self._caps["json_schema"] = False
+                    self._notes["response_format ignored"] += 1
+                    continue
+                break
+            else:
+                return Completion(texts=[], error=f"the server kept refusing the request's fields (last body "
+                                                  f"keys: {sorted(body)})")
+        finally:
+            if first is not None and not first.done():
+                first.set_result(None)
+        return await self._adapt(req, body, mode, c)
 
     async def _adapt(self, req: Request, body: dict[str, Any], mode: str | None, c: Completion) -> Completion:
         """Fit an answer to what was asked: the choice out of JSON or plain text, the missing samples."""
