@@ -64,19 +64,21 @@ async def bare_loop(url: str, n: int, concurrency: int) -> dict:
 
 
 def backend_only(url: str, n: int, concurrency: int, batch: int) -> dict:
-    """cai's openai backend alone: complete() on prebuilt requests, ``batch`` at a time."""
+    """cai's openai backend alone: generate() on prebuilt requests, ``batch`` in flight at a time."""
     sys.path.insert(0, str(REPO))  # a checkout without `pip install -e .`
-    from cai.backends.base import Request, Sampling
+    from cai import runtime
     from cai.backends.openai_server import OpenAIServerBackend
+    from cai.types import Request, Sampling
 
     reqs = [Request(tuple(json.loads(bare_body(i))["messages"]), Sampling(max_tokens=192, seed=i))
             for i in range(n)]
     be = OpenAIServerBackend(model="stub", base_url=url, concurrency=concurrency)
-    t0 = time.perf_counter()
-    ok = sum(not c.error for i in range(0, n, batch) for c in be.complete(reqs[i: i + batch]))
-    dt = time.perf_counter() - t0
-    be.close()
-    return {"requests": n, "ok": ok, "batch": batch, "seconds": dt, "rps": n / dt}
+    t0, c0 = time.perf_counter(), time.process_time()
+    ok = sum(not c.error for i in range(0, n, batch) for c in runtime.generate_all(be, reqs[i: i + batch]))
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    runtime.close(be)
+    return {"requests": n, "ok": ok, "batch": batch, "seconds": dt, "rps": n / dt,
+            "cpu_us_per_request": round(cpu / n * 1e6, 1)}
 
 
 def run_measured(cmd: list[str]) -> dict:
@@ -114,7 +116,7 @@ def write_prompts(path: Path, n: int, kind: str) -> None:
 def cai_run(url: str, prompts: Path, out: Path, args: argparse.Namespace) -> dict:
     cmd = [PY, "-m", "cai.cli", "run", "--input", str(prompts), "--output", str(out),
            "--backend", "openai", "--base-url", url, "--model", "stub",
-           "--concurrency", str(args.concurrency), "--chunk-size", str(args.chunk_size),
+           "--concurrency", str(args.concurrency),
            "--revise-rounds", str(args.rounds), "--label-principles", str(args.principles),
            "--no-progress"]
     r = run_measured(cmd)

@@ -18,6 +18,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -28,7 +29,7 @@ import orjson
 
 from .backends.base import Backend
 from .errors import ConfigError
-from .types import Completion, Message, Request, key_fields
+from .types import Completion, Message, Request, Sampling, key_fields
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -50,6 +51,7 @@ def _compact(obj: Any) -> bytes:
     return _COMPACT.encode(obj).encode()
 
 
+_ROW = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # a stored completion, as always
 _model_json = functools.lru_cache(maxsize=64)(_compact)  # a run has one or two model ids
 
 
@@ -81,8 +83,27 @@ def request_key(model_id: str, req: Request) -> str:
         h.update(orjson.dumps(messages, option=orjson.OPT_SORT_KEYS) if _strings(messages) else _compact(messages))
     except TypeError:
         h.update(_compact(messages))
-    h.update(b',"model":' + _model_json(model_id) + b',"sampling":' + _compact(key_fields(vars(req.sampling))) + b"}")
+    h.update(b',"model":' + _model_json(model_id) + b',"sampling":' + _sampling_json(req.sampling) + b"}")
     return h.hexdigest()
+
+
+def _sampling_json(s: Sampling) -> bytes:
+    """``_compact(key_fields(vars(s)))``: the JSON around the seed (the one field that changes
+    from call to call) is encoded once per sampling shape, the seed written in between."""
+    seed = s.seed
+    if (seed is not None and type(seed) is not int) or any(
+            x == 0 and math.copysign(1.0, x) < 0 for x in (s.temperature, s.top_p, s.repetition_penalty)):
+        return _compact(key_fields(vars(s)))  # -0.0 equals 0.0 in the lru_cache below, not in JSON
+    head, tail = _around_seed(s.max_tokens, s.temperature, s.top_p, s.n, s.logprobs, s.stop, s.choices,
+                              s.repetition_penalty)
+    return head + (b"null" if seed is None else str(seed).encode()) + tail
+
+
+@functools.lru_cache(maxsize=256, typed=True)  # typed: 1 and 1.0 are different JSON
+def _around_seed(*fields: Any) -> tuple[bytes, bytes]:
+    full = _compact(key_fields({**vars(Sampling(*fields[:4], 0, *fields[4:])), "seed": 0}))
+    head, tail = full.split(b'"seed":0', 1)  # the key: a string value would have its quotes escaped
+    return head + b'"seed":', tail
 
 
 class CallCache:
@@ -154,8 +175,7 @@ class CallCache:
     def put_many(self, items: Iterable[tuple[str, str, Completion]]) -> int:
         """Store (key, model id, completion) triples in one transaction; return how many."""
         now = time.time()
-        rows = [(k, m, json.dumps(c.to_dict(), ensure_ascii=False, separators=(",", ":")), now)
-                for k, m, c in items]
+        rows = [(k, m, _ROW.encode(c.to_dict()), now) for k, m, c in items]
         if not rows:
             return 0
         self._db.execute("BEGIN IMMEDIATE")

@@ -169,7 +169,9 @@ def test_orjson_writes_every_code_point_as_the_stdlib_does():
 ])
 def test_keys_are_the_stdlib_json_keys(messages):
     for sampling in (Sampling(), Sampling(temperature=0.7, stop=("x",), seed=None, logprobs=5),
-                     Sampling(choices=("A", "B"), repetition_penalty=1.15, top_p=1e-5)):
+                     Sampling(choices=("A", "B"), repetition_penalty=1.15, top_p=1e-5),
+                     Sampling(temperature=1), Sampling(temperature=1.0), Sampling(temperature=-0.0, seed=-3),
+                     Sampling(seed=10**20, stop=('"seed":0,',)), Sampling(choices=('{"seed":0}',), n=True)):
         r = Request(messages, sampling)
         assert request_key("m\u00e9", r) == _stdlib_key("m\u00e9", r)
 
