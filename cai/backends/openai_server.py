@@ -358,6 +358,7 @@ class OpenAIServerBackend:
         self._refused: set[str] = set()
         self._probe: asyncio.Future[None] | None = None  # GET /models once, to tell the server
         self._first: asyncio.Future[None] | None = None  # done when the first request was answered
+        self._known: tuple[tuple[Any, ...], Dialect] | None = None
         self._notes: Counter[str] = Counter()
         self.model_id: str = model if model else runtime.run(self._first_model())
 
@@ -446,10 +447,15 @@ class OpenAIServerBackend:
             self._kind, self._caps["vllm_fields"] = "vllm", True
 
     def _dialect(self) -> Dialect:
-        return Dialect(vllm_fields=self._caps["vllm_fields"] is not False,
-                       json_schema=self._caps["json_schema"] is not False,
-                       n=self._caps["n"] is not False, refused=frozenset(self._refused),
-                       do_sample=self._kind == "transformers" and "generation_config" not in self._refused)
+        """What to send, for what is known now (built again only when that changed)."""
+        caps = self._caps
+        key = (caps["vllm_fields"] is not False, caps["json_schema"] is not False, caps["n"] is not False,
+               len(self._refused), self._kind)
+        if self._known is None or self._known[0] != key:
+            sample = self._kind == "transformers" and "generation_config" not in self._refused
+            self._known = key, Dialect(vllm_fields=key[0], json_schema=key[1], n=key[2],
+                                       refused=frozenset(self._refused), do_sample=sample)
+        return self._known[1]
 
     def _learn_refusal(self, message: str, body: dict[str, Any]) -> None:
         """A 400/422 that names fields we sent as unknown: stop sending them from now on."""
