@@ -100,8 +100,10 @@ def _sampling_json(s: Sampling) -> bytes:
 
 
 @functools.lru_cache(maxsize=256, typed=True)  # typed: 1 and 1.0 are different JSON
-def _around_seed(*fields: Any) -> tuple[bytes, bytes]:
-    full = _compact(key_fields({**vars(Sampling(*fields[:4], 0, *fields[4:])), "seed": 0}))
+def _around_seed(max_tokens: int, temperature: float, top_p: float, n: int, logprobs: int | None,
+                 stop: tuple[str, ...], choices: tuple[str, ...] | None, penalty: float) -> tuple[bytes, bytes]:
+    s = Sampling(max_tokens, temperature, top_p, n, 0, logprobs, stop, choices, penalty)
+    full = _compact(key_fields(vars(s)))
     head, tail = full.split(b'"seed":0', 1)  # the key: a string value would have its quotes escaped
     return head + b'"seed":', tail
 

@@ -14,7 +14,8 @@ from aiohttp import web
 
 from cai.backends import make_backend
 from cai.backends.base import Message, Request, Sampling
-from cai.backends.openai_server import OpenAIServerBackend, parse_response, request_body
+from cai.backends.dialect import parse_response, request_body
+from cai.backends.openai_server import OpenAIServerBackend
 from cai.errors import BackendError
 from cai.stages.runner import Call, Outcome, run_rows
 from tests.sync import Sync

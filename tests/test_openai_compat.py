@@ -21,12 +21,8 @@ from aiohttp import web
 
 from cai import runtime
 from cai.backends.base import Message, Request, Sampling
-from cai.backends.openai_server import (
-    OpenAIServerBackend,
-    fault_kind,
-    parse_choice,
-    refused_fields,
-)
+from cai.backends.dialect import parse_choice, refused_fields
+from cai.backends.openai_server import OpenAIServerBackend, fault_kind
 from tests.fault_proxy import FaultProxy
 from tests.strict_stub import MODEL, StrictStub
 from tests.sync import Sync

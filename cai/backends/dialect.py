@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import string
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -185,3 +186,82 @@ def parse_response(data: dict[str, Any]) -> Completion:
         logprobs=top,
         finish_reasons=[str(c.get("finish_reason")) for c in choices],
     )
+
+
+class Learned:
+    """What one client found out about its server, and the dialect it sends from it.
+
+    ``kind``: ``vllm``, ``openai`` (refused vLLM's fields, or named so), ``transformers`` (an
+    OpenAI-style server known to be ``transformers serve``: asked to sample when temperature > 0)
+    or ``unknown`` (took vLLM's fields without a word, or was not asked for any). ``caps``: what
+    the server was seen to do, True, False or None (not seen yet): ``vllm_fields`` (continuation,
+    structured choice), ``logprobs``, ``n`` (n samples in one answer), ``json_schema`` (honours
+    response_format). ``notes``: counts of adaptations made (continuations sent as a new turn, ...).
+    """
+
+    def __init__(self, server: str) -> None:
+        self.server = server
+        self.kind = server if server != "auto" else "unknown"
+        self.caps: dict[str, bool | None] = {"vllm_fields": {"vllm": True, "openai": False}.get(server),
+                                             "logprobs": None, "n": None, "json_schema": None}
+        self.refused: set[str] = set()
+        self.notes: Counter[str] = Counter()
+        self._known: tuple[tuple[Any, ...], Dialect] | None = None
+
+    def dialect(self) -> Dialect:
+        """What to send, for what is known now (built again only when that changed)."""
+        caps = self.caps
+        key = (caps["vllm_fields"] is not False, caps["json_schema"] is not False, caps["n"] is not False,
+               len(self.refused), self.kind)
+        if self._known is None or self._known[0] != key:
+            sample = self.kind == "transformers" and "generation_config" not in self.refused
+            self._known = key, Dialect(vllm_fields=key[0], json_schema=key[1], n=key[2],
+                                       refused=frozenset(self.refused), do_sample=sample)
+        return self._known[1]
+
+    def confirm_vllm(self) -> None:
+        if self.server == "auto" and self.caps["vllm_fields"] is None:
+            self.kind, self.caps["vllm_fields"] = "vllm", True
+
+    def read_listing(self, models: Any, model_id: str) -> None:
+        """Tell the server from its model listing: vLLM says ``owned_by: vllm``; transformers serve
+        adds a ``status`` (loaded or not) that no other server sends."""
+        entries = [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+        entry = next((m for m in entries if m.get("id") == model_id), entries[0] if entries else {})
+        if entry.get("owned_by") == "vllm":
+            self.confirm_vllm()
+        elif isinstance(entry.get("status"), dict) and self.server != "vllm" and self.kind != "vllm":
+            self.kind, self.caps["vllm_fields"] = "transformers", False
+
+    def learn_refusal(self, message: str, body: dict[str, Any]) -> None:
+        """A 400/422 that names fields we sent as unknown: stop sending them from now on."""
+        named = refused_fields(message, [k for k in body if k not in ("model", "messages")])
+        if named & VLLM_FIELDS and self.server == "auto" and self.kind == "unknown":
+            self.kind, self.caps["vllm_fields"] = "openai", False
+        for f in named & OPTIONAL_FIELDS:
+            if f not in self.refused:
+                self.refused.add(f)
+                self.notes[f"refused field {f}"] += 1
+                if f in _CAPABILITY_OF:
+                    self.caps[_CAPABILITY_OF[f]] = False
+
+    def fit(self, req: Request, body: dict[str, Any], mode: str | None, c: Completion) -> None:
+        """Read an answer for what it tells of the server; the choice out of JSON or plain text."""
+        s = req.sampling
+        if s.logprobs is not None and "logprobs" in body:
+            self.caps["logprobs"] = c.logprobs is not None
+        if req.continues and "continue_final_message" not in body:
+            self.notes["continuation sent as a new turn"] += 1
+        if s.choices is not None:
+            # vLLM's structured answer is a choice already; a lenient server that ignored
+            # structured_outputs, a JSON answer or a plain one is read strictly; else kept raw
+            picked = [t if t in s.choices else parse_choice(t, s.choices) for t in c.texts]
+            if mode == "json_schema" and all(p is not None for p in picked):
+                self.caps["json_schema"] = True
+            if mode != "structured":
+                self.notes[f"choice by {mode}"] += 1
+            if any(p is None for p in picked):
+                self.notes[f"choice by {mode}: unparseable answer"] += 1
+            c.texts = [p if p is not None else t for p, t in zip(picked, c.texts, strict=True)]
+        if s.n > 1 and body.get("n", 1) > 1:
+            self.caps["n"] = len(c.texts) >= s.n

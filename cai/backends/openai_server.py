@@ -41,20 +41,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from .. import runtime
 from ..errors import BackendError
 from ..types import Completion, Failure, Request
-from .dialect import (
-    _CAPABILITY_OF,
-    OPTIONAL_FIELDS,
-    VLLM,
-    VLLM_FIELDS,
-    Dialect,
-    build_body,
-    choice_instruction,
-    choice_schema,
-    parse_choice,
-    parse_response,
-    refused_fields,
-    request_body,
-)
+from .dialect import Learned, build_body, parse_response
 
 _dumps: Callable[[Any], bytes] = orjson.dumps
 _loads: Callable[[bytes | str], Any] = orjson.loads
@@ -349,38 +336,22 @@ class OpenAIServerBackend:
         self.base_url, self.api_key, self.concurrency = self.client.base_url, self.client.api_key, concurrency
         self.timeout, self.max_retries = timeout, max_retries
         self.extra_body = dict(extra_body) if extra_body else None
-        self.server = server
-        self._kind = server if server != "auto" else "unknown"
-        self._caps: dict[str, bool | None] = {
-            "vllm_fields": {"vllm": True, "openai": False}.get(server),
-            "logprobs": None, "n": None, "json_schema": None,
-        }
-        self._refused: set[str] = set()
+        self.server, self.learned = server, Learned(server)
         self._probe: asyncio.Future[None] | None = None  # GET /models once, to tell the server
         self._first: asyncio.Future[None] | None = None  # done when the first request was answered
-        self._known: tuple[tuple[Any, ...], Dialect] | None = None
-        self._notes: Counter[str] = Counter()
         self.model_id: str = model if model else runtime.run(self._first_model())
 
     @property
     def server_kind(self) -> str:
-        """``vllm``, ``openai`` (refused vLLM's fields, or named so), ``transformers`` (an OpenAI-style
-        server known to be ``transformers serve``: asked to sample when temperature > 0) or
-        ``unknown`` (took vLLM's fields without a word, or was not asked for any: vLLM behind a
-        proxy, or a server that ignores fields it does not know)."""
-        return self._kind
+        return self.learned.kind
 
     @property
     def capabilities(self) -> dict[str, bool | None]:
-        """What the server was seen to do: True, False, or None (not seen yet). ``vllm_fields``: takes
-        vLLM's extensions (continuation, structured choice); ``logprobs``: returns log-probs when
-        asked; ``n``: returns n samples in one answer; ``json_schema``: honours response_format."""
-        return dict(self._caps)
+        return dict(self.learned.caps)
 
     @property
     def notes(self) -> dict[str, int]:
-        """Counts of adaptations made for this server (continuations sent as a new turn, ...)."""
-        return dict(self._notes)
+        return dict(self.learned.notes)
 
     @property
     def retries(self) -> dict[str, int]:
@@ -389,7 +360,7 @@ class OpenAIServerBackend:
         return dict(self.client.retries)
 
     def describe(self) -> dict[str, Any]:
-        """All of the above, for run.json."""
+        """What was found and done, for run.json (see ``dialect.Learned``)."""
         return {"server": self.server, "server_kind": self.server_kind, "capabilities": self.capabilities,
                 "notes": self.notes, "retries": self.retries}
 
@@ -411,21 +382,14 @@ class OpenAIServerBackend:
         models = data.get("data") if isinstance(data, dict) else None
         if not models:
             raise BackendError(f"{self.base_url}/models lists no model; pass model=")
-        self._read_listing(models, str(models[0]["id"]))
+        self._listed(models, str(models[0]["id"]))
         return str(models[0]["id"])
 
-    def _read_listing(self, models: Any, model_id: str) -> None:
-        """Tell the server from its model listing: vLLM says ``owned_by: vllm``; transformers serve
-        adds a ``status`` (loaded or not) that no other server sends."""
+    def _listed(self, models: Any, model_id: str) -> None:
         if self._probe is None:
             self._probe = asyncio.get_running_loop().create_future()
             self._probe.set_result(None)
-        entries = [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
-        entry = next((m for m in entries if m.get("id") == model_id), entries[0] if entries else {})
-        if entry.get("owned_by") == "vllm":
-            self._confirm_vllm()
-        elif isinstance(entry.get("status"), dict) and self.server != "vllm" and self._kind != "vllm":
-            self._kind, self._caps["vllm_fields"] = "transformers", False
+        self.learned.read_listing(models, model_id)
 
     async def _probed(self) -> None:
         """GET /models once per backend (when the model was named, so not listed yet); concurrent
@@ -436,39 +400,11 @@ class OpenAIServerBackend:
                 ok, _, data = await self.client.models(timeout=min(self.timeout, 10.0))
                 models = data.get("data") if isinstance(data, dict) else None
                 if models:
-                    self._read_listing(models, self.model_id)
+                    self._listed(models, self.model_id)
             finally:  # even when cancelled: the requests waiting on it go on
                 if not probe.done():
                     probe.set_result(None)
         await asyncio.shield(self._probe)
-
-    def _confirm_vllm(self) -> None:
-        if self.server == "auto" and self._caps["vllm_fields"] is None:
-            self._kind, self._caps["vllm_fields"] = "vllm", True
-
-    def _dialect(self) -> Dialect:
-        """What to send, for what is known now (built again only when that changed)."""
-        caps = self._caps
-        key = (caps["vllm_fields"] is not False, caps["json_schema"] is not False, caps["n"] is not False,
-               len(self._refused), self._kind)
-        if self._known is None or self._known[0] != key:
-            sample = self._kind == "transformers" and "generation_config" not in self._refused
-            self._known = key, Dialect(vllm_fields=key[0], json_schema=key[1], n=key[2],
-                                       refused=frozenset(self._refused), do_sample=sample)
-        return self._known[1]
-
-    def _learn_refusal(self, message: str, body: dict[str, Any]) -> None:
-        """A 400/422 that names fields we sent as unknown: stop sending them from now on."""
-        named = refused_fields(message, [k for k in body if k not in ("model", "messages")])
-        if named & VLLM_FIELDS and self.server == "auto" and self._kind == "unknown":
-            self._kind, self._caps["vllm_fields"] = "openai", False
-        for f in named & OPTIONAL_FIELDS:
-            if f not in self._refused:
-                self._refused.add(f)
-                self._notes[f"refused field {f}"] += 1
-                if f in _CAPABILITY_OF:
-                    self._caps[_CAPABILITY_OF[f]] = False
-
 
     # ------------------------------------------------------------------------------ requests
     async def _one(self, req: Request) -> Completion:
@@ -487,26 +423,26 @@ class OpenAIServerBackend:
         try:
             body: dict[str, Any] = {}
             for _ in range(MAX_PASSES):
-                body, mode = build_body(req, self.model_id, self.extra_body, self._dialect())
+                body, mode = build_body(req, self.model_id, self.extra_body, self.learned.dialect())
                 try:
                     status, data = await self.client.post(body)
                 except _GaveUp as e:
                     return Completion([], failure=Failure("server", f"{e.reason} (gave up after {e.tries} attempts)"))
                 if status != 200:
-                    self._learn_refusal(data, body)
-                    if build_body(req, self.model_id, self.extra_body, self._dialect())[0] != body:
+                    self.learned.learn_refusal(data, body)
+                    if build_body(req, self.model_id, self.extra_body, self.learned.dialect())[0] != body:
                         continue  # the server refused a field we can do without: send it again without
                     return Completion([], failure=Failure("request", f"HTTP {status}: {data}"))
                 if self.server == "auto" and any(isinstance(c, dict) and "stop_reason" in c
                                                  for c in data.get("choices") or ()):
-                    self._confirm_vllm()  # only vLLM answers with stop_reason
+                    self.learned.confirm_vllm()  # only vLLM answers with stop_reason
                 c = parse_response(data)
                 if c.failure is not None:
                     return c
                 if mode == "json_schema" and not c.text.lstrip().startswith("{"):
                     # the server took response_format but ignored it: ask for a plain answer instead
-                    self._caps["json_schema"] = False
-                    self._notes["response_format ignored"] += 1
+                    self.learned.caps["json_schema"] = False
+                    self.learned.notes["response_format ignored"] += 1
                     continue
                 break
             else:
@@ -520,33 +456,17 @@ class OpenAIServerBackend:
     async def _adapt(self, req: Request, body: dict[str, Any], mode: str | None, c: Completion) -> Completion:
         """Fit an answer to what was asked: the choice out of JSON or plain text, the missing samples."""
         s = req.sampling
-        if s.logprobs is not None and "logprobs" in body:
-            self._caps["logprobs"] = c.logprobs is not None
-        if req.continues and "continue_final_message" not in body:
-            self._notes["continuation sent as a new turn"] += 1
-        if s.choices is not None:
-            # vLLM's structured answer is a choice already; a lenient server that ignored
-            # structured_outputs, a JSON answer or a plain one is read strictly; else kept raw
-            picked = [t if t in s.choices else parse_choice(t, s.choices) for t in c.texts]
-            if mode == "json_schema" and all(p is not None for p in picked):
-                self._caps["json_schema"] = True
-            if mode != "structured":
-                self._notes[f"choice by {mode}"] += 1
-            if any(p is None for p in picked):
-                self._notes[f"choice by {mode}: unparseable answer"] += 1
-            c.texts = [p if p is not None else t for p, t in zip(picked, c.texts, strict=True)]
-        if s.n > 1 and body.get("n", 1) > 1:
-            self._caps["n"] = len(c.texts) >= s.n
+        self.learned.fit(req, body, mode, c)
         if len(c.texts) >= s.n:
             return c
         if s.temperature == 0 and c.texts:  # greedy: every sample is the first one, as vLLM's n gives
-            self._notes["greedy samples copied (n ignored)"] += s.n - len(c.texts)
+            self.learned.notes["greedy samples copied (n ignored)"] += s.n - len(c.texts)
             c.texts += [c.texts[0]] * (s.n - len(c.texts))
             c.finish_reasons += c.finish_reasons[:1] * (s.n - len(c.finish_reasons))
             return c
         # fewer samples than asked (the server ignores n): ask for the rest, one at a time, each
         # with its own seed, so that seeded runs stay reproducible and the samples differ
-        self._notes["samples asked again (n ignored)"] += s.n - len(c.texts)
+        self.learned.notes["samples asked again (n ignored)"] += s.n - len(c.texts)
         extra = [replace(req, sampling=replace(s, n=1, seed=None if s.seed is None else s.seed + k))
                  for k in range(len(c.texts), s.n)]
         more = await asyncio.gather(*(self._one(r) for r in extra))
@@ -562,6 +482,3 @@ class OpenAIServerBackend:
             finish_reasons=c.finish_reasons + [f for m in more for f in m.finish_reasons[:1]],
         )
 
-
-__all__ = ["VLLM", "Dialect", "OpenAIServerBackend", "ServerClient", "build_body", "check_url", "choice_instruction",
-           "choice_schema", "parse_choice", "parse_response", "refused_fields", "request_body"]
