@@ -39,7 +39,6 @@ CREATE TABLE IF NOT EXISTS calls (
     created REAL NOT NULL
 )
 """  # a rowid table: inserts at random keys move only the small index, not the rows
-_LOOKUP_CHUNK = 500  # stay well below SQLite's limit on bound parameters
 OFF = ("off", "false", "no", "0", "none")  # values of --cache / CAI_CACHE that disable it
 
 
@@ -139,17 +138,6 @@ class CallCache:
             return p[1]
         row = self._db.execute("SELECT completion FROM calls WHERE key = ?", (key,)).fetchone()
         return Completion.from_dict(json.loads(row[0])) if row is not None else None
-
-    def get_many(self, keys: Iterable[str]) -> dict[str, Completion]:
-        keys = list(dict.fromkeys(keys))
-        early = {k: self._pending[k][1] for k in keys if k in self._pending}
-        keys = [k for k in keys if k not in early]
-        blobs: list[tuple[str, str]] = []
-        for i in range(0, len(keys), _LOOKUP_CHUNK):
-            part = keys[i: i + _LOOKUP_CHUNK]
-            marks = ",".join("?" * len(part))
-            blobs += self._db.execute(f"SELECT key, completion FROM calls WHERE key IN ({marks})", part).fetchall()
-        return early | {key: Completion.from_dict(json.loads(blob)) for key, blob in blobs}
 
     def put_soon(self, key: str, model: str, completion: Completion) -> asyncio.Future[None]:
         """Queue one answer for the next commit (a callback on the running loop, after the

@@ -103,15 +103,6 @@ def _run_background(coro: Coroutine[Any, Any, T]) -> T:
         raise
 
 
-def loop() -> asyncio.AbstractEventLoop:
-    """The loop ``run`` would run on from this thread (started if need be)."""
-    return run(_current())
-
-
-async def _current() -> asyncio.AbstractEventLoop:
-    return asyncio.get_running_loop()
-
-
 def generate_all(backend: Backend, requests: Iterable[Request]) -> list[Completion]:
     """Every request's completion, in order, all in flight at once (tests, small scripts)."""
     async def go() -> list[Completion]:

@@ -34,7 +34,7 @@ from aiohttp import web
 from cai import runtime
 from cai.backends import base_url_value, build_backend, make_backend, split_urls
 from cai.backends.base import Completion, Request, Sampling
-from cai.backends.multi import MultiServerBackend, check_servers, server_fault, servers_summary
+from cai.backends.multi import MultiServerBackend, server_fault, servers_summary
 from cai.backends.openai_server import OpenAIServerBackend
 from cai.cli.app import BackendSpec, backend_options
 from cai.config import RunConfig, load_run_config
@@ -289,12 +289,14 @@ def test_engine_flags_reach_the_in_process_engine(monkeypatch: pytest.MonkeyPatc
 
 
 def test_preflight_wants_one_server_up_and_every_url_well_formed(stubs: Stubs):
+    from cai.preflight import check_backend
+
     live = stubs.start("live")
-    check_servers([dead_url(), live.base_url])  # one down: it starts out of rotation
-    with pytest.raises(BackendError, match="cannot reach any of the 2 servers"):
-        check_servers([dead_url(), dead_url()])
-    with pytest.raises(BackendError, match="not an http"):
-        check_servers([live.base_url, "localhost:8000"])
+    check_backend("openai", [dead_url(), live.base_url])  # one down: it starts out of rotation
+    with pytest.raises(BackendError, match="none of the 2 servers can be reached"):
+        check_backend("openai", [dead_url(), dead_url()])
+    with pytest.raises(BackendError, match="not an http"):  # every URL is checked when the backend is built
+        multi([live.base_url, "localhost:8000"])
 
 
 # --- routing ---------------------------------------------------------------------------------------

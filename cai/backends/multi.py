@@ -31,13 +31,11 @@ and time out of rotation.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from .. import runtime
 from ..errors import BackendError
@@ -46,25 +44,6 @@ from .openai_server import START_HINT, OpenAIServerBackend, check_url, model_ids
 
 TICK_S = 0.1  # how often the health monitor looks at the servers
 LIVENESS_EVERY_S = 1.0  # at most one liveness check a second per server (a 429 storm retries a lot)
-
-
-def check_servers(urls: Sequence[str], *, timeout: float = 5.0) -> None:
-    """Preflight for several servers (before any file is made): every URL well formed, at least
-    one accepting TCP connections (one that is down starts out of rotation, probed later)."""
-    for u in urls:
-        check_url(u)
-    down: list[str] = []
-    for u in urls:
-        parts = urlsplit(u)
-        try:
-            with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
-                                          timeout=timeout):
-                pass
-        except OSError as e:
-            down.append(f"{u} ({e.strerror or type(e).__name__})")
-    if len(down) == len(urls):
-        raise BackendError(f"cannot reach any of the {len(urls)} servers: {', '.join(down)}: are they running? "
-                           "Start one with `vllm serve <model> --port <port>`, or pass --base-url")
 
 
 def server_fault(c: Completion) -> bool:

@@ -131,18 +131,6 @@ RowFn = Callable[[T, Call], Awaitable[list[Outcome]]]
 
 
 @dataclass
-class Feed(Generic[T]):
-    """A stream's view of its output: which ids are written, and which ids this run's input
-    holds (``seen``: the rest are pruned when asked)."""
-
-    sink: JsonlSink
-    seen: set[str] = field(default_factory=set)
-
-    def is_done(self, row_id: str) -> bool:
-        return self.sink.is_done(row_id)
-
-
-@dataclass
 class Stream(Generic[T]):
     """One stage's rows: input items, the row function, and the output they are written to.
 
@@ -179,7 +167,7 @@ async def run_stream(stream: Stream[T], pool: Pool, *, window: int | None = None
     At most ``pool.concurrency`` rows are in progress, and at most ``window`` rows (default 4 x
     concurrency) wait for an earlier row before being written.
     """
-    sink, feed = stream.sink, Feed[T](stream.sink)
+    sink, seen = stream.sink, set[str]()  # the ids this run's input holds (the rest are pruned when asked)
     window = window or 4 * pool.concurrency
     pending: dict[int, tuple[T, asyncio.Task[list[Outcome]] | None]] = {}
     head = 0  # the next sequence number to write
@@ -202,8 +190,8 @@ async def run_stream(stream: Stream[T], pool: Pool, *, window: int | None = None
                 head += 1
                 lines = [sink.line_of(i) for i in stream.ids(item) if sink.is_done(i)]
                 if task is not None:
-                    if task.exception() is not None:
-                        failed.append(task.exception())  # type: ignore[arg-type]
+                    if task.cancelled() or task.exception() is not None:
+                        failed.append(asyncio.CancelledError() if task.cancelled() else task.exception())  # type: ignore[arg-type]
                         continue
                     lines = []
                     for o in task.result():
@@ -234,7 +222,7 @@ async def run_stream(stream: Stream[T], pool: Pool, *, window: int | None = None
         try:
             async for item in _items(stream.items):
                 ids = stream.ids(item)
-                feed.seen.update(ids)
+                seen.update(ids)
                 task = None
                 if not all(sink.is_done(i) for i in ids):
                     while (active >= pool.concurrency or seq - head >= window) and not failed:
@@ -261,8 +249,8 @@ async def run_stream(stream: Stream[T], pool: Pool, *, window: int | None = None
             raise
         write_ready()
         summary = sink.finish()
-    if stream.prune and len(sink.done) > len(feed.seen & sink.done.keys()):
-        summary.dropped = prune(sink.path, feed.seen)
+    if stream.prune and len(sink.done) > len(seen & sink.done.keys()):
+        summary.dropped = prune(sink.path, seen)
     return summary
 
 
