@@ -193,3 +193,24 @@ def test_a_queued_answer_is_found_before_its_commit(tmp_path: Path):
     assert other.get("k") == c
     other.close()
     cache.close()
+
+
+def test_the_run_loop_from_a_thread_and_from_inside_a_running_loop(tmp_path: Path):
+    """The Python API in a notebook (a loop already runs) or a worker thread: the run goes to the
+    background loop; answers are committed there, before they are returned, as on the CLI's loop."""
+    import asyncio
+    import threading
+
+    be = CachedBackend(FakeBackend(), CallCache(tmp_path / "c.sqlite"))
+
+    async def notebook() -> list[Completion]:
+        return generate_all(be, [req("a")])
+
+    first = asyncio.run(notebook())
+    got: list[list[Completion]] = []
+    worker = threading.Thread(target=lambda: got.append(generate_all(be, [req("a"), req("b")])))
+    worker.start()
+    worker.join(30)
+    assert got and got[0][0].to_dict() == first[0].to_dict() and (be.sent, be.hits) == (2, 1)
+    assert CallCache(tmp_path / "c.sqlite").get(request_key("fake", req("b"))) is not None
+    close(be)
