@@ -266,9 +266,3 @@ def cache_path(value: str | None, no_cache: bool, default_dir: Path) -> Path | N
     if no_cache or (value is not None and value.strip().lower() in OFF):
         return None
     return Path(value) if value else Path(default_dir) / "cache.sqlite"
-
-
-def with_cache(backend: Backend, path: Path | None) -> CachedBackend | CountingBackend:
-    """``backend`` behind the cache at ``path``, or (for ``None``) behind a counter: either way
-    the result counts calls sent, served from cache and failed."""
-    return CachedBackend(backend, CallCache(path)) if path is not None else CountingBackend(backend)

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from cai.backends import make_backend
 from cai.backends.base import Message, Request, Sampling
-from cai.backends.dialect import parse_response, request_body
+from cai.backends.dialect import build_body, parse_response
 from cai.backends.openai_server import OpenAIServerBackend
 from cai.errors import BackendError
 from cai.stages.runner import Call, Outcome, run_rows
@@ -225,16 +225,16 @@ def test_continue_final_message_and_structured_choice_sent(
 
 
 def test_request_body_and_parse_edge_cases() -> None:
-    body = request_body(Request(user("x"), Sampling(choices=("y",))), "m",
-                        {"structured_outputs": None, "guided_choice": ["y"]})
+    body, _ = build_body(Request(user("x"), Sampling(choices=("y",))), "m",
+                         {"structured_outputs": None, "guided_choice": ["y"]})
     assert body["structured_outputs"] is None and body["guided_choice"] == ["y"]
     assert parse_response({"choices": []}).error is not None
     c = parse_response({"choices": [{"index": 0, "message": {"content": None},
                                      "finish_reason": "length"}]})
     assert c.texts == [""] and c.logprobs is None and c.finish_reasons == ["length"]
     # repetition_penalty is a vLLM extension: sent only when set, so other servers never see it
-    assert "repetition_penalty" not in request_body(Request(user("x")), "m", None)
-    assert request_body(Request(user("x"), Sampling(repetition_penalty=1.2)), "m", None)["repetition_penalty"] == 1.2
+    assert "repetition_penalty" not in build_body(Request(user("x")), "m", None)[0]
+    assert build_body(Request(user("x"), Sampling(repetition_penalty=1.2)), "m", None)[0]["repetition_penalty"] == 1.2
 
 
 def test_make_backend_openai(stub: Callable[[Handler], Stub]) -> None:

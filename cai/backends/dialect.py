@@ -159,12 +159,6 @@ def build_body(req: Request, model: str, extra_body: dict[str, Any] | None,
     return body, mode
 
 
-def request_body(req: Request, model: str, extra_body: dict[str, Any] | None,
-                 dialect: Dialect = VLLM) -> dict[str, Any]:
-    """The JSON body of POST /chat/completions for one request (vLLM's dialect by default)."""
-    return build_body(req, model, extra_body, dialect)[0]
-
-
 def parse_response(data: dict[str, Any]) -> Completion:
     """Map a chat completion JSON answer to a ``Completion``."""
     choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))

@@ -1,26 +1,18 @@
 """One client for OpenAI-compatible chat servers (``vllm serve``, OpenAI, ``transformers serve``, ...).
 
 ``ServerClient`` is the one place that talks HTTP to a server: URL checks, the API key, one
-aiohttp session on the run's loop (a connection pool and at most ``concurrency`` requests in
-flight), ``GET /models``, the liveness checks, and retries. Faults: 429, 5xx, dropped
-connections (server disconnected, connection reset, a body cut short), a 200 whose body is not
-JSON, and a request that runs past ``timeout`` seconds are tried again, at most ``max_retries``
-times, with exponential backoff and jitter (``Retry-After`` honoured); ``retries`` counts them by
-kind. Failures are typed where they happen: another 4xx is the ``request``'s, retries run out are
-the ``server``'s, a server that cannot be connected to at all is ``unreachable``.
+aiohttp session on the run's loop (at most ``concurrency`` requests in flight), ``GET /models``,
+liveness probes and retries. 429, 5xx, dropped connections, a 200 whose body is not JSON and a
+request past ``timeout`` seconds are tried again, at most ``max_retries`` times, with backoff and
+jitter (``Retry-After`` honoured); ``retries`` counts them by kind. Failures are typed where they
+happen: another 4xx is the ``request``'s, retries run out the ``server``'s, a server that cannot
+be connected to is ``unreachable``.
 
-``OpenAIServerBackend`` is one server as a backend: it adapts each request to the server's
-dialect (``dialect.py``). ``auto`` (the default) sends vLLM's fields until the server refuses one
-by name (HTTP 400/422, as OpenAI and ``transformers serve`` do), then drops them for the rest of
-the run and resends. The model listing (``GET /models``, read once: at start when the model is
-not named, else before the first request) tells vLLM (``owned_by: vllm``; an answer carrying
-``stop_reason`` does too) and ``transformers serve`` (a ``status`` per model). A final assistant
-message on a server without vLLM's fields is sent as it is (the model answers in a new turn:
-``notes`` counts them); when the server ignores ``n``, the missing samples are asked for again
-with distinct seeds; when it returns no log-probs, ``logprobs`` is ``None``. ``server_kind``,
-``capabilities``, ``notes`` and ``retries`` say what was found and done (``describe()``: all of
-them, for run.json). ``extra_body`` is merged into every body last (less vLLM's fields, for a
-server that does not take them).
+``OpenAIServerBackend`` is one server as a backend: each request in the server's dialect, learnt
+as the run goes (``dialect.Learned``: vLLM's fields until the server refuses one by name, the
+model listing read once, the missing samples of a server that ignores ``n`` asked for again with
+distinct seeds). ``describe()`` says what was found and done, for run.json. ``extra_body`` is
+merged into every body last (less vLLM's fields, for a server that does not take them).
 """
 
 from __future__ import annotations
