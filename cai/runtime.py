@@ -1,10 +1,11 @@
 """The one event loop of a run: the runner, the call cache and every backend share it.
 
-``run(coro)`` runs a coroutine on the process's loop and returns its result. Called from the
-main thread with no loop running (the CLI, a script), the loop is the caller's own: one
-``asyncio.Runner`` kept for the process, so a backend built by one call (its HTTP session, its
-engine) serves the next. Called from another thread or from inside a running loop (a notebook,
-a Ray actor's thread), the loop is one background thread's, started once.
+``run(coro)`` runs a coroutine on the process's run loop and returns its result. There is one
+such loop per process (an ``asyncio.Runner`` kept for the process), so a backend built by one
+call (its HTTP session, its engine, its health monitor) serves the next, whichever thread makes
+it: the CLI's main thread drives the loop itself; a Ray actor's or a worker's thread drives it
+the same way (one thread at a time); a caller that runs a loop of its own (a notebook) has it
+driven by a helper thread while it waits.
 
 Cancellation unwinds in order: Ctrl-C (or SIGTERM, during a run on the main thread) cancels the
 run's task, whose rows cancel their requests; only once it has unwound is ``KeyboardInterrupt``
@@ -29,78 +30,82 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 EXIT_TERMINATED = 143
 _runner: asyncio.Runner | None = None
-_background: asyncio.AbstractEventLoop | None = None
-_lock = threading.Lock()
+_lock = threading.Lock()  # one thread drives the loop at a time
+_task: asyncio.Task[Any] | None = None  # the run in progress
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to its end on the process's run loop (see the module's docstring)."""
     try:
-        asyncio.get_running_loop()
-        nested = True
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
-        nested = False
-    if not nested and threading.current_thread() is threading.main_thread():
-        return _run_here(coro)
-    return _run_background(coro)
+        running = None
+    if running is None:
+        return _drive(coro)
+    if _runner is not None and running is _runner.get_loop():
+        coro.close()
+        raise RuntimeError("cai.runtime.run() called on the run's own loop: await the coroutine instead")
+    done: list[Any] = []  # a loop of the caller's own: a helper thread drives ours meanwhile
 
+    def drive() -> None:
+        try:
+            done.append((True, _drive(coro)))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+            done.append((False, e))
 
-def _run_here(coro: Coroutine[Any, Any, T]) -> T:
-    global _runner
-    if _runner is None:
-        _runner = asyncio.Runner()
-    task: asyncio.Task[Any] | None = None
-    termed: list[int] = []
-
-    async def main() -> T:
-        nonlocal task
-        task = asyncio.current_task()
-        return await coro
-
-    def on_term(signum: int, frame: Any) -> None:
-        termed.append(signum)
-        if task is not None:
-            here.call_soon_threadsafe(task.cancel)
-
-    here = _runner.get_loop()
-    previous = signal.getsignal(signal.SIGTERM)
-    ours = previous in (signal.SIG_DFL, None) or callable(previous)
-    if ours:
-        signal.signal(signal.SIGTERM, on_term)
+    helper = threading.Thread(target=drive, name="cai-runtime")
+    helper.start()
     try:
-        return _runner.run(main())
-    except asyncio.CancelledError:
-        if not termed:
-            raise
-    finally:
+        helper.join()
+    except BaseException:  # Ctrl-C while waiting: cancel the run, let it unwind
+        if _task is not None and _runner is not None:
+            _runner.get_loop().call_soon_threadsafe(_task.cancel)
+        helper.join(60)
+        raise
+    ok, value = done[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _drive(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the run loop from this thread (the loop waits for no other thread)."""
+    global _runner
+    with _lock:
+        if _runner is None:
+            _runner = asyncio.Runner()
+        main_thread = threading.current_thread() is threading.main_thread()
+        termed: list[int] = []
+
+        async def main() -> T:
+            global _task
+            _task = asyncio.current_task()
+            try:
+                return await coro
+            finally:
+                _task = None
+
+        def on_term(signum: int, frame: Any) -> None:
+            termed.append(signum)
+            if _task is not None:
+                here.call_soon_threadsafe(_task.cancel)
+
+        here = _runner.get_loop()
+        previous = signal.getsignal(signal.SIGTERM) if main_thread else signal.SIG_IGN
+        ours = previous in (signal.SIG_DFL, None) or callable(previous)
         if ours:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, on_term)
+        try:
+            return _runner.run(main())
+        except asyncio.CancelledError:
+            if not termed:
+                raise
+        finally:
+            if ours:
+                signal.signal(signal.SIGTERM, previous)
     if callable(previous):  # the handler the caller installed, now that the run has unwound
         previous(signal.SIGTERM, None)
     raise SystemExit(EXIT_TERMINATED)
-
-
-def _run_background(coro: Coroutine[Any, Any, T]) -> T:
-    global _background
-    with _lock:
-        if _background is None or _background.is_closed():
-            _background = asyncio.new_event_loop()
-            threading.Thread(target=_background.run_forever, name="cai-runtime", daemon=True).start()
-    loop, ended = _background, threading.Event()
-
-    async def main() -> T:
-        try:
-            return await coro
-        finally:
-            ended.set()
-
-    fut = asyncio.run_coroutine_threadsafe(main(), loop)
-    try:
-        return fut.result()
-    except BaseException:  # Ctrl-C in the waiting thread: cancel the run, let it unwind, then go on
-        fut.cancel()
-        ended.wait(60)
-        raise
 
 
 def generate_all(backend: Backend, requests: Iterable[Request]) -> list[Completion]:
@@ -131,20 +136,8 @@ def closing(backend: B) -> Iterator[B]:
 
 @atexit.register
 def shutdown() -> None:
-    """Close the run loops (what is still pending is cancelled and awaited first)."""
-    global _runner, _background
+    """Close the run loop (what is still pending is cancelled and awaited first)."""
+    global _runner
     if _runner is not None:
         runner, _runner = _runner, None
         runner.close()
-    if _background is not None and not _background.is_closed():
-        bg, _background = _background, None
-
-        async def drain() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await bg.shutdown_asyncgens()
-
-        asyncio.run_coroutine_threadsafe(drain(), bg).result(30)
-        bg.call_soon_threadsafe(bg.stop)
