@@ -157,6 +157,7 @@ def vllm_mode(rows: int, max_tokens: int, concurrency: int) -> None:
     from cai.backends.openai_server import OpenAIServerBackend
     from cai.config import RunConfig
     from cai.pipeline import run_pipeline
+    from cai.runtime import closing
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`: still stop the servers
     ports = [free_port(), free_port()]
@@ -185,7 +186,7 @@ def vllm_mode(rows: int, max_tokens: int, concurrency: int) -> None:
                     "base_url": urls, "concurrency": concurrency, "cache": "off", "progress": False,
                     "revise": {"rounds": ROUNDS, "max_tokens": max_tokens}, "label": {"enabled": False}})
                 t0 = time.perf_counter()
-                with be:
+                with closing(be):
                     res = run_pipeline(cfg, backend=be)
                     split = [s["answered"] for s in be.describe().get("servers", [])] or [res.sent]
                 dt = time.perf_counter() - t0

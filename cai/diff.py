@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,19 +57,19 @@ class DryBackend(BackendBase):
         self.reused: set[str] = set()  # distinct cached calls the rerun reads
         self._new: dict[str, Completion] = {}  # placeholders: what the rerun would send
 
-    def complete(self, requests: Sequence[Request]) -> list[Completion]:
-        keys = [request_key(self.model_id, r) for r in requests]
-        found = self.cache.get_many(k for k in keys if k not in self._new)
-        self.reused.update(found)
-        out = []
-        for k, r in zip(keys, requests, strict=True):
-            if k in found or k in self._new:
-                self.hits += 1
-            else:
-                self._new[k] = _placeholder(k, r)
-                self.sent += 1
-            out.append(found.get(k) or self._new[k])
-        return out
+    async def generate(self, request: Request) -> Completion:
+        k = request_key(self.model_id, request)
+        found = self.cache.get(k) if k not in self._new else None
+        if found is not None:
+            self.reused.add(k)
+            self.hits += 1
+            return found
+        if k in self._new:
+            self.hits += 1
+        else:
+            self._new[k] = _placeholder(k, request)
+            self.sent += 1
+        return self._new[k]
 
 
 def _placeholder(key: str, r: Request) -> Completion:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, runtime
 from .backends import Backend, build_backend
 from .backends.base import Sampling
 from .cache import CachedBackend, CallCache, CountingBackend
@@ -140,7 +140,7 @@ def counted(backend: Backend | str, cache: str | Path | None = None) -> Iterator
         if isinstance(be, CachedBackend):
             be.cache.close()
         if isinstance(backend, str):
-            inner.close()
+            runtime.close(inner)
 
 
 # --- the API -----------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def _policy(plan: Plan, be: Counted, cache: Path | None) -> Iterator[Counted]:
     if not (plan.label and "sample" in plan.sources and cfg.label.policy_model):
         yield be
         return
-    with build_backend(cfg.backend, cfg.label.policy_model, **cfg.backend_options()) as inner, \
+    with runtime.closing(build_backend(cfg.backend, cfg.label.policy_model, **cfg.backend_options())) as inner, \
             counted(inner, cache) as pol:
         yield pol
 
@@ -269,7 +269,7 @@ def execute(plan: Plan, backend: Backend | None = None) -> RunResult:
             _finish(plan, res, gate, memory)
     finally:
         if backend is None:
-            inner.close()
+            runtime.close(inner)
     if plan.kind == "run":
         finish_run(plan, res, model_id, t0, history)
     return res
@@ -482,7 +482,7 @@ def run_eval_judge(file: Rows, *, backend: Backend | str | None = None, output: 
                                  "resumed": s.resumed}
     finally:
         if given is None:
-            inner.close()
+            runtime.close(inner)
     return EvalResult(results, jcfg.to_dict(), ncfg.to_dict() if nv.enabled else None, be.model_id)
 
 

@@ -37,10 +37,10 @@ def model_dir() -> Path:
 def embedded(model_dir: Path):
     """One embedded transformers backend for the whole session (loading costs seconds)."""
     from cai.backends.embedded import EmbeddedBackend
+    from tests.sync import Sync
 
-    backend = EmbeddedBackend(model=str(model_dir))
-    yield backend
-    backend.close()
+    with Sync(EmbeddedBackend(model=str(model_dir))) as backend:  # complete(): generate() on the run's loop
+        yield backend
 
 
 @pytest.fixture

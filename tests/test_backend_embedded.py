@@ -10,6 +10,7 @@ from cai.backends.base import Completion, Message, Request, Sampling
 from cai.backends.embedded import EmbeddedBackend
 from cai.backends.openai_server import OpenAIServerBackend
 from cai.errors import ModelNotPreparedError
+from tests.sync import Sync
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +44,7 @@ def test_missing_model_folder_is_a_clear_error(tmp_path: Any) -> None:
         EmbeddedBackend(model=str(tmp_path / "nowhere"))
 
 
-def test_generation(embedded: EmbeddedBackend) -> None:
+def test_generation(embedded: Sync) -> None:
     assert embedded.model_id == "SmolLM2-135M-Instruct@embedded"
     c = ok(embedded.complete([Request(user("What is the capital of France?"),
                                       Sampling(max_tokens=16))])[0])
@@ -52,7 +53,7 @@ def test_generation(embedded: EmbeddedBackend) -> None:
     assert c.finish_reasons == ["stop"] and c.logprobs is None
 
 
-def test_batch_equals_one_by_one(embedded: EmbeddedBackend) -> None:
+def test_batch_equals_one_by_one(embedded: Sync) -> None:
     reqs = [
         Request(user("Name a colour."), Sampling(max_tokens=8)),
         Request(user("Give me a long list of ten fruits, one per line, with a short note on each."),
@@ -70,7 +71,7 @@ def test_batch_equals_one_by_one(embedded: EmbeddedBackend) -> None:
         assert all(abs(x[k] - y[k]) < 1e-3 for k in x)
 
 
-def test_continuation_with_logprobs(embedded: EmbeddedBackend) -> None:
+def test_continuation_with_logprobs(embedded: Sync) -> None:
     c = ok(embedded.complete([Request(JUDGES[0], Sampling(max_tokens=2, logprobs=5))])[0])
     assert c.logprobs is not None and len(c.logprobs) == c.completion_tokens == 2
     first = c.logprobs[0]
@@ -81,7 +82,7 @@ def test_continuation_with_logprobs(embedded: EmbeddedBackend) -> None:
     assert c.text.startswith(best) and best.strip() in ("A", "B")
 
 
-def test_n_samples_are_seeded_and_reproducible(embedded: EmbeddedBackend) -> None:
+def test_n_samples_are_seeded_and_reproducible(embedded: Sync) -> None:
     prompt = user("Write one short sentence about the sea.")
     req = Request(prompt, Sampling(max_tokens=6, temperature=1.0, n=3, seed=7))
     other = Request(prompt, Sampling(max_tokens=6, temperature=1.0, n=3, seed=8))
@@ -94,7 +95,7 @@ def test_n_samples_are_seeded_and_reproducible(embedded: EmbeddedBackend) -> Non
     assert len(greedy.texts) == 2 and greedy.texts[0] == greedy.texts[1]
 
 
-def test_stop_strings(embedded: EmbeddedBackend) -> None:
+def test_stop_strings(embedded: Sync) -> None:
     prompt = user("List three fruits, separated by commas.")
     full = ok(embedded.complete([Request(prompt, Sampling(max_tokens=24))])[0]).text
     words = full.split()
@@ -105,7 +106,7 @@ def test_stop_strings(embedded: EmbeddedBackend) -> None:
     assert cut.finish_reasons == ["stop"] and cut.completion_tokens < 24
 
 
-def test_choices(embedded: EmbeddedBackend) -> None:
+def test_choices(embedded: Sync) -> None:
     reqs = [Request(j, Sampling(choices=("A", "B"), logprobs=2)) for j in JUDGES]
     reqs.append(Request(user("Is the sky blue? Answer yes or no."),
                         Sampling(choices=("yes", "no", "maybe not"))))
@@ -122,7 +123,7 @@ def test_choices(embedded: EmbeddedBackend) -> None:
     assert embedded.complete([reqs[-1]])[0].texts == out[4].texts
 
 
-def test_a_bad_request_does_not_sink_the_batch(embedded: EmbeddedBackend) -> None:
+def test_a_bad_request_does_not_sink_the_batch(embedded: Sync) -> None:
     good, bad, empty = embedded.complete([
         Request(user("Hi"), Sampling(max_tokens=2)),
         Request(user("Hi"), Sampling(max_tokens=2, n=0)),
@@ -134,7 +135,7 @@ def test_a_bad_request_does_not_sink_the_batch(embedded: EmbeddedBackend) -> Non
 LOOPY = user("Write a poem about the sea.")  # greedy, SmolLM2 repeats its lines
 
 
-def test_repetition_penalty_breaks_loops(embedded: EmbeddedBackend) -> None:
+def test_repetition_penalty_breaks_loops(embedded: Sync) -> None:
     plain, penal = (ok(c) for c in embedded.complete([
         Request(LOOPY, Sampling(max_tokens=40, logprobs=1)),
         Request(LOOPY, Sampling(max_tokens=40, logprobs=1, repetition_penalty=1.5)),
@@ -149,9 +150,9 @@ def test_repetition_penalty_breaks_loops(embedded: EmbeddedBackend) -> None:
     assert penal.logprobs[0] == pytest.approx(plain.logprobs[0], abs=1e-4)
 
 
-def test_agrees_with_vllm_on_the_judge_token(embedded: EmbeddedBackend, vllm_server: str) -> None:
+def test_agrees_with_vllm_on_the_judge_token(embedded: Sync, vllm_server: str) -> None:
     reqs = [Request(j, Sampling(max_tokens=1, logprobs=5)) for j in JUDGES]
-    server = OpenAIServerBackend(base_url=vllm_server)
+    server = Sync(OpenAIServerBackend(base_url=vllm_server))
     try:
         theirs = server.complete(reqs)
     finally:
@@ -168,9 +169,9 @@ def test_agrees_with_vllm_on_the_judge_token(embedded: EmbeddedBackend, vllm_ser
             assert abs(mine[tok] - vllm[tok]) < 0.02, (tok, mine[tok], vllm[tok])
 
 
-def test_repetition_penalty_means_what_vllm_means(embedded: EmbeddedBackend, vllm_server: str) -> None:
+def test_repetition_penalty_means_what_vllm_means(embedded: Sync, vllm_server: str) -> None:
     reqs = [Request(LOOPY, Sampling(max_tokens=12, repetition_penalty=1.5))]
-    server = OpenAIServerBackend(base_url=vllm_server)
+    server = Sync(OpenAIServerBackend(base_url=vllm_server))
     try:
         theirs = ok(server.complete(reqs)[0])
     finally:
@@ -180,7 +181,7 @@ def test_repetition_penalty_means_what_vllm_means(embedded: EmbeddedBackend, vll
     assert ours.text == theirs.text != plain.text  # greedy, float32: the same tokens
 
 
-def test_repetition_penalty_spares_the_end_of_turn(embedded: EmbeddedBackend) -> None:
+def test_repetition_penalty_spares_the_end_of_turn(embedded: Sync) -> None:
     """The prompt's turns all end with the end-of-turn token: the penalty must not make stopping
     harder (it made the shipped model's revisions run to the token limit)."""
     import torch

@@ -14,8 +14,11 @@ from aiohttp import web
 
 from cai.backends import make_backend
 from cai.backends.base import Message, Request, Sampling
-from cai.backends.openai_server import OpenAIServerBackend, parse_response, request_body
+from cai.backends.dialect import build_body, parse_response
+from cai.backends.openai_server import OpenAIServerBackend
 from cai.errors import BackendError
+from cai.stages.runner import Call, Outcome, run_rows
+from tests.sync import Sync
 from tests.threaded_server import RouteServer
 
 Handler = Callable[[dict[str, Any], "Stub"], "web.Response | Any"]
@@ -97,9 +100,9 @@ def user(text: str) -> tuple[Message, ...]:
     return ({"role": "user", "content": text},)
 
 
-def client(s: Stub, **kw: Any) -> OpenAIServerBackend:
+def client(s: Stub, **kw: Any) -> Sync:
     kw.setdefault("backoff", 0.01)
-    return OpenAIServerBackend(base_url=s.base_url, **kw)
+    return Sync(OpenAIServerBackend(base_url=s.base_url, **kw))
 
 
 def test_model_discovered_and_response_mapped(stub: Callable[[Handler], Stub]) -> None:
@@ -135,6 +138,7 @@ def test_5xx_gives_up_after_max_retries_without_raising(stub: Callable[[Handler]
     with client(s, model="m", max_retries=2) as be:
         [c] = be.complete([Request(user("x"))])
     assert c.texts == [] and c.error is not None and "503" in c.error and "boom" in c.error
+    assert c.failure is not None and c.failure.kind == "server"  # retries ran out: the server's fault
     assert s.calls == 3
 
 
@@ -153,6 +157,7 @@ def test_400_is_an_error_completion_not_retried(stub: Callable[[Handler], Stub])
         )
     assert good.text == "hello" and good2.text == "hello"
     assert bad.texts == [] and bad.error == "HTTP 400: max_tokens must be at least 1"
+    assert bad.failure is not None and bad.failure.kind == "request"
     assert s.calls == 3
 
 
@@ -166,12 +171,17 @@ def test_unreachable_server_raises_backend_error() -> None:
     url = f"http://127.0.0.1:{_closed_port()}/v1"
     with pytest.raises(BackendError, match=r"cannot reach http://127\.0\.0\.1:\d+/v1: is the"):
         OpenAIServerBackend(base_url=url, max_retries=1, backoff=0.01)
-    be = OpenAIServerBackend(model="m", base_url=url, max_retries=1, backoff=0.01)
-    try:
-        with pytest.raises(BackendError, match="cannot reach"):
-            be.complete([Request(user("x"))] * 5)
-    finally:
-        be.close()
+    with Sync(OpenAIServerBackend(model="m", base_url=url, max_retries=1, backoff=0.01)) as be:
+        out = be.complete([Request(user("x"))] * 5)  # typed where it happened: unreachable
+        assert {c.failure.kind for c in out if c.failure} == {"unreachable"} and not any(c.texts for c in out)
+        assert all(c.error and c.error.startswith(f"cannot reach {url}: is the") for c in out)
+
+        async def ask(item: int, call: Call) -> list[Outcome]:
+            await call(Request(user(str(item))))
+            return []
+
+        with pytest.raises(BackendError, match="cannot reach"):  # and the run stops
+            run_rows(range(5), ask, be.backend)
 
 
 def test_concurrency_really_overlaps_and_is_capped(stub: Callable[[Handler], Stub]) -> None:
@@ -215,26 +225,23 @@ def test_continue_final_message_and_structured_choice_sent(
 
 
 def test_request_body_and_parse_edge_cases() -> None:
-    body = request_body(Request(user("x"), Sampling(choices=("y",))), "m",
-                        {"structured_outputs": None, "guided_choice": ["y"]})
+    body, _ = build_body(Request(user("x"), Sampling(choices=("y",))), "m",
+                         {"structured_outputs": None, "guided_choice": ["y"]})
     assert body["structured_outputs"] is None and body["guided_choice"] == ["y"]
     assert parse_response({"choices": []}).error is not None
     c = parse_response({"choices": [{"index": 0, "message": {"content": None},
                                      "finish_reason": "length"}]})
     assert c.texts == [""] and c.logprobs is None and c.finish_reasons == ["length"]
     # repetition_penalty is a vLLM extension: sent only when set, so other servers never see it
-    assert "repetition_penalty" not in request_body(Request(user("x")), "m", None)
-    assert request_body(Request(user("x"), Sampling(repetition_penalty=1.2)), "m", None)["repetition_penalty"] == 1.2
+    assert "repetition_penalty" not in build_body(Request(user("x")), "m", None)[0]
+    assert build_body(Request(user("x"), Sampling(repetition_penalty=1.2)), "m", None)[0]["repetition_penalty"] == 1.2
 
 
 def test_make_backend_openai(stub: Callable[[Handler], Stub]) -> None:
     s = stub(lambda body, s: ok_body())
-    be = make_backend("openai", base_url=s.base_url, model=None)
-    try:
+    with Sync(make_backend("openai", base_url=s.base_url, model=None)) as be:
         assert be.model_id == "stub-model"
         assert be.complete([]) == []
-    finally:
-        be.close()
 
 
 # --------------------------------------------------------------------------- real vLLM server
@@ -246,14 +253,13 @@ JUDGE: tuple[Message, ...] = (
 
 
 @pytest.fixture(scope="module")
-def served(vllm_server: str) -> Iterator[OpenAIServerBackend]:
-    be = OpenAIServerBackend(base_url=vllm_server)
-    yield be
-    be.close()
+def served(vllm_server: str) -> Iterator[Sync]:
+    with Sync(OpenAIServerBackend(base_url=vllm_server)) as be:
+        yield be
 
 
 @pytest.mark.integration
-def test_real_plain_generation(served: OpenAIServerBackend) -> None:
+def test_real_plain_generation(served: Sync) -> None:
     assert served.model_id == "smollm2"
     [c] = served.complete([Request(user("What is the capital of France?"),
                                    Sampling(max_tokens=16))])
@@ -264,7 +270,7 @@ def test_real_plain_generation(served: OpenAIServerBackend) -> None:
 
 
 @pytest.mark.integration
-def test_real_judge_continuation_logprobs(served: OpenAIServerBackend) -> None:
+def test_real_judge_continuation_logprobs(served: Sync) -> None:
     [c] = served.complete([Request(JUDGE, Sampling(max_tokens=1, logprobs=5))])
     assert c.error is None, c.error
     assert c.logprobs is not None and len(c.logprobs) == 1
@@ -275,7 +281,7 @@ def test_real_judge_continuation_logprobs(served: OpenAIServerBackend) -> None:
 
 
 @pytest.mark.integration
-def test_real_n3_seeded_sampling(served: OpenAIServerBackend) -> None:
+def test_real_n3_seeded_sampling(served: Sync) -> None:
     req = Request(user("Write one short sentence about the sea."),
                   Sampling(max_tokens=12, temperature=1.0, n=3, seed=7))
     a, b = served.complete([req, req])
@@ -285,7 +291,7 @@ def test_real_n3_seeded_sampling(served: OpenAIServerBackend) -> None:
 
 
 @pytest.mark.integration
-def test_real_structured_choice(served: OpenAIServerBackend) -> None:
+def test_real_structured_choice(served: Sync) -> None:
     reqs = [Request(user(q), Sampling(max_tokens=4, choices=("A", "B")))
             for q in ("Pick A or B.", "Is B better than A? Say A or B.")]
     for c in served.complete(reqs):
@@ -294,7 +300,7 @@ def test_real_structured_choice(served: OpenAIServerBackend) -> None:
 
 
 @pytest.mark.integration
-def test_real_bad_request_does_not_raise(served: OpenAIServerBackend) -> None:
+def test_real_bad_request_does_not_raise(served: Sync) -> None:
     good, bad = served.complete([Request(user("Hi"), Sampling(max_tokens=2)),
                                  Request(user("Hi"), Sampling(max_tokens=100_000))])
     assert good.error is None

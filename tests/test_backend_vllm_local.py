@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from cai import runtime
 from cai.backends.base import Completion, Message, Request, Sampling
 from cai.backends.vllm_local import VLLMBackend  # imports vllm only when built
+from tests.sync import Sync
 
 pytestmark = [
     pytest.mark.integration,
@@ -48,7 +50,7 @@ def ok(c: Completion) -> Completion:
 
 
 @pytest.fixture(scope="module")
-def llm() -> Iterator[VLLMBackend]:
+def llm() -> Iterator[Sync]:
     from cai.model import prepare_model
 
     saved = {k: os.environ.get(k) for k in CPU_ENV}
@@ -57,7 +59,7 @@ def llm() -> Iterator[VLLMBackend]:
     folder = prepare_model(
         Path(os.environ.get("CAI_MODEL_DIR") or REPO / ".models" / "SmolLM2-135M-Instruct")
     )
-    backend = VLLMBackend(model=str(folder), **CPU_ENGINE)
+    backend = Sync(VLLMBackend(model=str(folder), **CPU_ENGINE))  # complete(): generate() on the run's loop
     yield backend
     backend.close()
     for k, old in saved.items():
@@ -67,7 +69,7 @@ def llm() -> Iterator[VLLMBackend]:
             os.environ[k] = old
 
 
-def test_generation_and_continuation_in_one_batch(llm: VLLMBackend) -> None:
+def test_generation_and_continuation_in_one_batch(llm: Sync) -> None:
     assert llm.model_id == "SmolLM2-135M-Instruct"
     plain = Request(user("What is the capital of France?"), Sampling(max_tokens=16))
     cont = Request(JUDGE, Sampling(max_tokens=1, logprobs=5))
@@ -82,7 +84,7 @@ def test_generation_and_continuation_in_one_batch(llm: VLLMBackend) -> None:
     assert b.text.strip() in ("A", "B")
 
 
-def test_seeded_n_samples_stops_and_choices(llm: VLLMBackend) -> None:
+def test_seeded_n_samples_stops_and_choices(llm: Sync) -> None:
     sea = Request(user("Write one short sentence about the sea."),
                   Sampling(max_tokens=10, temperature=1.0, n=3, seed=7))
     fruits = user("List three fruits, separated by commas.")
@@ -97,7 +99,7 @@ def test_seeded_n_samples_stops_and_choices(llm: VLLMBackend) -> None:
     assert ok(pick).text in ("A", "B")
 
 
-def test_bad_request_does_not_sink_the_batch(llm: VLLMBackend) -> None:
+def test_bad_request_does_not_sink_the_batch(llm: Sync) -> None:
     good, too_long, no_n = llm.complete([
         Request(user("Hi"), Sampling(max_tokens=2)),
         Request(user("word " * 3000), Sampling(max_tokens=2)),
@@ -108,21 +110,15 @@ def test_bad_request_does_not_sink_the_batch(llm: VLLMBackend) -> None:
     assert no_n.texts == [] and no_n.error
 
 
-def test_requests_fed_one_by_one_share_the_engine(llm: VLLMBackend) -> None:
-    """The runner's path: many ``acomplete`` calls in flight at once on the engine's loop."""
-    import asyncio
-
+def test_requests_fed_one_by_one_share_the_engine(llm: Sync) -> None:
+    """The runner's path: many ``generate`` calls in flight at once on the run's loop, which
+    drives the engine; and one at a time, on later runs of the same loop."""
     reqs = [Request(user(f"Count to {i}."), Sampling(max_tokens=8)) for i in range(6)]
-
-    async def all_at_once() -> list[Completion]:
-        return list(await asyncio.gather(*(llm.acomplete(r) for r in reqs)))
-
-    assert llm.loop is not None
-    many = asyncio.run_coroutine_threadsafe(all_at_once(), llm.loop).result(timeout=300)
-    assert [ok(c).texts for c in many] == [ok(c).texts for c in llm.complete(reqs)]
+    many = llm.complete(reqs)
+    assert [ok(c).texts for c in many] == [ok(runtime.run(llm.generate(r))).texts for r in reqs]
 
 
-def test_cai_run_on_the_in_process_engine_resumes_from_the_cache(llm: VLLMBackend, tmp_path: Path) -> None:
+def test_cai_run_on_the_in_process_engine_resumes_from_the_cache(llm: Sync, tmp_path: Path) -> None:
     """`cai run`'s streaming scheduler on AsyncLLM: every row written, and a rerun sends nothing."""
     from cai.config import RunConfig
     from cai.pipeline import run_pipeline
@@ -131,7 +127,7 @@ def test_cai_run_on_the_in_process_engine_resumes_from_the_cache(llm: VLLMBacken
     prompts.write_text("".join(f'{{"prompt": "Name a colour, number {i}."}}\n' for i in range(3)))
     cfg = RunConfig.model_validate({"input": str(prompts), "output": str(tmp_path / "run"), "progress": False,
                                     "revise": {"rounds": 1, "max_tokens": 16}, "label": {"principles": 1}})
-    first = run_pipeline(cfg, backend=llm)
+    first = run_pipeline(cfg, backend=llm.backend)
     assert first.stages["revise"].written == 3 and first.sent == 3 * 3 + 3 * 2
-    again = run_pipeline(cfg, backend=llm)
+    again = run_pipeline(cfg, backend=llm.backend)
     assert again.sent == 0 and again.stages["revise"].resumed == 3

@@ -12,6 +12,7 @@ from cai.backends.base import Completion, Request, Sampling
 from cai.backends.fake import FakeBackend
 from cai.cache import CachedBackend, CallCache, request_key
 from cai.errors import ConfigError
+from cai.runtime import close, generate_all, run
 
 
 def req(text: str, **sampling) -> Request:
@@ -48,16 +49,16 @@ def test_a_later_field_at_its_default_leaves_keys_and_fingerprints_as_they_were(
 def test_misses_go_in_one_batch_and_hits_are_not_sent(tmp_path: Path):
     inner = FakeBackend()
     be = CachedBackend(inner, CallCache(tmp_path / "c.sqlite"))
-    first = be.complete([req("a"), req("b")])
+    first = generate_all(be, [req("a"), req("b")])
     assert (be.sent, be.hits, inner.batches) == (2, 0, [2])
-    again = be.complete([req("b"), req("c"), req("a"), req("c")])
+    again = generate_all(be, [req("b"), req("c"), req("a"), req("c")])
     # only "c" is new, sent once although asked twice
     assert (be.sent, be.hits, inner.batches) == (3, 3, [2, 1])
     texts = [c.texts for c in again]
     assert texts == [first[1].texts, again[1].texts, first[0].texts, again[1].texts]
-    assert be.complete([req("a")])[0].to_dict() == first[0].to_dict()
+    assert generate_all(be, [req("a")])[0].to_dict() == first[0].to_dict()
     assert inner.batches == [2, 1]  # an all-hit batch sends nothing at all
-    be.close()
+    close(be)
 
 
 def test_cache_survives_reopen_and_is_shared(tmp_path: Path):
@@ -65,11 +66,11 @@ def test_cache_survives_reopen_and_is_shared(tmp_path: Path):
     a = CachedBackend(FakeBackend(), CallCache(path))
     b_inner = FakeBackend()
     b = CachedBackend(b_inner, CallCache(path))  # a second connection, open at the same time
-    a.complete([req("x", logprobs=5)])
-    got = b.complete([req("x", logprobs=5)])
+    generate_all(a, [req("x", logprobs=5)])
+    got = generate_all(b, [req("x", logprobs=5)])
     assert b_inner.calls == [] and got[0].logprobs is not None
-    a.close()
-    b.close()
+    close(a)
+    close(b)
     c = CallCache(path)
     assert len(c) == 1
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -79,53 +80,53 @@ def test_cache_survives_reopen_and_is_shared(tmp_path: Path):
 def test_errors_are_not_cached(tmp_path: Path):
     flaky = FakeBackend(fail=lambda r: r.messages[0]["content"] == "bad")
     be = CachedBackend(flaky, CallCache(tmp_path / "c.sqlite"))
-    out = be.complete([req("bad"), req("good")])
+    out = generate_all(be, [req("bad"), req("good")])
     assert out[0].error and not out[1].error and be.errors == 1
-    be.complete([req("bad"), req("good")])
+    generate_all(be, [req("bad"), req("good")])
     assert [c.messages[0]["content"] for c in flaky.calls] == ["bad", "good", "bad"]
     assert len(be.cache) == 1
 
 
 def test_model_id_is_part_of_the_key(tmp_path: Path):
     cache = CallCache(tmp_path / "c.sqlite")
-    CachedBackend(FakeBackend(model_id="one"), cache, close_cache=False).complete([req("q")])
+    generate_all(CachedBackend(FakeBackend(model_id="one"), cache, close_cache=False), [req("q")])
     other = FakeBackend(model_id="two")
-    CachedBackend(other, cache, close_cache=False).complete([req("q")])
+    generate_all(CachedBackend(other, cache, close_cache=False), [req("q")])
     assert len(other.calls) == 1 and len(cache) == 2
 
 
 def test_committed_when_the_batch_returns(tmp_path: Path):
-    """Each batch is in the file as soon as complete() returns: a crash after it loses nothing."""
+    """Each answer is in the file as soon as it is returned: a crash after it loses nothing."""
     path = tmp_path / "c.sqlite"
     be = CachedBackend(FakeBackend(), CallCache(path))
-    be.complete([req("a"), req("b")])
+    generate_all(be, [req("a"), req("b")])
     reader = CallCache(path)
-    assert len(reader.get_many([request_key("fake", req("a")), request_key("fake", req("b"))])) == 2
+    assert reader.get(request_key("fake", req("a"))) and reader.get(request_key("fake", req("b")))
     reader.close()
-    be.close()
+    close(be)
 
 
 def test_misaligned_backend_is_a_bug_not_a_cache_entry(tmp_path: Path):
     class Short(FakeBackend):
-        def complete(self, requests):
-            return super().complete(requests)[:-1]
+        def compute(self, requests):
+            return super().compute(requests)[:-1]
 
     be = CachedBackend(Short(), CallCache(tmp_path / "c.sqlite"))
-    with pytest.raises(RuntimeError, match="1 completions for 2"):
-        be.complete([req("a"), req("b")])
-    assert len(be.cache) == 0
+    out = generate_all(be, [req("a"), req("b")])
+    assert all(c.failure is not None and "1 completions for 2" in c.failure.message for c in out)
+    assert len(be.cache) == 0 and be.errors == 2
 
 
 def test_large_batches_and_round_trip(tmp_path: Path):
     be = CachedBackend(FakeBackend(), CallCache(tmp_path / "c.sqlite"))
     reqs = [req(f"q{i}") for i in range(1300)]  # more than one lookup chunk
-    first = be.complete(reqs)
-    again = be.complete(reqs)
+    first = generate_all(be, reqs)
+    again = generate_all(be, reqs)
     assert be.sent == 1300 and be.hits == 1300
     assert [c.to_dict() for c in first] == [c.to_dict() for c in again]
     c = replace(Completion(texts=["x"]), logprobs=[{"A": -0.1}], finish_reasons=["stop"])
     be.cache.put_many([("k", "m", c)])
-    assert be.cache.get_many(["k"])["k"] == c
+    assert be.cache.get("k") == c
 
 
 def test_unusable_file_is_a_config_error(tmp_path: Path):
@@ -168,7 +169,9 @@ def test_orjson_writes_every_code_point_as_the_stdlib_does():
 ])
 def test_keys_are_the_stdlib_json_keys(messages):
     for sampling in (Sampling(), Sampling(temperature=0.7, stop=("x",), seed=None, logprobs=5),
-                     Sampling(choices=("A", "B"), repetition_penalty=1.15, top_p=1e-5)):
+                     Sampling(choices=("A", "B"), repetition_penalty=1.15, top_p=1e-5),
+                     Sampling(temperature=1), Sampling(temperature=1.0), Sampling(temperature=-0.0, seed=-3),
+                     Sampling(seed=10**20, stop=('"seed":0,',)), Sampling(choices=('{"seed":0}',), n=True)):
         r = Request(messages, sampling)
         assert request_key("m\u00e9", r) == _stdlib_key("m\u00e9", r)
 
@@ -177,11 +180,37 @@ def test_a_queued_answer_is_found_before_its_commit(tmp_path: Path):
     cache = CallCache(tmp_path / "c.sqlite")
     c = Completion(texts=["x"], finish_reasons=["stop"])
     assert cache.get("k") is None
-    cache.put_soon("k", "m", c)
-    assert cache.get("k") == c  # queued or committed: found either way
-    cache.flush()
-    assert cache.get("k") == c and cache.get_many(["k", "other"]) == {"k": c}
+
+    async def queue_and_look() -> None:
+        committed = cache.put_soon("k", "m", c)
+        assert not committed.done() and cache.get("k") == c  # queued: found before its commit
+        assert CallCache(tmp_path / "c.sqlite").get("k") is None  # not in the file yet
+        await committed  # the commit runs on the loop, after the answers that arrive with it
+
+    run(queue_and_look())
+    assert cache.get("k") == c and cache.get("other") is None
     other = CallCache(tmp_path / "c.sqlite")  # committed: another connection sees it
     assert other.get("k") == c
     other.close()
     cache.close()
+
+
+def test_the_run_loop_from_a_thread_and_from_inside_a_running_loop(tmp_path: Path):
+    """The Python API in a notebook (a loop already runs) or a worker thread: the run goes to the
+    background loop; answers are committed there, before they are returned, as on the CLI's loop."""
+    import asyncio
+    import threading
+
+    be = CachedBackend(FakeBackend(), CallCache(tmp_path / "c.sqlite"))
+
+    async def notebook() -> list[Completion]:
+        return generate_all(be, [req("a")])
+
+    first = asyncio.run(notebook())
+    got: list[list[Completion]] = []
+    worker = threading.Thread(target=lambda: got.append(generate_all(be, [req("a"), req("b")])))
+    worker.start()
+    worker.join(30)
+    assert got and got[0][0].to_dict() == first[0].to_dict() and (be.sent, be.hits) == (2, 1)
+    assert CallCache(tmp_path / "c.sqlite").get(request_key("fake", req("b"))) is not None
+    close(be)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -31,9 +30,9 @@ class Recording(BackendBase):
         self.inner, self.model_id = inner, inner.model_id
         self.done: list[tuple[Request, Completion]] = []
 
-    def complete(self, requests: Sequence[Request]) -> list[Completion]:
-        out = self.inner.complete(requests)
-        self.done += list(zip(requests, out, strict=True))
+    async def generate(self, request: Request) -> Completion:
+        out = await self.inner.generate(request)
+        self.done.append((request, out))
         return out
 
 

@@ -31,13 +31,15 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from cai import runtime
 from cai.backends import base_url_value, build_backend, make_backend, split_urls
-from cai.backends.base import Request, Sampling
-from cai.backends.multi import MultiServerBackend, check_servers, server_fault, servers_summary
+from cai.backends.base import Completion, Request, Sampling
+from cai.backends.multi import MultiServerBackend, server_fault, servers_summary
 from cai.backends.openai_server import OpenAIServerBackend
 from cai.cli.app import backend_options
 from cai.config import RunConfig, load_run_config
 from cai.errors import BackendError
+from tests.sync import Sync
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "stub-model"
@@ -172,20 +174,25 @@ def dead_url() -> str:
 FAST = {"backoff": 0.01, "max_retries": 1, "down_min": 0.1, "down_max": 1.0, "probe_timeout": 2.0}
 
 
-def multi(urls: list[str], **kw: Any) -> MultiServerBackend:
-    return MultiServerBackend(model=kw.pop("model", None), base_url=urls, **{**FAST, **kw})
+def multi(urls: list[str], **kw: Any) -> Sync:
+    return Sync(MultiServerBackend(model=kw.pop("model", None), base_url=urls, **{**FAST, **kw}))
+
+
+def wait(seconds: float) -> None:
+    """Let the run's loop go on (the health monitor, the requests in flight) for ``seconds``."""
+    runtime.run(asyncio.sleep(seconds))
 
 
 def ask(text: str, row: str | None = None) -> Request:
     return Request(({"role": "user", "content": text},), Sampling(max_tokens=8), affinity=row)
 
 
-def rows_chains(be: MultiServerBackend, rows: int, calls: int) -> list[list[str]]:
+def rows_chains(be: Sync, rows: int, calls: int) -> list[list[str]]:
     """``rows`` rows at once, each ``calls`` dependent calls (the next asks about the last answer)."""
     async def row(i: int) -> list[str]:
         texts, last = [], ""
         for k in range(calls):
-            c = await be.acomplete(ask(f"row {i} call {k} {last}", row=f"r{i}"))
+            c = await be.generate(ask(f"row {i} call {k} {last}", row=f"r{i}"))
             assert c.error is None, c.error
             texts.append(last := c.text)
         return texts
@@ -193,8 +200,7 @@ def rows_chains(be: MultiServerBackend, rows: int, calls: int) -> list[list[str]
     async def go() -> list[list[str]]:
         return list(await asyncio.gather(*(row(i) for i in range(rows))))
 
-    assert be.loop is not None
-    return asyncio.run_coroutine_threadsafe(go(), be.loop).result(60)
+    return runtime.run(asyncio.wait_for(go(), 60))
 
 
 def rows_by_server(stubs: list[Stub]) -> dict[str, set[str]]:
@@ -283,12 +289,14 @@ def test_engine_flags_reach_the_in_process_engine(monkeypatch: pytest.MonkeyPatc
 
 
 def test_preflight_wants_one_server_up_and_every_url_well_formed(stubs: Stubs):
+    from cai.preflight import check_backend
+
     live = stubs.start("live")
-    check_servers([dead_url(), live.base_url])  # one down: it starts out of rotation
-    with pytest.raises(BackendError, match="cannot reach any of the 2 servers"):
-        check_servers([dead_url(), dead_url()])
-    with pytest.raises(BackendError, match="not an http"):
-        check_servers([live.base_url, "localhost:8000"])
+    check_backend("openai", [dead_url(), live.base_url])  # one down: it starts out of rotation
+    with pytest.raises(BackendError, match="none of the 2 servers can be reached"):
+        check_backend("openai", [dead_url(), dead_url()])
+    with pytest.raises(BackendError, match="not an http"):  # every URL is checked when the backend is built
+        multi([live.base_url, "localhost:8000"])
 
 
 # --- routing ---------------------------------------------------------------------------------------
@@ -296,10 +304,10 @@ def test_preflight_wants_one_server_up_and_every_url_well_formed(stubs: Stubs):
 
 def test_one_url_is_the_plain_client_several_are_spread(stubs: Stubs):
     a, b = stubs.start("a"), stubs.start("b")
-    with build_backend("openai", None, base_url=[a.base_url]) as one:
-        assert isinstance(one, OpenAIServerBackend)
-    with build_backend("openai", None, base_url=f"{a.base_url},{b.base_url}", concurrency=8) as be:
-        assert isinstance(be, MultiServerBackend) and be.model_id == MODEL and be.loop is not None
+    with Sync(build_backend("openai", None, base_url=[a.base_url])) as one:
+        assert isinstance(one.backend, OpenAIServerBackend)
+    with Sync(build_backend("openai", None, base_url=f"{a.base_url},{b.base_url}", concurrency=8)) as be:
+        assert isinstance(be.backend, MultiServerBackend) and be.model_id == MODEL
         done = be.complete([ask(f"q{i}") for i in range(40)])
         assert all(c.error is None for c in done)
         servers = be.describe()["servers"]
@@ -373,7 +381,7 @@ def test_a_failing_server_is_taken_out_probed_and_put_back(stubs: Stubs):
         a.mode = "ok"  # it recovers: the probe puts it back
         deadline = time.monotonic() + 10
         while not be.servers[0]["in_rotation"] and time.monotonic() < deadline:
-            time.sleep(0.05)
+            wait(0.05)
         assert be.servers[0]["in_rotation"] and a.pings >= 1
         before = a.calls
         be.complete([ask(f"again {i}") for i in range(10)])
@@ -381,12 +389,14 @@ def test_a_failing_server_is_taken_out_probed_and_put_back(stubs: Stubs):
         assert be.servers[0]["out_of_rotation_s"] > 0 and be.servers[0]["outages"] == 1
 
 
-def test_the_clients_gave_up_error_is_what_marks_a_server_fault(stubs: Stubs):
-    """The multi backend reads the client's error text: this pins that coupling."""
+def test_the_clients_gave_up_failure_is_what_marks_a_server_fault(stubs: Stubs):
+    """The router reads the failure's kind, typed by the client where it failed: this pins that."""
     a = stubs.start("a", mode="500")
-    with OpenAIServerBackend(model=MODEL, base_url=a.base_url, max_retries=1, backoff=0.01) as be:
+    with Sync(OpenAIServerBackend(model=MODEL, base_url=a.base_url, max_retries=1, backoff=0.01)) as be:
         [c] = be.complete([ask("x")])
-    assert server_fault(c), c.error
+    assert c.failure is not None and c.failure.kind == "server" and server_fault(c), c.error
+    assert c.failure.message.endswith("(gave up after 2 attempts)")  # the first try and one retry
+    assert not server_fault(Completion(texts=[], error="HTTP 400: (gave up after 1 attempts)"))  # text decides nothing
     a.mode = "ok"
 
 
@@ -415,10 +425,13 @@ def test_a_hanging_server_is_taken_out_and_its_requests_in_flight_move(stubs: St
     slow, fast = stubs.start("slow", delay=30.0), stubs.start("fast", delay=0.1)
     with multi([slow.base_url, fast.base_url], model=MODEL, timeout=0.3, max_retries=2, backoff=0.05,
                down_min=30.0) as be:
-        first = be.submit(ask("first"))  # to the slow one (a tie goes to the first server)
-        time.sleep(0.2)
-        rest = [be.submit(ask(f"q{i}")) for i in range(6)]  # spread: some to the slow one too
-        done = [f.result(20) for f in [first, *rest]]
+        async def go() -> list[Completion]:
+            first = asyncio.ensure_future(be.generate(ask("first")))  # to the slow one (a tie: the first server)
+            await asyncio.sleep(0.2)
+            rest = [be.generate(ask(f"q{i}")) for i in range(6)]  # spread: some to the slow one too
+            return list(await asyncio.wait_for(asyncio.gather(first, *rest), 20))
+
+        done = runtime.run(go())
         stats = be.servers
     assert all(c.error is None for c in done), [c.error for c in done]
     bad = stats[0]
@@ -434,12 +447,15 @@ def test_a_server_that_stops_answering_is_caught_by_the_liveness_check(stubs: St
     the server gone (GET /models fails) and moves the requests in flight well before that."""
     a, b = stubs.start("a", delay=0.5), stubs.start("b", delay=0.05)
     with multi([a.base_url, b.base_url], model=MODEL, backoff=10.0, max_retries=5, down_min=30.0) as be:
-        fut = [be.submit(ask(f"q{i}")) for i in range(6)]
-        time.sleep(0.2)  # in flight on both
-        t0 = time.monotonic()
-        stubs.stop(a)  # connections dropped, nothing listens
-        done = [f.result(10) for f in fut]
-        took = time.monotonic() - t0
+        async def go() -> tuple[list[Completion], float]:
+            fut = [asyncio.ensure_future(be.generate(ask(f"q{i}"))) for i in range(6)]
+            await asyncio.sleep(0.2)  # in flight on both
+            t0 = time.monotonic()
+            await asyncio.to_thread(stubs.stop, a)  # connections dropped, nothing listens
+            done = list(await asyncio.wait_for(asyncio.gather(*fut), 10))
+            return done, time.monotonic() - t0
+
+        done, took = runtime.run(go())
         stats = be.servers
     assert all(c.error is None for c in done), [c.error for c in done]
     assert stats[0]["outages"] == 1 and stats[0]["rerouted"] == 3 and "not answering" in stats[0]["last_failure"]
@@ -470,7 +486,7 @@ def test_cai_run_over_two_servers_keeps_rows_together(stubs: Stubs, tmp_path: Pa
         "input": str(write_prompts(tmp_path / "p.jsonl", 30)), "output": str(tmp_path / "out"),
         "backend": "openai", "base_url": [s.base_url for s in two], "concurrency": 16, "progress": False,
         "revise": {"rounds": 2}, "label": {"enabled": False}})
-    with build_backend("openai", None, **cfg.backend_options()) as be:
+    with runtime.closing(build_backend("openai", None, **cfg.backend_options())) as be:
         res = run_pipeline(cfg, backend=be)
         servers = be.describe()["servers"]
     assert res.stages["revise"].written == 30 and res.stages["revise"].failed == 0
@@ -583,7 +599,7 @@ def test_cai_run_with_a_server_killed_mid_run_finishes_every_row(sims, tmp_path:
 
     t = threading.Thread(target=killer, daemon=True)
     t0 = time.monotonic()
-    with build_backend("openai", "sim", **cfg.backend_options()) as be:
+    with runtime.closing(build_backend("openai", "sim", **cfg.backend_options())) as be:
         t.start()
         try:
             res = run_pipeline(cfg, backend=be)
@@ -606,5 +622,5 @@ def test_cai_run_with_a_server_killed_mid_run_finishes_every_row(sims, tmp_path:
 
 def test_make_backend_takes_a_list_too(stubs: Stubs):
     a, b = stubs.start("a"), stubs.start("b")
-    with make_backend("openai", base_url=[a.base_url, b.base_url], model=None) as be:
-        assert isinstance(be, MultiServerBackend) and be.urls == [a.base_url, b.base_url]
+    with Sync(make_backend("openai", base_url=[a.base_url, b.base_url], model=None)) as be:
+        assert isinstance(be.backend, MultiServerBackend) and be.urls == [a.base_url, b.base_url]

@@ -19,15 +19,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from cai import runtime
 from cai.backends.base import Message, Request, Sampling
-from cai.backends.openai_server import (
-    OpenAIServerBackend,
-    fault_kind,
-    parse_choice,
-    refused_fields,
-)
+from cai.backends.dialect import parse_choice, refused_fields
+from cai.backends.openai_server import OpenAIServerBackend, fault_kind
 from tests.fault_proxy import FaultProxy
 from tests.strict_stub import MODEL, StrictStub
+from tests.sync import Sync
 from tests.threaded_server import RouteServer
 from tests.transformers_server import transformers_server  # noqa: F401  (a fixture)
 
@@ -50,10 +48,10 @@ def strict() -> Iterator[StrictStub]:
         yield s
 
 
-def backend(url: str, **kw: Any) -> OpenAIServerBackend:
+def backend(url: str, **kw: Any) -> Sync:
     kw.setdefault("backoff", 0.01)
     kw.setdefault("timeout", 10.0)
-    return OpenAIServerBackend(base_url=url, **kw)
+    return Sync(OpenAIServerBackend(base_url=url, **kw))
 
 
 # ------------------------------------------------------------------------------- pure helpers
@@ -96,7 +94,7 @@ def test_strict_revise_style_calls_drop_vllm_fields_once(strict: StrictStub) -> 
                                                                repetition_penalty=1.2))
             for i in range(6)]
     with backend(strict.base_url, concurrency=1) as be:
-        assert be.model_id == MODEL and be.concurrent is True
+        assert be.model_id == MODEL
         assert be.server_kind == "unknown"
         out = be.complete(reqs)
         assert be.server_kind == "openai" and be.capabilities["vllm_fields"] is False
@@ -185,13 +183,12 @@ def test_explicit_vllm_server_does_not_drop_fields(strict: StrictStub) -> None:
     assert len(strict.bodies) == 1
 
 
-def test_acomplete_and_submit_share_what_was_learnt(strict: StrictStub) -> None:
+def test_runs_on_one_loop_share_what_was_learnt(strict: StrictStub) -> None:
     req = Request(JUDGE, Sampling(max_tokens=1, logprobs=5))
     with backend(strict.base_url) as be:
-        assert be.loop is not None
-        a = be.submit(req).result(10)  # from this thread; learns that vLLM's fields are refused
-        b = asyncio.run_coroutine_threadsafe(be.acomplete(req), be.loop).result(10)  # in its own loop
-        c = asyncio.run(be.acomplete(req))  # from another loop: hops over
+        [a] = be.complete([req])  # learns that vLLM's fields are refused
+        b = runtime.run(be.generate(req))  # a later run on the same loop: the same session, what was learnt kept
+        [c] = be.complete([req])
         assert be.server_kind == "openai"
     assert a.text == b.text == c.text and a.error is None and a.logprobs is None
     assert len(strict.bodies) == 4 and strict.refused == [["add_generation_prompt", "continue_final_message"]]
@@ -328,14 +325,13 @@ def test_timeout_is_retried_and_retry_after_honoured() -> None:
 
 # ---------------------------------------------------------------------- real transformers serve
 @pytest.fixture
-def tserve(transformers_server: str) -> Iterator[OpenAIServerBackend]:  # noqa: F811
-    be = OpenAIServerBackend(base_url=transformers_server, concurrency=2, timeout=120.0, backoff=0.2)
-    yield be
-    be.close()
+def tserve(transformers_server: str) -> Iterator[Sync]:  # noqa: F811
+    with Sync(OpenAIServerBackend(base_url=transformers_server, concurrency=2, timeout=120.0, backoff=0.2)) as be:
+        yield be
 
 
 @pytest.mark.integration
-def test_transformers_plain_generation(tserve: OpenAIServerBackend) -> None:
+def test_transformers_plain_generation(tserve: Sync) -> None:
     assert tserve.model_id.endswith("SmolLM2-135M-Instruct")
     [c] = tserve.complete([Request(user("What is the capital of France?"), Sampling(max_tokens=12))])
     assert c.error is None, c.error
@@ -344,7 +340,7 @@ def test_transformers_plain_generation(tserve: OpenAIServerBackend) -> None:
 
 
 @pytest.mark.integration
-def test_transformers_continued_assistant_message(tserve: OpenAIServerBackend) -> None:
+def test_transformers_continued_assistant_message(tserve: Sync) -> None:
     [c] = tserve.complete([Request(JUDGE, Sampling(max_tokens=4))])
     assert c.error is None, c.error
     assert c.text.strip()
@@ -353,7 +349,7 @@ def test_transformers_continued_assistant_message(tserve: OpenAIServerBackend) -
 
 
 @pytest.mark.integration
-def test_transformers_choice_logprobs_and_n(tserve: OpenAIServerBackend) -> None:
+def test_transformers_choice_logprobs_and_n(tserve: Sync) -> None:
     choice, lp, n2 = tserve.complete([
         Request(JUDGE, Sampling(max_tokens=1, choices=("A", "B"))),
         Request(JUDGE, Sampling(max_tokens=1, logprobs=5)),
@@ -376,7 +372,7 @@ def test_transformers_choice_logprobs_and_n(tserve: OpenAIServerBackend) -> None
 # ------------------------------------------------------------------------------ real vLLM server
 @pytest.mark.integration
 def test_vllm_server_detected_and_fully_capable(vllm_server: str) -> None:
-    with OpenAIServerBackend(base_url=vllm_server, model="smollm2", concurrency=2) as be:
+    with Sync(OpenAIServerBackend(base_url=vllm_server, model="smollm2", concurrency=2)) as be:
         assert be.server_kind == "unknown"  # the model was named: the listing is read on the first call
         lp, n2 = be.complete([Request(JUDGE, Sampling(max_tokens=1, logprobs=5)),
                               Request(user("Say hi."), Sampling(max_tokens=2, n=2, temperature=1.0, seed=1))])

@@ -22,6 +22,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import pytest
+
 from cai.backends.fake import FakeBackend, _digest
 from cai.config import load_run_config
 from cai.pipeline import run_pipeline
@@ -153,3 +155,30 @@ def test_kill_9_at_random_moments_then_finish(tmp_path: Path):
     print(f"{len(killed)} kills, {len(sent)} calls sent, {len(counts)} distinct, "
           f"{in_window} resent ({len(lost)} batches answered just before a kill): "
           f"kill cost {in_window / len(counts):.1%} extra calls")
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_unwinds_cleanly_then_the_rerun_finishes(tmp_path: Path, sig: int, code: int):
+    """Ctrl-C (or SIGTERM) in the middle of `cai revise`: every request is cancelled and the backend
+    closed in order (nothing left pending to complain at exit); the rerun resumes and finishes."""
+    log, out = tmp_path / "sent.log", tmp_path / "out" / "revisions.jsonl"
+    cmd = [sys.executable, "-m", "cai.cli", "revise", str(REPO / "examples" / "hh_red_team.jsonl"), "--backend",
+           "fake", "-o", str(out), "--cache", str(tmp_path / "cache.sqlite")]
+    env = {**os.environ, "CAI_FAKE_DELAY": "0.3", "CAI_FAKE_LOG": str(log)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and not (log.exists() and log.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.01)  # mid-run: a batch answered, the next ones in flight
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    for bad in ("Traceback", "Task was destroyed", "Exception in callback", "never retrieved", "Error"):
+        assert bad not in err, err
+    assert len(err.strip().splitlines()) <= 1, err
+    assert not out.exists()  # the run did not finish
+    again = subprocess.run(cmd, cwd=REPO, env={**env, "CAI_FAKE_DELAY": "0"}, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert len(read_rows(out)) == 32
+    assert "Task was destroyed" not in again.stderr and "Traceback" not in again.stderr

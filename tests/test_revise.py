@@ -60,13 +60,13 @@ class Gated(BackendBase):
     barrier (every row's step k before any row's step k+1) that never happens, and the
     wait times out."""
 
-    model_id, concurrent = "gated", True
+    model_id = "gated"
 
     def __init__(self) -> None:
         self.order: list[str] = []
         self.row1_done: asyncio.Event | None = None
 
-    async def acomplete(self, request: Request) -> Completion:
+    async def generate(self, request: Request) -> Completion:
         self.row1_done = self.row1_done or asyncio.Event()
         text = json.dumps(request.messages)
         row = "r0" if "question 0" in text else "r1"

@@ -3,10 +3,11 @@
 - ``embedded``: transformers on the CPU, SmolLM2-135M-Instruct prepared by `cai prepare-model`.
 - ``openai``: any OpenAI-compatible server (``vllm serve``, ...), many requests in flight; given
   several server URLs, a ``MultiServerBackend`` spreads the calls over them (``multi.py``).
-- ``vllm``: in-process ``vllm.LLM``.
+- ``vllm``: in-process ``AsyncLLM``, driven from the run's loop.
 - ``fake``: scripted, for tests and dry runs.
 
-Each backend declares what it can do (``concurrent``) and is a context manager.
+Every backend has the contract of ``base.Backend``: ``model_id``, ``async generate(request)``,
+``async aclose()``, ``describe()``. Adding one is a module and a line in ``BACKENDS``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import BackendError
-from .base import Backend, BackendBase, Completion, Message, Request, Sampling
+from .base import Backend, BackendBase, Completion, Failure, Message, Request, Sampling
 
 DEFAULT_BASE_URL = "http://localhost:8000/v1"
 DEFAULT_CONCURRENCY = 256
@@ -101,5 +102,5 @@ def build_backend(name: str, model: str | None = None, *, base_url: str | Iterab
     return make_backend(name, model=model, **options)
 
 
-__all__ = ["BACKENDS", "DEFAULT_BASE_URL", "Backend", "BackendBase", "Completion", "Message", "Request",
+__all__ = ["BACKENDS", "DEFAULT_BASE_URL", "Backend", "BackendBase", "Completion", "Failure", "Message", "Request",
            "Sampling", "base_url_value", "build_backend", "make_backend", "split_urls"]

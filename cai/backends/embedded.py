@@ -21,7 +21,8 @@ from typing import Any
 
 from ..errors import BackendError
 from ..model import default_model_dir, require_prepared
-from .base import BackendBase, Completion, Request
+from ..types import Completion, Request
+from .batching import MicroBatcher
 
 _SEED_MIX = 1_000_003
 
@@ -46,8 +47,9 @@ class _Row:
     finish: str = "length"
 
 
-class EmbeddedBackend(BackendBase):
-    """SmolLM2 (or any causal LM folder) through transformers, batched, on the CPU."""
+class EmbeddedBackend:
+    """SmolLM2 (or any causal LM folder) through transformers, batched, on the CPU: requests are
+    gathered by one micro-batcher (``batch_size`` at a time) and computed off the loop."""
 
     def __init__(
         self,
@@ -80,7 +82,8 @@ class EmbeddedBackend(BackendBase):
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.model.eval()
         self.model_id = f"{folder.name}@embedded"
-        self.batch_size = self.max_batch = max(1, batch_size)  # micro-batches of ready requests
+        self.batch_size = self.max_in_flight = max(1, batch_size)  # micro-batches of ready requests
+        self._batcher = MicroBatcher(self.compute, self.batch_size)
         self.max_new_tokens_cap = max_new_tokens_cap
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         eos: set[int] = set()
@@ -93,7 +96,8 @@ class EmbeddedBackend(BackendBase):
         self._piece: dict[int, str] = {}
 
     # ----------------------------------------------------------------------------------- API
-    def complete(self, requests: Sequence[Request]) -> list[Completion]:
+    def compute(self, requests: Sequence[Request]) -> list[Completion]:
+        """Answer a batch of requests at once (the micro-batcher's call, off the loop)."""
         results: list[Completion | None] = [None] * len(requests)
         rows: list[_Row] = []
         choice_reqs: list[tuple[int, list[int]]] = []
@@ -142,9 +146,15 @@ class EmbeddedBackend(BackendBase):
             self._choose(requests, choice_reqs, results)
         return [c if c is not None else Completion(texts=[], error="no result") for c in results]
 
-    def close(self) -> None:
+    async def generate(self, request: Request) -> Completion:
+        return await self._batcher.generate(request)
+
+    async def aclose(self) -> None:
+        await self._batcher.aclose()
         self.model = None
-        super().close()
+
+    def describe(self) -> dict[str, Any]:
+        return {}
 
     # ------------------------------------------------------------------------------ helpers
     def _prompt_ids(self, req: Request) -> list[int]:

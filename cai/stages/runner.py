@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from .. import runtime
 from ..backends.base import Backend, Completion, Request
 from ..constitution import Constitution
+from ..errors import BackendError
 from ..hashing import sha256_json
 from ..output import JsonlSink, SinkSummary
 from ..progress import RunProgress, StageProgress
@@ -57,8 +59,8 @@ class Outcome:
 class Pool:
     """The requests in flight, shared by every stream of a run.
 
-    At most ``concurrency`` at once for a backend that takes concurrent calls (a server); for
-    one that computes here, at most its ``max_batch`` (the rest wait here, not in its queue).
+    At most ``concurrency`` at once; for a backend that computes here in batches, at most its
+    ``max_in_flight`` (an optional hint: more would wait in its queue, not here in row order).
     Waiting requests go out oldest row first: a row's next call overtakes the first calls of
     rows admitted after it, so rows finish (and are written) early, and a server still holds
     the row's earlier turns in its prefix cache.
@@ -66,7 +68,7 @@ class Pool:
 
     def __init__(self, backend: Backend, concurrency: int) -> None:
         self.backend = backend
-        self.concurrency = max(1, concurrency if backend.concurrent else min(concurrency, backend.max_batch))
+        self.concurrency = max(1, min(concurrency, getattr(backend, "max_in_flight", None) or concurrency))
         self.in_flight = 0
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._count = itertools.count()
@@ -79,16 +81,16 @@ class Pool:
         else:
             self.in_flight += 1
         try:
-            loop = self.backend.loop
-            if loop is None or loop is asyncio.get_running_loop():
-                return await self.backend.acomplete(request)
-            # a backend that runs its own event loop, awaited from another one
-            fut = asyncio.run_coroutine_threadsafe(self.backend.acomplete(request), loop)
-            return await asyncio.wrap_future(fut)
+            c = await self.backend.generate(request)
+        except BackendError:
+            raise
         except Exception as e:  # noqa: BLE001 - a backend bug fails this call, not the run
-            return Completion(texts=[], error=f"{type(e).__name__}: {e}")
+            return Completion.failed("request", f"{type(e).__name__}: {e}")
         finally:
             self._release()
+        if c.failure is not None and c.failure.kind == "unreachable":  # no row can go on
+            raise BackendError(c.failure.message)
+        return c
 
     def _release(self) -> None:
         while self._waiting:
@@ -129,18 +131,6 @@ RowFn = Callable[[T, Call], Awaitable[list[Outcome]]]
 
 
 @dataclass
-class Feed(Generic[T]):
-    """A stream's view of its output: which ids are written, and which ids this run's input
-    holds (``seen``: the rest are pruned when asked)."""
-
-    sink: JsonlSink
-    seen: set[str] = field(default_factory=set)
-
-    def is_done(self, row_id: str) -> bool:
-        return self.sink.is_done(row_id)
-
-
-@dataclass
 class Stream(Generic[T]):
     """One stage's rows: input items, the row function, and the output they are written to.
 
@@ -177,7 +167,7 @@ async def run_stream(stream: Stream[T], pool: Pool, *, window: int | None = None
     At most ``pool.concurrency`` rows are in progress, and at most ``window`` rows (default 4 x
     concurrency) wait for an earlier row before being written.
     """
-    sink, feed = stream.sink, Feed[T](stream.sink)
+    sink, seen = stream.sink, set[str]()  # the ids this run's input holds (the rest are pruned when asked)
     window = window or 4 * pool.concurrency
     pending: dict[int, tuple[T, asyncio.Task[list[Outcome]] | None]] = {}
     head = 0  # the next sequence number to write
@@ -200,8 +190,8 @@ async def run_stream(stream: Stream[T], pool: Pool, *, window: int | None = None
                 head += 1
                 lines = [sink.line_of(i) for i in stream.ids(item) if sink.is_done(i)]
                 if task is not None:
-                    if task.exception() is not None:
-                        failed.append(task.exception())  # type: ignore[arg-type]
+                    if task.cancelled() or task.exception() is not None:
+                        failed.append(asyncio.CancelledError() if task.cancelled() else task.exception())  # type: ignore[arg-type]
                         continue
                     lines = []
                     for o in task.result():
@@ -232,7 +222,7 @@ async def run_stream(stream: Stream[T], pool: Pool, *, window: int | None = None
         try:
             async for item in _items(stream.items):
                 ids = stream.ids(item)
-                feed.seen.update(ids)
+                seen.update(ids)
                 task = None
                 if not all(sink.is_done(i) for i in ids):
                     while (active >= pool.concurrency or seq - head >= window) and not failed:
@@ -259,20 +249,17 @@ async def run_stream(stream: Stream[T], pool: Pool, *, window: int | None = None
             raise
         write_ready()
         summary = sink.finish()
-    if stream.prune and len(sink.done) > len(feed.seen & sink.done.keys()):
-        summary.dropped = prune(sink.path, feed.seen)
+    if stream.prune and len(sink.done) > len(seen & sink.done.keys()):
+        summary.dropped = prune(sink.path, seen)
     return summary
 
 
 def run(coro_fn: Callable[[Pool], Coroutine[Any, Any, R]], backend: Backend, concurrency: int) -> R:
-    """Run the runner's coroutine in the backend's event loop (a server client's own) or in a
-    new one here; ``coro_fn`` gets the request pool."""
+    """Run the runner's coroutine on the run's loop (``cai.runtime``); ``coro_fn`` gets the pool."""
     async def main() -> R:
         return await coro_fn(Pool(backend, concurrency))
 
-    if backend.loop is not None:
-        return asyncio.run_coroutine_threadsafe(main(), backend.loop).result()
-    return asyncio.run(main())
+    return runtime.run(main())
 
 
 def run_stage(path: Path, fingerprint: str, items: Iterable[T], fn: RowFn[T], *, backend: Backend, title: str,
