@@ -289,7 +289,7 @@ def test_engine_flags_reach_the_in_process_engine(monkeypatch: pytest.MonkeyPatc
 
 
 def test_preflight_wants_one_server_up_and_every_url_well_formed(stubs: Stubs):
-    from cai.preflight import check_backend
+    from cai.plan import check_backend
 
     live = stubs.start("live")
     check_backend("openai", [dead_url(), live.base_url])  # one down: it starts out of rotation
