@@ -190,7 +190,7 @@ class ConstitutionReward:
         ranking = await round_robin(len(texts), PairJudge(self.stage, call, prompt, texts))
         wins = ranking.scores
         known = [w for w in wins if w is not None]
-        centre = 0.0 if self.raw or not known else sum(known) / len(known)
+        centre = 0.0 if self.raw or not known else math.fsum(sorted(known)) / len(known)
         rewards = [None if w is None else w - centre for w in wins]
         return rewards, {"win_rates": wins, "matches": [m.to_dict() for m in ranking.matches]}
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,11 +44,12 @@ class Match:
     i: int
     j: int
     p_i: float | None  # p(i beats j); None when the judge could not decide
+    p_j: float | None  # p(j beats i): 1 - p_i, computed once from the canonical pair (bit for bit the same)
     row: dict[str, Any] | None = None  # the judge's label row (None for identical responses)
     reason: str | None = None  # why undecided
 
     def to_dict(self) -> dict[str, Any]:
-        return {"i": self.i, "j": self.j, "p_i": self.p_i, "reason": self.reason, "label": self.row}
+        return {"i": self.i, "j": self.j, "p_i": self.p_i, "p_j": self.p_j, "reason": self.reason, "label": self.row}
 
 
 @dataclass
@@ -100,27 +102,27 @@ class PairJudge:
         if fut is None:
             fut = self._played[key] = asyncio.ensure_future(self._play(*key))
         m = await asyncio.shield(fut)
-        return m if m.i == i else Match(i, j, None if m.p_i is None else 1.0 - m.p_i, m.row, m.reason)
+        return m if m.i == i else Match(i, j, m.p_j, m.p_i, m.row, m.reason)
 
     async def _play(self, i: int, j: int) -> Match:
         x, y = self.responses[i], self.responses[j]
         if x.strip() == y.strip():
-            return Match(i, j, TIE)
+            return Match(i, j, TIE, TIE)
         pair, x_first = pair_for(self.prompt, x, y)
         out = (await self.stage(pair, self.call))[0]
         if out.row is None:
-            return Match(i, j, None, None, out.reason)
-        p_a = float(out.row["p_a"])
-        return Match(i, j, p_a if x_first else 1.0 - p_a, out.row)
+            return Match(i, j, None, None, None, out.reason)
+        p_a, p_b = float(out.row["p_a"]), float(out.row["p_b"])
+        return Match(i, j, *((p_a, p_b) if x_first else (p_b, p_a)), out.row)
 
 
 def _scores(n: int, matches: Sequence[Match]) -> list[float | None]:
     won: list[list[float]] = [[] for _ in range(n)]
     for m in matches:
-        if m.p_i is not None:
+        if m.p_i is not None and m.p_j is not None:
             won[m.i].append(m.p_i)
-            won[m.j].append(1.0 - m.p_i)
-    return [sum(w) / len(w) if w else None for w in won]
+            won[m.j].append(m.p_j)
+    return [math.fsum(sorted(w)) / len(w) if w else None for w in won]  # summed in one order: any order of play
 
 
 def _extremes(scores: Sequence[float | None]) -> tuple[int | None, int | None]:
