@@ -125,7 +125,8 @@ def test_conversational_and_plain_give_the_same_rewards(fake: FakeBackend) -> No
         conv = r.as_sync()(conv_p, conv_c)
     assert plain == pytest.approx([expected_direct(t) for t in TEXTS]) == conv
     assert as_messages("hi") == [{"role": "user", "content": "hi"}]
-    assert as_text([{"role": "assistant", "content": [{"type": "text", "text": "x"}, {"type": "text", "text": "y"}]}]) == "xy"
+    parts = [{"type": "text", "text": "x"}, {"type": "text", "text": "y"}]
+    assert as_text([{"role": "assistant", "content": parts}]) == "xy"
 
 
 def test_direct_mode_is_the_expected_score_one_call_per_completion_and_principle(fake: FakeBackend) -> None:
