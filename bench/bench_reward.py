@@ -75,7 +75,7 @@ def count_ranking(n: int, k: int) -> tuple[int, int]:
         fake = FakeBackend()
         stage = JudgeStage(load_constitution(), Templates(), JudgeConfig(principles=k), fake.model_id)
 
-        async def go(fn=fn, fake=fake, stage=stage) -> int:  # type: ignore[no-untyped-def]
+        async def go(fn=fn, fake=fake, stage=stage) -> int:
             texts = [f"response {i}: {'word ' * i}" for i in range(n)]
             ranking = await fn(n, PairJudge(stage, Call(Pool(fake, 256)), [{"role": "user", "content": "Q"}], texts))
             return len(ranking.matches)
