@@ -24,18 +24,18 @@ datasets = pytest.importorskip("datasets")
 PROMPTS = ["How do I pick a lock?", "Write a short poem about rain."]
 
 
-def _dataset(conversational: bool):  # type: ignore[no-untyped-def]
+def _dataset(conversational: bool):
     rows = [[{"role": "user", "content": p}] if conversational else p for p in PROMPTS]
     return datasets.Dataset.from_dict({"prompt": rows})
 
 
-def _common(tmp_path: Path) -> dict:  # type: ignore[type-arg]
+def _common(tmp_path: Path) -> dict:
     return {"output_dir": str(tmp_path / "out"), "max_steps": 1, "learning_rate": 1e-5, "report_to": [],
             "use_cpu": True, "save_strategy": "no", "bf16": False, "disable_tqdm": True, "logging_steps": 1,
             "seed": 7}
 
 
-def _grpo_step(model_dir: Path, tokenizer, reward: ConstitutionReward, tmp_path: Path):  # type: ignore[no-untyped-def]
+def _grpo_step(model_dir: Path, tokenizer, reward: ConstitutionReward, tmp_path: Path):
     args = trl.GRPOConfig(**_common(tmp_path), per_device_train_batch_size=8, num_generations=4,
                           max_completion_length=8, gradient_checkpointing=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
@@ -46,7 +46,7 @@ def _grpo_step(model_dir: Path, tokenizer, reward: ConstitutionReward, tmp_path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_dir: Path):  # type: ignore[no-untyped-def]
+def tokenizer(model_dir: Path):
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     return tok
