@@ -107,10 +107,14 @@ class ConstitutionReward:
                              else load_constitution(constitution))
         self.templates = templates if isinstance(templates, Templates) else Templates(templates)
         self.cfg = judge or JudgeConfig()
+        if mode == "direct" and self.cfg.mode != "logprobs":
+            raise ValueError(f"direct mode reads score log-probs: judge mode {self.cfg.mode!r} has none")
         inner = backend if not isinstance(backend, str) else build_backend(backend, model, **backend_options)
         self.backend = with_cache(inner, Path(cache) if cache is not None else None)
         self.stage = JudgeStage(self.constitution, self.templates, self.cfg, self.backend.model_id)
         self.record = Path(record) if record is not None else None
+        self.provenance = {**self.stage.provenance, "stage": f"reward/{mode}",
+                           "score_templates_hash": self.templates.digest(("score",))}
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="cai-reward")
         self._write = threading.Lock()
 
@@ -186,13 +190,14 @@ class ConstitutionReward:
     async def _group(self, call: Call, prompt: list[Message], texts: list[str]) -> tuple[list[float | None],
                                                                                           dict[str, Any]]:
         if len(texts) < 2:
-            return [None] * len(texts), {"win_rates": [None] * len(texts), "matches": []}
+            return [None] * len(texts), {"win_rates": [None] * len(texts), "matches": [], "provenance": self.provenance}
         ranking = await round_robin(len(texts), PairJudge(self.stage, call, prompt, texts))
         wins = ranking.scores
         known = [w for w in wins if w is not None]
         centre = 0.0 if self.raw or not known else math.fsum(sorted(known)) / len(known)
         rewards = [None if w is None else w - centre for w in wins]
-        return rewards, {"win_rates": wins, "matches": [m.to_dict() for m in ranking.matches]}
+        return rewards, {"win_rates": wins, "matches": [m.to_dict() for m in ranking.matches],
+                         "provenance": self.provenance}
 
     async def _direct(self, call: Call, prompt: list[Message], text: str) -> tuple[float | None, dict[str, Any]]:
         key = "d-" + short_id(["direct", prompt, text])
@@ -218,7 +223,8 @@ class ConstitutionReward:
         reward = None if expected is None else (expected - 1.0) / 9.0
         if reward is not None and not math.isfinite(reward):
             reward = None
-        return reward, {"id": key, "reward": reward, "expected_score": expected, "judgements": judgements}
+        return reward, {"id": key, "reward": reward, "expected_score": expected, "judgements": judgements,
+                        "provenance": self.provenance}
 
     def _save(self, records: list[dict[str, Any]]) -> None:
         if self.record is None or not records:

@@ -135,6 +135,8 @@ def test_direct_mode_is_the_expected_score_one_call_per_completion_and_principle
         got = asyncio.run(r(["Help me."] * 4, TEXTS))
         assert got == pytest.approx([expected_direct(t) for t in TEXTS]) and r.sent == 4
     assert expected_score({"\u258110": 0.0}) == (10.0, 1.0)
+    with pytest.raises(ValueError, match="log-probs"):
+        ConstitutionReward(None, fake, mode="direct", judge=JudgeConfig(mode="choice"))
     assert isinstance(expected_score({"A": 0.0}), str)
 
 
@@ -163,6 +165,7 @@ def test_record_holds_every_match(fake: FakeBackend, tmp_path: Path) -> None:
     m = rows[1]["matches"][0]
     assert m["p_i"] == pytest.approx(sigmoid(quality(TEXTS[0]) - quality(TEXTS[1])))
     assert len(m["label"]["judgements"]) == 2 * r.cfg.principles
+    assert rows[0]["provenance"]["stage"] == "reward/group" and rows[0]["provenance"]["model"] == "fake"
 
 
 def test_the_callers_loop_runs_while_the_judge_works() -> None:
