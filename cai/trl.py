@@ -109,7 +109,8 @@ class ConstitutionReward:
         self.cfg = judge or JudgeConfig()
         if mode == "direct" and self.cfg.mode != "logprobs":
             raise ValueError(f"direct mode reads score log-probs: judge mode {self.cfg.mode!r} has none")
-        inner = backend if not isinstance(backend, str) else build_backend(backend, model, **backend_options)
+        inner = (backend if not isinstance(backend, str)
+                 else build_backend(backend, model, concurrency=concurrency, **backend_options))
         self.backend = with_cache(inner, Path(cache) if cache is not None else None)
         self.stage = JudgeStage(self.constitution, self.templates, self.cfg, self.backend.model_id)
         self.record = Path(record) if record is not None else None
