@@ -196,8 +196,9 @@ def test_a_queued_answer_is_found_before_its_commit(tmp_path: Path):
 
 
 def test_the_run_loop_from_a_thread_and_from_inside_a_running_loop(tmp_path: Path):
-    """The Python API in a notebook (a loop already runs) or a worker thread: the run goes to the
-    background loop; answers are committed there, before they are returned, as on the CLI's loop."""
+    """The Python API in a notebook (a loop already runs: a helper thread drives the run loop) or
+    a worker thread (it drives the run loop itself): one loop throughout, so the backend built
+    on it keeps working, and answers are committed before they are returned, as on the CLI."""
     import asyncio
     import threading
 
