@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 from . import runtime
 from .backends import build_backend
 from .backends.base import Backend
-from .cache import with_cache
+from .cache import CachedBackend, CallCache, CountingBackend
 from .constitution import Constitution, load_constitution
 from .hashing import short_id
 from .stages.judge import JudgeConfig, JudgeStage, option_probs
@@ -111,7 +111,7 @@ class ConstitutionReward:
             raise ValueError(f"direct mode reads score log-probs: judge mode {self.cfg.mode!r} has none")
         inner = (backend if not isinstance(backend, str)
                  else build_backend(backend, model, concurrency=concurrency, **backend_options))
-        self.backend = with_cache(inner, Path(cache) if cache is not None else None)
+        self.backend = CachedBackend(inner, CallCache(Path(cache))) if cache is not None else CountingBackend(inner)
         self.stage = JudgeStage(self.constitution, self.templates, self.cfg, self.backend.model_id)
         self.record = Path(record) if record is not None else None
         self.provenance = {**self.stage.provenance, "stage": f"reward/{mode}",
