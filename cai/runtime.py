@@ -24,8 +24,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from .backends.base import Backend
-    from .types import Completion, Request
+    from .types import Backend, Completion, Request
 
 T = TypeVar("T")
 EXIT_TERMINATED = 143

@@ -1,4 +1,5 @@
-"""The values every layer passes: messages in, sampling, a request, and its completion or failure.
+"""The values every layer passes (messages in, sampling, a request, its completion or failure)
+and the backend contract that passes them (``Backend``: see ``cai.backends.base``).
 
 A request whose last message has role ``assistant`` asks the model to *continue* that message
 (no new turn is opened): this is how the judge puts "The answer is: (" in the model's mouth
@@ -8,7 +9,7 @@ and reads the next token's log-probabilities.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, Protocol, TypedDict, runtime_checkable
 
 
 class Message(TypedDict):
@@ -122,3 +123,29 @@ class Completion:
     def from_dict(cls, d: dict[str, Any]) -> Completion:
         return cls(d["texts"], d.get("prompt_tokens", 0), d.get("completion_tokens", 0), d.get("logprobs"),
                    d.get("finish_reasons"), error=d.get("error"))
+
+
+@runtime_checkable
+class Backend(Protocol):
+    model_id: str
+
+    async def generate(self, request: Request) -> Completion: ...
+
+    async def aclose(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class BackendBase:
+    """Defaults for a small backend (tests, wrappers): nothing to close, nothing to describe."""
+
+    model_id: str
+
+    async def generate(self, request: Request) -> Completion:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {}
