@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cai import runtime
 from cai.backends import make_backend
 from cai.backends.base import Backend, BackendBase, Completion, Request, Sampling
 from cai.cli import main
@@ -110,7 +111,7 @@ def test_cli_label_on_the_embedded_model(model_dir: Path, hh_dev: Path, tmp_path
 def served(vllm_server: str):
     be = make_backend("openai", base_url=vllm_server, model="smollm2")
     yield be
-    be.close()
+    runtime.close(be)
 
 
 def test_vllm_logprob_judge_matches_embedded(served, embedded, hh_dev: Path) -> None:
