@@ -452,14 +452,16 @@ def run_eval_judge(file: Rows, *, backend: Backend | str | None = None, output: 
     results: dict[str, dict[str, Any]] = {}
     inner = given or build_backend(cfg.backend, cfg.model, **cfg.backend_options())
     try:
-        with counted(inner) as be, _in_memory(plan):
+        with counted(inner) as be, _in_memory(plan) as memory, contextlib.ExitStack() as held:
+            assert plan.folder is not None
+            if not memory:
+                held.enter_context(lock.writer(plan.folder))
             judges: list[tuple[str, str, str, RowFn[Pair]]] = [
                 (f"{jcfg.mode} judge" + ("" if jcfg.both_orders else " (one order)"), "judge.jsonl",
                  judge_fingerprint(be, const, tpl, jcfg), JudgeStage(const, tpl, jcfg, be.model_id))]
             if nv.enabled:
                 judges.append(("naive judge", "naive.jsonl", naive_fingerprint(be, const, tpl, ncfg),
                                NaiveStage(const, tpl, ncfg, be.model_id)))
-            assert plan.folder is not None
             for name, fname, fp, stage in judges:
                 t0 = time.monotonic()
                 s = run_stage(plan.folder / fname, fp, read_pairs(file, split=cfg.split, limit=cfg.limit), stage,
