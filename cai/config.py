@@ -176,6 +176,10 @@ class RunConfig(_Section):
     split: str = Field("train", description="Split, for dataset folders and Hub names.")
     limit: int | None = Field(None, ge=1, description="Only the first N input rows.")
     progress: bool | None = Field(None, description="Show progress bars (default: on a terminal).")
+    prune: bool = Field(False, description="Remove the rows of an earlier run in this folder that this input no "
+                        "longer lists (default: keep them).")
+    max_line_bytes: int = Field(1_000_000, ge=1, description="Longest input line (bytes) read; a longer one "
+                                "is an input error.")
     vllm: EngineSettings = Field(default_factory=lambda: EngineSettings.model_validate({}))
     revise: ReviseSettings = Field(default_factory=lambda: ReviseSettings.model_validate({}))
     gates: GateSettings = Field(default_factory=lambda: GateSettings.model_validate({}))

@@ -7,7 +7,9 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+DRAIN = 1 << 16  # bytes read at a time while skipping a line over the cap
 
 
 def dumps(row: Any) -> str:
@@ -25,15 +27,35 @@ def iter_jsonl(path: Path | None) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
+def bounded_lines(f: IO[bytes], cap: int | None) -> Iterator[bytes | None]:
+    """The lines of a binary file; with ``cap``, a line of more than ``cap`` bytes (its line
+    break not counted) comes as ``None``, read past in bounded chunks, never held whole."""
+    if cap is None:
+        yield from f
+        return
+    while line := f.readline(cap + 1):
+        if len(line) <= cap or line.endswith(b"\n"):
+            yield line
+            continue
+        while (rest := f.readline(DRAIN)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
 def write_text_atomic(path: Path, text: str, *, fsync: bool = False) -> None:
-    """Replace ``path`` whole via a ``.tmp`` beside it."""
+    """Replace ``path`` whole via a ``.tmp`` beside it (removed again if the write fails: a
+    full disk leaves the old file, and no ``.tmp``)."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from .backends.base import Message
 from .errors import InputError
+from .files import bounded_lines
 from .hashing import short_id, unique_ids
 
 # What the commands and the Python API read: a path (file or saved dataset folder), a Hub
@@ -111,32 +112,33 @@ def _in_memory(rows: Iterable[Any]) -> Iterator[tuple[dict[str, Any], str]]:
         yield dict(rec), f"<rows>:row {i}"
 
 
-def iter_records(source: Source, split: str = "train", problems: Problems | None = None
-                 ) -> Iterator[tuple[dict[str, Any], str]]:
+def iter_records(source: Source, split: str = "train", problems: Problems | None = None,
+                 max_line: int | None = None) -> Iterator[tuple[dict[str, Any], str]]:
     """Yield (record, location) from a file, a saved dataset folder, a Hub dataset name, or rows
     in memory (prompt strings, dicts, a ``datasets.Dataset``).
 
     Every problem reading a file (not UTF-8, not JSON, a corrupt Parquet file, no permission)
     is an ``InputError`` that names the file (and the line, where there is one) and what to do;
     with ``problems``, a bad line is added there and skipped (the plan lists them all at once).
+    A JSON line longer than ``max_line`` bytes is such a problem (read past, never held whole).
     """
     if not isinstance(source, (str, Path)):
         yield from _in_memory(source)
         return
     path = Path(source)
     try:
-        yield from _file_records(path, source, split, problems)
+        yield from _file_records(path, source, split, problems, max_line)
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); re-save it as UTF-8") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e}); check the path and its permissions") from None
 
 
-def _file_records(path: Path, source: str | Path, split: str, problems: Problems | None
-                  ) -> Iterator[tuple[dict[str, Any], str]]:
+def _file_records(path: Path, source: str | Path, split: str, problems: Problems | None,
+                  max_line: int | None = None) -> Iterator[tuple[dict[str, Any], str]]:
     suffix = path.suffix.lower()
     if path.is_file() and suffix in (".jsonl", ".ndjson", ".json"):
-        yield from _json_records(path, suffix, problems)
+        yield from _json_records(path, suffix, problems, max_line)
     elif path.is_file() and suffix == ".parquet":
         yield from _parquet_records(path)
     elif path.is_file() and suffix in (".csv", ".tsv"):
@@ -169,7 +171,8 @@ def _file_records(path: Path, source: str | Path, split: str, problems: Problems
         raise InputError(f"{source}: file not found")
 
 
-def _json_records(path: Path, suffix: str, problems: Problems | None = None) -> Iterator[tuple[dict[str, Any], str]]:
+def _json_records(path: Path, suffix: str, problems: Problems | None = None,
+                  max_line: int | None = None) -> Iterator[tuple[dict[str, Any], str]]:
     """JSON lines (one object a line), or for ``.json`` a JSON array of objects. Read as bytes
     and decoded line by line, so that a bad byte is reported with its line."""
     with path.open("rb") as f:
@@ -186,8 +189,11 @@ def _json_records(path: Path, suffix: str, problems: Problems | None = None) -> 
                                      f"{type(rec).__name__}")
                 yield rec, f"{path}:item {i}"
             return
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(bounded_lines(f, max_line), 1):
             try:
+                if raw is None:
+                    raise InputError(f"{path}:{lineno}: over the line-size cap ({max_line} bytes); split the "
+                                     "row, or pass a larger --max-line-bytes")
                 rec = _json_line(path, suffix, lineno, raw)
             except InputError as e:
                 if problems is None:

@@ -5,7 +5,10 @@ and failures to ``NAME.failures.jsonl.part``. A ``.part`` left by a crash is tri
 last complete line on the next start, and the ids it holds are skipped: that is the resume.
 The run's fingerprint (constitution, templates, model, settings) is kept beside it; when it
 differs, the old partial output is discarded. ``finish`` makes the files final with an
-atomic rename, so that ``NAME.jsonl`` is only ever seen complete.
+atomic rename, so that ``NAME.jsonl`` is only ever seen complete. An I/O error while writing
+(a full disk) is kept, not raised where it happens (the runner writes from callbacks): the sink
+writes nothing more, tells ``on_error`` (the run stops), and ``finish`` raises it, so no final
+file is made from a cut ``.part``.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TextIO
 
+from .errors import InputError
 from .files import dumps, write_text_atomic
 
 RECENT_ROWS = 1024  # rows kept in memory for ``JsonlSink.read`` (each is read right after it is written)
@@ -51,13 +55,18 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def index_lines(path: Path) -> dict[str, tuple[int, int]]:
-    """Each row's id -> (line number from 1, byte offset) in a JSONL file we wrote."""
+    """Each row's id -> (line number from 1, byte offset) in a JSONL file we wrote; an id on two
+    lines (two runs wrote here at once) is an ``InputError`` naming the file and both lines."""
     index: dict[str, tuple[int, int]] = {}
     offset = 0
     with path.open("rb") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                index[json.loads(line)["id"]] = (n, offset)
+                row_id = json.loads(line)["id"]
+                if row_id in index:
+                    raise InputError(f"{path}:{n}: id {row_id!r} again (first on line {index[row_id][0]}): two "
+                                     "runs wrote here at once; keep one line per id (or remove the file) and rerun")
+                index[row_id] = (n, offset)
             offset += len(line)
     return index
 
@@ -71,6 +80,7 @@ class SinkSummary:
     failures_path: Path | None = None
     reasons: dict[str, int] = field(default_factory=dict)
     dropped: int = 0  # rows of an earlier run no longer among the inputs (pruned)
+    kept: int = 0  # rows of an earlier run no longer among the inputs, kept (not asked to prune)
 
 
 class JsonlSink:
@@ -92,6 +102,8 @@ class JsonlSink:
         # The lines written last, by id: ``read`` is asked for a row just written (`cai run`
         # pairs each revision as it is written), which needs no flush, open and seek.
         self._recent: OrderedDict[str, bytes] = OrderedDict()
+        self.error: OSError | None = None  # the first I/O error writing (a full disk): nothing more is written
+        self.on_error: Callable[[OSError], None] | None = None
         self._open()
 
     def _open(self) -> None:
@@ -147,10 +159,22 @@ class JsonlSink:
             row: dict[str, Any] = json.loads(f.readline())
         return row
 
+    def _failed(self, e: OSError, path: Path) -> None:
+        if self.error is None:
+            self.error = OSError(e.errno, e.strerror or str(e), str(path))
+            if self.on_error is not None:
+                self.on_error(self.error)
+
     def write(self, row: dict[str, Any]) -> int:
-        """Append one row whole; return its line number."""
+        """Append one row whole; return its line number (0 once writing has failed)."""
         data = (dumps(row) + "\n").encode()
-        self._writable().write(data)
+        if self.error is not None:
+            return 0
+        try:
+            self._writable().write(data)
+        except OSError as e:
+            self._failed(e, self.part)
+            return 0
         self._lines += 1
         self.done[row["id"]] = (self._lines, self._offset)
         self._recent[row["id"]] = data
@@ -174,9 +198,12 @@ class JsonlSink:
         return lines
 
     def fail(self, row_id: str, reason: str, **info: Any) -> None:
-        if self._fail_f is None:
-            self._fail_f = self.failures_part.open("w", encoding="utf-8")
-        self._fail_f.write(dumps({"id": row_id, "reason": reason, **info}) + "\n")
+        try:
+            if self._fail_f is None:
+                self._fail_f = self.failures_part.open("w", encoding="utf-8")
+            self._fail_f.write(dumps({"id": row_id, "reason": reason, **info}) + "\n")
+        except OSError as e:
+            self._failed(e, self.failures_part)
         key = reason.split(":")[0]
         self.summary.reasons[key] = self.summary.reasons.get(key, 0) + 1
         self.summary.failed += 1
@@ -188,14 +215,20 @@ class JsonlSink:
         """Hand what was written to the OS (a killed process loses none of it); with
         ``durable``, also to the disk (a power cut loses none of it)."""
         for f in self._files():
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
+            try:
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+            except OSError as e:
+                self._failed(e, Path(f.name))
 
     def finish(self) -> SinkSummary:
-        """Make the output final. A rerun that wrote nothing leaves the final file as it was."""
+        """Make the output final. A rerun that wrote nothing leaves the final file as it was;
+        after an I/O error, the error is raised and nothing is made final."""
         self.flush()
         self.close()
+        if self.error is not None:
+            raise self.error
         if self._src == self.part:
             os.replace(self.part, self.path)
         if self.summary.failed:
@@ -208,8 +241,10 @@ class JsonlSink:
 
     def close(self) -> None:
         for f in self._files():
-            f.flush()
-            f.close()
+            try:
+                f.close()  # flushes first
+            except OSError as e:
+                self._failed(e, Path(f.name))
 
     def __enter__(self) -> JsonlSink:
         return self

@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, runtime
+from . import lock, runtime
 from .backends import Backend, build_backend
 from .backends.base import Sampling
 from .cache import CachedBackend, CallCache, CountingBackend
@@ -46,6 +45,7 @@ from .files import iter_jsonl, write_json_atomic
 from .hashing import sha256_json
 from .inputs import PromptRow
 from .inputs import Source as Rows
+from .manifest import describe, manifest, mark_running, read_history  # noqa: F401 (cai.scale's import)
 from .metrics import summarize_files
 from .output import JsonlSink, SinkSummary
 from .plan import Plan, labels_path, unique_pair
@@ -251,15 +251,13 @@ def execute(plan: Plan, backend: Backend | None = None) -> RunResult:
     inner = backend or build_backend(cfg.backend, cfg.model, **cfg.backend_options())
     gate = InputGate(cfg.gates)
     try:
-        with _in_memory(plan) as memory:
+        with _in_memory(plan) as memory, contextlib.ExitStack() as held:
             assert plan.folder is not None
+            if not memory:  # one writer per folder, before anything is written there
+                held.enter_context(lock.writer(plan.folder))
             res, history = RunResult(output=plan.folder), []
             if plan.kind == "run":
-                plan.folder.mkdir(parents=True, exist_ok=True)
-                history = read_history(plan.folder / "run.json")
-                # Until the run ends, run.json says so: `cai export` refuses a folder between two stages.
-                write_json_atomic(plan.folder / "run.json",
-                                  {"cai_version": __version__, "status": "running", "history": history})
+                history = mark_running(plan.folder / "run.json")
             with counted(inner, cache) as be, _policy(plan, be, cache) as pol:
                 res.stages = run(lambda pool: _streams(plan, be, pol, pool, gate), be, cfg.concurrency)
                 res.sent, res.cached, res.errors = (sum(x) for x in zip(
@@ -267,12 +265,14 @@ def execute(plan: Plan, backend: Backend | None = None) -> RunResult:
                 model_id = be.model_id
                 res.backend = describe(inner)
             _finish(plan, res, gate, memory)
+            if plan.kind == "run":
+                finish_run(plan, res, model_id, t0, history)
     finally:
         if backend is None:
             runtime.close(inner)
-    if plan.kind == "run":
-        finish_run(plan, res, model_id, t0, history)
     return res
+
+
 
 
 async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: InputGate) -> dict[str, SinkSummary]:
@@ -280,25 +280,38 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
     cfg, const, tpl = plan.config, plan.constitution, plan.templates
     rcfg = ReviseConfig.of(cfg.revise, cfg.seed)
     rfp = revise_fingerprint(be, const, tpl, rcfg)
-    bars, prune = RunProgress(enabled=cfg.progress), plan.kind == "run"
+    bars, prune = RunProgress(enabled=cfg.progress), plan.kind == "run" and cfg.prune
     done: dict[str, SinkSummary] = {}
+    me, sinks = asyncio.current_task(), list[JsonlSink]()
+
+    def stop(_: OSError) -> None:  # a full disk: the run stops, finish() raises the error
+        if me is not None:
+            me.cancel()
+
+    def sink(path: Path, fp: str) -> JsonlSink:
+        s = files.enter_context(JsonlSink(path, fp))
+        s.on_error = stop
+        sinks.append(s)
+        return s
+
     with contextlib.ExitStack() as files:
         queue: asyncio.Queue[Pair | None] = asyncio.Queue()
         jobs: list[Awaitable[None]] = []
         if plan.revise:
             assert plan.revisions is not None
-            rsink = files.enter_context(JsonlSink(plan.revisions, rfp))
+            rsink, rseen = sink(plan.revisions, rfp), set[str]()
 
             def written(row: PromptRow, lines: list[int]) -> None:
-                if plan.fused and lines:
+                if plan.fused and lines and rsink.error is None:
                     queue.put_nowait(record_to_pair(rsink.read(row.id), f"{plan.revisions}:{lines[0]}"))
 
-            stream = Stream(rsink, gate(plan.prompts()), ReviseStage(const, tpl, rcfg, be.model_id), "revise",
+            prompts = noting(gate(plan.prompts()), rseen)
+            stream = Stream(rsink, prompts, ReviseStage(const, tpl, rcfg, be.model_id), "revise",
                             plan.totals.get("revise"), written=written, prune=prune, progress=cfg.progress)
 
             async def revise() -> None:
                 try:
-                    done["revise"] = await run_stream(stream, pool, group=bars)
+                    done["revise"] = kept(await run_stream(stream, pool, group=bars), rsink, rseen)
                 finally:
                     queue.put_nowait(None)
 
@@ -306,7 +319,7 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
         if plan.label:
             assert plan.labels is not None
             jcfg, scfg = JudgeConfig.of(cfg.label, cfg.seed), SampleConfig.of(cfg)
-            lsink = files.enter_context(JsonlSink(plan.labels, label_fingerprint(plan, be, pol.model_id, rfp)))
+            lsink, lseen = sink(plan.labels, label_fingerprint(plan, be, pol.model_id, rfp)), set[str]()
             stage = LabelStage(JudgeStage(const, tpl, jcfg, be.model_id), scfg, tpl.render_text("generate", "system"),
                                Pool(pol, cfg.concurrency) if pol is not be else None)
 
@@ -314,21 +327,41 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
                 seen: dict[str, int] = {}
                 if plan.fused:
                     while (pair := await queue.get()) is not None:
-                        yield unique_pair(pair, seen)
+                        lseen.add((pair := unique_pair(pair, seen)).id)
+                        yield pair
                 for item in plan.label_items(seen):
+                    lseen.update(stage.ids(item))
                     yield item
 
             lstream = Stream[Pair | PromptRow](lsink, items(), stage, "label", plan.totals.get("label"),
                                                ids=stage.ids, prune=prune, progress=cfg.progress)
 
             async def label() -> None:
-                done["label"] = await run_stream(lstream, pool, group=bars)
+                done["label"] = kept(await run_stream(lstream, pool, group=bars), lsink, lseen)
 
             jobs.append(label())
-        async with asyncio.TaskGroup() as group:
-            for job in jobs:
-                group.create_task(job)  # type: ignore[arg-type]
+        try:
+            async with asyncio.TaskGroup() as group:
+                for job in jobs:
+                    group.create_task(job)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            if error := next((s.error for s in sinks if s.error is not None), None):
+                raise error from None  # one line (the CLI's), not a cancelled run
+            raise
     return {name: done[name] for name in ("revise", "label") if name in done}
+
+
+def noting(rows: Iterable[PromptRow], seen: set[str]) -> Iterator[PromptRow]:
+    """``rows``, each id noted in ``seen`` (the ids this input lists)."""
+    for row in rows:
+        seen.add(row.id)
+        yield row
+
+
+def kept(summary: SinkSummary, sink: JsonlSink, seen: set[str]) -> SinkSummary:
+    """Count the rows of an earlier run this input no longer lists (kept when not pruned)."""
+    summary.kept = 0 if summary.dropped else len(sink.done.keys() - seen)
+    return summary
 
 
 def label_fingerprint(plan: Plan, judge: Backend, policy_id: str, revise_fp: str) -> str:
@@ -379,7 +412,7 @@ def finish_run(plan: Plan, res: RunResult, model_id: str, t0: float, history: li
     res.gates = write_rejects(out, cfg.gates, res.skipped)
     if "revise" in res.stages:  # after rejects.jsonl: it marks the gated rows
         write_revise_report(out / "revisions.jsonl")
-    res.manifest = _manifest(plan, res, model_id, time.time() - t0) | (extra or {})
+    res.manifest = manifest(plan, res, model_id, time.time() - t0) | (extra or {})
     res.manifest["history"] = [*history, {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "elapsed_s": res.manifest["elapsed_s"],
         "calls": res.manifest["calls"],
@@ -387,52 +420,6 @@ def finish_run(plan: Plan, res: RunResult, model_id: str, t0: float, history: li
                    for k, v in res.manifest["counts"].items() if k != "preferences"}}]
     write_json_atomic(out / "run.json", res.manifest)
     return res
-
-
-def describe(backend: Backend) -> dict[str, Any] | None:
-    """What a backend says of itself (a server client: the server kind, its capabilities, retries,
-    and per server the calls answered and the time out of rotation), for run.json."""
-    d = getattr(backend, "describe", None)
-    return d() if callable(d) else None
-
-
-def read_history(manifest: Path) -> list[dict[str, Any]]:
-    """The runs recorded in an earlier run.json of this folder (oldest first)."""
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    history = data.get("history") if isinstance(data, dict) else None
-    return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
-
-
-def _manifest(plan: Plan, res: RunResult, model_id: str, elapsed: float) -> dict[str, Any]:
-    """run.json: the config as given (pair sources resolved), what it resolved to, and what the run did."""
-    cfg, const, tpl = plan.config, plan.constitution, plan.templates
-    cache = plan.cache
-    config = cfg.public()
-    if cfg.label.enabled:
-        config["label"]["sources"] = plan.sources
-    return {
-        "cai_version": __version__,
-        "status": "complete",
-        "config": config,
-        "constitution": const.model_dump(mode="json"),
-        "constitution_hash": const.digest(),
-        "templates_hash": tpl.digest(),
-        "models": {"policy": model_id, "judge": model_id},
-        "revise": ReviseConfig.of(cfg.revise, cfg.seed).to_dict(),
-        "judge": JudgeConfig.of(cfg.label, cfg.seed).to_dict(),
-        "counts": {name: {"written": s.written, "resumed": s.resumed,
-                          "rows": s.written + s.resumed - s.dropped, "dropped": s.dropped, "failed": s.failed,
-                          "reasons": s.reasons, "failures": str(s.failures_path) if s.failures_path else None}
-                   for name, s in res.stages.items()} | {"preferences": res.preferences},
-        "calls": {"sent": res.sent, "cached": res.cached, "errors": res.errors},
-        "gates": res.gates,
-        **({"backend": res.backend} if res.backend else {}),
-        "cache": str(cache) if cache else None,
-        "elapsed_s": round(elapsed, 3),
-    }
 
 
 # --- the judge against people ------------------------------------------------------------------
@@ -465,14 +452,16 @@ def run_eval_judge(file: Rows, *, backend: Backend | str | None = None, output: 
     results: dict[str, dict[str, Any]] = {}
     inner = given or build_backend(cfg.backend, cfg.model, **cfg.backend_options())
     try:
-        with counted(inner) as be, _in_memory(plan):
+        with counted(inner) as be, _in_memory(plan) as memory, contextlib.ExitStack() as held:
+            assert plan.folder is not None
+            if not memory:
+                held.enter_context(lock.writer(plan.folder))
             judges: list[tuple[str, str, str, RowFn[Pair]]] = [
                 (f"{jcfg.mode} judge" + ("" if jcfg.both_orders else " (one order)"), "judge.jsonl",
                  judge_fingerprint(be, const, tpl, jcfg), JudgeStage(const, tpl, jcfg, be.model_id))]
             if nv.enabled:
                 judges.append(("naive judge", "naive.jsonl", naive_fingerprint(be, const, tpl, ncfg),
                                NaiveStage(const, tpl, ncfg, be.model_id)))
-            assert plan.folder is not None
             for name, fname, fp, stage in judges:
                 t0 = time.monotonic()
                 s = run_stage(plan.folder / fname, fp, read_pairs(file, split=cfg.split, limit=cfg.limit), stage,

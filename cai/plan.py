@@ -64,15 +64,16 @@ def _scannable(source: Any) -> bool:
 
 
 def scan(source: Any, *, pairs: bool, column: str | None = None, split: str = "train", limit: int | None = None,
-         what: str = "input") -> Scan:
-    """Read every record of ``source`` (up to ``limit``) as a prompt or a pair; bad records are
-    listed together in one ``InputError``; no record at all is a ``UsageError``."""
+         what: str = "input", max_line: int | None = None) -> Scan:
+    """Read every record of ``source`` (up to ``limit``) as a prompt or a pair; bad records (and
+    lines over ``max_line`` bytes) are listed together in one ``InputError``; no record at all is
+    a ``UsageError``."""
     found, problems = Scan(), Problems()
     if not _scannable(source):
         return found
     if isinstance(source, (str, Path)) and not Path(source).exists() and "/" in str(source):
         limit = 1  # a Hub dataset name: its first record (the rest are checked as they stream)
-    for rec, where in islice(iter_records(source, split, problems), limit):
+    for rec, where in islice(iter_records(source, split, problems, max_line), limit):
         try:
             if pairs:
                 found.human |= record_to_pair(rec, where).human is not None
@@ -324,9 +325,10 @@ class Plan:
         stages: list[str] = [*REVISE_STAGES] if self.revise else []
         if self.revise:  # the input: prompts
             self.totals["revise"] = scan(inputs, pairs=False, column=cfg.prompt_column, split=cfg.split,
-                                         limit=cfg.limit).rows or None
+                                         limit=cfg.limit, max_line=cfg.max_line_bytes).rows or None
         if self.kind == "eval":
-            found = scan(inputs, pairs=True, split=cfg.split, limit=cfg.limit, what="labelled pairs")
+            found = scan(inputs, pairs=True, split=cfg.split, limit=cfg.limit, what="labelled pairs",
+                         max_line=cfg.max_line_bytes)
             if _scannable(inputs) and not found.human:
                 raise InputError(f"{inputs}: no human labels (need chosen/rejected, or a label column A/B)")
             self.totals["eval"] = found.rows or None
@@ -358,11 +360,14 @@ class Plan:
         self.sources = sources
         per_prompt = len(sample_pair_ids("x", cfg.label.samples))
         if "dataset" in sources and (self.kind == "label" or not cfg.label.pairs):  # the input's pairs
-            self.totals["label"] = scan(inputs, pairs=True, split=cfg.split, limit=cfg.limit).rows or None
+            self.totals["label"] = scan(inputs, pairs=True, split=cfg.split, limit=cfg.limit,
+                                        max_line=cfg.max_line_bytes).rows or None
         elif "dataset" in sources and cfg.label.pairs:
-            scan(cfg.label.pairs, pairs=True, split=cfg.split, limit=cfg.limit, what="label.pairs dataset")
+            scan(cfg.label.pairs, pairs=True, split=cfg.split, limit=cfg.limit, what="label.pairs dataset",
+                 max_line=cfg.max_line_bytes)
         if "sample" in sources and not self.revise:
-            n = scan(inputs, pairs=False, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit).rows or None
+            n = scan(inputs, pairs=False, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit,
+                     max_line=cfg.max_line_bytes).rows or None
             self.totals["label"] = n and n * per_prompt if self.kind == "label" else None
         if "revisions" in sources and not self.revise:
             assert self.revisions is not None

@@ -496,3 +496,34 @@ def test_python_api_checks_before_any_file(data: str | bytes, call, error: type[
     with pytest.raises(error):
         call(here)
     assert _tree(here) == before
+
+
+def test_a_line_over_the_size_cap_is_named_without_reading_it_whole(here: Path, capsys: pytest.CaptureFixture[str]):
+    """A line longer than --max-line-bytes (default 1 MB) is one of the plan's problems (file:line),
+    read past in bounded chunks: a 20 MB line costs no 20 MB of memory."""
+    import tracemalloc
+
+    from cai.plan import scan
+
+    big = json.dumps({"prompt": "x" * 20_000_000})
+    rows = [json.dumps({"prompt": f"question {i}?"}) for i in range(500)]
+    rows[2], rows[299] = big, "{not json"
+    (here / "p.jsonl").write_text("\n".join(rows) + "\n")
+    argv = ["run", "--input", "p.jsonl", "-o", "out", "-b", "fake", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "p.jsonl:3: over the line-size cap (1000000 bytes)" in err and "--max-line-bytes" in err, err
+    assert "p.jsonl:300: invalid JSON" in err, err
+    assert not (here / "out").exists()
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match=r"p.jsonl:3: over the line-size cap \(1000 bytes\)"):
+            scan(here / "p.jsonl", pairs=False, max_line=1000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000, peak
+    assert main([*argv, "--max-line-bytes", "30000000"]) == 2  # a larger cap: only the bad JSON is left
+    err = capsys.readouterr().err
+    assert "p.jsonl:3:" not in err and "p.jsonl:300: invalid JSON" in err, err

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 from pathlib import Path
 
+import pytest
+
+from cai.errors import InputError
+from cai.files import bounded_lines
 from cai.output import RECENT_ROWS, JsonlSink
 
 
@@ -67,3 +73,46 @@ def test_read_gives_back_a_row_written_now_or_before(tmp_path: Path) -> None:
         assert [sink.read(r["id"]) for r in rows] == rows  # the oldest from the file
         sink.finish()
     assert [json.loads(x) for x in path.read_text().splitlines()] == rows
+
+
+def test_a_duplicate_id_read_back_names_the_file_and_line(tmp_path: Path) -> None:
+    out = tmp_path / "rows.jsonl"
+    finished(out, ["a", "b"])
+    out.write_text(out.read_text() + json.dumps({"id": "a", "x": 1}) + "\n")
+    with pytest.raises(InputError, match=r"rows.jsonl:3: id 'a' again \(first on line 1\)"):
+        JsonlSink(out, "fp")
+
+
+class FullDisk(io.BytesIO):
+    name = "full"
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_is_kept_until_finish_and_nothing_is_made_final(tmp_path: Path) -> None:
+    out = tmp_path / "rows.jsonl"
+    told: list[OSError] = []
+    with JsonlSink(out, "fp") as sink:
+        sink.on_error = told.append
+        assert sink.write({"id": "a"}) == 1
+        sink.flush()
+        assert sink._f is not None
+        sink._f.close()
+        sink._f = FullDisk()  # the disk fills up
+        assert sink.write({"id": "b"}) == 0 and sink.write({"id": "c"}) == 0  # kept, not raised here
+        sink.flush()
+        assert len(told) == 1 and not sink.is_done("b")
+        with pytest.raises(OSError, match="No space left on device") as e:
+            sink.finish()
+    assert e.value.filename == str(tmp_path / "rows.jsonl.part")
+    assert not out.exists() and (tmp_path / "rows.jsonl.part").read_bytes() == b'{"id":"a"}\n'
+    again = JsonlSink(out, "fp")  # the rerun resumes what was written whole
+    assert again.summary.resumed == 1
+    again.close()
+
+
+def test_bounded_lines_never_holds_a_line_over_the_cap() -> None:
+    data = b"short\n" + b"x" * 100 + b"\n" + b"12345\n" + b"y" * 7
+    assert list(bounded_lines(io.BytesIO(data), 5)) == [b"short\n", None, b"12345\n", None]
+    assert list(bounded_lines(io.BytesIO(data), None)) == data.splitlines(keepends=True)

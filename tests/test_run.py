@@ -305,13 +305,20 @@ def test_run_summary_names_failures_and_their_file(tmp_path: Path, capsys, monke
     assert "revisions.failures.jsonl" in err
 
 
-def test_a_smaller_input_drops_its_rows_and_a_larger_one_reuses_the_cache(tmp_path: Path):
+def test_a_smaller_input_keeps_its_rows_unless_pruned_and_a_larger_one_reuses_the_cache(tmp_path: Path):
     cfg = config(tmp_path, n=10)
     run_pipeline(cfg, backend=FakeBackend(unique_respond))
     out = tmp_path / "out"
     be = FakeBackend(unique_respond)
-    res = run_pipeline(cfg.model_copy(update={"limit": 6}), backend=be)
-    assert be.calls == [] and {k: s.dropped for k, s in res.stages.items()} == {"revise": 4, "label": 4}
+    res = run_pipeline(cfg.model_copy(update={"limit": 6}), backend=be)  # nothing deleted unasked
+    assert be.calls == [] and {k: (s.kept, s.dropped) for k, s in res.stages.items()} == {
+        "revise": (4, 0), "label": (4, 0)}
+    for name in ("revisions.jsonl", "labels.jsonl"):
+        assert [r["id"] for r in lines(out / name)] == [f"p{i}" for i in range(10)]
+    be = FakeBackend(unique_respond)
+    res = run_pipeline(cfg.model_copy(update={"limit": 6, "prune": True}), backend=be)
+    assert be.calls == [] and {k: (s.kept, s.dropped) for k, s in res.stages.items()} == {
+        "revise": (0, 4), "label": (0, 4)}
     for name in ("revisions.jsonl", "labels.jsonl"):
         assert [r["id"] for r in lines(out / name)] == [f"p{i}" for i in range(6)]
     assert {r["id"] for r in lines(out / "preferences.jsonl")} <= {f"p{i}" for i in range(6)}
@@ -320,3 +327,26 @@ def test_a_smaller_input_drops_its_rows_and_a_larger_one_reuses_the_cache(tmp_pa
     be = FakeBackend(unique_respond)
     res = run_pipeline(cfg, backend=be)  # the four rows come back, from the cache
     assert be.calls == [] and res.cached > 0 and len(lines(out / "labels.jsonl")) == 10
+
+
+def test_rerun_with_limit_keeps_every_row_and_prune_removes_them(tmp_path: Path, capsys):
+    """`cai run` twenty rows, then `--limit 5`: still twenty rows; with `--prune`: five."""
+    from cai.cli import main
+
+    write_prompts(tmp_path / "p.jsonl", 20)
+    out = tmp_path / "o"
+    args = ["run", "--input", str(tmp_path / "p.jsonl"), "-o", str(out), "-b", "fake", "--revise-rounds", "1",
+            "--label-principles", "1", "--no-progress"]
+    ids = [f"p{i}" for i in range(20)]
+    assert main(args) == 0
+    assert main([*args, "--limit", "5"]) == 0
+    for name in ("revisions.jsonl", "labels.jsonl"):
+        assert [r["id"] for r in lines(out / name)] == ids
+    assert main([*args, "--limit", "5", "--prune"]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for name in ("revisions.jsonl", "labels.jsonl"):
+        assert [r["id"] for r in lines(out / name)] == ids[:5]
+    m = json.loads((out / "run.json").read_text())
+    assert m["config"]["prune"] is True and m["counts"]["revise"]["dropped"] == 15
+    assert "running" not in m and m["status"] == "complete"

@@ -117,6 +117,7 @@ def _complete(meta: Path) -> bool:
 
 
 def _lines(path: Path, secrets: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    first: dict[Any, int] = {}  # id -> its line: a row twice is an error, never exported twice
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -131,6 +132,9 @@ def _lines(path: Path, secrets: Sequence[str]) -> Iterator[tuple[int, dict[str, 
                                  "or cut short?") from None
             if not isinstance(row, dict):
                 raise InputError(f"{path}:{n}: a row must be a JSON object")
+            if (m := first.setdefault(row.get("id"), n)) != n and row.get("id") is not None:
+                raise InputError(f"{path}:{n}: id {row['id']!r} again (first on line {m}): two runs wrote "
+                                 "here at once; keep one line per id, then export")
             yield n, row
 
 

@@ -1,0 +1,86 @@
+"""run.json, the manifest of a `cai run` folder: what the run was given, what it resolved to and
+what it did, with every earlier run of the folder in ``history``. While a run works, run.json is
+the last complete manifest plus a ``running`` marker (written atomically), so a killed rerun
+leaves the last complete one readable."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .files import write_json_atomic
+from .stages.judge import JudgeConfig
+from .stages.revise import ReviseConfig
+
+if TYPE_CHECKING:
+    from .pipeline import RunResult
+    from .plan import Plan
+    from .types import Backend
+
+
+def mark_running(manifest: Path) -> list[dict[str, Any]]:
+    """Mark run.json as running (atomically): the last complete manifest stays readable, with a
+    ``running`` marker beside it (a killed rerun leaves it so: `cai export` still reads it); a
+    folder without one says ``status: running``. Returns the runs recorded so far."""
+    try:
+        previous = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    previous = previous if isinstance(previous, dict) else {}
+    history = previous.get("history")
+    history = [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
+    running = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    base = previous if previous.get("status") == "complete" else {
+        "cai_version": __version__, "status": "running", "history": history}
+    write_json_atomic(manifest, {**base, "running": running})
+    return history
+
+
+def read_history(manifest: Path) -> list[dict[str, Any]]:
+    """The runs recorded in an earlier run.json of this folder (oldest first)."""
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    history = data.get("history") if isinstance(data, dict) else None
+    return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
+
+
+def describe(backend: Backend) -> dict[str, Any] | None:
+    """What a backend says of itself (a server client: the server kind, its capabilities, retries,
+    and per server the calls answered and the time out of rotation), for run.json."""
+    d = getattr(backend, "describe", None)
+    return d() if callable(d) else None
+
+
+def manifest(plan: Plan, res: RunResult, model_id: str, elapsed: float) -> dict[str, Any]:
+    """run.json: the config as given (pair sources resolved), what it resolved to, and what the run did."""
+    cfg, const, tpl = plan.config, plan.constitution, plan.templates
+    cache = plan.cache
+    config = cfg.public()
+    if cfg.label.enabled:
+        config["label"]["sources"] = plan.sources
+    return {
+        "cai_version": __version__,
+        "status": "complete",
+        "config": config,
+        "constitution": const.model_dump(mode="json"),
+        "constitution_hash": const.digest(),
+        "templates_hash": tpl.digest(),
+        "models": {"policy": model_id, "judge": model_id},
+        "revise": ReviseConfig.of(cfg.revise, cfg.seed).to_dict(),
+        "judge": JudgeConfig.of(cfg.label, cfg.seed).to_dict(),
+        "counts": {name: {"written": s.written, "resumed": s.resumed,
+                          "rows": s.written + s.resumed - s.dropped, "dropped": s.dropped, "failed": s.failed,
+                          "reasons": s.reasons, "failures": str(s.failures_path) if s.failures_path else None}
+                   for name, s in res.stages.items()} | {"preferences": res.preferences},
+        "calls": {"sent": res.sent, "cached": res.cached, "errors": res.errors},
+        "gates": res.gates,
+        **({"backend": res.backend} if res.backend else {}),
+        "cache": str(cache) if cache else None,
+        "elapsed_s": round(elapsed, 3),
+    }
