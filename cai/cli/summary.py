@@ -9,7 +9,7 @@ import json
 import math
 import shlex
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,7 @@ def snapshot(path: Path) -> Rows:
     return rows
 
 
-def _digests(path: Path, only: Iterable[str] | None = None) -> Rows:
-    keep = set(only) if only is not None else None
+def _digests(path: Path) -> Rows:
     rows: Rows = {}
     try:
         with path.open("rb") as f:
@@ -54,7 +53,7 @@ def _digests(path: Path, only: Iterable[str] | None = None) -> Rows:
                     row = json.loads(line)
                 except ValueError:  # a line cut by a crash: the run redoes that row
                     continue
-                if not isinstance(row, dict) or "id" not in row or (keep is not None and row["id"] not in keep):
+                if not isinstance(row, dict) or "id" not in row:
                     continue
                 row.pop("provenance", None)  # names the constitution and settings: changes with any edit
                 rows[str(row["id"])] = hashlib.blake2b(
