@@ -99,12 +99,12 @@ def print_preferences(prefs: PreferenceSummary | Mapping[str, Any], path: Path, 
     say(f"{indent}preferences: {plural(p.written, 'pair')} -> {path}; {plural(p.ties, 'tie')} "
         f"{'written (--keep-ties)' if keep_ties else 'held out'}; {p.abstentions} of "
         f"{plural(p.judgements, 'judgement')} abstained{by}; {p.inconsistent} position-inconsistent")
-    if hint := tie_hint(labels, p.written, tie_threshold, cache):
+    if hint := tie_hint(labels, tie_threshold, cache):
         say(f"{indent}[yellow]ties: {escape(hint)}[/yellow]")
 
 
-def tie_hint(labels: Path, written: int, threshold: float, cache: Path | None) -> str | None:
-    """One line when no pair was written for ties, or ties are over half the judged pairs: the
+def tie_hint(labels: Path, threshold: float, cache: Path | None) -> str | None:
+    """One line when ties are over half of the judged pairs (all of them: no pair written): the
     spread of p and the command that relabels (from the cache) with a threshold that keeps at
     least half of them."""
     ps: list[float] = []
@@ -118,7 +118,7 @@ def tie_hint(labels: Path, written: int, threshold: float, cache: Path | None) -
                     ties += bool(row.get("tie"))
     except (OSError, ValueError):
         return None
-    if not ties or (written and 2 * ties <= len(ps)):
+    if 2 * ties <= len(ps):
         return None
     q = statistics.quantiles(ps, n=4, method="inclusive") if len(ps) > 1 else [ps[0]] * 3
     spread = f"p min {min(ps):.3f}, quartiles {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}, max {max(ps):.3f}"
