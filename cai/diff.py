@@ -48,6 +48,15 @@ def diff_constitutions(old: Constitution, new: Constitution) -> list[PrincipleCh
     return out
 
 
+def version_warning(old: Constitution, new: Constitution, changes: list[PrincipleChange]) -> str | None:
+    """A warning when the principles changed but ``version:`` did not: rows written under either
+    then carry the same version in their provenance (only the hash tells them apart)."""
+    if not changes or old.version != new.version:
+        return None
+    return (f"warning: the principles changed but version: is still {new.version!r}; raise it in the edited "
+            "constitution, so that the rows' provenance (and the dataset card) tell the two apart")
+
+
 class DryBackend(BackendBase):
     """Answers from the cache only; counts like ``CachedBackend`` would: ``sent`` = misses."""
 

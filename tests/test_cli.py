@@ -85,7 +85,7 @@ def test_revise_fake_end_to_end_and_rerun_is_free(tmp_path: Path, hh_dev: Path):
     assert len(rows) == 6 and all(len(x["rounds"]) == 2 for x in rows)
     assert (tmp_path / "rev.md").read_text().count("**Round 2: principle") == 6
     r2 = run_cli(*args)
-    assert "0 rows written, 6 kept from before" in r2.stderr
+    assert "revise: 6 rows unchanged (cache), 0 redone, 0 new, 0 failed" in r2.stderr
 
 
 def test_revise_gate_flags_and_variables(tmp_path: Path):

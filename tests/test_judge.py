@@ -375,12 +375,12 @@ def test_cli_label_writes_preferences_labels_and_resumes(tmp_path: Path, capsys)
     prefs = [json.loads(x) for x in out.read_text().splitlines()]
     ties = sum(r["tie"] for r in labels)
     assert len(labels) == 6 and len(prefs) == 6 - ties
-    assert f"label: {len(prefs)} preference pairs" in err and f"{ties} ties held out" in err
+    assert f"preferences: {len(prefs)} pairs" in err and f"{ties} ties held out" in err
     n = sum(len(r["judgements"]) for r in labels)
     assert f"0 of {n} judgements abstained (judged by logprobs {n})" in err  # how they were read
     assert "0 failed" in err
     assert main(args) == 0  # a rerun keeps everything
-    assert "6 kept from before" in capsys.readouterr().err
+    assert "6 rows unchanged (cache), 0 redone, 0 new" in capsys.readouterr().err
 
 
 def test_cli_label_samples_pairs_from_prompts(tmp_path: Path, capsys) -> None:
@@ -405,7 +405,7 @@ def test_cli_label_samples_pairs_from_prompts(tmp_path: Path, capsys) -> None:
     labels = [json.loads(x) for x in (tmp_path / "p.labels.jsonl").read_text().splitlines()]
     assert len(labels) == 9 and {r["origin"] for r in labels} == {"sampled"}
     assert len(out.read_text().splitlines()) == 9
-    assert main(args) == 0 and "9 kept from before" in capsys.readouterr().err
+    assert main(args) == 0 and "9 rows unchanged (cache), 0 redone, 0 new" in capsys.readouterr().err
 
 
 def test_cli_eval_judge_json(tmp_path: Path, capsys) -> None:

@@ -25,7 +25,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, CaiError
-from .app import app, err
+from .app import ARGV, app, err
 
 # Each module registers its commands on `app`; this order is the order `cai --help` lists them.
 COMMANDS = ("revise", "label", "run", "report", "export", "review", "evaluate", "constitution", "model")
@@ -101,6 +101,7 @@ def _main(argv: Sequence[str] | None) -> int:
         # click's own main would print a blank line on Ctrl-C: the context is made and run here
         cmd = typer.main.get_command(app)
         args = list(argv) if argv is not None else sys.argv[1:]
+        ARGV[:] = args
         with cmd.make_context(click.utils._detect_program_name(), args) as ctx:
             rv = cmd.invoke(ctx)
     except CaiError as e:

@@ -42,6 +42,7 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 out = Console()
+ARGV: list[str] = []  # the arguments this invocation was given (after `cai`), for the commands a summary suggests
 
 
 def say(text: str) -> None:

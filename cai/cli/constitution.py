@@ -6,29 +6,58 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import jinja2
 import typer
+from rich.markup import escape
 
 from ..config import RunConfig
 from ..constitution import Constitution, Principle, load_constitution
-from ..errors import InputError
+from ..errors import EXIT_USAGE, CaiError, InputError, TemplateError
 from ..inputs import read_prompts
 from ..stages import judge as judge_stage
 from ..stages import revise as revise_stage
 from ..stages.pairs import Pair, detect_source, first_record, read_pairs, sample_pair_ids
 from ..templates import Templates
-from .app import app, out, settings_options, under
+from .app import app, err, out, settings_options, under
 
 RENDER_STAGES = ("generate", "critique", "revise", "judge", "judge_cot", "judge_cot_answer")
 
 
 @app.command()
 def validate(
-    files: Annotated[list[Path], typer.Argument(help="Constitution YAML files to check.")],
+    files: Annotated[list[Path], typer.Argument(
+        help="Constitutions (.yaml, .yml) and prompt templates (.j2) to check.")],
 ) -> None:
-    """Check constitution files. Prints one line per file; a bad file names file, line and field."""
+    """Check constitution and template files: one line each, `ok: ...` or `error: ...` naming file,
+    line and field (a template is compiled in the sandbox that renders it); exit 2 if any failed."""
+    failed = 0
     for f in files:
-        c = load_constitution(f)
-        out.print(f"ok: {f}: {c.name} v{c.version}, {len(c.principles)} principles, hash {c.digest()[:12]}")
+        try:
+            out.print(f"ok: {f}: {_check(f)}", soft_wrap=True, highlight=False)
+        except (CaiError, OSError, UnicodeDecodeError) as e:
+            failed += 1
+            what = f"{f}: {e.strerror or e}" if isinstance(e, OSError) else \
+                f"{f}: not UTF-8 text" if isinstance(e, UnicodeDecodeError) else " ".join(str(e).split())
+            err.print(f"[red]error:[/red] {escape(what)}", soft_wrap=True, highlight=False)
+    if failed:
+        raise typer.Exit(EXIT_USAGE)
+
+
+def _check(f: Path) -> str:
+    """What a good file is (raises on a bad one)."""
+    kind = f.suffix.lower()
+    if kind == ".j2":
+        if not f.is_file():
+            raise InputError(f"{f}: file not found")
+        try:
+            Templates(f.parent).env.get_template(f.name)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"template syntax error: {e.message}", file=str(f), line=e.lineno) from None
+        return "template, compiles"
+    if kind not in (".yaml", ".yml"):
+        raise InputError(f"{f}: not a constitution (.yaml, .yml) or a template (.j2)")
+    c = load_constitution(f)
+    return f"{c.name} v{c.version}, {len(c.principles)} principles, hash {c.digest()[:12]}"
 
 
 @app.command()

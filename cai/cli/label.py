@@ -12,10 +12,10 @@ from rich.table import Table
 from .. import pipeline
 from ..config import NaiveSettings, RunConfig
 from ..errors import EXIT_CODES_HELP, EXIT_ROWS_FAILED
+from ..plan import labels_path
 from ..quality.gates import REJECTS_FILE
-from ..stages.preferences import judged_by
 from .app import TOP, app, but, out, say, settings_options, stage_file, under
-from .summary import exit_status, print_calls, print_failures, print_gates
+from .summary import exit_status, print_calls, print_failures, print_gates, print_preferences, print_rows, snapshot
 
 LABEL = but(under(*TOP, "label", "gates.truncated"), "label.enabled", "label.pairs")
 JUDGE = ("mode", "principles", "both_orders", "top_logprobs", "min_mass", "clamp", "tie_threshold", "fallback",
@@ -39,15 +39,13 @@ def label(config: RunConfig) -> None:
     Rerunning the same command resumes: finished pairs are kept, the rest are judged.
     """
     output = stage_file(config, "preferences.jsonl")
+    before = snapshot(labels_path(output))
     res = pipeline.run_label(config.input or "", output=output, config=config)
     prefs, s = res.preferences, res.summary
     assert prefs is not None
-    held = "written (--keep-ties)" if config.label.keep_ties else "held out"
-    say(f"label: {prefs.written} preference pairs -> {output}; {prefs.ties} ties {held}; "
-        f"{prefs.abstentions} of {prefs.judgements} judgements abstained"
-        + (f" (judged by {judged_by(prefs.modes)})" if prefs.modes else "") + "; "
-        f"{prefs.inconsistent} pairs position-inconsistent; {s.failed} failed; "
-        f"{s.resumed} kept from before; every judged pair in {s.path}")
+    print_rows("label", s, before)
+    print_preferences(prefs, output, s.path, config.label.keep_ties, config.label.tie_threshold,
+                      config.cache_beside(output.parent))
     print_calls(res.calls, config.cache_beside(output.parent))
     print_gates(res.gates, output.parent / REJECTS_FILE)
     print_failures({"label": s})
@@ -122,9 +120,21 @@ def eval_judge(
         out.print(render_table(res.results))
         out.print(f"model {res.model}; {ls.principles} principles per pair; "
                   f"{'both orders' if ls.both_orders else 'one order'}; tie threshold {ls.tie_threshold}")
+    naive_hint(res.results.get("naive judge"), config.backend)
     judge_name, judged = next(iter(res.results.items()))
     if judged.get("failures"):
         where = (f"listed in {output_dir / 'judge.failures.jsonl'}" if output_dir is not None
                  else "pass -o DIR to keep them in DIR/judge.failures.jsonl")
         say(f"[yellow]{judge_name}: {judged['failures']} of {judged['pairs']} pairs failed; {where}[/yellow]")
         raise typer.Exit(EXIT_ROWS_FAILED)
+
+
+def naive_hint(naive: dict[str, Any] | None, backend: str) -> None:
+    """One line when the naive judge failed every pair: why, so that 0% reads as expected or as a fix."""
+    if not naive or not naive.get("pairs") or naive.get("failures") != naive["pairs"]:
+        return
+    why = ("the fake backend's replies ('fake reply N to: ...') name no answer letter: expected; the naive judge "
+           "needs a model that writes (A) or (B)" if backend == "fake" else
+           "no reply named an answer letter: a larger or instruction-tuned model, or a larger --naive-max-tokens, "
+           "may answer with one")
+    say(f"naive judge: all {naive['pairs']} pairs failed ({why})")

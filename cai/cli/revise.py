@@ -6,8 +6,8 @@ from .. import pipeline
 from ..config import RunConfig
 from ..errors import EXIT_CODES_HELP
 from ..quality.gates import REJECTS_FILE
-from .app import TOP, app, but, say, settings_options, stage_file, under
-from .summary import exit_status, print_calls, print_failures, print_gates
+from .app import TOP, app, but, settings_options, stage_file, under
+from .summary import exit_status, print_calls, print_failures, print_gates, print_rows, snapshot
 
 REVISE = but(under(*TOP, "revise", "gates"), "revise.enabled", "gates.keep")
 
@@ -24,10 +24,10 @@ def revise(config: RunConfig) -> None:
     Rerunning the same command resumes: finished rows are kept, the rest are done.
     """
     output = stage_file(config, "revisions.jsonl")
+    before = snapshot(output)
     res = pipeline.run_revise(config.input or "", output=output, config=config)
     s = res.summary
-    say(f"revise: {s.written} rows written, {s.resumed} kept from before, {s.failed} failed -> {output} "
-        f"(readable: {output.with_suffix('.md')})")
+    print_rows("revise", s, before, also=f" (readable: {output.with_suffix('.md')})")
     print_calls(res.calls, config.cache_beside(output.parent))
     print_gates(res.gates, output.parent / REJECTS_FILE)
     print_failures({"revise": s})

@@ -11,17 +11,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ..config import RunConfig
 from ..constitution import load_constitution
-from ..diff import FIELD_STAGES, diff_constitutions, plan_rerun
+from ..diff import FIELD_STAGES, diff_constitutions, plan_rerun, version_warning
 from ..errors import EXIT_CODES_HELP
 from ..pipeline import run_pipeline
 from ..quality.gates import REJECTS_FILE
 from ..scale import run_pipeline_ray
-from ..stages.preferences import judged_by
 from .app import app, out, say, settings_options
-from .summary import exit_status, print_calls, print_failures, print_gates
+from .summary import exit_status, print_calls, print_failures, print_gates, print_preferences, print_rows, snapshot
 
 RAY_LOCAL = "local"  # `--ray-address local`: a Ray instance started here (or the one this process has)
 
@@ -43,6 +43,8 @@ def run_command(
     flag, variable, file, default.
     """
     cfg, ray = config, config.ray.address
+    before = {name: snapshot(cfg.output / file) if on else {} for name, file, on in (
+        ("revise", "revisions.jsonl", cfg.revise.enabled), ("label", "labels.jsonl", cfg.label.enabled))}
     if ray is not None:  # the rows through a Ray cluster's actors, each with its own backend
         res = run_pipeline_ray(cfg, None if ray == RAY_LOCAL else ray, actors=cfg.ray.actors)
     else:
@@ -53,16 +55,10 @@ def run_command(
         say(f"  ray: {r.get('rows', 0)} work items in {r.get('blocks', 0)} blocks over {r.get('actors', 0)} actors "
             f"on {len(r.get('nodes', []))} node(s)")
     for name, s in res.stages.items():
-        gone = s.dropped
-        say(f"  {name}: {s.written} rows written, {s.resumed - gone} kept from before, "
-            f"{s.failed} failed -> {s.path}"
-            + (f" ({gone} rows no longer in the input dropped)" if gone else ""))
+        print_rows(name, s, before.get(name, {}), indent="  ")
     if res.preferences:
-        p = res.preferences
-        by = judged_by(p.get("judged_by") or {})
-        say(f"  preferences: {p['written']} pairs -> {res.output / 'preferences.jsonl'} "
-            f"({p['ties']} ties {'kept' if cfg.label.keep_ties else 'held out'}, "
-            f"{p['abstentions']} of {p['judgements']} judgements abstained" + (f"; judged by {by})" if by else ")"))
+        print_preferences(res.preferences, res.output / "preferences.jsonl", res.output / "labels.jsonl",
+                          cfg.label.keep_ties, cfg.label.tie_threshold, cfg.cache_path(), indent="  ")
     print_calls(res.calls, cfg.cache_path(), indent="  ")
     if servers := (res.backend or {}).get("servers"):
         from ..backends.multi import servers_summary  # aiohttp: only when there were servers
@@ -96,6 +92,8 @@ def diff_command(
     sampling, a small rewording) leaves them cached, so the rerun may send fewer."""
     a, b = load_constitution(old), load_constitution(new)
     changes = diff_constitutions(a, b)
+    if warning := version_warning(a, b, changes):
+        say(f"[yellow]{escape(warning)}[/yellow]")
     plan = plan_rerun(run, new, b) if run is not None else None
     if json_out:
         out.print_json(json.dumps({"changes": [c.__dict__ for c in changes], "rerun": plan}))

@@ -1,22 +1,158 @@
-"""The closing lines every command prints (calls made, failures with their reasons and file) and
-the exit status that follows from them."""
+"""The closing lines every command prints (rows, pairs, ties, calls, failures with their reasons
+and file) and the exit status that follows from them: one wording for `cai revise`, `cai label`
+and `cai run`."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import shlex
+import statistics
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import typer
+from rich.markup import escape
 
 from ..errors import EXIT_ROWS_FAILED
 from ..output import SinkSummary
 from ..pipeline import Calls
-from .app import say
+from ..stages.preferences import PreferenceSummary, judged_by
+from .app import ARGV, say
+
+Rows = dict[str, bytes]  # row id -> digest of the row's content (its provenance left out)
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 tie``, ``2 ties``, ``0 pairs``."""
+    return f"{n} {word if n == 1 else words or word + 's'}"
 
 
 def print_calls(calls: Calls, cache: Path | None, indent: str = "") -> None:
     where = f" ({cache})" if cache else " (no cache)"
     say(f"{indent}calls: {calls.sent} sent, {calls.cached} served from cache{where}, {calls.errors} failed")
+
+
+def snapshot(path: Path) -> Rows:
+    """The rows a stage file holds before a run (a finished file, then an interrupted run's
+    ``.part``), by id: what ``print_rows`` compares the run's rows with."""
+    rows: Rows = {}
+    for f in (path, path.with_name(path.name + ".part")):
+        rows.update(_digests(f))
+    return rows
+
+
+def _digests(path: Path) -> Rows:
+    rows: Rows = {}
+    try:
+        with path.open("rb") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a line cut by a crash: the run redoes that row
+                    continue
+                if not isinstance(row, dict) or "id" not in row:
+                    continue
+                row.pop("provenance", None)  # names the constitution and settings: changes with any edit
+                rows[str(row["id"])] = hashlib.blake2b(
+                    json.dumps(row, sort_keys=True).encode(), digest_size=8).digest()
+    except FileNotFoundError:
+        pass
+    return rows
+
+
+def row_counts(s: SinkSummary, before: Rows) -> tuple[int, int, int]:
+    """(unchanged, redone, new): of the rows the stage file holds now, those the same as before
+    this run (kept, or rebuilt from cached calls with the same content; provenance aside),
+    those it held before with other content (some call was sent again), and those it did not
+    hold before."""
+    if not s.written:
+        return s.resumed - s.dropped, 0, 0
+    if not before:
+        return s.resumed - s.dropped, 0, s.written
+    now = _digests(s.path)
+    unchanged = sum(before.get(i) == d for i, d in now.items())
+    new = sum(i not in before for i in now)
+    return unchanged, len(now) - unchanged - new, new
+
+
+def print_rows(name: str, s: SinkSummary, before: Rows, indent: str = "", also: str = "") -> None:
+    """``revise: 30 rows unchanged (cache), 2 redone, 0 new, 0 failed -> FILE``."""
+    same, redone, new = row_counts(s, before)
+    gone = f" ({plural(s.dropped, 'row')} no longer in the input dropped)" if s.dropped else ""
+    say(f"{indent}{name}: {plural(same, 'row')} unchanged (cache), {redone} redone, {new} new, "
+        f"{s.failed} failed -> {s.path}{also}{gone}")
+
+
+def print_preferences(prefs: PreferenceSummary | Mapping[str, Any], path: Path, labels: Path, keep_ties: bool,
+                      tie_threshold: float, cache: Path | None, indent: str = "") -> None:
+    """``preferences: 7 pairs -> FILE; 1 tie held out; 0 of 64 judgements abstained (judged by ...); ...``,
+    and the ties line (``tie_hint``) when ties kept most pairs out. ``prefs``: `cai label`'s summary,
+    or `cai run`'s counts in run.json."""
+    p = prefs if isinstance(prefs, PreferenceSummary) else PreferenceSummary(
+        written=prefs.get("written", 0), ties=prefs.get("ties", 0), abstentions=prefs.get("abstentions", 0),
+        judgements=prefs.get("judgements", 0), inconsistent=prefs.get("position_inconsistent", 0),
+        gated=prefs.get("gated", 0), modes=prefs.get("judged_by") or {})
+    by = f" (judged by {judged_by(p.modes)})" if p.modes else ""
+    say(f"{indent}preferences: {plural(p.written, 'pair')} -> {path}; {plural(p.ties, 'tie')} "
+        f"{'written (--keep-ties)' if keep_ties else 'held out'}; {p.abstentions} of "
+        f"{plural(p.judgements, 'judgement')} abstained{by}; {p.inconsistent} position-inconsistent")
+    if hint := tie_hint(labels, tie_threshold, cache):
+        say(f"{indent}[yellow]ties: {escape(hint)}[/yellow]")
+
+
+def tie_hint(labels: Path, threshold: float, cache: Path | None) -> str | None:
+    """One line when ties are over half of the judged pairs (all of them: no pair written): the
+    spread of p and the command that relabels (from the cache) with a threshold that keeps at
+    least half of them."""
+    ps: list[float] = []
+    ties = 0
+    try:
+        with labels.open("rb") as f:
+            for line in f:
+                row = json.loads(line)
+                if isinstance(row.get("p_a"), (int, float)):
+                    ps.append(float(row["p_a"]))
+                    ties += bool(row.get("tie"))
+    except (OSError, ValueError):
+        return None
+    if 2 * ties <= len(ps):
+        return None
+    q = statistics.quantiles(ps, n=4, method="inclusive") if len(ps) > 1 else [ps[0]] * 3
+    spread = f"p min {min(ps):.3f}, quartiles {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}, max {max(ps):.3f}"
+    head = (f"{ties} of {plural(len(ps), 'judged pair')} are ties (|p - 0.5| < {threshold:g}; {spread}): "
+            "the judge barely prefers either answer")
+    far = sorted((abs(p - 0.5) for p in ps), reverse=True)[math.ceil(len(ps) / 2) - 1]
+    if far == 0:
+        return head + "; no tie threshold keeps half of them (a larger judge model may)"
+    t = _threshold(far)
+    how = "relabel from the cache (no new calls)" if cache else "relabel"
+    return f"{head}; {how} keeping at least half: {command_with('--label-tie-threshold', t)}"
+
+
+def _threshold(far: float) -> str:
+    """A short threshold at most ``far`` (a pair with |p - 0.5| = far is kept: ties are ``<``)."""
+    for digits in range(2, 8):
+        t = math.floor(far * 10**digits) / 10**digits
+        if 0 < t <= far:
+            return f"{t:.{digits}f}"
+    return "0"
+
+
+def command_with(flag: str, value: str, aliases: tuple[str, ...] = ("--tie-threshold",)) -> str:
+    """The command line this process was given, with ``flag value`` replacing any given value."""
+    names = (flag, *aliases)
+    args, skip = [], False
+    for a in ARGV:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        elif not a.startswith(tuple(n + "=" for n in names)):
+            args.append(a)
+    return shlex.join(["cai", *args, flag, value])
 
 
 def print_failures(stages: dict[str, SinkSummary], indent: str = "") -> None:
