@@ -398,6 +398,18 @@ def _finish(plan: Plan, res: RunResult, gate: InputGate, memory: bool) -> None:
         res.skipped = gate.skipped
 
 
+def _constitution_record(plan: Plan) -> dict[str, Any]:
+    """Which constitution a run used (for run.json's history): its file as given (relative to the run
+    folder where it lies inside it; the shipped one by name), name, version and hash."""
+    const, given = plan.constitution, plan.config.constitution
+    path = "principles.yaml (shipped)"
+    if given is not None:
+        p = Path(given)
+        out = Path(plan.config.output).resolve()
+        path = str(p.resolve().relative_to(out)) if p.resolve().is_relative_to(out) else str(given)
+    return {"path": path, "name": const.name, "version": const.version, "hash": const.digest()}
+
+
 def finish_run(plan: Plan, res: RunResult, model_id: str, t0: float, history: list[dict[str, Any]],
                extra: dict[str, Any] | None = None) -> RunResult:
     """The end of every `cai run` (local or on Ray): revisions.md, preferences.jsonl, the quality
@@ -415,7 +427,8 @@ def finish_run(plan: Plan, res: RunResult, model_id: str, t0: float, history: li
     res.manifest = manifest(plan, res, model_id, time.time() - t0) | (extra or {})
     res.manifest["history"] = [*history, {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "elapsed_s": res.manifest["elapsed_s"],
-        "calls": res.manifest["calls"],
+        "calls": res.manifest["calls"], "constitution": _constitution_record(plan),
+        "templates_hash": res.manifest["templates_hash"],
         "counts": {k: {f: v[f] for f in ("written", "resumed", "failed", "dropped")}
                    for k, v in res.manifest["counts"].items() if k != "preferences"}}]
     write_json_atomic(out / "run.json", res.manifest)

@@ -339,11 +339,15 @@ def test_rerun_with_limit_keeps_every_row_and_prune_removes_them(tmp_path: Path,
             "--label-principles", "1", "--no-progress"]
     ids = [f"p{i}" for i in range(20)]
     assert main(args) == 0
+    capsys.readouterr()
     assert main([*args, "--limit", "5"]) == 0
     for name in ("revisions.jsonl", "labels.jsonl"):
         assert [r["id"] for r in lines(out / name)] == ids
+    assert "15 rows not in this input kept; --prune removes them" in capsys.readouterr().err
     assert main([*args, "--limit", "5", "--prune"]) == 0
-    err = capsys.readouterr().err
+    got = capsys.readouterr()
+    assert "15 rows no longer in the input dropped" in got.err
+    err = got.err
     assert "Traceback" not in err
     for name in ("revisions.jsonl", "labels.jsonl"):
         assert [r["id"] for r in lines(out / name)] == ids[:5]

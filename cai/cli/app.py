@@ -133,7 +133,8 @@ def but(include: Include, *paths: str) -> Include:
 
 
 TOP = ("input", "output", "constitution", "templates", "backend", "model", "base_url", "api_key", "concurrency",
-       "server", "timeout", "extra_body", "cache", "seed", "prompt_column", "split", "limit", "progress", "vllm")
+       "server", "timeout", "extra_body", "cache", "seed", "prompt_column", "split", "limit", "max_line_bytes",
+       "progress", "vllm")
 backend_options = settings_options(under("backend", "model", "base_url", "api_key", "concurrency", "server",
                                          "timeout", "extra_body", "vllm"))
 

@@ -81,7 +81,8 @@ def row_counts(s: SinkSummary, before: Rows) -> tuple[int, int, int]:
 def print_rows(name: str, s: SinkSummary, before: Rows, indent: str = "", also: str = "") -> None:
     """``revise: 30 rows unchanged (cache), 2 redone, 0 new, 0 failed -> FILE``."""
     same, redone, new = row_counts(s, before)
-    gone = f" ({plural(s.dropped, 'row')} no longer in the input dropped)" if s.dropped else ""
+    gone = f" ({plural(s.dropped, 'row')} no longer in the input dropped)" if s.dropped else (
+        f" ({plural(s.kept, 'row')} not in this input kept; --prune removes them)" if s.kept else "")
     say(f"{indent}{name}: {plural(same, 'row')} unchanged (cache), {redone} redone, {new} new, "
         f"{s.failed} failed -> {s.path}{also}{gone}")
 

@@ -43,16 +43,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, runtime
+from .. import lock, runtime
 from ..backends import Backend, BackendBase, build_backend, split_urls
 from ..cache import CachedBackend, CallCache, CountingBackend
 from ..config import RunConfig, load_run_config
 from ..constitution import Constitution
 from ..errors import CaiError
-from ..files import dumps, write_json_atomic
+from ..files import dumps
+from ..manifest import mark_running
 from ..model import default_model_dir
 from ..output import JsonlSink
-from ..pipeline import LabelStage, RunResult, finish_run, label_fingerprint, read_history
+from ..pipeline import LabelStage, RunResult, finish_run, label_fingerprint
 from ..plan import Plan, check_backend, unique_pair
 from ..quality.gates import InputGate
 from ..stages.judge import JudgeConfig, JudgeStage
@@ -332,12 +333,23 @@ def run_pipeline_ray(cfg: RunConfig | str | Path, address: str | None = None, *,
     options = dict(backend_options or {})
     model_id = predict_model_id(cfg, options)
     named = _Named(model_id)
-    out, revisions = cfg.output, cfg.output / "revisions.jsonl"
+    out = cfg.output
     rfp = revise_fingerprint(named, const, tpl, ReviseConfig.of(cfg.revise, cfg.seed))
     res = RunResult(output=out)
-    out.mkdir(parents=True, exist_ok=True)
-    history = read_history(out / "run.json")
-    write_json_atomic(out / "run.json", {"cai_version": __version__, "status": "running", "history": history})
+    with lock.writer(out):  # one writer per folder, as a local run
+        return _drive(plan, res, named, model_id, rfp, t0, options, address=address, actors=actors,
+                      actor_cpus=actor_cpus, max_restarts=max_restarts, max_task_retries=max_task_retries,
+                      ray_remote_args=ray_remote_args, init_args=init_args, node_cache=node_cache)
+
+
+def _drive(plan: Plan, res: RunResult, named: Backend, model_id: str, rfp: str, t0: float,
+           options: dict[str, Any], **ray_args: Any) -> RunResult:
+    """The driver's part under the folder's lock: run.json marked running, the work on Ray, the
+    rows written in input order, then ``finish_run``."""
+    cfg, const, tpl = plan.config, plan.constitution, plan.templates
+    out, revisions = cfg.output, cfg.output / "revisions.jsonl"
+    node_cache, address = ray_args.pop("node_cache"), ray_args["address"]
+    history = mark_running(out / "run.json")
     counts: dict[str, dict[str, int]] = {}  # per actor instance: its latest call counts
     ray_info: dict[str, Any] = {"address": address, "actors": 0, "nodes": [], "blocks": 0, "rows": 0}
     with contextlib.ExitStack() as files:
@@ -354,15 +366,14 @@ def run_pipeline_ray(cfg: RunConfig | str | Path, address: str | None = None, *,
                 constitution_hash=const.digest(), templates=template_sources(tpl), templates_hash=tpl.digest(),
                 model_id=model_id, cache=str(cache.resolve()) if cache else None,
                 node_cache=str(node_cache) if node_cache else None, driver_node="", backend_options=options)
-            _run_on_ray(cfg, spec, work, rsink, lsink, revisions, address=address, actors=actors,
-                        actor_cpus=actor_cpus, max_restarts=max_restarts, max_task_retries=max_task_retries,
-                        ray_remote_args=ray_remote_args, init_args=init_args, counts=counts, info=ray_info)
+            _run_on_ray(cfg, spec, work, rsink, lsink, revisions, **ray_args, counts=counts, info=ray_info)
         for name, sink, ids in (("revise", rsink, work.revise_ids), ("label", lsink, work.label_ids)):
             if sink is None:
                 continue
             summary = sink.finish()
-            if len(sink.done) > len(ids & sink.done.keys()):
+            if cfg.prune and len(sink.done) > len(ids & sink.done.keys()):
                 summary.dropped = prune(sink.path, ids)
+            summary.kept = 0 if summary.dropped else len(sink.done.keys() - ids)
             res.stages[name] = summary
     res.sent, res.cached, res.errors = (sum(c[k] for c in counts.values()) for k in ("sent", "cached", "errors"))
     res.skipped = gate.skipped
