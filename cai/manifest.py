@@ -8,18 +8,55 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .files import write_json_atomic
+from .output import SinkSummary
 from .stages.judge import JudgeConfig
+from .stages.preferences import PreferenceSummary
 from .stages.revise import ReviseConfig
 
 if TYPE_CHECKING:
-    from .pipeline import RunResult
     from .plan import Plan
     from .types import Backend
+
+
+@dataclass
+class Calls:
+    """Model calls of one function call: sent to the model, served from the cache, failed."""
+
+    sent: int = 0
+    cached: int = 0
+    errors: int = 0
+
+
+@dataclass
+class RunResult:
+    """What a run did: each stage's summary, the preferences written, the calls, run.json."""
+
+    output: Path
+    stages: dict[str, SinkSummary] = field(default_factory=dict)
+    preferences: dict[str, Any] = field(default_factory=dict)
+    gates: dict[str, int] = field(default_factory=dict)  # "stage.reason" -> rows kept out (rejects.jsonl)
+    backend: dict[str, Any] | None = None  # what the backend says of itself: servers, capabilities, retries
+    sent: int = 0
+    cached: int = 0
+    errors: int = 0
+    manifest: dict[str, Any] = field(default_factory=dict)
+    written: PreferenceSummary | None = None  # the preferences file's summary (`cai label`)
+    rows: list[dict[str, Any]] | None = None  # the output rows, when they came back in memory
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # input rows the input gate kept out
+
+    @property
+    def failed(self) -> int:
+        return sum(s.failed for s in self.stages.values())
+
+    @property
+    def calls(self) -> Calls:
+        return Calls(self.sent, self.cached, self.errors)
 
 
 def mark_running(manifest: Path) -> list[dict[str, Any]]:

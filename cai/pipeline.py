@@ -45,7 +45,7 @@ from .files import iter_jsonl, write_json_atomic
 from .hashing import sha256_json
 from .inputs import PromptRow
 from .inputs import Source as Rows
-from .manifest import describe, manifest, mark_running, read_history  # noqa: F401 (cai.scale's import)
+from .manifest import Calls, RunResult, describe, manifest, mark_running, read_history  # noqa: F401
 from .metrics import summarize_files
 from .output import JsonlSink, SinkSummary
 from .plan import Plan, labels_path, unique_pair
@@ -62,15 +62,6 @@ from .stages.runner import Call, Outcome, Pool, RowFn, Stream, run, run_stage, r
 from .templates import Templates
 
 Counted = CachedBackend | CountingBackend
-
-
-@dataclass
-class Calls:
-    """Model calls of one function call: sent to the model, served from the cache, failed."""
-
-    sent: int = 0
-    cached: int = 0
-    errors: int = 0
 
 
 @dataclass
@@ -99,30 +90,6 @@ class StageResult:
         return list(iter_jsonl(self.summary.failures_path))
 
 
-@dataclass
-class RunResult:
-    """What a run did: each stage's summary, the preferences written, the calls, run.json."""
-
-    output: Path
-    stages: dict[str, SinkSummary] = field(default_factory=dict)
-    preferences: dict[str, Any] = field(default_factory=dict)
-    gates: dict[str, int] = field(default_factory=dict)  # "stage.reason" -> rows kept out (rejects.jsonl)
-    backend: dict[str, Any] | None = None  # what the backend says of itself: servers, capabilities, retries
-    sent: int = 0
-    cached: int = 0
-    errors: int = 0
-    manifest: dict[str, Any] = field(default_factory=dict)
-    written: PreferenceSummary | None = None  # the preferences file's summary (`cai label`)
-    rows: list[dict[str, Any]] | None = None  # the output rows, when they came back in memory
-    skipped: list[dict[str, Any]] = field(default_factory=list)  # input rows the input gate kept out
-
-    @property
-    def failed(self) -> int:
-        return sum(s.failed for s in self.stages.values())
-
-    @property
-    def calls(self) -> Calls:
-        return Calls(self.sent, self.cached, self.errors)
 
 
 @contextmanager

@@ -156,7 +156,7 @@ def test_a_killed_actor_still_gives_one_row_per_input(cluster: None, tmp_path: P
         pids = [int(x.split()[0]) for x in log.read_text().splitlines()] if log.exists() else []
         victim = next((p for p in pids if p != os.getpid()), None)
         time.sleep(0.05)
-    assert victim is not None, "no actor answered a call"
+    assert victim is not None, f"no actor answered a call ({done.get('error')!r})"
     os.kill(victim, signal.SIGKILL)
     t.join(180)
     assert not t.is_alive() and "error" not in done, done.get("error")

@@ -58,7 +58,7 @@ def _digests(path: Path) -> Rows:
                 row.pop("provenance", None)  # names the constitution and settings: changes with any edit
                 rows[str(row["id"])] = hashlib.blake2b(
                     json.dumps(row, sort_keys=True).encode(), digest_size=8).digest()
-    except FileNotFoundError:
+    except OSError:  # not there, or not a file: the plan says so (one line) before any work
         pass
     return rows
 
