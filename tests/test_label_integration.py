@@ -12,6 +12,7 @@ from cai.backends.base import Backend, BackendBase, Completion, Request, Samplin
 from cai.cli import main
 from cai.constitution import load_constitution
 from cai.inputs import PromptRow
+from cai.runtime import closing
 from cai.stages.judge import JudgeConfig, judge_chunk
 from cai.stages.naive import NaiveConfig, naive_chunk
 from cai.stages.pairs import Pair, SampleConfig, read_pairs, sample_pairs
@@ -108,9 +109,8 @@ def test_cli_label_on_the_embedded_model(model_dir: Path, hh_dev: Path, tmp_path
 
 @pytest.fixture(scope="module")
 def served(vllm_server: str):
-    be = make_backend("openai", base_url=vllm_server, model="smollm2")
-    yield be
-    be.close()
+    with closing(make_backend("openai", base_url=vllm_server, model="smollm2")) as be:
+        yield be
 
 
 def test_vllm_logprob_judge_matches_embedded(served, embedded, hh_dev: Path) -> None:
