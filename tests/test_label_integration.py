@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from cai import runtime
 from cai.backends import make_backend
 from cai.backends.base import Backend, BackendBase, Completion, Request, Sampling
 from cai.cli import main
 from cai.constitution import load_constitution
 from cai.eval.naive import NaiveConfig, naive_chunk
 from cai.inputs import PromptRow
+from cai.runtime import closing
 from cai.stages.judge import JudgeConfig, judge_chunk
 from cai.stages.pairs import Pair, SampleConfig, read_pairs, sample_pairs
 from cai.templates import Templates
@@ -109,9 +109,8 @@ def test_cli_label_on_the_embedded_model(model_dir: Path, hh_dev: Path, tmp_path
 
 @pytest.fixture(scope="module")
 def served(vllm_server: str):
-    be = make_backend("openai", base_url=vllm_server, model="smollm2")
-    yield be
-    runtime.close(be)
+    with closing(make_backend("openai", base_url=vllm_server, model="smollm2")) as be:
+        yield be
 
 
 def test_vllm_logprob_judge_matches_embedded(served, embedded, hh_dev: Path) -> None:
