@@ -28,7 +28,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..analysis.read import iter_rows
 from ..errors import InputError
 from ..files import dumps
 from ..hashing import hash_int
@@ -55,7 +54,18 @@ def load_pairs(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise InputError(f"{run_dir}: no {LABELS_FILE}: review needs a labelled run folder "
                          "(make one with `cai run` or `cai label`)")
-    pairs = list(iter_rows(path, "labels", ("id",)))  # one line per damaged row, naming file and line
+    pairs = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+                raise InputError(f"{path}:{n}: a label row must be a JSON object with a string `id`")
+            pairs.append(row)
     if not pairs:
         raise InputError(f"{path}: holds no judged pairs: nothing to review")
     return pairs
