@@ -80,6 +80,18 @@ def test_each_gate_trips_exactly_where_scripted(run: Path) -> None:
     }
     revisions = {r["id"]: r for r in map(json.loads, (run / "revisions.jsonl").open())}
     assert sorted(revisions) == ["p0", "p3", "p4", "p5", "p6", "p8"]  # skipped inputs cost no call
+    # each reject carries what was rejected beside its reasons: no lookup by id needed
+    rows = {(r["id"], r["stage"]): r for r in map(json.loads, (run / "rejects.jsonl").open())}
+    for (rid, stage), row in rows.items():
+        assert list(row)[:3] == ["id", "stage", "reasons"]
+        assert row["prompt"] == [{"role": "user", "content": PROMPTS[rid]}]
+        if stage == "revise":
+            assert row["text"] == revisions[rid]["revised_response"]
+    assert rows[("p4", "revise")]["text"] == "Here is the revised response:"
+    assert rows[("p5", "revise")]["text"].startswith("I cannot help with that. I cannot help")
+    assert rows[("p3", "label")]["response_a"] == "INITIAL p3 cut off in the mid"
+    assert rows[("p3", "label")]["response_b"] == revisions["p3"]["revised_response"]
+    assert rows[("p7", "input")]["source"].endswith("prompts.jsonl:8")
     assert revisions["p0"]["revised_response"] == "REVISED p0 with a kinder answer."  # label line cleaned
     # the truncated pair (the judge preferred its revision) is left out of the preference data
     prefs = {r["id"] for r in map(json.loads, (run / "preferences.jsonl").open())}

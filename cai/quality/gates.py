@@ -10,8 +10,9 @@ responses. The gate settings (``GateSettings``) turn facts into verdicts at the 
 - an input prompt that duplicates an earlier one, or matches the decontamination set, is
   skipped before any call is made.
 
-Each of them gets one line in ``rejects.jsonl`` (``id``, ``stage``, ``reasons``), nothing is
-dropped silently, and ``cai export`` leaves them out unless ``--include-rejects``. Because the
+Each of them gets one line in ``rejects.jsonl`` (``id``, ``stage``, ``reasons``, and what was
+rejected: the ``prompt`` messages, with the final revision as ``text`` for a revise row and the
+pair's ``response_a``/``response_b`` for a label row), nothing is dropped silently, and ``cai export`` leaves them out unless ``--include-rejects``. Because the
 verdicts are computed from the rows, changing a gate setting needs no model call.
 """
 
@@ -56,7 +57,7 @@ class InputGate:
                 yield r
                 continue
             self.skipped.append({"id": r.id, "stage": "input", "reasons": [reason], "detail": detail,
-                                 "source": r.source})
+                                 "source": r.source, "prompt": r.prompt})
 
 
 def rejects(folder: Path, settings: GateSettings, skipped: Iterable[dict[str, Any]] = (),
@@ -67,7 +68,8 @@ def rejects(folder: Path, settings: GateSettings, skipped: Iterable[dict[str, An
     worse: set[str] = set()
     for row in iter_jsonl(folder / labels if labels else None):
         if reasons := sorted(drop & set(row.get("gates") or ())):
-            out.append({"id": row["id"], "stage": "label", "reasons": reasons})
+            out.append({"id": row["id"], "stage": "label", "reasons": reasons, "prompt": row.get("prompt"),
+                        "response_a": row.get("response_a"), "response_b": row.get("response_b")})
         if row.get("origin") == "revision" and row.get("label") == "a":  # a: the first answer
             worse.add(row["id"])
     for row in iter_jsonl(folder / revisions if revisions else None):
@@ -75,7 +77,8 @@ def rejects(folder: Path, settings: GateSettings, skipped: Iterable[dict[str, An
         if settings.keep == "improved" and row["id"] in worse:
             reasons.append("not_improved")
         if reasons:
-            out.append({"id": row["id"], "stage": "revise", "reasons": reasons})
+            out.append({"id": row["id"], "stage": "revise", "reasons": reasons, "prompt": row.get("prompt"),
+                        "text": row.get("revised_response")})
     return out
 
 
