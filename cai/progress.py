@@ -1,10 +1,14 @@
 """Progress for long jobs: per stage, rows done of the total, rows/s, requests in flight,
 generated and prompt tokens/s (apart: prefill is cheap, decoding is what the engine spends),
-elapsed time and ETA. It moves on every model call, not per batch. Quiet when disabled."""
+elapsed time and ETA. It moves on every model call, not per batch. Quiet when disabled.
+
+Off a terminal (a log file, CI, nohup) and not told either way, there are no bars but one plain
+line every ``PLAIN_EVERY_S`` seconds: each stage's rows done of the total, calls, tokens/s, ETA."""
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from types import TracebackType
 
@@ -36,16 +40,64 @@ class _RateColumn(ProgressColumn):
                     style="progress.data.speed")
 
 
-class RunProgress:
-    """One live display for a run; each stage adds its bar with ``stage(title, total)``."""
+PLAIN_EVERY_S = 30.0  # seconds between two plain progress lines (off a terminal)
 
-    def __init__(self, *, enabled: bool | None = None) -> None:
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class PlainLines:
+    """A thread printing one line on stderr every ``interval`` seconds while started: for each
+    stage of ``progress``, ``title done/total rows, N calls, gen T tok/s, ETA h:mm:ss``."""
+
+    def __init__(self, progress: Progress, interval: float) -> None:
+        self.progress, self.interval = progress, interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = time.monotonic()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="cai-progress", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            print(self.line(), file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        parts = []
+        for task in list(self.progress.tasks):
+            done, total, elapsed, f = int(task.completed), task.total, task.elapsed or 0.0, task.fields
+            rate = f.get("gen", 0) / elapsed if elapsed > 0 else 0.0
+            eta = "?" if total is None or not done else _clock(max(0.0, total - done) * elapsed / done)
+            parts.append(f"{task.description} {done}/{'?' if total is None else int(total)} rows, "
+                         f"{f.get('calls', 0)} calls, gen {rate:,.0f} tok/s, ETA {eta}")
+        return f"progress {_clock(time.monotonic() - self._t0)}: " + "; ".join(parts)
+
+
+class RunProgress:
+    """One live display for a run; each stage adds its bar with ``stage(title, total)``. Off a
+    terminal, unless ``enabled`` says otherwise, plain lines every ``interval`` s (``PlainLines``)."""
+
+    def __init__(self, *, enabled: bool | None = None, interval: float | None = None) -> None:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=Console(stderr=True), disable=not self.enabled, transient=False,
         )
+        self._plain = (PlainLines(self._progress, PLAIN_EVERY_S if interval is None else interval)
+                       if enabled is None and not self.enabled else None)
         self._open = 0
 
     def stage(self, description: str, total: int | None) -> StageProgress:
@@ -54,6 +106,8 @@ class RunProgress:
     def _add(self, description: str, total: int | None) -> TaskID:
         if self._open == 0:
             self._progress.start()
+            if self._plain is not None:
+                self._plain.start()
         self._open += 1
         return self._progress.add_task(description, total=total, gen=0, prompt=0, in_flight=0)
 
@@ -61,6 +115,8 @@ class RunProgress:
         self._open -= 1
         if self._open == 0:
             self._progress.stop()
+            if self._plain is not None:
+                self._plain.stop()
 
 
 class StageProgress:
@@ -71,7 +127,7 @@ class StageProgress:
         self.group = group or RunProgress(enabled=enabled)
         self.enabled = self.group.enabled
         self.description, self.total = description, total
-        self.rows = self.gen_tokens = self.prompt_tokens = 0
+        self.rows = self.gen_tokens = self.prompt_tokens = self.calls = 0
         self.started = time.monotonic()
         self._task: TaskID | None = None
 
@@ -89,9 +145,10 @@ class StageProgress:
         """One model call returned."""
         self.prompt_tokens += prompt_tokens
         self.gen_tokens += completion_tokens
+        self.calls += 1
         if self._task is not None:
             self.group._progress.update(self._task, gen=self.gen_tokens, prompt=self.prompt_tokens,
-                                        in_flight=in_flight)
+                                        in_flight=in_flight, calls=self.calls)
 
     def __enter__(self) -> StageProgress:
         self._task = self.group._add(self.description, self.total)

@@ -12,7 +12,10 @@ Every backend has the contract of ``base.Backend``: ``model_id``, ``async genera
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from ..errors import BackendError
@@ -99,7 +102,22 @@ def build_backend(name: str, model: str | None = None, *, base_url: str | Iterab
     a ``MultiServerBackend`` over them."""
     if name == "openai":
         options.update(base_url=base_url, api_key=api_key, concurrency=concurrency)
+    _say_loading(name, model)
     return make_backend(name, model=model, **options)
+
+
+def _say_loading(name: str, model: str | None) -> None:
+    """``loading model X`` on stderr before a model loads in this process (seconds, even minutes,
+    with no other sign of life); nothing where loading would fail at once (the backend's error says why)."""
+    engine = {"embedded": "transformers", "vllm": "vllm"}.get(name)
+    if engine is None or importlib.util.find_spec(engine) is None:
+        return
+    from ..model import default_model_dir, is_prepared
+
+    where = Path(model) if model else default_model_dir()
+    if not is_prepared(where) if model is None else name == "embedded" and not where.exists():
+        return
+    print(f"loading model {model or where} ({name} backend) ...", file=sys.stderr, flush=True)
 
 
 __all__ = ["BACKENDS", "DEFAULT_BASE_URL", "Backend", "BackendBase", "Completion", "Failure", "Message", "Request",

@@ -12,8 +12,9 @@ responses. The gate settings (``GateSettings``) turn facts into verdicts at the 
 
 Each of them gets one line in ``rejects.jsonl`` (``id``, ``stage``, ``reasons``, and what was
 rejected: the ``prompt`` messages, with the final revision as ``text`` for a revise row and the
-pair's ``response_a``/``response_b`` for a label row), nothing is dropped silently, and ``cai export`` leaves them out unless ``--include-rejects``. Because the
-verdicts are computed from the rows, changing a gate setting needs no model call.
+pair's ``response_a``/``response_b`` for a label row), nothing is dropped silently, and
+``cai export`` leaves them out unless ``--include-rejects``. Because the verdicts are computed
+from the rows, changing a gate setting needs no model call.
 """
 
 from __future__ import annotations
