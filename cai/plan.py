@@ -178,13 +178,11 @@ def check_server(base_url: str, *, timeout: float = 5.0) -> None:
     a ``BackendError`` now, not a failed row per prompt after retries."""
     from urllib.parse import urlsplit
 
+    from .backends.openai_server import check_url
+
+    check_url(base_url)
     url = urlsplit(base_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise BackendError(f"--base-url {base_url!r} is not an http(s) URL (e.g. http://localhost:8000/v1)")
-    try:
-        port = url.port or (443 if url.scheme == "https" else 80)
-    except ValueError:
-        raise BackendError(f"--base-url {base_url!r}: bad port") from None
+    port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname, port), timeout=timeout):
             pass
@@ -202,7 +200,11 @@ def check_backend(name: str, base_url: str | Sequence[str] | None = None) -> Non
         raise BackendError(f"unknown backend {name!r} (choose one of: {', '.join(BACKENDS)})")
     if name != "openai" or not base_url:
         return
+    from .backends.openai_server import check_url
+
     urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    for url in urls:  # a key in a URL: one line that names no key, before any connection
+        check_url(url)
     errors: list[BackendError] = []
     for url in urls:
         try:
