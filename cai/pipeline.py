@@ -321,6 +321,8 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
             if error := next((s.error for s in sinks if s.error is not None), None):
                 raise error from None  # one line (the CLI's), not a cancelled run
             raise
+        except BaseExceptionGroup as group_error:  # a stage's error mid-run (a request over the template
+            raise group_error.exceptions[0] from None  # cap): its own one line, not a group's traceback
     return {name: done[name] for name in ("revise", "label") if name in done}
 
 
