@@ -19,6 +19,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
+from .backends import split_urls
 from .config import RunConfig
 from .constitution import Constitution, load_constitution
 from .errors import BackendError, InputError, TemplateError, UsageError
@@ -335,6 +336,11 @@ class Plan:
         eval folder; `cai run` writes to ``config.output``."""
         cfg = config
         inputs = cfg.input if inputs is None else inputs
+        for url in split_urls(cfg.base_url):
+            if "@" in url:  # a key in the URL, whatever the backend (run.json records the URL): one line
+                from .backends.openai_server import no_credentials
+
+                no_credentials(url)
         if kind == "run":
             cfg.check(has_input=inputs is not None)
         const = constitution if isinstance(constitution, Constitution) else load_constitution(

@@ -80,3 +80,16 @@ def test_redact():
     assert redact("https://:k@h") == "https://***@h"
     assert redact("http://h:8000/v1?a=b@c") == "http://h:8000/v1?a=b@c"  # an @ past the host is not user-info
     assert redact("http://localhost:8000/v1") == "http://localhost:8000/v1"
+
+
+@pytest.mark.parametrize("backend", ["fake", "vllm"])
+def test_refused_whatever_the_backend(backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """A backend that never connects to the URL (an OPENAI_BASE_URL left in the environment, say)
+    would still record it (run.json) and echo it (a rerun hint): refused the same way."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPENAI_BASE_URL", URL)
+    (tmp_path / "p.jsonl").write_text(PROMPTS)
+    assert main(["run", "--input", "p.jsonl", "-o", "out", "-b", backend, "-m", "m", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    _one_line(err)
+    assert SECRET not in out and not (tmp_path / "out").exists()

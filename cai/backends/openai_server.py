@@ -54,12 +54,17 @@ def redact(url: str) -> str:
     return f"{scheme}://***@{netloc.rpartition('@')[2]}{slash}{path}"
 
 
+def no_credentials(url: str) -> None:
+    """A URL with user-info (``http://user:key@host``) is a ``BackendError`` that names no key."""
+    if "@" in urlsplit(url).netloc:
+        raise BackendError(f"--base-url {redact(url)}: credentials in the URL: use --api-key (or OPENAI_API_KEY)")
+
+
 def check_url(url: str) -> None:
     """``url`` is an http(s) URL with a host and a valid port, and no credentials in it
     (``BackendError`` if not; the message never holds the key)."""
+    no_credentials(url)
     parts = urlsplit(url)
-    if "@" in parts.netloc:
-        raise BackendError(f"--base-url {redact(url)}: credentials in the URL: use --api-key (or OPENAI_API_KEY)")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BackendError(f"--base-url {url!r} is not an http(s) URL (e.g. http://localhost:8000/v1)")
     try:
