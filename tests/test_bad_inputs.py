@@ -557,3 +557,21 @@ def test_a_line_over_the_size_cap_is_named_without_reading_it_whole(here: Path, 
     assert "p.jsonl:3: the critique request made of this record is over the limit of 1,000,000" in err, err
     assert "over the line-size cap" not in err and "p.jsonl:300: invalid JSON" in err, err
     assert not (here / "out").exists()
+
+
+def test_a_record_is_rendered_whole_only_when_large_and_refused_only_over_the_cap():
+    """``plan.fits``: a prompt of 200,000 characters is rendered and passes; one of 1,100,000 is
+    named with the stage whose request passes the cap; a pair's two answers count too."""
+    from cai.constitution import load_constitution
+    from cai.inputs import PromptRow
+    from cai.plan import fits
+    from cai.stages.pairs import Pair
+    from cai.templates import Templates
+
+    check = fits(Templates(None), load_constitution(None), ["generate", "critique", "revise", "judge"])
+    check(PromptRow("a", [{"role": "user", "content": "x" * 200_000}]), "p.jsonl:1")
+    with pytest.raises(InputError, match=r"^p.jsonl:2: the critique request .* over the limit of 1,000,000"):
+        check(PromptRow("b", [{"role": "user", "content": "x" * 1_100_000}]), "p.jsonl:2")
+    check(Pair("c", [{"role": "user", "content": "q"}], "a" * 300_000, "b" * 300_000), "p.jsonl:3")
+    with pytest.raises(InputError, match=r"^p.jsonl:4: the judge request"):
+        check(Pair("d", [{"role": "user", "content": "q"}], "a" * 600_000, "b" * 600_000), "p.jsonl:4")
