@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,8 +271,14 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
             def written(row: PromptRow, lines: list[int]) -> None:
                 if plan.fused and lines and rsink.error is None:
                     queue.put_nowait(record_to_pair(rsink.read(row.id), f"{plan.revisions}:{lines[0]}"))
+                elif plan.fused:  # a failed revision: nothing to judge
+                    bars.drop("label", 1)
 
-            prompts = noting(gate(plan.prompts()), rseen)
+            def skipped(rows: int) -> None:  # rows the gate skips leave the totals (the bars end at N/N)
+                for title in ("revise", "label") if plan.fused else ("revise",):
+                    bars.drop(title, rows)
+
+            prompts = noting(gated(gate, plan.prompts(), skipped), rseen)
             stream = Stream(rsink, prompts, ReviseStage(const, tpl, rcfg, be.model_id), "revise",
                             plan.totals.get("revise"), written=written, prune=prune, progress=cfg.progress)
 
@@ -315,7 +321,20 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
             if error := next((s.error for s in sinks if s.error is not None), None):
                 raise error from None  # one line (the CLI's), not a cancelled run
             raise
+        except BaseExceptionGroup as group_error:  # a stage's error mid-run (a request over the template
+            raise group_error.exceptions[0] from None  # cap): its own one line, not a group's traceback
     return {name: done[name] for name in ("revise", "label") if name in done}
+
+
+def gated(gate: InputGate, rows: Iterable[PromptRow], skipped: Callable[[int], None]) -> Iterator[PromptRow]:
+    """``gate(rows)``, each row it skips told to ``skipped`` as it is skipped."""
+    n = len(gate.skipped)
+    for row in gate(rows):
+        if len(gate.skipped) > n:
+            skipped(len(gate.skipped) - n)
+            n = len(gate.skipped)
+        yield row
+    skipped(len(gate.skipped) - n)
 
 
 def noting(rows: Iterable[PromptRow], seen: set[str]) -> Iterator[PromptRow]:

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
+from .backends import split_urls
 from .config import RunConfig
 from .constitution import Constitution, load_constitution
-from .errors import BackendError, InputError, UsageError
+from .errors import BackendError, InputError, TemplateError, UsageError
 from .inputs import Problems, PromptRow, iter_records, prompt_row, read_prompts
 from .stages.pairs import Pair, detect_source, read_pairs, record_to_pair, sample_pair_ids
-from .templates import Templates
+from .templates import MAX_CHARS, Templates
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 REVISE_STAGES = ("generate", "critique", "revise")
@@ -63,22 +64,36 @@ def _scannable(source: Any) -> bool:
     return isinstance(source, (str, Path, list, tuple))
 
 
+def ragged(rec: dict[Any, Any], where: str) -> None:
+    """A CSV row with more or fewer fields than its header (``csv.DictReader`` keeps the extra
+    ones under ``None`` and fills missing ones with ``None``): an ``InputError``, not a prompt cut
+    at an unquoted comma."""
+    extra = rec.get(None) or []
+    fields = [k for k in rec if k is not None]
+    if extra or any(rec[k] is None for k in fields):
+        n = len(fields) + len(extra) - sum(rec[k] is None for k in fields)
+        raise InputError(f"{where}: {n} fields, the header has {len(fields)} (quote a field that holds a comma)")
+
+
 def scan(source: Any, *, pairs: bool, column: str | None = None, split: str = "train", limit: int | None = None,
-         what: str = "input", max_line: int | None = None) -> Scan:
+         what: str = "input", max_line: int | None = None, fits: Callable[[Any, str], None] | None = None) -> Scan:
     """Read every record of ``source`` (up to ``limit``) as a prompt or a pair; bad records (and
-    lines over ``max_line`` bytes) are listed together in one ``InputError``; no record at all is
-    a ``UsageError``."""
+    lines over ``max_line`` bytes, CSV rows with more or fewer fields than the header, records
+    ``fits`` refuses) are listed together in one ``InputError``; no record at all is a ``UsageError``."""
     found, problems = Scan(), Problems()
     if not _scannable(source):
         return found
     if isinstance(source, (str, Path)) and not Path(source).exists() and "/" in str(source):
         limit = 1  # a Hub dataset name: its first record (the rest are checked as they stream)
+    csv = isinstance(source, (str, Path)) and Path(source).suffix.lower() in (".csv", ".tsv")
     for rec, where in islice(iter_records(source, split, problems, max_line), limit):
         try:
-            if pairs:
-                found.human |= record_to_pair(rec, where).human is not None
-            else:
-                prompt_row(rec, where, column)
+            if csv:
+                ragged(rec, where)
+            item: Pair | PromptRow = record_to_pair(rec, where) if pairs else prompt_row(rec, where, column)
+            found.human |= isinstance(item, Pair) and item.human is not None
+            if fits is not None:
+                fits(item, where)
         except InputError as e:
             problems.add(str(e))
         found.rows += 1
@@ -178,13 +193,11 @@ def check_server(base_url: str, *, timeout: float = 5.0) -> None:
     a ``BackendError`` now, not a failed row per prompt after retries."""
     from urllib.parse import urlsplit
 
+    from .backends.openai_server import check_url
+
+    check_url(base_url)
     url = urlsplit(base_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise BackendError(f"--base-url {base_url!r} is not an http(s) URL (e.g. http://localhost:8000/v1)")
-    try:
-        port = url.port or (443 if url.scheme == "https" else 80)
-    except ValueError:
-        raise BackendError(f"--base-url {base_url!r}: bad port") from None
+    port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname, port), timeout=timeout):
             pass
@@ -202,7 +215,11 @@ def check_backend(name: str, base_url: str | Sequence[str] | None = None) -> Non
         raise BackendError(f"unknown backend {name!r} (choose one of: {', '.join(BACKENDS)})")
     if name != "openai" or not base_url:
         return
+    from .backends.openai_server import check_url
+
     urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    for url in urls:  # a key in a URL: one line that names no key, before any connection
+        check_url(url)
     errors: list[BackendError] = []
     for url in urls:
         try:
@@ -218,23 +235,56 @@ def check_backend(name: str, base_url: str | Sequence[str] | None = None) -> Non
 # --- templates ---------------------------------------------------------------------------------
 
 _SAMPLE_PROMPT = [{"role": "user", "content": "<prompt>"}]
+BIG = MAX_CHARS // 10  # a record with more text than this has its requests rendered whole by the plan
+
+
+def _contexts(constitution: Constitution) -> dict[str, dict[str, Any]]:
+    """Each stage's template variables, with placeholders for the text the stage gets."""
+    principle = constitution.principles[0] if constitution.principles else None
+    judge = {"conversation": _SAMPLE_PROMPT, "response_a": "<response A>", "response_b": "<response B>",
+             "principle": principle}
+    revise = {"conversation": _SAMPLE_PROMPT, "response": "<response>", "principle": principle, "round": 1}
+    return {"critique": revise, "revise": {**revise, "critique": "<critique>"}, "judge": judge, "judge_cot": judge,
+            "judge_cot_answer": {**judge, "reasoning": "<reasoning>"}}
 
 
 def check_templates(templates: Templates, constitution: Constitution, stages: Iterable[str]) -> None:
     """Render each stage's templates once, with the variables the stage passes: a syntax error
     or an undefined name is a ``TemplateError`` (file and line) before any work."""
-    principle = constitution.principles[0] if constitution.principles else None
-    judge = {"conversation": _SAMPLE_PROMPT, "response_a": "<response A>", "response_b": "<response B>",
-             "principle": principle}
-    revise = {"conversation": _SAMPLE_PROMPT, "response": "<response>", "principle": principle, "round": 1}
-    context: dict[str, dict[str, Any]] = {
-        "critique": revise, "revise": {**revise, "critique": "<critique>"}, "judge": judge, "judge_cot": judge,
-        "judge_cot_answer": {**judge, "reasoning": "<reasoning>"}}
+    context = _contexts(constitution)
     for stage in dict.fromkeys(stages):
         if stage == "generate":
             templates.render_text(stage, "system")
         else:
             templates.messages(stage, **context[stage])
+
+
+def fits(templates: Templates, constitution: Constitution, stages: Iterable[str]) -> Callable[[Any, str], None]:
+    """A check of one record (a ``PromptRow`` or a ``Pair``) that holds much text: the requests
+    the stages make of it are rendered whole, and one over the template cap is an ``InputError``
+    (the record named) before the work, not a traceback in the middle of it."""
+    context, order = _contexts(constitution), [s for s in dict.fromkeys(stages) if s != "generate"]
+
+    def check(item: PromptRow | Pair, where: str) -> None:
+        real: dict[str, Any] = {"conversation": item.prompt}
+        if isinstance(item, Pair):
+            real.update(response_a=item.response_a, response_b=item.response_b)
+        texts = [str(m.get("content") or "") for m in item.prompt] + [real.get("response_a", ""),
+                                                                        real.get("response_b", "")]
+        if sum(map(len, texts)) <= BIG:
+            return
+        for stage in order:
+            if isinstance(item, Pair) and not stage.startswith("judge"):
+                continue
+            ctx = context[stage]
+            try:
+                templates.messages(stage, **{**ctx, **{k: v for k, v in real.items() if k in ctx}})
+            except TemplateError as e:
+                why = f"over the limit of {MAX_CHARS:,} characters" if "over the limit" in str(e) else str(e)
+                raise InputError(f"{where}: the {stage} request made of this record is {why}; shorten the "
+                                 "record or drop it") from None
+
+    return check
 
 
 # --- the plan ----------------------------------------------------------------------------------
@@ -286,6 +336,11 @@ class Plan:
         eval folder; `cai run` writes to ``config.output``."""
         cfg = config
         inputs = cfg.input if inputs is None else inputs
+        for url in split_urls(cfg.base_url):
+            if "@" in url:  # a key in the URL, whatever the backend (run.json records the URL): one line
+                from .backends.openai_server import no_credentials
+
+                no_credentials(url)
         if kind == "run":
             cfg.check(has_input=inputs is not None)
         const = constitution if isinstance(constitution, Constitution) else load_constitution(
@@ -321,29 +376,35 @@ class Plan:
             check_cache(self.cache)
 
     def _check_inputs(self) -> None:
+        """The templates of every stage first, then every input record (each one's requests
+        within the template cap), then the gates' files."""
         cfg, inputs = self.config, self.inputs
         stages: list[str] = [*REVISE_STAGES] if self.revise else []
-        if self.revise:  # the input: prompts
-            self.totals["revise"] = scan(inputs, pairs=False, column=cfg.prompt_column, split=cfg.split,
-                                         limit=cfg.limit, max_line=cfg.max_line_bytes).rows or None
         if self.kind == "eval":
-            found = scan(inputs, pairs=True, split=cfg.split, limit=cfg.limit, what="labelled pairs",
-                         max_line=cfg.max_line_bytes)
-            if _scannable(inputs) and not found.human:
-                raise InputError(f"{inputs}: no human labels (need chosen/rejected, or a label column A/B)")
-            self.totals["eval"] = found.rows or None
             stages += [*judge_stages(cfg.label.mode), "judge"]
         if self.label:
             self._label_sources()
             stages += judge_stages(cfg.label.mode) + (("generate",) if "sample" in self.sources else ())
         check_templates(self.templates, self.constitution, stages)
+        fit = fits(self.templates, self.constitution, stages)
+        if self.revise:  # the input: prompts
+            self.totals["revise"] = scan(inputs, pairs=False, column=cfg.prompt_column, split=cfg.split,
+                                         limit=cfg.limit, max_line=cfg.max_line_bytes, fits=fit).rows or None
+        if self.kind == "eval":
+            found = scan(inputs, pairs=True, split=cfg.split, limit=cfg.limit, what="labelled pairs",
+                         max_line=cfg.max_line_bytes, fits=fit)
+            if _scannable(inputs) and not found.human:
+                raise InputError(f"{inputs}: no human labels (need chosen/rejected, or a label column A/B)")
+            self.totals["eval"] = found.rows or None
+        if self.label:
+            self._label_inputs(fit)
         if self.revise or "sample" in self.sources:
             check_gates(cfg.gates.decontaminate)
 
     def _label_sources(self) -> None:
         """The label stage's pair sources, ``auto`` resolved (the revisions when the revise stage
         runs; else the input's first record decides: pairs are judged as they are, prompts are
-        sampled), and their inputs checked. `cai label` judges the input's pairs (or samples)."""
+        sampled). `cai label` judges the input's pairs (or samples)."""
         cfg, inputs = self.config, self.inputs
         if self.kind == "run":
             sources: list[str] = list(cfg.sources)
@@ -358,16 +419,20 @@ class Plan:
             auto = "sample" if first is not None and detect_source(first) == "sample" else "dataset"
             sources = list(dict.fromkeys(auto if s == "auto" else s for s in sources))
         self.sources = sources
+
+    def _label_inputs(self, fit: Callable[[Any, str], None]) -> None:
+        """The label stage's inputs checked, its total counted."""
+        cfg, inputs, sources = self.config, self.inputs, self.sources
         per_prompt = len(sample_pair_ids("x", cfg.label.samples))
         if "dataset" in sources and (self.kind == "label" or not cfg.label.pairs):  # the input's pairs
             self.totals["label"] = scan(inputs, pairs=True, split=cfg.split, limit=cfg.limit,
-                                        max_line=cfg.max_line_bytes).rows or None
+                                        max_line=cfg.max_line_bytes, fits=fit).rows or None
         elif "dataset" in sources and cfg.label.pairs:
             scan(cfg.label.pairs, pairs=True, split=cfg.split, limit=cfg.limit, what="label.pairs dataset",
-                 max_line=cfg.max_line_bytes)
+                 max_line=cfg.max_line_bytes, fits=fit)
         if "sample" in sources and not self.revise:
             n = scan(inputs, pairs=False, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit,
-                     max_line=cfg.max_line_bytes).rows or None
+                     max_line=cfg.max_line_bytes, fits=fit).rows or None
             self.totals["label"] = n and n * per_prompt if self.kind == "label" else None
         if "revisions" in sources and not self.revise:
             assert self.revisions is not None

@@ -99,9 +99,20 @@ class RunProgress:
         self._plain = (PlainLines(self._progress, PLAIN_EVERY_S if interval is None else interval)
                        if enabled is None and not self.enabled else None)
         self._open = 0
+        self.dropped: dict[str, int] = {}  # per stage: rows it will not process after all
+        self._stages: dict[str, StageProgress] = {}
 
     def stage(self, description: str, total: int | None) -> StageProgress:
         return StageProgress(description, total, group=self)
+
+    def drop(self, description: str, rows: int) -> None:
+        """``rows`` of a stage's total will not be processed after all (a gate skipped them, a
+        revision failed before it could be judged): the total shrinks, so a finished bar reads
+        N/N. A stage whose bar is not open yet starts with the smaller total."""
+        if rows:
+            self.dropped[description] = self.dropped.get(description, 0) + rows
+            if (bar := self._stages.get(description)) is not None:
+                bar.shrink(rows)
 
     def _add(self, description: str, total: int | None) -> TaskID:
         if self._open == 0:
@@ -141,6 +152,12 @@ class StageProgress:
         if self._task is not None:
             self.group._progress.update(self._task, advance=rows)
 
+    def shrink(self, rows: int) -> None:
+        if self.total is not None:
+            self.total = max(0, self.total - rows)
+            if self._task is not None:
+                self.group._progress.update(self._task, total=self.total)
+
     def called(self, prompt_tokens: int, completion_tokens: int, in_flight: int) -> None:
         """One model call returned."""
         self.prompt_tokens += prompt_tokens
@@ -151,8 +168,11 @@ class StageProgress:
                                         in_flight=in_flight, calls=self.calls)
 
     def __enter__(self) -> StageProgress:
+        self.shrink(self.group.dropped.get(self.description, 0))
         self._task = self.group._add(self.description, self.total)
+        self.group._stages[self.description] = self
         return self
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.group._stages.pop(self.description, None)
         self.group._done()

@@ -63,6 +63,11 @@ def _truncated_parquet() -> bytes:
     return data[: len(data) // 2] + data[-200:]  # the footer survives, the pages do not
 
 
+BAD_LINE_3 = "".join("{bad\n" if i == 3 else f'{{"prompt": "q{i}"}}\n' for i in range(1, 6))
+HUGE = json.dumps({"prompt": "x" * 2_000_000})  # under a 3 MB line cap, over the 1,000,000-character request cap
+WIDE = ["--max-line-bytes", "3000000"]
+OVER = "p.jsonl:2: the {} request made of this record is over the limit of 1,000,000 characters"
+
 CASES = [
     # --- constitution files ------------------------------------------------------------------
     Case("constitution-bad-yaml", ["revise", "p.jsonl", "-c", "c.yaml", "-o", "out/r.jsonl", *FAST],
@@ -137,6 +142,26 @@ CASES = [
          "3 bad input records: p.jsonl:3: invalid JSON", {"p.jsonl": "".join(
              "{bad\n" if i in (3, 300) else '{"x": 1}\n' if i == 499 else f'{{"prompt": "q{i}"}}\n'
              for i in range(1, 501))}),
+    # found before any work: nothing made (no folder, cache.sqlite, .meta.json or .part), for each command
+    *[Case(f"data-bad-line-3-of-5-{cmd}", [cmd, *io, *RUN[:3]], "p.jsonl:3: invalid JSON", {"p.jsonl": BAD_LINE_3})
+      for cmd, io in (("run", ["--input", "p.jsonl", "-o", "out"]), ("revise", ["p.jsonl", "-o", "out/r.jsonl"]),
+                      ("label", ["p.jsonl", "-o", "out/p.jsonl"]))],
+    *[Case(f"data-csv-ragged-row-{cmd}", [cmd, *io, *RUN[:3]], f"p.csv:3: {n} fields, the header has 2",
+           {"p.csv": f"prompt,source\nhello,a\n{row}\nworld,b\n"})
+      for cmd, io, n, row in (("run", ["--input", "p.csv", "-o", "out"], 3, "Hi, how are you,c"),
+                              ("revise", ["p.csv", "-o", "out/r.jsonl"], 1, "short"),
+                              ("label", ["p.csv", "-o", "out/p.jsonl"], 3, "a,b,c"))],
+    *[Case(f"data-prompt-over-request-cap-{cmd}", [cmd, *io, *RUN[:3], *WIDE], OVER.format(stage),
+           {"p.jsonl": PROMPTS.splitlines()[0] + "\n" + HUGE + "\n"})
+      for cmd, io, stage in (("run", ["--input", "p.jsonl", "-o", "out"], "critique"),
+                             ("revise", ["p.jsonl", "-o", "out/r.jsonl"], "critique"),
+                             ("label", ["p.jsonl", "-o", "out/p.jsonl"], "judge"))],
+    Case("data-pair-over-request-cap", ["label", "p.jsonl", "-o", "out/p.jsonl", *FAST, *WIDE], OVER.format("judge"),
+         {"p.jsonl": PAIR + json.dumps({"prompt": "q", "chosen": "a" * 600_000, "rejected": "b" * 600_000}) + "\n"}),
+    # the fake backend echoes the prompt: the critique of a 900,000-character prompt passes the cap only mid-run
+    Case("data-request-over-cap-mid-run", ["revise", "p.jsonl", "-o", "out/r.jsonl", *FAST],
+         "critique.user.j2:9: the rendered message is over the limit",
+         {"p.jsonl": json.dumps({"prompt": "x" * 900_000}) + "\n"}, clean=False),
     Case("data-bad-role", ["revise", "p.jsonl", "-o", "out/r.jsonl", *FAST],
          "p.jsonl:1: column 'messages', message 1: role 'wizard' is not one of system, user, assistant, tool",
          {"p.jsonl": '{"messages": [{"role": "wizard", "content": "hi"}]}\n'}),
@@ -295,7 +320,8 @@ def _params(cases: list[Case]) -> list:
 def _check(case: Case, code: int, err: str, before: set[str], after: set[str]) -> None:
     lines = err.strip().splitlines()
     assert code == case.code, err
-    assert "Traceback" not in err, err
+    for bad in ("Traceback", "Exception in callback", "Task was destroyed"):
+        assert bad not in err, err
     assert len(lines) == 1, err
     assert lines[0].startswith("error: ") and case.expect in lines[0], lines[0]
     if case.clean:
@@ -319,7 +345,9 @@ def test_bad_input_is_one_line(case: Case, here: Path, capsys: pytest.CaptureFix
 
 
 SUBPROCESS = ("cli-unknown-flag", "cli-out-of-range-rounds", "data-parquet-corrupt", "template-undefined-variable",
-              "cli-no-stages", "export-half-finished", "backend-unreachable-run", "data-csv-no-prompt-column")
+              "cli-no-stages", "export-half-finished", "backend-unreachable-run", "data-csv-no-prompt-column",
+              "data-bad-line-3-of-5-run", "data-csv-ragged-row-label", "data-prompt-over-request-cap-run",
+              "data-request-over-cap-mid-run")
 
 
 @pytest.mark.parametrize("case", _params([c for c in CASES if c.id in SUBPROCESS]))
@@ -524,6 +552,26 @@ def test_a_line_over_the_size_cap_is_named_without_reading_it_whole(here: Path, 
     finally:
         tracemalloc.stop()
     assert peak < 2_000_000, peak
-    assert main([*argv, "--max-line-bytes", "30000000"]) == 2  # a larger cap: only the bad JSON is left
-    err = capsys.readouterr().err
-    assert "p.jsonl:3:" not in err and "p.jsonl:300: invalid JSON" in err, err
+    assert main([*argv, "--max-line-bytes", "30000000"]) == 2  # a larger cap: the line is read, but its
+    err = capsys.readouterr().err  # 20 MB prompt makes a request over the template cap (1,000,000 characters)
+    assert "p.jsonl:3: the critique request made of this record is over the limit of 1,000,000" in err, err
+    assert "over the line-size cap" not in err and "p.jsonl:300: invalid JSON" in err, err
+    assert not (here / "out").exists()
+
+
+def test_a_record_is_rendered_whole_only_when_large_and_refused_only_over_the_cap():
+    """``plan.fits``: a prompt of 200,000 characters is rendered and passes; one of 1,100,000 is
+    named with the stage whose request passes the cap; a pair's two answers count too."""
+    from cai.constitution import load_constitution
+    from cai.inputs import PromptRow
+    from cai.plan import fits
+    from cai.stages.pairs import Pair
+    from cai.templates import Templates
+
+    check = fits(Templates(None), load_constitution(None), ["generate", "critique", "revise", "judge"])
+    check(PromptRow("a", [{"role": "user", "content": "x" * 200_000}]), "p.jsonl:1")
+    with pytest.raises(InputError, match=r"^p.jsonl:2: the critique request .* over the limit of 1,000,000"):
+        check(PromptRow("b", [{"role": "user", "content": "x" * 1_100_000}]), "p.jsonl:2")
+    check(Pair("c", [{"role": "user", "content": "q"}], "a" * 300_000, "b" * 300_000), "p.jsonl:3")
+    with pytest.raises(InputError, match=r"^p.jsonl:4: the judge request"):
+        check(Pair("d", [{"role": "user", "content": "q"}], "a" * 600_000, "b" * 600_000), "p.jsonl:4")

@@ -45,8 +45,25 @@ SERVER_KINDS = ("auto", "vllm", "openai")
 MAX_PASSES = 4  # capability-driven resends of one request (each one learns something or ends it)
 
 
+def redact(url: str) -> str:
+    """``url`` with any user-info (``user:key@``) replaced by ``***@``: a key is never printed."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if not sep or "@" not in netloc:
+        return url
+    return f"{scheme}://***@{netloc.rpartition('@')[2]}{slash}{path}"
+
+
+def no_credentials(url: str) -> None:
+    """A URL with user-info (``http://user:key@host``) is a ``BackendError`` that names no key."""
+    if "@" in urlsplit(url).netloc:
+        raise BackendError(f"--base-url {redact(url)}: credentials in the URL: use --api-key (or OPENAI_API_KEY)")
+
+
 def check_url(url: str) -> None:
-    """``url`` is an http(s) URL with a host and a valid port (``BackendError`` if not)."""
+    """``url`` is an http(s) URL with a host and a valid port, and no credentials in it
+    (``BackendError`` if not; the message never holds the key)."""
+    no_credentials(url)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BackendError(f"--base-url {url!r} is not an http(s) URL (e.g. http://localhost:8000/v1)")
