@@ -153,6 +153,8 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
     judge calls start as soon as its revision is written, in the same pool of requests.
     ``backend`` replaces the configured one (tests, dry runs)."""
     cfg = load_run_config(cfg) if not isinstance(cfg, RunConfig) else cfg
+    if cfg.best_of_n.enabled:  # not a source of `cai run` yet
+        raise ConfigError("`cai run` does not run best-of-n yet: use `cai best-of-n INPUT`", field="best_of_n.enabled")
     return execute(Plan.build(cfg, constitution=constitution, backend_given=backend is not None), backend)
 
 
