@@ -169,16 +169,19 @@ def run_best_of_n(inputs: Rows, *, backend: Backend | str | None = None, output:
     plan = Plan.build(cfg, inputs, kind="revise", output=output, constitution=constitution, templates=templates,
                       backend_given=given is not None)
     check_templates(plan.templates, plan.constitution, best_of_n.template_stages(cfg.label.mode))
-    inner, gate = given or build_backend(cfg.backend, cfg.model, **cfg.backend_options()), InputGate(cfg.gates)
+    inner, gate, cache = given or build_backend(cfg.backend, cfg.model, **cfg.backend_options()), \
+        InputGate(cfg.gates), plan.cache
     try:
-        with _in_memory(plan) as memory, contextlib.ExitStack() as held, counted(inner, plan.cache) as be:
+        with _in_memory(plan) as memory, contextlib.ExitStack() as held:
             assert plan.folder is not None and plan.revisions is not None
             if not memory:  # one writer per folder, before anything is written there
                 held.enter_context(lock.writer(plan.folder))
+            be = held.enter_context(counted(inner, cache))
             summary = run(lambda pool: best_of_n.stream(plan, be, gate(plan.prompts()), pool), be, cfg.concurrency)
-            out = StageResult(summary, Calls(be.sent, be.hits, be.errors),
-                              PreferenceSummary(written=best_of_n.write_pairs(plan.revisions)),
-                              write_rejects(plan.folder, cfg.gates, gate.skipped, revisions="", labels=""))
+            pairs = best_of_n.write_pairs(plan.revisions, drop=cfg.gates.dropping())
+            out = StageResult(summary, Calls(be.sent, be.hits, be.errors), PreferenceSummary(written=pairs),
+                              write_rejects(plan.folder, cfg.gates, gate.skipped, revisions=plan.revisions.name,
+                                            labels=""))
             out._rows = list(iter_jsonl(plan.revisions)) if memory else None
     finally:
         if given is None:

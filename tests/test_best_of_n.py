@@ -195,3 +195,22 @@ def test_kill_9_mid_run_then_rerun_writes_every_id_once(tmp_path: Path) -> None:
     assert not [p.name for p in out.parent.iterdir() if p.name.endswith((".part", ".tmp"))]
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "calls: 0 sent" in again.stderr, again.stderr
+
+
+def test_a_truncated_best_is_gated_out_of_the_pairs(tmp_path: Path) -> None:
+    def cut(req: Request) -> Completion:
+        c = respond(req)
+        if "<response_a>" in _user(req):
+            return c
+        return Completion(c.texts, finish_reasons=["length" if quality(t) == 2.0 else "stop" for t in c.texts])
+
+    out = tmp_path / "best_of_n.jsonl"
+    res = pipeline.run_best_of_n(["Hi?"], backend=FakeBackend(cut), output=out, n=4, label_principles=1,
+                                 progress=False)
+    (row,) = res.rows
+    assert row["best"] == 1 and row["gates"] == ["truncated"] and to_pair(row) is not None
+    assert pairs_path(out).read_text() == "" and res.preferences is not None and res.preferences.written == 0
+    assert [r["id"] for r in map(json.loads, (tmp_path / "rejects.jsonl").read_text().splitlines())] == [row["id"]]
+    kept = pipeline.run_best_of_n(["Hi?"], backend=FakeBackend(cut), output=tmp_path / "k" / "b.jsonl", n=4,
+                                  label_principles=1, gates_truncated=False, progress=False)
+    assert kept.preferences is not None and kept.preferences.written == 1

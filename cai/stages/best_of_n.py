@@ -99,10 +99,10 @@ class BestOfNStage:
         c = await call(Request(messages, replace(cfg.sampling, n=cfg.n, seed=call_seed(cfg.seed, r.id, "best_of_n"))))
         if c.error:
             return f"sampling: backend error: {c.error}"
-        texts, reasons = list(c.texts[:cfg.n]), list(c.finish_reasons[:cfg.n])
-        reasons += [None] * (len(texts) - len(reasons))
-        extra = await call.many(Request(messages, replace(cfg.sampling, n=1, seed=call_seed(cfg.seed, r.id,
-                                                                                                f"best_of_n-{i}")))
+        texts = list(c.texts[:cfg.n])
+        reasons: list[str | None] = [*c.finish_reasons[:len(texts)], *[None] * (len(texts) - len(c.finish_reasons))]
+        one = replace(cfg.sampling, n=1)
+        extra = await call.many(Request(messages, replace(one, seed=call_seed(cfg.seed, r.id, f"best_of_n-{i}")))
                                 for i in range(len(texts), cfg.n))
         for e in extra:
             if e.error or not e.texts:
@@ -133,6 +133,7 @@ class BestOfNStage:
             "samples": [{"text": t, "finish_reason": f, "score": s}
                         for t, f, s in zip(texts, reasons, ranking.scores, strict=True)],
             "ranking": ranking.to_dict(),
+            "gates": ["truncated"] if "length" in (reasons[ranking.best], reasons[ranking.worst]) else [],
             "source": r.source,
             "extra": r.extra,
             "provenance": self.judge.provenance,
@@ -159,15 +160,15 @@ def to_pair(row: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def write_pairs(rows: Path, out: Path | None = None) -> int:
-    """The West-of-N pairs of ``rows`` (best_of_n.jsonl) to ``out`` (default beside it), atomically;
-    returns how many were written."""
+def write_pairs(rows: Path, out: Path | None = None, drop: frozenset[str] = frozenset()) -> int:
+    """The West-of-N pairs of ``rows`` (best_of_n.jsonl) to ``out`` (default beside it), atomically,
+    but for rows flagged by a gate in ``drop`` (a truncated best or worst); returns how many were written."""
     out = out or pairs_path(rows)
     tmp = out.with_name(out.name + ".tmp")
     n = 0
     with tmp.open("w", encoding="utf-8") as f:
         for row in iter_jsonl(rows) if rows.is_file() else ():
-            if (pair := to_pair(row)) is not None:
+            if not drop & set(row.get("gates") or ()) and (pair := to_pair(row)) is not None:
                 f.write(dumps(pair) + "\n")
                 n += 1
         f.flush()
