@@ -13,7 +13,7 @@ from .label import JUDGE
 from .summary import exit_status, plural, print_calls, print_failures, print_gates, print_rows, snapshot
 
 BEST_OF_N = but(under(*TOP, "best_of_n", "gates", *(f"label.{n}" for n in JUDGE)), "best_of_n.enabled",
-                "gates.keep")
+                "gates.keep", "gates.text")  # the input gates, and truncated (a cut best or worst)
 
 
 @app.command("best-of-n", epilog=EXIT_CODES_HELP)
