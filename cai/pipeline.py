@@ -49,7 +49,7 @@ from .inputs import Source as Rows
 from .manifest import Calls, RunResult, describe, manifest, mark_running, read_history  # noqa: F401
 from .metrics import summarize_files
 from .output import JsonlSink, SinkSummary
-from .plan import Plan, check_templates, labels_path, unique_pair
+from .plan import Plan, check_templates, judge_stages, labels_path, unique_pair
 from .progress import RunProgress
 from .quality.gates import InputGate, write_rejects
 from .report.markdown import write_revise_report
@@ -168,21 +168,23 @@ def run_best_of_n(inputs: Rows, *, backend: Backend | str | None = None, output:
     cfg, given = _settings(config, "best_of_n", backend, settings)
     plan = Plan.build(cfg, inputs, kind="revise", output=output, constitution=constitution, templates=templates,
                       backend_given=given is not None)
-    check_templates(plan.templates, plan.constitution, best_of_n.template_stages(cfg.label.mode))
+    check_templates(plan.templates, plan.constitution, [*judge_stages(cfg.label.mode), "generate"])
     inner, gate, cache = given or build_backend(cfg.backend, cfg.model, **cfg.backend_options()), \
         InputGate(cfg.gates), plan.cache
     try:
         with _in_memory(plan) as memory, contextlib.ExitStack() as held:
-            assert plan.folder is not None and plan.revisions is not None
+            assert plan.folder is not None and (rows := plan.revisions) is not None
             if not memory:  # one writer per folder, before anything is written there
                 held.enter_context(lock.writer(plan.folder))
             be = held.enter_context(counted(inner, cache))
-            summary = run(lambda pool: best_of_n.stream(plan, be, gate(plan.prompts()), pool), be, cfg.concurrency)
-            pairs = best_of_n.write_pairs(plan.revisions, drop=cfg.gates.dropping())
+            summary = run(lambda pool: best_of_n.stream(cfg, plan.constitution, plan.templates, rows, be,
+                                                         gate(plan.prompts()), pool, plan.totals.get("revise")),
+                          be, cfg.concurrency)
+            pairs = best_of_n.write_pairs(rows, drop=cfg.gates.dropping())
             out = StageResult(summary, Calls(be.sent, be.hits, be.errors), PreferenceSummary(written=pairs),
-                              write_rejects(plan.folder, cfg.gates, gate.skipped, revisions=plan.revisions.name,
+                              write_rejects(plan.folder, cfg.gates, gate.skipped, revisions=rows.name,
                                             labels=""))
-            out._rows = list(iter_jsonl(plan.revisions)) if memory else None
+            out._rows = list(iter_jsonl(rows)) if memory else None
     finally:
         if given is None:
             runtime.close(inner)

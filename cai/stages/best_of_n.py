@@ -24,7 +24,6 @@ from ..files import dumps, iter_jsonl
 from ..hashing import call_seed, sha256_json
 from ..inputs import PromptRow
 from ..output import JsonlSink, SinkSummary
-from ..plan import Plan, judge_stages
 from ..templates import Templates, with_system
 from ..types import Request
 from .judge import JudgeConfig, JudgeStage
@@ -62,22 +61,15 @@ def fingerprint(backend: Backend, constitution: Constitution, templates: Templat
                         templates.digest(("generate",))])
 
 
-def template_stages(judge_mode: str) -> list[str]:
-    """The templates a best-of-n run renders: the judge's, and ``generate`` for the samples."""
-    return [*judge_stages(judge_mode), "generate"]
-
-
-async def stream(plan: Plan, backend: Backend, prompts: Iterable[PromptRow], pool: Pool) -> SinkSummary:
-    """The plan's prompts through ``BestOfNStage`` into ``plan.revisions`` (its output file) in
-    ``pool``: the runner's stream, resumed by id like every stage's."""
-    cfg, tpl = plan.config, plan.templates
-    assert plan.revisions is not None
+async def stream(cfg: RunConfig, constitution: Constitution, templates: Templates, path: Path, backend: Backend,
+                 prompts: Iterable[PromptRow], pool: Pool, total: int | None = None) -> SinkSummary:
+    """``prompts`` through ``BestOfNStage`` into ``path`` in ``pool``: the runner's stream, resumed
+    by id like every stage's."""
     bcfg, jcfg = BestOfNConfig.of(cfg), JudgeConfig.of(cfg.label, cfg.seed)
-    stage = BestOfNStage(JudgeStage(plan.constitution, tpl, jcfg, backend.model_id), bcfg,
-                         tpl.render_text("generate", "system"))
-    with JsonlSink(plan.revisions, fingerprint(backend, plan.constitution, tpl, jcfg, bcfg)) as sink:
-        return await run_stream(Stream(sink, prompts, stage, "best-of-n", plan.totals.get("revise"),
-                                       progress=cfg.progress), pool)
+    stage = BestOfNStage(JudgeStage(constitution, templates, jcfg, backend.model_id), bcfg,
+                         templates.render_text("generate", "system"))
+    with JsonlSink(path, fingerprint(backend, constitution, templates, jcfg, bcfg)) as sink:
+        return await run_stream(Stream(sink, prompts, stage, "best-of-n", total, progress=cfg.progress), pool)
 
 
 def pairs_path(rows: Path) -> Path:
