@@ -109,6 +109,14 @@ class LabelSettings(_Section):
 
 
 
+class BestOfNSettings(_Section):
+    enabled: bool = Field(False, description="Best-of-n (`cai best-of-n`): sample n answers per prompt, rank them "
+                          "with the judge, keep the best (SFT) and best-vs-worst (a pair).")
+    n: int = Field(4, ge=2, description="Answers sampled per prompt (round robin up to 8, a knockout above).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature of the n answers.")
+    max_tokens: int | None = Field(None, ge=1, description="Max new tokens per answer (default: revise.max_tokens).")
+
+
 class GateSettings(_Section):
     """The quality gates: what keeps a row out of the training data (it goes to rejects.jsonl
     with its reasons; `cai export --include-rejects` puts it back)."""
@@ -184,6 +192,7 @@ class RunConfig(_Section):
     revise: ReviseSettings = Field(default_factory=lambda: ReviseSettings.model_validate({}))
     gates: GateSettings = Field(default_factory=lambda: GateSettings.model_validate({}))
     label: LabelSettings = Field(default_factory=lambda: LabelSettings.model_validate({}))
+    best_of_n: BestOfNSettings = Field(default_factory=lambda: BestOfNSettings.model_validate({}))
     ray: RaySettings = Field(default_factory=lambda: RaySettings.model_validate({}))
 
     @field_validator("base_url", mode="before")

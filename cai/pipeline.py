@@ -9,6 +9,7 @@
 - ``run_label``: the AI judge over pairs (label rows and TRL preference rows): `cai run`
   with the revise stage off;
 - ``run_eval_judge``: the judge (and a naive one) against human-labelled pairs;
+- ``run_best_of_n``: n answers per prompt ranked by the judge: the best (SFT), best-vs-worst (pairs);
 - ``run_pipeline``: all of it from one ``RunConfig``, in one output folder (`cai run`).
 
 Settings are the settings tree's (``RunConfig``): pass ``config=`` and/or its leaves as keywords
@@ -48,10 +49,11 @@ from .inputs import Source as Rows
 from .manifest import Calls, RunResult, describe, manifest, mark_running, read_history  # noqa: F401
 from .metrics import summarize_files
 from .output import JsonlSink, SinkSummary
-from .plan import Plan, labels_path, unique_pair
+from .plan import Plan, check_templates, judge_stages, labels_path, unique_pair
 from .progress import RunProgress
 from .quality.gates import InputGate, write_rejects
 from .report.markdown import write_revise_report
+from .stages import best_of_n
 from .stages.judge import JudgeConfig, JudgeStage
 from .stages.judge import fingerprint as judge_fingerprint
 from .stages.pairs import Pair, SampleConfig, read_pairs, record_to_pair, sample_pair_ids, sample_prompt
@@ -151,7 +153,42 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
     judge calls start as soon as its revision is written, in the same pool of requests.
     ``backend`` replaces the configured one (tests, dry runs)."""
     cfg = load_run_config(cfg) if not isinstance(cfg, RunConfig) else cfg
+    if cfg.best_of_n.enabled:  # not a source of `cai run` yet
+        raise ConfigError("`cai run` does not run best-of-n yet: use `cai best-of-n INPUT`", field="best_of_n.enabled")
     return execute(Plan.build(cfg, constitution=constitution, backend_given=backend is not None), backend)
+
+
+def run_best_of_n(inputs: Rows, *, backend: Backend | str | None = None, output: str | Path | None = None,
+                  constitution: Constitution | str | Path | None = None,
+                  templates: Templates | str | Path | None = None, config: RunConfig | None = None,
+                  **settings: Any) -> StageResult:
+    """Best-of-n (`cai best-of-n`): ``n`` answers per prompt ranked by the judge (``label.*``); the
+    best as SFT rows in ``output``, best-vs-worst as TRL preference rows beside it
+    (``best_of_n.pairs.jsonl``; ``best_of_n.to_pair(row)`` for rows in memory)."""
+    cfg, given = _settings(config, "best_of_n", backend, settings)
+    plan = Plan.build(cfg, inputs, kind="revise", output=output, constitution=constitution, templates=templates,
+                      backend_given=given is not None)
+    check_templates(plan.templates, plan.constitution, [*judge_stages(cfg.label.mode), "generate"])
+    inner, gate, cache = given or build_backend(cfg.backend, cfg.model, **cfg.backend_options()), \
+        InputGate(cfg.gates), plan.cache
+    try:
+        with _in_memory(plan) as memory, contextlib.ExitStack() as held:
+            assert plan.folder is not None and (rows := plan.revisions) is not None
+            if not memory:  # one writer per folder, before anything is written there
+                held.enter_context(lock.writer(plan.folder))
+            be = held.enter_context(counted(inner, cache))
+            summary = run(lambda pool: best_of_n.stream(cfg, plan.constitution, plan.templates, rows, be,
+                                                         gate(plan.prompts()), pool, plan.totals.get("revise")),
+                          be, cfg.concurrency)
+            pairs = best_of_n.write_pairs(rows, drop=cfg.gates.dropping())
+            out = StageResult(summary, Calls(be.sent, be.hits, be.errors), PreferenceSummary(written=pairs),
+                              write_rejects(plan.folder, cfg.gates, gate.skipped, revisions=rows.name,
+                                            labels=""))
+            out._rows = list(iter_jsonl(rows)) if memory else None
+    finally:
+        if given is None:
+            runtime.close(inner)
+    return out
 
 
 def _stage_result(res: RunResult, stage: str) -> StageResult:
@@ -475,5 +512,5 @@ def run_eval_judge(file: Rows, *, backend: Backend | str | None = None, output: 
 
 
 __all__ = ["Calls", "EvalResult", "LabelSettings", "ReviseSettings", "RunConfig", "RunResult", "Source",
-           "StageResult", "build_backend", "labels_path", "load_constitution", "load_run_config", "run_eval_judge",
-           "run_label", "run_pipeline", "run_revise", "ConfigError"]
+           "StageResult", "build_backend", "labels_path", "load_constitution", "load_run_config", "run_best_of_n",
+           "run_eval_judge", "run_label", "run_pipeline", "run_revise", "ConfigError"]

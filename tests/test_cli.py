@@ -172,7 +172,7 @@ def test_every_option_of_every_command_reads_its_variable(monkeypatch: pytest.Mo
     def capture(*args, **kw):
         raise _Captured(kw.get("config", args[0] if args else None), kw.get("naive"))
 
-    for name in ("run_revise", "run_label", "run_eval_judge"):
+    for name in ("run_revise", "run_label", "run_eval_judge", "run_best_of_n"):
         monkeypatch.setattr(pipeline, name, capture)
     monkeypatch.setattr(run_cli, "run_pipeline", capture)
     monkeypatch.setattr(run_cli, "run_pipeline_ray", capture)
@@ -180,8 +180,8 @@ def test_every_option_of_every_command_reads_its_variable(monkeypatch: pytest.Mo
     group = get_command(app)
     checked = 0
     for cname, cmd in group.commands.items():  # type: ignore[attr-defined]
-        settings = cname in ("run", "revise", "label", "eval-judge")
-        stage = {"revise": "revise", "label": "label", "eval-judge": "label"}.get(cname)
+        settings = cname in ("run", "revise", "label", "eval-judge", "best-of-n")
+        stage = {"revise": "revise", "label": "label", "eval-judge": "label", "best-of-n": "best_of_n"}.get(cname)
         for p in cmd.params:
             envs = [p.envvar] if isinstance(p.envvar, str) else list(p.envvar or [])
             leaf = naive.get(p.name) or (find_leaf(p.name, stage) if settings else None)

@@ -28,7 +28,7 @@ from ..errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT
 from .app import ARGV, app, err
 
 # Each module registers its commands on `app`; this order is the order `cai --help` lists them.
-COMMANDS = ("revise", "label", "run", "report", "export", "review", "evaluate", "constitution", "model")
+COMMANDS = ("revise", "label", "best_of_n", "run", "report", "export", "review", "evaluate", "constitution", "model")
 for _module in COMMANDS:
     importlib.import_module(f"{__name__}.{_module}")
 

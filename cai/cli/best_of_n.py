@@ -1,0 +1,41 @@
+"""`cai best-of-n`: n answers per prompt, ranked by the judge; the best as SFT rows, best-vs-worst
+as preference pairs (West-of-N)."""
+
+from __future__ import annotations
+
+from .. import pipeline
+from ..config import RunConfig
+from ..errors import EXIT_CODES_HELP
+from ..quality.gates import REJECTS_FILE
+from ..stages.best_of_n import pairs_path
+from .app import TOP, app, but, say, settings_options, stage_file, under
+from .label import JUDGE
+from .summary import exit_status, plural, print_calls, print_failures, print_gates, print_rows, snapshot
+
+BEST_OF_N = but(under(*TOP, "best_of_n", "gates", *(f"label.{n}" for n in JUDGE)), "best_of_n.enabled",
+                "gates.keep", "gates.text")  # the input gates, and truncated (a cut best or worst)
+
+
+@app.command("best-of-n", epilog=EXIT_CODES_HELP)
+@settings_options(BEST_OF_N, stage="best_of_n", positional="input", helps={
+    "input": "Prompts: .jsonl/.json/.parquet/.csv, a saved datasets folder, or a Hub dataset name.",
+    "output": "Output JSONL of SFT rows (the best answer; every sample and judgement kept); the pairs go to "
+              "NAME.pairs.jsonl beside it (default: best_of_n.jsonl in out/run)."})
+def best_of_n(config: RunConfig) -> None:
+    """Best-of-n: sample n answers per prompt (--n), rank them with the judge (round robin for
+    n <= 8, a knockout above, both orders, k principles), and write the best as TRL SFT rows
+    (`messages`) and best-vs-worst as TRL preference rows (prompt, chosen, rejected).
+
+    Rerunning the same command resumes: finished prompts are kept, the rest are done.
+    """
+    output = stage_file(config, "best_of_n.jsonl")
+    before = snapshot(output)
+    res = pipeline.run_best_of_n(config.input or "", output=output, config=config)
+    s = res.summary
+    print_rows("best-of-n", s, before)
+    assert res.preferences is not None
+    say(f"pairs: {plural(res.preferences.written, 'pair')} (best vs worst, margin > 0) -> {pairs_path(output)}")
+    print_calls(res.calls, config.cache_beside(output.parent))
+    print_gates(res.gates, output.parent / REJECTS_FILE)
+    print_failures({"best-of-n": s})
+    exit_status({"best-of-n": s})
