@@ -21,7 +21,8 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -266,3 +267,21 @@ def cache_path(value: str | None, no_cache: bool, default_dir: Path) -> Path | N
     if no_cache or (value is not None and value.strip().lower() in OFF):
         return None
     return Path(value) if value else Path(default_dir) / "cache.sqlite"
+
+
+Counted = CachedBackend | CountingBackend
+
+
+@contextmanager
+def counted(backend: Backend, cache: str | Path | None = None) -> Iterator[Counted]:
+    """``backend`` behind the call cache at ``cache`` (or a counter), the cache closed after the
+    block; the backend stays open for its owner."""
+    if isinstance(backend, (CachedBackend, CountingBackend)):
+        yield backend
+        return
+    be: Counted = CachedBackend(backend, CallCache(cache)) if cache else CountingBackend(backend)
+    try:
+        yield be
+    finally:
+        if isinstance(be, CachedBackend):
+            be.cache.close()

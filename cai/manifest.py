@@ -121,3 +121,15 @@ def manifest(plan: Plan, res: RunResult, model_id: str, elapsed: float) -> dict[
         "cache": str(cache) if cache else None,
         "elapsed_s": round(elapsed, 3),
     }
+
+
+def constitution_record(plan: Plan) -> dict[str, Any]:
+    """Which constitution a run used (for run.json's history): its file as given (relative to the run
+    folder where it lies inside it; the shipped one by name), name, version and hash."""
+    const, given = plan.constitution, plan.config.constitution
+    path = "principles.yaml (shipped)"
+    if given is not None:
+        p = Path(given)
+        out = Path(plan.config.output).resolve()
+        path = str(p.resolve().relative_to(out)) if p.resolve().is_relative_to(out) else str(given)
+    return {"path": path, "name": const.name, "version": const.version, "hash": const.digest()}

@@ -37,7 +37,7 @@ from typing import Any
 from . import lock, runtime
 from .backends import Backend, build_backend
 from .backends.base import Sampling
-from .cache import CachedBackend, CallCache, CountingBackend
+from .cache import Counted, counted
 from .config import LabelSettings, NaiveSettings, ReviseSettings, RunConfig, Source, configure, load_run_config
 from .constitution import Constitution, load_constitution
 from .errors import ConfigError
@@ -46,7 +46,7 @@ from .files import iter_jsonl, write_json_atomic
 from .hashing import sha256_json
 from .inputs import PromptRow
 from .inputs import Source as Rows
-from .manifest import Calls, RunResult, describe, manifest, mark_running, read_history  # noqa: F401
+from .manifest import Calls, RunResult, constitution_record, describe, manifest, mark_running, read_history  # noqa: F401
 from .metrics import summarize_files
 from .output import JsonlSink, SinkSummary
 from .plan import Plan, check_templates, judge_stages, labels_path, unique_pair
@@ -62,8 +62,6 @@ from .stages.revise import ReviseConfig, ReviseStage
 from .stages.revise import fingerprint as revise_fingerprint
 from .stages.runner import Call, Outcome, Pool, RowFn, Stream, run, run_stage, run_stream
 from .templates import Templates
-
-Counted = CachedBackend | CountingBackend
 
 
 @dataclass
@@ -92,24 +90,6 @@ class StageResult:
         return list(iter_jsonl(self.summary.failures_path))
 
 
-
-
-@contextmanager
-def counted(backend: Backend | str, cache: str | Path | None = None) -> Iterator[Counted]:
-    """``backend`` (or one built by name) behind the call cache at ``cache`` (or a counter).
-    What this builds it closes; a backend passed in stays open for its owner."""
-    if isinstance(backend, (CachedBackend, CountingBackend)):
-        yield backend
-        return
-    inner = build_backend(backend) if isinstance(backend, str) else backend
-    be: Counted = CachedBackend(inner, CallCache(cache)) if cache else CountingBackend(inner)
-    try:
-        yield be
-    finally:
-        if isinstance(be, CachedBackend):
-            be.cache.close()
-        if isinstance(backend, str):
-            runtime.close(inner)
 
 
 # --- the API -----------------------------------------------------------------------------------
@@ -421,18 +401,6 @@ def _finish(plan: Plan, res: RunResult, gate: InputGate, memory: bool) -> None:
         res.skipped = gate.skipped
 
 
-def _constitution_record(plan: Plan) -> dict[str, Any]:
-    """Which constitution a run used (for run.json's history): its file as given (relative to the run
-    folder where it lies inside it; the shipped one by name), name, version and hash."""
-    const, given = plan.constitution, plan.config.constitution
-    path = "principles.yaml (shipped)"
-    if given is not None:
-        p = Path(given)
-        out = Path(plan.config.output).resolve()
-        path = str(p.resolve().relative_to(out)) if p.resolve().is_relative_to(out) else str(given)
-    return {"path": path, "name": const.name, "version": const.version, "hash": const.digest()}
-
-
 def finish_run(plan: Plan, res: RunResult, model_id: str, t0: float, history: list[dict[str, Any]],
                extra: dict[str, Any] | None = None) -> RunResult:
     """The end of every `cai run` (local or on Ray): revisions.md, preferences.jsonl, the quality
@@ -450,7 +418,7 @@ def finish_run(plan: Plan, res: RunResult, model_id: str, t0: float, history: li
     res.manifest = manifest(plan, res, model_id, time.time() - t0) | (extra or {})
     res.manifest["history"] = [*history, {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "elapsed_s": res.manifest["elapsed_s"],
-        "calls": res.manifest["calls"], "constitution": _constitution_record(plan),
+        "calls": res.manifest["calls"], "constitution": constitution_record(plan),
         "templates_hash": res.manifest["templates_hash"],
         "counts": {k: {f: v[f] for f in ("written", "resumed", "failed", "dropped")}
                    for k, v in res.manifest["counts"].items() if k != "preferences"}}]

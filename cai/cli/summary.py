@@ -16,6 +16,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
+from ..backends.openai_server import redact
 from ..errors import EXIT_ROWS_FAILED
 from ..output import SinkSummary
 from ..pipeline import Calls
@@ -152,7 +153,7 @@ def command_with(flag: str, value: str, aliases: tuple[str, ...] = ("--tie-thres
         elif a in names:
             skip = True
         elif not a.startswith(tuple(n + "=" for n in names)):
-            args.append(a)
+            args.append(redact(a))  # a key in a URL is never printed
     return shlex.join(["cai", *args, flag, value])
 
 
