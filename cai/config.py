@@ -188,6 +188,8 @@ class RunConfig(_Section):
                         "longer lists (default: keep them).")
     max_line_bytes: int = Field(1_000_000, ge=1, description="Longest input line (bytes) read; a longer one "
                                 "is an input error.")
+    license: str | None = Field(None, description="Licence of the prompts and so of the data (a Hub license id: mit, "
+                                "apache-2.0, cc-by-4.0...), recorded in run.json; `cai export` puts it on the card.")
     vllm: EngineSettings = Field(default_factory=lambda: EngineSettings.model_validate({}))
     revise: ReviseSettings = Field(default_factory=lambda: ReviseSettings.model_validate({}))
     gates: GateSettings = Field(default_factory=lambda: GateSettings.model_validate({}))

@@ -75,3 +75,16 @@ def test_no_preference_split_no_word_of_it(run: Path, tmp_path: Path, capsys: py
     (run / "preferences.jsonl").unlink()
     res = ex.export_run(run, tmp_path / "o2")
     assert res.warnings and "has no preferences.jsonl" in res.warnings[0]
+
+
+def test_license_given_to_cai_run_reaches_run_json_and_the_card(tmp_path: Path) -> None:
+    """`cai run --license cc-by-4.0` (the run config's `license:`) is recorded and the card carries it."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}?"}) + "\n" for i in range(3)))
+    out = tmp_path / "run"
+    assert main(["run", "--input", str(prompts), "-o", str(out), "-b", "fake", "--revise-rounds", "1",
+                 "--license", "cc-by-4.0", "--no-progress"]) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["license"] == "cc-by-4.0"
+    text = ex.save(ex.build(out), tmp_path / "export").joinpath("README.md").read_text()
+    assert yaml.safe_load(text.split("---")[1])["license"] == "cc-by-4.0"
+    assert "(the run config's `license`)" in text
