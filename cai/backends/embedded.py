@@ -273,7 +273,7 @@ class EmbeddedBackend:
         assert self._prefix is not None
         key = tuple(ids)
         n, layers = self._prefix.lookup(key, len(ids) - keep)
-        cache = DynamicCache(config=self.model.config)
+        cache: Any = DynamicCache(config=self.model.config)
         for li, (k, v) in enumerate(layers or []):
             cache.update(k, v, li)
         out = self.model(input_ids=torch.tensor([ids[n:]]), use_cache=True, logits_to_keep=keep,
