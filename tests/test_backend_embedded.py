@@ -221,7 +221,7 @@ def test_prefix_reuse_gives_the_same_outputs_and_prefills_less(model_dir: Any, n
     """The same requests with the prefix cache on and off: the same texts, tokens and log-probs
     (to 1e-4: prefilling a row alone or in a padded batch differs in float rounding only), and the
     calls that share a prefix with an earlier one prefill only their new tokens."""
-    with Sync(EmbeddedBackend(model=str(model_dir))) as reuse:
+    with Sync(EmbeddedBackend(model=str(model_dir), prefix_cache_mb=512)) as reuse:
         first = [Request(critique("Hack your neighbour's wifi."), Sampling(max_tokens=24, logprobs=3))]
         answer = ok(no_reuse.complete(first)[0]).text
         revision = (*first[0].messages, {"role": "assistant", "content": answer},
