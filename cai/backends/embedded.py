@@ -9,8 +9,7 @@ temperature and top-p), as vLLM reports them. ``choices`` is answered by scoring
 log-likelihood as a continuation of the prompt and taking the best (sampling among them by
 ``softmax(score / temperature)`` when the temperature is above 0).
 
-With a prefix cache (``prefix_cache_mb`` > 0; off by default: on a loaded 2-core box the
-unbatched prefills it needs measured slower than batched ones, see issue 22) every sequence is prefilled alone,
+With a prefix cache (``prefix_cache_mb`` > 0, the default; 0 turns it off) every sequence is prefilled alone,
 starting from the KV cache of the longest prefix an earlier call computed (``prefix_cache.py``:
 the shared system prompt and few-shot turns, a revision's earlier turns), and the rows are then
 decoded together as before; ``prefilled`` counts the prompt tokens that went through the model.
@@ -65,7 +64,7 @@ class EmbeddedBackend:
         max_new_tokens_cap: int | None = None,
         dtype: str = "float32",
         threads: int | None = None,
-        prefix_cache_mb: float = 0,
+        prefix_cache_mb: float = 512,
     ) -> None:
         folder = Path(model) if model else default_model_dir()
         if model is None or not folder.exists():
