@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -194,3 +195,92 @@ def test_repetition_penalty_spares_the_end_of_turn(embedded: Sync) -> None:
     logits = torch.full((1, max(eos, other) + 1), 4.0)
     out = embedded._penalize(logits, [row])
     assert out[0, eos] == 4.0 and out[0, other] == 2.0
+
+
+# ------------------------------------------------------------------------ prefix reuse
+FEW_SHOT: tuple[Message, ...] = (
+    {"role": "system", "content": "You are a careful critic of assistant replies."},
+    {"role": "user", "content": "Critique this reply: 'Just take what you want from the shop.'"},
+    {"role": "assistant", "content": "The reply encourages theft, which is illegal and harmful."},
+    {"role": "user", "content": "Critique this reply: 'Mix bleach and ammonia to clean faster.'"},
+    {"role": "assistant", "content": "The reply is dangerous: the mixture releases toxic gas."},
+)
+
+
+def critique(reply: str) -> tuple[Message, ...]:
+    return (*FEW_SHOT, {"role": "user", "content": f"Critique this reply: '{reply}'"})
+
+
+@pytest.fixture(scope="module")
+def no_reuse(model_dir: Any) -> Any:
+    with Sync(EmbeddedBackend(model=str(model_dir), prefix_cache_mb=0)) as backend:
+        yield backend
+
+
+def test_prefix_reuse_gives_the_same_outputs_and_prefills_less(model_dir: Any, no_reuse: Sync) -> None:
+    """The same requests with the prefix cache on and off: the same texts, tokens and log-probs
+    (to 1e-4: prefilling a row alone or in a padded batch differs in float rounding only), and the
+    calls that share a prefix with an earlier one prefill only their new tokens."""
+    with Sync(EmbeddedBackend(model=str(model_dir), prefix_cache_mb=512)) as reuse:
+        first = [Request(critique("Hack your neighbour's wifi."), Sampling(max_tokens=24, logprobs=3))]
+        answer = ok(no_reuse.complete(first)[0]).text
+        revision = (*first[0].messages, {"role": "assistant", "content": answer},
+                    {"role": "user", "content": "Rewrite the reply to fix the problems."})
+        then = [
+            Request(critique("Lie to your doctor about your symptoms."),
+                    Sampling(max_tokens=24, logprobs=3)),
+            Request(critique("Drive home after a few drinks."), Sampling(max_tokens=12)),
+            Request(revision, Sampling(max_tokens=24, logprobs=2)),
+            Request(JUDGES[1], Sampling(choices=("A", "B"), logprobs=2)),
+            Request((*critique("Skip school."), {"role": "assistant", "content": "The ("}),
+                    Sampling(choices=("A", "B"), logprobs=2)),
+            Request(LOOPY, Sampling(max_tokens=12, repetition_penalty=1.3, temperature=1.0, n=2,
+                                    seed=3)),
+        ]
+        batches = [first, then, then[:3]]  # the last: every prompt seen before
+        counts = []
+        for reqs in batches:
+            before = reuse.prefilled
+            ours, theirs = reuse.complete(reqs), no_reuse.complete(reqs)
+            counts.append(reuse.prefilled - before)
+            for o, t in zip(ours, theirs, strict=True):
+                assert ok(o).texts == ok(t).texts and o.finish_reasons == t.finish_reasons
+                assert o.prompt_tokens == t.prompt_tokens
+                assert o.completion_tokens == t.completion_tokens
+                assert (o.logprobs is None) == (t.logprobs is None)
+                for x, y in zip(o.logprobs or [], t.logprobs or [], strict=True):
+                    assert list(x) == list(y)  # the same tokens, in the same order
+                    assert x == pytest.approx(y, abs=1e-4)
+        ids = [tuple(reuse._prompt_ids(r)) for r in first + then]
+        assert counts[0] == len(ids[0])  # nothing to reuse yet
+        shared = sum(len(os.path.commonprefix([i, ids[0]])) for i in ids[1:3])
+        assert 0 < counts[1] <= sum(len(i) for i in ids[1:]) - shared
+        # the revision continues the critique's chat: its prompt and answer are not recomputed
+        rev = ids[3]
+        assert len(os.path.commonprefix([rev, ids[0]])) == len(ids[0])
+        assert counts[2] == 3  # one token each: the logits of the last prompt position
+        assert reuse._prefix is not None and reuse._prefix.bytes <= reuse._prefix.max_bytes
+
+
+def test_prefix_cache_keeps_to_its_byte_cap() -> None:
+    import torch
+
+    from cai.backends.prefix_cache import PrefixCache
+
+    def layers(n: int) -> Any:
+        return [(torch.zeros(1, 1, n, 2), torch.zeros(1, 1, n, 2))]  # 16 bytes a token
+
+    pc = PrefixCache(max_bytes=16 * 10)
+    pc.store((1, 2, 3), layers(3))
+    pc.store((1, 2, 3, 4), layers(4))  # covers (1, 2, 3): replaces it
+    assert len(pc) == 1 and pc.bytes == 64
+    pc.store((1, 2), layers(2))  # covered by (1, 2, 3, 4): not kept twice
+    assert len(pc) == 1
+    n, got = pc.lookup((1, 2, 3, 9, 9), limit=4)
+    assert n == 3 and got is not None and got[0][0].shape[2] == 3
+    assert pc.lookup((1, 2, 3, 4), limit=2)[0] == 2 and pc.lookup((7,), limit=1) == (0, None)
+    pc.store((5, 6, 7, 8), layers(4))
+    pc.store((9, 9, 9), layers(3))  # 11 tokens > 10: the least recently used goes
+    assert len(pc) == 2 and pc.bytes == 16 * 7 and pc.lookup((1, 2), limit=2)[0] == 0
+    pc.store(tuple(range(11)), layers(11))  # larger than the cap: not kept
+    assert pc.bytes == 16 * 7

@@ -8,6 +8,11 @@ from the KV cache as they finish. Log-probs are those of the raw model distribut
 temperature and top-p), as vLLM reports them. ``choices`` is answered by scoring each choice's
 log-likelihood as a continuation of the prompt and taking the best (sampling among them by
 ``softmax(score / temperature)`` when the temperature is above 0).
+
+With a prefix cache (``prefix_cache_mb`` > 0, the default; 0 turns it off) every sequence is prefilled alone,
+starting from the KV cache of the longest prefix an earlier call computed (``prefix_cache.py``:
+the shared system prompt and few-shot turns, a revision's earlier turns), and the rows are then
+decoded together as before; ``prefilled`` counts the prompt tokens that went through the model.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ..errors import BackendError
 from ..model import default_model_dir, require_prepared
 from ..types import Completion, Request
 from .batching import MicroBatcher
+from .prefix_cache import Layers, PrefixCache
 
 _SEED_MIX = 1_000_003
 
@@ -58,6 +64,7 @@ class EmbeddedBackend:
         max_new_tokens_cap: int | None = None,
         dtype: str = "float32",
         threads: int | None = None,
+        prefix_cache_mb: float = 512,
     ) -> None:
         folder = Path(model) if model else default_model_dir()
         if model is None or not folder.exists():
@@ -94,6 +101,8 @@ class EmbeddedBackend:
         pad = self.tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else min(eos, default=0)
         self._piece: dict[int, str] = {}
+        self._prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self.prefilled = 0  # prompt tokens run through the model (not taken from the prefix cache)
 
     # ----------------------------------------------------------------------------------- API
     def compute(self, requests: Sequence[Request]) -> list[Completion]:
@@ -200,19 +209,23 @@ class EmbeddedBackend:
         torch = self._torch
         from transformers import DynamicCache
 
-        ids, mask, pos = self._left_pad([r.prompt for r in rows])
-        cache = DynamicCache(config=self.model.config)
         live = list(range(len(rows)))  # indices into rows, aligned with the batch dimension
         k_max = max((r.logprobs or 0) for r in rows)
         want_top = any(r.logprobs is not None for r in rows)
         tvals: list[list[float]] = []
         tids: list[list[int]] = []
         with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                             use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+            if self._prefix is not None:
+                last, cache, mask, pos = self._prefill_rows(rows)
+            else:
+                ids, mask, pos = self._left_pad([r.prompt for r in rows])
+                cache = DynamicCache(config=self.model.config)
+                last = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                  logits_to_keep=1, **{self._cache_kw: cache}).logits[:, -1, :]
+                self.prefilled += sum(len(r.prompt) for r in rows)
             pos = pos[:, -1:]
             while live:
-                logits = out.logits[:, -1, :].float()
+                logits = last.float()
                 logp = torch.log_softmax(logits, dim=-1)  # reported as vLLM does: before penalties
                 if any(rows[ri].penalty != 1.0 for ri in live):
                     logits = self._penalize(logits, [rows[ri] for ri in live])
@@ -235,6 +248,8 @@ class EmbeddedBackend:
                         r.finish = "stop"
                     elif len(r.tokens) < r.max_tokens:
                         keep.append(b)
+                        continue
+                    self._remember(cache, mask, b, r)
                 if not keep:
                     break
                 if len(keep) < len(live):
@@ -245,8 +260,56 @@ class EmbeddedBackend:
                     live = [live[b] for b in keep]
                 mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
                 pos = pos + 1
-                out = self.model(input_ids=torch.tensor(picks).unsqueeze(1), attention_mask=mask,
-                                 position_ids=pos, use_cache=True, **{self._cache_kw: cache})
+                last = self.model(input_ids=torch.tensor(picks).unsqueeze(1), attention_mask=mask,
+                                  position_ids=pos, use_cache=True,
+                                  **{self._cache_kw: cache}).logits[:, -1, :]
+
+    def _prefill_one(self, ids: list[int], keep: int) -> Any:
+        """Run one sequence through the model from its longest cached prefix (at least ``keep``
+        tokens are computed), remember its cache; its last ``keep`` logits and its cache."""
+        torch = self._torch
+        from transformers import DynamicCache
+
+        assert self._prefix is not None
+        key = tuple(ids)
+        n, layers = self._prefix.lookup(key, len(ids) - keep)
+        cache: Any = DynamicCache(config=self.model.config)
+        for li, (k, v) in enumerate(layers or []):
+            cache.update(k, v, li)
+        out = self.model(input_ids=torch.tensor([ids[n:]]), use_cache=True, logits_to_keep=keep,
+                         position_ids=torch.arange(n, len(ids)).unsqueeze(0),
+                         **{self._cache_kw: cache})
+        self.prefilled += len(ids) - n
+        self._prefix.store(key, [(layer.keys, layer.values) for layer in cache.layers])
+        return out.logits[0], cache
+
+    def _prefill_rows(self, rows: list[_Row]) -> tuple[Any, Any, Any, Any]:
+        """Prefill every row alone (reusing cached prefixes), then stack the caches left-padded
+        as one batch: the first logits [rows, vocab], the cache, the attention mask, positions."""
+        torch = self._torch
+        from transformers import DynamicCache
+
+        done = [self._prefill_one(r.prompt, 1) for r in rows]
+        _, mask, pos = self._left_pad([r.prompt for r in rows])
+        width = mask.shape[1]
+        cache = DynamicCache(config=self.model.config)
+        pad = torch.nn.functional.pad
+        for li in range(len(done[0][1].layers)):
+            ls = [c.layers[li] for _, c in done]
+            cache.update(torch.cat([pad(x.keys, (0, 0, width - x.keys.shape[2], 0)) for x in ls]),
+                         torch.cat([pad(x.values, (0, 0, width - x.values.shape[2], 0)) for x in ls]),
+                         li)
+        return torch.stack([lg[-1] for lg, _ in done]), cache, mask, pos
+
+    def _remember(self, cache: Any, mask: Any, b: int, r: _Row) -> None:
+        """Keep the cache of a finished row's prompt and answer (all but its last token, which
+        was never fed back) for a later prompt that continues it."""
+        if self._prefix is None or len(r.tokens) < 2:
+            return  # the prompt alone is remembered by its prefill
+        sel = mask[b].bool()
+        layers: Layers = [(x.keys[b : b + 1, :, sel], x.values[b : b + 1, :, sel])
+                          for x in cache.layers]
+        self._prefix.store(tuple(r.prompt + r.tokens[:-1]), layers)
 
     def _penalize(self, logits: Any, rows: list[_Row]) -> Any:
         """Repetition penalty on every token already in a row's prompt or answer."""
@@ -322,12 +385,16 @@ class EmbeddedBackend:
         logps: dict[tuple[int, ...], Any] = {}  # row -> [len(choice), vocab] log-probs
         try:
             with torch.inference_mode():
-                for b in range(0, len(keyed), self.batch_size):
+                for row in keyed if self._prefix is not None else ():
+                    lg, _ = self._prefill_one(list(row), seqs[row])
+                    logps[row] = torch.log_softmax(lg.float(), dim=-1)
+                for b in range(0, len(keyed) if self._prefix is None else 0, self.batch_size):
                     chunk = keyed[b : b + self.batch_size]
                     k = max(seqs[row] for row in chunk)
                     ids, mask, pos = self._left_pad([list(row) for row in chunk])
                     out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                      logits_to_keep=k)
+                    self.prefilled += sum(len(row) for row in chunk)
                     lp = torch.log_softmax(out.logits.float(), dim=-1)
                     for r, row in enumerate(chunk):
                         logps[row] = lp[r, k - seqs[row] :]
