@@ -118,19 +118,38 @@ class CallCache:
         self._pending: dict[str, tuple[str, Completion]] = {}  # answered, not committed yet
         self._committed: asyncio.Future[None] | None = None  # done when _pending is committed
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # In WAL mode NORMAL loses nothing when the process is killed (only on power loss)
-            # and syncs only at checkpoints; checkpointing every ~40 MB instead of every 4 MB
-            # makes a commit of a batch cost about half as much.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA wal_autocheckpoint=10000")
-            self._db.execute(_SCHEMA)
-        except sqlite3.DatabaseError as e:
-            raise ConfigError(f"not a usable cache database ({e})", file=str(self.path),
-                              hint="pass another --cache path, or --no-cache") from None
+        self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        """The connection, WAL mode and the table. Switching to WAL (and recovering the WAL of a
+        killed process that shared the file) can answer "database is locked" at once, without
+        waiting for the busy timeout: that is retried for a while (several processes, one file)."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
+                try:
+                    if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                        db.execute("PRAGMA journal_mode=WAL")
+                    # In WAL mode NORMAL loses nothing when the process is killed (only on power
+                    # loss) and syncs only at checkpoints; checkpointing every ~40 MB instead of
+                    # every 4 MB makes a commit of a batch cost about half as much.
+                    db.execute("PRAGMA synchronous=NORMAL")
+                    db.execute("PRAGMA wal_autocheckpoint=10000")
+                    db.execute(_SCHEMA)
+                    return db
+                except BaseException:
+                    db.close()
+                    raise
+            except sqlite3.OperationalError as e:
+                if "locked" in str(e) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise ConfigError(f"not a usable cache database ({e})", file=str(self.path),
+                                  hint="pass another --cache path, or --no-cache") from None
+            except sqlite3.DatabaseError as e:
+                raise ConfigError(f"not a usable cache database ({e})", file=str(self.path),
+                                  hint="pass another --cache path, or --no-cache") from None
 
     def get(self, key: str) -> Completion | None:
         """One key's stored answer (the runner's lookup, once per call), or None."""
