@@ -256,3 +256,46 @@ def test_interrupt_exits_130_sigterm_143_and_the_rerun_resumes(tmp_path: Path, s
     r = subprocess.run(argv, capture_output=True, text=True, env={**env, "CAI_FAKE_DELAY": "0"}, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len((tmp_path / "o" / "revisions.jsonl").read_text().splitlines()) == 300
+
+
+def _caught(pid: int) -> int:
+    """The signals process ``pid`` catches (its SigCgt mask); 0 before it has started."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:")), 0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/PID/status")
+@pytest.mark.parametrize(("script", "sig", "code", "after"), [
+    ("-m", "SIGINT", 130, 0.1), ("-m", "SIGINT", 130, 0.35), ("-m", "SIGINT", 130, 0.6),
+    ("-m", "SIGTERM", 143, 0.2), ("cai", "SIGINT", 130, 0.25),
+])
+def test_interrupt_during_imports_is_one_line(tmp_path: Path, script: str, sig: str, code: int, after: float):
+    """Ctrl-C (or SIGTERM) while Python is still importing cai, before the command runs (about a
+    second): one line, exit 130 (143), no traceback, as Ctrl-C mid-run."""
+    import os
+    import shutil
+    import signal
+    import time
+
+    cai = shutil.which("cai", path=str(Path(sys.executable).parent))
+    if script == "cai" and cai is None:
+        pytest.skip("no `cai` console script beside this Python")
+    argv = [sys.executable, "-m", "cai.cli"] if script == "-m" else [str(cai)]
+    argv += ["run", "--input", str(REPO / "examples" / "hh_red_team.jsonl"), "-o", str(tmp_path / "o"), "-b", "fake",
+             "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAI_")} | {"CAI_FAKE_DELAY": "1"}
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as p:
+        deadline = time.monotonic() + 30
+        while not _caught(p.pid) & (1 << (signal.SIGINT - 1)) and time.monotonic() < deadline:
+            time.sleep(0.002)  # the interpreter is up (it catches SIGINT): cai's imports start now
+        time.sleep(after)
+        assert p.poll() is None
+        p.send_signal(getattr(signal, sig))
+        _, err = p.communicate(timeout=60)
+    assert p.returncode == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
+    assert err.startswith("interrupted"), err

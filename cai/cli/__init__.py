@@ -10,27 +10,68 @@ resumes); 1 only for a bug (with its traceback).
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import importlib
 import os
-import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
 
-import click
-import typer
-from rich.markup import escape
 
-from ..errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, CaiError
-from .app import ARGV, app, err
+def _quiet(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM before the command has started (Python still importing): nothing to
+    unwind, so one line and the usual exit code (128 + the signal), never a traceback."""
+    os.write(2, b"interrupted\n")
+    os._exit(128 + signum)
+
+
+def _quiet_until_main() -> dict[int, signal._HANDLER]:
+    """Install ``_quiet`` for SIGINT and SIGTERM where they have Python's default handlers;
+    return those defaults (``main`` puts them back)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    defaults: dict[int, signal._HANDLER] = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    return {sig: signal.signal(sig, _quiet) for sig, default in defaults.items() if signal.getsignal(sig) is default}
+
+
+_DEFAULTS = _quiet_until_main()  # first: the imports below take about a second
+
+import contextlib  # noqa: E402
+import errno  # noqa: E402
+import importlib  # noqa: E402
+import re  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+import click  # noqa: E402
+import typer  # noqa: E402
+from rich.markup import escape  # noqa: E402
+
+from ..errors import (  # noqa: E402
+    EXIT_BROKEN_PIPE,
+    EXIT_BUG,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    CaiError,
+)
+from .app import ARGV, app, err  # noqa: E402
 
 # Each module registers its commands on `app`; this order is the order `cai --help` lists them.
 COMMANDS = ("revise", "label", "best_of_n", "run", "report", "export", "review", "evaluate", "constitution", "model")
 for _module in COMMANDS:
     importlib.import_module(f"{__name__}.{_module}")
+
+
+def _restore_defaults() -> None:
+    """Python's own handlers again, where ``_quiet`` still stands in for them."""
+    for sig, default in _DEFAULTS.items():
+        if signal.getsignal(sig) is _quiet:
+            signal.signal(sig, default)
+
+
+# As the program (`python -m cai.cli`, the `cai` script), `_quiet` stays until `main` runs the
+# command; imported as a library, the caller's Ctrl-C is its own again once the import is done.
+if not (sys.argv[:1] == ["-m"] or os.path.basename(sys.argv[0] if sys.argv else "") in ("cai", "cai.exe")):
+    _restore_defaults()
 
 # typer >= 0.23 raises its own copies of click's exceptions; older typer raises click's.
 _USAGE = (click.ClickException, typer.TyperException)
@@ -87,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the app; return its exit code (see ``cai.errors``)."""
     if threading.current_thread() is not threading.main_thread():
         return _main(argv)
+    _restore_defaults()
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _main(argv)
