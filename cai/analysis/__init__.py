@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import stats
-from ..review.agreement import agreement_summary
 from .counts import describe, histograms, rounded
+from .human import agreement_summary
 from .read import MAX_CHARS, MAX_ROWS, RunData, as_dict, as_list, as_text, load_run
 
 REPORT_VERSION = 1

@@ -22,20 +22,36 @@ import fcntl
 import json
 import os
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..analysis.human import (
+    HUMAN_FILE,
+    LABELS,
+    LABELS_FILE,
+    SAMPLES,
+    SIDES,
+    check,
+    consensus,
+    current,
+    human_labels,
+    load_pairs,
+    principle_sides,
+    read_records,
+)
 from ..errors import InputError
 from ..files import dumps
 from ..hashing import hash_int
 
-HUMAN_FILE, LABELS_FILE = "human_labels.jsonl", "labels.jsonl"
-LABELS = ("a", "b", "tie")
-SIDES = ("a", "b")
-SAMPLES = ("uncertainty", "uniform")
+# reading human labels back lives in ``cai.analysis.human`` (the report reads them too); these
+# names stay importable from here
+__all__ = ["HUMAN_FILE", "LABELS", "LABELS_FILE", "SAMPLES", "SIDES", "Imported", "append", "check", "consensus",
+           "current", "human_labels", "import_labels", "load_pairs", "principle_sides", "read_records", "record",
+           "review_order", "shown_left", "uncertainty"]
+
 ORDER_TEXT = (
     "Pairs come hardest first: pairs the judge called a tie; then pairs whose two orders (A/B and "
     "B/A) disagree; then pairs whose principles disagree; then by how near the judge's p(A) is to 0.5.")
@@ -46,38 +62,6 @@ def now() -> str:
 
 
 # --- the judged pairs --------------------------------------------------------------------------
-
-
-def load_pairs(run_dir: Path) -> list[dict[str, Any]]:
-    """The judged pairs of a run folder (labels.jsonl), one error line when there are none."""
-    path = Path(run_dir) / LABELS_FILE
-    if not path.is_file():
-        raise InputError(f"{run_dir}: no {LABELS_FILE}: review needs a labelled run folder "
-                         "(make one with `cai run` or `cai label`)")
-    pairs = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
-                raise InputError(f"{path}:{n}: a label row must be a JSON object with a string `id`")
-            pairs.append(row)
-    if not pairs:
-        raise InputError(f"{path}: holds no judged pairs: nothing to review")
-    return pairs
-
-
-def principle_sides(row: dict[str, Any]) -> dict[str, float]:
-    """Each principle's p(A), averaged over the orders it was judged in (abstentions left out)."""
-    per: dict[str, list[float]] = {}
-    for j in row.get("judgements") or []:
-        if not j.get("abstain") and isinstance(j.get("p_a"), (int, float)):
-            per.setdefault(str(j.get("principle_id")), []).append(float(j["p_a"]))
-    return {k: sum(v) / len(v) for k, v in per.items()}
 
 
 def uncertainty(row: dict[str, Any]) -> tuple[int, int, int, float]:
@@ -132,75 +116,7 @@ def append(run_dir: Path, records: list[dict[str, Any]]) -> int:
     return len(records)
 
 
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """Every record, in file order. A line that is not a valid record (a line torn by a crash
-    mid-write, a hand edit gone wrong) is left out; ``--import`` checks every line before it
-    appends, and ``check`` says what is wrong with one."""
-    out = []
-    path = Path(run_dir) / HUMAN_FILE
-    if path.exists():
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and not check(rec, None):
-                    out.append(rec)
-    return out
-
-
-def current(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """The label in effect per (id, reviewer): the last record, unless it is an undo."""
-    last: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in records:
-        last[(r["id"], r["reviewer"])] = r
-    return {k: r for k, r in last.items() if r["label"] is not None}
-
-
-def consensus(labels: dict[tuple[str, str], dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per pair: the majority label of its reviewers (a split counts as a tie), the reviewers,
-    and whether any of them labelled it as part of a uniform sample."""
-    by_id: dict[str, list[dict[str, Any]]] = {}
-    for (pid, _), r in labels.items():
-        by_id.setdefault(pid, []).append(r)
-    out = {}
-    for pid, rs in by_id.items():
-        votes = [r["label"] for r in rs]
-        top = max(LABELS, key=votes.count)
-        split = sum(votes.count(x) == votes.count(top) for x in LABELS) > 1
-        out[pid] = {"label": "tie" if split else top, "reviewers": sorted(r["reviewer"] for r in rs),
-                    "uniform": any(r.get("sample") == "uniform" for r in rs)}
-    return out
-
-
-def human_labels(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """The human label of each reviewed pair of a run folder (see ``consensus``)."""
-    return consensus(current(read_records(run_dir)))
-
-
 # --- checking and importing --------------------------------------------------------------------
-
-
-def check(rec: dict[str, Any], ids: set[str] | None) -> str | None:
-    """What is wrong with a record (None: nothing); ``ids``: the pair ids it may name."""
-    if not isinstance(rec.get("id"), str) or not rec["id"]:
-        return "`id` must be a non-empty string (a pair id from labels.jsonl)"
-    if ids is not None and rec["id"] not in ids:
-        return f"no pair {rec['id']!r} in labels.jsonl"
-    if rec.get("label", "") not in (*LABELS, None):
-        return f"`label` must be \"a\", \"b\", \"tie\" or null (an undo), got {rec.get('label')!r}"
-    if rec.get("shown_left") not in (*SIDES, None):
-        return f"`shown_left` must be \"a\", \"b\" or null, got {rec.get('shown_left')!r}"
-    if not isinstance(rec.get("reviewer"), str) or not rec["reviewer"].strip():
-        return "`reviewer` must be a non-empty string"
-    try:
-        datetime.fromisoformat(str(rec.get("time")))
-    except ValueError:
-        return f"`time` must be an ISO 8601 date and time, got {rec.get('time')!r}"
-    if rec.get("sample") not in (*SAMPLES, None):
-        return f"`sample` must be \"uncertainty\", \"uniform\" or absent, got {rec.get('sample')!r}"
-    return None
 
 
 def _import_rows(path: Path, ids: set[str]) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
