@@ -94,6 +94,7 @@ def test_a_second_run_into_the_same_folder_is_refused_at_once(tmp_path: Path):
     assert not [p.name for p in out.iterdir() if p.name.endswith((".part", ".tmp"))]
 
 
+@pytest.mark.integration  # kill -9 of a real `cai run` process, then a rerun (about 15 s)
 def test_a_killed_run_leaves_no_stale_lock(tmp_path: Path):
     out = tmp_path / "out"
     cmd = cai(tmp_path, 10, out)
@@ -126,6 +127,7 @@ def test_a_duplicate_id_in_an_output_is_an_error_naming_file_and_line(tmp_path: 
     assert len(revisions.read_text().splitlines()) == 5
 
 
+@pytest.mark.integration  # kill -9 of a real `cai run` rerun mid-write (about 10 s)
 def test_a_killed_rerun_leaves_the_last_complete_manifest_readable(tmp_path: Path, capsys):
     from cai.cli import main
 

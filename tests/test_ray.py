@@ -23,6 +23,9 @@ from typing import Any
 
 import pytest
 
+# A local Ray cluster and its actor processes (about 75 s for the module): not in the quick loop.
+pytestmark = pytest.mark.integration
+
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cai[ray]' to run these tests)")
 pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'cai[ray]')")
 

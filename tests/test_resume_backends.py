@@ -334,6 +334,7 @@ def openai_scenario(tmp_path: Path, upstream: str, *, n: int, kills: int, window
     return after_a
 
 
+@pytest.mark.integration  # a kill loop over a stub server: about ten `cai run` processes (about 45 s)
 def test_openai_stub_kill_resume_no_change_and_diff(tmp_path: Path, stub_server: str) -> None:
     """openai backend, bench/stub_server.py behind a proxy that holds each call 15-45 ms: 24 rows,
     2 revision rounds, 2 judge principles in both orders, 4 kills; the resumed

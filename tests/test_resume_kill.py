@@ -66,6 +66,7 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
+@pytest.mark.integration  # a kill loop: a dozen `cai run` processes (about 25 s)
 def test_kill_9_at_random_moments_then_finish(tmp_path: Path):
     rng = random.Random(int(os.environ.get("CAI_KILL_SEED", time.time_ns())))
     config = write_config(tmp_path)
