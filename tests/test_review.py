@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from cai.analysis import human
 from cai.cli import main
 from cai.review import agreement as ag
 from cai.review import labels as lab
@@ -77,23 +78,23 @@ def label_all(run: Path, human: dict[str, str] = HUMAN, reviewer: str = "ann", s
 
 
 def test_wilson_and_kappa_on_known_values():
-    lo, hi = ag.wilson(3, 5)
+    lo, hi = human.wilson(3, 5)
     assert (round(lo, 4), round(hi, 4)) == (0.2307, 0.8824)
-    assert ag.wilson(0, 0) is None
-    assert ag.wilson(10, 10)[1] == pytest.approx(1.0) and ag.wilson(0, 10)[0] == pytest.approx(0.0)
-    lo, hi = ag.wilson(50, 100)
+    assert human.wilson(0, 0) is None
+    assert human.wilson(10, 10)[1] == pytest.approx(1.0) and human.wilson(0, 10)[0] == pytest.approx(0.0)
+    lo, hi = human.wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
     # po = 3/4, pe = (2*1 + 2*3) / 16 = 1/2: kappa = (0.75 - 0.5) / 0.5
-    assert ag.cohen_kappa(list("aabb"), list("abbb")) == pytest.approx(0.5)
-    assert ag.cohen_kappa(list("ab"), list("ba")) == pytest.approx(-1.0)
-    assert ag.cohen_kappa(list("aa"), list("aa")) is None and ag.cohen_kappa([], []) is None
+    assert human.cohen_kappa(list("aabb"), list("abbb")) == pytest.approx(0.5)
+    assert human.cohen_kappa(list("ab"), list("ba")) == pytest.approx(-1.0)
+    assert human.cohen_kappa(list("aa"), list("aa")) is None and human.cohen_kappa([], []) is None
 
 
 # --- order and records ------------------------------------------------------------------------
 
 
 def test_review_order_hardest_first_and_uniform_sample(tmp_path: Path):
-    pairs = lab.load_pairs(make_run(tmp_path / "run"))
+    pairs = human.load_pairs(make_run(tmp_path / "run"))
     order = [p["id"] for p in lab.review_order(pairs)]
     # q6 tie; q4 orders disagree; q5 principles disagree; then |p - 0.5|: q2 and q3 .15 (by id), q1, q0, q7
     assert order == ["q6", "q4", "q5", "q2", "q3", "q1", "q0", "q7"]
@@ -111,15 +112,15 @@ def test_last_answer_counts_undo_retracts_and_every_answer_is_kept(tmp_path: Pat
     lab.append(run, [lab.record("q0", "a", "a", "ann"), lab.record("q0", "b", "a", "ann"),
                      lab.record("q0", "a", "b", "bob"), lab.record("q1", "tie", "b", "ann"),
                      lab.record("q1", None, "b", "ann")])
-    with (run / lab.HUMAN_FILE).open("a") as f:
+    with (run / human.HUMAN_FILE).open("a") as f:
         f.write('{"id": "q2", "label": "a", "shown_')  # a torn last line: left out
-    recs = lab.read_records(run)
+    recs = human.read_records(run)
     assert len(recs) == 5
-    cur = lab.current(recs)
+    cur = human.current(recs)
     assert {k: r["label"] for k, r in cur.items()} == {("q0", "ann"): "b", ("q0", "bob"): "a"}
-    assert lab.consensus(cur)["q0"]["label"] == "tie"  # a split of two reviewers
+    assert human.consensus(cur)["q0"]["label"] == "tie"  # a split of two reviewers
     lab.append(run, [lab.record("q0", "a", "a", "cy")])
-    assert lab.human_labels(run)["q0"] == {"label": "a", "reviewers": ["ann", "bob", "cy"], "uniform": False}
+    assert human.human_labels(run)["q0"] == {"label": "a", "reviewers": ["ann", "bob", "cy"], "uniform": False}
 
 
 def test_appends_from_many_threads_lose_nothing(tmp_path: Path):
@@ -134,7 +135,7 @@ def test_appends_from_many_threads_lose_nothing(tmp_path: Path):
         t.start()
     for t in threads:
         t.join()
-    lines = (run / lab.HUMAN_FILE).read_text().splitlines()
+    lines = (run / human.HUMAN_FILE).read_text().splitlines()
     assert len(lines) == 240 and len({json.loads(x)["reviewer"] for x in lines}) == 240
 
 
@@ -150,12 +151,12 @@ def test_import_checks_every_line_and_appends_all_or_nothing(tmp_path: Path, cap
     lines = [ln.removeprefix("error: ") for ln in capsys.readouterr().err.strip().splitlines()]
     assert [ln.split(": ")[0].rsplit(":", 1)[-1] for ln in lines[:-1]] == ["2", "3", "4", "5", "6", "7", "8"]
     assert "no pair 'zz'" in lines[1] and "`label` must be" in lines[2] and "`time` must be" in lines[3]
-    assert "7 bad record(s)" in lines[-1] and not (run / lab.HUMAN_FILE).exists()
+    assert "7 bad record(s)" in lines[-1] and not (run / human.HUMAN_FILE).exists()
     ok = tmp_path / "ok.jsonl"
     ok.write_text("".join(json.dumps(r) + "\n" for r in good))
     assert main(["review", str(run), "--import", str(ok)]) == 0
     assert main(["review", str(run), "--import", str(ok)]) == 0  # again: nothing new
-    assert lab.read_records(run) == good and "2 already there" in capsys.readouterr().err
+    assert human.read_records(run) == good and "2 already there" in capsys.readouterr().err
 
 
 # --- agreement, export and card ----------------------------------------------------------------
@@ -163,10 +164,10 @@ def test_import_checks_every_line_and_appends_all_or_nothing(tmp_path: Path, cap
 
 def test_agreement_summary(tmp_path: Path):
     run = make_run(tmp_path / "run")
-    assert ag.agreement_summary(run) is None
+    assert human.agreement_summary(run) is None
     label_all(run)
     label_all(run, {"q0": "a", "q1": "a", "q7": "a"}, reviewer="bob", sample="uniform")
-    s = ag.agreement_summary(run)
+    s = human.agreement_summary(run)
     assert s is not None and s["pairs"] == 8 and s["reviewers"] == ["ann", "bob"]
     # q1: ann b, bob a: a split, so a tie; q7 (bob only) agrees
     a = s["agreement"]
@@ -187,14 +188,14 @@ def test_agreement_summary(tmp_path: Path):
 def test_expected_flips_in_the_unreviewed_remainder(tmp_path: Path):
     run = make_run(tmp_path / "run")
     label_all(run, {"q3": "b", "q2": "a"})  # bucket 0.6-0.7: 1 of 2 agree
-    s = ag.agreement_summary(run)
+    s = human.agreement_summary(run)
     assert s is not None
     b = {x["bucket"]: x for x in s["by_confidence"]}
     assert b["0.6-0.7"]["unreviewed"] == 1 and b["0.6-0.7"]["expected_flips"] == pytest.approx(0.5)  # q5
     assert b["0.6-0.7"]["error_rate_from"] == "bucket"
     assert b["0.8-0.9"]["error_rate_from"] == "all reviewed pairs" and b["0.8-0.9"]["unreviewed"] == 1  # q0
     lo, hi = b["0.8-0.9"]["expected_flips95"]
-    assert (round(lo, 3), round(hi, 3)) == (round(1 - ag.wilson(1, 2)[1], 3), round(1 - ag.wilson(1, 2)[0], 3))
+    assert (round(lo, 3), round(hi, 3)) == (round(1 - human.wilson(1, 2)[1], 3), round(1 - human.wilson(1, 2)[0], 3))
     assert s["expected_flips"] == pytest.approx(2.5)  # q5, q4, q1, q0, q7 at the one measured rate, 1/2
 
 
@@ -289,7 +290,7 @@ def test_server_api_and_a_page_without_external_resources(tmp_path: Path):
     assert seen["ok"]["agreement"]["agree"] == 0  # the judge said b
     assert seen["undo"]["undone"] == "q6" and seen["undo"]["labels"] == {"q4": "a"}
     assert seen["undo_ann"]["undone"] is None
-    recs = lab.read_records(run)
+    recs = human.read_records(run)
     assert [(r["id"], r["label"], r["reviewer"], r["sample"]) for r in recs] == [
         ("q4", "a", "bob", "uncertainty"), ("q6", "tie", "bob", "uncertainty"), ("q6", None, "bob", "uncertainty")]
 
@@ -308,7 +309,7 @@ def serving(run: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[str]]
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.wait(30)
+        proc.communicate(timeout=30)  # waits, and closes its pipes
 
 
 def test_kill_9_after_an_answer_keeps_it(tmp_path: Path):
@@ -323,7 +324,7 @@ def test_kill_9_after_an_answer_keeps_it(tmp_path: Path):
             assert json.load(r)["labels"] == {first["id"]: "b"}
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
-    recs = lab.read_records(run)
+    recs = human.read_records(run)
     assert [(r["id"], r["label"], r["shown_left"], r["reviewer"], r["sample"]) for r in recs] == [
         (first["id"], "b", first["left"], "ann", "uniform")]
 
@@ -365,4 +366,4 @@ def test_only_loopback_names_and_json_reach_the_server(tmp_path: Path):
                     (await c.post("/api/label", json=[1])).status]
 
     assert asyncio.run(go()) == [403, 200, 204, 400, 400]
-    assert not (run / lab.HUMAN_FILE).exists()
+    assert not (run / human.HUMAN_FILE).exists()

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cai.review import labels as lab
+from cai.analysis import human
 from tests.test_report_browser import Page, chromium, page, pytestmark  # noqa: F401  (fixture, skip mark)
 from tests.test_review import make_run, serving
 
@@ -100,14 +100,14 @@ def test_label_reload_undo_and_two_pages(chromium: int, tmp_path: Path):  # noqa
     assert seen["undone_shows"] == "q3" and seen["status"] == "undone: q3"
     mine, bobs = seen["concurrent"]
     assert [a[0] for a in mine] == ["q3", "q1", "q0"] and [a[0] for a in bobs] == order[:3]
-    recs = lab.read_records(run)
+    recs = human.read_records(run)
     want = [(pid, expected(k, left), left, "ann") for pid, k, left in seen["answers"]]
     want.append(("q3", None, seen["answers"][-1][2], "ann"))
     assert [(r["id"], r["label"], r["shown_left"], r["reviewer"]) for r in recs[:6]] == want
     rest = sorted((r["id"], r["label"], r["shown_left"], r["reviewer"]) for r in recs[6:])
     assert rest == sorted([(pid, expected(k, left), left, "ann") for pid, k, left in mine]
                           + [(pid, expected(k, left), left, "bob") for pid, k, left in bobs])
-    assert {k[0]: r["label"] for k, r in lab.current(recs).items() if k[1] == "ann"} == {
+    assert {k[0]: r["label"] for k, r in human.current(recs).items() if k[1] == "ann"} == {
         **{pid: expected(k, left) for pid, k, left in seen["answers"][:4]},
         **{pid: expected(k, left) for pid, k, left in mine}}
     assert "labelled 3 of 8" in seen["bob_counter"] and "all reviewers: " in seen["bob_counter"]

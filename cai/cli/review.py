@@ -48,7 +48,8 @@ def review(
     orders or whose principles disagree, then p(A) nearest 0.5. Keys A, B, T (tie), S (skip), U
     (undo). Each answer is appended at once to RUN_DIR/human_labels.jsonl; `cai export` uses
     these labels, `cai export` and `cai report` show judge-vs-human agreement."""
-    from ..review.labels import HUMAN_FILE, import_labels, load_pairs
+    from ..analysis.human import HUMAN_FILE, load_pairs
+    from ..review.labels import import_labels
     from ..review.server import Review, serve
 
     if import_file is not None:

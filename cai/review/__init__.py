@@ -2,9 +2,8 @@
 (``server``); each answer appended to ``RUN_DIR/human_labels.jsonl`` (``labels``); judge-vs-human
 agreement on the run's own pairs (``agreement``); human labels in the exported pairs (``export``)."""
 
-from .agreement import agreement_summary, review_diagnostics, summary_lines
+from .agreement import review_diagnostics, summary_lines
 from .export import MODES, apply_human_labels
-from .labels import HUMAN_FILE, human_labels, import_labels
+from .labels import import_labels
 
-__all__ = ["HUMAN_FILE", "MODES", "agreement_summary", "apply_human_labels", "human_labels", "import_labels",
-           "review_diagnostics", "summary_lines"]
+__all__ = ["MODES", "apply_human_labels", "import_labels", "review_diagnostics", "summary_lines"]

@@ -7,10 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..analysis.human import agreement_summary, cohen_kappa, summarize, wilson
-
-__all__ = ["SAMPLE_TEXT", "agreement_summary", "cohen_kappa", "review_diagnostics", "summarize", "summary_lines",
-           "wilson"]
+from ..analysis.human import agreement_summary
 
 
 def _ratio(fig: dict[str, Any]) -> str:

@@ -20,10 +20,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..analysis.human import HUMAN_FILE, LABELS_FILE, human_labels, load_pairs
 from ..errors import InputError
 from ..quality.gates import rejected_ids
 from ..stages.preferences import to_preference
-from .labels import HUMAN_FILE, LABELS_FILE, human_labels, load_pairs
 
 MODES = ("ai", "human", "human-first")
 

@@ -28,29 +28,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..analysis.human import (
-    HUMAN_FILE,
-    LABELS,
-    LABELS_FILE,
-    SAMPLES,
-    SIDES,
-    check,
-    consensus,
-    current,
-    human_labels,
-    load_pairs,
-    principle_sides,
-    read_records,
-)
+from ..analysis.human import HUMAN_FILE, SIDES, check, load_pairs, principle_sides, read_records
 from ..errors import InputError
 from ..files import dumps
 from ..hashing import hash_int
-
-# reading human labels back lives in ``cai.analysis.human`` (the report reads them too); these
-# names stay importable from here
-__all__ = ["HUMAN_FILE", "LABELS", "LABELS_FILE", "SAMPLES", "SIDES", "Imported", "append", "check", "consensus",
-           "current", "human_labels", "import_labels", "load_pairs", "principle_sides", "read_records", "record",
-           "review_order", "shown_left", "uncertainty"]
 
 ORDER_TEXT = (
     "Pairs come hardest first: pairs the judge called a tie; then pairs whose two orders (A/B and "

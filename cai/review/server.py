@@ -23,8 +23,8 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
+from ..analysis import human
 from . import labels as lab
-from .agreement import summarize
 
 
 @functools.cache
@@ -48,7 +48,7 @@ class Review:
     def __init__(self, run_dir: Path, *, reviewer: str, sample: int | None = None, seed: int = 0,
                  show_principles: bool = False) -> None:
         self.run_dir, self.reviewer, self.show_principles = Path(run_dir), reviewer, show_principles
-        self.pairs = lab.review_order(lab.load_pairs(self.run_dir), sample, seed)
+        self.pairs = lab.review_order(human.load_pairs(self.run_dir), sample, seed)
         self.ids = {p["id"] for p in self.pairs}
         self.sample = "uniform" if sample is not None else "uncertainty"
         self.order_text = (f"A uniform random sample of {len(self.pairs)} pairs (seed {seed}), in random "
@@ -65,16 +65,16 @@ class Review:
                           "orders_agree": p.get("position_consistent"),
                           "principles": [{"id": pid, "text": self.texts.get(pid, ""), "p_a": v,
                                           "ab": per.get((pid, "ab")), "ba": per.get((pid, "ba"))}
-                                         for pid, v in lab.principle_sides(p).items()]},
+                                         for pid, v in human.principle_sides(p).items()]},
                 "principles": [{"id": pid, "text": self.texts.get(pid, "")} for pid in p.get("principle_ids") or []]}
 
     def labels(self, reviewer: str) -> dict[str, Any]:
         """NAME's labels in effect and the counter: labelled, agreement so far (NAME's and everyone's)."""
-        records = [r for r in lab.read_records(self.run_dir) if r["id"] in self.ids]
+        records = [r for r in human.read_records(self.run_dir) if r["id"] in self.ids]
         mine = [r for r in records if r["reviewer"] == reviewer]
-        own = {pid: r["label"] for (pid, _), r in lab.current(mine).items()}
-        return {"labels": own, "agreement": summarize(self.pairs, mine)["agreement"],
-                "everyone": {k: v for k, v in summarize(self.pairs, records).items()
+        own = {pid: r["label"] for (pid, _), r in human.current(mine).items()}
+        return {"labels": own, "agreement": human.summarize(self.pairs, mine)["agreement"],
+                "everyone": {k: v for k, v in human.summarize(self.pairs, records).items()
                              if k in ("reviewed", "reviewers", "agreement")}}
 
     def state(self, reviewer: str) -> dict[str, Any]:
@@ -83,7 +83,7 @@ class Review:
     def answer(self, body: dict[str, Any]) -> dict[str, Any]:
         rec = lab.record(str(body.get("id")), body.get("label"), body.get("shown_left"), str(body.get("reviewer")),
                      self.sample)
-        problem = lab.check(rec, self.ids)
+        problem = human.check(rec, self.ids)
         if problem:
             raise web.HTTPBadRequest(text=problem)
         lab.append(self.run_dir, [rec])
@@ -91,8 +91,8 @@ class Review:
 
     def undo(self, reviewer: str) -> dict[str, Any]:
         """Retract REVIEWER's latest label still in effect (an appended record with label null)."""
-        records = lab.read_records(self.run_dir)
-        live = {id(r) for r in lab.current(records).values()}
+        records = human.read_records(self.run_dir)
+        live = {id(r) for r in human.current(records).values()}
         last = next((r for r in reversed(records)
                      if id(r) in live and r["reviewer"] == reviewer and r["id"] in self.ids), None)
         if last is not None:
