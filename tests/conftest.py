@@ -47,13 +47,13 @@ def embedded(model_dir: Path):
 def stub_server() -> Iterator[str]:
     """bench/stub_server.py (a zero-latency OpenAI-compatible server) in its own process; yields its
     URL without /v1. It stops by itself after 300 s."""
-    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "stub_server.py"), "--port", "0",
-                             "--max-seconds", "300"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on"), line
-        yield f"http://127.0.0.1:{int(line.split()[-1])}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with subprocess.Popen([sys.executable, str(REPO / "bench" / "stub_server.py"), "--port", "0",
+                           "--max-seconds", "300"], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.startswith("listening on"), line
+            yield f"http://127.0.0.1:{int(line.split()[-1])}"
+        finally:
+            proc.terminate()
+            proc.wait(10)

@@ -146,6 +146,8 @@ class Stubs:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for _ in range(3):  # the closed connections' transports let go of their sockets (call_soon)
+                await asyncio.sleep(0)
 
         asyncio.run_coroutine_threadsafe(drain(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)

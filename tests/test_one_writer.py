@@ -73,18 +73,19 @@ def test_a_second_run_into_the_same_folder_is_refused_at_once(tmp_path: Path):
     out = tmp_path / "out"
     cmd = cai(tmp_path, 30, out)
     t0 = time.monotonic()
-    first = subprocess.Popen(cmd, cwd=REPO, env=env(1.5), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: holds_lock(out, first.pid), first)
-    time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))  # started 1 s apart (once the first holds the folder)
-    t1 = time.monotonic()
-    second = subprocess.run(cmd, cwd=REPO, env=env(1.5), capture_output=True, text=True, timeout=60)
-    took = time.monotonic() - t1
-    assert first.poll() is None, f"the first run ended before the second was refused ({took:.1f} s)"
-    assert second.returncode == 2, second.stderr
-    assert took < 5, took
-    line = one_line(second.stderr)
-    assert str(out) in line and f"process {first.pid}" in line, line
-    _, err = first.communicate(timeout=120)
+    with subprocess.Popen(cmd, cwd=REPO, env=env(1.5), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as first:
+        wait_for(lambda: holds_lock(out, first.pid), first)
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))  # started 1 s apart (once the first holds the folder)
+        t1 = time.monotonic()
+        second = subprocess.run(cmd, cwd=REPO, env=env(1.5), capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - t1
+        assert first.poll() is None, f"the first run ended before the second was refused ({took:.1f} s)"
+        assert second.returncode == 2, second.stderr
+        assert took < 15, took  # start-up alone (imports) takes seconds on a loaded 2-core box; waiting would not end
+        line = one_line(second.stderr)
+        assert str(out) in line and f"process {first.pid}" in line, line
+        _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     want = [f"q{i:03d}" for i in range(30)]
     assert ids(out / "revisions.jsonl") == want

@@ -71,7 +71,8 @@ def test_on_a_terminal_bars_and_no_plain_lines(tmp_path: Path) -> None:
         elif proc.poll() is not None:
             break
     os.close(master)
-    assert proc.wait(timeout=60) == 0, got.decode(errors="replace")
+    proc.communicate(timeout=60)  # waits, and closes its stdout pipe
+    assert proc.returncode == 0, got.decode(errors="replace")
     text = got.decode(errors="replace")
     assert "revise" in text and "rows/s" in text  # rich's bar, as before
     assert not re.search(r"(^|\n)progress \d+:", text)

@@ -65,6 +65,10 @@ def run(tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_each_gate_trips_exactly_where_scripted(run: Path) -> None:
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["gates"] == {
@@ -72,16 +76,16 @@ def test_each_gate_trips_exactly_where_scripted(run: Path) -> None:
         "label.truncated": 1, "revise.loop": 1, "revise.meta": 1, "revise.not_improved": 1,
         "revise.truncated": 1,
     }
-    rejects = {(r["id"], r["stage"]): r["reasons"] for r in map(json.loads, (run / "rejects.jsonl").open())}
+    rejects = {(r["id"], r["stage"]): r["reasons"] for r in read_rows(run / "rejects.jsonl")}
     assert rejects == {
         ("p7", "input"): ["contaminated"], ("p1", "input"): ["duplicate_exact"],
         ("p2", "input"): ["duplicate_near"], ("p3", "label"): ["truncated"], ("p3", "revise"): ["truncated"],
         ("p4", "revise"): ["meta"], ("p5", "revise"): ["loop"], ("p6", "revise"): ["not_improved"],
     }
-    revisions = {r["id"]: r for r in map(json.loads, (run / "revisions.jsonl").open())}
+    revisions = {r["id"]: r for r in read_rows(run / "revisions.jsonl")}
     assert sorted(revisions) == ["p0", "p3", "p4", "p5", "p6", "p8"]  # skipped inputs cost no call
     # each reject carries what was rejected beside its reasons: no lookup by id needed
-    rows = {(r["id"], r["stage"]): r for r in map(json.loads, (run / "rejects.jsonl").open())}
+    rows = {(r["id"], r["stage"]): r for r in read_rows(run / "rejects.jsonl")}
     for (rid, stage), row in rows.items():
         assert list(row)[:3] == ["id", "stage", "reasons"]
         assert row["prompt"] == [{"role": "user", "content": PROMPTS[rid]}]
@@ -94,7 +98,7 @@ def test_each_gate_trips_exactly_where_scripted(run: Path) -> None:
     assert rows[("p7", "input")]["source"].endswith("prompts.jsonl:8")
     assert revisions["p0"]["revised_response"] == "REVISED p0 with a kinder answer."  # label line cleaned
     # the truncated pair (the judge preferred its revision) is left out of the preference data
-    prefs = {r["id"] for r in map(json.loads, (run / "preferences.jsonl").open())}
+    prefs = {r["id"] for r in read_rows(run / "preferences.jsonl")}
     assert "p3" not in prefs and "p6" in prefs
 
 

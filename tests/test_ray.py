@@ -190,7 +190,7 @@ def two_servers() -> Iterator[list[str]]:
     finally:
         for proc in procs:
             proc.terminate()
-            proc.wait(10)
+            proc.communicate(timeout=10)  # waits, and closes its stdout pipe
 
 
 def served(url: str) -> int:

@@ -96,12 +96,12 @@ def test_kill_9_at_random_moments_then_finish(tmp_path: Path):
             finished = proc
             break
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.communicate()  # waits, and closes its pipe
         killed.append(proc.pid)
         assert_whole(out)
     if finished is None:
         finished = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=120)
-    err = finished.stderr.read() if hasattr(finished.stderr, "read") else finished.stderr
+    err = finished.communicate()[1] if isinstance(finished, subprocess.Popen) else finished.stderr
     assert finished.returncode == 0, err
     assert len(killed) >= min(10, KILLS), f"the run finished after only {len(killed)} kills"
 

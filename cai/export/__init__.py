@@ -53,8 +53,8 @@ def no_prefs_warning(ex: Export) -> list[str]:
     folder = ex.info.folder
     if not (folder / PREFS_FILE).exists():
         return [f"no preference split: {folder} has no {PREFS_FILE} (label pairs with `cai run` or `cai label`)"]
-    judged = sum(1 for line in (folder / LABELS_FILE).open(encoding="utf-8") if line.strip()) \
-        if (folder / LABELS_FILE).exists() else 0
+    labels = folder / LABELS_FILE
+    judged = sum(bool(x.strip()) for x in labels.read_text(encoding="utf-8").splitlines()) if labels.exists() else 0
     return [f"no preference split: {PREFS_FILE} holds no pairs ({judged} judged in {LABELS_FILE}: ties or gated "
             "pairs are left out; see labels.jsonl and rejects.jsonl)"]
 

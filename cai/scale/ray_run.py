@@ -206,6 +206,7 @@ class RowWorker:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             runtime.close(self.backend)
+        self._tmp.cleanup()
 
 
 # --- the driver ------------------------------------------------------------------------------
