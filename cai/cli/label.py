@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -60,36 +61,29 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+ROWS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
+    ("pairs (labelled / failed)", lambda r: f"{r['pairs']} ({r['labelled']} / {r['failures']})"),
+    ("agreement with human (decided)", lambda r: f"{_pct(r['agreement'])} of {r['decided']}"),
+    ("coverage (decided / pairs)", lambda r: _pct(r["coverage"])),
+    ("soft agreement (mean p(human's))", lambda r: _pct(r["soft_agreement"])),
+    ("Brier score (0 best, 0.25 chance)", lambda r: _num(r.get("brier"))),
+    ("calibration error (ECE, 10 bins)", lambda r: _num(r.get("ece"))),
+    ("position consistency", lambda r: _pct(r["position_consistency"])),
+    ("abstention rate (judgements)", lambda r: f"{_pct(r['abstention_rate'])} of {r['judgements']}"),
+    ("tie rate", lambda r: _pct(r["tie_rate"])),
+    ("first slot picked", lambda r: _pct(r["first_slot_rate"])),
+    ("wall time (this run)",
+     lambda r: f"{r.get('wall_s', 0):.0f} s" + (f" ({r['resumed']} resumed)" if r.get("resumed") else "")),
+)
+
+
 def render_table(results: dict[str, dict[str, Any]]) -> Table:
-    names = list(results)
     t = Table(title="Judge vs human labels")
     t.add_column("metric")
-    for n in names:
+    for n in results:
         t.add_column(n, justify="right")
-    s = [results[n] for n in names]
-    t.add_row(
-        "pairs (labelled / failed)",
-        *[f"{r['pairs']} ({r['labelled']} / {r['failures']})" for r in s],
-    )
-    t.add_row(
-        "agreement with human (decided)", *[f"{_pct(r['agreement'])} of {r['decided']}" for r in s]
-    )
-    t.add_row("coverage (decided / pairs)", *[_pct(r["coverage"]) for r in s])
-    t.add_row("soft agreement (mean p(human's))", *[_pct(r["soft_agreement"]) for r in s])
-    t.add_row("Brier score (0 best, 0.25 chance)", *[_num(r.get("brier")) for r in s])
-    t.add_row("calibration error (ECE, 10 bins)", *[_num(r.get("ece")) for r in s])
-    t.add_row("position consistency", *[_pct(r["position_consistency"]) for r in s])
-    t.add_row(
-        "abstention rate (judgements)",
-        *[f"{_pct(r['abstention_rate'])} of {r['judgements']}" for r in s],
-    )
-    t.add_row("tie rate", *[_pct(r["tie_rate"]) for r in s])
-    t.add_row("first slot picked", *[_pct(r["first_slot_rate"]) for r in s])
-    t.add_row(
-        "wall time (this run)",
-        *[f"{r.get('wall_s', 0):.0f} s" + (f" ({r['resumed']} resumed)" if r.get("resumed") else "")
-          for r in s],
-    )
+    for name, cell in ROWS:
+        t.add_row(name, *[cell(r) for r in results.values()])
     return t
 
 
