@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import jinja2
 import typer
@@ -20,6 +20,7 @@ from ..stages.pairs import Pair, detect_source, first_record, read_pairs, sample
 from ..templates import Templates
 from .app import app, err, out, settings_options, under
 
+T = TypeVar("T")
 RENDER_STAGES = ("generate", "critique", "revise", "judge", "judge_cot", "judge_cot_answer")
 
 
@@ -136,14 +137,14 @@ def _principle(const: Constitution, pid: str | None) -> Principle | None:
     return const.by_id()[pid]
 
 
-def _prompt_row(input: str, row: int, column: str | None) -> Any:
-    picked = None
-    for i, r in enumerate(read_prompts(input, column=column, limit=row), 1):
-        if i == row:
-            picked = r
-    if picked is None:
+def _nth(rows: list[T], row: int, input: str) -> T:
+    if len(rows) < row:
         raise InputError(f"{input}: has fewer than {row} rows")
-    return picked
+    return rows[row - 1]
+
+
+def _prompt_row(input: str, row: int, column: str | None) -> Any:
+    return _nth(list(read_prompts(input, column=column, limit=row)), row, input)
 
 
 def _pair(input: str, row: int, column: str | None) -> Pair:
@@ -152,12 +153,7 @@ def _pair(input: str, row: int, column: str | None) -> Pair:
     if detect_source(first_record(input)) == "sample":
         r = _prompt_row(input, row, column)
         return Pair(sample_pair_ids(r.id, 2)[0], r.prompt, "[response A]", "[response B]")
-    picked = None
-    for i, p in enumerate(read_pairs(input, limit=row), 1):
-        if i == row:
-            picked = p
-    if picked is None:
-        raise InputError(f"{input}: has fewer than {row} rows")
+    picked = _nth(list(read_pairs(input, limit=row)), row, input)
     if picked.error:
         raise InputError(picked.error)
     return picked
