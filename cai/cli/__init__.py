@@ -8,6 +8,7 @@ stderr; 130 interrupted by Ctrl-C, 143 by SIGTERM (one line on stderr, nothing e
 resumes); 1 only for a bug (with its traceback).
 """
 
+# ruff: noqa: E402 - the quiet Ctrl-C handler goes in before the heavy imports
 from __future__ import annotations
 
 import os
@@ -34,26 +35,18 @@ def _quiet_until_main() -> dict[int, signal._HANDLER]:
 
 _DEFAULTS = _quiet_until_main()  # first: the imports below take about a second
 
-import contextlib  # noqa: E402
-import errno  # noqa: E402
-import importlib  # noqa: E402
-import re  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+import contextlib
+import errno
+import importlib
+import re
+from collections.abc import Sequence
 
-import click  # noqa: E402
-import typer  # noqa: E402
-from rich.markup import escape  # noqa: E402
+import click
+import typer
+from rich.markup import escape
 
-from ..errors import (  # noqa: E402
-    EXIT_BROKEN_PIPE,
-    EXIT_BUG,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_TERMINATED,
-    EXIT_USAGE,
-    CaiError,
-)
-from .app import ARGV, app, err  # noqa: E402
+from ..errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, CaiError
+from .app import ARGV, app, err
 
 # Each module registers its commands on `app`; this order is the order `cai --help` lists them.
 COMMANDS = ("revise", "label", "best_of_n", "run", "report", "export", "review", "evaluate", "constitution", "model")
