@@ -160,6 +160,7 @@ def to_pair(row: dict[str, Any]) -> dict[str, Any] | None:
         "score_chosen": scores[row["best"]],
         "score_rejected": scores[row["worst"]],
         "margin": margin,
+        "label_mode": ((row.get("provenance") or {}).get("judge") or {}).get("mode"),
         "source": row.get("source", ""),
         "provenance": row.get("provenance", {}),
     }
