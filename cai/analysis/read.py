@@ -63,8 +63,8 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
         raise InputError(f"{path}: the run is not finished (status {status!r}); wait for `cai run` to end, "
                          "or rerun it with the same config to resume it")
     if not any((run_dir / name).is_file() for name in RUN_FILES[1:]):
-        raise InputError(f"{run_dir}: no revisions.jsonl, labels.jsonl or {BEST_OF_N_FILE}; this run wrote no rows "
-                         "(enable the revise or label stage and rerun `cai run`)")
+        raise InputError(f"{run_dir}: no revisions.jsonl or labels.jsonl (nor {BEST_OF_N_FILE}); this run wrote "
+                         "no rows (enable the revise or label stage and rerun `cai run`)")
     return manifest
 
 
