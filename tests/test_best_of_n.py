@@ -145,13 +145,17 @@ def test_rows_and_pairs_are_trl_sft_and_dpo_rows(tmp_path: Path, model_dir: Path
         assert ex["chosen"][0]["content"] in rendered["chosen"]
 
 
-def test_kill_9_mid_run_then_rerun_writes_every_id_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["best-of-n", "run"])
+def test_kill_9_mid_run_then_rerun_writes_every_id_once(tmp_path: Path, command: str) -> None:
+    """`cai best-of-n`, and `cai run` with best_of_n (no revise stage), killed mid-run and rerun."""
     rows = 40
     prompts = write_prompts(tmp_path / "prompts.jsonl", rows)
     out = tmp_path / "out" / "best_of_n.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAI_")} | {"CAI_FAKE_DELAY": "0.02"}
-    cmd = [sys.executable, "-m", "cai.cli", "best-of-n", str(prompts), "-o", str(out), "--backend", "fake",
-           "--n", "4", "-k", "1", "--concurrency", "8", "--no-progress"]
+    args = ([str(prompts), "-o", str(out), "--n", "4"] if command == "best-of-n" else
+            ["--input", str(prompts), "-o", str(out.parent), "--best-of-n", "--best-of-n-n", "4", "--no-revise"])
+    cmd = [sys.executable, "-m", "cai.cli", command, *args, "--backend", "fake", "-k", "1", "--concurrency", "8",
+           "--no-progress"]
     kills = 0
     for _ in range(3):
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
