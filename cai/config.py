@@ -110,8 +110,10 @@ class LabelSettings(_Section):
 
 
 class BestOfNSettings(_Section):
-    enabled: bool = Field(False, description="Best-of-n (`cai best-of-n`): sample n answers per prompt, rank them "
-                          "with the judge, keep the best (SFT) and best-vs-worst (a pair).")
+    enabled: bool = Field(False, description="Best-of-n (`cai best-of-n`; in `cai run` it replaces the label stage as "
+                          "the source of pairs): sample n answers per prompt from label.policy_model (default: "
+                          "model), rank them with the judge (label.*), keep the best (SFT rows, best_of_n.jsonl) and "
+                          "best-vs-worst (pairs, best_of_n.pairs.jsonl).")
     n: int = Field(4, ge=2, description="Answers sampled per prompt (round robin up to 8, a knockout above).")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature of the n answers.")
     max_tokens: int | None = Field(None, ge=1, description="Max new tokens per answer (default: revise.max_tokens).")
@@ -236,13 +238,17 @@ class RunConfig(_Section):
         return cache_path(self.cache, False, folder)
 
     def needs_input(self) -> bool:
-        return self.revise.enabled or (self.label.enabled and bool({"sample", "auto"} & set(self.sources)))
+        return self.revise.enabled or self.best_of_n.enabled or (
+            self.label.enabled and bool({"sample", "auto"} & set(self.sources)))
 
     def check(self, has_input: bool = False) -> RunConfig:
         """The checks that span fields (each names the field to fix); returns the config."""
-        if not self.revise.enabled and not self.label.enabled:
+        if not self.revise.enabled and not self.label.enabled and not self.best_of_n.enabled:
             raise UsageError("nothing to do: both stages are disabled (--no-revise and --no-label, or "
                              "`enabled: false` in the config); enable one")
+        if self.best_of_n.enabled and self.label.enabled and (self.label.pairs or self.label.sources != ["auto"]):
+            raise ConfigError("best_of_n replaces the label stage as the source of pairs: drop label.sources and "
+                              "label.pairs, or best_of_n", field="best_of_n.enabled")
         if self.label.enabled and "dataset" in self.sources and not self.label.pairs:
             raise ConfigError("the `dataset` pair source needs label.pairs (--label-pairs)",
                               field="label.sources")

@@ -49,7 +49,7 @@ from .inputs import Source as Rows
 from .manifest import Calls, RunResult, constitution_record, describe, manifest, mark_running, read_history  # noqa: F401
 from .metrics import summarize_files
 from .output import JsonlSink, SinkSummary
-from .plan import Plan, check_templates, judge_stages, labels_path, unique_pair
+from .plan import Plan, labels_path, unique_pair
 from .progress import RunProgress
 from .quality.gates import InputGate, write_rejects
 from .report.markdown import write_revise_report
@@ -130,11 +130,11 @@ def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
                  constitution: Constitution | None = None) -> RunResult:
     """Run (or resume) every enabled stage of a run config (a ``RunConfig`` or a YAML path) in
     ``cfg.output``, with ``run.json`` written last. Revise and label run side by side: a row's
-    judge calls start as soon as its revision is written, in the same pool of requests.
+    judge calls start as soon as its revision is written, in the same pool of requests. With
+    ``best_of_n.enabled``, best-of-n replaces the label stage as the source of pairs (beside the
+    revise stage, on the same prompts, in the same pool).
     ``backend`` replaces the configured one (tests, dry runs)."""
     cfg = load_run_config(cfg) if not isinstance(cfg, RunConfig) else cfg
-    if cfg.best_of_n.enabled:  # not a source of `cai run` yet
-        raise ConfigError("`cai run` does not run best-of-n yet: use `cai best-of-n INPUT`", field="best_of_n.enabled")
     return execute(Plan.build(cfg, constitution=constitution, backend_given=backend is not None), backend)
 
 
@@ -145,30 +145,10 @@ def run_best_of_n(inputs: Rows, *, backend: Backend | str | None = None, output:
     """Best-of-n (`cai best-of-n`): ``n`` answers per prompt ranked by the judge (``label.*``); the
     best as SFT rows in ``output``, best-vs-worst as TRL preference rows beside it
     (``best_of_n.pairs.jsonl``; ``best_of_n.to_pair(row)`` for rows in memory)."""
-    cfg, given = _settings(config, "best_of_n", backend, settings)
-    plan = Plan.build(cfg, inputs, kind="revise", output=output, constitution=constitution, templates=templates,
-                      backend_given=given is not None)
-    check_templates(plan.templates, plan.constitution, [*judge_stages(cfg.label.mode), "generate"])
-    inner, gate, cache = given or build_backend(cfg.backend, cfg.model, **cfg.backend_options()), \
-        InputGate(cfg.gates), plan.cache
-    try:
-        with _in_memory(plan) as memory, contextlib.ExitStack() as held:
-            assert plan.folder is not None and (rows := plan.revisions) is not None
-            if not memory:  # one writer per folder, before anything is written there
-                held.enter_context(lock.writer(plan.folder))
-            be = held.enter_context(counted(inner, cache))
-            summary = run(lambda pool: best_of_n.stream(cfg, plan.constitution, plan.templates, rows, be,
-                                                         gate(plan.prompts()), pool, plan.totals.get("revise")),
-                          be, cfg.concurrency)
-            pairs = best_of_n.write_pairs(rows, drop=cfg.gates.dropping())
-            out = StageResult(summary, Calls(be.sent, be.hits, be.errors), PreferenceSummary(written=pairs),
-                              write_rejects(plan.folder, cfg.gates, gate.skipped, revisions=rows.name,
-                                            labels=""))
-            out._rows = list(iter_jsonl(rows)) if memory else None
-    finally:
-        if given is None:
-            runtime.close(inner)
-    return out
+    cfg, be = _settings(config, "best_of_n", backend, settings)
+    plan = Plan.build(cfg, inputs, kind="best_of_n", output=output, constitution=constitution, templates=templates,
+                      backend_given=be is not None)
+    return _stage_result(execute(plan, be), "best_of_n")
 
 
 def _stage_result(res: RunResult, stage: str) -> StageResult:
@@ -212,14 +192,15 @@ def _in_memory(plan: Plan) -> Iterator[bool]:
         plan.folder = Path(tmp)
         plan.revisions = plan.folder / "revisions.jsonl"
         plan.preferences, plan.labels = plan.folder / "preferences.jsonl", plan.folder / "labels.jsonl"
+        plan.best = plan.folder / best_of_n.ROWS_FILE
         yield True
 
 
 @contextmanager
 def _policy(plan: Plan, be: Counted, cache: Path | None) -> Iterator[Counted]:
-    """The backend that answers for the `sample` source: the judge's, or ``label.policy_model``'s."""
+    """The backend that answers for the `sample` source and best-of-n: the judge's, or ``label.policy_model``'s."""
     cfg = plan.config
-    if not (plan.label and "sample" in plan.sources and cfg.label.policy_model):
+    if not ((plan.label and "sample" in plan.sources or plan.best_of_n) and cfg.label.policy_model):
         yield be
         return
     with runtime.closing(build_backend(cfg.backend, cfg.label.policy_model, **cfg.backend_options())) as inner, \
@@ -248,9 +229,12 @@ def execute(plan: Plan, backend: Backend | None = None) -> RunResult:
                     *{id(b): (b.sent, b.hits, b.errors) for b in (be, pol)}.values(), strict=True))
                 model_id = be.model_id
                 res.backend = describe(inner)
+                models = {"policy": model_id if plan.revise else pol.model_id, "judge": model_id} | (
+                    {"samples": pol.model_id} if pol is not be else {})  # label.policy_model's answers
             _finish(plan, res, gate, memory)
             if plan.kind == "run":
-                finish_run(plan, res, model_id, t0, history)
+                finish_run(plan, res, model_id, t0, history, {"models": models} | (
+                    {"best_of_n": best_of_n.BestOfNConfig.of(cfg).to_dict()} if plan.best_of_n else {}))
     finally:
         if backend is None:
             runtime.close(inner)
@@ -330,6 +314,20 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
                 done["label"] = kept(await run_stream(lstream, pool, group=bars), lsink, lseen)
 
             jobs.append(label())
+        if plan.best_of_n:
+            assert plan.best is not None
+            bgate = InputGate(cfg.gates) if plan.revise else gate  # the revise stage's gate has seen the prompts
+            bfp = best_of_n.fingerprint(be, const, tpl, JudgeConfig.of(cfg.label, cfg.seed),
+                                        best_of_n.BestOfNConfig.of(cfg), pol.model_id)
+            bsink, bseen = sink(plan.best, bfp), set[str]()
+            bprompts = noting(gated(bgate, plan.prompts(), lambda n: bars.drop("best-of-n", n)), bseen)
+            bstream = best_of_n.make_stream(cfg, const, tpl, bsink, be, bprompts, total=plan.totals.get("best_of_n"),
+                                            policy=Pool(pol, cfg.concurrency) if pol is not be else None, prune=prune)
+
+            async def best() -> None:
+                done["best_of_n"] = kept(await run_stream(bstream, pool, group=bars), bsink, bseen)
+
+            jobs.append(best())
         try:
             async with asyncio.TaskGroup() as group:
                 for job in jobs:
@@ -340,7 +338,7 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
             raise
         except BaseExceptionGroup as group_error:  # a stage's error mid-run (a request over the template
             raise group_error.exceptions[0] from None  # cap): its own one line, not a group's traceback
-    return {name: done[name] for name in ("revise", "label") if name in done}
+    return {name: done[name] for name in ("revise", "label", "best_of_n") if name in done}
 
 
 def gated(gate: InputGate, rows: Iterable[PromptRow], skipped: Callable[[int], None]) -> Iterator[PromptRow]:
@@ -397,6 +395,12 @@ def _finish(plan: Plan, res: RunResult, gate: InputGate, memory: bool) -> None:
         res.gates = write_rejects(plan.folder, cfg.gates, revisions="", labels=plan.labels.name)
         if memory:
             res.rows = list(iter_jsonl(plan.preferences))
+    elif plan.kind == "best_of_n":
+        assert plan.best is not None and plan.folder is not None
+        res.written = PreferenceSummary(written=best_of_n.write_pairs(plan.best, drop=cfg.gates.dropping()))
+        res.gates = write_rejects(plan.folder, cfg.gates, [*gate.skipped, *best_of_n.rejects(
+            plan.best, cfg.gates.dropping())], revisions="", labels="")
+        res.rows = list(iter_jsonl(plan.best)) if memory else None
     else:
         res.skipped = gate.skipped
 
@@ -406,13 +410,17 @@ def finish_run(plan: Plan, res: RunResult, model_id: str, t0: float, history: li
     """The end of every `cai run` (local or on Ray): revisions.md, preferences.jsonl, the quality
     gates' rejects.jsonl, and run.json with this run appended to its history."""
     cfg, out = plan.config, Path(plan.config.output)
-    if cfg.label.enabled:
+    if plan.label:
         prefs = write_preferences(out / "labels.jsonl", out / "preferences.jsonl", keep_ties=cfg.label.keep_ties,
                                   drop=cfg.gates.dropping() & {"truncated"}, debias_length=cfg.label.debias_length)
         res.preferences = {"written": prefs.written, "ties": prefs.ties, "abstentions": prefs.abstentions,
                            "judgements": prefs.judgements, "position_inconsistent": prefs.inconsistent,
                            "gated": prefs.gated, "judged_by": prefs.modes}
-    res.gates = write_rejects(out, cfg.gates, res.skipped)
+    if plan.best_of_n:  # the pairs of `cai run` with best_of_n (the label stage's are not made)
+        res.preferences = {"written": best_of_n.write_pairs(out / best_of_n.ROWS_FILE, drop=cfg.gates.dropping()),
+                           "from": best_of_n.STAGE, "file": best_of_n.pairs_path(out / best_of_n.ROWS_FILE).name}
+    bon = best_of_n.rejects(out / best_of_n.ROWS_FILE, cfg.gates.dropping()) if plan.best_of_n else []
+    res.gates = write_rejects(out, cfg.gates, [*res.skipped, *bon])
     if "revise" in res.stages:  # after rejects.jsonl: it marks the gated rows
         write_revise_report(out / "revisions.jsonl")
     res.manifest = manifest(plan, res, model_id, time.time() - t0) | (extra or {})

@@ -29,7 +29,8 @@ from .templates import MAX_CHARS, Templates
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 REVISE_STAGES = ("generate", "critique", "revise")
-Kind = Literal["run", "revise", "label", "eval"]
+Kind = Literal["run", "revise", "label", "eval", "best_of_n"]
+BEST_OF_N_FILE = "best_of_n.jsonl"  # cai.stages.best_of_n.ROWS_FILE
 
 
 def judge_stages(mode: str) -> tuple[str, ...]:
@@ -303,6 +304,7 @@ class Plan:
     labels: Path | None = None
     preferences: Path | None = None
     folder: Path | None = None
+    best: Path | None = None  # best-of-n's rows (its pairs go beside them)
     sources: list[str] = field(default_factory=list)  # the label stage's, ``auto`` resolved
     totals: dict[str, int | None] = field(default_factory=dict)
     backend_given: bool = False
@@ -313,7 +315,12 @@ class Plan:
 
     @property
     def label(self) -> bool:
-        return self.kind in ("run", "label") and self.config.label.enabled
+        """The label stage runs (in `cai run`, best-of-n replaces it as the source of pairs)."""
+        return self.kind in ("run", "label") and self.config.label.enabled and not self.best_of_n
+
+    @property
+    def best_of_n(self) -> bool:
+        return self.kind == "best_of_n" or (self.kind == "run" and self.config.best_of_n.enabled)
 
     @property
     def fused(self) -> bool:
@@ -361,15 +368,19 @@ class Plan:
             check_output_dir(self.folder)
             self.revisions, self.labels, self.preferences = (
                 self.folder / f for f in ("revisions.jsonl", "labels.jsonl", "preferences.jsonl"))
+            self.best = self.folder / BEST_OF_N_FILE
         elif output is not None and self.kind == "eval":
             self.folder = Path(output)
             check_output_dir(self.folder)
         elif output is not None:
             out = Path(output)
-            check_output_file(out, example="revisions.jsonl" if self.kind == "revise" else "preferences.jsonl")
+            check_output_file(out, example={"revise": "revisions.jsonl", "best_of_n": BEST_OF_N_FILE}.get(
+                self.kind, "preferences.jsonl"))
             self.folder = out.parent
             if self.kind == "revise":
                 self.revisions = out
+            elif self.kind == "best_of_n":
+                self.best = out
             else:
                 self.preferences, self.labels = out, labels_path(out)
         if self.kind != "eval":
@@ -385,6 +396,8 @@ class Plan:
         if self.label:
             self._label_sources()
             stages += judge_stages(cfg.label.mode) + (("generate",) if "sample" in self.sources else ())
+        if self.best_of_n:
+            stages += [*judge_stages(cfg.label.mode), "generate"]
         check_templates(self.templates, self.constitution, stages)
         fit = fits(self.templates, self.constitution, stages)
         if self.revise:  # the input: prompts
@@ -398,7 +411,11 @@ class Plan:
             self.totals["eval"] = found.rows or None
         if self.label:
             self._label_inputs(fit)
-        if self.revise or "sample" in self.sources:
+        if self.best_of_n:  # the input: prompts (scanned once when the revise stage reads them too)
+            self.totals["best_of_n"] = self.totals["revise"] if self.revise else scan(
+                inputs, pairs=False, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit,
+                max_line=cfg.max_line_bytes, fits=fit).rows or None
+        if self.revise or self.best_of_n or "sample" in self.sources:
             check_gates(cfg.gates.decontaminate)
 
     def _label_sources(self) -> None:

@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import json
 import math
-import re
 import time
 from pathlib import Path
 
@@ -26,34 +25,17 @@ from cai.stages.runner import Call, Pool
 from cai.templates import Templates
 from cai.trl import ConstitutionReward, as_messages, as_text, expected_score
 from cai.types import Completion, Message, Request
-
-
-def _body(text: str, tag: str) -> str:
-    m = re.search(rf"<{tag}>\n(.*?)\n</{tag}>", text, re.S)
-    assert m is not None, text
-    return m.group(1)
-
-
-def quality(text: str) -> float:
-    """A scripted response's quality: ``q=1.5 ...`` says so; any other text a hash of its length."""
-    m = re.match(r"q=(-?[\d.]+)", text.strip())
-    return float(m.group(1)) if m else (len(text) % 7) - 3.0
+from tests.scripted_judge import body, is_pairwise, judge_pair, quality, sigmoid, user_text
 
 
 def score_of(text: str) -> int:
     return min(9, max(1, round(5 + quality(text))))
 
 
-def sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
-
-
 def respond(req: Request) -> Completion:
-    user = [m for m in req.messages if m["role"] == "user"][-1]["content"]
-    if "<response_a>" in user:
-        p = sigmoid(quality(_body(user, "response_a")) - quality(_body(user, "response_b")))
-        return Completion(["A"], logprobs=[{"A": math.log(p), " B": math.log(1 - p)}])
-    s = score_of(_body(user, "response"))  # 0.75 on s, 0.25 on s + 1
+    if is_pairwise(req):
+        return judge_pair(req)
+    s = score_of(body(user_text(req), "response"))  # 0.75 on s, 0.25 on s + 1
     return Completion([str(s)], logprobs=[{str(s): math.log(0.75), f" {s + 1}": math.log(0.25), "x": -1.0}])
 
 

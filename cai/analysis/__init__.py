@@ -40,6 +40,11 @@ Definitions, all over the rows that have the figure's inputs:
   per-row ratio.
 - ``run``: models, constitution, judge mode and cai version from run.json, else from the rows'
   provenance (folders of `cai revise` or `cai label`, which write no run.json).
+- ``best_of_n`` (a folder with best_of_n.jsonl only): rows, pairs (best_of_n.pairs.jsonl: best vs
+  worst with a margin, not gated), samples per prompt, ranking method, where the best sample
+  stood, the margin (the best's soft win rate minus the worst's), matches played and undecided,
+  the best and worst answers' lengths and markers; the matches are judged pairs in ``labels``
+  (origin ``ranking``), so the judge's figures cover them.
 """
 
 from __future__ import annotations
@@ -68,8 +73,10 @@ def _median(xs: list[float]) -> float | None:
 def _run_info(data: RunData) -> dict[str, Any]:
     """Models, constitution, judge mode and cai version: run.json's, else the rows' provenance."""
     m, rev, lab = data.manifest, data.provenance.get("revise", {}), data.provenance.get("label", {})
+    bon = data.provenance.get("best_of_n", {})
     const = as_dict(m.get("constitution"))
-    models = m.get("models") or {k: p["model"] for k, p in (("policy", rev), ("judge", lab)) if p.get("model")}
+    models = m.get("models") or {k: p["model"] for k, p in (("policy", rev), ("judge", lab)) if p.get("model")} | (
+        {"samples": bon["policy_model"]} if bon.get("policy_model") else {})
     name = const.get("name") or rev.get("constitution") or lab.get("constitution")
     version = const.get("version") or rev.get("constitution_version") or lab.get("constitution_version")
     mode = (as_dict(m.get("judge")).get("mode") or as_dict(as_dict(m.get("config")).get("label")).get("mode")
@@ -92,6 +99,7 @@ def figures(data: RunData) -> dict[str, Any]:
                          "median_row_ratio": _median(r.growth), "markers": r.markers.rates()})
     first, whole = (data.rounds[0].lengths if data.rounds else []), data.whole
     fails = {stage: sum(reasons.values()) for stage, reasons in data.failures.items()}
+    bon = data.best_of_n.summary() if data.best_of_n is not None else None
     revise = {
         "rows": data.revise_rows, "failures": fails["revisions"],
         "failure_reasons": dict(data.failures["revisions"]), "rounds": max(len(data.rounds) - 1, 0),
@@ -122,7 +130,7 @@ def figures(data: RunData) -> dict[str, Any]:
     lead = as_dict(bias["revision"] or bias["all"])
     headline = {
         "rows_revised": data.revise_rows, "pairs_labelled": data.overall.pairs,
-        "failures": fails["revisions"] + fails["labels"],
+        "failures": fails["revisions"] + fails["labels"] + fails["best_of_n"],
         "revision_win_rate": rev["win_rate"],
         "revision_win_rate_length_controlled": as_dict(bias["revision"]).get("lc_rate"),
         "mean_p_revision": rev["mean_p"],
@@ -137,6 +145,9 @@ def figures(data: RunData) -> dict[str, Any]:
         "human_coverage": human.get("coverage"),
         "brier": human.get("brier"), "ece": human.get("ece"),
     }
+    if bon is not None:
+        headline |= {"best_of_n_rows": bon["rows"], "best_of_n_pairs": bon["pairs"],
+                     "best_of_n_mean_margin": bon["margin"]["mean"]}
     report = {
         "report_version": REPORT_VERSION,
         "run": {
@@ -156,6 +167,9 @@ def figures(data: RunData) -> dict[str, Any]:
         "markers": {"pairs": data.chosen.markers.n, "chosen": data.chosen.markers.rates(),
                     "rejected": data.rejected.markers.rates()},
     }
+    if bon is not None:
+        report["best_of_n"] = {**bon, "failures": fails["best_of_n"],
+                               "failure_reasons": dict(data.failures["best_of_n"])}
     if (review := agreement_summary(data.run_dir)) is not None:  # human labels from `cai review`
         report["human_review"] = review
     out: dict[str, Any] = rounded(report)

@@ -131,6 +131,51 @@ class Group:
         }
 
 
+@dataclass
+class BestOfN:
+    """Best-of-n rows (best_of_n.jsonl): samples per prompt, ranking method, where the best came
+    from, the margin (best's score - worst's), the matches played, and the best and worst answers."""
+
+    pairs_file: int = 0  # rows in best_of_n.pairs.jsonl (what the preference split holds)
+    rows: int = 0
+    samples: Counter[int] = field(default_factory=Counter)
+    methods: Counter[str] = field(default_factory=Counter)
+    best_at: Counter[int] = field(default_factory=Counter)  # the best's index among its samples
+    margins: list[float] = field(default_factory=list)
+    matches: int = 0
+    undecided: int = 0
+    gates: Counter[str] = field(default_factory=Counter)
+    best: Lengths = field(default_factory=Lengths)
+    worst: Lengths = field(default_factory=Lengths)
+
+    def add(self, n: int, method: str, best: Any, margin: float | None, decided: list[bool],
+            gates: list[str]) -> None:
+        self.rows += 1
+        self.samples[n] += 1
+        self.methods[method] += 1
+        if isinstance(best, int) and not isinstance(best, bool):
+            self.best_at[best] += 1
+        if margin is not None:
+            self.margins.append(margin)
+        self.matches += len(decided)
+        self.undecided += decided.count(False)
+        self.gates.update(gates)
+
+    def summary(self) -> dict[str, Any]:
+        ties = sum(m <= 0 for m in self.margins)
+        longer = sum(b > w for b, w in zip(self.best.lengths, self.worst.lengths, strict=True))
+        return {
+            "rows": self.rows, "pairs": self.pairs_file, "no_margin": ties,
+            "samples": {str(k): v for k, v in sorted(self.samples.items())},
+            "methods": dict(self.methods), "best_at": {str(k): v for k, v in sorted(self.best_at.items())},
+            "margin": describe(self.margins), "matches": self.matches, "undecided_matches": self.undecided,
+            "lengths": {"unit": "chars", "best": describe(self.best.lengths), "worst": describe(self.worst.lengths),
+                        "best_longer": longer / self.rows if self.rows else None},
+            "markers": {"best": self.best.markers.rates(), "worst": self.worst.markers.rates()},
+            "gates": dict(self.gates),
+        }
+
+
 def describe(xs: list[int] | list[float]) -> dict[str, Any]:
     if not xs:
         return {"n": 0, "mean": None, "median": None}

@@ -1,6 +1,12 @@
 """One streaming pass over a finished run folder (``load_run``): the manifest and the rows, checked
 with one-line errors naming file and line, counted into ``RunData``, and the first rows kept
-whole (texts cut) for the page's table."""
+whole (texts cut) for the page's table.
+
+A best-of-n folder (`cai best-of-n`, or `cai run` with ``best_of_n``) is read the same way:
+``best_of_n.jsonl``'s rows are counted into ``RunData.best_of_n`` (samples, margins, where the
+best came from), and every match its ranking played is a judged pair like a ``labels.jsonl`` row
+(origin ``ranking``): the judge's figures (position consistency, per principle, length bias)
+cover them."""
 
 from __future__ import annotations
 
@@ -17,14 +23,18 @@ from .. import stats
 from ..errors import InputError
 from ..eval.refusal import MARKER_NAMES, markers
 from ..quality.flags import clean_revision
-from .counts import Group, Lengths, Side
+from ..stages.best_of_n import ROWS_FILE as BEST_OF_N_FILE
+from ..stages.best_of_n import pairs_path
+from .counts import BestOfN, Group, Lengths, Side
 
 MAX_ROWS = 2000  # rows embedded in the page's table
 MAX_CHARS = 2000  # characters kept of each text in the table
 MAX_TABLE_CHARS = 6_000_000  # and no more rows once the table's texts reach this many characters
-RUN_FILES = ("run.json", "revisions.jsonl", "labels.jsonl")
+RUN_FILES = ("run.json", "revisions.jsonl", "labels.jsonl", BEST_OF_N_FILE)
 REVISION_KEYS = ("id", "prompt", "initial_response", "revised_response", "rounds")
 LABEL_KEYS = ("id", "response_a", "response_b", "p_a")
+BEST_OF_N_KEYS = ("id", "prompt", "best_response", "worst_response", "samples", "ranking")
+FAILURES = {"revisions": "revision", "labels": "label", "best_of_n": "best-of-n"}  # failures file -> its stage
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -53,8 +63,8 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
         raise InputError(f"{path}: the run is not finished (status {status!r}); wait for `cai run` to end, "
                          "or rerun it with the same config to resume it")
     if not any((run_dir / name).is_file() for name in RUN_FILES[1:]):
-        raise InputError(f"{run_dir}: no revisions.jsonl or labels.jsonl; this run wrote no rows "
-                         "(enable the revise or label stage and rerun `cai run`)")
+        raise InputError(f"{run_dir}: no revisions.jsonl or labels.jsonl (nor {BEST_OF_N_FILE}); this run wrote "
+                         "no rows (enable the revise or label stage and rerun `cai run`)")
     return manifest
 
 
@@ -161,7 +171,7 @@ class RunData:
     revised: dict[str, _Revised] = field(default_factory=dict)
     revise_rows: int = 0
     failures: dict[str, Counter[str]] = field(  # reasons of the rows in each stage's failures file
-        default_factory=lambda: {"revisions": Counter(), "labels": Counter()})
+        default_factory=lambda: {name: Counter[str]() for name in FAILURES})
     rounds: list[Lengths] = field(default_factory=list)  # index 0: the initial answers
     whole: Lengths = field(default_factory=Lengths)  # the final answers, grown from the initial ones
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> first row's
@@ -176,6 +186,7 @@ class RunData:
     revision_length_rows: list[dict[str, Any]] = field(default_factory=list)
     chosen: Lengths = field(default_factory=Lengths)  # the chosen and rejected answers of decided pairs
     rejected: Lengths = field(default_factory=Lengths)
+    best_of_n: BestOfN | None = None  # best_of_n.jsonl's counts, when the folder has one
     table: list[dict[str, Any]] = field(default_factory=list)
     table_index: dict[str, int] = field(default_factory=dict)
     table_total: int = 0
@@ -215,14 +226,15 @@ def load_run(run_dir: Path, *, unit: str = "chars", max_rows: int = MAX_ROWS) ->
     data.overall = Group(data.tie_threshold)
     _read_revisions(data, max_rows)
     _read_labels(data, max_rows)
-    for stage in ("revisions", "labels"):
+    _read_best_of_n(data, max_rows)
+    for stage in FAILURES:
         path = run_dir / f"{stage}.failures.jsonl"
         for row in iter_rows(path, "failures"):
             full = str(row.get("reason", "unknown"))
             reason = full.split(":")[0]
             at = data.table_index.get(str(row.get("id")))
             if at is not None and data.table[at].get("label") is None:
-                data.table[at]["failure"] = cut(f"{stage[:-1]}: {full}", 300)
+                data.table[at]["failure"] = cut(f"{FAILURES[stage]}: {full}", 300)
             data.failures[stage][reason] += 1
     return data
 
@@ -334,76 +346,115 @@ def _principle_views(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _read_labels(data: RunData, max_rows: int) -> None:
+    for row in iter_rows(data.run_dir / "labels.jsonl", "labels", LABEL_KEYS):
+        _add_label(data, row, max_rows)
+
+
+def _add_label(data: RunData, row: dict[str, Any], max_rows: int, table: bool = True) -> None:
+    """One judged pair (a labels.jsonl row, or a best-of-n match's) into the label figures."""
     assert data.overall is not None
-    path = data.run_dir / "labels.jsonl"
     size = stats.length_of(data.unit)
-    for row in iter_rows(path, "labels", LABEL_KEYS):
-        p_a = number(row["p_a"])
-        if p_a is None:
-            continue  # the judge stage writes such pairs to the failures file; nothing to count
-        rid = str(row["id"])
-        if isinstance(row.get("provenance"), dict) and row["provenance"]:
-            data.provenance.setdefault("label", row["provenance"])
-        origin = str(row.get("origin") or "unknown")
-        data.origins[origin] += 1
-        rev = data.revised.get(rid)
-        side = _revised_side(row, rev)
-        if origin.startswith("revision") and side is None:
-            data.unmatched += 1
-        human = row.get("human") if row.get("human") in ("a", "b") else None
-        views = _principle_views(row)
-        judgements = as_list(row.get("judgements"))
-        abstained = sum(1 for j in judgements if isinstance(j, dict) and j.get("abstain"))
-        consistent = row.get("position_consistent")
-        label = data.overall.add(p_a, len(judgements), abstained,
-                                 consistent if isinstance(consistent, bool) else None, side, human, row.get("label"))
-        for pid, v in views.items():
-            g = data.per_principle.setdefault(pid, Group(data.tie_threshold))
-            orders = v["orders"]
-            for order, p in orders.items():
-                g.vote(order, p)
-                data.overall.vote(order, p)
-            if not orders:
-                g.judgements += v["n"]
-                g.abstained += v["abstained"]
-                g.pairs_with_abstention += 1
-                continue
-            both = ("ab" in orders and "ba" in orders)
-            g.add(sum(orders.values()) / len(orders), v["n"], v["abstained"],
-                  (orders["ab"] - 0.5) * (orders["ba"] - 0.5) > 0 if both else None, side, human)
-        a, b = as_text(row["response_a"]), as_text(row["response_b"])
-        len_a, len_b = size(a), size(b)
-        lrow = {"id": rid, "p_a": p_a, "label": label, "len_a": len_a, "len_b": len_b}
-        data.length_rows.append(lrow)
-        flip = side == "b"
-        p_rev = 1.0 - p_a if flip else p_a  # the revision's, in a revision pair
-        if side is not None:
-            data.revision_length_rows.append({
-                "id": rid, "p_a": p_rev, "label": {"a": "b", "b": "a"}.get(label, label) if flip else label,
-                "len_a": len_b if flip else len_a, "len_b": len_a if flip else len_b})
-            for pid in rev.principles if rev is not None else ():
-                data.principle(pid)["side"].add(p_rev, label == "tie")
-        if label in ("a", "b"):
-            chosen, rejected = (a, b) if label == "a" else (b, a)
-            data.chosen.add(chosen, None, data.markers_of(chosen))
-            data.rejected.add(rejected, None, data.markers_of(rejected))
-        gates = gates_of(row)
-        data.label_gates.update(gates)
-        verdict = label if side is None else (
-            "tie" if label == "tie" else "revision" if label == side else "initial")
-        entry = {"label": verdict, "p": p_rev, "human": human,
-                 "judge_principles": list(views), "position_consistent": consistent}
-        if rid in data.table_index:
-            t = data.table[data.table_index[rid]]
-            t.update(entry)
-            t["gates"] = list(dict.fromkeys([*t["gates"], *gates]))
+    if (p_a := number(row.get("p_a"))) is None:
+        return  # the judge stage writes such pairs to the failures file; nothing to count
+    rid = str(row["id"])
+    if isinstance(row.get("provenance"), dict) and row["provenance"]:
+        data.provenance.setdefault("label", row["provenance"])
+    origin = str(row.get("origin") or "unknown")
+    data.origins[origin] += 1
+    rev = data.revised.get(rid)
+    side = _revised_side(row, rev)
+    if origin.startswith("revision") and side is None:
+        data.unmatched += 1
+    human = row.get("human") if row.get("human") in ("a", "b") else None
+    views = _principle_views(row)
+    judgements = as_list(row.get("judgements"))
+    abstained = sum(1 for j in judgements if isinstance(j, dict) and j.get("abstain"))
+    consistent = row.get("position_consistent")
+    label = data.overall.add(p_a, len(judgements), abstained,
+                             consistent if isinstance(consistent, bool) else None, side, human, row.get("label"))
+    for pid, v in views.items():
+        g = data.per_principle.setdefault(pid, Group(data.tie_threshold))
+        orders = v["orders"]
+        for order, p in orders.items():
+            g.vote(order, p)
+            data.overall.vote(order, p)
+        if not orders:
+            g.judgements += v["n"]
+            g.abstained += v["abstained"]
+            g.pairs_with_abstention += 1
             continue
-        if side is not None:
-            continue  # a revision pair whose revision row was past the table's cap
+        both = ("ab" in orders and "ba" in orders)
+        g.add(sum(orders.values()) / len(orders), v["n"], v["abstained"],
+              (orders["ab"] - 0.5) * (orders["ba"] - 0.5) > 0 if both else None, side, human)
+    a, b = as_text(row["response_a"]), as_text(row["response_b"])
+    len_a, len_b = size(a), size(b)
+    lrow = {"id": rid, "p_a": p_a, "label": label, "len_a": len_a, "len_b": len_b}
+    data.length_rows.append(lrow)
+    flip = side == "b"
+    p_rev = 1.0 - p_a if flip else p_a  # the revision's, in a revision pair
+    if side is not None:
+        data.revision_length_rows.append({
+            "id": rid, "p_a": p_rev, "label": {"a": "b", "b": "a"}.get(label, label) if flip else label,
+            "len_a": len_b if flip else len_a, "len_b": len_a if flip else len_b})
+        for pid in rev.principles if rev is not None else ():
+            data.principle(pid)["side"].add(p_rev, label == "tie")
+    if label in ("a", "b"):
+        chosen, rejected = (a, b) if label == "a" else (b, a)
+        data.chosen.add(chosen, None, data.markers_of(chosen))
+        data.rejected.add(rejected, None, data.markers_of(rejected))
+    gates = gates_of(row)
+    data.label_gates.update(gates)
+    verdict = label if side is None else (
+        "tie" if label == "tie" else "revision" if label == side else "initial")
+    entry = {"label": verdict, "p": p_rev, "human": human,
+             "judge_principles": list(views), "position_consistent": consistent}
+    if not table:
+        return
+    if rid in data.table_index:
+        t = data.table[data.table_index[rid]]
+        t.update(entry)
+        t["gates"] = list(dict.fromkeys([*t["gates"], *gates]))
+        return
+    if side is not None:
+        return  # a revision pair whose revision row was past the table's cap
+    data.table_total += 1
+    if _room(data, max_rows):
+        _add_row(data, {
+            "id": rid, "kind": "pair", "origin": origin, "prompt": cut(conversation(row.get("prompt"))),
+            "response_a": cut(a), "response_b": cut(b), "rounds": [], "revise_principles": [],
+            "gates": gates, "markers_a": [k for k, v in data.markers_of(a).items() if v],
+            "markers_b": [k for k, v in data.markers_of(b).items() if v], **entry})
+
+
+def _read_best_of_n(data: RunData, max_rows: int) -> None:
+    """best_of_n.jsonl: its rows' counts, its matches as judged pairs, one table row per prompt
+    (A: the best answer, B: the worst)."""
+    path = data.run_dir / BEST_OF_N_FILE
+    if not path.is_file():
+        return
+    bon = data.best_of_n = BestOfN(pairs_file=sum(1 for _ in iter_rows(pairs_path(path), "best-of-n pairs")))
+    for row in iter_rows(path, "best-of-n", BEST_OF_N_KEYS):
+        if isinstance(row.get("provenance"), dict) and row["provenance"]:
+            data.provenance.setdefault("best_of_n", row["provenance"])
+        ranking = as_dict(row["ranking"])
+        matches = [m for m in as_list(ranking.get("matches")) if isinstance(m, dict)]
+        best, worst = as_text(row["best_response"]), as_text(row["worst_response"])
+        gates = gates_of(row)
+        bon.add(len(as_list(row["samples"])), str(ranking.get("method") or "?"), row.get("best"),
+                number(row.get("margin")), [m.get("p_i") is not None for m in matches], gates)
+        bon.best.add(best, None, data.markers_of(best))
+        bon.worst.add(worst, None, data.markers_of(worst))
+        for m in matches:
+            if isinstance(m.get("label"), dict):
+                _add_label(data, m["label"], max_rows, table=False)
         data.table_total += 1
         if _room(data, max_rows):
+            n = len(as_list(row["samples"]))
             _add_row(data, {
-                "id": rid, "kind": "pair", "origin": origin, "prompt": cut(conversation(row.get("prompt"))),
-                "response_a": cut(a), "response_b": cut(b), "rounds": [], "revise_principles": [],
-                "gates": gates, "markers_a": [k for k, v in data.markers_of(a).items() if v],
-                "markers_b": [k for k, v in data.markers_of(b).items() if v], **entry})
+                "id": str(row["id"]), "kind": "pair", "origin": f"best of {n}",
+                "prompt": cut(conversation(row["prompt"])), "response_a": cut(best), "response_b": cut(worst),
+                "rounds": [], "revise_principles": [], "judge_principles": [], "gates": gates,
+                "markers_a": [k for k, v in data.markers_of(best).items() if v],
+                "markers_b": [k for k, v in data.markers_of(worst).items() if v],
+                "label": "a" if (number(row.get("margin")) or 0) > 0 else "tie", "p": None, "human": None,
+                "position_consistent": None})

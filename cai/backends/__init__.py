@@ -74,8 +74,7 @@ def _vllm(**kw: Any) -> Backend:
 def _fake(**kw: Any) -> Backend:
     from .fake import FakeBackend
 
-    kw.pop("model", None)
-    return FakeBackend(**kw)
+    return FakeBackend(model_id=kw.pop("model", None) or "fake", **kw)  # a model named is its id (policy_model)
 
 
 BACKENDS: dict[str, Callable[..., Backend]] = {

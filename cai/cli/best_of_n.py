@@ -12,7 +12,8 @@ from .app import TOP, app, but, say, settings_options, stage_file, under
 from .label import JUDGE
 from .summary import exit_status, plural, print_calls, print_failures, print_gates, print_rows, snapshot
 
-BEST_OF_N = but(under(*TOP, "best_of_n", "gates", *(f"label.{n}" for n in JUDGE)), "best_of_n.enabled",
+BEST_OF_N = but(under(*TOP, "best_of_n", "gates", "label.policy_model", *(f"label.{n}" for n in JUDGE)),
+                "best_of_n.enabled",
                 "gates.keep", "gates.text")  # the input gates, and truncated (a cut best or worst)
 
 
@@ -22,9 +23,12 @@ BEST_OF_N = but(under(*TOP, "best_of_n", "gates", *(f"label.{n}" for n in JUDGE)
     "output": "Output JSONL of SFT rows (the best answer; every sample and judgement kept); the pairs go to "
               "NAME.pairs.jsonl beside it (default: best_of_n.jsonl in out/run)."})
 def best_of_n(config: RunConfig) -> None:
-    """Best-of-n: sample n answers per prompt (--n), rank them with the judge (round robin for
-    n <= 8, a knockout above, both orders, k principles), and write the best as TRL SFT rows
-    (`messages`) and best-vs-worst as TRL preference rows (prompt, chosen, rejected).
+    """Best-of-n: sample n answers per prompt (--n) from the policy (--label-policy-model, on the
+    same backend; default: --model), rank them with the judge (--model; round robin for n <= 8, a
+    knockout above, both orders, k principles), and write the best as TRL SFT rows (`messages`)
+    and best-vs-worst as TRL preference rows (prompt, chosen, rejected). `cai report` and
+    `cai export` read the folder. In `cai run`, the `best_of_n:` section does the same in the run
+    folder.
 
     Rerunning the same command resumes: finished prompts are kept, the rest are done.
     """

@@ -17,7 +17,9 @@ from .app import app, say
 def export(
     run_dir: Annotated[Path, typer.Argument(
         help="A finished run folder: revisions.jsonl and/or preferences.jsonl (from `cai run`, "
-             "`cai revise -o DIR/revisions.jsonl` or `cai label -o DIR/preferences.jsonl`), with "
+             "`cai revise -o DIR/revisions.jsonl` or `cai label -o DIR/preferences.jsonl`), or best_of_n.jsonl "
+             "and best_of_n.pairs.jsonl (`cai best-of-n`, `cai run` with best_of_n: the best answers go to the "
+             "SFT split, best vs worst to the preference split), with "
              "run.json, labels.jsonl and *.failures.jsonl when they exist. A folder with a "
              "*.jsonl.part file (a stage still running or crashed) is refused.")],
     out: Annotated[Path | None, typer.Option(

@@ -16,7 +16,7 @@ from .app import app, out, say
 @app.command(epilog=EXIT_CODES_HELP)
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (from `cai run`, or `cai revise`/`cai label` "
-                                            "outputs in one folder).")],
+                                            "outputs in one folder, or `cai best-of-n`'s).")],
     output_dir: Annotated[Path | None, typer.Option(
         "--output", "-o", "--output-dir", help="Where to write report.json and report.html (default: RUN_DIR).",
         show_default=False)] = None,

@@ -18,10 +18,20 @@ from ..constitution import load_constitution
 from ..diff import FIELD_STAGES, diff_constitutions, plan_rerun, version_warning
 from ..errors import EXIT_CODES_HELP
 from ..pipeline import run_pipeline
+from ..plan import BEST_OF_N_FILE
 from ..quality.gates import REJECTS_FILE
 from ..scale import run_pipeline_ray
 from .app import app, out, say, settings_options
-from .summary import exit_status, print_calls, print_failures, print_gates, print_preferences, print_rows, snapshot
+from .summary import (
+    exit_status,
+    plural,
+    print_calls,
+    print_failures,
+    print_gates,
+    print_preferences,
+    print_rows,
+    snapshot,
+)
 
 RAY_LOCAL = "local"  # `--ray-address local`: a Ray instance started here (or the one this process has)
 
@@ -37,6 +47,11 @@ def run_command(
     revised), then the AI judge. Output folder: revisions.jsonl, labels.jsonl,
     preferences.jsonl, failures files, cache.sqlite and run.json.
 
+    With `best_of_n: {enabled: true}` (--best-of-n), best-of-n replaces the label stage as the
+    source of pairs: n answers per prompt from label.policy_model (default: model), ranked by the
+    judge (label.*): best_of_n.jsonl (the best, SFT rows) and best_of_n.pairs.jsonl (best vs
+    worst); the revise stage still runs beside it unless --no-revise.
+
     Every model call is cached: a rerun sends only the calls whose prompt changed, and a run
     killed at any moment resumes where it stopped. Every config field is also a flag
     (`revise.rounds` is `--revise-rounds`) and a variable (`CAI_REVISE_ROUNDS`); precedence:
@@ -44,7 +59,8 @@ def run_command(
     """
     cfg, ray = config, config.ray.address
     before = {name: snapshot(cfg.output / file) if on else {} for name, file, on in (
-        ("revise", "revisions.jsonl", cfg.revise.enabled), ("label", "labels.jsonl", cfg.label.enabled))}
+        ("revise", "revisions.jsonl", cfg.revise.enabled), ("label", "labels.jsonl", cfg.label.enabled),
+        ("best_of_n", BEST_OF_N_FILE, cfg.best_of_n.enabled))}
     if ray is not None:  # the rows through a Ray cluster's actors, each with its own backend
         res = run_pipeline_ray(cfg, None if ray == RAY_LOCAL else ray, actors=cfg.ray.actors)
     else:
@@ -56,7 +72,10 @@ def run_command(
             f"on {len(r.get('nodes', []))} node(s)")
     for name, s in res.stages.items():
         print_rows(name, s, before.get(name, {}), indent="  ")
-    if res.preferences:
+    if res.preferences.get("from") == "best_of_n":
+        say(f"  pairs: {plural(res.preferences['written'], 'pair')} (best vs worst, margin > 0) -> "
+            f"{res.output / res.preferences['file']}")
+    elif res.preferences:
         print_preferences(res.preferences, res.output / "preferences.jsonl", res.output / "labels.jsonl",
                           cfg.label.keep_ties, cfg.label.tie_threshold, cfg.cache_path(), indent="  ")
     print_calls(res.calls, cfg.cache_path(), indent="  ")

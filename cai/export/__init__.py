@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..constitution import Constitution, load_constitution
 from ..errors import InputError
-from .build import LABELS_FILE, MANIFEST, PREFS_FILE, SFT_FILE, Export, RunInfo, build
+from .build import BEST_OF_N, LABELS_FILE, MANIFEST, PREFS_FILE, SFT_FILE, Export, RunInfo, build
 from .hub import push, resolve_token, save
 
 
@@ -51,6 +51,9 @@ def no_prefs_warning(ex: Export) -> list[str]:
     if any(k.endswith("_prefs") for k in ex.dataset):
         return []
     folder = ex.info.folder
+    if (folder / BEST_OF_N["prefs"]).exists() and not (folder / PREFS_FILE).exists():
+        return [f"no preference split: {BEST_OF_N['prefs']} holds no pairs (every best tied its worst, or a "
+                "gate kept it out: see rejects.jsonl)"]
     if not (folder / PREFS_FILE).exists():
         return [f"no preference split: {folder} has no {PREFS_FILE} (label pairs with `cai run` or `cai label`)"]
     labels = folder / LABELS_FILE

@@ -10,6 +10,12 @@ On disk (and on the Hub) it is one folder: ``data/<split>.parquet`` (or ``.jsonl
 config ``prefs``. They are two configs because the Hub loads one config's splits with one
 schema. The folder is built and checked beside its target and pushed only when complete, in one
 commit, so the Hub never holds half an export.
+
+A best-of-n folder (`cai best-of-n`, or `cai run` with ``best_of_n``) adds its files to the same
+splits: the best answers (``best_of_n.jsonl``) to the SFT split and the best-vs-worst pairs
+(``best_of_n.pairs.jsonl``; scores: the best's and the worst's soft win rates) to the preference
+split, after the revise and label stages' rows; ``RunInfo.best_of_n`` tells the card how many
+came from there and their margins.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from ..review.export import with_human_labels
 SFT_FILE, PREFS_FILE, LABELS_FILE, MANIFEST = (
     "revisions.jsonl", "preferences.jsonl", "labels.jsonl", "run.json")
 KINDS = {"sft": SFT_FILE, "prefs": PREFS_FILE}
+BEST_OF_N = {"sft": "best_of_n.jsonl", "prefs": "best_of_n.pairs.jsonl"}  # cai.stages.best_of_n's files
 FORMATS = ("parquet", "jsonl")
 CARD_MARK = "<!-- written by cai export -->"
 
@@ -69,6 +76,7 @@ class RunInfo:
     prompts: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)  # file name -> rows
     rejected: dict[str, int] = field(default_factory=dict)  # kind -> rows left out by the quality gates
+    best_of_n: dict[str, Any] = field(default_factory=dict)  # rows read from the best-of-n files, margins
     test_fraction: float = 0.1
     seed: int = 0
     full: bool = False
@@ -97,7 +105,7 @@ def check_run_folder(folder: Path) -> None:
     if _running(folder / "run.json"):
         raise InputError(f"{folder}: `cai run` has not finished here (run.json says running); "
                          "rerun the same `cai run` command to finish it (it resumes), then export")
-    if not any((folder / f).exists() for f in KINDS.values()):
+    if not any((folder / f).exists() for f in (*KINDS.values(), *BEST_OF_N.values())):
         raise InputError(f"{folder}: no {SFT_FILE} or {PREFS_FILE}: not a cai run folder "
                          "(make one with `cai run`, `cai revise` or `cai label`)")
 
@@ -239,16 +247,17 @@ def _row(kind: str, raw: dict[str, Any], where: str, full: bool) -> dict[str, An
 SCORES = ("raw", "length-debiased")
 
 
-def read_kind(folder: Path, kind: str, info: RunInfo, full: bool,
-              secrets: Sequence[str], score: str = "raw", labels: str = "human-first") -> list[dict[str, Any]]:
-    path = folder / KINDS[kind]
+def read_kind(folder: Path, kind: str, info: RunInfo, full: bool, secrets: Sequence[str], score: str = "raw",
+              labels: str = "human-first", name: str | None = None) -> list[dict[str, Any]]:
+    path = folder / (name or KINDS[kind])
+    judged = path.name == PREFS_FILE  # the label stage's pairs (human labels and length-debiased scores apply)
     output = ((info.manifest or {}).get("config") or {}).get("output")
     output = output if isinstance(output, str) else None
     rows: list[dict[str, Any]] = []
     hashes: set[str] = set()
     numbered: Iterable[tuple[str, dict[str, Any]]] = ((f"{path}:{n}", raw) for n, raw in _lines(path, secrets))
-    for where, raw in with_human_labels(numbered, folder, labels) if kind == "prefs" else numbered:
-        if kind == "prefs" and score == "length-debiased" and raw.get("label_source") != "human":
+    for where, raw in with_human_labels(numbered, folder, labels) if judged else numbered:
+        if judged and score == "length-debiased" and raw.get("label_source") != "human":
             p = _float(raw.get("p_chosen_length_debiased"))
             if p is None:
                 raise InputError(f"{where}: no p_chosen_length_debiased; label with label.debias_length "
@@ -262,7 +271,7 @@ def read_kind(folder: Path, kind: str, info: RunInfo, full: bool,
             info.provenance.setdefault(kind, prov)
             if prov.get("constitution_hash"):
                 hashes.add(str(prov["constitution_hash"]))
-    info.hashes[kind] = hashes
+    info.hashes[kind] = info.hashes.get(kind, set()) | hashes
     return rows
 
 
@@ -297,6 +306,17 @@ def read_run(folder: Path, *, full: bool = False, constitutions: Sequence[dict[s
         kept = [r for r in rows["sft"] if r["id"] not in out]
         info.rejected["sft"] = len(rows["sft"]) - len(kept)
         rows["sft"] = kept
+    for kind, name in BEST_OF_N.items():  # after the stages' own rows
+        if (folder / name).exists():
+            got = read_kind(folder, kind, info, full, secrets, score, labels, name=name)
+            out = rejected_ids(folder, "best_of_n") if kind == "sft" and not include_rejects else set()
+            kept = [r for r in got if r["id"] not in out]
+            if kind == "sft":
+                info.rejected[kind] = info.rejected.get(kind, 0) + len(got) - len(kept)
+            info.best_of_n[kind] = len(kept)
+            rows[kind] = rows.get(kind, []) + kept
+    if info.best_of_n:
+        info.best_of_n |= best_of_n_summary(folder / BEST_OF_N["sft"])
     for f in sorted(folder.glob("*.failures.jsonl")):
         with f.open(encoding="utf-8") as fh:
             info.failures[f.name] = sum(1 for line in fh if line.strip())
@@ -306,6 +326,19 @@ def read_run(folder: Path, *, full: bool = False, constitutions: Sequence[dict[s
         tail = f"; {fails} rows failed, see the *.failures.jsonl files" if fails else ""
         raise InputError(f"{folder}: {names} hold no rows: nothing to export{tail}")
     return rows, info
+
+
+def best_of_n_summary(path: Path) -> dict[str, Any]:
+    """What the card says of best_of_n.jsonl: answers per prompt, ranking, margins."""
+    n: set[int] = set()
+    methods: set[str] = set()
+    margins: list[float] = []
+    for _, raw in _lines(path, ()) if path.is_file() else ():
+        n.add(len(raw.get("samples") or []))
+        methods.add(str((raw.get("ranking") or {}).get("method")))
+        if (m := _float(raw.get("margin"))) is not None:
+            margins.append(m)
+    return {"samples": sorted(n), "methods": sorted(methods), "margins": margins}
 
 
 # --- split and build ---------------------------------------------------------------------------

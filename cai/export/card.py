@@ -75,6 +75,9 @@ FIGURES = {
     "human_agreement": ("agreement with people", "share of decided human-labelled pairs where the judge's "
                         "label is the person's"),
     "human_coverage": ("decided share", "share of human-labelled pairs the judge decided (not a tie)"),
+    "best_of_n_rows": ("best-of-n rows", "prompts whose n answers the judge ranked (best_of_n.jsonl)"),
+    "best_of_n_pairs": ("best-vs-worst pairs", "pairs in best_of_n.pairs.jsonl (margin > 0, not gated)"),
+    "best_of_n_mean_margin": ("mean best-of-n margin", "the best answer's soft win rate minus the worst's"),
     "brier": ("Brier score", "mean (p(A) - person chose A)^2; 0 is perfect, 0.25 is a coin"),
     "ece": ("calibration error (ECE)", "gap between the judge's probability and how often people agree, "
             "10 bins"),
@@ -165,6 +168,12 @@ def diagnostics(rows: dict[str, list[dict[str, Any]]], info: RunInfo) -> dict[st
                            _ratio(sum(consistent), len(consistent))}
         if with_human:
             d["labels"]["agreement with human labels"] = _ratio(agree, with_human)
+    if bon := info.best_of_n:  # where the rows came from: best of n (cai.stages.best_of_n)
+        d["best of n"] = {"SFT rows: the best of n answers (best_of_n.jsonl)": bon.get("sft", 0),
+                          "pairs: best vs worst (best_of_n.pairs.jsonl)": bon.get("prefs", 0),
+                          "answers per prompt": ", ".join(map(str, bon["samples"])),
+                          "ranking": ", ".join(bon["methods"]),
+                          "mean margin (best's soft win rate - worst's)": _mean(bon["margins"])}
     d |= review_diagnostics(info.folder, rows.get("prefs") or [])
     if info.failures:
         d["failures"] = dict(info.failures)

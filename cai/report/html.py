@@ -115,6 +115,15 @@ def _tiles(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("Median per-row length ratio", _growth(h["length_growth_median_ratio"]),
          "median over rows of revised length / initial length"),
     ]
+    if "best_of_n_rows" in h:  # a best-of-n folder: where its rows and pairs came from
+        bon = report["best_of_n"]
+        n = ", ".join(f"{k} ({v})" for k, v in bon["samples"].items())
+        tiles[1:1] = [("Best-of-n rows", _num(h["best_of_n_rows"]), f"prompts ranked (answers per prompt: {n}); "
+                       "the best answer of each is an SFT row (best_of_n.jsonl)"),
+                      ("Best-vs-worst pairs", _num(h["best_of_n_pairs"]), "pairs in best_of_n.pairs.jsonl "
+                       "(margin > 0, not gated); their matches are the pairs labelled"),
+                      ("Mean margin", _num(h["best_of_n_mean_margin"]),
+                       "the best answer's soft win rate minus the worst's, per prompt")]
     if h["human_pairs"]:
         tiles += [("Human agreement", _pct(h["human_agreement"], 1),
                    f"judge label equals the human's, over the decided ones of {h['human_pairs']} human-labelled "
@@ -179,7 +188,8 @@ def render(report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     cap = (f"The table holds the first {len(rows):,} of {total:,} rows (texts cut at {cut:,} characters) to "
            "keep this page small; revisions.jsonl and labels.jsonl hold them all." if len(rows) < total else
            f"All {total:,} rows (texts cut at {cut:,} characters).")
-    gates = {**report["revise"].get("gates", {}), **report["labels"].get("gates", {})}
+    gates = {**report["revise"].get("gates", {}), **report["labels"].get("gates", {}),
+             **(report.get("best_of_n") or {}).get("gates", {})}
     return _template().render(
         run=run, rows=list(rows), meta=meta, cap=cap, plots=_plots(report), tiles=_tiles(report),
         tables=_principles(report) + _human_review(report),

@@ -48,7 +48,7 @@ from ..backends import Backend, BackendBase, build_backend, split_urls
 from ..cache import CachedBackend, CallCache, CountingBackend
 from ..config import RunConfig, load_run_config
 from ..constitution import Constitution
-from ..errors import CaiError
+from ..errors import CaiError, ConfigError
 from ..files import dumps
 from ..manifest import mark_running
 from ..model import default_model_dir
@@ -326,6 +326,8 @@ def run_pipeline_ray(cfg: RunConfig | str | Path, address: str | None = None, *,
     if importlib.util.find_spec("ray") is None:  # before any file is made
         raise CaiError(RAY_HINT)
     cfg = load_run_config(cfg) if not isinstance(cfg, RunConfig) else cfg
+    if cfg.best_of_n.enabled:
+        raise ConfigError("best_of_n does not run on Ray yet: run it without ray.address", field="best_of_n.enabled")
     plan = Plan.build(cfg, constitution=constitution, backend_given=True)
     const, tpl = plan.constitution, plan.templates
     urls: list[str | None] = [*split_urls(cfg.base_url)] if cfg.backend == "openai" else [None]

@@ -3,10 +3,13 @@
 best as an SFT row (``messages`` = prompt + best, every sample and the ranking as its trace) and
 best-vs-worst as a preference pair (West-of-N) when the best scored above the worst.
 
-The n answers come from one request with ``n`` (seeded per prompt); a server that ignores ``n``
-is asked for the missing ones one by one, each with its own seed. The rows go to
-``best_of_n.jsonl`` through the runner (resume by id); the pairs are made from them at the end
-(``write_pairs``), as ``preferences.jsonl`` is made from ``labels.jsonl``.
+The n answers come from one request with ``n`` (seeded per prompt) to the policy
+(``label.policy_model`` on the same backend, else ``model``); a server that ignores ``n`` is asked
+for the missing ones one by one, each with its own seed. The judge is ``model``. The rows go to
+``best_of_n.jsonl`` through the runner (resume by id), in `cai best-of-n` and in `cai run` with
+``best_of_n.enabled`` alike (``cai.pipeline.execute``); the pairs are made from them at the end
+(``write_pairs``), as ``preferences.jsonl`` is made from ``labels.jsonl``, and a row a gate keeps
+out (a truncated best or worst) gets a line in rejects.jsonl (``rejects``, stage ``best_of_n``).
 """
 
 from __future__ import annotations
@@ -23,15 +26,17 @@ from ..constitution import Constitution
 from ..files import dumps, iter_jsonl
 from ..hashing import call_seed, sha256_json
 from ..inputs import PromptRow
-from ..output import JsonlSink, SinkSummary
+from ..output import JsonlSink
 from ..templates import Templates, with_system
 from ..types import Request
 from .judge import JudgeConfig, JudgeStage
 from .judge import fingerprint as judge_fingerprint
 from .ranking import ROUND_ROBIN_MAX, rank_responses
-from .runner import Call, Outcome, Pool, Stream, run_stream
+from .runner import Call, Outcome, Pool, Stream
 
+ROWS_FILE = "best_of_n.jsonl"  # in a run folder: the best answers (SFT rows)
 PAIRS_SUFFIX = ".pairs.jsonl"  # best_of_n.jsonl -> best_of_n.pairs.jsonl
+STAGE = "best_of_n"  # its name in run.json's counts and in rejects.jsonl
 
 
 @dataclass(frozen=True)
@@ -55,21 +60,22 @@ class BestOfNConfig:
 
 
 def fingerprint(backend: Backend, constitution: Constitution, templates: Templates, judge: JudgeConfig,
-                cfg: BestOfNConfig) -> str:
-    """What a best-of-n row depends on: the judge's fingerprint, the sampling, the generate template."""
-    return sha256_json(["best_of_n", judge_fingerprint(backend, constitution, templates, judge), cfg.to_dict(),
-                        templates.digest(("generate",))])
+                cfg: BestOfNConfig, policy: str | None = None) -> str:
+    """What a best-of-n row depends on: the judge's fingerprint, the sampling, the generate
+    template, and the policy's model when it is not the judge's."""
+    parts: list[Any] = ["best_of_n", judge_fingerprint(backend, constitution, templates, judge), cfg.to_dict(),
+                        templates.digest(("generate",))]
+    return sha256_json(parts if policy in (None, backend.model_id) else [*parts, ["policy", policy]])
 
 
-async def stream(cfg: RunConfig, constitution: Constitution, templates: Templates, path: Path, backend: Backend,
-                 prompts: Iterable[PromptRow], pool: Pool, total: int | None = None) -> SinkSummary:
-    """``prompts`` through ``BestOfNStage`` into ``path`` in ``pool``: the runner's stream, resumed
-    by id like every stage's."""
-    bcfg, jcfg = BestOfNConfig.of(cfg), JudgeConfig.of(cfg.label, cfg.seed)
-    stage = BestOfNStage(JudgeStage(constitution, templates, jcfg, backend.model_id), bcfg,
-                         templates.render_text("generate", "system"))
-    with JsonlSink(path, fingerprint(backend, constitution, templates, jcfg, bcfg)) as sink:
-        return await run_stream(Stream(sink, prompts, stage, "best-of-n", total, progress=cfg.progress), pool)
+def make_stream(cfg: RunConfig, constitution: Constitution, templates: Templates, sink: JsonlSink,
+                judge: Backend, prompts: Iterable[PromptRow], *, policy: Pool | None = None,
+                total: int | None = None, prune: bool = False) -> Stream[PromptRow]:
+    """The best-of-n stream of ``prompts`` into ``sink`` (``fingerprint``): judged by ``judge``,
+    sampled from ``policy`` (another backend's requests) or the judge's own."""
+    stage = BestOfNStage(JudgeStage(constitution, templates, JudgeConfig.of(cfg.label, cfg.seed), judge.model_id),
+                         BestOfNConfig.of(cfg), templates.render_text("generate", "system"), policy)
+    return Stream(sink, prompts, stage, "best-of-n", total, prune=prune, progress=cfg.progress)
 
 
 def pairs_path(rows: Path) -> Path:
@@ -83,6 +89,11 @@ class BestOfNStage:
     judge: JudgeStage
     cfg: BestOfNConfig
     system: str | None = None
+    policy: Pool | None = None  # the policy's requests, when it is another backend than the judge's
+
+    @property
+    def policy_model(self) -> str:
+        return self.policy.backend.model_id if self.policy is not None else self.judge.model_id
 
     async def sample(self, r: PromptRow, call: Call) -> tuple[list[str], list[str | None]] | str:
         """``n`` answers: one request with ``n``; the missing ones (a server that ignores ``n``)
@@ -104,7 +115,8 @@ class BestOfNStage:
         return [t.strip() for t in texts], reasons
 
     async def __call__(self, r: PromptRow, call: Call) -> list[Outcome]:
-        got = await self.sample(r, call)
+        got = await self.sample(r, Call(self.policy, call.bar, call.priority, call.affinity)
+                                if self.policy is not None else call)
         if isinstance(got, str):
             return [Outcome(r.id, reason=got, info={"source": r.source})]
         texts, reasons = got
@@ -128,7 +140,8 @@ class BestOfNStage:
             "gates": ["truncated"] if "length" in (reasons[ranking.best], reasons[ranking.worst]) else [],
             "source": r.source,
             "extra": r.extra,
-            "provenance": self.judge.provenance,
+            "provenance": {**self.judge.provenance, "stage": STAGE, "policy_model": self.policy_model,
+                           "best_of_n": self.cfg.to_dict()},
         }
         return [Outcome(r.id, row=row)]
 
@@ -147,6 +160,7 @@ def to_pair(row: dict[str, Any]) -> dict[str, Any] | None:
         "score_chosen": scores[row["best"]],
         "score_rejected": scores[row["worst"]],
         "margin": margin,
+        "label_mode": ((row.get("provenance") or {}).get("judge") or {}).get("mode"),
         "source": row.get("source", ""),
         "provenance": row.get("provenance", {}),
     }
@@ -168,3 +182,13 @@ def write_pairs(rows: Path, out: Path | None = None, drop: frozenset[str] = froz
     os.replace(tmp, out)
     return n
 
+
+
+def rejects(rows: Path, drop: frozenset[str]) -> list[dict[str, Any]]:
+    """rejects.jsonl's lines for the rows of ``rows`` a gate in ``drop`` keeps out (stage ``best_of_n``)."""
+    out = []
+    for row in iter_jsonl(rows) if rows.is_file() else ():
+        if reasons := sorted(drop & set(row.get("gates") or ())):
+            out.append({"id": row["id"], "stage": STAGE, "reasons": reasons, "prompt": row.get("prompt"),
+                        "text": row.get("best_response"), "worst": row.get("worst_response")})
+    return out
