@@ -177,6 +177,15 @@ class RunConfig(_Section):
     timeout: float = Field(120.0, gt=0, description="Seconds one request may take before it is retried.")
     extra_body: dict[str, Any] | None = Field(
         None, description="Fields added to every request to the server (JSON on the command line).")
+    batch: bool = Field(False, description="Send the calls as jobs of the server's OpenAI Batch API (POST /files, "
+                        "/batches; cheaper, slower): each step of every row's chain is a wave of batches. Batch ids "
+                        "are kept in OUTPUT/batches.sqlite: a rerun polls the same batches.")
+    batch_max_requests: int = Field(50_000, ge=1, description="Most requests in one batch (the provider's per-batch "
+                                    "limit: OpenAI's is 50,000); in batch mode also the rows in flight.")
+    batch_poll_seconds: float = Field(30.0, gt=0, description="Seconds between two status checks of a batch.")
+    batch_files: str | None = Field(None, description="Offline batches: write each wave's requests to "
+                                    "DIR/wave-NNN.requests.jsonl (OpenAI Batch API lines) and stop (exit 4); rerun "
+                                    "with DIR/wave-NNN.output.jsonl there to go on. No server is contacted.")
     cache: str | None = Field(None, description="Call cache file (default: OUTPUT/cache.sqlite; "
                               "`off` disables it). Several runs may share one.")
     seed: int = Field(0, description="Seed for principle draws and sampling.")
@@ -213,6 +222,17 @@ class RunConfig(_Section):
         if self.backend == "openai":
             opts |= {"server": self.server, "timeout": self.timeout, "extra_body": self.extra_body}
         return opts | (self.vllm.engine_args() if self.backend == "vllm" else {})
+
+    @property
+    def batching(self) -> bool:
+        """Batch mode: the Batch API (``batch``) or offline wave files (``batch_files``)."""
+        return self.batch or self.batch_files is not None
+
+    def batch_options(self) -> dict[str, Any]:
+        """What ``build_batch_backend`` takes besides the model and the key."""
+        return {"files": self.batch_files, "base_url": self.base_url, "api_key": self.api_key, "server": self.server,
+                "extra_body": self.extra_body, "max_requests": self.batch_max_requests,
+                "poll": self.batch_poll_seconds, "timeout": self.timeout}
 
     @field_validator("extra_body", mode="before")
     @classmethod
@@ -344,7 +364,7 @@ def _set(d: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     d[path[-1]] = value
 
 
-_FILE_PATHS = ("output", "constitution", "templates", "cache", "input")  # and gates.decontaminate
+_FILE_PATHS = ("output", "constitution", "templates", "cache", "input", "batch_files")  # and gates.decontaminate
 
 
 def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:
