@@ -156,6 +156,9 @@ class NaiveSettings(_Section):
     max_tokens: int = Field(12, ge=1, description="Naive judge: tokens to write.")
 
 
+BATCH_LEAVES = ("batch", "batch_max_requests", "batch_poll_seconds", "batch_files")
+
+
 class RunConfig(_Section):
     input: str | None = Field(None, description="Prompts: .jsonl/.json/.parquet/.csv, a saved "
                               "datasets folder or a Hub dataset name.")
@@ -274,6 +277,9 @@ class RunConfig(_Section):
         """The config as written to run.json: paths as strings, the API key left out."""
         d = self.model_dump(mode="json")
         d["api_key"] = None if self.api_key is None else "<redacted>"
+        if not self.batching:  # batch mode's settings only where it is on (run.json as it was before it)
+            for k in BATCH_LEAVES:
+                d.pop(k, None)
         return d
 
 

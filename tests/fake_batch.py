@@ -10,8 +10,8 @@
   ``("expired", k)`` answers its first k lines and puts the rest in the error file with code
   ``batch_expired``; ``("cancelled", k)`` the same with ``batch_cancelled``; ``("failed",)`` ends
   it in validation with no files.
-- ``fail_line(body)`` names the requests that fail (a status code, e.g. 400): a per-line error in
-  the error file (and the same HTTP error from ``/v1/chat/completions``).
+- ``fail_line(body)`` names the requests that fail (a status code, e.g. 400, or a code and its
+  message): a per-line error in the error file (and the same HTTP error from ``/v1/chat/completions``).
 - ``answer(body)`` is the one answer function (a chat completion, deterministic in the request
   body): the batch output lines and ``/v1/chat/completions`` both use it, so a streaming run and a
   batch run against the stub get the same answers. ``submitted`` counts each custom_id over every
@@ -66,6 +66,13 @@ def answer(body: dict[str, Any]) -> dict[str, Any]:
                                           "total_tokens": len(last.split()) + completion}}
 
 
+def _failure(scripted: int | tuple[int, str] | None) -> tuple[int | None, str]:
+    """``fail_line``'s verdict: no failure, a status code, or a status code and its message."""
+    if isinstance(scripted, tuple):
+        return scripted
+    return scripted, "scripted line failure"
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=status)
 
@@ -74,9 +81,10 @@ class BatchStub(ThreadedServer):
     name = "batch-stub"
     client_max_size = 64 << 20
 
-    def __init__(self, fail_line: Callable[[dict[str, Any]], int | None] | None = None,
-                 max_seconds: float = 120.0) -> None:
+    def __init__(self, fail_line: Callable[[dict[str, Any]], int | tuple[int, str] | None] | None = None,
+                 max_seconds: float = 120.0, owned_by: str = "vllm") -> None:
         super().__init__(max_seconds)
+        self.owned_by = owned_by  # what GET /v1/models says (``vllm``: cai takes it for vLLM)
         self.fail_line = fail_line or (lambda body: None)
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict[str, Any]] = {}
@@ -176,11 +184,11 @@ class BatchStub(ThreadedServer):
                 errs.append({"id": rid, "custom_id": x["custom_id"], "response": None, "error": {
                     "code": f"batch_{status}", "message": f"This request was not run: the batch was {status}."}})
                 continue
-            code = self.fail_line(x["body"])
+            code, why = _failure(self.fail_line(x["body"]))
             if code:
                 errs.append({"id": rid, "custom_id": x["custom_id"], "error": None, "response": {
                     "status_code": code, "request_id": rid,
-                    "body": {"error": {"message": "scripted line failure", "type": "invalid_request_error"}}}})
+                    "body": {"error": {"message": why, "type": "invalid_request_error"}}}})
             else:
                 out.append({"id": rid, "custom_id": x["custom_id"], "error": None, "response": {
                     "status_code": 200, "request_id": rid, "body": answer(x["body"])}})
@@ -210,12 +218,14 @@ class BatchStub(ThreadedServer):
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.chats += 1
-        if code := self.fail_line(body):
-            return _error(code, "scripted line failure")
+        code, why = _failure(self.fail_line(body))
+        if code:
+            return _error(code, why)
         return web.json_response(answer(body))
 
     async def _models(self, _: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "vllm"}]})
+        return web.json_response({"object": "list",
+                                  "data": [{"id": MODEL, "object": "model", "owned_by": self.owned_by}]})
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/files", self._upload)

@@ -166,6 +166,25 @@ def test_a_line_error_fails_its_row_as_in_streaming(inp: Path, tmp_path: Path) -
     assert reasons[0] == reasons[1]
 
 
+def test_fields_refused_by_name_are_dropped_and_sent_again(inp: Path, tmp_path: Path) -> None:
+    """OpenAI's Batch API refuses vLLM's fields line by line (``--server auto`` sends them first):
+    the batch run learns it as the streaming run does, and both write the same rows."""
+    def strict(body: dict) -> tuple[int, str] | None:
+        extra = sorted(f for f in ("repetition_penalty", "structured_outputs", "continue_final_message",
+                                   "add_generation_prompt") if f in body)
+        return (400, f"Unrecognized request argument supplied: {', '.join(extra)}") if extra else None
+
+    got = []
+    for mode in ([], ["--batch", *POLL]):
+        out = tmp_path / ("batch" if mode else "stream")
+        with BatchStub(fail_line=strict, owned_by="openai") as s:
+            assert main(_args(inp, out, s.base_url) + mode) == 0
+            if mode:
+                assert max(s.submitted.values()) == 2  # refused once, then sent without the fields
+        got.append(_rows(out))
+    assert got[0] == got[1]
+
+
 def test_batch_files_complete_a_run_in_waves(inp: Path, tmp_path: Path, reference: dict[str, list[dict]],
                                              capsys: pytest.CaptureFixture[str]) -> None:
     out, waves = tmp_path / "run", tmp_path / "waves"

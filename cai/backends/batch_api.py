@@ -28,6 +28,7 @@ import orjson
 
 from ..errors import BackendError
 from ..types import Completion, Failure, Request
+from .dialect import OPTIONAL_FIELDS, VLLM_FIELDS, refused_fields
 from .openai_server import ServerClient, _error_message, _Retryable, model_ids
 from .waves import BatchState, WaveBackend, read_answer
 
@@ -125,6 +126,7 @@ class BatchApiBackend(WaveBackend):
         self.poll, self.folder = poll, folder
         self.store: BatchStore | None = None
         self._polling: dict[int, asyncio.Task[None]] = {}
+        self._broken: dict[int, BackendError] = {}  # waves whose batch could not be followed
         self._resumed: asyncio.Future[None] | None = None
         if not model:
             from .. import runtime
@@ -240,8 +242,12 @@ class BatchApiBackend(WaveBackend):
         return read_answer(line, req, self.learned, self.model_id, self.extra_body) if line else None
 
     async def _enqueue(self, key: str, req: Request) -> None:
-        if self._open().live_wave_of(key) is None:  # else its batch, polled, answers it
+        n = self._open().live_wave_of(key)
+        if n is None:
             self.queue(key, req)
+        elif n in self._broken:  # its batch could not be followed: the run stops (a rerun polls it again)
+            self.fail([key], self._broken[n])
+        # else its batch, polled, answers it
 
     async def _send(self, wave: dict[str, Request]) -> None:
         store = self._open()
@@ -275,12 +281,11 @@ class BatchApiBackend(WaveBackend):
             status = str(batch.get("status"))
             out = await self._lines(batch.get("output_file_id")) + await self._lines(batch.get("error_file_id"))
             self._ingest(n, status, out, batch)
-        except BackendError as e:
-            self.fail([k for k in store.keys(n) if k in self._waiting], e)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - a bug here fails the wave's requests, one line each
-            self.fail([k for k in store.keys(n) if k in self._waiting], BackendError(f"batch wave {n}: {e!r}"))
+        except Exception as e:  # noqa: BLE001 - handed to the wave's requests: the run stops with one line
+            err = self._broken[n] = e if isinstance(e, BackendError) else BackendError(f"batch wave {n}: {e!r}")
+            self.fail([k for k in store.keys(n) if k in self._waiting], err)
 
     async def _wait(self, n: int, batch_id: str) -> dict[str, Any]:
         store = self._open()
@@ -310,12 +315,26 @@ class BatchApiBackend(WaveBackend):
                 continue
             line = by_id.get(key)
             c = read_answer(line, req, self.learned, self.model_id, self.extra_body) if line else None
-            if c is not None:
+            if c is not None and self._refused(req, c):
+                self.queue(key, req)  # a field the server refused by name: sent again without it
+            elif c is not None:
                 self.resolve(key, c)
             elif store.submits(key) >= MAX_SUBMITS:
                 self.fail([key], Failure("server", f"not answered in {MAX_SUBMITS} batches (the last {why})"))
             else:
                 self.queue(key, req)
+
+    def _refused(self, req: Request, c: Completion) -> bool:
+        """A 4xx line that refuses fields by name (vLLM's, sent to OpenAI with ``--server auto``):
+        learnt as streaming learns it; True when the request's body is now another."""
+        failure = c.failure
+        if failure is None or failure.kind != "request" or not failure.message.startswith(("HTTP 400", "HTTP 422")):
+            return False
+        named = refused_fields(failure.message, VLLM_FIELDS | OPTIONAL_FIELDS)
+        if not named:
+            return False
+        self.learned.learn_refusal(failure.message, dict.fromkeys(named))
+        return not named & set(self.body(req))
 
     def _requeue(self, n: int) -> None:
         for key in self._open().keys(n):
