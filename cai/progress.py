@@ -43,7 +43,7 @@ class _RateColumn(ProgressColumn):
                     style="progress.data.speed")
 
 
-ENDED = frozenset({"completed", "expired", "cancelled", "failed", "abandoned"})  # a batch's last states
+ENDED = frozenset({"completed", "expired", "cancelled", "failed", "abandoned", "lost"})  # a batch's last states
 PLAIN_EVERY_S = 30.0  # seconds between two plain progress lines (off a terminal)
 
 

@@ -20,7 +20,7 @@ import pytest
 from cai.backends.waves import BatchState
 from cai.cli import main
 from cai.errors import EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_WAVE_WRITTEN
-from cai.progress import RunProgress
+from cai.progress import RunProgress, _RateColumn
 from tests.fake_batch import MODEL, BatchStub, answer_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,8 +98,12 @@ def test_the_per_batch_limit_splits_a_wave(stub: BatchStub, inp: Path, tmp_path:
     assert max(len(x) for x in stub.inputs.values()) <= 2 and sum(stub.submitted.values()) == CALLS
 
 
+@pytest.mark.parametrize("when", ["polling", "creating", "lost"])
 def test_kill_9_while_polling_then_rerun_sends_no_request_twice(stub: BatchStub, inp: Path, tmp_path: Path,
-                                                                 reference: dict[str, list[dict]]) -> None:
+                                                                 reference: dict[str, list[dict]], when: str) -> None:
+    """Killed while polling: the rerun polls the same batch. ``creating``: as if killed between the
+    upload and the batch id's record (the rerun finds the batch made of its file). ``lost``: the
+    server no longer knows the batch (404): its requests are sent again, once."""
     out = tmp_path / "run"
     stub.hold = True  # the first batch stays in_progress until the run is killed
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -120,11 +124,21 @@ def test_kill_9_while_polling_then_rerun_sends_no_request_twice(stub: BatchStub,
     first = next(iter(stub.batches))
     with sqlite3.connect(out / "batches.sqlite") as db:  # recorded as soon as it was made
         assert db.execute("SELECT batch_id, done FROM waves").fetchall() == [(first, 0)]
+    if when == "creating":
+        with sqlite3.connect(out / "batches.sqlite") as db:
+            db.execute("UPDATE waves SET batch_id = NULL, status = 'uploaded'")
+    if when == "lost":
+        lost = stub.batches.pop(first)
     polls = stub.polls[first]
     stub.hold = False
     assert main(_args(inp, out, stub.base_url) + ["--batch", *POLL]) == 0
-    assert stub.polls[first] > polls  # the rerun polled the same batch
     assert _rows(out) == reference
+    if when == "lost":
+        twice = {x["custom_id"] for x in stub.inputs[first]}
+        assert lost["status"] == "in_progress" and {k for k, n in stub.submitted.items() if n > 1} == twice
+        assert max(stub.submitted.values()) == 2
+        return
+    assert stub.polls[first] > polls  # the rerun polled the same batch
     assert max(stub.submitted.values()) == 1 and sum(stub.submitted.values()) == CALLS
 
 
@@ -245,6 +259,9 @@ def test_progress_shows_each_batch_with_the_time_since_it_changed() -> None:
     bars.batch(state)
     assert bars._plain is not None
     assert "wave 2 (batch_abc) finalizing 0:03:10, 4,812/5,000" in bars._plain.line()
+    task = bars._progress.tasks[0]  # on a terminal: the bar's counts, and the state with its time
+    assert _RateColumn().render(task).plain == "(batch_abc) finalizing 0:03:10, 4,812/5,000"
+    assert (task.completed, task.total) == (4812, 5000)
     state.update("completed", 5000, 5000, 0)
     bars.batch(state)
     assert "wave 2" not in bars._plain.line()

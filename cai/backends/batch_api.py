@@ -178,7 +178,7 @@ class BatchApiBackend(WaveBackend):
                 if resp.status == 429 or resp.status >= 500:
                     raise _Retryable(resp.status, msg, None)
                 hint = " (does the server offer the Batch API?)" if resp.status in (404, 405) else ""
-                raise BackendError(f"{method} {url}: HTTP {resp.status}: {msg}{hint}")
+                raise _HttpError(resp.status, f"{method} {url}: HTTP {resp.status}: {msg}{hint}")
 
         try:
             return await self.client.with_retries(attempt)
@@ -292,13 +292,18 @@ class BatchApiBackend(WaveBackend):
         state = self.batches.get(f"wave {n}") or BatchState(f"wave {n}", "validating")
         state.batch_id = batch_id
         while True:
-            batch = await self._http("GET", f"/batches/{batch_id}")
+            try:
+                batch = await self._http("GET", f"/batches/{batch_id}")
+            except _HttpError as e:
+                if e.status != 404:
+                    raise
+                batch = {"status": "lost"}  # the server no longer knows it: its requests go again
             status, counts = str(batch.get("status")), batch.get("request_counts") or {}
             if state.update(status, int(counts.get("completed") or 0), int(counts.get("total") or 0),
                             int(counts.get("failed") or 0)) or self.batches.get(state.name) is not state:
                 store.set(n, status=status, counts=orjson.dumps(counts).decode())
                 self.changed(state)
-            if status in TERMINAL:
+            if status in TERMINAL or status == "lost":
                 return dict(batch)
             await asyncio.sleep(self.poll)
 
@@ -340,6 +345,14 @@ class BatchApiBackend(WaveBackend):
         for key in self._open().keys(n):
             if (req := self._asked.get(key)) is not None:
                 self.queue(key, req)
+
+
+class _HttpError(BackendError):
+    """A 4xx answer of the Batch API (its status kept: a batch the server no longer knows is a 404)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _errors(batch: dict[str, Any]) -> str:
