@@ -98,6 +98,17 @@ def test_the_per_batch_limit_splits_a_wave(stub: BatchStub, inp: Path, tmp_path:
     assert max(len(x) for x in stub.inputs.values()) <= 2 and sum(stub.submitted.values()) == CALLS
 
 
+def test_a_wave_over_the_file_size_limit_is_split(stub: BatchStub, inp: Path, tmp_path: Path,
+                                                  reference: dict[str, list[dict]],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cai.backends.batch_api.MAX_FILE_BYTES", 2000)  # about 3 request lines a file
+    assert main(_args(inp, tmp_path / "run", stub.base_url) + ["--batch", *POLL]) == 0
+    assert _rows(tmp_path / "run") == reference
+    inputs = [f for f in stub.files.values() if f.startswith(b'{"custom_id"')]
+    assert all(len(f) <= 2000 or f.count(b"\n") == 1 for f in inputs)  # a longer line goes alone
+    assert len(stub.batches) > 4 and sum(stub.submitted.values()) == CALLS
+
+
 @pytest.mark.parametrize("when", ["polling", "creating", "lost"])
 def test_kill_9_while_polling_then_rerun_sends_no_request_twice(stub: BatchStub, inp: Path, tmp_path: Path,
                                                                  reference: dict[str, list[dict]], when: str) -> None:

@@ -35,6 +35,7 @@ from .waves import BatchState, WaveBackend, read_answer
 TERMINAL = frozenset({"completed", "expired", "cancelled", "failed"})
 MAX_SUBMITS = 3  # batches one request may be sent in (an expired batch's missing lines go again)
 STATE_FILE = "batches.sqlite"
+MAX_FILE_BYTES = 190 << 20  # one batch's input file at most (OpenAI's limit: 200 MB)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS waves (n INTEGER PRIMARY KEY, file_id TEXT, batch_id TEXT, status TEXT NOT NULL,
                                   counts TEXT, created REAL NOT NULL, done INTEGER NOT NULL DEFAULT 0);
@@ -124,6 +125,7 @@ class BatchApiBackend(WaveBackend):
         super().__init__(model or "", key, server=server, extra_body=extra_body, max_requests=max_requests,
                          quiet=min(1.0, max(0.2, poll)))  # the wave goes once requests stop
         self.poll, self.folder = poll, folder
+        self.max_bytes = MAX_FILE_BYTES
         self.store: BatchStore | None = None
         self._polling: dict[int, asyncio.Task[None]] = {}
         self._broken: dict[int, BackendError] = {}  # waves whose batch could not be followed
@@ -250,11 +252,18 @@ class BatchApiBackend(WaveBackend):
         # else its batch, polled, answers it
 
     async def _send(self, wave: dict[str, Request]) -> None:
-        store = self._open()
-        n = store.new_wave(wave)  # recorded before anything goes out
-        self.waves += 1
-        self.changed(BatchState(f"wave {n}", "uploading", 0, len(wave)))
-        self._polling[n] = self.spawn(self._follow(n, [self.line(k, r) for k, r in wave.items()]))
+        """One batch per ``max_bytes`` of lines (OpenAI takes files up to 200 MB)."""
+        store, part, size = self._open(), list[tuple[str, dict[str, Any]]](), 0
+        items = [(k, self.line(k, r)) for k, r in wave.items()]
+        for i, (k, line) in enumerate(items):
+            size += len(orjson.dumps(line)) + 1
+            part.append((k, line))
+            if i + 1 == len(items) or size + len(orjson.dumps(items[i + 1][1])) + 1 > self.max_bytes:
+                n = store.new_wave(k for k, _ in part)  # recorded before anything goes out
+                self.waves += 1
+                self.changed(BatchState(f"wave {n}", "uploading", 0, len(part)))
+                self._polling[n] = self.spawn(self._follow(n, [x for _, x in part]))
+                part, size = [], 0
 
     async def _follow(self, n: int, lines: list[dict[str, Any]] | None = None) -> None:
         """Upload (when ``lines``), create, poll and read wave ``n``'s batch; every failure that
