@@ -72,9 +72,12 @@ def stub() -> Iterator[BatchStub]:
 
 
 def test_a_batch_run_writes_what_a_streaming_run_writes(stub: BatchStub, inp: Path, tmp_path: Path,
-                                                       reference: dict[str, list[dict]]) -> None:
+                                                       reference: dict[str, list[dict]],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     assert main(_args(inp, out, stub.base_url) + ["--batch", *POLL]) == 0
+    assert f"batches: {len(stub.batches)} sent this run ({CALLS} requests); state in {out / 'batches.sqlite'}" \
+        in capsys.readouterr().err
     assert _rows(out) == reference
     assert stub.chats == 0  # every call went through a batch
     # the steps are waves: answers, critiques, revisions, judgements (both orders at once); a wave

@@ -142,7 +142,7 @@ class BatchApiBackend(WaveBackend):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d["batch"]["state"] = str(self.store.path) if self.store is not None else None
+        d["batch"]["state"] = STATE_FILE  # in the run folder
         return d
 
     async def aclose(self) -> None:
