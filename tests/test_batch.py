@@ -112,12 +112,13 @@ def test_a_wave_over_the_file_size_limit_is_split(stub: BatchStub, inp: Path, tm
     assert len(stub.batches) > 4 and sum(stub.submitted.values()) == CALLS
 
 
-@pytest.mark.parametrize("when", ["polling", "creating", "lost"])
+@pytest.mark.parametrize("when", ["polling", "creating", "uploading", "lost"])
 def test_kill_9_while_polling_then_rerun_sends_no_request_twice(stub: BatchStub, inp: Path, tmp_path: Path,
                                                                  reference: dict[str, list[dict]], when: str) -> None:
     """Killed while polling: the rerun polls the same batch. ``creating``: as if killed between the
     upload and the batch id's record (the rerun finds the batch made of its file). ``lost``: the
-    server no longer knows the batch (404): its requests are sent again, once."""
+    server no longer knows the batch (404): its requests are sent again, once. ``uploading``: as if
+    killed before the file was uploaded: the wave is abandoned and its requests sent in a new one."""
     out = tmp_path / "run"
     stub.hold = True  # the first batch stays in_progress until the run is killed
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -141,15 +142,22 @@ def test_kill_9_while_polling_then_rerun_sends_no_request_twice(stub: BatchStub,
     if when == "creating":
         with sqlite3.connect(out / "batches.sqlite") as db:
             db.execute("UPDATE waves SET batch_id = NULL, status = 'uploaded'")
+    if when == "uploading":
+        with sqlite3.connect(out / "batches.sqlite") as db:
+            db.execute("UPDATE waves SET batch_id = NULL, file_id = NULL, status = 'uploading'")
     if when == "lost":
         lost = stub.batches.pop(first)
     polls = stub.polls[first]
     stub.hold = False
     assert main(_args(inp, out, stub.base_url) + ["--batch", *POLL]) == 0
     assert _rows(out) == reference
-    if when == "lost":
+    if when in ("lost", "uploading"):
         twice = {x["custom_id"] for x in stub.inputs[first]}
-        assert lost["status"] == "in_progress" and {k for k, n in stub.submitted.items() if n > 1} == twice
+        assert {k for k, n in stub.submitted.items() if n > 1} == twice
+        assert when == "uploading" or lost["status"] == "in_progress"
+        with sqlite3.connect(out / "batches.sqlite") as db:
+            assert db.execute("SELECT status FROM waves WHERE n = 1").fetchone()[0] == \
+                ("abandoned" if when == "uploading" else "lost")
         assert max(stub.submitted.values()) == 2
         return
     assert stub.polls[first] > polls  # the rerun polled the same batch
