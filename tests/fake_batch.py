@@ -5,7 +5,8 @@
   custom_id, once; method POST; url ``/v1/chat/completions``; a body); ``GET /v1/batches/{id}``
   moves it one status further per poll along ``statuses`` (validating, in_progress, finalizing,
   then its outcome) unless ``hold`` is set (it stays in_progress); ``GET /v1/batches`` lists them;
-  ``POST /v1/batches/{id}/cancel`` cancels one.
+  ``POST /v1/batches/{id}/cancel`` cancels one. ``flaky["upload"|"create"|"get"|"content"] = k``:
+  the next k calls of that route answer 503 with ``Retry-After: 0``.
 - The outcome of each new batch is taken from ``outcomes`` (default ``completed``):
   ``("expired", k)`` answers its first k lines and puts the rest in the error file with code
   ``batch_expired``; ``("cancelled", k)`` the same with ``batch_cancelled``; ``("failed",)`` ends
@@ -95,11 +96,21 @@ class BatchStub(ThreadedServer):
         self.submitted: Counter[str] = Counter()
         self.polls: Counter[str] = Counter()
         self.hold = False
+        self.flaky: Counter[str] = Counter()  # route -> how many of its next calls answer 503 (Retry-After: 0)
         self.chats = 0
         self._ids = itertools.count(1)
 
+    def _flaky(self, route: str) -> web.Response | None:
+        if self.flaky[route] > 0:
+            self.flaky[route] -= 1
+            return web.json_response({"error": {"message": "try again"}}, status=503, headers={"Retry-After": "0"})
+        return None
+
     # ------------------------------------------------------------------------------- files
     async def _upload(self, request: web.Request) -> web.Response:
+        if (busy := self._flaky("upload")) is not None:
+            await request.read()
+            return busy
         form = await request.post()
         if form.get("purpose") != "batch":
             return _error(400, "purpose must be batch")
@@ -113,6 +124,8 @@ class BatchStub(ThreadedServer):
                                   "filename": getattr(f, "filename", ""), "created_at": int(time.time())})
 
     async def _content(self, request: web.Request) -> web.Response:
+        if (busy := self._flaky("content")) is not None:
+            return busy
         fid = request.match_info["fid"]
         if fid not in self.files:
             return _error(404, f"no file {fid}")
@@ -120,6 +133,8 @@ class BatchStub(ThreadedServer):
 
     # ----------------------------------------------------------------------------- batches
     async def _create(self, request: web.Request) -> web.Response:
+        if (busy := self._flaky("create")) is not None:
+            return busy
         spec = await request.json()
         fid = spec.get("input_file_id")
         if fid not in self.files:
@@ -147,6 +162,8 @@ class BatchStub(ThreadedServer):
 
     async def _get(self, request: web.Request) -> web.Response:
         bid = request.match_info["bid"]
+        if (busy := self._flaky("get")) is not None:
+            return busy
         if bid not in self.batches:
             return _error(404, f"no batch {bid}")
         self.polls[bid] += 1

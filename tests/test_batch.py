@@ -93,6 +93,14 @@ def test_a_batch_run_writes_what_a_streaming_run_writes(stub: BatchStub, inp: Pa
     assert len(stub.batches) == batches
 
 
+def test_busy_batch_api_calls_are_retried(stub: BatchStub, inp: Path, tmp_path: Path,
+                                          reference: dict[str, list[dict]]) -> None:
+    stub.flaky.update({"upload": 2, "create": 1, "get": 2, "content": 1})
+    assert main(_args(inp, tmp_path / "run", stub.base_url) + ["--batch", *POLL]) == 0
+    assert _rows(tmp_path / "run") == reference
+    assert not +stub.flaky and max(stub.submitted.values()) == 1 and sum(stub.submitted.values()) == CALLS
+
+
 def test_the_per_batch_limit_splits_a_wave(stub: BatchStub, inp: Path, tmp_path: Path,
                                            reference: dict[str, list[dict]]) -> None:
     out = tmp_path / "run"

@@ -160,15 +160,15 @@ class BatchApiBackend(WaveBackend):
             raise BackendError(f"{self.client.base_url}/models lists no model; pass --model")
         return ids[0]
 
-    async def _http(self, method: str, path: str, *, json: Any = None, form: aiohttp.FormData | None = None,
-                    raw: bool = False) -> Any:
+    async def _http(self, method: str, path: str, *, json: Any = None,
+                    form: Callable[[], aiohttp.FormData] | None = None, raw: bool = False) -> Any:
         """One call of the Batch API with the client's retries; a 4xx is a ``BackendError``."""
         session, url = self.client.session(), f"{self.client.base_url}{path}"
 
         async def attempt() -> Any:
             kw: dict[str, Any] = {}
             if form is not None:
-                payload = form()
+                payload = form()()  # a form is sent once: a new one for each try
                 kw = {"data": payload, "headers": {"Content-Type": payload.content_type}}
             elif json is not None:
                 kw = {"data": orjson.dumps(json)}
@@ -192,10 +192,14 @@ class BatchApiBackend(WaveBackend):
             raise BackendError(f"{method} {url}: {type(e).__name__}: {e}".strip()) from None
 
     async def _upload(self, n: int, lines: list[dict[str, Any]]) -> str:
-        form = aiohttp.FormData()
-        form.add_field("purpose", "batch")
-        form.add_field("file", b"".join(orjson.dumps(x) + b"\n" for x in lines), filename=f"cai-wave-{n:03d}.jsonl",
-                       content_type="application/jsonl")
+        data = b"".join(orjson.dumps(x) + b"\n" for x in lines)
+
+        def form() -> aiohttp.FormData:
+            f = aiohttp.FormData()
+            f.add_field("purpose", "batch")
+            f.add_field("file", data, filename=f"cai-wave-{n:03d}.jsonl", content_type="application/jsonl")
+            return f
+
         return str((await self._http("POST", "/files", form=form))["id"])
 
     async def _create(self, n: int, file_id: str) -> dict[str, Any]:
