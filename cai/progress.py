@@ -37,7 +37,7 @@ class _RateColumn(ProgressColumn):
 
         f = task.fields
         if (batch := f.get("batch")) is not None:  # a batch: its state, and how long since it last changed
-            return Text(batch.line().removeprefix(task.description).strip(), style="progress.data.speed")
+            return Text(batch.line(counts=False), style="progress.data.speed")
         return Text(f"{rate(task.completed):,.2f} rows/s  {f.get('in_flight', 0)} in flight  "
                     f"gen {rate(f.get('gen', 0)):,.0f} tok/s  prompt {rate(f.get('prompt', 0)):,.0f} tok/s",
                     style="progress.data.speed")

@@ -41,13 +41,14 @@ class BatchState:
     batch_id: str = ""
     changed: float = field(default_factory=time.monotonic)
 
-    def line(self, now: float | None = None) -> str:
-        """``wave 2 (batch_abc) finalizing 0:03:10, 4,812/5,000``: the time since the last change."""
-        s = int((time.monotonic() if now is None else now) - self.changed)
-        ident = f" ({self.batch_id})" if self.batch_id else ""
+    def line(self, counts: bool = True) -> str:
+        """``wave 2 (batch_abc) finalizing 0:03:10, 4,812/5,000``: the time since the last change
+        (without the counts and the name: what a progress bar beside them says)."""
+        s = int(time.monotonic() - self.changed)
+        ident = f"({self.batch_id}) " if self.batch_id else ""
         failed = f", {self.failed:,} failed" if self.failed else ""
-        return (f"{self.name}{ident} {self.status} {s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}, "
-                f"{self.done:,}/{self.total:,}{failed}")
+        text = f"{ident}{self.status} {s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+        return f"{self.name} {text}, {self.done:,}/{self.total:,}{failed}" if counts else text + failed
 
     def update(self, status: str, done: int, total: int, failed: int) -> bool:
         """Take the server's figures; True (and ``changed`` reset) when they differ."""
