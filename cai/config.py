@@ -273,6 +273,26 @@ class RunConfig(_Section):
             raise ConfigError("no input prompts: set `input` (--input / CAI_INPUT)", field="input")
         return self
 
+    def check_batch(self, kind: str) -> None:
+        """Batch mode (``batch``, ``batch_files``) and what it cannot go with, for a command of
+        ``kind`` (run, revise, label, eval): a ``UsageError``, one line."""
+        flag = "--batch" if self.batch else "--batch-files"
+        if self.batch and self.batch_files is not None:
+            raise UsageError("--batch and --batch-files contradict each other; pass one")
+        if self.backend != "openai":
+            raise UsageError(f"{flag} sends the calls as OpenAI Batch API requests: pass --backend openai, not "
+                             f"--backend {self.backend}" + ("" if self.batch else " (no server is contacted)"))
+        if kind == "eval":
+            raise UsageError(f"{flag}: `cai eval-judge` does not run in batch mode; leave it out")
+        if self.ray.address is not None:
+            raise UsageError(f"{flag} and --ray-address contradict each other (the batches run on the provider's side)")
+        if self.label.enabled and self.label.policy_model and kind in ("run", "label"):
+            raise UsageError(f"{flag} with --label-policy-model is not supported: leave the policy model out")
+        if self.batch and isinstance(self.base_url, list) and len(self.base_url) > 1:
+            raise UsageError("--batch sends its batches to one server: pass one --base-url")
+        if self.batch_files is not None and not self.model:
+            raise UsageError("--batch-files needs --model (the model the requests name)")
+
     def public(self) -> dict[str, Any]:
         """The config as written to run.json: paths as strings, the API key left out."""
         d = self.model_dump(mode="json")

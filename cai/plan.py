@@ -232,27 +232,6 @@ def check_backend(name: str, base_url: str | Sequence[str] | None = None) -> Non
     raise BackendError(f"none of the {len(urls)} servers can be reached ({', '.join(urls)}): are they running?")
 
 
-def check_batch(cfg: RunConfig, kind: Kind) -> None:
-    """Batch mode (``--batch``, ``--batch-files``) and what it cannot go with: one line each."""
-    conflicting({"--batch": cfg.batch, "--batch-files": cfg.batch_files is not None})
-    flag = "--batch" if cfg.batch else "--batch-files"
-    if cfg.backend != "openai":
-        raise UsageError(f"{flag} sends the calls as OpenAI Batch API requests: pass --backend openai, not --backend "
-                         f"{cfg.backend}" + ("" if cfg.batch else " (no server is contacted)"))
-    if kind == "eval":
-        raise UsageError(f"{flag}: `cai eval-judge` does not run in batch mode; leave it out")
-    if cfg.ray.address is not None:
-        raise UsageError(f"{flag} and --ray-address contradict each other (the batches run on the provider's side)")
-    if cfg.label.enabled and cfg.label.policy_model and kind in ("run", "label"):
-        raise UsageError(f"{flag} with --label-policy-model is not supported: leave the policy model out")
-    if cfg.batch and len(split_urls(cfg.base_url)) > 1:
-        raise UsageError("--batch sends its batches to one server: pass one --base-url")
-    if cfg.batch_files is not None:
-        if not cfg.model:
-            raise UsageError("--batch-files needs --model (the model the requests name)")
-        check_output_dir(cfg.batch_files, flag="--batch-files")
-
-
 # --- templates ---------------------------------------------------------------------------------
 
 _SAMPLE_PROMPT = [{"role": "user", "content": "<prompt>"}]
@@ -364,8 +343,10 @@ class Plan:
                 no_credentials(url)
         if kind == "run":
             cfg.check(has_input=inputs is not None)
-        if cfg.batching:
-            check_batch(cfg, kind)
+        if cfg.batching:  # batch mode and what it cannot go with; its folder can be made
+            cfg.check_batch(kind)
+            if cfg.batch_files is not None:
+                check_output_dir(cfg.batch_files, flag="--batch-files")
         const = constitution if isinstance(constitution, Constitution) else load_constitution(
             constitution if constitution is not None else cfg.constitution)
         tpl = templates if isinstance(templates, Templates) else Templates(
