@@ -295,3 +295,25 @@ def test_progress_shows_each_batch_with_the_time_since_it_changed() -> None:
     state.update("completed", 5000, 5000, 0)
     bars.batch(state)
     assert "wave 2" not in bars._plain.line()
+
+
+@pytest.mark.parametrize(("line", "want"), [
+    # OpenAI: an error line with the HTTP answer's body
+    ({"response": {"status_code": 400, "body": {"error": {"message": "bad prompt"}}}, "error": None},
+     ("request", "HTTP 400: bad prompt")),
+    # vllm run-batch: the status, no body, the error as a string or as its ErrorResponse
+    ({"response": {"status_code": 400, "request_id": "r", "body": None}, "error": "Request must not be streamed"},
+     ("request", "HTTP 400: Request must not be streamed")),
+    ({"response": {"status_code": 500, "body": None}, "error": {"error": {"message": "engine died", "code": 500}}},
+     ("server", "HTTP 500: engine died")),
+    ({"response": None, "error": {"code": "batch_expired", "message": "not run"}}, None),  # missing: sent again
+    ({"response": None, "error": {"code": "server_error", "message": "boom"}}, ("server", "batch line error: boom")),
+])
+def test_error_lines_of_openai_and_vllm_are_read(line: dict, want: tuple[str, str] | None) -> None:
+    from cai.backends.dialect import Learned
+    from cai.backends.waves import read_answer
+    from cai.types import Request
+
+    req = Request(({"role": "user", "content": "hi"},))
+    c = read_answer({"custom_id": "k", **line}, req, Learned("auto"), "m", None)
+    assert (None if c is None else (c.failure.kind, c.failure.message)) == want  # type: ignore[union-attr]

@@ -86,7 +86,7 @@ def read_answer(line: dict[str, Any], req: Request, learned: Learned, model: str
     code = str(err.get("code") or "") if isinstance(err, dict) else ""
     if code in MISSING_CODES:
         return None
-    message = _message(body) or (str(err.get("message") or code) if isinstance(err, dict) else str(err))
+    message = _message(body) or (_message(err) or code if isinstance(err, dict) else str(err or ""))
     if isinstance(status, int):
         kind: FailureKind = "request" if 400 <= status < 500 and status != 429 else "server"
         return Completion.failed(kind, f"HTTP {status}: {message}"[:600])
