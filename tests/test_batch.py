@@ -317,3 +317,13 @@ def test_error_lines_of_openai_and_vllm_are_read(line: dict, want: tuple[str, st
     req = Request(({"role": "user", "content": "hi"},))
     c = read_answer({"custom_id": "k", **line}, req, Learned("auto"), "m", None)
     assert (None if c is None else (c.failure.kind, c.failure.message)) == want  # type: ignore[union-attr]
+
+
+def test_a_wave_waits_for_quiet_but_not_forever() -> None:
+    from cai.backends.waves import GATHER, WaveBackend
+
+    b = WaveBackend("m", lambda model, req: "k", quiet=1.0)
+    b._oldest, b._last = 100.0, 130.0
+    assert b.due() == 131.0  # one quiet second after the last request
+    b._last = 100.0 + GATHER - 0.5  # requests kept trickling in: the wave goes GATHER quiet periods after the first
+    assert b.due() == 100.0 + GATHER

@@ -72,7 +72,7 @@ class BatchFilesBackend(WaveBackend):
     async def _flush(self) -> None:
         """Once the requests stop coming: every waiting request into wave files, and stop."""
         while self._pending:
-            wait = self._last + self.quiet - time.monotonic()
+            wait = self.due() - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue

@@ -1,8 +1,9 @@
 """Batch mode's common part: requests gathered into waves, and the Batch-API line format.
 
 A ``WaveBackend`` answers ``generate(request)`` later: the request waits (its ``custom_id`` is the
-call cache's key of the request) until no new request arrived for ``quiet`` seconds, or the wave
-holds ``max_requests``; the wave then goes out as one unit (a batch of the server's Batch API,
+call cache's key of the request) until no new request arrived for ``quiet`` seconds (at most
+``GATHER`` quiet periods after the oldest, for requests that trickle in), or the wave holds
+``max_requests``; the wave then goes out as one unit (a batch of the server's Batch API,
 ``batch_api.py``; a file for the user to run, ``batch_files.py``). The runner lets every row be in
 flight, and each row's chain (answer, critique, revision, judge) awaits its steps one by one, so
 the waves are the steps: the answers of every row, then the critiques, ...
@@ -26,6 +27,7 @@ from ..types import Completion, Failure, FailureKind, Request
 from .dialect import Learned, build_body, parse_response
 
 ENDPOINT = "/v1/chat/completions"
+GATHER = 60  # a wave waits at most this many quiet periods for more requests
 MISSING_CODES = frozenset({"batch_expired", "batch_cancelled", "batch_failed"})
 
 
@@ -116,7 +118,7 @@ class WaveBackend:
         self._asked: dict[str, Request] = {}  # custom_id -> the request waiting for it
         self._waiting: dict[str, asyncio.Future[Completion]] = {}
         self._pending: dict[str, Request] = {}  # waiting for the next wave
-        self._last = 0.0
+        self._last = self._oldest = 0.0  # when the last request came, and the oldest still waiting
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flusher: asyncio.Task[None] | None = None
         self.sent = self.waves = 0
@@ -176,8 +178,10 @@ class WaveBackend:
     # ------------------------------------------------------------------------------- waves
     def queue(self, key: str, req: Request) -> None:
         """``key`` goes into the next wave; the wave goes out once the requests stop coming."""
-        self._pending[key] = req
         self._last = time.monotonic()
+        if not self._pending:
+            self._oldest = self._last
+        self._pending[key] = req
         if self._flusher is None or self._flusher.done():
             self._flusher = self.spawn(self._flush())
 
@@ -189,11 +193,16 @@ class WaveBackend:
 
     async def _flush(self) -> None:
         while self._pending:
-            wait = self._last + self.quiet - time.monotonic()
+            wait = self.due() - time.monotonic()
             if wait > 0 and len(self._pending) < self.max_requests:
                 await asyncio.sleep(wait)
                 continue
             await self._send(self._take())
+
+    def due(self) -> float:
+        """When the waiting requests go: once none came for ``quiet`` seconds, and at the latest
+        ``GATHER`` quiet periods after the oldest came (requests that trickle in forever)."""
+        return min(self._last + self.quiet, self._oldest + GATHER * self.quiet)
 
     def _take(self) -> dict[str, Request]:
         keys = list(self._pending)[: self.max_requests]
