@@ -158,6 +158,9 @@ class NaiveSettings(_Section):
     max_tokens: int = Field(12, ge=1, description="Naive judge: tokens to write.")
 
 
+BATCH_LEAVES = ("batch", "batch_max_requests", "batch_poll_seconds", "batch_files")
+
+
 class RunConfig(_Section):
     input: str | None = Field(None, description="Prompts: .jsonl/.json/.parquet/.csv, a saved "
                               "datasets folder or a Hub dataset name.")
@@ -179,6 +182,15 @@ class RunConfig(_Section):
     timeout: float = Field(120.0, gt=0, description="Seconds one request may take before it is retried.")
     extra_body: dict[str, Any] | None = Field(
         None, description="Fields added to every request to the server (JSON on the command line).")
+    batch: bool = Field(False, description="Send the calls as jobs of the server's OpenAI Batch API (POST /files, "
+                        "/batches; cheaper, slower): each step of every row's chain is a wave of batches. Batch ids "
+                        "are kept in OUTPUT/batches.sqlite: a rerun polls the same batches.")
+    batch_max_requests: int = Field(50_000, ge=1, description="Most requests in one batch (the provider's per-batch "
+                                    "limit: OpenAI's is 50,000); in batch mode also the rows in flight.")
+    batch_poll_seconds: float = Field(30.0, gt=0, description="Seconds between two status checks of a batch.")
+    batch_files: str | None = Field(None, description="Offline batches: write each wave's requests to "
+                                    "DIR/wave-NNN.requests.jsonl (OpenAI Batch API lines) and stop (exit 4); rerun "
+                                    "with DIR/wave-NNN.output.jsonl there to go on. No server is contacted.")
     cache: str | None = Field(None, description="Call cache file (default: OUTPUT/cache.sqlite; "
                               "`off` disables it). Several runs may share one.")
     seed: int = Field(0, description="Seed for principle draws and sampling.")
@@ -215,6 +227,17 @@ class RunConfig(_Section):
         if self.backend == "openai":
             opts |= {"server": self.server, "timeout": self.timeout, "extra_body": self.extra_body}
         return opts | (self.vllm.engine_args() if self.backend == "vllm" else {})
+
+    @property
+    def batching(self) -> bool:
+        """Batch mode: the Batch API (``batch``) or offline wave files (``batch_files``)."""
+        return self.batch or self.batch_files is not None
+
+    def batch_options(self) -> dict[str, Any]:
+        """What ``build_batch_backend`` takes besides the model and the key."""
+        return {"files": self.batch_files, "base_url": self.base_url, "api_key": self.api_key, "server": self.server,
+                "extra_body": self.extra_body, "max_requests": self.batch_max_requests,
+                "poll": self.batch_poll_seconds, "timeout": self.timeout}
 
     @field_validator("extra_body", mode="before")
     @classmethod
@@ -256,10 +279,34 @@ class RunConfig(_Section):
             raise ConfigError("no input prompts: set `input` (--input / CAI_INPUT)", field="input")
         return self
 
+    def check_batch(self, kind: str) -> None:
+        """Batch mode (``batch``, ``batch_files``) and what it cannot go with, for a command of
+        ``kind`` (run, revise, label, eval): a ``UsageError``, one line."""
+        flag = "--batch" if self.batch else "--batch-files"
+        if self.batch and self.batch_files is not None:
+            raise UsageError("--batch and --batch-files contradict each other; pass one")
+        if self.backend != "openai":
+            raise UsageError(f"{flag} sends the calls as OpenAI Batch API requests: pass --backend openai, not "
+                             f"--backend {self.backend}" + ("" if self.batch else " (no server is contacted)"))
+        if kind in ("eval", "best_of_n") or self.best_of_n.enabled and kind == "run":
+            what = "`cai eval-judge`" if kind == "eval" else "best-of-n"
+            raise UsageError(f"{flag}: {what} does not run in batch mode yet; leave it out")
+        if self.ray.address is not None:
+            raise UsageError(f"{flag} and --ray-address contradict each other (the batches run on the provider's side)")
+        if self.label.enabled and self.label.policy_model and kind in ("run", "label"):
+            raise UsageError(f"{flag} with --label-policy-model is not supported: leave the policy model out")
+        if self.batch and isinstance(self.base_url, list) and len(self.base_url) > 1:
+            raise UsageError("--batch sends its batches to one server: pass one --base-url")
+        if self.batch_files is not None and not self.model:
+            raise UsageError("--batch-files needs --model (the model the requests name)")
+
     def public(self) -> dict[str, Any]:
         """The config as written to run.json: paths as strings, the API key left out."""
         d = self.model_dump(mode="json")
         d["api_key"] = None if self.api_key is None else "<redacted>"
+        if not self.batching:  # batch mode's settings only where it is on (run.json as it was before it)
+            for k in BATCH_LEAVES:
+                d.pop(k, None)
         return d
 
 
@@ -350,7 +397,7 @@ def _set(d: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     d[path[-1]] = value
 
 
-_FILE_PATHS = ("output", "constitution", "templates", "cache", "input")  # and gates.decontaminate
+_FILE_PATHS = ("output", "constitution", "templates", "cache", "input", "batch_files")  # and gates.decontaminate
 
 
 def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:

@@ -20,6 +20,9 @@ stderr; nothing was written when the error is found before the work starts."""
 EXIT_ROWS_FAILED = 3
 """The command finished, but some rows failed; they are listed in the failures file named on
 stderr (``NAME.failures.jsonl`` beside the output). Rerunning the same command retries them."""
+EXIT_WAVE_WRITTEN = 4
+"""`--batch-files DIR`: the next wave's requests were written to DIR (named on stderr) and the run
+stopped; run them anywhere, put the output file beside them, and rerun the same command."""
 EXIT_INTERRUPTED = 130
 """Interrupted (Ctrl-C). Rerunning the same command resumes where it stopped."""
 EXIT_TERMINATED = 143
@@ -32,6 +35,7 @@ EXIT_CODES = {
     EXIT_OK: "every row written",
     EXIT_USAGE: "bad input or usage (one line on stderr)",
     EXIT_ROWS_FAILED: "some rows failed (listed in the failures file named on stderr)",
+    EXIT_WAVE_WRITTEN: "--batch-files: a wave of requests written, rerun once answered",
     EXIT_INTERRUPTED: "interrupted (rerun the same command to resume; 143: by SIGTERM)",
     EXIT_BUG: "a bug in cai (traceback printed: please report it)",
 }
@@ -91,3 +95,10 @@ class ModelNotPreparedError(BackendError):
 
 class ExportError(CaiError):
     """The export could not be written or pushed."""
+
+
+class WaveWritten(BackendError):
+    """`--batch-files`: the next wave's requests are written; the run stops until they are answered."""
+
+    exit_code = EXIT_WAVE_WRITTEN
+    label = "waiting"

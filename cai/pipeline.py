@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from . import lock, runtime
-from .backends import Backend, build_backend
+from .backends import Backend, build_backend, build_batch_backend
 from .backends.base import Sampling
-from .cache import Counted, counted
+from .cache import Counted, counted, request_key
 from .config import LabelSettings, NaiveSettings, ReviseSettings, RunConfig, Source, configure, load_run_config
 from .constitution import Constitution, load_constitution
 from .errors import ConfigError
@@ -213,18 +213,23 @@ def execute(plan: Plan, backend: Backend | None = None) -> RunResult:
     (revisions.md, preferences.jsonl, rejects.jsonl; run.json for `cai run`)."""
     t0, cfg, cache = time.time(), plan.config, plan.cache
     # The backend first: an unprepared model or an unreachable server leaves no output folder.
-    inner = backend or build_backend(cfg.backend, cfg.model, **cfg.backend_options())
+    inner = backend or (build_batch_backend(cfg.model, request_key, folder=plan.folder, **cfg.batch_options())
+                        if cfg.batching else build_backend(cfg.backend, cfg.model, **cfg.backend_options()))
+    # batch mode: every row in flight (the waves are the steps of all rows' chains)
+    rows = max(cfg.concurrency, cfg.batch_max_requests) if cfg.batching else cfg.concurrency
     gate = InputGate(cfg.gates)
     try:
         with _in_memory(plan) as memory, contextlib.ExitStack() as held:
             assert plan.folder is not None
             if not memory:  # one writer per folder, before anything is written there
                 held.enter_context(lock.writer(plan.folder))
+            if (bind := getattr(inner, "bind_folder", None)) is not None:
+                bind(plan.folder)  # batch mode: batches.sqlite in the run folder
             res, history = RunResult(output=plan.folder), []
             if plan.kind == "run":
                 history = mark_running(plan.folder / "run.json")
             with counted(inner, cache) as be, _policy(plan, be, cache) as pol:
-                res.stages = run(lambda pool: _streams(plan, be, pol, pool, gate), be, cfg.concurrency)
+                res.stages = run(lambda pool: _streams(plan, be, pol, pool, gate), be, rows)
                 res.sent, res.cached, res.errors = (sum(x) for x in zip(
                     *{id(b): (b.sent, b.hits, b.errors) for b in (be, pol)}.values(), strict=True))
                 model_id = be.model_id
@@ -249,6 +254,8 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
     rcfg = ReviseConfig.of(cfg.revise, cfg.seed)
     rfp = revise_fingerprint(be, const, tpl, rcfg)
     bars, prune = RunProgress(enabled=cfg.progress), plan.kind == "run" and cfg.prune
+    if (watch := getattr(getattr(be, "inner", None), "watch", None)) is not None:
+        watch(bars.batch)  # batch mode: each batch's state on the progress display
     done: dict[str, SinkSummary] = {}
     me, sinks = asyncio.current_task(), list[JsonlSink]()
 

@@ -350,6 +350,10 @@ class Plan:
                 no_credentials(url)
         if kind == "run":
             cfg.check(has_input=inputs is not None)
+        if cfg.batching:  # batch mode and what it cannot go with; its folder can be made
+            cfg.check_batch(kind)
+            if cfg.batch_files is not None:
+                check_output_dir(cfg.batch_files, flag="--batch-files")
         const = constitution if isinstance(constitution, Constitution) else load_constitution(
             constitution if constitution is not None else cfg.constitution)
         tpl = templates if isinstance(templates, Templates) else Templates(
@@ -357,7 +361,7 @@ class Plan:
         plan = cls(kind, cfg, inputs, const, tpl, backend_given=backend_given)
         plan._outputs(output)
         plan._check_inputs()
-        if not backend_given:
+        if not backend_given and cfg.batch_files is None:  # offline batch files: no server
             check_backend(cfg.backend, cfg.base_url)
         return plan
 

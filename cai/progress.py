@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from types import TracebackType
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -35,11 +36,14 @@ class _RateColumn(ProgressColumn):
             return x / elapsed if elapsed > 0 else 0.0
 
         f = task.fields
+        if (batch := f.get("batch")) is not None:  # a batch: its state, and how long since it last changed
+            return Text(batch.line(counts=False), style="progress.data.speed")
         return Text(f"{rate(task.completed):,.2f} rows/s  {f.get('in_flight', 0)} in flight  "
                     f"gen {rate(f.get('gen', 0)):,.0f} tok/s  prompt {rate(f.get('prompt', 0)):,.0f} tok/s",
                     style="progress.data.speed")
 
 
+ENDED = frozenset({"completed", "expired", "cancelled", "failed", "abandoned", "lost"})  # a batch's last states
 PLAIN_EVERY_S = 30.0  # seconds between two plain progress lines (off a terminal)
 
 
@@ -77,6 +81,9 @@ class PlainLines:
     def line(self) -> str:
         parts = []
         for task in list(self.progress.tasks):
+            if (batch := task.fields.get("batch")) is not None:
+                parts.append(batch.line())
+                continue
             done, total, elapsed, f = int(task.completed), task.total, task.elapsed or 0.0, task.fields
             rate = f.get("gen", 0) / elapsed if elapsed > 0 else 0.0
             eta = "?" if total is None or not done else _clock(max(0.0, total - done) * elapsed / done)
@@ -101,6 +108,8 @@ class RunProgress:
         self._open = 0
         self.dropped: dict[str, int] = {}  # per stage: rows it will not process after all
         self._stages: dict[str, StageProgress] = {}
+        self._batches: dict[str, TaskID] = {}
+        self._lock = threading.Lock()
 
     def stage(self, description: str, total: int | None) -> StageProgress:
         return StageProgress(description, total, group=self)
@@ -113,6 +122,21 @@ class RunProgress:
             self.dropped[description] = self.dropped.get(description, 0) + rows
             if (bar := self._stages.get(description)) is not None:
                 bar.shrink(rows)
+
+    def batch(self, state: Any) -> None:
+        """A batch of batch mode changed (a ``cai.backends.waves.BatchState``): its line shows its
+        state, counts and the time since the last change; it goes once the batch has ended."""
+        with self._lock:
+            task = self._batches.get(state.name)
+            if state.status in ENDED:
+                if task is not None:
+                    self._progress.remove_task(self._batches.pop(state.name))
+                return
+            if task is None:
+                self._batches[state.name] = self._progress.add_task(
+                    state.name, total=state.total or None, completed=state.done, batch=state)
+            else:
+                self._progress.update(task, total=state.total or None, completed=state.done, batch=state)
 
     def _add(self, description: str, total: int | None) -> TaskID:
         if self._open == 0:

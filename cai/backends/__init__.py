@@ -105,6 +105,27 @@ def build_backend(name: str, model: str | None = None, *, base_url: str | Iterab
     return make_backend(name, model=model, **options)
 
 
+def build_batch_backend(model: str | None, key: Callable[[str, Request], str], *, files: str | Path | None = None,
+                        folder: Path | None = None, base_url: str | Iterable[str] = DEFAULT_BASE_URL,
+                        api_key: str | None = None, server: str = "auto", extra_body: dict[str, Any] | None = None,
+                        max_requests: int = 50_000, poll: float = 30.0, timeout: float = 120.0) -> Backend:
+    """Batch mode's backend (``key``: the call cache's ``request_key``, each request's custom_id):
+    ``files`` a folder of offline wave files (``batch_files.py``), else the Batch API of the first
+    server of ``base_url``, its state in ``folder/batches.sqlite`` (``batch_api.py``)."""
+    if files is not None:
+        from .batch_files import BatchFilesBackend
+
+        if not model:
+            raise BackendError("--batch-files needs --model (the model the requests name)")
+        return BatchFilesBackend(model, key, folder=files, server=server, extra_body=extra_body,
+                                 max_requests=max_requests)
+    from .batch_api import BatchApiBackend
+
+    return BatchApiBackend(model, key, base_url=split_urls(base_url)[0], api_key=api_key, folder=folder,
+                           server=server, extra_body=extra_body, max_requests=max_requests, poll=poll,
+                           timeout=timeout)
+
+
 def _say_loading(name: str, model: str | None) -> None:
     """``loading model X`` on stderr before a model loads in this process (seconds, even minutes,
     with no other sign of life); nothing where loading would fail at once (the backend's error says why)."""
@@ -120,4 +141,4 @@ def _say_loading(name: str, model: str | None) -> None:
 
 
 __all__ = ["BACKENDS", "DEFAULT_BASE_URL", "Backend", "BackendBase", "Completion", "Failure", "Message", "Request",
-           "Sampling", "base_url_value", "build_backend", "make_backend", "split_urls"]
+           "Sampling", "base_url_value", "build_backend", "build_batch_backend", "make_backend", "split_urls"]

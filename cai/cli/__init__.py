@@ -140,6 +140,9 @@ def _main(argv: Sequence[str] | None) -> int:
         with cmd.make_context(click.utils._detect_program_name(), args) as ctx:
             rv = cmd.invoke(ctx)
     except CaiError as e:
+        if (label := getattr(e, "label", None)) is not None:  # not an error: a step of the run (--batch-files)
+            err.print(f"[yellow]{label}:[/yellow] {escape(_line(str(e)))}", highlight=False, soft_wrap=True)
+            return e.exit_code
         return error_line(str(e), e.exit_code)
     except (click.exceptions.Exit, typer.Exit) as e:
         rv = e.exit_code

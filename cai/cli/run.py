@@ -85,6 +85,9 @@ def run_command(
         say("  servers:")
         for line in servers_summary(servers):
             say(f"    {line}")
+    if batch := (res.backend or {}).get("batch"):  # batch mode: what went out as batches this time
+        where = f"state in {res.output / batch['state']}" if batch.get("state") else f"files in {batch.get('files')}"
+        say(f"  batches: {batch['waves']} sent this run ({batch['requests_sent']} requests); {where}")
     print_gates(res.gates, res.output / REJECTS_FILE, indent="  ")
     print_failures(res.stages, indent="  ")
     say(f"  manifest: {res.output / 'run.json'}")
