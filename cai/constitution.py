@@ -126,6 +126,7 @@ class Constitution(BaseModel):
 
     _digest: str | None = PrivateAttr(default=None)
     _by_id: dict[str, Principle] | None = PrivateAttr(default=None)
+    _draw_keys: list[tuple[bytes, float]] | None = PrivateAttr(default=None)
 
     def digest(self) -> str:
         if self._digest is None:
@@ -139,7 +140,9 @@ class Constitution(BaseModel):
 
     def draw(self, key: str, k: int, seed: int = 0, salt: str = "") -> list[Principle]:
         """Draw ``k`` distinct principles for ``key`` (a row id, say), weighted, deterministic."""
-        return _draw(self.principles, key, k, seed, salt)
+        if self._draw_keys is None:
+            self._draw_keys = _draw_keys(self.principles)
+        return _draw(self.principles, key, k, seed, salt, self._draw_keys)
 
 
 def draw_ids(principles: Sequence[Principle], key: str, k: int, seed: int = 0, salt: str = "") -> list[str]:
@@ -153,19 +156,24 @@ def draw_ids(principles: Sequence[Principle], key: str, k: int, seed: int = 0, s
     return [p.id for p in _draw(principles, key, k, seed, salt)]
 
 
-def _draw(principles: Sequence[Principle], key: str, k: int, seed: int, salt: str) -> list[Principle]:
+def _draw_keys(principles: Sequence[Principle]) -> list[tuple[bytes, float]]:
+    return [(p.id.encode(), p.weight) for p in principles]
+
+
+def _draw(principles: Sequence[Principle], key: str, k: int, seed: int, salt: str,
+          keys: list[tuple[bytes, float]] | None = None) -> list[Principle]:
+    """The draw; ``keys``: ``_draw_keys(principles)``, made once per constitution."""
     if k <= 0:
         return []
     # hash_int(prefix + id, 8), with the prefix hashed once: a row draws against every principle
     prefix = hashlib.blake2b(f"{seed}\x1f{salt}\x1f{key}\x1f".encode(), digest_size=8)
-
-    def score(p: Principle) -> float:
-        h = prefix.copy()
-        h.update(p.id.encode())
-        u = (int.from_bytes(h.digest(), "big") + 1) / (2**64 + 1)
-        return -math.log(u) / p.weight
-
-    ranked = sorted(principles, key=score)
+    copy, log, from_bytes = prefix.copy, math.log, int.from_bytes
+    scores = []
+    for ident, weight in keys if keys is not None else _draw_keys(principles):
+        h = copy()
+        h.update(ident)
+        scores.append(-log((from_bytes(h.digest(), "big") + 1) / (2**64 + 1)) / weight)
+    ranked = [principles[i] for i in sorted(range(len(scores)), key=scores.__getitem__)]  # stable, as before
     return [ranked[i % len(ranked)] for i in range(k)]
 
 
