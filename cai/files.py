@@ -5,11 +5,30 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
+
 DRAIN = 1 << 16  # bytes read at a time while skipping a line over the cap
+_LONG_NUMBER = re.compile(r"\d{19}")  # an integer orjson might not hold exactly (over 64 bits)
+_LONG_NUMBER_B = re.compile(rb"\d{19}")
+
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads(text)``, parsed by orjson (several times faster) where that gives the same
+    value: orjson reads integers over 64 bits as floats (so any text with 19 digits in a row goes
+    to json) and refuses what json accepts beyond strict JSON (NaN, Infinity, lone surrogates:
+    json then reads it, or raises its own error)."""
+    long = (_LONG_NUMBER_B if isinstance(text, bytes) else _LONG_NUMBER).search(text)  # type: ignore[arg-type]
+    if long is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
 
 
 def dumps(row: Any) -> str:
@@ -24,7 +43,7 @@ def iter_jsonl(path: Path | None) -> Iterator[dict[str, Any]]:
     with path.open(encoding="utf-8") as f:
         for line in f:
             if line.strip():
-                yield json.loads(line)
+                yield loads(line)
 
 
 def bounded_lines(f: IO[bytes], cap: int | None) -> Iterator[bytes | None]:
