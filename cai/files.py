@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -13,8 +12,10 @@ from typing import IO, Any
 import orjson
 
 DRAIN = 1 << 16  # bytes read at a time while skipping a line over the cap
-_LONG_NUMBER = re.compile(r"\d{19}")  # an integer orjson might not hold exactly (over 64 bits)
-_LONG_NUMBER_B = re.compile(rb"\d{19}")
+# Every digit a "0", every other byte a space: a text with 19 digits in a row may hold an integer
+# that orjson does not read exactly (over 64 bits). A translation and a find: a regex took 10x as long.
+_DIGITS = bytes(48 if 48 <= c <= 57 else 32 for c in range(256))
+_LONG = b"0" * 19
 
 
 def loads(text: str | bytes) -> Any:
@@ -22,10 +23,10 @@ def loads(text: str | bytes) -> Any:
     value: orjson reads integers over 64 bits as floats (so any text with 19 digits in a row goes
     to json) and refuses what json accepts beyond strict JSON (NaN, Infinity, lone surrogates:
     json then reads it, or raises its own error)."""
-    long = (_LONG_NUMBER_B if isinstance(text, bytes) else _LONG_NUMBER).search(text)  # type: ignore[arg-type]
-    if long is None:
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    if raw.translate(_DIGITS).find(_LONG) < 0:
         try:
-            return orjson.loads(text)
+            return orjson.loads(raw)
         except orjson.JSONDecodeError:
             pass
     return json.loads(text)
