@@ -254,6 +254,21 @@ class CappedSandbox(ImmutableSandboxedEnvironment):
                              "replace": _capped_replace, "join": _capped_join, "batch": _capped_batch})
         self.filters = {name: _results_checked(f) for name, f in self.filters.items()}
         self.filters["budgeted"] = self.budgeted
+        self._safe_attrs: dict[tuple[type, str], bool] = {}
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        """The immutable sandbox's answer, which depends on the object's type and the name only,
+        remembered per (type, name): a template reads ``principle.critique`` on every render."""
+        cls = type(obj)
+        if obj.__class__ is not cls:  # an object that says it is of another class: asked each time
+            return super().is_safe_attribute(obj, attr, value)
+        key = (cls, attr)
+        safe = self._safe_attrs.get(key)
+        if safe is None:
+            safe = super().is_safe_attribute(obj, attr, value)
+            if len(self._safe_attrs) < 4096:  # names computed from data stay bounded
+                self._safe_attrs[key] = safe
+        return safe
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
         tree = super()._parse(source, name, filename)
