@@ -126,7 +126,6 @@ class Constitution(BaseModel):
 
     _digest: str | None = PrivateAttr(default=None)
     _by_id: dict[str, Principle] | None = PrivateAttr(default=None)
-    _draw_keys: list[tuple[bytes, float]] | None = PrivateAttr(default=None)
 
     def digest(self) -> str:
         if self._digest is None:
@@ -140,9 +139,13 @@ class Constitution(BaseModel):
 
     def draw(self, key: str, k: int, seed: int = 0, salt: str = "") -> list[Principle]:
         """Draw ``k`` distinct principles for ``key`` (a row id, say), weighted, deterministic."""
-        if self._draw_keys is None:
-            self._draw_keys = _draw_keys(self.principles)
-        return _draw(self.principles, key, k, seed, salt, self._draw_keys)
+        principles = self.principles
+        hit = _DRAW_KEYS.get(id(principles))
+        if hit is None or hit[0] is not principles:  # kept with its tuple: the id cannot be reused meanwhile
+            if len(_DRAW_KEYS) > 64:
+                _DRAW_KEYS.clear()
+            hit = _DRAW_KEYS[id(principles)] = (principles, _draw_keys(principles))
+        return _draw(principles, key, k, seed, salt, hit[1])
 
 
 def draw_ids(principles: Sequence[Principle], key: str, k: int, seed: int = 0, salt: str = "") -> list[str]:
@@ -154,6 +157,11 @@ def draw_ids(principles: Sequence[Principle], key: str, k: int, seed: int = 0, s
     If ``k`` exceeds the number of principles the ranking wraps around.
     """
     return [p.id for p in _draw(principles, key, k, seed, salt)]
+
+
+# a constitution's principles -> (them, their draw keys): made once, read on every draw (a pydantic
+# private attribute cost as much to read as the draw saved)
+_DRAW_KEYS: dict[int, tuple[Sequence[Principle], list[tuple[bytes, float]]]] = {}
 
 
 def _draw_keys(principles: Sequence[Principle]) -> list[tuple[bytes, float]]:
