@@ -133,6 +133,7 @@ class _Index:
         # the permutations are drawn once from SEED; one MinHash is cleared and refilled for each
         # text (the index keeps copies of its hash values, never the MinHash)
         self._mh = MinHash(num_perm, SEED)
+        self._last_keys: tuple[np.ndarray, list[int]] | None = None
         # one row per item, in order, of the scheme's own width (uint32: half of what uint64 took)
         self._sig_rows = np.zeros((0, num_perm), dtype=self._mh.hashvalues.dtype)
 
@@ -166,9 +167,14 @@ class _Index:
         """Each band's bucket key: its r hash values mixed into 64 bits (a multiply-add with
         fixed odd multipliers, wrapping). Equal bands get equal keys, as in ``MinHashLSH``; a
         collision of unequal ones only adds a candidate, which the check then rules out."""
-        bands = mh.hashvalues[: self.bands * self.rows_per_band].reshape(self.bands, self.rows_per_band)
+        values = mh.hashvalues
+        if self._last_keys is not None and self._last_keys[0] is values:  # a match, then its add
+            return self._last_keys[1]
+        bands = values[: self.bands * self.rows_per_band].reshape(self.bands, self.rows_per_band)
         with np.errstate(over="ignore"):
-            return (bands.astype(np.uint64) * self._mix).sum(axis=1, dtype=np.uint64).tolist()
+            keys: list[int] = (bands.astype(np.uint64) * self._mix).sum(axis=1, dtype=np.uint64).tolist()
+        self._last_keys = (values, keys)  # MinHash.fill makes a new array: the same one has the same values
+        return keys
 
     def _candidates(self, mh: MinHash) -> set[int]:
         """``MinHashLSH.query``: the rows sharing at least one band with ``mh`` (tests/test_dedup.py
