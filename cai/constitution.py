@@ -139,7 +139,13 @@ class Constitution(BaseModel):
 
     def draw(self, key: str, k: int, seed: int = 0, salt: str = "") -> list[Principle]:
         """Draw ``k`` distinct principles for ``key`` (a row id, say), weighted, deterministic."""
-        return _draw(self.principles, key, k, seed, salt)
+        principles = self.principles
+        hit = _DRAW_KEYS.get(id(principles))
+        if hit is None or hit[0] is not principles:  # kept with its tuple: the id cannot be reused meanwhile
+            if len(_DRAW_KEYS) > 64:
+                _DRAW_KEYS.clear()
+            hit = _DRAW_KEYS[id(principles)] = (principles, _draw_keys(principles))
+        return _draw(principles, key, k, seed, salt, hit[1])
 
 
 def draw_ids(principles: Sequence[Principle], key: str, k: int, seed: int = 0, salt: str = "") -> list[str]:
@@ -153,19 +159,29 @@ def draw_ids(principles: Sequence[Principle], key: str, k: int, seed: int = 0, s
     return [p.id for p in _draw(principles, key, k, seed, salt)]
 
 
-def _draw(principles: Sequence[Principle], key: str, k: int, seed: int, salt: str) -> list[Principle]:
+# a constitution's principles -> (them, their draw keys): made once, read on every draw (a pydantic
+# private attribute cost as much to read as the draw saved)
+_DRAW_KEYS: dict[int, tuple[Sequence[Principle], list[tuple[bytes, float]]]] = {}
+
+
+def _draw_keys(principles: Sequence[Principle]) -> list[tuple[bytes, float]]:
+    return [(p.id.encode(), p.weight) for p in principles]
+
+
+def _draw(principles: Sequence[Principle], key: str, k: int, seed: int, salt: str,
+          keys: list[tuple[bytes, float]] | None = None) -> list[Principle]:
+    """The draw; ``keys``: ``_draw_keys(principles)``, made once per constitution."""
     if k <= 0:
         return []
     # hash_int(prefix + id, 8), with the prefix hashed once: a row draws against every principle
     prefix = hashlib.blake2b(f"{seed}\x1f{salt}\x1f{key}\x1f".encode(), digest_size=8)
-
-    def score(p: Principle) -> float:
-        h = prefix.copy()
-        h.update(p.id.encode())
-        u = (int.from_bytes(h.digest(), "big") + 1) / (2**64 + 1)
-        return -math.log(u) / p.weight
-
-    ranked = sorted(principles, key=score)
+    copy, log, from_bytes = prefix.copy, math.log, int.from_bytes
+    scores = []
+    for ident, weight in keys if keys is not None else _draw_keys(principles):
+        h = copy()
+        h.update(ident)
+        scores.append(-log((from_bytes(h.digest(), "big") + 1) / (2**64 + 1)) / weight)
+    ranked = [principles[i] for i in sorted(range(len(scores)), key=scores.__getitem__)]  # stable, as before
     return [ranked[i % len(ranked)] for i in range(k)]
 
 

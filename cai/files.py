@@ -9,7 +9,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
+
 DRAIN = 1 << 16  # bytes read at a time while skipping a line over the cap
+# Every digit a "0", every other byte a space: a text with 19 digits in a row may hold an integer
+# that orjson does not read exactly (over 64 bits). A translation and a find: a regex took 10x as long.
+_DIGITS = bytes(48 if 48 <= c <= 57 else 32 for c in range(256))
+_LONG = b"0" * 19
+
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads(text)``, parsed by orjson (several times faster) where that gives the same
+    value: orjson reads integers over 64 bits as floats (so any text with 19 digits in a row goes
+    to json) and refuses what json accepts beyond strict JSON (NaN, Infinity, lone surrogates:
+    json then reads it, or raises its own error)."""
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    if raw.translate(_DIGITS).find(_LONG) < 0:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
 
 
 def dumps(row: Any) -> str:
@@ -24,7 +44,7 @@ def iter_jsonl(path: Path | None) -> Iterator[dict[str, Any]]:
     with path.open(encoding="utf-8") as f:
         for line in f:
             if line.strip():
-                yield json.loads(line)
+                yield loads(line)
 
 
 def bounded_lines(f: IO[bytes], cap: int | None) -> Iterator[bytes | None]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from .backends.base import Message
 from .errors import InputError
-from .files import bounded_lines
+from .files import bounded_lines, loads
 from .hashing import short_id, unique_ids
 
 # What the commands and the Python API read: a path (file or saved dataset folder), a Hub
@@ -213,7 +213,7 @@ def _json_line(path: Path, suffix: str, lineno: int, raw: bytes) -> dict[str, An
     if not line.strip():
         return None
     try:
-        rec = json.loads(line)
+        rec = loads(line)
     except json.JSONDecodeError as e:
         hint = ("; a .json file must be a JSON array of objects or one object per line"
                 if suffix == ".json" and lineno == 1 else "; fix or remove the line")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, TextIO
 
 from .errors import InputError
-from .files import dumps, write_text_atomic
+from .files import dumps, loads, write_text_atomic
 
 RECENT_ROWS = 1024  # rows kept in memory for ``JsonlSink.read`` (each is read right after it is written)
 
@@ -62,7 +62,7 @@ def index_lines(path: Path) -> dict[str, tuple[int, int]]:
     with path.open("rb") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                row_id = json.loads(line)["id"]
+                row_id = loads(line)["id"]
                 if row_id in index:
                     raise InputError(f"{path}:{n}: id {row_id!r} again (first on line {index[row_id][0]}): two "
                                      "runs wrote here at once; keep one line per id (or remove the file) and rerun")
@@ -151,12 +151,12 @@ class JsonlSink:
         """A row written before (this run or an earlier one), read back from the output."""
         line = self._recent.get(row_id)
         if line is not None:
-            return json.loads(line)
+            return loads(line)
         if self._f is not None:
             self._f.flush()
         with self._src.open("rb") as f:
             f.seek(self.done[row_id][1])
-            row: dict[str, Any] = json.loads(f.readline())
+            row: dict[str, Any] = loads(f.readline())
         return row
 
     def _failed(self, e: OSError, path: Path) -> None:

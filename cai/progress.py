@@ -105,6 +105,9 @@ class RunProgress:
         )
         self._plain = (PlainLines(self._progress, PLAIN_EVERY_S if interval is None else interval)
                        if enabled is None and not self.enabled else None)
+        # whether anything shows the bars' state (the bars, or the plain lines that read them):
+        # when nothing does, the per-call updates skip rich (a lock and a dict per call)
+        self.shown = self.enabled or self._plain is not None
         self._open = 0
         self.dropped: dict[str, int] = {}  # per stage: rows it will not process after all
         self._stages: dict[str, StageProgress] = {}
@@ -173,7 +176,7 @@ class StageProgress:
     def advance(self, rows: int = 0, tokens: int = 0) -> None:
         """Rows finished (written, failed or kept from before)."""
         self.rows += rows
-        if self._task is not None:
+        if self._task is not None and self.group.shown:
             self.group._progress.update(self._task, advance=rows)
 
     def shrink(self, rows: int) -> None:
@@ -187,7 +190,7 @@ class StageProgress:
         self.prompt_tokens += prompt_tokens
         self.gen_tokens += completion_tokens
         self.calls += 1
-        if self._task is not None:
+        if self._task is not None and self.group.shown:
             self.group._progress.update(self._task, gen=self.gen_tokens, prompt=self.prompt_tokens,
                                         in_flight=in_flight, calls=self.calls)
 

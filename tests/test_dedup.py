@@ -195,3 +195,42 @@ def test_templated_prompts_are_all_kept() -> None:
     items = [(str(i), _templated(i)) for i in range(3000)]
     assert find_duplicates(items) == {}
     assert find_duplicates([*items, ("again", _templated(7).upper())]) == {"again": ("7", "exact")}
+
+
+def test_minhash_is_datasketchs_affine32_and_the_bands_its_lsh() -> None:
+    """cai's MinHash (no datasketch import: its LSH imports scipy) gives datasketch's hash values,
+    and the bands kept for cai's thresholds are the ones MinHashLSH picks."""
+    import random
+
+    from datasketch import MinHash as Reference
+    from datasketch import MinHashLSH
+
+    from cai.quality.dedup import LSH_BANDS, SCHEME, SEED, MinHash, lsh_bands
+
+    for (threshold, num_perm), bands in LSH_BANDS.items():
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        assert (lsh.b, lsh.r) == bands == lsh_bands(threshold, num_perm)
+    lsh = MinHashLSH(threshold=0.5, num_perm=64)
+    assert lsh_bands(0.5, 64) == (lsh.b, lsh.r)  # not in the table: asked of datasketch
+    rng = random.Random(0)
+    for num_perm in (16, 128, 300):
+        mine, ref = MinHash(num_perm, SEED), Reference(num_perm=num_perm, seed=SEED, scheme=SCHEME)
+        for _ in range(200):
+            items = [f"w{rng.randrange(500)} \u00e9{rng.randrange(50)}".encode() for _ in range(rng.randrange(1, 60))]
+            ref.clear()
+            ref.update_batch(items)
+            mine.fill(items)
+            assert mine.hashvalues.dtype == ref.hashvalues.dtype
+            assert np.array_equal(mine.hashvalues, ref.hashvalues)
+
+
+def test_the_gate_does_not_import_scipy() -> None:
+    """Start-up: the near-duplicate gate needs neither datasketch nor scipy (0.4 s of imports)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cai.quality.dedup import find_duplicates; "
+            "find_duplicates([('a', 'one two three'), ('b', 'one two three four')]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('scipy', 'datasketch')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

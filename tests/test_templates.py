@@ -359,3 +359,36 @@ def test_a_plain_text_template_is_rendered_once(tmp_path: Path):
     assert tpl._text == {"judge.user.j2": None, "judge.assistant.j2": "The answer is: ("}
     assert tpl.generate_messages(CONV)[0] == {"role": "system", "content": "Be brief on weekdays."}
     assert tpl._text["generate.system.j2"] is None  # an expression: rendered every time
+
+
+READS_CRITIQUE = ("{{ conversation | conversation }} {% if critique is defined %}SEEN {{ critique }}{% endif %}"
+                  "{{ principle.critique }}")
+
+
+@pytest.mark.parametrize("critique_src", [None, READS_CRITIQUE])
+def test_revision_messages_given_the_critique_request_are_what_messages_renders(tmp_path: Path, critique_src):
+    """``revision_messages`` reuses the critique request as sent; a critique template that reads
+    ``critique`` (which the revision's context adds) is rendered again, as ``messages`` does."""
+    if critique_src is not None:
+        (tmp_path / "critique.user.j2").write_text(critique_src)
+    t = Templates(tmp_path)
+    ctx = {"conversation": CONV, "response": "Sure", "principle": P, "round": 1}
+    asked = t.messages("critique", **ctx)
+    again = t.revision_messages(asked, **ctx, critique="Unsafe.")
+    assert again == t.messages("revise", **ctx, critique="Unsafe.")
+    assert ("SEEN Unsafe." in again[-3]["content"]) == (critique_src is not None)
+    assert again[:len(asked)] == asked or critique_src is not None
+
+
+def test_the_remembered_attribute_check_still_refuses(tmp_path: Path):
+    """The sandbox remembers its attribute verdicts per (type, name): a refused name stays
+    refused on every render, an allowed one stays allowed."""
+    (tmp_path / "critique.user.j2").write_text("{{ principle.critique }}{{ response.__class__ }}")
+    t = Templates(tmp_path)
+    for _ in range(2):
+        with pytest.raises(TemplateError):
+            t.messages("critique", conversation=CONV, response="x", principle=P, round=1)
+    (tmp_path / "revise.user.j2").write_text("{{ principle.revision }}{{ response.upper() }}")
+    for _ in range(2):
+        assert t.messages("revise", conversation=CONV, response="x", principle=P, round=1,
+                          critique="c")[-1]["content"].endswith("X")

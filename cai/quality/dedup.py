@@ -13,19 +13,17 @@ matches, the earliest kept item wins.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from ..errors import InputError
 from ..inputs import iter_records
-
-if TYPE_CHECKING:
-    from datasketch import MinHash
 
 Kind = Literal["exact", "near"]
 
@@ -53,6 +51,54 @@ def shingles(normalized: str, n: int = SHINGLE_WORDS) -> set[str]:
     return {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))} if words else set()
 
 
+# datasketch's MinHashLSH(threshold, num_perm) bands (b, r) for the thresholds cai uses (0.8 and
+# LSH_MARGIN below it): picking them integrates with scipy, 0.4 s of imports at the start of every
+# run; any other pair asks datasketch (tests/test_dedup.py checks these against it)
+LSH_BANDS = {(0.8 - LSH_MARGIN, 128): (14, 9)}  # the key as the index computes it (0.7000000000000001)
+_FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16))
+
+
+class MinHash:
+    """datasketch's ``MinHash(num_perm, seed=seed, scheme="affine32")`` as the index uses it (the
+    same permutations and hash values: tests/test_dedup.py), without importing datasketch, whose
+    LSH module imports scipy. ``fill`` replaces the hash values with those of one set of bytes."""
+
+    scheme = SCHEME
+
+    def __init__(self, num_perm: int, seed: int = SEED) -> None:
+        gen = np.random.RandomState(seed)  # drawn as datasketch draws its affine permutations
+        self._a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+        self._b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+        self.hashvalues = np.full(num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
+
+    def __len__(self) -> int:
+        return len(self.hashvalues)
+
+    def fill(self, items: list[bytes]) -> None:
+        """``clear()`` then ``update_batch(items)``: each item's sha1_hash32 (the first 4 bytes of
+        its SHA-1, little-endian), mixed by the MurmurHash3 finalizer, then a*h + b mod 2^32, the
+        minimum per permutation."""
+        hv = np.frombuffer(b"".join(hashlib.sha1(x).digest()[:4] for x in items), dtype="<u4")
+        hv = hv.astype(np.uint32).reshape(-1, 1)
+        s1, m1, s2, m2, s3 = _FMIX32
+        hv = hv ^ (hv >> s1)
+        hv = hv * m1
+        hv = hv ^ (hv >> s2)
+        hv = hv * m2
+        hv = hv ^ (hv >> s3)
+        self.hashvalues = (hv * self._a + self._b).min(axis=0)
+
+
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """The (bands, rows per band) ``datasketch.MinHashLSH(threshold, num_perm)`` picks."""
+    if (threshold, num_perm) in LSH_BANDS:
+        return LSH_BANDS[(threshold, num_perm)]
+    from datasketch import MinHashLSH  # imported here: it takes a second (scipy)
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
 class _Index:
     """Exact keys plus a MinHash LSH; match() looks up, add() inserts (streaming, no rebuild)."""
 
@@ -63,8 +109,6 @@ class _Index:
             raise ValueError(f"num_perm must be at least 16, got {num_perm}")
         # the type that counts agreeing positions (at most num_perm): a third of count_nonzero's cost
         self._count = np.uint8 if num_perm < 256 else np.uint16 if num_perm < 65536 else np.int64
-        from datasketch import MinHash, MinHashLSH  # imported here: it takes a second (scipy)
-
         self.threshold = threshold
         self.num_perm = num_perm
         self._exact: dict[str, str] = {}
@@ -79,8 +123,7 @@ class _Index:
         # sits LSH_MARGIN lower (and at most 0.9, which keeps at least two bands) so that pairs just
         # above ``threshold`` are not lost to LSH's false negatives. datasketch picks the bands
         # (b bands of r hash values); the buckets are kept here, compactly (``_band_keys``).
-        lsh = MinHashLSH(threshold=max(0.05, min(threshold, 0.9) - LSH_MARGIN), num_perm=num_perm)
-        self.bands, self.rows_per_band = lsh.b, lsh.r
+        self.bands, self.rows_per_band = lsh_bands(max(0.05, min(threshold, 0.9) - LSH_MARGIN), num_perm)
         # One dict per band: bucket key -> the row in it, or the list of rows once there are several.
         # datasketch's own storage (a set per bucket, and each item's band bytes kept for removal)
         # took about 6 KB per item at 128 permutations (600 MB at 100k prompts); the index with these
@@ -89,7 +132,8 @@ class _Index:
         self._mix = np.random.default_rng(SEED).integers(1, 2**63, size=self.rows_per_band, dtype=np.uint64) | 1
         # the permutations are drawn once from SEED; one MinHash is cleared and refilled for each
         # text (the index keeps copies of its hash values, never the MinHash)
-        self._mh = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME)
+        self._mh = MinHash(num_perm, SEED)
+        self._last_keys: tuple[np.ndarray, list[int]] | None = None
         # one row per item, in order, of the scheme's own width (uint32: half of what uint64 took)
         self._sig_rows = np.zeros((0, num_perm), dtype=self._mh.hashvalues.dtype)
 
@@ -101,8 +145,7 @@ class _Index:
         norm = normalize(text)
         if not (sh := shingles(norm)):
             return norm, None
-        self._mh.clear()
-        self._mh.update_batch([s.encode("utf-8") for s in sorted(sh)])
+        self._mh.fill([s.encode("utf-8") for s in sorted(sh)])
         return norm, self._mh
 
     def _match(self, norm: str, mh: MinHash | None) -> tuple[str, Kind] | None:
@@ -124,9 +167,14 @@ class _Index:
         """Each band's bucket key: its r hash values mixed into 64 bits (a multiply-add with
         fixed odd multipliers, wrapping). Equal bands get equal keys, as in ``MinHashLSH``; a
         collision of unequal ones only adds a candidate, which the check then rules out."""
-        bands = mh.hashvalues[: self.bands * self.rows_per_band].reshape(self.bands, self.rows_per_band)
+        values = mh.hashvalues
+        if self._last_keys is not None and self._last_keys[0] is values:  # a match, then its add
+            return self._last_keys[1]
+        bands = values[: self.bands * self.rows_per_band].reshape(self.bands, self.rows_per_band)
         with np.errstate(over="ignore"):
-            return (bands.astype(np.uint64) * self._mix).sum(axis=1, dtype=np.uint64).tolist()
+            keys: list[int] = (bands.astype(np.uint64) * self._mix).sum(axis=1, dtype=np.uint64).tolist()
+        self._last_keys = (values, keys)  # MinHash.fill makes a new array: the same one has the same values
+        return keys
 
     def _candidates(self, mh: MinHash) -> set[int]:
         """``MinHashLSH.query``: the rows sharing at least one band with ``mh`` (tests/test_dedup.py

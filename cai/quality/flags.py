@@ -245,10 +245,15 @@ def is_loop(text: str, words: list[str] | None = None) -> bool:
     """Whether the text (whose ``words`` the caller may have split already) is stuck in a loop (the
     module doc gives the measures and thresholds)."""
     words = _words(text) if words is None else words
+    # An n-gram said t times takes at least n + t - 1 words, a sentence of w words said t times
+    # w * t (the sentences' words are the text's: it splits where no word is): fewer, and the
+    # counts need not be made.
     return ((len(words) >= LOOP_MIN_WORDS and repeat_fraction(words) >= LOOP_REPEAT_FRACTION)
-            or max(Counter(_ngrams(words, LOOP_SPAN_NGRAM)).values(), default=0) >= LOOP_SPAN_TIMES
-            or max(Counter(" ".join(w) for w in map(_words, _SENTENCE_SPLIT.split(text))
-                           if len(w) >= LOOP_MIN_SENTENCE_WORDS).values(), default=0) >= LOOP_SENTENCE_TIMES
+            or (len(words) >= LOOP_SPAN_NGRAM + LOOP_SPAN_TIMES - 1
+                and max(Counter(_ngrams(words, LOOP_SPAN_NGRAM)).values(), default=0) >= LOOP_SPAN_TIMES)
+            or (len(words) >= LOOP_MIN_SENTENCE_WORDS * LOOP_SENTENCE_TIMES
+                and max(Counter(" ".join(w) for w in map(_words, _SENTENCE_SPLIT.split(text))
+                                if len(w) >= LOOP_MIN_SENTENCE_WORDS).values(), default=0) >= LOOP_SENTENCE_TIMES)
             or (len(text) >= LOOP_MIN_CHARS and zlib_ratio(text) < LOOP_ZLIB_RATIO))
 
 

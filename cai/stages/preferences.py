@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import stats
-from ..files import dumps, iter_jsonl
+from ..files import dumps, iter_jsonl, loads
 
 
 def to_preference(row: dict[str, Any], keep_ties: bool = False) -> dict[str, Any] | None:
@@ -71,7 +70,7 @@ def write_preferences(labels: Path, out: Path, keep_ties: bool = False,
         for line in f:
             if not line.strip():
                 continue
-            row = json.loads(line)
+            row = loads(line)
             s.ties += bool(row.get("tie"))
             s.abstentions += row.get("abstentions", 0)
             for j in row.get("judgements", []):

@@ -130,11 +130,12 @@ class ReviseStage:
         calls = [_raw("initial", first)]
         for rnd, p in enumerate(principles_for(r.id, self.constitution, cfg)):
             ctx = {"conversation": r.prompt, "response": current, "principle": p, "round": rnd + 1}
-            crit = await ask(f"round {rnd + 1} critique", tpl.messages("critique", **ctx),
-                             _seeded(cfg.critique, cfg.seed, r.id, f"c{rnd}"))
+            asked = tpl.messages("critique", **ctx)
+            crit = await ask(f"round {rnd + 1} critique", asked, _seeded(cfg.critique, cfg.seed, r.id, f"c{rnd}"))
             if isinstance(crit, str):
                 return failure(crit)
-            rev = await ask(f"round {rnd + 1} revision", tpl.messages("revise", **ctx, critique=crit.text.strip()),
+            rev = await ask(f"round {rnd + 1} revision",
+                            tpl.revision_messages(asked, **ctx, critique=crit.text.strip()),
                             _seeded(cfg.revise, cfg.seed, r.id, f"r{rnd}"))
             if isinstance(rev, str):
                 return failure(rev)

@@ -26,6 +26,10 @@ from .fences import fenced, format_conversation, with_system
 from .sandbox import CappedSandbox, render_capped, render_error
 
 
+def _names_critique(node: nodes.Node) -> bool:
+    return any(n.name == "critique" for n in node.find_all(nodes.Name))
+
+
 class Templates:
     def __init__(self, folder: str | Path | None = None) -> None:
         self.user_folder = Path(folder) if folder is not None else None
@@ -37,6 +41,7 @@ class Templates:
         self._cache: dict[str, jinja2.Template | None] = {}
         self._own_examples: dict[str, bool] = {}
         self._continues: bool | None = None
+        self._reads_critique: bool | None = None
         self._text: dict[str, str | None] = {}  # template -> its text, when it is plain text
         self._turns: dict[tuple[str, int], tuple[Any, list[tuple[str, str]]]] = {}
         self._paths: dict[str, str] = {}
@@ -109,13 +114,28 @@ class Templates:
                 out.append({"role": role, "content": texts[role]})  # type: ignore[typeddict-item]
         return out
 
-    def _continued_revision(self, ctx: dict[str, Any]) -> list[Message]:
-        """The critique's request as sent, the critique as the assistant's turn (after the
-        critique's answer prefix, if any), then the revision request (package doc)."""
+    def revision_messages(self, critique_request: Sequence[Message], **ctx: Any) -> list[Message]:
+        """``messages("revise", **ctx)``, given ``critique_request``: what ``messages("critique")``
+        rendered for this context less ``critique``. A revision that continues the critique's chat
+        starts with exactly those messages (the critique templates do not read ``critique``, the
+        one name the revision's context adds), so they are not rendered a second time."""
+        if self.has("revise", "user") and self.revision_continues() and not self._critique_reads_critique():
+            return self._continued_revision(ctx, list(critique_request))
+        return self.messages("revise", **ctx)
+
+    def _critique_reads_critique(self) -> bool:
+        if self._reads_critique is None:
+            self._reads_critique = any(self._stage_reads("critique", _names_critique))
+        return self._reads_critique
+
+    def _continued_revision(self, ctx: dict[str, Any], head: list[Message] | None = None) -> list[Message]:
+        """The critique's request as sent (``head``, when the caller has it), the critique as the
+        assistant's turn (after the critique's answer prefix, if any), then the revision request
+        (package doc)."""
         if "critique" not in ctx:  # never sent without it: the chat would end at the critique request
             raise TemplateError("a revision continues its critique: no critique given",
                                 file=self.source_path("revise.user.j2"))
-        out = self.messages("critique", **ctx)
+        out = self.messages("critique", **ctx) if head is None else head
         critique = str(ctx["critique"])
         if out and out[-1]["role"] == "assistant":
             out[-1] = {"role": "assistant", "content": out[-1]["content"] + critique}

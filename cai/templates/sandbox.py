@@ -254,6 +254,21 @@ class CappedSandbox(ImmutableSandboxedEnvironment):
                              "replace": _capped_replace, "join": _capped_join, "batch": _capped_batch})
         self.filters = {name: _results_checked(f) for name, f in self.filters.items()}
         self.filters["budgeted"] = self.budgeted
+        self._safe_attrs: dict[tuple[type, str], bool] = {}
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        """The immutable sandbox's answer, which depends on the object's type and the name only,
+        remembered per (type, name): a template reads ``principle.critique`` on every render."""
+        cls = type(obj)
+        if obj.__class__ is not cls:  # an object that says it is of another class: asked each time
+            return super().is_safe_attribute(obj, attr, value)
+        key = (cls, attr)
+        safe = self._safe_attrs.get(key)
+        if safe is None:
+            safe = super().is_safe_attribute(obj, attr, value)
+            if len(self._safe_attrs) < 4096:  # names computed from data stay bounded
+                self._safe_attrs[key] = safe
+        return safe
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
         tree = super()._parse(source, name, filename)
@@ -355,10 +370,32 @@ def _capped_batch(value: Any, linecount: int, fill_with: Any = None) -> Any:
 # --- rendering, and where an error happened ------------------------------------------------------
 
 
+def _globals(tpl: jinja2.Template) -> dict[str, Any]:
+    """The template's globals as one dict, made once per template: ``Template.generate`` reads
+    them from a ChainMap (template over environment) twice per render, which cost more than
+    rendering a short template."""
+    flat: dict[str, Any] | None = getattr(tpl, "_cai_globals", None)
+    if flat is None:
+        flat = dict(tpl.globals)
+        tpl._cai_globals = flat  # type: ignore[attr-defined]
+    return flat
+
+
+def _generate(tpl: jinja2.Template, ctx: dict[str, Any]) -> Iterator[str]:
+    """``tpl.generate(**ctx)``, with the same context (the globals, then ``ctx``) and the same
+    error handling (the traceback rewritten to template lines), the globals taken from ``_globals``."""
+    env, flat = tpl.environment, _globals(tpl)
+    context = env.context_class(env, {**flat, **ctx}, tpl.name, tpl.blocks, globals=flat)
+    try:
+        yield from tpl.root_render_func(context)
+    except Exception:
+        yield env.handle_exception()
+
+
 def render_capped(tpl: jinja2.Template, ctx: dict[str, Any], file: str) -> str:
     """Render, streaming, and stop with a one-line error once the text passes ``MAX_CHARS``."""
     tpl.environment.work = 0  # type: ignore[attr-defined]
-    gen: Any = tpl.generate(**ctx)
+    gen: Any = _generate(tpl, ctx)
     parts: list[str] = []
     total = 0
     for piece in gen:
