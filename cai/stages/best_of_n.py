@@ -69,7 +69,8 @@ async def stream(cfg: RunConfig, constitution: Constitution, templates: Template
     stage = BestOfNStage(JudgeStage(constitution, templates, jcfg, backend.model_id), bcfg,
                          templates.render_text("generate", "system"))
     with JsonlSink(path, fingerprint(backend, constitution, templates, jcfg, bcfg)) as sink:
-        return await run_stream(Stream(sink, prompts, stage, "best-of-n", total, progress=cfg.progress), pool)
+        return await run_stream(Stream(sink, prompts, stage, "best-of-n", total, progress=cfg.progress,
+                                           stage="best_of_n"), pool)
 
 
 def pairs_path(rows: Path) -> Path:
@@ -88,14 +89,16 @@ class BestOfNStage:
         """``n`` answers: one request with ``n``; the missing ones (a server that ignores ``n``)
         one request each, with distinct seeds."""
         cfg, messages = self.cfg, tuple(with_system(self.system, r.prompt))
-        c = await call(Request(messages, replace(cfg.sampling, n=cfg.n, seed=call_seed(cfg.seed, r.id, "best_of_n"))))
+        c = await call(Request(messages, replace(cfg.sampling, n=cfg.n, seed=call_seed(cfg.seed, r.id, "best_of_n")),
+                               step="sample"))
         if c.error:
             return f"sampling: backend error: {c.error}"
         texts = list(c.texts[:cfg.n])
         reasons: list[str | None] = [*c.finish_reasons[:len(texts)], *[None] * (len(texts) - len(c.finish_reasons))]
         one = replace(cfg.sampling, n=1)
-        extra = await call.many(Request(messages, replace(one, seed=call_seed(cfg.seed, r.id, f"best_of_n-{i}")))
-                                for i in range(len(texts), cfg.n))
+        extra = await call.many(
+            Request(messages, replace(one, seed=call_seed(cfg.seed, r.id, f"best_of_n-{i}")), step="sample")
+            for i in range(len(texts), cfg.n))
         for e in extra:
             if e.error or not e.texts:
                 return f"sampling: backend error: {e.error or 'no answer'}"
