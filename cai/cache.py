@@ -353,7 +353,7 @@ Counted = CachedBackend | CountingBackend
 def served(*backends: Counted) -> Usage:
     """The tokens served to a run through ``backends`` (each counted once): from the cache's ledger
     where the run has one (its killed attempts included), else as counted in memory."""
-    usage, ledgers = Usage(), {}
+    usage, ledgers = Usage(), dict[Path, CachedBackend]()
     for b in {id(b): b for b in backends}.values():
         if isinstance(b, CachedBackend) and b.run_id is not None:
             b.cache.flush()

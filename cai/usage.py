@@ -104,12 +104,11 @@ def cost(usage: Mapping[str, Any], price_input: float | None, price_output: floa
             "per_preference_pair": round(by_stage.get("label", 0.0) / pairs, 8) if pairs else None}
 
 
-def tokens_line(usage: Mapping[str, Any], cost_: Mapping[str, Any] | None = None, runs: str | None = None) -> str:
-    """The summary's line: ``45,210 tokens in (12,000 cached), 9,870 out over 2 runs; cost $0.0383
-    ($0.000640 per SFT row, $0.000320 per preference pair)``."""
-    cached = _int(usage.get("cached_prompt_tokens"))
-    line = (f"{_int(usage.get('prompt_tokens')):,} tokens in ({cached:,} cached), "
-            f"{_int(usage.get('completion_tokens')):,} out" + (f" over {runs}" if runs else ""))
+def tokens_line(usage: Mapping[str, Any], cost_: Mapping[str, Any] | None = None) -> str:
+    """The summary's line: ``45210 tokens in (12000 cached), 9870 out over every run of this folder;
+    cost $0.0383 ($0.000640 per SFT row, $0.000320 per preference pair)``."""
+    line = (f"{_int(usage.get('prompt_tokens'))} tokens in ({_int(usage.get('cached_prompt_tokens'))} cached), "
+            f"{_int(usage.get('completion_tokens'))} out over every run of this folder")
     if cost_:
         per = [f"${cost_[k]:.6f} per {what}" for k, what in (("per_sft_row", "SFT row"),
                                                             ("per_preference_pair", "preference pair"))

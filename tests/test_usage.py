@@ -198,7 +198,8 @@ def test_cost_from_the_prices_given_and_the_summary_line(stub: UsageStub, tmp_pa
     assert cost["per_sft_row"] == round(stage["revise"] / (rows - usage["rejected"]["rows"]), 8)
     assert cost["per_preference_pair"] == round(stage["label"] / m["counts"]["preferences"]["written"], 8)
     line = next(x for x in err.splitlines() if x.strip().startswith("usage:"))
-    assert f"{p:,} tokens in ({stub.served['cached_prompt_tokens']:,} cached), {c:,} out over 1 run" in line
+    assert f"{p} tokens in ({stub.served['cached_prompt_tokens']} cached), {c} out over every run of this folder" \
+        in line
     assert f"cost ${cost['total']:.4f}" in line and "per SFT row" in line and "per preference pair" in line
     # no prices: no cost section, and the line says no cost
     assert main(args(stub, tmp_path)) == 0

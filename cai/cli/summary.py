@@ -38,11 +38,10 @@ def print_calls(calls: Calls, cache: Path | None, indent: str = "") -> None:
 
 
 def print_usage(manifest: Mapping[str, Any], indent: str = "") -> None:
-    """``usage: 45,210 tokens in (12,000 cached), 9,870 out over 2 runs; cost $0.0383 (...)``: the
-    tokens served to every run of the folder (run.json's ``usage``), and their cost when priced."""
+    """``usage: 45210 tokens in (12000 cached), 9870 out over every run of this folder; cost $0.0383 (...)``:
+    run.json's ``usage`` (the tokens served to every run of the folder) and ``cost`` when priced."""
     if isinstance(usage := manifest.get("usage"), Mapping):
-        runs = plural(len(manifest.get("history") or ()) or 1, "run")
-        say(f"{indent}usage: {tokens_line(usage, manifest.get('cost'), runs)}")
+        say(f"{indent}usage: {tokens_line(usage, manifest.get('cost'))}")
 
 
 def snapshot(path: Path) -> Rows:
