@@ -15,6 +15,7 @@ Several processes may share one cache file: WAL lets readers and a writer work s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -154,7 +155,8 @@ class CallCache:
                     db.execute("PRAGMA synchronous=NORMAL")
                     db.execute("PRAGMA wal_autocheckpoint=10000")
                     db.execute(_SCHEMA)
-                    db.execute(_LEDGER)
+                    with contextlib.suppress(sqlite3.OperationalError):  # an old cache, read-only: no ledger
+                        db.execute(_LEDGER)
                     return db
                 except BaseException:
                     db.close()
@@ -200,10 +202,11 @@ class CallCache:
         """The tokens served to ``run`` (its killed attempts' included), as committed."""
         self.flush()
         u = Usage()
-        for stage, step, *cell in self._db.execute(
-                "SELECT stage, step, prompt_tokens, completion_tokens, cached_prompt_tokens FROM usage WHERE run = ?",
-                (run,)):
-            u.add(stage, step, *cell)
+        with contextlib.suppress(sqlite3.OperationalError):  # no ledger (an old cache, read-only)
+            for stage, step, *cell in self._db.execute(
+                    "SELECT stage, step, prompt_tokens, completion_tokens, cached_prompt_tokens FROM usage "
+                    "WHERE run = ?", (run,)):
+                u.add(stage, step, *cell)
         return u
 
     def _write_usage(self) -> None:
