@@ -158,6 +158,8 @@ def usage_and_cost(plan: Plan, res: RunResult, history: list[dict[str, Any]]) ->
     this run's last; ``rejected``: those of the rows the gates kept out) and, with prices, ``cost``."""
     folder, cfg = Path(plan.config.output), plan.config
     usage = add_up(h.get("usage") for h in history)
+    if uncounted := sum(not isinstance(h.get("usage"), dict) for h in history):
+        usage["uncounted_runs"] = uncounted  # runs before cai counted tokens, and runs on Ray (not counted yet)
     rows, rejected = _revise_rows(folder)
     usage["rejected"] = rejected
     out: dict[str, Any] = {"usage": usage}
