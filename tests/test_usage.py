@@ -234,3 +234,20 @@ def test_cached_tokens_parsed_and_stored_as_an_optional_key() -> None:
     old = {"texts": ["x"], "prompt_tokens": 3, "completion_tokens": 1, "logprobs": None, "finish_reasons": ["stop"],
            "error": None}
     assert Completion.from_dict(old).cached_prompt_tokens == 0
+
+
+def test_runs_made_before_tokens_were_counted_are_named(tmp_path: Path) -> None:
+    """A folder whose earlier run.json history has no usage (an older cai): its runs are
+    ``uncounted_runs``, never counted as zero tokens silently."""
+    run = ["run", "--input", str(prompts(tmp_path / "prompts.jsonl", 2)), "-o", str(tmp_path / "out"), "--backend",
+           "fake", "--revise-rounds", "1", "--label-principles", "1", "--no-progress"]
+    assert main(run) == 0
+    m = manifest(tmp_path)
+    assert m["usage"]["prompt_tokens"] > 0 and "uncounted_runs" not in m["usage"]
+    for h in m["history"]:
+        del h["usage"]
+    del m["usage"]
+    (tmp_path / "out" / "run.json").write_text(json.dumps(m))
+    assert main(run) == 0  # nothing changed: no call served
+    m = manifest(tmp_path)
+    assert m["usage"]["uncounted_runs"] == 1 and m["usage"]["prompt_tokens"] == 0 and len(m["history"]) == 2
