@@ -251,3 +251,24 @@ def test_runs_made_before_tokens_were_counted_are_named(tmp_path: Path) -> None:
     assert main(run) == 0  # nothing changed: no call served
     m = manifest(tmp_path)
     assert m["usage"]["uncounted_runs"] == 1 and m["usage"]["prompt_tokens"] == 0 and len(m["history"]) == 2
+
+
+def test_card_and_report_show_tokens_and_cost(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["run", "--input", str(prompts(tmp_path / "prompts.jsonl", 3)), "-o", str(out), "--backend", "fake",
+                 "--revise-rounds", "1", "--label-principles", "1", "--no-progress", "--price-input", "3",
+                 "--price-output", "15"]) == 0
+    m = json.loads((out / "run.json").read_text())
+    assert main(["export", str(out), "-o", str(tmp_path / "export")]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    cost_section = card.split("## What the data cost", 1)[1].split("\n## ", 1)[0]
+    assert f"| prompt tokens served | {m['usage']['prompt_tokens']} |" in cost_section
+    assert f"| completion tokens served | {m['usage']['completion_tokens']} |" in cost_section
+    assert f"| cost (USD; 3.0 / 15.0 per million tokens in / out) | {m['cost']['total']:.4f} |" in cost_section
+    assert "cost per accepted SFT row" in cost_section and "cost per preference pair" in cost_section
+    assert main(["report", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["usage"]["prompt_tokens"] == m["usage"]["prompt_tokens"]
+    assert report["usage"]["cost"]["total"] == m["cost"]["total"]
+    page = (out / "report.html").read_text()
+    assert "Tokens in / out" in page and f"${m['cost']['total']:.4f}" in page
