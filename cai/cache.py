@@ -15,6 +15,7 @@ Several processes may share one cache file: WAL lets readers and a writer work s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -31,6 +32,7 @@ import orjson
 from .backends.base import Backend
 from .errors import ConfigError
 from .types import Completion, Message, Request, Sampling, key_fields
+from .usage import Usage
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -40,6 +42,21 @@ CREATE TABLE IF NOT EXISTS calls (
     created REAL NOT NULL
 )
 """  # a rowid table: inserts at random keys move only the small index, not the rows
+# The tokens served to each run (run.json's ``usage``), committed with the answers they came
+# with: a killed run's tokens are there for its rerun, which goes on under the same run id.
+_LEDGER = """
+CREATE TABLE IF NOT EXISTS usage (
+    run TEXT NOT NULL, stage TEXT NOT NULL, step TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, cached_prompt_tokens INTEGER NOT NULL,
+    PRIMARY KEY (run, stage, step)
+)
+"""
+_ADD_USAGE = """
+INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run, stage, step) DO UPDATE SET
+    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+    completion_tokens = completion_tokens + excluded.completion_tokens,
+    cached_prompt_tokens = cached_prompt_tokens + excluded.cached_prompt_tokens
+"""
 OFF = ("off", "false", "no", "0", "none")  # values of --cache / CAI_CACHE that disable it
 
 
@@ -117,6 +134,7 @@ class CallCache:
         self.path = Path(path)
         self._pending: dict[str, tuple[str, Completion]] = {}  # answered, not committed yet
         self._committed: asyncio.Future[None] | None = None  # done when _pending is committed
+        self._usage: dict[str, Usage] = {}  # run id -> tokens served, not committed yet
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = self._open()
 
@@ -137,6 +155,8 @@ class CallCache:
                     db.execute("PRAGMA synchronous=NORMAL")
                     db.execute("PRAGMA wal_autocheckpoint=10000")
                     db.execute(_SCHEMA)
+                    with contextlib.suppress(sqlite3.OperationalError):  # an old cache, read-only: no ledger
+                        db.execute(_LEDGER)
                     return db
                 except BaseException:
                     db.close()
@@ -169,6 +189,32 @@ class CallCache:
             loop.call_soon(self.flush)
         return self._committed
 
+    def note_usage(self, run: str, request: Request, completion: Completion) -> None:
+        """Add one served call's tokens to ``run``'s ledger, committed with the next answers
+        (or on its own, soon, for a failed call)."""
+        self._usage.setdefault(run, Usage()).served(request, completion)
+        if self._committed is None:
+            loop = asyncio.get_running_loop()
+            self._committed = loop.create_future()
+            loop.call_soon(self.flush)
+
+    def ledger(self, run: str) -> Usage:
+        """The tokens served to ``run`` (its killed attempts' included), as committed."""
+        self.flush()
+        u = Usage()
+        with contextlib.suppress(sqlite3.OperationalError):  # no ledger (an old cache, read-only)
+            for stage, step, *cell in self._db.execute(
+                    "SELECT stage, step, prompt_tokens, completion_tokens, cached_prompt_tokens FROM usage "
+                    "WHERE run = ?", (run,)):
+                u.add(stage, step, *cell)
+        return u
+
+    def _write_usage(self) -> None:
+        """Inside the commit's transaction: the tokens noted since the last commit."""
+        usage, self._usage = self._usage, {}
+        self._db.executemany(_ADD_USAGE, [(run, stage, step, *cell) for run, u in usage.items()
+                                          for (stage, step), cell in u.cells.items()])
+
     def flush(self) -> None:
         """Commit every queued answer now, in one transaction."""
         pending, done = self._pending, self._committed
@@ -186,11 +232,13 @@ class CallCache:
         """Store (key, model id, completion) triples in one transaction; return how many."""
         now = time.time()
         rows = [(k, m, _ROW.encode(c.to_dict()), now) for k, m, c in items]
-        if not rows:
+        if not rows and not self._usage:
             return 0
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.executemany("INSERT OR REPLACE INTO calls VALUES (?, ?, ?, ?)", rows)
+            if self._usage:
+                self._write_usage()
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -207,18 +255,26 @@ class CallCache:
 
 
 class CountingBackend:
-    """No cache: pass every request through, and count them as ``CachedBackend`` does."""
+    """No cache: pass every request through, and count them as ``CachedBackend`` does; ``usage``
+    sums the tokens of the calls served (in memory only: a killed run's are lost)."""
 
     def __init__(self, backend: Backend) -> None:
         self.inner, self.model_id = backend, backend.model_id
         self.max_in_flight: int | None = getattr(backend, "max_in_flight", None)
         self.sent = self.hits = self.errors = 0
+        self.usage = Usage()
+        self.run_id: str | None = None  # set: the served tokens also go to the cache's ledger
 
     async def generate(self, request: Request) -> Completion:
         c = await self.inner.generate(request)
         self.sent += 1
         self.errors += c.failure is not None
+        self.usage.served(request, c)
         return c
+
+    def served(self) -> Usage:
+        """The tokens served to this run: the ledger's (killed attempts included) where there is one."""
+        return self.usage
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -253,6 +309,9 @@ class CachedBackend(CountingBackend):
         try:
             c = await self.inner.generate(request)
             self.sent += 1
+            self.usage.served(request, c)
+            if self.run_id is not None:  # committed with the answer (a failure's: on its own)
+                self.cache.note_usage(self.run_id, request, c)
             # An answer is returned only once it is committed: the row that uses it may be written
             # next, and a row on disk whose calls are not in the cache would be asked again (and may
             # come out different) by a rerun that redoes the row or reads the cache from elsewhere.
@@ -272,6 +331,9 @@ class CachedBackend(CountingBackend):
         finally:
             del self._in_flight[key]
 
+    def served(self) -> Usage:
+        return self.cache.ledger(self.run_id) if self.run_id is not None else self.usage
+
     async def aclose(self) -> None:
         try:
             await self.inner.aclose()
@@ -289,6 +351,21 @@ def cache_path(value: str | None, no_cache: bool, default_dir: Path) -> Path | N
 
 
 Counted = CachedBackend | CountingBackend
+
+
+def served(*backends: Counted) -> Usage:
+    """The tokens served to a run through ``backends`` (each counted once): from the cache's ledger
+    where the run has one (its killed attempts included), else as counted in memory."""
+    usage, ledgers = Usage(), dict[Path, CachedBackend]()
+    for b in {id(b): b for b in backends}.values():
+        if isinstance(b, CachedBackend) and b.run_id is not None:
+            b.cache.flush()
+            ledgers.setdefault(b.cache.path.resolve(), b)  # several backends on one file: read once
+        else:
+            usage.merge(b.usage)
+    for b in ledgers.values():
+        usage.merge(b.served())
+    return usage
 
 
 @contextmanager

@@ -204,6 +204,9 @@ class RunConfig(_Section):
                                 "is an input error.")
     license: str | None = Field(None, description="Licence of the prompts and so of the data (a Hub license id: mit, "
                                 "apache-2.0, cc-by-4.0...), recorded in run.json; `cai export` puts it on the card.")
+    price_input: float | None = Field(None, ge=0, description="USD per million prompt tokens, as your provider "
+                                      "bills them: run.json, the summary and the card get a cost (no built-in prices).")
+    price_output: float | None = Field(None, ge=0, description="USD per million completion tokens (see --price-input).")
     vllm: EngineSettings = Field(default_factory=lambda: EngineSettings.model_validate({}))
     revise: ReviseSettings = Field(default_factory=lambda: ReviseSettings.model_validate({}))
     gates: GateSettings = Field(default_factory=lambda: GateSettings.model_validate({}))

@@ -8,16 +8,18 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .files import write_json_atomic
+from .files import iter_jsonl, write_json_atomic
 from .output import SinkSummary
 from .stages.judge import JudgeConfig
 from .stages.preferences import PreferenceSummary
 from .stages.revise import ReviseConfig
+from .usage import Usage, add_up, cost
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -49,6 +51,7 @@ class RunResult:
     written: PreferenceSummary | None = None  # the preferences file's summary (`cai label`)
     rows: list[dict[str, Any]] | None = None  # the output rows, when they came back in memory
     skipped: list[dict[str, Any]] = field(default_factory=list)  # input rows the input gate kept out
+    usage: Usage | None = None  # the tokens served to this run (its killed attempts' included)
 
     @property
     def failed(self) -> int:
@@ -70,11 +73,26 @@ def mark_running(manifest: Path) -> list[dict[str, Any]]:
     previous = previous if isinstance(previous, dict) else {}
     history = previous.get("history")
     history = [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
-    running = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    # The run id keys this run's tokens in the cache's ledger: a rerun of a killed run goes on
+    # with its id (and so counts what the killed one was served).
+    killed = previous.get("running")
+    run_id = killed.get("run_id") if isinstance(killed, dict) else None
+    running = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "run_id": run_id if isinstance(run_id, str) and run_id else uuid.uuid4().hex}
     base = previous if previous.get("status") == "complete" else {
         "cai_version": __version__, "status": "running", "history": history}
     write_json_atomic(manifest, {**base, "running": running})
     return history
+
+
+def running_id(manifest: Path) -> str | None:
+    """The run id ``mark_running`` wrote in run.json's ``running`` marker."""
+    try:
+        running = json.loads(manifest.read_text(encoding="utf-8")).get("running")
+    except (OSError, ValueError, AttributeError):
+        return None
+    run_id = running.get("run_id") if isinstance(running, dict) else None
+    return run_id if isinstance(run_id, str) else None
 
 
 def read_history(manifest: Path) -> list[dict[str, Any]]:
@@ -133,3 +151,36 @@ def constitution_record(plan: Plan) -> dict[str, Any]:
         out = Path(plan.config.output).resolve()
         path = str(p.resolve().relative_to(out)) if p.resolve().is_relative_to(out) else str(given)
     return {"path": path, "name": const.name, "version": const.version, "hash": const.digest()}
+
+
+def usage_and_cost(plan: Plan, res: RunResult, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """run.json's ``usage`` (the tokens served to every run of the folder: ``history``'s, with
+    this run's last; ``rejected``: those of the rows the gates kept out) and, with prices, ``cost``."""
+    folder, cfg = Path(plan.config.output), plan.config
+    usage = add_up(h.get("usage") for h in history)
+    if uncounted := sum(not isinstance(h.get("usage"), dict) for h in history):
+        usage["uncounted_runs"] = uncounted  # runs before cai counted tokens, and runs on Ray (not counted yet)
+    rows, rejected = _revise_rows(folder)
+    usage["rejected"] = rejected
+    out: dict[str, Any] = {"usage": usage}
+    pairs = int(res.preferences.get("written") or 0) if res.preferences else 0
+    if (c := cost(usage, cfg.price_input, cfg.price_output, rows - rejected["rows"], pairs)) is not None:
+        out["cost"] = c
+    return out
+
+
+def _revise_rows(folder: Path) -> tuple[int, dict[str, int]]:
+    """The revision rows of a run folder, and the tokens its rows kept out by the gates cost (what
+    each row records of its calls, in ``calls``). Label rows record no tokens: a gated pair's
+    judge calls are not in it."""
+    gated = {r.get("id") for r in iter_jsonl(folder / "rejects.jsonl") if r.get("stage") == "revise"}
+    rows = 0
+    rejected = {"rows": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    for row in iter_jsonl(folder / "revisions.jsonl"):
+        rows += 1
+        if row.get("id") in gated:
+            rejected["rows"] += 1
+            for call in row.get("calls") or ():
+                rejected["prompt_tokens"] += int(call.get("prompt_tokens") or 0)
+                rejected["completion_tokens"] += int(call.get("completion_tokens") or 0)
+    return rows, rejected

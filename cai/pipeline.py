@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from . import lock, runtime
+from . import manifest as run_json
 from .backends import Backend, build_backend, build_batch_backend
 from .backends.base import Sampling
-from .cache import Counted, counted, request_key
+from .cache import Counted, counted, request_key, served
 from .config import LabelSettings, NaiveSettings, ReviseSettings, RunConfig, Source, configure, load_run_config
 from .constitution import Constitution, load_constitution
 from .errors import ConfigError
@@ -176,7 +177,7 @@ class LabelStage:
     async def __call__(self, item: Pair | PromptRow, call: Call) -> list[Outcome]:
         if isinstance(item, Pair):
             return await self.judge(item, call)
-        policy = Call(self.policy, call.bar) if self.policy is not None else call
+        policy = Call(self.policy, call.bar, stage=call.stage) if self.policy is not None else call
         pairs = await sample_prompt(item, policy, self.sample, self.system)
         done = await asyncio.gather(*(self.judge(p, call) for p in pairs))
         return [o for outs in done for o in outs]
@@ -229,9 +230,12 @@ def execute(plan: Plan, backend: Backend | None = None) -> RunResult:
             if plan.kind == "run":
                 history = mark_running(plan.folder / "run.json")
             with counted(inner, cache) as be, _policy(plan, be, cache) as pol:
+                if plan.kind == "run":  # the served tokens go to the cache's ledger as they come
+                    be.run_id = pol.run_id = run_json.running_id(plan.folder / "run.json")
                 res.stages = run(lambda pool: _streams(plan, be, pol, pool, gate), be, rows)
                 res.sent, res.cached, res.errors = (sum(x) for x in zip(
                     *{id(b): (b.sent, b.hits, b.errors) for b in (be, pol)}.values(), strict=True))
+                res.usage = served(be, pol)
                 model_id = be.model_id
                 res.backend = describe(inner)
                 models = {"policy": model_id if plan.revise else pol.model_id, "judge": model_id} | (
@@ -431,12 +435,16 @@ def finish_run(plan: Plan, res: RunResult, model_id: str, t0: float, history: li
     if "revise" in res.stages:  # after rejects.jsonl: it marks the gated rows
         write_revise_report(out / "revisions.jsonl")
     res.manifest = manifest(plan, res, model_id, time.time() - t0) | (extra or {})
-    res.manifest["history"] = [*history, {
+    history = [*history, {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "elapsed_s": res.manifest["elapsed_s"],
         "calls": res.manifest["calls"], "constitution": constitution_record(plan),
         "templates_hash": res.manifest["templates_hash"],
         "counts": {k: {f: v[f] for f in ("written", "resumed", "failed", "dropped")}
-                   for k, v in res.manifest["counts"].items() if k != "preferences"}}]
+                   for k, v in res.manifest["counts"].items() if k != "preferences"},
+        **({"usage": res.usage.to_json()} if res.usage is not None else {})}]
+    spent = run_json.usage_and_cost(plan, res, history)  # after "calls": the tokens of every run of the folder
+    res.manifest = {k: w for key, v in res.manifest.items() for k, w in ((key, v), *(
+        spent.items() if key == "calls" else ()))} | {"history": history}
     write_json_atomic(out / "run.json", res.manifest)
     return res
 

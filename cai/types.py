@@ -59,6 +59,11 @@ class Request:
     # Which row asked (its id): a backend over several servers sends a row's calls to one server,
     # whose prefix cache holds its earlier turns. Not part of what is asked: not in cache keys.
     affinity: str | None = field(default=None, compare=False)
+    # What the call is for (``answer``, ``critique``, ``revision``, ``judge``, ``sample``...) and
+    # the stage that asked (``revise``, ``label``...): run.json's usage is summed by them. Not
+    # part of what is asked either: not in cache keys.
+    step: str | None = field(default=None, compare=False)
+    stage: str | None = field(default=None, compare=False)
 
     @property
     def continues(self) -> bool:
@@ -87,6 +92,9 @@ class Completion:
     texts: list[str]
     prompt_tokens: int
     completion_tokens: int
+    # Of the prompt tokens, those the server took from its prefix cache (as it reports them:
+    # OpenAI's and vLLM's ``usage.prompt_tokens_details.cached_tokens``; 0 when it does not say).
+    cached_prompt_tokens: int
     # Top log-probs of each generated token of the first choice: one {token: logprob} per token.
     logprobs: list[dict[str, float]] | None
     finish_reasons: list[str]
@@ -94,8 +102,9 @@ class Completion:
 
     def __init__(self, texts: list[str], prompt_tokens: int = 0, completion_tokens: int = 0,
                  logprobs: list[dict[str, float]] | None = None, finish_reasons: list[str] | None = None,
-                 failure: Failure | None = None, error: str | None = None) -> None:
+                 failure: Failure | None = None, error: str | None = None, cached_prompt_tokens: int = 0) -> None:
         self.texts, self.prompt_tokens, self.completion_tokens = texts, prompt_tokens, completion_tokens
+        self.cached_prompt_tokens = cached_prompt_tokens
         self.logprobs = logprobs
         self.finish_reasons = finish_reasons if finish_reasons is not None else []
         self.failure = failure if error is None else Failure("request", error)
@@ -114,15 +123,19 @@ class Completion:
         return self.texts[0] if self.texts else ""
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON shape the call cache stores (unchanged since the first cache: ``error`` last)."""
-        return {"texts": self.texts, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "logprobs": self.logprobs,
-                "finish_reasons": self.finish_reasons, "error": self.error}
+        """The JSON shape the call cache stores (unchanged since the first cache: ``error`` last;
+        ``cached_prompt_tokens`` after it, only when the server reported some)."""
+        d = {"texts": self.texts, "prompt_tokens": self.prompt_tokens,
+             "completion_tokens": self.completion_tokens, "logprobs": self.logprobs,
+             "finish_reasons": self.finish_reasons, "error": self.error}
+        if self.cached_prompt_tokens:
+            d["cached_prompt_tokens"] = self.cached_prompt_tokens
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Completion:
         return cls(d["texts"], d.get("prompt_tokens", 0), d.get("completion_tokens", 0), d.get("logprobs"),
-                   d.get("finish_reasons"), error=d.get("error"))
+                   d.get("finish_reasons"), error=d.get("error"), cached_prompt_tokens=d.get("cached_prompt_tokens", 0))
 
 
 @runtime_checkable

@@ -21,6 +21,8 @@ for the page's table) and returns the figures as one JSON-ready dict:
 - ``lengths``: histograms of the chosen and rejected answers' lengths on shared bins.
 - ``markers``: marker rates of chosen and rejected answers (decided pairs).
 - ``gates``: counts of each gate flag (rows' optional ``gates`` list), per file.
+- ``usage``: run.json's tokens served over every run of the folder (by stage and step, those
+  of gated rows in ``rejected``) and, when priced, their ``cost`` (absent before cai counted them).
 
 Definitions, all over the rows that have the figure's inputs:
 - revision win rate: pairs where the label is the revised answer / revision pairs (ties count
@@ -170,6 +172,8 @@ def figures(data: RunData) -> dict[str, Any]:
     if bon is not None:
         report["best_of_n"] = {**bon, "failures": fails["best_of_n"],
                                "failure_reasons": dict(data.failures["best_of_n"])}
+    if isinstance(usage := m.get("usage"), dict):  # tokens served over the folder's runs, and their cost
+        report["usage"] = {**usage, **({"cost": m["cost"]} if isinstance(m.get("cost"), dict) else {})}
     if (review := agreement_summary(data.run_dir)) is not None:  # human labels from `cai review`
         report["human_review"] = review
     out: dict[str, Any] = rounded(report)

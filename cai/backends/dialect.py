@@ -179,7 +179,18 @@ def parse_response(data: dict[str, Any]) -> Completion:
         completion_tokens=int(usage.get("completion_tokens") or 0),
         logprobs=top,
         finish_reasons=[str(c.get("finish_reason")) for c in choices],
+        cached_prompt_tokens=cached_tokens(usage),
     )
+
+
+def cached_tokens(usage: dict[str, Any]) -> int:
+    """The prompt tokens a server says it served from its prefix cache: OpenAI's and vLLM's
+    ``usage.prompt_tokens_details.cached_tokens`` (0 when it does not say)."""
+    details = usage.get("prompt_tokens_details")
+    try:
+        return int((details or {}).get("cached_tokens") or 0) if isinstance(details, dict) else 0
+    except (TypeError, ValueError):
+        return 0
 
 
 class Learned:

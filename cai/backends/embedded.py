@@ -51,6 +51,7 @@ class _Row:
     top: list[dict[str, float]] = field(default_factory=list)
     text: str | None = None  # set when a stop string cut the text
     finish: str = "length"
+    cached: int = 0  # prompt tokens taken from the prefix cache (reported as cached_prompt_tokens)
 
 
 class EmbeddedBackend:
@@ -103,6 +104,7 @@ class EmbeddedBackend:
         self._piece: dict[int, str] = {}
         self._prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.prefilled = 0  # prompt tokens run through the model (not taken from the prefix cache)
+        self.reused = 0  # prompt tokens the last prefill took from the prefix cache
 
     # ----------------------------------------------------------------------------------- API
     def compute(self, requests: Sequence[Request]) -> list[Completion]:
@@ -273,6 +275,7 @@ class EmbeddedBackend:
         assert self._prefix is not None
         key = tuple(ids)
         n, layers = self._prefix.lookup(key, len(ids) - keep)
+        self.reused = n  # what the caller reports as cached prompt tokens
         cache: Any = DynamicCache(config=self.model.config)
         for li, (k, v) in enumerate(layers or []):
             cache.update(k, v, li)
@@ -289,7 +292,10 @@ class EmbeddedBackend:
         torch = self._torch
         from transformers import DynamicCache
 
-        done = [self._prefill_one(r.prompt, 1) for r in rows]
+        done = []
+        for r in rows:
+            done.append(self._prefill_one(r.prompt, 1))
+            r.cached = self.reused
         _, mask, pos = self._left_pad([r.prompt for r in rows])
         width = mask.shape[1]
         cache = DynamicCache(config=self.model.config)
@@ -363,7 +369,7 @@ class EmbeddedBackend:
             results[i] = Completion(
                 texts=texts, prompt_tokens=len(group[0].prompt), completion_tokens=ntok,
                 logprobs=group[0].top if group[0].logprobs is not None else None,
-                finish_reasons=finish,
+                finish_reasons=finish, cached_prompt_tokens=group[0].cached,
             )
 
     def _choose(self, requests: Sequence[Request], todo: list[tuple[int, list[int]]],
@@ -383,10 +389,12 @@ class EmbeddedBackend:
             plans.append((i, prompt, toks))
         keyed = sorted(seqs, key=len)
         logps: dict[tuple[int, ...], Any] = {}  # row -> [len(choice), vocab] log-probs
+        reused: dict[tuple[int, ...], int] = {}  # row -> its tokens taken from the prefix cache
         try:
             with torch.inference_mode():
                 for row in keyed if self._prefix is not None else ():
                     lg, _ = self._prefill_one(list(row), seqs[row])
+                    reused[row] = self.reused
                     logps[row] = torch.log_softmax(lg.float(), dim=-1)
                 for b in range(0, len(keyed) if self._prefix is None else 0, self.batch_size):
                     chunk = keyed[b : b + self.batch_size]
@@ -430,4 +438,5 @@ class EmbeddedBackend:
                 texts=[choices[c] for c in picked], prompt_tokens=len(prompt),
                 completion_tokens=sum(len(toks[c]) for c in picked), logprobs=top,
                 finish_reasons=["stop"] * len(picked),
+                cached_prompt_tokens=min([len(prompt), *(reused.get(tuple(prompt + t[:-1]), 0) for t in toks)]),
             )

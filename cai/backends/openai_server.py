@@ -489,5 +489,6 @@ class OpenAIServerBackend:
             completion_tokens=c.completion_tokens + sum(m.completion_tokens for m in more),
             logprobs=c.logprobs,
             finish_reasons=c.finish_reasons + [f for m in more for f in m.finish_reasons[:1]],
+            cached_prompt_tokens=c.cached_prompt_tokens + sum(m.cached_prompt_tokens for m in more),
         )
 

@@ -205,4 +205,5 @@ class VLLMBackend:
             completion_tokens=sum(len(o.token_ids) for o in choices),
             logprobs=top,
             finish_reasons=[str(o.finish_reason) for o in choices],
+            cached_prompt_tokens=int(getattr(out, "num_cached_tokens", None) or 0),
         )

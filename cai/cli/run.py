@@ -30,6 +30,7 @@ from .summary import (
     print_gates,
     print_preferences,
     print_rows,
+    print_usage,
     snapshot,
 )
 
@@ -79,6 +80,7 @@ def run_command(
         print_preferences(res.preferences, res.output / "preferences.jsonl", res.output / "labels.jsonl",
                           cfg.label.keep_ties, cfg.label.tie_threshold, cfg.cache_path(), indent="  ")
     print_calls(res.calls, cfg.cache_path(), indent="  ")
+    print_usage(res.manifest, indent="  ")
     if servers := (res.backend or {}).get("servers"):
         from ..backends.multi import servers_summary  # aiohttp: only when there were servers
 

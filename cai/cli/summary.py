@@ -21,6 +21,7 @@ from ..errors import EXIT_ROWS_FAILED
 from ..output import SinkSummary
 from ..pipeline import Calls
 from ..stages.preferences import PreferenceSummary, judged_by
+from ..usage import tokens_line
 from .app import ARGV, say
 
 Rows = dict[str, bytes]  # row id -> digest of the row's content (its provenance left out)
@@ -34,6 +35,13 @@ def plural(n: int, word: str, words: str | None = None) -> str:
 def print_calls(calls: Calls, cache: Path | None, indent: str = "") -> None:
     where = f" ({cache})" if cache else " (no cache)"
     say(f"{indent}calls: {calls.sent} sent, {calls.cached} served from cache{where}, {calls.errors} failed")
+
+
+def print_usage(manifest: Mapping[str, Any], indent: str = "") -> None:
+    """``usage: 45210 tokens in (12000 cached), 9870 out over every run of this folder; cost $0.0383 (...)``:
+    run.json's ``usage`` (the tokens served to every run of the folder) and ``cost`` when priced."""
+    if isinstance(usage := manifest.get("usage"), Mapping):
+        say(f"{indent}usage: {tokens_line(usage, manifest.get('cost'))}")
 
 
 def snapshot(path: Path) -> Rows:

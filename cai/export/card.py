@@ -207,7 +207,32 @@ def cost(manifest: dict[str, Any]) -> dict[str, Any]:
              "label.written": "pairs judged", "label.failed": "pairs that failed to judge",
              "seconds": "time (seconds)"}
     return {"runs of `cai run`": len(runs), **{name: round(total[k], 1) if k == "seconds" else total[k]
-                                              for k, name in names.items() if k in total}}
+                                              for k, name in names.items() if k in total},
+            **tokens(_dict(manifest.get("usage")), _dict(manifest.get("cost")))}
+
+
+def tokens(usage: dict[str, Any], priced: dict[str, Any]) -> dict[str, Any]:
+    """The card's rows of run.json's ``usage`` (tokens served, by stage) and ``cost``."""
+    if not usage:
+        return {}
+    rows: dict[str, Any] = {"prompt tokens served": usage.get("prompt_tokens"),
+                            "of which from the server's prefix cache": usage.get("cached_prompt_tokens"),
+                            "completion tokens served": usage.get("completion_tokens")}
+    for stage, u in _dict(usage.get("by_stage")).items():
+        u = _dict(u)
+        rows[f"tokens in / out: {stage}"] = f"{u.get('prompt_tokens', 0)} / {u.get('completion_tokens', 0)}"
+    if rejected := _dict(usage.get("rejected")):
+        rows["tokens of revision rows the gates rejected"] = (
+            f"{rejected.get('prompt_tokens', 0)} / {rejected.get('completion_tokens', 0)} "
+            f"({rejected.get('rows', 0)} rows)")
+    if priced:
+        rows[f"cost (USD; {priced.get('price_input')} / {priced.get('price_output')} per million tokens "
+             "in / out)"] = f"{priced.get('total', 0):.4f}"
+        for k, name in (("per_sft_row", "cost per accepted SFT row (revise stage)"),
+                        ("per_preference_pair", "cost per preference pair (label stage)")):
+            if priced.get(k) is not None:
+                rows[name] = f"{priced[k]:.6f}"
+    return rows
 
 
 def _settings(table: dict[str, tuple[str, str]], values: dict[str, Any]) -> list[tuple[str, Any, str]]:
@@ -311,7 +336,8 @@ def render_card(export: Export, configs: list[dict[str, Any]], *, license: str |
     config = {k: v for k, v in (m.get("config") or {}).items() if k not in ("label", "revise", "license")}
     label_cfg = (m.get("config") or {}).get("label") or {}
     rest = {k: v for k, v in m.items() if k not in (
-        "constitution", "judge", "models", "counts", "revise", "history", "calls", "elapsed_s", "config")}
+        "constitution", "judge", "models", "counts", "revise", "history", "calls", "elapsed_s", "config", "usage",
+        "cost")}
     page = _template().render(
         meta=meta, meta_yaml=yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), mark=CARD_MARK,
         version=__version__, repo=repo_id, info=info, trace=TRACE, kinds=[c["config_name"] for c in configs],

@@ -130,7 +130,24 @@ def _tiles(report: dict[str, Any]) -> list[tuple[str, str, str]]:
                    f"pairs (coverage {_pct(h['human_coverage'], 1)})"),
                   ("Brier", _num(h["brier"]), "mean (p(A) - human chose A)^2"),
                   ("ECE", _num(h["ece"]), "expected calibration error, 10 equal-width bins")]
+    tiles += _usage_tiles(report.get("usage") or {})
     return [(v, k, tip) for k, v, tip in tiles if v]
+
+
+def _usage_tiles(u: dict[str, Any]) -> list[tuple[str, str | None, str]]:
+    """Tokens in and out (run.json's ``usage``) and their cost, when the run has them."""
+    if not u:
+        return []
+    cost = u.get("cost") or {}
+    per = ", ".join(f"{what} ${cost[k]:.6f}" for k, what in (("per_sft_row", "per SFT row"),
+                                                            ("per_preference_pair", "per preference pair"))
+                    if cost.get(k) is not None)
+    return [("Tokens in / out", f"{u.get('prompt_tokens', 0):,} / {u.get('completion_tokens', 0):,}",
+             f"prompt / completion tokens the servers served over every run of this folder "
+             f"({u.get('cached_prompt_tokens', 0):,} prompt tokens from their prefix cache)"),
+            ("Cost", f"${cost['total']:.4f}" if cost else None,
+             f"USD at {cost.get('price_input')} / {cost.get('price_output')} per million tokens in / out"
+             + (f"; {per}" if per else ""))]
 
 
 def _table(head: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:

@@ -75,7 +75,8 @@ def make_stream(cfg: RunConfig, constitution: Constitution, templates: Templates
     sampled from ``policy`` (another backend's requests) or the judge's own."""
     stage = BestOfNStage(JudgeStage(constitution, templates, JudgeConfig.of(cfg.label, cfg.seed), judge.model_id),
                          BestOfNConfig.of(cfg), templates.render_text("generate", "system"), policy)
-    return Stream(sink, prompts, stage, "best-of-n", total, prune=prune, progress=cfg.progress)
+    return Stream(sink, prompts, stage, "best-of-n", total, prune=prune, progress=cfg.progress,
+                  stage="best_of_n")
 
 
 def pairs_path(rows: Path) -> Path:
@@ -99,14 +100,16 @@ class BestOfNStage:
         """``n`` answers: one request with ``n``; the missing ones (a server that ignores ``n``)
         one request each, with distinct seeds."""
         cfg, messages = self.cfg, tuple(with_system(self.system, r.prompt))
-        c = await call(Request(messages, replace(cfg.sampling, n=cfg.n, seed=call_seed(cfg.seed, r.id, "best_of_n"))))
+        c = await call(Request(messages, replace(cfg.sampling, n=cfg.n, seed=call_seed(cfg.seed, r.id, "best_of_n")),
+                               step="sample"))
         if c.error:
             return f"sampling: backend error: {c.error}"
         texts = list(c.texts[:cfg.n])
         reasons: list[str | None] = [*c.finish_reasons[:len(texts)], *[None] * (len(texts) - len(c.finish_reasons))]
         one = replace(cfg.sampling, n=1)
-        extra = await call.many(Request(messages, replace(one, seed=call_seed(cfg.seed, r.id, f"best_of_n-{i}")))
-                                for i in range(len(texts), cfg.n))
+        extra = await call.many(
+            Request(messages, replace(one, seed=call_seed(cfg.seed, r.id, f"best_of_n-{i}")), step="sample")
+            for i in range(len(texts), cfg.n))
         for e in extra:
             if e.error or not e.texts:
                 return f"sampling: backend error: {e.error or 'no answer'}"

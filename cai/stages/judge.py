@@ -211,14 +211,16 @@ class JudgeStage:
         jobs = self.jobs(pair)
         if cfg.mode == "cot":
             got = await ask("judge reasoning", jobs,
-                            [Request(tuple(tpl.messages("judge_cot", **j.ctx)), cfg.cot) for j in jobs])
+                            [Request(tuple(tpl.messages("judge_cot", **j.ctx)), cfg.cot, step="judge_reasoning")
+                             for j in jobs])
             if isinstance(got, str):
                 return failure(got)
             for job, c in got:
                 job.ctx["reasoning"] = job.result["reasoning"] = c.text.strip()
         stage = "judge_cot_answer" if cfg.mode == "cot" else "judge"
         sampling = cfg.choice_sampling() if cfg.mode == "choice" else cfg.answer_sampling()
-        got = await ask("judge answer", jobs, [Request(tuple(tpl.messages(stage, **j.ctx)), sampling) for j in jobs])
+        got = await ask("judge answer", jobs,
+                        [Request(tuple(tpl.messages(stage, **j.ctx)), sampling, step="judge") for j in jobs])
         if isinstance(got, str):
             return failure(got)
         again: list[_Job] = []
@@ -229,7 +231,8 @@ class JudgeStage:
                 _read(job, c, cfg.mode, cfg.clamp, cfg.min_mass)
         if again:
             got = await ask("judge choice fallback", again,
-                            [Request(tuple(tpl.messages(stage, **j.ctx)), cfg.choice_sampling()) for j in again])
+                            [Request(tuple(tpl.messages(stage, **j.ctx)), cfg.choice_sampling(), step="judge")
+                             for j in again])
             if isinstance(got, str):
                 return failure(got)
             for job, c in got:

@@ -97,7 +97,7 @@ async def sample_prompt(r: PromptRow, call: Call, cfg: SampleConfig, system: str
         raise InputError("sampling pairs needs at least 2 answers per prompt (--samples >= 2)")
     ids = sample_pair_ids(r.id, cfg.n)
     c = await call(Request(tuple(with_system(system, r.prompt)),
-                           replace(cfg.sampling, n=cfg.n, seed=prompt_seed(cfg.seed, r.id))))
+                           replace(cfg.sampling, n=cfg.n, seed=prompt_seed(cfg.seed, r.id)), step="sample"))
     base = Pair(id=ids[0], prompt=r.prompt, response_a="", response_b="", origin="sampled", source=r.source,
                 extra=r.extra)
     if c.error or len(c.texts) < cfg.n:

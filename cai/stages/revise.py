@@ -110,7 +110,8 @@ class ReviseStage:
 
         async def ask(step: str, messages: list[Message], sampling: Sampling) -> Completion | str:
             nonlocal tokens
-            c = await call(Request(tuple(messages), sampling))
+            kind = "answer" if step == "initial answer" else step.rsplit(" ", 1)[-1]  # critique, revision
+            c = await call(Request(tuple(messages), sampling, step=kind))
             tokens += c.prompt_tokens + c.completion_tokens
             if c.error:
                 return f"{step}: backend error: {c.error}"

@@ -107,17 +107,20 @@ class Call:
     requests (lower first: the row's position in the input)."""
 
     def __init__(self, pool: Pool, bar: StageProgress | None = None, priority: int = 0,
-                 affinity: str | None = None) -> None:
+                 affinity: str | None = None, stage: str | None = None) -> None:
         self.pool, self.bar, self.priority, self.affinity = pool, bar, priority, affinity
+        self.stage = stage  # the stage asking (``Request.stage``: run.json's usage by stage)
 
     def row(self, priority: int, affinity: str | None = None) -> Call:
         """The calls of one row: its place in the input, and its id (``Request.affinity``)."""
-        return Call(self.pool, self.bar, priority, affinity)
+        return Call(self.pool, self.bar, priority, affinity, self.stage)
 
     async def __call__(self, request: Request) -> Completion:
-        if self.affinity is not None and request.affinity is None:
+        if (self.affinity is not None and request.affinity is None) or (
+                self.stage is not None and request.stage is None):
             # what dataclasses.replace does, at a fraction of its cost (it inspects the fields)
-            request = Request(request.messages, request.sampling, self.affinity)
+            request = Request(request.messages, request.sampling, request.affinity or self.affinity,
+                              request.step, request.stage or self.stage)
         c = await self.pool.call(request, self.priority)
         if self.bar is not None:
             self.bar.called(c.prompt_tokens, c.completion_tokens, self.pool.in_flight)
@@ -149,6 +152,7 @@ class Stream(Generic[T]):
     written: Callable[[T, list[int]], None] | None = None
     prune: bool = False
     progress: bool | None = None
+    stage: str | None = None  # what run.json's usage calls it (default: the title)
 
 
 async def _items(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
@@ -177,7 +181,7 @@ async def run_stream(stream: Stream[T], pool: Pool, *, window: int | None = None
     last_sync = time.monotonic()
     bars = group or RunProgress(enabled=stream.progress)
     with bars.stage(stream.title, stream.total) as bar:
-        call = Call(pool, bar)
+        call = Call(pool, bar, stage=stream.stage or stream.title)
 
         def write_ready() -> None:
             nonlocal head, last_sync
