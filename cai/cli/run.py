@@ -21,7 +21,16 @@ from ..pipeline import run_pipeline
 from ..quality.gates import REJECTS_FILE
 from ..scale import run_pipeline_ray
 from .app import app, out, say, settings_options
-from .summary import exit_status, print_calls, print_failures, print_gates, print_preferences, print_rows, snapshot
+from .summary import (
+    exit_status,
+    print_calls,
+    print_failures,
+    print_gates,
+    print_limits,
+    print_preferences,
+    print_rows,
+    snapshot,
+)
 
 RAY_LOCAL = "local"  # `--ray-address local`: a Ray instance started here (or the one this process has)
 
@@ -60,6 +69,7 @@ def run_command(
         print_preferences(res.preferences, res.output / "preferences.jsonl", res.output / "labels.jsonl",
                           cfg.label.keep_ties, cfg.label.tie_threshold, cfg.cache_path(), indent="  ")
     print_calls(res.calls, cfg.cache_path(), indent="  ")
+    print_limits(res.backend, indent="  ")
     if servers := (res.backend or {}).get("servers"):
         from ..backends.multi import servers_summary  # aiohttp: only when there were servers
 
