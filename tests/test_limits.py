@@ -27,10 +27,11 @@ from pathlib import Path
 
 import pytest
 
+from cai.backends import make_backend
 from cai.backends.limits import HEADROOM, SLACK_S, Bucket, Limits, estimate_tokens
 from cai.backends.openai_server import OpenAIServerBackend
 from cai.types import Message, Request, Sampling
-from tests.fake_server import FakeConfig, FakeServer
+from tests.fake_server import MODEL, FakeConfig, FakeServer
 from tests.sync import Sync
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,6 +83,22 @@ def test_tpm_set_meets_no_429_and_keeps_near_the_limit() -> None:
     assert 0.9 * 60_000 <= tpm <= 60_000, tpm
 
 
+def test_rpm_applies_per_server_with_several_base_urls() -> None:
+    """Two servers, each with its own RPM: `--rpm` is each server's, so the run gets both."""
+    with FakeServer(FakeConfig(rpm=1200, window_s=2.0)) as a, FakeServer(FakeConfig(rpm=1200, window_s=2.0)) as b:
+        be = Sync(make_backend("openai", model=MODEL, base_url=[a.base_url, b.base_url], rpm=1200))
+        try:
+            out = be.complete(requests(180))
+            desc = be.describe()
+        finally:
+            be.close()
+    assert all(c.failure is None for c in out)
+    assert a.refused_429 == b.refused_429 == 0 and a.served + b.served == 180
+    for s in (a, b):
+        assert span(s) > 2 * s.config.window_s and s.throughput() >= 0.9 * 1200, s.throughput()
+    assert [s["limits"]["rpm"] for s in desc["servers"]] == [1200, 1200] and desc["limits"]["http_429"] == 0
+
+
 def test_no_limits_set_backs_off_and_every_request_is_answered() -> None:
     with FakeServer(FakeConfig(rpm=1200, window_s=1.0)) as server:  # 20 requests per 1 s window
         out, desc, _ = run_requests(server, 100)
@@ -95,12 +112,12 @@ def test_no_limits_set_backs_off_and_every_request_is_answered() -> None:
 
 
 def test_server_that_never_refuses_keeps_full_concurrency() -> None:
-    with FakeServer(FakeConfig(latency_s=0.05)) as server:
-        out, desc, elapsed = run_requests(server, 200)
+    with FakeServer(FakeConfig(latency_s=0.5)) as server:
+        out, desc, _ = run_requests(server, 200)
     assert all(c.failure is None for c in out) and server.served == 200
     assert desc["limits"] == {"rpm": None, "tpm": None, "concurrency": 256, "settled_at": 256, "lowest": 256,
                               "http_429": 0, "http_503": 0, "rate_wait_s": 0}
-    assert elapsed < 2.0  # all 200 in flight at once (0.05 s each), not one after another
+    assert server.max_in_flight >= 100  # all of them in flight at once (0.5 s each), none held back
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -10,14 +10,16 @@
   server said when it has room: the others would only be refused too). On a server that never
   refuses, this is a plain semaphore of ``concurrency``.
 - ``rpm`` / ``tpm`` (when given): token buckets (``Bucket``) filled at 95% of the limit per
-  minute, spread evenly (a bucket holds one request's worth, so a provider's sliding window, one
-  minute or a few seconds, is never crossed); a request costs 1 of ``rpm`` and, of ``tpm``, its
-  prompt tokens estimated from the rendered messages (4 characters a token, 4 tokens a message)
-  plus ``max_tokens`` for each of ``n`` samples; when the answer comes, the bucket is corrected by
-  the server's ``usage`` (a refused request costs nothing).
+  minute, spread evenly (a burst of one request's worth at most, so a provider's sliding window,
+  of a minute or of a few seconds, is not crossed); a request costs 1 of ``rpm`` and, of
+  ``tpm``, its prompt tokens estimated from the rendered messages (4 characters a token, 4
+  tokens a message) plus ``max_tokens`` for each of ``n`` samples; when the answer comes, the
+  bucket is corrected by the server's ``usage`` (a refused request costs nothing).
 
-``describe()`` says what was met, for run.json: the 429s and 503s, the limit the concurrency
-settled at, its lowest, and the seconds requests waited for the rate limits.
+``Patience`` is how long one request is tried again (a 429 that says when to come back is
+waited out rather than counted as a fault). ``describe()`` says what was met, for run.json: the
+429s and 503s, the limit the concurrency settled at, its lowest, and the seconds requests
+waited for the rate limits.
 """
 
 from __future__ import annotations
