@@ -201,10 +201,6 @@ class Limits:
                 fut.set_result(None)
 
     # ---------------------------------------------------------------------------- reports
-    def met(self) -> bool:
-        """Whether anything happened worth a line: a refusal, or a rate limit that made requests wait."""
-        return bool(sum(self.refused.values())) or self.waited() > 0
-
     def waited(self) -> float:
         return sum(b.waited for b in (self.requests, self.tokens) if b is not None)
 
