@@ -175,10 +175,10 @@ def test_bucket_spreads_requests_evenly_at_the_headroom_rate() -> None:
 
     times, b = asyncio.run(go())
     rate = 100 * HEADROOM
-    assert times[0] < 0.01  # the first goes at once: no wait for an empty bucket
-    # never above the rate: the k-th unit goes no sooner than k / rate, less the slack
+    assert times[0] < 0.01  # the first goes at once (its cost is within the slack)
+    # never above the rate: the k-th unit goes once k + 1 are paid for, less the slack
     # (SLACK_S of the rate, so that a late wake-up loses no time)
-    assert all(t >= (k - SLACK_S * rate) / rate - 0.001 for k, t in enumerate(times)), times
+    assert all(t >= (k + 1) / rate - SLACK_S - 0.001 for k, t in enumerate(times)), times
     paced = (len(times) - 10) / (times[-1] - times[9])
     assert 0.85 * rate <= paced <= 1.01 * rate, paced
     assert b.waited > 0.2
@@ -186,16 +186,18 @@ def test_bucket_spreads_requests_evenly_at_the_headroom_rate() -> None:
 
 def test_bucket_given_back_lets_the_next_one_go_sooner() -> None:
     async def go(refund: bool) -> float:
-        b = Bucket(per_minute=60 / HEADROOM)  # one unit a second
-        await b.take(2)  # estimated at 2 s worth
-        if refund:
-            b.give(1.9)  # the answer cost 0.1 of it
+        b = Bucket(per_minute=600 / HEADROOM)  # 10 units a second
         t0 = time.monotonic()
-        await b.take(1)
+        await b.take(5)  # estimated at 0.5 s worth: goes at 0.45 s (0.05 s of slack)
+        second = asyncio.ensure_future(b.take(5))  # due 0.5 s after the first
+        await asyncio.sleep(0.05)
+        if refund:
+            b.give(4.9)  # the first answer cost 0.1 of its estimate: the waiting one goes sooner
+        await second
         return time.monotonic() - t0
 
-    assert asyncio.run(go(True)) < 0.3
-    assert asyncio.run(go(False)) > 1.5
+    assert asyncio.run(go(True)) < 0.7
+    assert asyncio.run(go(False)) > 0.85
 
 
 def test_aimd_cuts_once_per_round_grows_back_additively_never_above_the_ceiling() -> None:

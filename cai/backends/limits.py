@@ -10,8 +10,8 @@
   server said when it has room: the others would only be refused too). On a server that never
   refuses, this is a plain semaphore of ``concurrency``.
 - ``rpm`` / ``tpm`` (when given): token buckets (``Bucket``) filled at 95% of the limit per
-  minute, spread evenly (a burst of one request's worth at most, so a provider's sliding window,
-  of a minute or of a few seconds, is not crossed); a request costs 1 of ``rpm`` and, of
+  minute, spread evenly (no burst, so a provider's sliding window, of a minute or of a second,
+  is not crossed); a request costs 1 of ``rpm`` and, of
   ``tpm``, its prompt tokens estimated from the rendered messages (4 characters a token, 4
   tokens a message) plus ``max_tokens`` for each of ``n`` samples; when the answer comes, the
   bucket is corrected by the server's ``usage`` (a refused request costs nothing).
@@ -87,11 +87,12 @@ class Patience:
 
 
 class Bucket:
-    """A rate of ``per_minute`` units (at ``HEADROOM``), spread evenly: a request may go when the
-    ones before it are paid for (``paid_at``: when that is, on the monotonic clock), and pushes
-    ``paid_at`` on by its cost; so it bursts at most one request's worth (and ``SLACK_S`` of the
-    rate, lest a late wake-up lose time). ``take`` waits in turn (first come, first served);
-    ``give`` takes back part of a cost (the answer cost less than estimated), or adds to it."""
+    """A rate of ``per_minute`` units (at ``HEADROOM``), spread evenly: a request goes once its
+    cost is paid for, at ``rate`` from when the ones before it were (``paid_at``, on the monotonic
+    clock; at most ``SLACK_S`` back when it comes, lest a late wake-up lose time). So in any
+    window of ``w`` seconds at most ``rate * (w + SLACK_S)`` go: under the limit for any window of
+    a second or more. ``take`` waits in turn (first come, first served); ``give`` takes back part
+    of a cost (the answer cost less than estimated: the one waiting goes sooner), or adds to it."""
 
     def __init__(self, per_minute: float) -> None:
         self.rate = per_minute * HEADROOM / 60  # per second
@@ -103,13 +104,14 @@ class Bucket:
     async def take(self, cost: float) -> None:
         async with self._turn:
             start = now = time.monotonic()
-            while (wait := self.paid_at - now) > 0:
+            self.paid_at = max(self.paid_at, start - SLACK_S)  # no credit kept from idle time
+            while (wait := (due := self.paid_at + cost / self.rate) - now) > 0:
                 self._given.clear()
                 with contextlib.suppress(TimeoutError):  # woken early when a cost is given back
                     await asyncio.wait_for(self._given.wait(), wait)
                 now = time.monotonic()
             self.waited += now - start
-            self.paid_at = max(self.paid_at, now - SLACK_S) + cost / self.rate
+            self.paid_at = due
 
     def give(self, amount: float) -> None:
         self.paid_at -= amount / self.rate
