@@ -26,12 +26,13 @@ import time
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from cai.backends import make_backend
 from cai.backends.limits import HEADROOM, SLACK_S, Bucket, Limits, estimate_tokens
 from cai.backends.openai_server import OpenAIServerBackend
 from cai.types import Message, Request, Sampling
-from tests.fake_server import MODEL, FakeConfig, FakeServer
+from tests.fake_server import MODEL, FakeConfig, FakeServer, RouteServer, answer
 from tests.sync import Sync
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,6 +119,33 @@ def test_server_that_never_refuses_keeps_full_concurrency() -> None:
     assert desc["limits"] == {"rpm": None, "tpm": None, "concurrency": 256, "settled_at": 256, "lowest": 256,
                               "http_429": 0, "http_503": 0, "rate_wait_s": 0}
     assert server.max_in_flight >= 100  # all of them in flight at once (0.5 s each), none held back
+
+
+@pytest.mark.parametrize("retry_after,answered", [("0.01", True), (None, False)])
+def test_429_saying_when_is_waited_out_beyond_max_retries(retry_after: str | None, answered: bool) -> None:
+    """8 refusals in a row, max_retries=2: with Retry-After they are waited out (the server said
+    when); without, they are faults like any other, and the request fails after 3 tries."""
+    refusals = iter(range(8))
+
+    def routes(app: web.Application) -> None:
+        async def chat(request: web.Request) -> web.Response:
+            body = await request.json()
+            if next(refusals, None) is not None:
+                headers = {"Retry-After": retry_after} if retry_after else None
+                return web.json_response({"error": {"message": "slow down"}}, status=429, headers=headers)
+            return web.json_response(answer(body))
+
+        app.router.add_post("/v1/chat/completions", chat)
+
+    with RouteServer(routes) as server:
+        be = Sync(OpenAIServerBackend(model=MODEL, base_url=server.base_url, max_retries=2, backoff=0.01))
+        try:
+            [c] = be.complete(requests(1))
+            desc = be.describe()
+        finally:
+            be.close()
+    assert (c.failure is None) == answered, c.error
+    assert desc["limits"]["http_429"] == (8 if answered else 3)
 
 
 # ------------------------------------------------------------------------------ end to end
