@@ -175,7 +175,12 @@ class RunConfig(_Section):
         DEFAULT_BASE_URL, description="OpenAI-compatible server URL. Several (a YAML list, a comma-separated "
         "string, or the flag repeated) spread the calls over the servers; one that fails is taken out of rotation.")
     api_key: str | None = Field(None, description="API key (never written to outputs).")
-    concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, description="Requests in flight to the server.")
+    concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, description="Requests in flight to the server (at most: "
+                             "fewer while it refuses with 429/503, growing back as it answers).")
+    rpm: int | None = Field(None, ge=1, description="Requests per minute to send each server at most (its rate "
+                            "limit): requests wait their turn instead of being refused.")
+    tpm: int | None = Field(None, ge=1, description="Tokens per minute (prompt + max_tokens, corrected by the "
+                            "answers' usage) to send each server at most.")
     server: Literal["auto", "vllm", "openai"] = Field(
         "auto", description="What the server takes: auto (find out: vLLM's extra fields are dropped when a server "
         "refuses them), vllm, or openai (plain OpenAI API fields only).")
@@ -228,7 +233,8 @@ class RunConfig(_Section):
         the in-process engine's."""
         opts: dict[str, Any] = {"base_url": self.base_url, "api_key": self.api_key, "concurrency": self.concurrency}
         if self.backend == "openai":
-            opts |= {"server": self.server, "timeout": self.timeout, "extra_body": self.extra_body}
+            opts |= {"server": self.server, "timeout": self.timeout, "extra_body": self.extra_body,
+                     "rpm": self.rpm, "tpm": self.tpm}
         return opts | (self.vllm.engine_args() if self.backend == "vllm" else {})
 
     @property

@@ -74,6 +74,7 @@ class StageResult:
     calls: Calls
     preferences: PreferenceSummary | None = None
     gates: dict[str, int] = field(default_factory=dict)  # "stage.reason" -> rows kept out (rejects.jsonl)
+    backend: dict[str, Any] | None = None  # what the backend says of itself (manifest.describe)
     _rows: list[dict[str, Any]] | None = None
 
     @property
@@ -153,7 +154,7 @@ def run_best_of_n(inputs: Rows, *, backend: Backend | str | None = None, output:
 
 
 def _stage_result(res: RunResult, stage: str) -> StageResult:
-    out = StageResult(res.stages[stage], res.calls, res.written, res.gates)
+    out = StageResult(res.stages[stage], res.calls, res.written, res.gates, res.backend)
     out._rows = res.rows
     return out
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.threaded_server import ThreadedServer
+from tests.fake_server import ThreadedServer
 
 MODEL = "batch-model"
 STATUSES = ("validating", "in_progress", "finalizing")

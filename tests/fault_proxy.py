@@ -26,7 +26,7 @@ from collections import Counter
 import aiohttp
 from aiohttp import web
 
-from tests.threaded_server import ThreadedServer
+from tests.fake_server import ThreadedServer
 
 DEFAULT_RATES = {"http_500": 0.10, "http_429": 0.05, "stall": 0.05, "drop": 0.05, "truncate": 0.02}
 

@@ -18,8 +18,8 @@ from cai.backends.dialect import build_body, parse_response
 from cai.backends.openai_server import OpenAIServerBackend
 from cai.errors import BackendError
 from cai.stages.runner import Call, Outcome, run_rows
+from tests.fake_server import RouteServer
 from tests.sync import Sync
-from tests.threaded_server import RouteServer
 
 Handler = Callable[[dict[str, Any], "Stub"], "web.Response | Any"]
 

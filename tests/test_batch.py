@@ -6,6 +6,7 @@ the requests an expired or failed batch left unanswered."""
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import signal
 import sqlite3
@@ -132,17 +133,16 @@ def test_kill_9_while_polling_then_rerun_sends_no_request_twice(stub: BatchStub,
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "cai.cli", *_args(inp, out, stub.base_url), "--batch", *POLL]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not (stub.polls and max(stub.polls.values()) >= 3):
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline, "the run never polled a batch"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    with proc:  # closes the stderr pipe
+        try:
+            deadline = time.monotonic() + 60
+            while not (stub.polls and max(stub.polls.values()) >= 3):
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                assert time.monotonic() < deadline, "the run never polled a batch"
+                time.sleep(0.05)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
     first = next(iter(stub.batches))
     with sqlite3.connect(out / "batches.sqlite") as db:  # recorded as soon as it was made

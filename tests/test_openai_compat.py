@@ -1,7 +1,8 @@
 """The openai backend against servers that are not vLLM, and against faults.
 
-- a strict OpenAI-style stub (tests/strict_stub.py): unknown fields refused with 400, ``n`` ignored,
-  no log-probs, ``response_format`` json_schema honoured (or refused);
+- the fake server in its strict mode (tests/fake_server.py, ``strict=True``), as OpenAI's API:
+  unknown fields refused with 400, ``n`` ignored, no log-probs, ``response_format`` json_schema
+  honoured (or refused);
 - a fault proxy (tests/fault_proxy.py) in front of bench/stub_server.py: 500s, 429s, stalls past
   the timeout, connections dropped mid-body, truncated JSON;
 - a real ``transformers serve`` (tests/transformers_server.py), skipped when not installed.
@@ -23,10 +24,9 @@ from cai import runtime
 from cai.backends.base import Message, Request, Sampling
 from cai.backends.dialect import parse_choice, refused_fields
 from cai.backends.openai_server import OpenAIServerBackend, fault_kind
+from tests.fake_server import MODEL, FakeConfig, FakeServer, RouteServer
 from tests.fault_proxy import FaultProxy
-from tests.strict_stub import MODEL, StrictStub
 from tests.sync import Sync
-from tests.threaded_server import RouteServer
 from tests.transformers_server import transformers_server  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,8 +43,8 @@ def user(text: str) -> tuple[Message, ...]:
 
 
 @pytest.fixture
-def strict() -> Iterator[StrictStub]:
-    with StrictStub(max_seconds=60) as s:
+def strict() -> Iterator[FakeServer]:
+    with FakeServer(FakeConfig(strict=True, max_seconds=60)) as s:
         yield s
 
 
@@ -88,7 +88,7 @@ def test_fault_kinds() -> None:
 
 
 # ------------------------------------------------------------------------------- strict stub
-def test_strict_revise_style_calls_drop_vllm_fields_once(strict: StrictStub) -> None:
+def test_strict_revise_style_calls_drop_vllm_fields_once(strict: FakeServer) -> None:
     system: Message = {"role": "system", "content": "You are a helpful assistant."}
     reqs = [Request((system, *user(f"question {i}")), Sampling(max_tokens=64, seed=100 + i, stop=("\n\n",),
                                                                repetition_penalty=1.2))
@@ -98,7 +98,7 @@ def test_strict_revise_style_calls_drop_vllm_fields_once(strict: StrictStub) -> 
         assert be.server_kind == "unknown"
         out = be.complete(reqs)
         assert be.server_kind == "openai" and be.capabilities["vllm_fields"] is False
-    assert all(c.error is None and c.text.startswith("Strict answer") for c in out)
+    assert all(c.error is None and c.text.startswith("Fake answer") for c in out)
     assert len({c.text for c in out}) == 6
     # one refusal (the first request), then never again: detection is once per backend
     assert strict.refused == [["repetition_penalty"]]
@@ -109,7 +109,7 @@ def test_strict_revise_style_calls_drop_vllm_fields_once(strict: StrictStub) -> 
     assert [b["seed"] for b in strict.bodies[1:]] == list(range(100, 106))
 
 
-def test_strict_judge_logprobs_call_continues_as_is_and_reports_no_logprobs(strict: StrictStub) -> None:
+def test_strict_judge_logprobs_call_continues_as_is_and_reports_no_logprobs(strict: FakeServer) -> None:
     with backend(strict.base_url) as be:
         [c] = be.complete([Request(JUDGE, Sampling(max_tokens=1, logprobs=20))])
         caps, notes = be.capabilities, be.notes
@@ -123,7 +123,7 @@ def test_strict_judge_logprobs_call_continues_as_is_and_reports_no_logprobs(stri
     assert last["logprobs"] is True and last["top_logprobs"] == 20
 
 
-def test_strict_choice_by_json_schema(strict: StrictStub) -> None:
+def test_strict_choice_by_json_schema(strict: FakeServer) -> None:
     reqs = [Request(JUDGE, Sampling(max_tokens=1, choices=("A", "B"))),
             Request(user("Pick one."), Sampling(max_tokens=1, choices=("yes", "no")))]
     with backend(strict.base_url, server="openai") as be:
@@ -138,7 +138,8 @@ def test_strict_choice_by_json_schema(strict: StrictStub) -> None:
 
 def test_strict_choice_by_plain_answer_when_json_schema_is_refused() -> None:
     answers = iter([" (B).", "I think A is better", "A"])
-    with StrictStub(json_schema=False, reply=lambda body: next(answers), max_seconds=60) as s, \
+    with FakeServer(FakeConfig(strict=True, json_schema=False, reply=lambda body: next(answers),
+                               max_seconds=60)) as s, \
             backend(s.base_url, concurrency=1) as be:
         out = be.complete([Request(JUDGE, Sampling(max_tokens=1, choices=("A", "B")))] * 2
                           + [Request(user("Pick A or B."), Sampling(max_tokens=1, choices=("A", "B")))])
@@ -157,7 +158,7 @@ def test_strict_choice_by_plain_answer_when_json_schema_is_refused() -> None:
     assert all(b["max_tokens"] == 3 for b in plain)  # a short answer: "(A)" at most
 
 
-def test_strict_n_ignored_asks_again_with_distinct_seeds(strict: StrictStub) -> None:
+def test_strict_n_ignored_asks_again_with_distinct_seeds(strict: FakeServer) -> None:
     with backend(strict.base_url, server="openai", concurrency=1) as be:
         [a] = be.complete([Request(user("sea"), Sampling(n=3, seed=5, temperature=1.0))])
         assert be.capabilities["n"] is False
@@ -175,7 +176,7 @@ def test_strict_n_ignored_asks_again_with_distinct_seeds(strict: StrictStub) -> 
     assert len(none.texts) == 2 and all("seed" not in x for x in strict.bodies[6:8])
 
 
-def test_explicit_vllm_server_does_not_drop_fields(strict: StrictStub) -> None:
+def test_explicit_vllm_server_does_not_drop_fields(strict: FakeServer) -> None:
     with backend(strict.base_url, server="vllm") as be:
         [c] = be.complete([Request(JUDGE, Sampling(max_tokens=1))])
         assert be.server_kind == "vllm"
@@ -183,7 +184,7 @@ def test_explicit_vllm_server_does_not_drop_fields(strict: StrictStub) -> None:
     assert len(strict.bodies) == 1
 
 
-def test_runs_on_one_loop_share_what_was_learnt(strict: StrictStub) -> None:
+def test_runs_on_one_loop_share_what_was_learnt(strict: FakeServer) -> None:
     req = Request(JUDGE, Sampling(max_tokens=1, logprobs=5))
     with backend(strict.base_url) as be:
         [a] = be.complete([req])  # learns that vLLM's fields are refused

@@ -24,21 +24,21 @@ from aiohttp import web
 from cai.backends.dialect import parse_response
 from cai.cli import main
 from cai.types import Completion
-from tests.strict_stub import MODEL, StrictStub, default_reply
+from tests.fake_server import MODEL, FakeServer, answer
 
 REPO = Path(__file__).resolve().parent.parent
 FIELDS = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
 
 
-class UsageStub(StrictStub):
+class UsageStub(FakeServer):
     """The strict OpenAI-style stub, reporting ``prompt_tokens_details.cached_tokens`` (a third of
     the prompt) and counting the tokens of every answer it served (``served``, and per prompt
     ``by_thing``: the ``thing N`` the messages name). With ``limit`` set, requests past the limit
     wait until ``release()`` and are then refused, uncounted (their client is gone)."""
 
     def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.served: Counter[str] = Counter()
+        super().__init__(strict=True, **kw)
+        self.tokens_served: Counter[str] = Counter()
         self.by_thing: dict[str, Counter[str]] = {}
         self.calls = 0
         self.limit: int | None = None
@@ -52,13 +52,13 @@ class UsageStub(StrictStub):
         self.limit = None
         self._loop.call_soon_threadsafe(self._release.set)
 
-    async def _chat(self, request: web.Request) -> web.Response:
+    async def chat(self, request: web.Request) -> web.Response:
         if self.limit is not None and self.calls >= self.limit:
             assert self._release is not None
             await self._release.wait()
             return web.json_response({"error": {"message": "gone"}}, status=503)
         self.calls += 1
-        resp = await super()._chat(request)
+        resp = await super().chat(request)
         if resp.status != 200:
             return resp
         data = json.loads(resp.body)  # type: ignore[arg-type]
@@ -66,7 +66,7 @@ class UsageStub(StrictStub):
         usage["prompt_tokens_details"] = {"cached_tokens": usage["prompt_tokens"] // 3}
         got = Counter({"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
                        "cached_prompt_tokens": usage["prompt_tokens"] // 3})
-        self.served.update(got)
+        self.tokens_served.update(got)
         text = json.dumps(self.bodies[-1]["messages"])
         for n in range(10):
             if f"thing {n}?" in text:
@@ -78,7 +78,7 @@ def long_for_thing_1(body: dict[str, Any]) -> str:
     """A long answer to every call about prompt p1 (cut at max_tokens: the truncated gate drops it)."""
     if "thing 1?" in json.dumps(body["messages"]):
         return " ".join(f"point{i}" for i in range(40))
-    return default_reply(body)
+    return str(answer({k: v for k, v in body.items() if k != 'n'})['choices'][0]['message']['content'])
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def summed(by: dict[str, dict[str, int]]) -> dict[str, int]:
 def test_usage_equals_what_the_server_served_by_stage_and_step(stub: UsageStub, tmp_path: Path) -> None:
     assert main(args(stub, tmp_path)) == 0
     usage = manifest(tmp_path)["usage"]
-    assert totals(usage) == dict(stub.served) and stub.served["cached_prompt_tokens"] > 0
+    assert totals(usage) == dict(stub.tokens_served) and stub.tokens_served["cached_prompt_tokens"] > 0
     assert summed(usage["by_step"]) == totals(usage) == summed(usage["by_stage"])
     assert set(usage["by_stage"]) == {"revise", "label"}
     assert {"answer", "critique", "revision", "judge"} <= set(usage["by_step"]) <= {
@@ -138,7 +138,7 @@ def test_a_resumed_run_adds_what_it_was_served(stub: UsageStub, tmp_path: Path) 
     assert main(args(stub, tmp_path, "--limit", "3")) == 0
     assert main(args(stub, tmp_path)) == 0  # three more prompts
     m = manifest(tmp_path)
-    assert totals(m["usage"]) == dict(stub.served)
+    assert totals(m["usage"]) == dict(stub.tokens_served)
     assert [totals(h["usage"])["prompt_tokens"] > 0 for h in m["history"]] == [True, True]
 
 
@@ -160,7 +160,7 @@ def test_killed_then_resumed_run_counts_everything_the_server_served(stub: Usage
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 90
-        while not (stub.calls >= 9 and ledger(tmp_path / "out" / "cache.sqlite") == stub.served["prompt_tokens"]):
+        while not (stub.calls >= 9 and ledger(tmp_path / "out" / "cache.sqlite") == stub.tokens_served["prompt_tokens"]):
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline, "the run did not reach the limit"
             time.sleep(0.05)
@@ -172,13 +172,13 @@ def test_killed_then_resumed_run_counts_everything_the_server_served(stub: Usage
             proc.wait(30)
         if proc.stderr:
             proc.stderr.close()
-    served_before = dict(stub.served)
+    served_before = dict(stub.tokens_served)
     assert manifest(tmp_path)["running"]  # killed: run.json still says so
     stub.release()
     assert main(args(stub, tmp_path)) == 0
     m = manifest(tmp_path)
-    assert stub.served["prompt_tokens"] > served_before["prompt_tokens"] > 0  # both processes were served
-    assert totals(m["usage"]) == dict(stub.served)
+    assert stub.tokens_served["prompt_tokens"] > served_before["prompt_tokens"] > 0  # both processes were served
+    assert totals(m["usage"]) == dict(stub.tokens_served)
     assert summed(m["usage"]["by_step"]) == totals(m["usage"])
     assert len(m["history"]) == 1  # the killed run never finished: its tokens went to its rerun's entry
 
@@ -189,16 +189,16 @@ def test_cost_from_the_prices_given_and_the_summary_line(stub: UsageStub, tmp_pa
     err = capsys.readouterr().err
     m = manifest(tmp_path)
     usage, cost = m["usage"], m["cost"]
-    p, c = stub.served["prompt_tokens"], stub.served["completion_tokens"]
+    p, c = stub.tokens_served["prompt_tokens"], stub.tokens_served["completion_tokens"]
     assert cost["total"] == round((p * 2.5 + c * 10) / 1e6, 6)
     stage = {k: round((v["prompt_tokens"] * 2.5 + v["completion_tokens"] * 10) / 1e6, 6)
              for k, v in usage["by_stage"].items()}
     assert cost["by_stage"] == stage
-    rows = sum(1 for _ in (tmp_path / "out" / "revisions.jsonl").open())
+    rows = len((tmp_path / "out" / "revisions.jsonl").read_text().splitlines())
     assert cost["per_sft_row"] == round(stage["revise"] / (rows - usage["rejected"]["rows"]), 8)
     assert cost["per_preference_pair"] == round(stage["label"] / m["counts"]["preferences"]["written"], 8)
     line = next(x for x in err.splitlines() if x.strip().startswith("usage:"))
-    assert f"{p} tokens in ({stub.served['cached_prompt_tokens']} cached), {c} out over every run of this folder" \
+    assert f"{p} tokens in ({stub.tokens_served['cached_prompt_tokens']} cached), {c} out over every run of this folder" \
         in line
     assert f"cost ${cost['total']:.4f}" in line and "per SFT row" in line and "per preference pair" in line
     # no prices: no cost section, and the line says no cost

@@ -105,6 +105,8 @@ class MultiServerBackend:
         extra_body: dict[str, Any] | None = None,
         backoff: float = 1.0,
         server: str = "auto",
+        rpm: int | None = None,
+        tpm: int | None = None,
         *,
         affinity: bool = True,
         affinity_limit: int | None = None,
@@ -127,7 +129,7 @@ class MultiServerBackend:
         self.all_down_wait = all_down_wait
         self._client_kw: dict[str, Any] = dict(api_key=api_key, concurrency=concurrency, timeout=timeout,
                                                max_retries=max_retries, extra_body=extra_body, backoff=backoff,
-                                               server=server)
+                                               server=server, rpm=rpm, tpm=tpm)  # each server its own limits
         self._servers: list[_Server] = []
         self._rows: OrderedDict[str, int] = OrderedDict()
         self._routing: Counter[str] = Counter()
@@ -149,12 +151,13 @@ class MultiServerBackend:
         ``failures`` (calls that failed there for the server's sake: unreachable, retries run
         out), ``rerouted`` (calls in flight when it went out of rotation, sent elsewhere),
         ``outages`` (times taken out of rotation), ``out_of_rotation_s``, ``last_failure``,
-        and its client's ``retries`` and ``server_kind``."""
+        and its client's ``retries``, ``server_kind`` and ``limits`` (``limits.Limits.describe``)."""
         now = time.monotonic()
         return [{"url": s.url, "in_rotation": s.up, "sent": s.sent, "answered": s.answered, "errors": s.errors,
                  "failures": s.failures, "rerouted": s.rerouted, "outages": s.outages,
                  "out_of_rotation_s": round(s.out_of_rotation_s(now), 3), "last_failure": s.last_failure,
-                 "retries": s.client.retries, "server_kind": s.client.server_kind} for s in self._servers]
+                 "retries": s.client.retries, "server_kind": s.client.server_kind,
+                 "limits": s.client.client.limits.describe()} for s in self._servers]
 
     @property
     def server_kind(self) -> str:
@@ -187,12 +190,21 @@ class MultiServerBackend:
         return {"affinity": self.affinity, "affinity_kept": self._routing["kept"],
                 "affinity_moved": self._routing["moved"], "all_down": self._routing["all_down"]}
 
+    @property
+    def limits(self) -> dict[str, Any]:
+        """The servers' ``limits`` (each server has its own): the refusals and waits summed, the
+        concurrency each settled at and the lowest of them."""
+        each = [s.client.client.limits.describe() for s in self._servers]
+        return {**each[0], "settled_at": [d["settled_at"] for d in each], "lowest": min(d["lowest"] for d in each),
+                "http_429": sum(d["http_429"] for d in each), "http_503": sum(d["http_503"] for d in each),
+                "rate_wait_s": round(sum(d["rate_wait_s"] for d in each), 3)}
+
     def describe(self) -> dict[str, Any]:
         """What ``OpenAIServerBackend.describe()`` gives (summed or merged over the servers), plus
         ``servers`` and ``routing``, for run.json."""
         return {"server": self._client_kw["server"], "server_kind": self.server_kind,
                 "capabilities": self.capabilities, "notes": self.notes, "retries": self.retries,
-                "servers": self.servers, "routing": self.routing}
+                "limits": self.limits, "servers": self.servers, "routing": self.routing}
 
     async def generate(self, request: Request) -> Completion:
         """One request, to one server (another one if that one fails); never raises for it."""

