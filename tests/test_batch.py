@@ -5,8 +5,8 @@ the requests an expired or failed batch left unanswered."""
 
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import os
 import signal
 import sqlite3

@@ -160,7 +160,8 @@ def test_killed_then_resumed_run_counts_everything_the_server_served(stub: Usage
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 90
-        while not (stub.calls >= 9 and ledger(tmp_path / "out" / "cache.sqlite") == stub.tokens_served["prompt_tokens"]):
+        db = tmp_path / "out" / "cache.sqlite"
+        while not (stub.calls >= 9 and ledger(db) == stub.tokens_served["prompt_tokens"]):
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline, "the run did not reach the limit"
             time.sleep(0.05)
@@ -198,8 +199,8 @@ def test_cost_from_the_prices_given_and_the_summary_line(stub: UsageStub, tmp_pa
     assert cost["per_sft_row"] == round(stage["revise"] / (rows - usage["rejected"]["rows"]), 8)
     assert cost["per_preference_pair"] == round(stage["label"] / m["counts"]["preferences"]["written"], 8)
     line = next(x for x in err.splitlines() if x.strip().startswith("usage:"))
-    assert f"{p} tokens in ({stub.tokens_served['cached_prompt_tokens']} cached), {c} out over every run of this folder" \
-        in line
+    cached = stub.tokens_served["cached_prompt_tokens"]
+    assert f"{p} tokens in ({cached} cached), {c} out over every run of this folder" in line
     assert f"cost ${cost['total']:.4f}" in line and "per SFT row" in line and "per preference pair" in line
     # no prices: no cost section, and the line says no cost
     assert main(args(stub, tmp_path)) == 0
