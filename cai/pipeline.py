@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,7 +291,7 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
                 for title in ("revise", "label") if plan.fused else ("revise",):
                     bars.drop(title, rows)
 
-            prompts = noting(gated(gate, plan.prompts(), skipped), rseen)
+            prompts = noting(gate(plan.prompts(), skipped), rseen)
             stream = Stream(rsink, prompts, ReviseStage(const, tpl, rcfg, be.model_id), "revise",
                             plan.totals.get("revise"), written=written, prune=prune, progress=cfg.progress)
 
@@ -332,7 +332,7 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
             bfp = best_of_n.fingerprint(be, const, tpl, JudgeConfig.of(cfg.label, cfg.seed),
                                         best_of_n.BestOfNConfig.of(cfg), pol.model_id)
             bsink, bseen = sink(plan.best, bfp), set[str]()
-            bprompts = noting(gated(bgate, plan.prompts(), lambda n: bars.drop("best-of-n", n)), bseen)
+            bprompts = noting(bgate(plan.prompts(), lambda n: bars.drop("best-of-n", n)), bseen)
             bstream = best_of_n.make_stream(cfg, const, tpl, bsink, be, bprompts, total=plan.totals.get("best_of_n"),
                                             policy=Pool(pol, cfg.concurrency) if pol is not be else None, prune=prune)
 
@@ -351,17 +351,6 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
         except BaseExceptionGroup as group_error:  # a stage's error mid-run (a request over the template
             raise group_error.exceptions[0] from None  # cap): its own one line, not a group's traceback
     return {name: done[name] for name in ("revise", "label", "best_of_n") if name in done}
-
-
-def gated(gate: InputGate, rows: Iterable[PromptRow], skipped: Callable[[int], None]) -> Iterator[PromptRow]:
-    """``gate(rows)``, each row it skips told to ``skipped`` as it is skipped."""
-    n = len(gate.skipped)
-    for row in gate(rows):
-        if len(gate.skipped) > n:
-            skipped(len(gate.skipped) - n)
-            n = len(gate.skipped)
-        yield row
-    skipped(len(gate.skipped) - n)
 
 
 def noting(rows: Iterable[PromptRow], seen: set[str]) -> Iterator[PromptRow]:

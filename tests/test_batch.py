@@ -327,3 +327,31 @@ def test_a_wave_waits_for_quiet_but_not_forever() -> None:
     assert b.due() == 131.0  # one quiet second after the last request
     b._last = 100.0 + GATHER - 0.5  # requests kept trickling in: the wave goes GATHER quiet periods after the first
     assert b.due() == 100.0 + GATHER
+
+
+def test_cai_label_in_batch_files_mode_equals_its_streaming_run(inp: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`cai label` (a labelling job over a pairs file) takes the batch settings too: its waves, answered
+    by the stub's answer function, write the streaming label run's rows."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"A careful answer {i}.",
+                                         "rejected": f"A rude answer {i}!"}) + "\n" for i in range(4)))
+
+    def label(out: Path, url: str, *extra: str) -> int:
+        return main(["label", str(pairs), "-o", str(out / "preferences.jsonl"), "--backend", "openai", "--base-url",
+                     url, "--model", MODEL, "--principles", "2", "--no-progress", *extra])
+
+    with BatchStub() as s:
+        assert label(tmp_path / "stream", s.base_url) == 0
+    waves = tmp_path / "waves"
+    for step in range(1, 5):
+        if (code := label(tmp_path / "batch", "http://127.0.0.1:9/v1", "--batch-files", str(waves))) == 0:
+            break
+        assert code == EXIT_WAVE_WRITTEN
+        req = waves / f"wave-{step:03d}.requests.jsonl"
+        (waves / f"wave-{step:03d}.output.jsonl").write_bytes(answer_file(req.read_bytes()))
+    assert code == 0 and step == 2  # one wave: every judgement of every pair at once
+    capsys.readouterr()
+    for name in ("labels.jsonl", "preferences.jsonl"):
+        rows = [(tmp_path / d / name).read_text().replace(str(tmp_path / d), "") for d in ("stream", "batch")]
+        assert rows[0] == rows[1] and rows[0]

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from ..cache import OFF
-from ..config import Leaf, RunConfig, base_type, leaves, load_run_config
+from ..config import BATCH_LEAVES, Leaf, RunConfig, base_type, leaves, load_run_config
 from ..errors import EXIT_CODES_HELP
 from ..plan import conflicting
 
@@ -134,7 +134,7 @@ def but(include: Include, *paths: str) -> Include:
 
 TOP = ("input", "output", "constitution", "templates", "backend", "model", "base_url", "api_key", "concurrency",
        "server", "timeout", "extra_body", "cache", "seed", "prompt_column", "split", "limit", "max_line_bytes",
-       "progress", "vllm", "rpm", "tpm")
+       "progress", "vllm", "rpm", "tpm", *BATCH_LEAVES)
 backend_options = settings_options(under("backend", "model", "base_url", "api_key", "concurrency", "server",
                                          "timeout", "extra_body", "vllm", "rpm", "tpm"))
 

@@ -4,7 +4,7 @@ as preference pairs (West-of-N)."""
 from __future__ import annotations
 
 from .. import pipeline
-from ..config import RunConfig
+from ..config import BATCH_LEAVES, RunConfig
 from ..errors import EXIT_CODES_HELP
 from ..quality.gates import REJECTS_FILE
 from ..stages.best_of_n import pairs_path
@@ -14,7 +14,7 @@ from .summary import exit_status, plural, print_calls, print_failures, print_gat
 
 BEST_OF_N = but(under(*TOP, "best_of_n", "gates", "label.policy_model", *(f"label.{n}" for n in JUDGE)),
                 "best_of_n.enabled",
-                "gates.keep", "gates.text")  # the input gates, and truncated (a cut best or worst)
+                "gates.keep", "gates.text", *BATCH_LEAVES)  # the input gates, and truncated (a cut best or worst)
 
 
 @app.command("best-of-n", epilog=EXIT_CODES_HELP)

@@ -11,17 +11,17 @@ import typer
 from rich.table import Table
 
 from .. import pipeline
-from ..config import NaiveSettings, RunConfig
+from ..config import BATCH_LEAVES, NaiveSettings, RunConfig
 from ..errors import EXIT_CODES_HELP, EXIT_ROWS_FAILED
 from ..plan import labels_path
 from ..quality.gates import REJECTS_FILE
 from .app import TOP, app, but, out, say, settings_options, stage_file, under
 from .summary import (
     exit_status,
+    print_backend,
     print_calls,
     print_failures,
     print_gates,
-    print_limits,
     print_preferences,
     print_rows,
     snapshot,
@@ -30,7 +30,7 @@ from .summary import (
 LABEL = but(under(*TOP, "label", "gates.truncated"), "label.enabled", "label.pairs")
 JUDGE = ("mode", "principles", "both_orders", "top_logprobs", "min_mass", "clamp", "tie_threshold", "fallback",
          "cot_max_tokens")
-EVAL = but(under(*TOP, *(f"label.{n}" for n in JUDGE)), "prompt_column", "cache")
+EVAL = but(under(*TOP, *(f"label.{n}" for n in JUDGE)), "prompt_column", "cache", *BATCH_LEAVES)
 PAIRS_HELP = ("Pairs (chosen/rejected transcripts or messages, prompt/response_a/response_b, or `cai revise` "
               "output) or prompts to sample pairs for: .jsonl/.json/.parquet/.csv, a saved datasets folder or a "
               "Hub dataset name.")
@@ -57,7 +57,7 @@ def label(config: RunConfig) -> None:
     print_preferences(prefs, output, s.path, config.label.keep_ties, config.label.tie_threshold,
                       config.cache_beside(output.parent))
     print_calls(res.calls, config.cache_beside(output.parent))
-    print_limits(res.backend)
+    print_backend(res.backend, output.parent)
     print_gates(res.gates, output.parent / REJECTS_FILE)
     print_failures({"label": s})
     exit_status({"label": s})

@@ -7,7 +7,7 @@ from ..config import RunConfig
 from ..errors import EXIT_CODES_HELP
 from ..quality.gates import REJECTS_FILE
 from .app import TOP, app, but, settings_options, stage_file, under
-from .summary import exit_status, print_calls, print_failures, print_gates, print_limits, print_rows, snapshot
+from .summary import exit_status, print_backend, print_calls, print_failures, print_gates, print_rows, snapshot
 
 REVISE = but(under(*TOP, "revise", "gates"), "revise.enabled", "gates.keep")
 
@@ -29,7 +29,7 @@ def revise(config: RunConfig) -> None:
     s = res.summary
     print_rows("revise", s, before, also=f" (readable: {output.with_suffix('.md')})")
     print_calls(res.calls, config.cache_beside(output.parent))
-    print_limits(res.backend)
+    print_backend(res.backend, output.parent)
     print_gates(res.gates, output.parent / REJECTS_FILE)
     print_failures({"revise": s})
     exit_status({"revise": s})

@@ -25,10 +25,10 @@ from .app import app, out, say, settings_options
 from .summary import (
     exit_status,
     plural,
+    print_backend,
     print_calls,
     print_failures,
     print_gates,
-    print_limits,
     print_preferences,
     print_rows,
     print_usage,
@@ -82,16 +82,7 @@ def run_command(
                           cfg.label.keep_ties, cfg.label.tie_threshold, cfg.cache_path(), indent="  ")
     print_calls(res.calls, cfg.cache_path(), indent="  ")
     print_usage(res.manifest, indent="  ")
-    print_limits(res.backend, indent="  ")
-    if servers := (res.backend or {}).get("servers"):
-        from ..backends.multi import servers_summary  # aiohttp: only when there were servers
-
-        say("  servers:")
-        for line in servers_summary(servers):
-            say(f"    {line}")
-    if batch := (res.backend or {}).get("batch"):  # batch mode: what went out as batches this time
-        where = f"state in {res.output / batch['state']}" if batch.get("state") else f"files in {batch.get('files')}"
-        say(f"  batches: {batch['waves']} sent this run ({batch['requests_sent']} requests); {where}")
+    print_backend(res.backend, res.output, indent="  ")
     print_gates(res.gates, res.output / REJECTS_FILE, indent="  ")
     print_failures(res.stages, indent="  ")
     say(f"  manifest: {res.output / 'run.json'}")

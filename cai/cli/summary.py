@@ -44,9 +44,10 @@ def print_usage(manifest: Mapping[str, Any], indent: str = "") -> None:
         say(f"{indent}usage: {tokens_line(usage, manifest.get('cost'))}")
 
 
-def print_limits(backend: Mapping[str, Any] | None, indent: str = "") -> None:
-    """``server: 37 429s met; concurrency settled at 12 of 256 (lowest 4)``, and the time
-    ``--rpm``/``--tpm`` held requests back: one line, only when something of the kind happened."""
+def print_backend(backend: Mapping[str, Any] | None, folder: Path, indent: str = "") -> None:
+    """What the server side did, from the backend's description, each line only when it happened:
+    ``server: 37 429s met; concurrency settled at 12 of 256 (lowest 4)`` and the time ``--rpm``/``--tpm``
+    held requests back; each server's share (several --base-url); the batches sent (batch mode)."""
     lim = (backend or {}).get("limits") or {}
     parts = []
     if met := ", ".join(f"{lim[k]} {k[5:]}s" for k in ("http_429", "http_503") if lim.get(k)):
@@ -58,6 +59,15 @@ def print_limits(backend: Mapping[str, Any] | None, indent: str = "") -> None:
         parts.append(f"{given} held requests back {lim['rate_wait_s']:.1f} s")
     if parts:
         say(f"{indent}server: {'; '.join(parts)}")
+    if servers := (backend or {}).get("servers"):
+        from ..backends.multi import servers_summary  # aiohttp: only when there were servers
+
+        say(f"{indent}servers:")
+        for line in servers_summary(servers):
+            say(f"{indent}  {line}")
+    if batch := (backend or {}).get("batch"):  # batch mode: what went out as batches this time
+        where = f"state in {folder / batch['state']}" if batch.get("state") else f"files in {batch.get('files')}"
+        say(f"{indent}batches: {batch['waves']} sent this run ({batch['requests_sent']} requests); {where}")
 
 
 def snapshot(path: Path) -> Rows:

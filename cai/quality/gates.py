@@ -20,7 +20,7 @@ from the rows, changing a gate setting needs no model call.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,8 @@ class InputGate:
         self._eval = (Decontaminator.from_file(s.decontaminate, threshold=s.dedup_threshold)
                       if s.decontaminate else None)
 
-    def __call__(self, rows: Iterable[PromptRow]) -> Iterator[PromptRow]:
+    def __call__(self, rows: Iterable[PromptRow], on_skip: Callable[[int], None] | None = None) -> Iterator[PromptRow]:
+        """``rows`` less the ones skipped, each skip told to ``on_skip`` (a progress total) as it is made."""
         for r in rows:
             text = "\n".join(m["content"] for m in r.prompt if m["role"] == "user")  # what was asked
             if self._eval is not None and (hit := self._eval.check(text)) is not None:
@@ -59,6 +60,8 @@ class InputGate:
                 continue
             self.skipped.append({"id": r.id, "stage": "input", "reasons": [reason], "detail": detail,
                                  "source": r.source, "prompt": r.prompt})
+            if on_skip is not None:
+                on_skip(1)
 
 
 def rejects(folder: Path, settings: GateSettings, skipped: Iterable[dict[str, Any]] = (),
