@@ -156,6 +156,14 @@ class NaiveSettings(_Section):
     max_tokens: int = Field(12, ge=1, description="Naive judge: tokens to write.")
 
 
+class EmbeddedSettings(_Section):
+    """The embedded backend (transformers on the CPU; `embedded:` in a run config, `--embedded-*` flags)."""
+
+    prefix_cache_mb: float = Field(512, ge=0, description="Embedded backend: MiB of KV cache kept for shared prompt "
+                                   "prefixes (the few-shot turns, a revision's earlier turns), so a call computes "
+                                   "only its new tokens; 0 turns it off.")
+
+
 class RunConfig(_Section):
     input: str | None = Field(None, description="Prompts: .jsonl/.json/.parquet/.csv, a saved "
                               "datasets folder or a Hub dataset name.")
@@ -191,6 +199,7 @@ class RunConfig(_Section):
     license: str | None = Field(None, description="Licence of the prompts and so of the data (a Hub license id: mit, "
                                 "apache-2.0, cc-by-4.0...), recorded in run.json; `cai export` puts it on the card.")
     vllm: EngineSettings = Field(default_factory=lambda: EngineSettings.model_validate({}))
+    embedded: EmbeddedSettings = Field(default_factory=lambda: EmbeddedSettings.model_validate({}))
     revise: ReviseSettings = Field(default_factory=lambda: ReviseSettings.model_validate({}))
     gates: GateSettings = Field(default_factory=lambda: GateSettings.model_validate({}))
     label: LabelSettings = Field(default_factory=lambda: LabelSettings.model_validate({}))
@@ -212,6 +221,8 @@ class RunConfig(_Section):
         opts: dict[str, Any] = {"base_url": self.base_url, "api_key": self.api_key, "concurrency": self.concurrency}
         if self.backend == "openai":
             opts |= {"server": self.server, "timeout": self.timeout, "extra_body": self.extra_body}
+        if self.backend == "embedded":
+            opts |= self.embedded.model_dump()
         return opts | (self.vllm.engine_args() if self.backend == "vllm" else {})
 
     @field_validator("extra_body", mode="before")
@@ -253,6 +264,8 @@ class RunConfig(_Section):
     def public(self) -> dict[str, Any]:
         """The config as written to run.json: paths as strings, the API key left out."""
         d = self.model_dump(mode="json")
+        if self.backend != "embedded":  # settings of a backend the run does not use
+            d.pop("embedded")
         d["api_key"] = None if self.api_key is None else "<redacted>"
         return d
 
