@@ -28,8 +28,13 @@ from ..errors import BackendError
 from ..model import default_model_dir, require_prepared
 from ..types import Completion, Request
 from .batching import ContinuousBatcher, Ticket
-from .decode import Decoder, _Row, top_logprobs
 from .prefix_cache import Layers, PrefixCache
+
+try:  # the decoding loop imports torch
+    from .decode import Decoder, _Row, top_logprobs
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise BackendError("the embedded backend needs torch and transformers "
+                       f"(pip install 'cai[embedded]'): {e}") from None
 
 __all__ = ["EmbeddedBackend", "_Row"]
 
