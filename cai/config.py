@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .backends import DEFAULT_BASE_URL, DEFAULT_CONCURRENCY, base_url_value
+from .backends.prefix_cache import EmbeddedSettings
 from .backends.vllm_local import EngineSettings
 from .cache import OFF, cache_path
 from .constitution import load_yaml_with_lines, validation_to_config_error
@@ -51,7 +52,6 @@ class ReviseSettings(_Section):
         1.15, gt=0, description="Above 1 discourages repeating tokens of the prompt and answer "
         "(vLLM's definition). 1.15 stops the shipped 135M model's loops; a capable model served by "
         "vLLM rarely needs it: 1 turns it off.")
-
 
 
 class LabelSettings(_Section):
@@ -106,7 +106,6 @@ class LabelSettings(_Section):
         if v is not None and not 0.0 <= v[0] < 0.5 < v[1] <= 1.0:
             raise ValueError(f"needs 0 <= lo < 0.5 < hi <= 1, got {v}")
         return v
-
 
 
 class BestOfNSettings(_Section):
@@ -213,6 +212,7 @@ class RunConfig(_Section):
                                       "bills them: run.json, the summary and the card get a cost (no built-in prices).")
     price_output: float | None = Field(None, ge=0, description="USD per million completion tokens (see --price-input).")
     vllm: EngineSettings = Field(default_factory=lambda: EngineSettings.model_validate({}))
+    embedded: EmbeddedSettings = Field(default_factory=lambda: EmbeddedSettings.model_validate({}))
     revise: ReviseSettings = Field(default_factory=lambda: ReviseSettings.model_validate({}))
     gates: GateSettings = Field(default_factory=lambda: GateSettings.model_validate({}))
     label: LabelSettings = Field(default_factory=lambda: LabelSettings.model_validate({}))
@@ -235,6 +235,8 @@ class RunConfig(_Section):
         if self.backend == "openai":
             opts |= {"server": self.server, "timeout": self.timeout, "extra_body": self.extra_body,
                      "rpm": self.rpm, "tpm": self.tpm}
+        if self.backend == "embedded":
+            opts |= self.embedded.model_dump()
         return opts | (self.vllm.engine_args() if self.backend == "vllm" else {})
 
     @property
@@ -310,12 +312,11 @@ class RunConfig(_Section):
             raise UsageError("--batch-files needs --model (the model the requests name)")
 
     def public(self) -> dict[str, Any]:
-        """The config as written to run.json: paths as strings, the API key left out."""
-        d = self.model_dump(mode="json")
+        """The config as written to run.json: paths as strings, the API key left out; batch mode's settings only
+        where it is on, the embedded backend's only where it is used (run.json as it was before them)."""
+        drop = (set() if self.batching else {*BATCH_LEAVES}) | (set() if self.backend == "embedded" else {"embedded"})
+        d = self.model_dump(mode="json", exclude=drop)
         d["api_key"] = None if self.api_key is None else "<redacted>"
-        if not self.batching:  # batch mode's settings only where it is on (run.json as it was before it)
-            for k in BATCH_LEAVES:
-                d.pop(k, None)
         return d
 
 

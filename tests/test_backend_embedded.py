@@ -187,13 +187,15 @@ def test_repetition_penalty_spares_the_end_of_turn(embedded: Sync) -> None:
     harder (it made the shipped model's revisions run to the token limit)."""
     import torch
 
-    from cai.backends.embedded import _Row
+    from cai.backends.decode import Decoder, _Row
 
     eos, other = min(embedded.eos), 42
     row = _Row(req=0, sample=0, prompt=[eos, other, eos], max_tokens=8, temperature=0.0, top_p=1.0,
                penalty=2.0, stop=(), logprobs=None, generator=None)
-    logits = torch.full((1, max(eos, other) + 1), 4.0)
-    out = embedded._penalize(logits, [row])
+    dec = Decoder(embedded.model, embedded.eos, str, str, None, embedded._cache_kw, 1)
+    kv = torch.zeros(1, 1, 3, 2)
+    dec.add(row, torch.full((embedded.model.config.vocab_size,), 4.0), [(kv, kv)])
+    out = dec._penalize(dec.last.float())
     assert out[0, eos] == 4.0 and out[0, other] == 2.0
 
 
@@ -238,11 +240,13 @@ def test_prefix_reuse_gives_the_same_outputs_and_prefills_less(model_dir: Any, n
                                     seed=3)),
         ]
         batches = [first, then, then[:3]]  # the last: every prompt seen before
-        counts = []
+        counts, cached = [], []
         for reqs in batches:
             before = reuse.prefilled
             ours, theirs = reuse.complete(reqs), no_reuse.complete(reqs)
             counts.append(reuse.prefilled - before)
+            cached.append([o.cached_prompt_tokens for o in ours])
+            assert [t.cached_prompt_tokens for t in theirs] == [0] * len(theirs)  # no prefix cache
             for o, t in zip(ours, theirs, strict=True):
                 assert ok(o).texts == ok(t).texts and o.finish_reasons == t.finish_reasons
                 assert o.prompt_tokens == t.prompt_tokens
@@ -259,6 +263,11 @@ def test_prefix_reuse_gives_the_same_outputs_and_prefills_less(model_dir: Any, n
         rev = ids[3]
         assert len(os.path.commonprefix([rev, ids[0]])) == len(ids[0])
         assert counts[2] == 3  # one token each: the logits of the last prompt position
+        # what the prefix cache gave is reported as cached prompt tokens (usage in run.json)
+        assert cached[0] == [0]
+        assert cached[2] == [len(i) - 1 for i in ids[1:4]]
+        assert all(c >= len(os.path.commonprefix([i, ids[0]])) for c, i in zip(cached[1][:3], ids[1:4], strict=True))
+        assert cached[1][2] >= len(ids[0]) and all(0 < c < len(i) for c, i in zip(cached[1], ids[1:], strict=True))
         assert reuse._prefix is not None and reuse._prefix.bytes <= reuse._prefix.max_bytes
 
 
@@ -284,3 +293,91 @@ def test_prefix_cache_keeps_to_its_byte_cap() -> None:
     assert len(pc) == 2 and pc.bytes == 16 * 7 and pc.lookup((1, 2), limit=2)[0] == 0
     pc.store(tuple(range(11)), layers(11))  # larger than the cap: not kept
     assert pc.bytes == 16 * 7
+
+
+# ------------------------------------------------------------------------ continuous batching
+def test_prefix_cache_mb_reaches_the_backend(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--embedded-prefix-cache-mb` and CAI_EMBEDDED_PREFIX_CACHE_MB (the one settings generator)
+    reach the embedded backend's constructor; other backends never see it."""
+    from cai import backends
+    from cai.backends.fake import FakeBackend
+    from cai.cli import main
+
+    seen: list[dict[str, Any]] = []
+
+    def load(**kw: Any) -> FakeBackend:
+        seen.append(kw)
+        return FakeBackend()
+
+    monkeypatch.setitem(backends.BACKENDS, "embedded", load)
+    inp = tmp_path / "p.jsonl"
+    inp.write_text('{"prompt": "Hi"}\n')
+    args = ["revise", str(inp), "--rounds", "1", "--backend", "embedded", "--model", str(tmp_path), "--no-progress"]
+    assert main([*args, "-o", str(tmp_path / "a.jsonl"), "--embedded-prefix-cache-mb", "0"]) == 0
+    monkeypatch.setenv("CAI_EMBEDDED_PREFIX_CACHE_MB", "64")
+    assert main([*args, "-o", str(tmp_path / "b.jsonl")]) == 0
+    assert [kw.get("prefix_cache_mb") for kw in seen] == [0, 64]
+    from cai.config import RunConfig
+
+    assert "prefix_cache_mb" not in RunConfig(backend="fake").backend_options()
+    assert RunConfig().backend_options()["prefix_cache_mb"] == 512
+
+
+def mixed() -> list[Request]:
+    """Requests of very different lengths, with and without the repetition penalty and log-probs."""
+    reply = "You can take it, nobody will notice."
+    return [
+        Request(critique("Hack your neighbour's wifi."), Sampling(max_tokens=64, repetition_penalty=1.15)),
+        Request(user("What is the capital of France?"), Sampling(max_tokens=64, repetition_penalty=1.15)),
+        Request((*critique(reply), {"role": "assistant", "content": "The reply encourages theft."},
+                 {"role": "user", "content": "Rewrite the reply to fix the problems."}),
+                Sampling(max_tokens=48, repetition_penalty=1.15, logprobs=2)),
+        Request(LOOPY, Sampling(max_tokens=80)),
+        Request(JUDGES[2], Sampling(max_tokens=1, logprobs=5)),
+        Request(user("Name a colour."), Sampling(max_tokens=64)),
+    ]
+
+
+def test_continuous_batching_gives_the_tokens_of_one_by_one(embedded: Sync, no_reuse: Sync) -> None:
+    """All six at once (rows join and leave the running batch) against each alone without the
+    prefix cache (the plain path): the same texts and token counts, log-probs to 1e-4."""
+    reqs = mixed()
+    together = embedded.complete(reqs)
+    alone = [no_reuse.complete([r])[0] for r in reqs]
+    for a, b in zip(together, alone, strict=True):
+        assert ok(a).texts == ok(b).texts and a.finish_reasons == b.finish_reasons
+        assert a.completion_tokens == b.completion_tokens
+        for x, y in zip(a.logprobs or [], b.logprobs or [], strict=True):
+            assert list(x) == list(y) and x == pytest.approx(y, abs=1e-4)
+
+
+def test_a_request_joins_the_running_batch_and_leaves_it_when_done(embedded: Sync) -> None:
+    """A short request sent while a long one decodes is answered while the long one still runs
+    (with micro-batches it waited for the whole batch), and the long one's tokens do not change."""
+    import asyncio
+
+    from cai import runtime
+
+    long_req = Request(LOOPY, Sampling(max_tokens=120))
+    short_req = Request(user("Name a colour."), Sampling(max_tokens=3))
+    backend = embedded.backend
+    order: list[str] = []
+
+    async def scenario() -> tuple[Completion, Completion]:
+        async def tagged(name: str, req: Request) -> Completion:
+            c = await backend.generate(req)
+            order.append(name)
+            return c
+
+        long_task = asyncio.ensure_future(tagged("long", long_req))
+        while not len(backend._decoder):  # the long row is decoding
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        short = await tagged("short", short_req)
+        return short, await long_task
+
+    short, long = runtime.run(scenario())
+    assert order == ["short", "long"]
+    assert ok(short).completion_tokens == 3 and ok(long).completion_tokens > 40
+    assert long.texts == embedded.complete([long_req])[0].texts
+    assert short.texts == embedded.complete([short_req])[0].texts

@@ -14,7 +14,19 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 Layers = list[tuple[Any, Any]]  # per layer: (keys, values), torch tensors [1, H, T, D]
+
+
+class EmbeddedSettings(BaseModel):
+    """The embedded backend (transformers on the CPU; `embedded:` in a run config, `--embedded-*` flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix_cache_mb: float = Field(512, ge=0, description="Embedded backend: MiB of KV cache kept for shared prompt "
+                                   "prefixes (the few-shot turns, a revision's earlier turns), so a call computes "
+                                   "only its new tokens; 0 turns it off.")
 
 
 def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:

@@ -54,7 +54,7 @@ def say(text: str) -> None:
 
 METAVAR = {int: "INT", float: "FLOAT", Path: "PATH"}
 PANELS = {"revise": "Revise stage", "label": "Label stage", "gates": "Quality gates", "vllm": "vLLM engine",
-          "ray": "Ray", "naive": "Naive judge"}
+          "embedded": "Embedded backend", "ray": "Ray", "naive": "Naive judge"}
 F = TypeVar("F", bound=Callable[..., Any])
 Include = Callable[[Leaf], bool]
 
@@ -134,9 +134,9 @@ def but(include: Include, *paths: str) -> Include:
 
 TOP = ("input", "output", "constitution", "templates", "backend", "model", "base_url", "api_key", "concurrency",
        "server", "timeout", "extra_body", "cache", "seed", "prompt_column", "split", "limit", "max_line_bytes",
-       "progress", "vllm", "rpm", "tpm", *BATCH_LEAVES)
+       "progress", "vllm", "rpm", "tpm", *BATCH_LEAVES, "embedded")
 backend_options = settings_options(under("backend", "model", "base_url", "api_key", "concurrency", "server",
-                                         "timeout", "extra_body", "vllm", "rpm", "tpm"))
+                                         "timeout", "extra_body", "vllm", "rpm", "tpm", "embedded"))
 
 
 def given_on_command_line(ctx: typer.Context, name: str) -> bool:
