@@ -158,7 +158,7 @@ def test_kill_9_mid_run_then_rerun_writes_every_id_once(tmp_path: Path, command:
            "--no-progress"]
     kills = 0
     for _ in range(3):
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         part = out.with_name(out.name + ".part")
         start = len(part.read_text().splitlines()) if part.exists() else 0
         deadline = time.monotonic() + 60
