@@ -159,7 +159,7 @@ def usage_and_cost(plan: Plan, res: RunResult, history: list[dict[str, Any]]) ->
     folder, cfg = Path(plan.config.output), plan.config
     usage = add_up(h.get("usage") for h in history)
     if uncounted := sum(not isinstance(h.get("usage"), dict) for h in history):
-        usage["uncounted_runs"] = uncounted  # runs before cai counted tokens, and runs on Ray (not counted yet)
+        usage["uncounted_runs"] = uncounted  # runs before cai counted tokens
     rows, rejected = _revise_rows(folder)
     usage["rejected"] = rejected
     out: dict[str, Any] = {"usage": usage}

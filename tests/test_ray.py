@@ -85,9 +85,10 @@ def lines(path: Path) -> list[dict[str, Any]]:
 
 def manifest(folder: Path, fresh: bool) -> dict[str, Any]:
     """run.json less what differs between two runs of the same rows (time, Ray's own record);
-    unless both runs started afresh, less the calls made and the rows written vs resumed too."""
+    unless both runs started afresh, less the calls made (and their tokens) and the rows written vs
+    resumed too."""
     m = json.loads((folder / "run.json").read_text())
-    for key in ("elapsed_s", "history", "ray", *(() if fresh else ("calls",))):
+    for key in ("elapsed_s", "history", "ray", *(() if fresh else ("calls", "usage", "cost"))):
         m.pop(key, None)
     m["config"].pop("ray")  # the settings of how it ran (`--ray-address local` or none)
     if not fresh:

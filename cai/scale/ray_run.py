@@ -62,6 +62,7 @@ from ..stages.revise import ReviseConfig, ReviseStage
 from ..stages.revise import fingerprint as revise_fingerprint
 from ..stages.runner import DURABLE_EVERY_S, Call, Outcome, Pool, prune, run
 from ..templates import Templates
+from ..usage import Usage
 
 RAY_HINT = "--ray-address needs Ray Data: pip install 'cai[ray]' (or pip install 'ray[data]')"
 # The revisions.jsonl line a fused pair comes from is known only when the driver writes the
@@ -179,13 +180,15 @@ class RowWorker:
 
     async def _one(self, kind: str, obj: Any, call: Call) -> dict[str, list[Outcome]]:
         out: dict[str, list[Outcome]] = {"revise": [], "label": []}
+        label = Call(call.pool, call.bar, call.priority, call.affinity, "label")  # the stage in run.json's usage
         if kind == "row":
+            call.stage = "revise"
             out["revise"] = outs = await self.revise(obj, call)
             if self.fused and outs and outs[0].row is not None:
                 # as a local run does: the pair is made from the row as written (JSON)
-                out["label"] = await self.label(record_to_pair(json.loads(dumps(outs[0].row)), _LINE), call)
+                out["label"] = await self.label(record_to_pair(json.loads(dumps(outs[0].row)), _LINE), label)
         else:  # "pair": judge it; "sample": a prompt whose sampled answers are judged in pairs
-            out["label"] = await self.label(obj, call)
+            out["label"] = await self.label(obj, label)
         return out
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
@@ -200,7 +203,8 @@ class RowWorker:
         results = run(go, self.backend, self.concurrency)
         be = self.backend
         stats = dumps({"instance": self.instance, "node": self.node, "pid": os.getpid(), "sent": be.sent,
-                       "cached": be.hits, "errors": be.errors})
+                       "cached": be.hits, "errors": be.errors,
+                       "usage": [[*key, *cell] for key, cell in be.usage.cells.items()]})
         return {"seq": seqs, "result": [pickle.dumps(r, protocol=5) for r in results], "stats": [stats] * len(seqs)}
 
     def __del__(self) -> None:
@@ -379,6 +383,10 @@ def _drive(plan: Plan, res: RunResult, named: Backend, model_id: str, rfp: str, 
             summary.kept = 0 if summary.dropped else len(sink.done.keys() - ids)
             res.stages[name] = summary
     res.sent, res.cached, res.errors = (sum(c[k] for c in counts.values()) for k in ("sent", "cached", "errors"))
+    res.usage = Usage()  # the tokens each actor reported with its last rows (a killed actor's since then: lost)
+    for c in counts.values():
+        for stage, step, *cell in c["usage"]:
+            res.usage.add(stage, step, *cell)
     res.skipped = gate.skipped
     return finish_run(plan, res, model_id, t0, history, {"ray": ray_info})
 
@@ -424,7 +432,7 @@ def _run_on_ray(cfg: RunConfig, spec: WorkerSpec, plan: _Work, rsink: JsonlSink 
                 nodes.add(stat["node"])
                 prev = counts.get(stat["instance"])
                 if prev is None or stat["sent"] + stat["cached"] >= prev["sent"] + prev["cached"]:
-                    counts[stat["instance"]] = {k: stat[k] for k in ("sent", "cached", "errors")}
+                    counts[stat["instance"]] = {k: stat[k] for k in ("sent", "cached", "errors", "usage")}
             while head is not None and head in done:
                 _write(done.pop(head), rsink, lsink, revisions)
                 head = next(order, None)
