@@ -50,6 +50,7 @@ RECENT_S = 5.0  # the pace starts from the rate of the answers that succeeded ov
 PACE_BACKOFF = 0.7  # the pace is multiplied by this on each new round of 429s
 PACE_GROW = 0.05  # ... and grows back by this share of the rate at the last cut, per second
 MIN_PACE = 0.1  # requests a second: the slowest pace
+DENSE = 0.1  # the pace is cut only when the 429s since the last cut are this share of the answers
 
 
 def estimate_tokens(body: dict[str, Any]) -> int:
@@ -179,6 +180,7 @@ class Limits:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.pace: Bucket | None = None  # learnt from the first 429 when no rate limit is given
         self.step = 0.0  # requests a second the pace grows by, per second
+        self.since_cut = [0, 0]  # answers and 429s since the pace was last cut
         self.recent: deque[float] = deque()  # when answers succeeded, over the last RECENT_S (unpaced)
         self.tokens_each: float | None = None  # the tokens an answer uses (a running mean)
 
@@ -215,6 +217,7 @@ class Limits:
         self._release()
         if status in (429, 503):
             self.refused[status] += 1
+            self.since_cut[1] += status == 429
             if retry_after:
                 self.hold_until = max(self.hold_until, time.monotonic() + min(retry_after, MAX_HOLD_S))
             if cuts == self.cuts:  # the first refusal of this round: cut once
@@ -242,6 +245,7 @@ class Limits:
             self.tokens_each = used if self.tokens_each is None else 0.9 * self.tokens_each + 0.1 * used
         if self.pace is not None:
             self.pace.rate += self.step / self.pace.rate
+            self.since_cut[0] += 1
         now = time.monotonic()
         self.recent.append(now)
         while self.recent[0] < now - RECENT_S:
@@ -258,10 +262,12 @@ class Limits:
             rate = told or (seen + self.in_flight) / max(1.0, now - self.recent[0] if self.recent else 0.0)
             self.pace = Bucket(60 * max(MIN_PACE, rate) / HEADROOM)
             self.pace.paid_at = max(now, self.hold_until) - 1 / self.pace.rate  # the next goes after the hold
+        elif self.since_cut[1] < max(2, DENSE * self.since_cut[0]):  # stray 429s: no cut (no spiral down)
+            return
         else:  # cut, but not below what the server answered of late (a full window refuses any pace)
             cut = max(self.pace.rate * PACE_BACKOFF, HEADROOM * served)
             self.pace.rate = max(MIN_PACE, min(cut, self.pace.rate, told) if told else min(cut, self.pace.rate))
-        self.step = PACE_GROW * self.pace.rate / PACE_BACKOFF
+        self.step, self.since_cut = PACE_GROW * self.pace.rate / PACE_BACKOFF, [0, 0]
 
     def _release(self) -> None:
         self.in_flight -= 1
