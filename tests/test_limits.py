@@ -117,7 +117,7 @@ def test_no_limits_set_learns_a_pace_and_stops_hammering(latency_s: float, rows:
     """After the first burst (every row at once: what the window does not hold is refused, before
     any answer can say so), the client paces itself near the limit (learnt from the answers, or
     from the x-ratelimit-* headers) instead of meeting 429s again and again: before the pace, 0.8
-    to 1.9 more 429s per answer (Retry-Afters ending all at once); with it, 0.01-0.18."""
+    to 1.9 more 429s per answer (Retry-Afters ending all at once); with it, 0.13-0.22."""
     cfg = FakeConfig(rpm=1200, window_s=1.0, latency_s=latency_s, ratelimit_headers=headers)  # 20 a window
     with FakeServer(cfg) as server:
         out, desc, _ = run_requests(server, rows)
