@@ -16,7 +16,9 @@ The server (``FakeServer``) adds what a hosted provider does: an RPM and a TPM l
 sliding window (``window_s``, 60 s as providers do; shorter in fast tests: the limits then allow
 ``rpm * window_s / 60`` requests per window), enforced with HTTP 429 and ``Retry-After`` (seconds
 until the window has room; TPM counts each request's prompt + completion tokens when it is
-admitted), an optional ``latency_s``, and counters: ``served``, ``refused_429``, the tokens
+admitted), optionally OpenAI's ``x-ratelimit-*`` headers on every answer and 429
+(``ratelimit_headers``: limit, remaining and reset, of requests and of tokens, counted over its
+window), an optional ``latency_s``, and counters: ``served``, ``refused_429``, the tokens
 served, every request body received (``bodies``), the time each answered request was admitted
 (``admitted``) and the most requests it held at once (``max_in_flight``). ``GET /v1/models``
 lists the model; ``GET /stats`` gives the counters.
@@ -72,6 +74,7 @@ class FakeConfig:
     tpm: int | None = None  # tokens (prompt + completion) per minute
     window_s: float = 60.0  # the sliding window the limits are counted over
     retry_after: bool = True  # send Retry-After with a 429
+    ratelimit_headers: bool = False  # send x-ratelimit-{limit,remaining,reset}-{requests,tokens} (of the window)
     latency_s: float = 0.0  # each admitted request is answered after this long
     cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens: min(this, prompt_tokens) when > 0
     words: int = 9  # words in a plain answer (before max_tokens cuts it)
@@ -185,6 +188,18 @@ class Window:
         self.log.append((now, cost))
         self.used += cost
         return None
+
+    def headers(self, now: float) -> dict[str, str]:
+        """``x-ratelimit-*`` as OpenAI sends them, of this window: the limit, what is left, and the
+        time until all of it is given back (``1.25s``)."""
+        out = {}
+        reset = f"{max(0.0, self.log[-1][0] + self.seconds - now) if self.log else 0.0:.3f}s"
+        for kind, limit, used in (("requests", self.requests, len(self.log)), ("tokens", self.tokens, self.used)):
+            if limit is not None:
+                out |= {f"x-ratelimit-limit-{kind}": str(int(limit)),
+                        f"x-ratelimit-remaining-{kind}": str(max(0, int(limit - used))),
+                        f"x-ratelimit-reset-{kind}": reset}
+        return out
 
 
 class ThreadedServer:
@@ -326,9 +341,11 @@ class FakeServer(ThreadedServer):
         wait = self.window.admit(usage["prompt_tokens"] + usage["completion_tokens"], now)
         if wait is not None:
             self.refused_429 += 1
-            headers = {"Retry-After": f"{math.ceil(wait * 1000) / 1000:.3f}"} if self.config.retry_after else None
+            headers = {"Retry-After": f"{math.ceil(wait * 1000) / 1000:.3f}"} if self.config.retry_after else {}
+            if self.config.ratelimit_headers:
+                headers |= self.window.headers(now)
             return _error(429, "Rate limit reached: too many requests or tokens per minute; try again later.",
-                          headers)
+                          headers or None)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -341,7 +358,7 @@ class FakeServer(ThreadedServer):
         self.prompt_tokens += usage["prompt_tokens"]
         self.completion_tokens += usage["completion_tokens"]
         self.cached_tokens += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-        return web.json_response(data)
+        return web.json_response(data, headers=self.window.headers(now) if self.config.ratelimit_headers else None)
 
     def strict_refusal(self, body: dict[str, Any]) -> web.Response | None:
         """What OpenAI's API answers to a request it refuses (None: it takes it)."""

@@ -15,17 +15,26 @@
   ``tpm``, its prompt tokens estimated from the rendered messages (4 characters a token, 4
   tokens a message) plus ``max_tokens`` for each of ``n`` samples; when the answer comes, the
   bucket is corrected by the server's ``usage`` (a refused request costs nothing).
+- a pace, without ``rpm``/``tpm``, learnt from the first 429: concurrency alone cannot bound a
+  rate when answers are fast. It starts from the server's ``x-ratelimit-*`` headers when it sends
+  them (``(limit - remaining) / reset`` of requests, and of tokens over the tokens an answer
+  uses), else from the rate answers succeeded at over the last ``RECENT_S`` seconds; then AIMD on
+  the rate: each new round of 429s multiplies it by ``PACE_BACKOFF``, each answer that succeeds
+  adds ``step / rate`` (``step``: ``PACE_GROW`` of the rate at the last cut, per second). New
+  requests go at the pace (a ``Bucket``), so when a ``Retry-After`` hold ends they go one by one,
+  not all at once. A server that never refuses is never paced.
 
 ``Patience`` is how long one request is tried again (a 429 that says when to come back is
 waited out rather than counted as a fault). ``describe()`` says what was met, for run.json: the
-429s and 503s, the limit the concurrency settled at, its lowest, and the seconds requests
-waited for the rate limits.
+429s and 503s, the limit the concurrency settled at, its lowest, the seconds requests
+waited for the rate limits, and the pace learnt (requests a minute), if any.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections import deque
 from typing import Any
@@ -37,6 +46,11 @@ BACKOFF = 0.5  # the concurrency limit is multiplied by this on a 429 or 503
 MAX_HOLD_S = 60.0  # the longest a Retry-After holds new requests
 SLACK_S = 0.05  # a rate limit's time not lost to a late wake-up
 PATIENCE_S = 600.0  # how long one request waits out 429s that say when to come back
+RECENT_S = 5.0  # the pace starts from the rate of the answers that succeeded over this long
+PACE_BACKOFF = 0.7  # the pace is multiplied by this on each new round of 429s
+PACE_GROW = 0.05  # ... and grows back by this share of the rate at the last cut, per second
+MIN_PACE = 0.1  # requests a second: the slowest pace
+DENSE = 0.1  # the pace is cut only when the 429s since the last cut are this share of the answers
 
 
 def estimate_tokens(body: dict[str, Any]) -> int:
@@ -64,6 +78,36 @@ def used_tokens(usage: Any) -> int | None:
         return int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
     except (TypeError, ValueError):
         return None
+
+
+def duration(value: str | None) -> float | None:
+    """A ``x-ratelimit-reset-*`` header's seconds: ``1.5``, ``20ms``, ``6m0s``, ``1h2m3.5s``."""
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        parts = re.findall(r"([\d.]+)(ms|h|m|s)", value)
+    if not parts or "".join(n + u for n, u in parts) != value.strip():
+        return None
+    return sum(float(n) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[u] for n, u in parts)
+
+
+def header_rate(headers: Any, tokens_each: float | None) -> float | None:
+    """Requests a second the server's ``x-ratelimit-*`` headers allow: for requests and for
+    tokens (over ``tokens_each``, what an answer uses), ``(limit - remaining) / reset`` (what was
+    spent, over the time until it is all given back: the rate it is given back at); the lower."""
+    rates = []
+    for kind, each in (("requests", 1.0), ("tokens", tokens_each)):
+        try:
+            limit = float(headers.get(f"x-ratelimit-limit-{kind}"))
+            spent = limit - float(headers.get(f"x-ratelimit-remaining-{kind}"))
+        except (TypeError, ValueError):
+            continue
+        reset = duration(headers.get(f"x-ratelimit-reset-{kind}"))
+        if each and reset and reset > 0 and spent > 0:
+            rates.append(spent / reset / each)
+    return min(rates) if rates else None
 
 
 class Patience:
@@ -134,6 +178,11 @@ class Limits:
         self.refused: dict[int, int] = {429: 0, 503: 0}
         self.hold_until = 0.0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self.pace: Bucket | None = None  # learnt from the first 429 when no rate limit is given
+        self.step = 0.0  # requests a second the pace grows by, per second
+        self.since_cut = [0, 0]  # answers and 429s since the pace was last cut
+        self.recent: deque[float] = deque()  # when answers succeeded, over the last RECENT_S (unpaced)
+        self.tokens_each: float | None = None  # the tokens an answer uses (a running mean)
 
     # ----------------------------------------------------------------------------- a slot
     async def enter(self, body: dict[str, Any]) -> tuple[int, int]:
@@ -148,6 +197,8 @@ class Limits:
                 await asyncio.sleep(hold)
             if self.requests is not None:
                 await self.requests.take(1)
+            elif self.pace is not None:
+                await self.pace.take(1)
             cost = 0
             if self.tokens is not None:
                 cost = estimate_tokens(body)
@@ -158,27 +209,65 @@ class Limits:
         return self.cuts, cost
 
     def leave(self, ticket: tuple[int, int], status: int, used: int | None = None,
-              retry_after: float | None = None) -> None:
+              retry_after: float | None = None, headers: Any = None) -> None:
         """A try is over: ``status`` 0 when no answer came; ``used``: the tokens the answer's
-        ``usage`` counts (prompt + completion), when it says."""
+        ``usage`` counts (prompt + completion), when it says; ``headers``: the answer's (a 429's
+        ``x-ratelimit-*`` set the pace)."""
         cuts, cost = ticket
         self._release()
         if status in (429, 503):
             self.refused[status] += 1
+            self.since_cut[1] += status == 429
             if retry_after:
                 self.hold_until = max(self.hold_until, time.monotonic() + min(retry_after, MAX_HOLD_S))
             if cuts == self.cuts:  # the first refusal of this round: cut once
                 self.cuts += 1
-                self.limit = max(1.0, self.limit * BACKOFF)
-                self.lowest = min(self.lowest, int(self.limit))
-        elif status == 200 and self.limit < self.ceiling:
-            self.limit = min(float(self.ceiling), self.limit + 1 / self.limit)
-            self._wake()
+                if self.pace is None or status == 503:  # paced: the pace bounds the rate, not this
+                    self.limit = max(1.0, self.limit * BACKOFF)
+                    self.lowest = min(self.lowest, int(self.limit))
+                if status == 429 and self.requests is None and self.tokens is None:
+                    self._slow_down(headers)
+        elif status == 200:
+            if self.limit < self.ceiling:
+                self.limit = min(float(self.ceiling), self.limit + 1 / self.limit)
+                self._wake()
+            if self.requests is None and self.tokens is None:
+                self._succeeded(used)
         if self.tokens is not None and cost:
             if status == 200 and used is not None:
                 self.tokens.give(cost - used)
             elif status == 429 or 400 <= status < 500:  # refused: the server counted nothing
                 self.tokens.give(cost)
+
+    # --------------------------------------------------------------------------- the pace
+    def _succeeded(self, used: int | None) -> None:
+        if used:
+            self.tokens_each = used if self.tokens_each is None else 0.9 * self.tokens_each + 0.1 * used
+        if self.pace is not None:
+            self.pace.rate += self.step / self.pace.rate
+            self.since_cut[0] += 1
+        now = time.monotonic()
+        self.recent.append(now)
+        while self.recent[0] < now - RECENT_S:
+            self.recent.popleft()
+
+    def _slow_down(self, headers: Any) -> None:
+        """A new round of 429s: the pace is learnt (the headers', else the recent answers' rate)
+        or cut."""
+        told = header_rate(headers, self.tokens_each) if headers is not None else None
+        now = time.monotonic()
+        seen = sum(1 for t in self.recent if t >= now - RECENT_S)
+        served = seen / max(1.0, now - self.recent[0]) if self.recent else 0.0  # what the server took
+        if self.pace is None:
+            rate = told or (seen + self.in_flight) / max(1.0, now - self.recent[0] if self.recent else 0.0)
+            self.pace = Bucket(60 * max(MIN_PACE, rate) / HEADROOM)
+            self.pace.paid_at = max(now, self.hold_until) - 1 / self.pace.rate  # the next goes after the hold
+        elif self.since_cut[1] < max(2, DENSE * self.since_cut[0]):  # stray 429s: no cut (no spiral down)
+            return
+        else:  # cut, but not below what the server answered of late (a full window refuses any pace)
+            cut = max(self.pace.rate * PACE_BACKOFF, HEADROOM * served)
+            self.pace.rate = max(MIN_PACE, min(cut, self.pace.rate, told) if told else min(cut, self.pace.rate))
+        self.step, self.since_cut = PACE_GROW * self.pace.rate / PACE_BACKOFF, [0, 0]
 
     def _release(self) -> None:
         self.in_flight -= 1
@@ -208,7 +297,9 @@ class Limits:
 
     def describe(self) -> dict[str, Any]:
         """``rpm``, ``tpm`` (as given), ``concurrency`` (the most), ``settled_at`` (the adaptive
-        limit now), ``lowest``, ``http_429``/``http_503`` (refusals met), ``rate_wait_s``."""
+        limit now), ``lowest``, ``http_429``/``http_503`` (refusals met), ``rate_wait_s``,
+        ``paced_at`` (the pace learnt, requests a minute; None: never paced)."""
         return {"rpm": self.rpm, "tpm": self.tpm, "concurrency": self.ceiling, "settled_at": int(self.limit),
                 "lowest": self.lowest, "http_429": self.refused[429], "http_503": self.refused[503],
-                "rate_wait_s": round(self.waited(), 3)}
+                "rate_wait_s": round(self.waited(), 3),
+                "paced_at": None if self.pace is None else round(60 * self.pace.rate)}

@@ -197,7 +197,8 @@ class MultiServerBackend:
         each = [s.client.client.limits.describe() for s in self._servers]
         return {**each[0], "settled_at": [d["settled_at"] for d in each], "lowest": min(d["lowest"] for d in each),
                 "http_429": sum(d["http_429"] for d in each), "http_503": sum(d["http_503"] for d in each),
-                "rate_wait_s": round(sum(d["rate_wait_s"] for d in each), 3)}
+                "rate_wait_s": round(sum(d["rate_wait_s"] for d in each), 3),
+                "paced_at": [d["paced_at"] for d in each] if any(d["paced_at"] for d in each) else None}
 
     def describe(self) -> dict[str, Any]:
         """What ``OpenAIServerBackend.describe()`` gives (summed or merged over the servers), plus

@@ -228,10 +228,10 @@ class ServerClient:
         async def attempt() -> tuple[int, Any]:
             nonlocal tries
             tries += 1
-            ticket, status, used, after = await limits.enter(body), 0, None, None
+            ticket, status, used, after, headers = await limits.enter(body), 0, None, None, None
             try:
                 async with session.post(url, data=payload) as resp:
-                    raw, status = await resp.read(), resp.status
+                    raw, status, headers = await resp.read(), resp.status, resp.headers
                 if status == 200:
                     status, data = 0, _json_object(raw)  # a malformed body is no answer
                     status, used = 200, used_tokens(data.get("usage"))
@@ -241,7 +241,7 @@ class ServerClient:
                     raise _Retryable(status, msg, after := retry_after(resp.headers.get("Retry-After")))
                 return status, msg
             finally:
-                limits.leave(ticket, status, used, after)
+                limits.leave(ticket, status, used, after, headers)
 
         try:
             return await self.with_retries(attempt)

@@ -54,6 +54,8 @@ def print_backend(backend: Mapping[str, Any] | None, folder: Path, indent: str =
         at = lim.get("settled_at")
         at = ", ".join(map(str, at)) if isinstance(at, list) else at
         parts.append(f"{met} met; concurrency settled at {at} of {lim.get('concurrency')} (lowest {lim.get('lowest')})")
+        if pace := lim.get("paced_at"):
+            parts.append(f"paced at {', '.join(map(str, pace)) if isinstance(pace, list) else pace} requests/min")
     if lim.get("rate_wait_s"):
         given = " ".join(f"--{k} {lim[k]}" for k in ("rpm", "tpm") if lim.get(k))
         parts.append(f"{given} held requests back {lim['rate_wait_s']:.1f} s")
