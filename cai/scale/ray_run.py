@@ -357,7 +357,7 @@ def _drive(plan: Plan, res: RunResult, named: Backend, model_id: str, rfp: str, 
     out, revisions = cfg.output, cfg.output / "revisions.jsonl"
     node_cache, address = ray_args.pop("node_cache"), ray_args["address"]
     history = mark_running(out / "run.json")
-    counts: dict[str, dict[str, int]] = {}  # per actor instance: its latest call counts
+    counts: dict[str, dict[str, Any]] = {}  # per actor instance: its latest call counts and tokens
     ray_info: dict[str, Any] = {"address": address, "actors": 0, "nodes": [], "blocks": 0, "rows": 0}
     with contextlib.ExitStack() as files:
         rsink = files.enter_context(JsonlSink(revisions, rfp)) if plan.revise else None
@@ -394,7 +394,7 @@ def _drive(plan: Plan, res: RunResult, named: Backend, model_id: str, rfp: str, 
 def _run_on_ray(cfg: RunConfig, spec: WorkerSpec, plan: _Work, rsink: JsonlSink | None, lsink: JsonlSink | None,
                 revisions: Path, *, address: str | None, actors: int | None, actor_cpus: float,
                 max_restarts: int | None, max_task_retries: int | None, ray_remote_args: dict[str, Any] | None,
-                init_args: dict[str, Any] | None, counts: dict[str, dict[str, int]], info: dict[str, Any]) -> None:
+                init_args: dict[str, Any] | None, counts: dict[str, dict[str, Any]], info: dict[str, Any]) -> None:
     """The work items through the actor pool; their rows written here, in input order."""
     started = _connect(address, init_args)
     try:
