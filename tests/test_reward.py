@@ -150,6 +150,29 @@ def test_record_holds_every_match(fake: FakeBackend, tmp_path: Path) -> None:
     assert rows[0]["provenance"]["stage"] == "reward/group" and rows[0]["provenance"]["model"] == "fake"
 
 
+def test_cai_report_shows_a_training_runs_rewards_by_step(fake: FakeBackend, tmp_path: Path) -> None:
+    """record=DIR/rewards.jsonl, then `cai report DIR`: report.json's rewards and a table on the page
+    hold what the trainer got, per step (a direct-mode step and a group-mode step here)."""
+    from cai.analysis import build_report
+    from cai.cli import main
+
+    rec = tmp_path / "rewards.jsonl"
+    with ConstitutionReward(None, fake, record=rec) as r:
+        g1 = asyncio.run(r(["a", "a", "a", "b", "b"], TEXTS[:3] + TEXTS[:2], trainer_state=None))
+    with ConstitutionReward(None, fake, record=rec, mode="direct") as d:
+        g2 = asyncio.run(d.rewards(["a", "b"], TEXTS[:2], step=7))
+    rw = build_report(tmp_path)["rewards"]
+    steps = {s["step"]: s for s in rw["by_step"]}
+    assert rw["completions"] == 7 and rw["mode"] == "direct, group"
+    for step, got in ((None, g1), (7, g2)):
+        known = [x for x in got if x is not None]
+        assert steps[step]["scored"] == len(known) and steps[step]["mean"] == pytest.approx(sum(known) / len(known))
+        assert steps[step]["max"] == pytest.approx(max(known))
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "Rewards by training step" in page and f"{max(g2):.3f}" in page
+
+
 def test_the_callers_loop_runs_while_the_judge_works() -> None:
     slow = FakeBackend(respond, delay=0.3)
 

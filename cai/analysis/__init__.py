@@ -59,6 +59,7 @@ from .. import stats
 from .counts import describe, histograms, rounded
 from .human import agreement_summary
 from .read import MAX_CHARS, MAX_ROWS, RunData, as_dict, as_list, as_text, load_run
+from .rewards import rewards_summary
 
 REPORT_VERSION = 1
 __all__ = ["MAX_ROWS", "REPORT_VERSION", "RunData", "build_report", "figures", "load_run"]
@@ -174,6 +175,8 @@ def figures(data: RunData) -> dict[str, Any]:
                                "failure_reasons": dict(data.failures["best_of_n"])}
     if isinstance(usage := m.get("usage"), dict):  # tokens served over the folder's runs, and their cost
         report["usage"] = {**usage, **({"cost": m["cost"]} if isinstance(m.get("cost"), dict) else {})}
+    if (rewards := rewards_summary(data.run_dir)) is not None:  # a training run's (cai.trl, record=)
+        report["rewards"] = rewards
     if (review := agreement_summary(data.run_dir)) is not None:  # human labels from `cai review`
         report["human_review"] = review
     out: dict[str, Any] = rounded(report)

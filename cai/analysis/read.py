@@ -30,7 +30,7 @@ from .counts import BestOfN, Group, Lengths, Side
 MAX_ROWS = 2000  # rows embedded in the page's table
 MAX_CHARS = 2000  # characters kept of each text in the table
 MAX_TABLE_CHARS = 6_000_000  # and no more rows once the table's texts reach this many characters
-RUN_FILES = ("run.json", "revisions.jsonl", "labels.jsonl", BEST_OF_N_FILE)
+RUN_FILES = ("run.json", "revisions.jsonl", "labels.jsonl", BEST_OF_N_FILE, "rewards.jsonl")
 REVISION_KEYS = ("id", "prompt", "initial_response", "revised_response", "rounds")
 LABEL_KEYS = ("id", "response_a", "response_b", "p_a")
 BEST_OF_N_KEYS = ("id", "prompt", "best_response", "worst_response", "samples", "ranking")
@@ -43,8 +43,8 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
         raise InputError(f"{run_dir}: not a folder; pass the output folder of `cai run`")
     present = [name for name in RUN_FILES if (run_dir / name).is_file()]
     if not present:
-        raise InputError(f"{run_dir}: not a cai run folder (no run.json, revisions.jsonl or labels.jsonl); "
-                         "pass the folder `cai run` wrote")
+        raise InputError(f"{run_dir}: not a cai run folder (no run.json, revisions.jsonl, labels.jsonl or "
+                         "rewards.jsonl); pass the folder `cai run` wrote")
     parts = sorted(p.name for p in run_dir.glob("*.jsonl.part"))
     if parts:
         raise InputError(f"{run_dir / parts[0]}: a stage is still running or crashed; wait for it, or rerun it "

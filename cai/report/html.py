@@ -189,6 +189,18 @@ def _human_review(report: dict[str, Any]) -> list[tuple[str, str, list[str], lis
              [[k, v] for k, v in summary_lines(hr).items()])]
 
 
+def _rewards(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """A training run's rewards (``cai.trl.ConstitutionReward(record=...)``) by step, when there are any."""
+    rw = report.get("rewards")
+    if not rw:
+        return []
+    text = (f"{rw['file']} ({rw['mode']} mode): {rw['scored']:,} of {rw['completions']:,} completions scored, "
+            f"mean reward {_num(rw['mean'], 3)}.")
+    return [("Rewards by training step", text, ["step", "completions", "scored", "mean", "lowest", "highest"],
+             [[str(s["step"]), _num(s["completions"]), _num(s["scored"]), _num(s["mean"], 3), _num(s["min"], 3),
+               _num(s["max"], 3)] for s in rw["by_step"]])]
+
+
 def render(report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     """The page for a report (``cai.analysis.figures``) and its table rows."""
     run = report["run"]
@@ -209,7 +221,7 @@ def render(report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
              **(report.get("best_of_n") or {}).get("gates", {})}
     return _template().render(
         run=run, rows=list(rows), meta=meta, cap=cap, plots=_plots(report), tiles=_tiles(report),
-        tables=_principles(report) + _human_review(report),
+        tables=_principles(report) + _human_review(report) + _rewards(report),
         gate_text=("Gate flags: " + ", ".join(f"{k} ({v})" for k, v in sorted(gates.items())) + ".") if gates else "")
 
 
