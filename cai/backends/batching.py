@@ -13,6 +13,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..types import Completion, Request
 
@@ -54,12 +55,7 @@ class MicroBatcher:
                     fut.set_result(c)
 
     async def aclose(self) -> None:
-        if self._drain is not None and not self._drain.done():
-            self._drain.cancel()
-            await asyncio.gather(self._drain, return_exceptions=True)
-        for _, fut in self._queue:
-            fut.cancel()
-        self._queue.clear()
+        await _shut(self._drain, self._queue)
 
 
 @dataclass
@@ -134,12 +130,17 @@ class ContinuousBatcher:
 
     async def aclose(self) -> None:
         self.closing = True
-        if self._drain is not None and not self._drain.done():
-            self._drain.cancel()
-            await asyncio.gather(self._drain, return_exceptions=True)
-        for _, fut in self._queue:
-            fut.cancel()
-        self._queue.clear()
+        await _shut(self._drain, self._queue)
+
+
+async def _shut(drain: asyncio.Task[None] | None, queue: Any) -> None:
+    """A batcher's close: its drain task stopped, every queued request cancelled."""
+    if drain is not None and not drain.done():
+        drain.cancel()
+        await asyncio.gather(drain, return_exceptions=True)
+    for _, fut in queue:
+        fut.cancel()
+    queue.clear()
 
 
 def _settle(fut: asyncio.Future[Completion], c: Completion) -> None:
