@@ -16,7 +16,6 @@ The file's format is described in ``cai.review.labels``.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -25,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .read import iter_rows
+from .read import iter_rows, numbered
 
 HUMAN_FILE, LABELS_FILE = "human_labels.jsonl", "labels.jsonl"
 LABELS = ("a", "b", "tie")
 SIDES = ("a", "b")
 SAMPLES = ("uncertainty", "uniform")
+
 
 def load_pairs(run_dir: Path) -> list[dict[str, Any]]:
     """The judged pairs of a run folder (labels.jsonl), one error line when there are none."""
@@ -59,18 +59,11 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     """Every record, in file order. A line that is not a valid record (a line torn by a crash
     mid-write, a hand edit gone wrong) is left out; ``--import`` checks every line before it
     appends, and ``check`` says what is wrong with one."""
-    out = []
     path = Path(run_dir) / HUMAN_FILE
-    if path.exists():
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and not check(rec, None):
-                    out.append(rec)
-    return out
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8") as f:
+        return [rec for _, rec in numbered(f) if isinstance(rec, dict) and not check(rec, None)]
 
 
 def current(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -121,7 +114,6 @@ def check(rec: dict[str, Any], ids: set[str] | None) -> str | None:
     if rec.get("sample") not in (*SAMPLES, None):
         return f"`sample` must be \"uncertainty\", \"uniform\" or absent, got {rec.get('sample')!r}"
     return None
-
 
 
 Z95 = 1.959963984540054

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,24 +72,29 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
+def numbered(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
+    """(line number, the parsed JSON value, or the ``ValueError`` it raised) of each non-blank line."""
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except ValueError as e:
+                yield n, e
+
+
 def iter_rows(path: Path, kind: str, required: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
     """The JSON objects of a JSONL file, with one-line errors naming file and line."""
     if not path.is_file():
         return
     try:
         with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise InputError(f"{path}:{n}: not valid JSON ({one_line(e)}); the file is damaged: "
-                                     "rerun `cai run` to rewrite it") from None
+            for n, row in numbered(f):
+                if isinstance(row, ValueError):
+                    raise InputError(f"{path}:{n}: not valid JSON ({one_line(row)}); the file is damaged: "
+                                     "rerun `cai run` to rewrite it")
                 if not isinstance(row, dict):
                     raise InputError(f"{path}:{n}: not a JSON object; is this a cai {kind} file?")
-                missing = [k for k in required if k not in row]
-                if missing:
+                if missing := [k for k in required if k not in row]:
                     raise InputError(f"{path}:{n}: a {kind} row needs {', '.join(map(repr, missing))}; "
                                      f"is this a cai {kind} file?")
                 yield row
@@ -109,32 +114,24 @@ def as_text(value: Any) -> str:
 
 def conversation(prompt: Any) -> str:
     """Chat messages (or a plain string) as a transcript, tolerant of odd roles."""
-    if isinstance(prompt, str):
-        return prompt
     if not isinstance(prompt, list):
         return as_text(prompt)
-    parts = []
-    for m in prompt:
-        if isinstance(m, dict):
-            parts.append(f"{str(m.get('role', '?')).capitalize()}: {as_text(m.get('content'))}")
-        else:
-            parts.append(as_text(m))
-    return "\n\n".join(parts)
+    return "\n\n".join(f"{str(m.get('role', '?')).capitalize()}: {as_text(m.get('content'))}"
+                       if isinstance(m, dict) else as_text(m) for m in prompt)
 
 
 def cut(text: str, limit: int = MAX_CHARS) -> str:
-    if len(text) <= limit:
-        return text
-    return text[:limit] + f" [... {len(text) - limit:,} more characters]"
+    return text if len(text) <= limit else text[:limit] + f" [... {len(text) - limit:,} more characters]"
 
 
 def gates_of(row: dict[str, Any]) -> list[str]:
     g = row.get("gates")
-    if isinstance(g, list):
-        return [str(x) for x in g]
-    if isinstance(g, str) and g:
-        return [g]
-    return []
+    return [str(x) for x in g] if isinstance(g, list) else [g] if isinstance(g, str) and g else []
+
+
+def marked(found: dict[str, bool]) -> list[str]:
+    """The names of the markers found."""
+    return [k for k, v in found.items() if v]
 
 
 def as_dict(v: Any) -> dict[str, Any]:
@@ -239,30 +236,18 @@ def load_run(run_dir: Path, *, unit: str = "chars", max_rows: int = MAX_ROWS) ->
     return data
 
 
-def _round_texts(row: dict[str, Any], clean: Callable[[str], str]) -> list[str]:
-    """The answer after each round (index 0: the initial answer), as the revise stage kept it."""
-    current = as_text(row["initial_response"]).strip()
-    texts = [current]
-    for r in row["rounds"] if isinstance(row["rounds"], list) else []:
-        if isinstance(r, dict):
-            current = clean(as_text(r.get("revision"))) or current
-            texts.append(current)
-    return texts
-
-
 def _read_revisions(data: RunData, max_rows: int) -> None:
-    clean = clean_revision
-    path = data.run_dir / "revisions.jsonl"
-    for row in iter_rows(path, "revisions", REVISION_KEYS):
+    for row in iter_rows(data.run_dir / "revisions.jsonl", "revisions", REVISION_KEYS):
         rid = str(row["id"])
         data.revise_rows += 1
-        rounds = [r for r in row["rounds"] if isinstance(r, dict)] if isinstance(row["rounds"], list) else []
+        rounds = [r for r in as_list(row["rounds"]) if isinstance(r, dict)]
         principles = [str(r.get("principle_id", "?")) for r in rounds]
         data.revised[rid] = _Revised(digest(as_text(row["initial_response"])),
                                      digest(as_text(row["revised_response"])), list(dict.fromkeys(principles)))
-        if isinstance(row.get("provenance"), dict) and row["provenance"]:
-            data.provenance.setdefault("revise", row["provenance"])
-        texts = _round_texts(row, clean)
+        _provenance(data, "revise", row)
+        texts = [as_text(row["initial_response"]).strip()]  # the answer after each round, as the stage kept it
+        for r in rounds:
+            texts.append(clean_revision(as_text(r.get("revision"))) or texts[-1])
         found = [data.markers_of(text, keep=k == 0 or k == len(texts) - 1) for k, text in enumerate(texts)]
         for k, text in enumerate(texts):
             if len(data.rounds) <= k:
@@ -277,7 +262,6 @@ def _read_revisions(data: RunData, max_rows: int) -> None:
         data.whole.add(texts[-1], texts[0] if len(texts) > 1 else None, found[-1])
         gates = gates_of(row)
         data.revise_gates.update(gates)
-        data.table_total += 1
         if _room(data, max_rows):
             _add_row(data, {
                 "id": rid, "kind": "revision", "prompt": cut(conversation(row["prompt"])),
@@ -286,24 +270,27 @@ def _read_revisions(data: RunData, max_rows: int) -> None:
                             "critique": cut(as_text(r.get("critique")).strip()),
                             "revision": cut(as_text(r.get("revision")).strip())} for i, r in enumerate(rounds)],
                 "revise_principles": principles, "judge_principles": [], "gates": gates,
-                "markers_initial": [k for k, v in found[0].items() if v],
-                "markers_final": [k for k, v in found[-1].items() if v],
+                "markers_initial": marked(found[0]), "markers_final": marked(found[-1]),
                 "label": None, "p": None, "human": None,
             })
 
 
-def _room(data: RunData, max_rows: int) -> bool:
-    return len(data.table) < max_rows and data.table_chars < MAX_TABLE_CHARS
+def _provenance(data: RunData, stage: str, row: dict[str, Any]) -> None:
+    """The first row's provenance of each stage (``run`` info of folders without run.json)."""
+    if isinstance(row.get("provenance"), dict) and row["provenance"]:
+        data.provenance.setdefault(stage, row["provenance"])
 
 
 def _chars(obj: Any) -> int:
-    if isinstance(obj, str):
-        return len(obj)
     if isinstance(obj, dict):
-        return sum(_chars(v) for v in obj.values())
-    if isinstance(obj, list):
-        return sum(_chars(v) for v in obj)
-    return 0
+        obj = list(obj.values())
+    return len(obj) if isinstance(obj, str) else sum(map(_chars, obj)) if isinstance(obj, list) else 0
+
+
+def _room(data: RunData, max_rows: int) -> bool:
+    """Count a row of the table; True while the table has room to keep it (``_add_row``)."""
+    data.table_total += 1
+    return len(data.table) < max_rows and data.table_chars < MAX_TABLE_CHARS
 
 
 def _add_row(data: RunData, entry: dict[str, Any]) -> None:
@@ -320,21 +307,14 @@ def _revised_side(row: dict[str, Any], rev: _Revised | None) -> str | None:
             return str(row[key])
     if rev is None:
         return None
-    a, b = digest(as_text(row["response_a"])), digest(as_text(row["response_b"]))
-    if a == rev.revised and b == rev.initial:
-        return "a"
-    if b == rev.revised and a == rev.initial:
-        return "b"
-    return None
+    pair = (digest(as_text(row["response_a"])), digest(as_text(row["response_b"])))
+    return "a" if pair == (rev.revised, rev.initial) else "b" if pair == (rev.initial, rev.revised) else None
 
 
 def _principle_views(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per judge principle of a label row: p_a per order (non-abstained) and counts."""
     views: dict[str, dict[str, Any]] = {}
-    judgements = row.get("judgements")
-    for j in judgements if isinstance(judgements, list) else []:
-        if not isinstance(j, dict):
-            continue
+    for j in [j for j in as_list(row.get("judgements")) if isinstance(j, dict)]:
         v = views.setdefault(str(j.get("principle_id", "?")), {"orders": {}, "n": 0, "abstained": 0})
         v["n"] += 1
         p = number(j.get("p_a"))
@@ -357,8 +337,7 @@ def _add_label(data: RunData, row: dict[str, Any], max_rows: int, table: bool = 
     if (p_a := number(row.get("p_a"))) is None:
         return  # the judge stage writes such pairs to the failures file; nothing to count
     rid = str(row["id"])
-    if isinstance(row.get("provenance"), dict) and row["provenance"]:
-        data.provenance.setdefault("label", row["provenance"])
+    _provenance(data, "label", row)
     origin = str(row.get("origin") or "unknown")
     data.origins[origin] += 1
     rev = data.revised.get(rid)
@@ -388,8 +367,7 @@ def _add_label(data: RunData, row: dict[str, Any], max_rows: int, table: bool = 
               (orders["ab"] - 0.5) * (orders["ba"] - 0.5) > 0 if both else None, side, human)
     a, b = as_text(row["response_a"]), as_text(row["response_b"])
     len_a, len_b = size(a), size(b)
-    lrow = {"id": rid, "p_a": p_a, "label": label, "len_a": len_a, "len_b": len_b}
-    data.length_rows.append(lrow)
+    data.length_rows.append({"id": rid, "p_a": p_a, "label": label, "len_a": len_a, "len_b": len_b})
     flip = side == "b"
     p_rev = 1.0 - p_a if flip else p_a  # the revision's, in a revision pair
     if side is not None:
@@ -417,13 +395,12 @@ def _add_label(data: RunData, row: dict[str, Any], max_rows: int, table: bool = 
         return
     if side is not None:
         return  # a revision pair whose revision row was past the table's cap
-    data.table_total += 1
     if _room(data, max_rows):
         _add_row(data, {
             "id": rid, "kind": "pair", "origin": origin, "prompt": cut(conversation(row.get("prompt"))),
             "response_a": cut(a), "response_b": cut(b), "rounds": [], "revise_principles": [],
-            "gates": gates, "markers_a": [k for k, v in data.markers_of(a).items() if v],
-            "markers_b": [k for k, v in data.markers_of(b).items() if v], **entry})
+            "gates": gates, "markers_a": marked(data.markers_of(a)), "markers_b": marked(data.markers_of(b)),
+            **entry})
 
 
 def _read_best_of_n(data: RunData, max_rows: int) -> None:
@@ -434,8 +411,7 @@ def _read_best_of_n(data: RunData, max_rows: int) -> None:
         return
     bon = data.best_of_n = BestOfN(pairs_file=sum(1 for _ in iter_rows(pairs_path(path), "best-of-n pairs")))
     for row in iter_rows(path, "best-of-n", BEST_OF_N_KEYS):
-        if isinstance(row.get("provenance"), dict) and row["provenance"]:
-            data.provenance.setdefault("best_of_n", row["provenance"])
+        _provenance(data, "best_of_n", row)
         ranking = as_dict(row["ranking"])
         matches = [m for m in as_list(ranking.get("matches")) if isinstance(m, dict)]
         best, worst = as_text(row["best_response"]), as_text(row["worst_response"])
@@ -447,14 +423,11 @@ def _read_best_of_n(data: RunData, max_rows: int) -> None:
         for m in matches:
             if isinstance(m.get("label"), dict):
                 _add_label(data, m["label"], max_rows, table=False)
-        data.table_total += 1
         if _room(data, max_rows):
-            n = len(as_list(row["samples"]))
             _add_row(data, {
-                "id": str(row["id"]), "kind": "pair", "origin": f"best of {n}",
+                "id": str(row["id"]), "kind": "pair", "origin": f"best of {len(as_list(row['samples']))}",
                 "prompt": cut(conversation(row["prompt"])), "response_a": cut(best), "response_b": cut(worst),
                 "rounds": [], "revise_principles": [], "judge_principles": [], "gates": gates,
-                "markers_a": [k for k, v in data.markers_of(best).items() if v],
-                "markers_b": [k for k, v in data.markers_of(worst).items() if v],
+                "markers_a": marked(data.markers_of(best)), "markers_b": marked(data.markers_of(worst)),
                 "label": "a" if (number(row.get("margin")) or 0) > 0 else "tie", "p": None, "human": None,
                 "position_consistent": None})

@@ -19,16 +19,15 @@ under an exclusive ``flock``, so two tabs, two servers or an import never overwr
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ..analysis.human import HUMAN_FILE, SIDES, check, load_pairs, principle_sides, read_records
+from ..analysis.read import numbered
 from ..errors import InputError
 from ..files import dumps
 from ..hashing import hash_int
@@ -36,10 +35,6 @@ from ..hashing import hash_int
 ORDER_TEXT = (
     "Pairs come hardest first: pairs the judge called a tie; then pairs whose two orders (A/B and "
     "B/A) disagree; then pairs whose principles disagree; then by how near the judge's p(A) is to 0.5.")
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # --- the judged pairs --------------------------------------------------------------------------
@@ -73,8 +68,8 @@ def shown_left(pair_id: str, reviewer: str) -> str:
 
 def record(pair_id: str, label: str | None, left: str | None, reviewer: str, sample: str | None = None
            ) -> dict[str, Any]:
-    rec = {"id": pair_id, "label": label, "shown_left": left, "reviewer": reviewer, "time": now()}
-    return rec | ({"sample": sample} if sample else {})
+    return {"id": pair_id, "label": label, "shown_left": left, "reviewer": reviewer,
+            "time": datetime.now(UTC).isoformat(timespec="seconds")} | ({"sample": sample} if sample else {})
 
 
 def append(run_dir: Path, records: list[dict[str, Any]]) -> int:
@@ -100,25 +95,6 @@ def append(run_dir: Path, records: list[dict[str, Any]]) -> int:
 # --- checking and importing --------------------------------------------------------------------
 
 
-def _import_rows(path: Path, ids: set[str]) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield n, None, f"not valid JSON ({e.msg})"
-                continue
-            if not isinstance(rec, dict):
-                yield n, None, "a record must be a JSON object"
-                continue
-            if "label" not in rec:
-                yield n, None, "no `label` (\"a\", \"b\", \"tie\", or null for an undo)"
-                continue
-            yield n, rec, check(rec, ids)
-
-
 @dataclass
 class Imported:
     added: int
@@ -130,12 +106,22 @@ def import_labels(run_dir: Path, path: Path) -> Imported:
     ``InputError`` with one ``file:line: what`` line per bad record)."""
     ids = {r["id"] for r in load_pairs(run_dir)}
     good, bad = [], []
-    for n, rec, problem in _import_rows(path, ids):
-        if problem:
-            bad.append(f"{path}:{n}: {problem}")
-        elif rec is not None:
-            good.append({k: rec.get(k) for k in ("id", "label", "shown_left", "reviewer", "time")}
-                        | ({"sample": rec["sample"]} if rec.get("sample") else {}))
+    problem: str | None
+    with path.open(encoding="utf-8") as f:
+        for n, rec in numbered(f):
+            if isinstance(rec, ValueError):
+                problem = f"not valid JSON ({getattr(rec, 'msg', rec)})"
+            elif not isinstance(rec, dict):
+                problem = "a record must be a JSON object"
+            elif "label" not in rec:
+                problem = "no `label` (\"a\", \"b\", \"tie\", or null for an undo)"
+            else:
+                problem = check(rec, ids)
+            if problem:
+                bad.append(f"{path}:{n}: {problem}")
+            else:
+                good.append({k: rec.get(k) for k in ("id", "label", "shown_left", "reviewer", "time")}
+                            | ({"sample": rec["sample"]} if rec.get("sample") else {}))
     if bad:
         raise InputError("\n".join(bad + [f"{len(bad)} bad record(s) in {path}: nothing imported"]))
     seen = {dumps(r) for r in read_records(run_dir)}
