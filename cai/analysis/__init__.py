@@ -96,10 +96,8 @@ def figures(data: RunData) -> dict[str, Any]:
     label_cfg = as_dict(as_dict(m.get("config")).get("label"))
     const = as_dict(m.get("constitution"))
     principles = [p for p in as_list(const.get("principles")) if isinstance(p, dict)]
-    by_round = []
-    for k, r in enumerate(data.rounds):
-        by_round.append({"round": k, **describe(r.lengths), "growth": _ratio(r.sums),
-                         "median_row_ratio": _median(r.growth), "markers": r.markers.rates()})
+    by_round = [{"round": k, **describe(r.lengths), "growth": _ratio(r.sums), "median_row_ratio": _median(r.growth),
+                 "markers": r.markers.rates()} for k, r in enumerate(data.rounds)]
     first, whole = (data.rounds[0].lengths if data.rounds else []), data.whole
     fails = {stage: sum(reasons.values()) for stage, reasons in data.failures.items()}
     bon = data.best_of_n.summary() if data.best_of_n is not None else None
@@ -179,8 +177,7 @@ def figures(data: RunData) -> dict[str, Any]:
         report["rewards"] = rewards
     if (review := agreement_summary(data.run_dir)) is not None:  # human labels from `cai review`
         report["human_review"] = review
-    out: dict[str, Any] = rounded(report)
-    return out
+    return dict(rounded(report))
 
 
 def build_report(run_dir: Path, *, unit: str = "chars") -> dict[str, Any]:

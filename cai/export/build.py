@@ -97,12 +97,12 @@ def check_run_folder(folder: Path) -> None:
         raise InputError(f"{folder}: no such run folder (make one with `cai run`, or `cai revise "
                          f"-o {folder}/{SFT_FILE}` / `cai label -o {folder}/{PREFS_FILE}`)")
     parts = sorted(p.name for p in folder.glob("*.jsonl.part"))
-    unfinished = [p.name for p in folder.glob("*.jsonl.meta.json") if not _complete(p)]
+    unfinished = [p.name for p in folder.glob("*.jsonl.meta.json") if not _field(p, "complete", True)]
     if parts or unfinished:
         what = ", ".join(parts or sorted(unfinished))
         raise InputError(f"{folder}: run is unfinished ({what} still in progress or crashed); "
                          "rerun the same stage command to finish it (it resumes), then export")
-    if _running(folder / "run.json"):
+    if _field(folder / "run.json", "status", None) == "running":
         raise InputError(f"{folder}: `cai run` has not finished here (run.json says running); "
                          "rerun the same `cai run` command to finish it (it resumes), then export")
     if not any((folder / f).exists() for f in (*KINDS.values(), *BEST_OF_N.values())):
@@ -110,18 +110,13 @@ def check_run_folder(folder: Path) -> None:
                          "(make one with `cai run`, `cai revise` or `cai label`)")
 
 
-def _running(manifest: Path) -> bool:
+def _field(path: Path, key: str, default: Any) -> Any:
+    """A key of a JSON file's object; ``default`` when the file is missing or unreadable (no evidence
+    either way)."""
     try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("status") == "running"
+        return json.loads(path.read_text(encoding="utf-8")).get(key, default)
     except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _complete(meta: Path) -> bool:
-    try:
-        return bool(json.loads(meta.read_text(encoding="utf-8")).get("complete", True))
-    except (OSError, ValueError):
-        return True  # an unreadable sidecar is not evidence of an unfinished stage
+        return default
 
 
 def _lines(path: Path, secrets: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -298,23 +293,19 @@ def read_run(folder: Path, *, full: bool = False, constitutions: Sequence[dict[s
             info.constitutions.append(info.manifest["constitution"])
     info.constitutions += list(constitutions)
     rows: dict[str, list[dict[str, Any]]] = {}
-    for kind, name in KINDS.items():
-        if (folder / name).exists():
-            rows[kind] = read_kind(folder, kind, info, full, secrets, score, labels)
-    if "sft" in rows and not include_rejects:
-        out = rejected_ids(folder, "revise")
-        kept = [r for r in rows["sft"] if r["id"] not in out]
-        info.rejected["sft"] = len(rows["sft"]) - len(kept)
-        rows["sft"] = kept
-    for kind, name in BEST_OF_N.items():  # after the stages' own rows
-        if (folder / name).exists():
-            got = read_kind(folder, kind, info, full, secrets, score, labels, name=name)
-            out = rejected_ids(folder, "best_of_n") if kind == "sft" and not include_rejects else set()
+    for kind, name in [*KINDS.items(), *BEST_OF_N.items()]:  # the best-of-n rows after the stages' own
+        if not (folder / name).exists():
+            continue
+        got = read_kind(folder, kind, info, full, secrets, score, labels, name=name)
+        bon = name in BEST_OF_N.values()
+        if kind == "sft" and (bon or not include_rejects):  # the rows the gates kept out, unless asked
+            out = set() if include_rejects else rejected_ids(folder, "best_of_n" if bon else "revise")
             kept = [r for r in got if r["id"] not in out]
-            if kind == "sft":
-                info.rejected[kind] = info.rejected.get(kind, 0) + len(got) - len(kept)
-            info.best_of_n[kind] = len(kept)
-            rows[kind] = rows.get(kind, []) + kept
+            info.rejected[kind] = info.rejected.get(kind, 0) + len(got) - len(kept)
+            got = kept
+        if bon:
+            info.best_of_n[kind] = len(got)
+        rows[kind] = rows.get(kind, []) + got
     if info.best_of_n:
         info.best_of_n |= best_of_n_summary(folder / BEST_OF_N["sft"])
     for f in sorted(folder.glob("*.failures.jsonl")):

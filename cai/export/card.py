@@ -5,6 +5,7 @@ figures by name, and the constitution in full. Paths are relative to the run fol
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import os
@@ -20,6 +21,7 @@ from .. import __version__
 from ..analysis import build_report
 from ..constitution import Constitution
 from ..errors import CaiError
+from ..files import iter_jsonl
 from ..hashing import sha256_json
 from ..review.agreement import review_diagnostics
 from .build import CARD_MARK, KINDS, LABELS_FILE, TRACE, Export, RunInfo, portable, scrub
@@ -144,28 +146,22 @@ def diagnostics(rows: dict[str, list[dict[str, Any]]], info: RunInfo) -> dict[st
                                                   len(rs)),
             "label modes": dict(Counter(r["label_mode"] or "n/a" for r in rs)),
         }
-    labels = info.folder / LABELS_FILE
-    if labels.exists():
+    if (labels := info.folder / LABELS_FILE).exists():
         n = ties = abst = judged = agree = with_human = 0
         consistent: list[bool] = []
-        with labels.open(encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                r = json.loads(line)
-                n += 1
-                ties += bool(r.get("tie"))
-                if isinstance(r.get("position_consistent"), bool):
-                    consistent.append(r["position_consistent"])
-                abst += int(r.get("abstentions") or 0)
-                judged += len(r.get("judgements") or [])
-                if r.get("human") in ("a", "b") and r.get("label") in ("a", "b"):
-                    with_human += 1
-                    agree += r["human"] == r["label"]
+        for r in iter_jsonl(labels):  # streamed: the judgements make this file the run's largest
+            n += 1
+            ties += bool(r.get("tie"))
+            if isinstance(r.get("position_consistent"), bool):
+                consistent.append(r["position_consistent"])
+            abst += int(r.get("abstentions") or 0)
+            judged += len(r.get("judgements") or [])
+            if r.get("human") in ("a", "b") and r.get("label") in ("a", "b"):
+                with_human += 1
+                agree += r["human"] == r["label"]
         d["labels"] = {"judged pairs (labels.jsonl)": n, "ties (held out of the pairs)": ties,
                        "abstained judgements": f"{abst}/{judged}",
-                       "position consistent, all judged pairs":
-                           _ratio(sum(consistent), len(consistent))}
+                       "position consistent, all judged pairs": _ratio(sum(consistent), len(consistent))}
         if with_human:
             d["labels"]["agreement with human labels"] = _ratio(agree, with_human)
     if bon := info.best_of_n:  # where the rows came from: best of n (cai.stages.best_of_n)
@@ -278,11 +274,8 @@ def _digest(dump: dict[str, Any]) -> str:
 
 
 def _size(n: int) -> str:
-    for cap, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
-                       (1_000_000, "100K<n<1M")):
-        if n < cap:
-            return label
-    return "1M<n<10M"
+    return ("n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M")[
+        bisect.bisect_right((1_000, 10_000, 100_000, 1_000_000), n)]
 
 
 @functools.cache

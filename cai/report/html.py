@@ -136,8 +136,6 @@ def _tiles(report: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def _usage_tiles(u: dict[str, Any]) -> list[tuple[str, str | None, str]]:
     """Tokens in and out (run.json's ``usage``) and their cost, when the run has them."""
-    if not u:
-        return []
     cost = u.get("cost") or {}
     per = ", ".join(f"{what} ${cost[k]:.6f}" for k, what in (("per_sft_row", "per SFT row"),
                                                             ("per_preference_pair", "per preference pair"))
@@ -147,7 +145,7 @@ def _usage_tiles(u: dict[str, Any]) -> list[tuple[str, str | None, str]]:
              f"({u.get('cached_prompt_tokens', 0):,} prompt tokens from their prefix cache)"),
             ("Cost", f"${cost['total']:.4f}" if cost else None,
              f"USD at {cost.get('price_input')} / {cost.get('price_output')} per million tokens in / out"
-             + (f"; {per}" if per else ""))]
+             + (f"; {per}" if per else ""))] if u else []
 
 
 def _table(head: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
@@ -160,39 +158,38 @@ def _principles(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[
     """(title, note, header, rows): the revision principles and the judge's principles, apart."""
     judged, revised = report["labels"]["per_principle"], report["revise"]["per_principle"]
     order = list(report["run"].get("principles") or {})
+
+    def ordered(names: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:  # the constitution's order first
+        return [(n, names[n]) for n in sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))]
+
     out = []
     if revised:
-        names = sorted(revised, key=lambda n: (order.index(n) if n in order else len(order), n))
         out.append(("Revision principles", "The principles drawn for critique and revision rounds.",
                     *_table(["principle", "rounds", "length growth (ratio of mean lengths)",
                              "final revision preferred by the judge", "revision pairs judged"],
                             [[n, _num(r["rounds"]), _growth(r["growth"]), _pct(r["judged"]["win_rate"]),
                               _num(r["judged"]["pairs"]) if r["judged"]["pairs"] else ""]
-                             for n in names for r in [revised[n]]])))
+                             for n, r in ordered(revised)])))
     if judged:
-        names = sorted(judged, key=lambda n: (order.index(n) if n in order else len(order), n))
         out.append(("Judge principles", "The principles the judge weighed each pair by.",
                     *_table(["principle", "judged pairs", "revision preferred", "mean p(revision)", "ties",
                              "position consistency", "abstentions", "human agreement"],
                             [[n, _num(j["pairs"]), _pct(j["revision"]["win_rate"]), _num(j["revision"]["mean_p"], 2),
                               _pct(j["tie_rate"]), _pct(j["position_consistency"]), _pct(j["abstention_rate"]),
-                              _pct((j.get("human") or {}).get("agreement"))] for n in names for j in [judged[n]]])))
+                              _pct((j.get("human") or {}).get("agreement"))] for n, j in ordered(judged)])))
     return out
 
 
 def _human_review(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """The judge against people (`cai review`'s human_labels.jsonl), when the run has any."""
     hr = report.get("human_review")
-    if not hr:
-        return []
     return [("Judge vs human (cai review)", SAMPLE_TEXT[hr["sample"]], ["figure", "value"],
-             [[k, v] for k, v in summary_lines(hr).items()])]
+             [[k, v] for k, v in summary_lines(hr).items()])] if hr else []
 
 
 def _rewards(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """A training run's rewards (``cai.trl.ConstitutionReward(record=...)``) by step, when there are any."""
-    rw = report.get("rewards")
-    if not rw:
+    if not (rw := report.get("rewards")):
         return []
     text = (f"{rw['file']} ({rw['mode']} mode): {rw['scored']:,} of {rw['completions']:,} completions scored, "
             f"mean reward {_num(rw['mean'], 3)}.")

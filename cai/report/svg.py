@@ -54,6 +54,17 @@ def _scale(lo: float, span: float, a: float, b: float) -> Callable[[float], floa
     return lambda v: a + (v - lo) / span * (b - a)
 
 
+def _percent(x: float) -> str:
+    return fmt(100 * x) + "%"
+
+
+def _yaxis(v: float, label: Callable[[float], str]) -> tuple[Callable[[float], float], list[tuple[float, str]]]:
+    """The y scale of a standard plot, from 0 to a round maximum at or above ``v``, and its ticks."""
+    top, nt = _nice_max(v)
+    sy = _scale(0, top, PLOT_H - BOTTOM, TOP)
+    return sy, [(sy(top * i / nt), label(top * i / nt)) for i in range(nt + 1)]
+
+
 def _frame(xlabel: str, ylabel: str, yticks: Sequence[tuple[float, str]], xticks: Sequence[tuple[float, str]],
            width: int = PLOT_W, height: int = PLOT_H) -> list[Markup]:
     """Axes, grid lines and tick labels; tick positions are in pixels."""
@@ -84,16 +95,13 @@ def histogram_svg(edges: Sequence[float], series: Sequence[tuple[str, Sequence[i
     """Overlaid histograms on shared bins."""
     if len(edges) < 2 or not any(sum(c) for _, c, _ in series):
         return None
-    x0, x1, y0, y1 = LEFT, PLOT_W - RIGHT, PLOT_H - BOTTOM, TOP
-    top, nt = _nice_max(max(max(c) for _, c, _ in series))
+    x0, x1, y0 = LEFT, PLOT_W - RIGHT, PLOT_H - BOTTOM
     lo, hi = edges[0], edges[-1]
-
-    sx, sy = _scale(lo, (hi - lo) or 1, x0, x1), _scale(0, top, y0, y1)
+    sx, (sy, yticks) = _scale(lo, (hi - lo) or 1, x0, x1), _yaxis(max(max(c) for _, c, _ in series), fmt)
     xfmt = (lambda v: f"{v:,.0f}") if hi - lo >= 20 else fmt
     xtop, xn = _nice_max(hi - lo)
     xs = [lo + xtop * i / xn for i in range(xn + 1) if xtop * i / xn <= (hi - lo) * (1 + 1e-9)]
-    body = _frame(xlabel, "pairs", [(sy(top * i / nt), fmt(top * i / nt)) for i in range(nt + 1)],
-                  [(sx(x), xfmt(x)) for x in xs])
+    body = _frame(xlabel, "pairs", yticks, [(sx(x), xfmt(x)) for x in xs])
     for _, counts, color in series:
         body += [_tip(f'<rect x="{sx(edges[i]) + 0.5:.1f}" y="{sy(c):.1f}" '
                       f'width="{max(sx(edges[i + 1]) - sx(edges[i]) - 1, 1):.1f}" '
@@ -158,17 +166,15 @@ def lines_svg(xs: Sequence[int], series: Sequence[tuple[str, Sequence[float | No
     if not xs or not series:
         return None
     values = [v for _, vs, _ in series for v in vs if v is not None]
-    top, nt = _nice_max(max(values, default=0.0) or (0.1 if percent else 1.0))
-    x0, x1, y0, y1 = LEFT, PLOT_W - RIGHT - 110, PLOT_H - BOTTOM, TOP
+    label = _percent if percent else fmt
+    sy, yticks = _yaxis(max(values, default=0.0) or (0.1 if percent else 1.0), label)
+    x0, x1 = LEFT, PLOT_W - RIGHT - 110
     span = (max(xs) - min(xs)) or 1
 
     def sx(v: float) -> float:
         return x0 + (v - min(xs)) / span * (x1 - x0) if len(xs) > 1 else (x0 + x1) / 2
 
-    sy = _scale(0, top, y0, y1)
-    label = (lambda v: fmt(100 * v) + "%") if percent else fmt
-    body = _frame(xlabel, ylabel, [(sy(top * i / nt), label(top * i / nt)) for i in range(nt + 1)],
-                  [(sx(x), str(x)) for x in xs])
+    body = _frame(xlabel, ylabel, yticks, [(sx(x), str(x)) for x in xs])
     for k, (name, vs, color) in enumerate(series):
         pts = [(sx(x), sy(v), v) for x, v in zip(xs, vs, strict=True) if v is not None]
         if len(pts) > 1:
@@ -186,14 +192,11 @@ def grouped_bars_svg(names: Sequence[str], series: Sequence[tuple[str, Sequence[
     """Vertical grouped bars of rates (0..1) per name."""
     if not names or not series:
         return None
-    x0, x1, y0, y1 = LEFT, PLOT_W - RIGHT, PLOT_H - BOTTOM, TOP
-    top, nt = _nice_max(max((v for _, vs, _ in series for v in vs), default=0.0) or 0.1)
+    x0, x1, y0 = LEFT, PLOT_W - RIGHT, PLOT_H - BOTTOM
+    sy, yticks = _yaxis(max((v for _, vs, _ in series for v in vs), default=0.0) or 0.1, _percent)
     slot = (x1 - x0) / len(names)
     bw = slot * 0.8 / len(series)
-
-    sy = _scale(0, top, y0, y1)
-    body = _frame("", "share of answers", [(sy(top * i / nt), fmt(100 * top * i / nt) + "%") for i in range(nt + 1)],
-                  [(x0 + slot * (i + 0.5), n) for i, n in enumerate(names)])
+    body = _frame("", "share of answers", yticks, [(x0 + slot * (i + 0.5), n) for i, n in enumerate(names)])
     for k, (sname, vs, color) in enumerate(series):
         body += [_tip(f'<rect x="{x0 + slot * i + slot * 0.1 + k * bw:.1f}" y="{sy(v):.1f}" width="{bw - 1:.1f}" '
                       f'height="{y0 - sy(v):.1f}" fill="{color}">', f"{sname}, {names[i]}: {100 * v:.1f}%")
