@@ -1,12 +1,7 @@
 """One streaming pass over a finished run folder (``load_run``): the manifest and the rows, checked
 with one-line errors naming file and line, counted into ``RunData``, and the first rows kept
-whole (texts cut) for the page's table.
-
-A best-of-n folder (`cai best-of-n`, or `cai run` with ``best_of_n``) is read the same way:
-``best_of_n.jsonl``'s rows are counted into ``RunData.best_of_n`` (samples, margins, where the
-best came from), and every match its ranking played is a judged pair like a ``labels.jsonl`` row
-(origin ``ranking``): the judge's figures (position consistency, per principle, length bias)
-cover them."""
+whole (texts cut) for the page's table. A best-of-n folder is read the same way (see the package
+doc): its matches are judged pairs, like ``labels.jsonl`` rows."""
 
 from __future__ import annotations
 
@@ -362,9 +357,9 @@ def _add_label(data: RunData, row: dict[str, Any], max_rows: int, table: bool = 
             g.abstained += v["abstained"]
             g.pairs_with_abstention += 1
             continue
-        both = ("ab" in orders and "ba" in orders)
         g.add(sum(orders.values()) / len(orders), v["n"], v["abstained"],
-              (orders["ab"] - 0.5) * (orders["ba"] - 0.5) > 0 if both else None, side, human)
+              (orders["ab"] - 0.5) * (orders["ba"] - 0.5) > 0 if "ab" in orders and "ba" in orders else None,
+              side, human)
     a, b = as_text(row["response_a"]), as_text(row["response_b"])
     len_a, len_b = size(a), size(b)
     data.length_rows.append({"id": rid, "p_a": p_a, "label": label, "len_a": len_a, "len_b": len_b})

@@ -8,8 +8,7 @@ rows with one prompt land on the same side and no prompt is in both train and te
 On disk (and on the Hub) it is one folder: ``data/<split>.parquet`` (or ``.jsonl``) and a
 ``README.md`` dataset card whose YAML ``configs`` name the files: config ``sft`` (default) and
 config ``prefs``. They are two configs because the Hub loads one config's splits with one
-schema. The folder is built and checked beside its target and pushed only when complete, in one
-commit, so the Hub never holds half an export.
+schema (``cai.export.hub`` writes, checks and pushes it).
 
 A best-of-n folder (`cai best-of-n`, or `cai run` with ``best_of_n``) adds its files to the same
 splits: the best answers (``best_of_n.jsonl``) to the SFT split and the best-vs-worst pairs

@@ -19,6 +19,7 @@ import yaml
 
 from .. import __version__
 from ..analysis import build_report
+from ..analysis.read import as_dict
 from ..constitution import Constitution
 from ..errors import CaiError
 from ..files import iter_jsonl
@@ -181,20 +182,16 @@ def diagnostics(rows: dict[str, list[dict[str, Any]]], info: RunInfo) -> dict[st
     return d
 
 
-def _dict(v: Any) -> dict[str, Any]:
-    return v if isinstance(v, dict) else {}
-
-
 def cost(manifest: dict[str, Any]) -> dict[str, Any]:
     """What the data cost in all: calls and rows summed over every run in run.json's history
     (an older run.json without one: its last run)."""
     runs = [h for h in manifest.get("history") or [] if isinstance(h, dict)] or [manifest]
     total: Counter[str] = Counter()
     for h in runs:
-        calls, counts = _dict(h.get("calls")), _dict(h.get("counts"))
+        calls, counts = as_dict(h.get("calls")), as_dict(h.get("counts"))
         total.update({k: int(v) for k, v in calls.items() if isinstance(v, int)})
         for stage in ("revise", "label"):
-            c = _dict(counts.get(stage))
+            c = as_dict(counts.get(stage))
             total.update({f"{stage}.{k}": int(v) for k, v in c.items() if isinstance(v, int)})
         if isinstance(h.get("elapsed_s"), int | float):
             total["seconds"] += h["elapsed_s"]
@@ -204,7 +201,7 @@ def cost(manifest: dict[str, Any]) -> dict[str, Any]:
              "seconds": "time (seconds)"}
     return {"runs of `cai run`": len(runs), **{name: round(total[k], 1) if k == "seconds" else total[k]
                                               for k, name in names.items() if k in total},
-            **tokens(_dict(manifest.get("usage")), _dict(manifest.get("cost")))}
+            **tokens(as_dict(manifest.get("usage")), as_dict(manifest.get("cost")))}
 
 
 def tokens(usage: dict[str, Any], priced: dict[str, Any]) -> dict[str, Any]:
@@ -214,10 +211,10 @@ def tokens(usage: dict[str, Any], priced: dict[str, Any]) -> dict[str, Any]:
     rows: dict[str, Any] = {"prompt tokens served": usage.get("prompt_tokens"),
                             "of which from the server's prefix cache": usage.get("cached_prompt_tokens"),
                             "completion tokens served": usage.get("completion_tokens")}
-    for stage, u in _dict(usage.get("by_stage")).items():
-        u = _dict(u)
+    for stage, u in as_dict(usage.get("by_stage")).items():
+        u = as_dict(u)
         rows[f"tokens in / out: {stage}"] = f"{u.get('prompt_tokens', 0)} / {u.get('completion_tokens', 0)}"
-    if rejected := _dict(usage.get("rejected")):
+    if rejected := as_dict(usage.get("rejected")):
         rows["tokens of revision rows the gates rejected"] = (
             f"{rejected.get('prompt_tokens', 0)} / {rejected.get('completion_tokens', 0)} "
             f"({rejected.get('rows', 0)} rows)")

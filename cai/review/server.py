@@ -83,8 +83,7 @@ class Review:
     def answer(self, body: dict[str, Any]) -> dict[str, Any]:
         rec = lab.record(str(body.get("id")), body.get("label"), body.get("shown_left"), str(body.get("reviewer")),
                      self.sample)
-        problem = human.check(rec, self.ids)
-        if problem:
+        if problem := human.check(rec, self.ids):
             raise web.HTTPBadRequest(text=problem)
         lab.append(self.run_dir, [rec])
         return self.labels(rec["reviewer"])
