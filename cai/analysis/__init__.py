@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import stats
-from .counts import describe, histograms, rounded
+from .counts import describe, histograms, rounded, share
 from .human import agreement_summary
 from .read import MAX_CHARS, MAX_ROWS, RunData, as_dict, as_list, as_text, load_run
 from .rewards import rewards_summary
@@ -66,7 +66,7 @@ __all__ = ["MAX_ROWS", "REPORT_VERSION", "RunData", "build_report", "figures", "
 
 
 def _ratio(sums: list[int]) -> float | None:
-    return sums[1] / sums[0] if sums[0] else None
+    return share(sums[1], sums[0])
 
 
 def _median(xs: list[float]) -> float | None:

@@ -56,14 +56,10 @@ class Side:
         self.won += (not tie) and p > 0.5
 
     def summary(self) -> dict[str, Any]:
-        if not self.n:
-            return {"pairs": 0, "win_rate": None, "tie_rate": None, "loss_rate": None,
-                    "decided_win_rate": None, "mean_p": None}
         lost = self.n - self.won - self.tied
-        decided = self.won + lost
-        return {"pairs": self.n, "win_rate": self.won / self.n, "tie_rate": self.tied / self.n,
-                "loss_rate": lost / self.n, "decided_win_rate": self.won / decided if decided else None,
-                "mean_p": self.p_sum / self.n}
+        return {"pairs": self.n, "win_rate": share(self.won, self.n), "tie_rate": share(self.tied, self.n),
+                "loss_rate": share(lost, self.n), "decided_win_rate": share(self.won, self.won + lost),
+                "mean_p": share(self.p_sum, self.n)}
 
 
 @dataclass
@@ -117,15 +113,15 @@ class Group:
         n = self.pairs
         return {
             "pairs": n,
-            "mean_p_a": self.p_sum / n if n else None,
+            "mean_p_a": share(self.p_sum, n),
             "labels": {k: self.labels.get(k, 0) for k in ("a", "b", "tie")},
-            "tie_rate": self.ties / n if n else None,
+            "tie_rate": share(self.ties, n),
             "judgements": self.judgements,
             "abstentions": self.abstained,
-            "abstention_rate": self.abstained / self.judgements if self.judgements else None,
+            "abstention_rate": share(self.abstained, self.judgements),
             "pairs_with_abstention": self.pairs_with_abstention,
-            "position_consistency": self.consistent / self.consistency_known if self.consistency_known else None,
-            "first_slot_rate": self.first_slot / self.voted if self.voted else None,
+            "position_consistency": share(self.consistent, self.consistency_known),
+            "first_slot_rate": share(self.first_slot, self.voted),
             "revision": self.revision.summary(),
             "human": self.human.summary(with_bins=with_bins),
         }
@@ -170,10 +166,15 @@ class BestOfN:
             "methods": dict(self.methods), "best_at": {str(k): v for k, v in sorted(self.best_at.items())},
             "margin": describe(self.margins), "matches": self.matches, "undecided_matches": self.undecided,
             "lengths": {"unit": "chars", "best": describe(self.best.lengths), "worst": describe(self.worst.lengths),
-                        "best_longer": longer / self.rows if self.rows else None},
+                        "best_longer": share(longer, self.rows)},
             "markers": {"best": self.best.markers.rates(), "worst": self.worst.markers.rates()},
             "gates": dict(self.gates),
         }
+
+
+def share(k: float, n: float) -> float | None:
+    """k / n, or None when n is 0."""
+    return k / n if n else None
 
 
 def describe(xs: list[int] | list[float]) -> dict[str, Any]:
