@@ -248,7 +248,7 @@ def read_kind(folder: Path, kind: str, info: RunInfo, full: bool, secrets: Seque
     output = ((info.manifest or {}).get("config") or {}).get("output")
     output = output if isinstance(output, str) else None
     rows: list[dict[str, Any]] = []
-    hashes: set[str] = set()
+    hashes = info.hashes.setdefault(kind, set())
     numbered: Iterable[tuple[str, dict[str, Any]]] = ((f"{path}:{n}", raw) for n, raw in _lines(path, secrets))
     for where, raw in with_human_labels(numbered, folder, labels) if judged else numbered:
         if judged and score == "length-debiased" and raw.get("label_source") != "human":
@@ -260,12 +260,10 @@ def read_kind(folder: Path, kind: str, info: RunInfo, full: bool, secrets: Seque
         row = _row(kind, raw, where, full)
         row["source"] = _source(row["source"], output)
         rows.append(row)
-        prov = raw.get("provenance") if isinstance(raw.get("provenance"), dict) else {}
-        if prov:
+        if isinstance(prov := raw.get("provenance"), dict) and prov:
             info.provenance.setdefault(kind, prov)
             if prov.get("constitution_hash"):
                 hashes.add(str(prov["constitution_hash"]))
-    info.hashes[kind] = info.hashes.get(kind, set()) | hashes
     return rows
 
 
