@@ -36,12 +36,10 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     """``run.json`` of a finished run folder (``{}`` when it has none), or an ``InputError``."""
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: not a folder; pass the output folder of `cai run`")
-    present = [name for name in RUN_FILES if (run_dir / name).is_file()]
-    if not present:
+    if not any((run_dir / name).is_file() for name in RUN_FILES):
         raise InputError(f"{run_dir}: not a cai run folder (no run.json, revisions.jsonl, labels.jsonl or "
                          "rewards.jsonl); pass the folder `cai run` wrote")
-    parts = sorted(p.name for p in run_dir.glob("*.jsonl.part"))
-    if parts:
+    if parts := sorted(p.name for p in run_dir.glob("*.jsonl.part")):
         raise InputError(f"{run_dir / parts[0]}: a stage is still running or crashed; wait for it, or rerun it "
                          "with the same settings to finish it (it resumes)")
     path = run_dir / "run.json"
@@ -53,8 +51,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
         raise InputError(f"{path}: not readable JSON ({one_line(e)}); rerun `cai run` to rewrite it") from None
     if not isinstance(manifest, dict):
         raise InputError(f"{path}: not a JSON object; rerun `cai run` to rewrite it")
-    status = manifest.get("status", "complete")
-    if status != "complete":
+    if (status := manifest.get("status", "complete")) != "complete":
         raise InputError(f"{path}: the run is not finished (status {status!r}); wait for `cai run` to end, "
                          "or rerun it with the same config to resume it")
     if not any((run_dir / name).is_file() for name in RUN_FILES[1:]):

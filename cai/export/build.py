@@ -97,8 +97,7 @@ def check_run_folder(folder: Path) -> None:
                          f"-o {folder}/{SFT_FILE}` / `cai label -o {folder}/{PREFS_FILE}`)")
     parts = sorted(p.name for p in folder.glob("*.jsonl.part"))
     unfinished = [p.name for p in folder.glob("*.jsonl.meta.json") if not _field(p, "complete", True)]
-    if parts or unfinished:
-        what = ", ".join(parts or sorted(unfinished))
+    if what := ", ".join(parts or sorted(unfinished)):
         raise InputError(f"{folder}: run is unfinished ({what} still in progress or crashed); "
                          "rerun the same stage command to finish it (it resumes), then export")
     if _field(folder / "run.json", "status", None) == "running":

@@ -225,19 +225,17 @@ def render(report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
 def _write_all(files: dict[Path, str]) -> None:
     """Write every file to a ``.tmp`` beside it first, then rename each into place: an error
     while building or writing leaves the old files (or none), never a half-written one."""
-    tmps: list[tuple[Path, Path]] = []
+    tmps = {path.with_name(f".{path.name}.{os.getpid()}.tmp"): path for path in files}
     try:
-        for path, text in files.items():
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmps.append((tmp, path))
+        for tmp, path in tmps.items():
             with tmp.open("w", encoding="utf-8") as f:
-                f.write(text)
+                f.write(files[path])
                 f.flush()
                 os.fsync(f.fileno())
-        for tmp, path in tmps:
+        for tmp, path in tmps.items():
             os.replace(tmp, path)
     finally:
-        for tmp, _ in tmps:
+        for tmp in tmps:
             tmp.unlink(missing_ok=True)
 
 
