@@ -217,14 +217,12 @@ def load_run(run_dir: Path, *, unit: str = "chars", max_rows: int = MAX_ROWS) ->
     _read_labels(data, max_rows)
     _read_best_of_n(data, max_rows)
     for stage in FAILURES:
-        path = run_dir / f"{stage}.failures.jsonl"
-        for row in iter_rows(path, "failures"):
+        for row in iter_rows(run_dir / f"{stage}.failures.jsonl", "failures"):
             full = str(row.get("reason", "unknown"))
-            reason = full.split(":")[0]
             at = data.table_index.get(str(row.get("id")))
             if at is not None and data.table[at].get("label") is None:
                 data.table[at]["failure"] = cut(f"{FAILURES[stage]}: {full}", 300)
-            data.failures[stage][reason] += 1
+            data.failures[stage][full.split(":")[0]] += 1
     return data
 
 

@@ -140,10 +140,8 @@ def _lines(path: Path, secrets: Sequence[str]) -> Iterator[tuple[int, dict[str, 
 
 
 def _messages(v: Any, where: str, name: str, last: str | None = None) -> list[dict[str, str]]:
-    ok = isinstance(v, list) and v and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in v)
-    if not ok:
+    if not (isinstance(v, list) and v and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in v)):
         raise InputError(f"{where}: `{name}` must be a non-empty list of chat messages "
                          "({role, content} strings), as cai revise/label write it")
     if last and v[-1]["role"] != last:

@@ -56,7 +56,6 @@ def review_diagnostics(run_dir: Path, prefs: Iterable[dict[str, Any]] = ()) -> d
     if s is None:
         return {}
     lines = summary_lines(s)
-    sources = [r["label_source"] for r in prefs if r.get("label_source")]
-    if sources:
+    if sources := [r["label_source"] for r in prefs if r.get("label_source")]:
         lines["exported pairs by label_source"] = ", ".join(f"{x} {sources.count(x)}" for x in ("human", "ai"))
     return {"human review (cai review, human_labels.jsonl)": lines}
