@@ -53,10 +53,9 @@ def apply_human_labels(rows: Iterable[dict[str, Any]], run_dir: Path, mode: str 
     human = human_labels(run_dir)
     pairs = {p["id"]: p for p in load_pairs(run_dir)} if human else {}
     gated = rejected_ids(Path(run_dir), "label")
-    out, done = [], set()
+    out, done = [], {r["id"] for r in rows}
     for r in rows:
         h = human.get(r["id"], {}).get("label")
-        done.add(r["id"])
         if h in ("a", "b") and r["id"] in pairs:
             out.append(_human_row(pairs[r["id"]], h))
         elif h is None and mode == "human-first":
