@@ -32,8 +32,7 @@ def write_revise_report(path: Path, max_rows: int = 200) -> Path:
     rejected = rejected_rows(path.parent)
     lines: list[str] = []
     n = 0
-    for row in iter_jsonl(path):
-        n += 1
+    for n, row in enumerate(iter_jsonl(path), 1):
         if n > max_rows:
             continue
         reasons = (rejected or {}).get(str(row["id"]))
