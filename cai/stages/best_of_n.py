@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from ..templates import Templates, with_system
 from ..types import Request
 from .judge import JudgeConfig, JudgeStage
 from .judge import fingerprint as judge_fingerprint
+from .provenance import StageConfig
 from .ranking import ROUND_ROBIN_MAX, rank_responses
 from .runner import Call, Outcome, Pool, Stream
 
@@ -40,12 +41,12 @@ STAGE = "best_of_n"  # its name in run.json's counts and in rejects.jsonl
 
 
 @dataclass(frozen=True)
-class BestOfNConfig:
+class BestOfNConfig(StageConfig):
     """The best-of-n stage as it runs, derived from the settings tree (``of``)."""
 
     n: int = 4
     seed: int = 0
-    sampling: Sampling = field(default_factory=Sampling)
+    sampling: Sampling = Sampling()
     round_robin_max: int = ROUND_ROBIN_MAX
 
     @classmethod
@@ -53,10 +54,6 @@ class BestOfNConfig:
         s = cfg.best_of_n
         return cls(n=s.n, seed=cfg.seed,
                    sampling=Sampling(max_tokens=s.max_tokens or cfg.revise.max_tokens, temperature=s.temperature))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "seed": self.seed, "sampling": self.sampling.to_dict(),
-                "round_robin_max": self.round_robin_max}
 
 
 def fingerprint(backend: Backend, constitution: Constitution, templates: Templates, judge: JudgeConfig,

@@ -27,6 +27,7 @@ from ..errors import InputError
 from ..hashing import call_seed, hash_int, short_id, unique_ids
 from ..inputs import PromptRow, Source, iter_records, to_messages, transcript_prompt
 from ..templates import with_system
+from .provenance import StageConfig
 from .runner import Call, Pool, run
 
 
@@ -62,7 +63,7 @@ def _swap_bit(pair_id: str) -> bool:
 
 
 @dataclass(frozen=True)
-class SampleConfig:
+class SampleConfig(StageConfig):
     """The `sample` source as it runs, derived from the settings tree (``of``)."""
 
     n: int = _TREE.label.samples  # answers per prompt; every two distinct answers make a pair
@@ -74,9 +75,6 @@ class SampleConfig:
         tokens = cfg.label.sample_max_tokens or cfg.revise.max_tokens
         return cls(n=cfg.label.samples, seed=cfg.seed,
                    sampling=Sampling(max_tokens=tokens, temperature=cfg.label.sample_temperature))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "seed": self.seed, "sampling": self.sampling.to_dict()}
 
 
 def sample_pair_ids(row_id: str, n: int) -> list[str]:

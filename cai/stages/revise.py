@@ -8,10 +8,9 @@ backend call over a chunk of rows. Every critique and revision is kept in the ou
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-from .. import __version__
 from ..backends.base import Backend, Completion, Message, Request, Sampling
 from ..config import ReviseSettings
 from ..constitution import Constitution, Principle
@@ -19,40 +18,39 @@ from ..hashing import call_seed
 from ..inputs import PromptRow
 from ..quality.flags import FLAGS, check_text, clean_revision
 from ..templates import Templates
+from .provenance import StageConfig, stage_provenance
 from .runner import Call, Outcome, run_rows, stage_fingerprint
 
 DRAW_SALT = "revise"
+STAGES = ("generate", "critique", "revise")
 
 
 def _sampling(s: ReviseSettings, tokens: int) -> Sampling:
     return Sampling(max_tokens=tokens, temperature=s.temperature, repetition_penalty=s.repetition_penalty)
 
 
+def _critique_tokens(s: ReviseSettings) -> int:
+    return s.critique_max_tokens or max(32, s.max_tokens * 3 // 4)
+
+
 _TREE = ReviseSettings.model_validate({})  # the defaults are the settings tree's (revise.*)
 
 
 @dataclass(frozen=True)
-class ReviseConfig:
+class ReviseConfig(StageConfig):
     """The stage as it runs, derived from ``ReviseSettings`` (``of``); critique tokens default
     to 3/4 of max_tokens."""
 
     rounds: int = _TREE.rounds
     seed: int = 0
-    generate: Sampling = field(default_factory=lambda: _sampling(_TREE, _TREE.max_tokens))
-    critique: Sampling = field(default_factory=lambda: ReviseConfig.of(_TREE).critique)
-    revise: Sampling = field(default_factory=lambda: _sampling(_TREE, _TREE.max_tokens))
+    generate: Sampling = _sampling(_TREE, _TREE.max_tokens)
+    critique: Sampling = _sampling(_TREE, _critique_tokens(_TREE))
+    revise: Sampling = _sampling(_TREE, _TREE.max_tokens)
 
     @classmethod
     def of(cls, s: ReviseSettings, seed: int = 0) -> ReviseConfig:
-        critique = s.critique_max_tokens or max(32, s.max_tokens * 3 // 4)
         return cls(rounds=s.rounds, seed=seed, generate=_sampling(s, s.max_tokens),
-                   critique=_sampling(s, critique), revise=_sampling(s, s.max_tokens))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rounds": self.rounds, "seed": self.seed, "generate": self.generate.to_dict(),
-            "critique": self.critique.to_dict(), "revise": self.revise.to_dict(),
-        }
+                   critique=_sampling(s, _critique_tokens(s)), revise=_sampling(s, s.max_tokens))
 
 
 def row_flags(calls: list[dict[str, Any]], final: str, critique: str | None,
@@ -66,8 +64,7 @@ def row_flags(calls: list[dict[str, Any]], final: str, critique: str | None,
 
 
 def fingerprint(backend: Backend, constitution: Constitution, templates: Templates, cfg: ReviseConfig) -> str:
-    return stage_fingerprint("revise", backend, constitution, templates, ("generate", "critique", "revise"),
-                             cfg.to_dict())
+    return stage_fingerprint("revise", backend, constitution, templates, STAGES, cfg.to_dict())
 
 
 def principles_for(row_id: str, constitution: Constitution, cfg: ReviseConfig) -> list[Principle]:
@@ -92,13 +89,8 @@ class ReviseStage:
     model_id: str
 
     def __post_init__(self) -> None:
-        self.provenance = {
-            "stage": "revise", "cai_version": __version__, "model": self.model_id,
-            "constitution": self.constitution.name, "constitution_version": self.constitution.version,
-            "constitution_hash": self.constitution.digest(),
-            "templates_hash": self.templates.digest(("generate", "critique", "revise")),
-            "config": self.cfg.to_dict(),
-        }
+        self.provenance = stage_provenance("revise", self.model_id, self.constitution, self.templates, STAGES,
+                                           config=self.cfg.to_dict())
 
     def _example_texts(self, principle_id: str) -> list[str]:
         p = self.constitution.by_id().get(principle_id)
