@@ -32,7 +32,7 @@ from ..types import Request
 from .judge import JudgeConfig, JudgeStage
 from .judge import fingerprint as judge_fingerprint
 from .provenance import StageConfig
-from .ranking import ROUND_ROBIN_MAX, rank_responses
+from .ranking import ROUND_ROBIN_MAX, PairJudge, rank
 from .runner import Call, Outcome, Pool, Stream
 
 ROWS_FILE = "best_of_n.jsonl"  # in a run folder: the best answers (SFT rows)
@@ -89,10 +89,6 @@ class BestOfNStage:
     system: str | None = None
     policy: Pool | None = None  # the policy's requests, when it is another backend than the judge's
 
-    @property
-    def policy_model(self) -> str:
-        return self.policy.backend.model_id if self.policy is not None else self.judge.model_id
-
     async def sample(self, r: PromptRow, call: Call) -> tuple[list[str], list[str | None]] | str:
         """``n`` answers: one request with ``n``; the missing ones (a server that ignores ``n``)
         one request each, with distinct seeds."""
@@ -120,7 +116,7 @@ class BestOfNStage:
         if isinstance(got, str):
             return [Outcome(r.id, reason=got, info={"source": r.source})]
         texts, reasons = got
-        ranking = await rank_responses(self.judge, call, r.prompt, texts, self.cfg.round_robin_max)
+        ranking = await rank(len(texts), PairJudge(self.judge, call, r.prompt, texts), self.cfg.round_robin_max)
         if ranking.best is None or ranking.worst is None:
             why = sorted({m.reason or "undecided" for m in ranking.matches})
             return [Outcome(r.id, reason=f"ranking: no match decided ({'; '.join(why)})", info={"source": r.source})]
@@ -140,7 +136,8 @@ class BestOfNStage:
             "gates": ["truncated"] if "length" in (reasons[ranking.best], reasons[ranking.worst]) else [],
             "source": r.source,
             "extra": r.extra,
-            "provenance": {**self.judge.provenance, "stage": STAGE, "policy_model": self.policy_model,
+            "provenance": {**self.judge.provenance, "stage": STAGE,
+                           "policy_model": (self.policy.backend if self.policy is not None else self.judge).model_id,
                            "best_of_n": self.cfg.to_dict()},
         }
         return [Outcome(r.id, row=row)]
