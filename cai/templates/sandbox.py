@@ -201,21 +201,16 @@ class _CappedCodeGenerator(CodeGenerator):
             self.write(", ")
         self.write("))")
 
-    def _sized(self, visit: Callable[[Any, Frame], None], node: Any, frame: Frame) -> None:
+    def _sized(self, node: nodes.List | nodes.Tuple | nodes.Dict, frame: Frame) -> None:
+        """A list, tuple or dict literal (not an assignment target), checked as it is built."""
+        visit = getattr(super(), f"visit_{type(node).__name__}")
         if getattr(node, "ctx", "load") != "load":
             return visit(node, frame)
         self.write("environment.sized(")
         visit(node, frame)
         self.write(")")
 
-    def visit_List(self, node: nodes.List, frame: Frame) -> None:
-        self._sized(super().visit_List, node, frame)
-
-    def visit_Tuple(self, node: nodes.Tuple, frame: Frame) -> None:
-        self._sized(super().visit_Tuple, node, frame)
-
-    def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:
-        self._sized(super().visit_Dict, node, frame)
+    visit_List = visit_Tuple = visit_Dict = _sized
 
     def buffer(self, frame: Frame) -> None:
         frame.buffer = self.temporary_identifier()
