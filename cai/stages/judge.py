@@ -225,11 +225,8 @@ def aggregate(pair: Pair, judgements: list[dict[str, Any]], cfg: JudgeConfig) ->
         if j.get("abstain") is None and "p_a" in j:
             per_p.setdefault(j["principle_id"], {})[j["order"]] = j["p_a"]
     p_a = _mean([_mean(list(v.values())) for v in per_p.values()])  # type: ignore[misc]
-    order_means = [_mean([v[o] for v in per_p.values() if o in v]) for o in ORDERS]
-    consistent = None
-    if cfg.both_orders and None not in order_means:
-        d = [(m - 0.5) for m in order_means]  # type: ignore[operator]
-        consistent = d[0] * d[1] > 0
+    ab, ba = (_mean([v[o] for v in per_p.values() if o in v]) for o in ORDERS)
+    consistent = (ab - 0.5) * (ba - 0.5) > 0 if cfg.both_orders and ab is not None and ba is not None else None
     both = [v for v in per_p.values() if len(v) == 2]
     agree = _mean([float((v["ab"] - 0.5) * (v["ba"] - 0.5) > 0) for v in both])
     modes = sorted({j["mode"] for j in judgements if "mode" in j})

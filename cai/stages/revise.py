@@ -99,42 +99,41 @@ class ReviseStage:
     async def __call__(self, r: PromptRow, call: Call) -> list[Outcome]:
         cfg, tpl = self.cfg, self.templates
         tokens = 0
+        calls: list[dict[str, Any]] = []  # each call's finish reason and tokens, under ``name``
 
-        async def ask(step: str, messages: list[Message], sampling: Sampling) -> Completion | str:
+        async def ask(step: str, name: str, messages: list[Message], sampling: Sampling, key: str) -> Completion | str:
             nonlocal tokens
             kind = "answer" if step == "initial answer" else step.rsplit(" ", 1)[-1]  # critique, revision
-            c = await call(Request(tuple(messages), sampling, step=kind))
+            c = await call(Request(tuple(messages), _seeded(sampling, cfg.seed, r.id, key), step=kind))
             tokens += c.prompt_tokens + c.completion_tokens
             if c.error:
                 return f"{step}: backend error: {c.error}"
             if not c.text.strip():
                 return f"{step}: empty output (finish_reason={c.finish_reasons[:1]})"
+            calls.append({"step": name, "finish_reason": c.finish_reasons[0] if c.finish_reasons else None,
+                          "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens})
             return c
 
         def failure(reason: str) -> list[Outcome]:
             return [Outcome(r.id, reason=reason, tokens=tokens, info={"source": r.source})]
 
-        first = await ask("initial answer", tpl.generate_messages(r.prompt),
-                          _seeded(cfg.generate, cfg.seed, r.id, "initial"))
+        first = await ask("initial answer", "initial", tpl.generate_messages(r.prompt), cfg.generate, "initial")
         if isinstance(first, str):
             return failure(first)
         initial = current = first.text.strip()
         rounds: list[dict[str, Any]] = []
-        calls = [_raw("initial", first)]
         for rnd, p in enumerate(principles_for(r.id, self.constitution, cfg)):
             ctx = {"conversation": r.prompt, "response": current, "principle": p, "round": rnd + 1}
             asked = tpl.messages("critique", **ctx)
-            crit = await ask(f"round {rnd + 1} critique", asked, _seeded(cfg.critique, cfg.seed, r.id, f"c{rnd}"))
+            crit = await ask(f"round {rnd + 1} critique", f"critique {rnd + 1}", asked, cfg.critique, f"c{rnd}")
             if isinstance(crit, str):
                 return failure(crit)
-            rev = await ask(f"round {rnd + 1} revision",
-                            tpl.revision_messages(asked, **ctx, critique=crit.text.strip()),
-                            _seeded(cfg.revise, cfg.seed, r.id, f"r{rnd}"))
+            rev = await ask(f"round {rnd + 1} revision", f"revision {rnd + 1}",
+                            tpl.revision_messages(asked, **ctx, critique=crit.text.strip()), cfg.revise, f"r{rnd}")
             if isinstance(rev, str):
                 return failure(rev)
             rounds.append({"round": rnd + 1, "principle_id": p.id, "critique_request": p.critique,
                            "critique": crit.text, "revision_request": p.revision, "revision": rev.text})
-            calls += [_raw(f"critique {rnd + 1}", crit), _raw(f"revision {rnd + 1}", rev)]
             current = clean_revision(rev.text) or current
         last = rounds[-1] if rounds else None
         row = {
@@ -160,7 +159,3 @@ def revise_chunk(rows: Sequence[PromptRow], backend: Backend, constitution: Cons
     """Critique and revise ``rows`` (no output file): one ``Outcome`` per row, in order."""
     return run_rows(rows, ReviseStage(constitution, templates, cfg, backend.model_id), backend)
 
-
-def _raw(step: str, c: Completion) -> dict[str, Any]:
-    return {"step": step, "finish_reason": c.finish_reasons[0] if c.finish_reasons else None,
-            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}

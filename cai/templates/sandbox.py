@@ -314,8 +314,7 @@ class CappedSandbox(ImmutableSandboxedEnvironment):
         if not __self.is_safe_callable(__obj):
             raise SecurityError(f"{__obj!r} is not safely callable")
         __self.step()
-        args = _check_method(__obj, args, kwargs)
-        return checked(__context.call(__obj, *args, **kwargs))
+        return checked(__context.call(__obj, *_check_method(__obj, args, kwargs), **kwargs))
 
 
 def capped_range(*args: int) -> range:
