@@ -375,32 +375,30 @@ def _globals(tpl: jinja2.Template) -> dict[str, Any]:
     return flat
 
 
-def _generate(tpl: jinja2.Template, ctx: dict[str, Any]) -> Iterator[str]:
-    """``tpl.generate(**ctx)``, with the same context (the globals, then ``ctx``) and the same
-    error handling (the traceback rewritten to template lines), the globals taken from ``_globals``."""
-    env, flat = tpl.environment, _globals(tpl)
-    context = env.context_class(env, {**flat, **ctx}, tpl.name, tpl.blocks, globals=flat)
-    try:
-        yield from tpl.root_render_func(context)
-    except Exception:
-        yield env.handle_exception()
-
-
 def render_capped(tpl: jinja2.Template, ctx: dict[str, Any], file: str) -> str:
-    """Render, streaming, and stop with a one-line error once the text passes ``MAX_CHARS``."""
-    tpl.environment.work = 0  # type: ignore[attr-defined]
-    gen: Any = _generate(tpl, ctx)
+    """Render, streaming, and stop with a one-line error once the text passes ``MAX_CHARS``.
+
+    What ``tpl.render(**ctx)`` does (the context: the globals, then ``ctx``; an error's traceback
+    rewritten to template lines), with the globals taken from ``_globals``."""
+    env, flat = tpl.environment, _globals(tpl)
+    env.work = 0  # type: ignore[attr-defined]
+    gen: Any = tpl.root_render_func(env.context_class(env, {**flat, **ctx}, tpl.name, tpl.blocks, globals=flat))
     parts: list[str] = []
     total = 0
-    for piece in gen:
-        total += len(piece)
-        if total > MAX_CHARS:
-            line = _generator_line(gen)
-            gen.close()
-            raise TemplateError(f"the rendered message is over the limit of {MAX_CHARS:,} characters "
-                                "(a loop or a repeat that is too big, or an input that long?)", file=file, line=line)
-        parts.append(piece)
-    return "".join(parts)
+    try:
+        for piece in gen:
+            total += len(piece)
+            if total > MAX_CHARS:
+                break
+            parts.append(piece)
+        else:
+            return "".join(parts)
+    except Exception:
+        env.handle_exception()
+    line = _generator_line(gen)
+    gen.close()
+    raise TemplateError(f"the rendered message is over the limit of {MAX_CHARS:,} characters "
+                        "(a loop or a repeat that is too big, or an input that long?)", file=file, line=line)
 
 
 def render_error(err: Exception, ctx: dict[str, Any], name: str, file: str) -> CaiError:
