@@ -29,11 +29,7 @@ _LETTER = [
 
 def parse_letter(text: str) -> str | None:
     """The answer letter in a generated text, or None (case-sensitive: "a" is a word)."""
-    for pat in _LETTER:
-        m = pat.search(text)
-        if m:
-            return m.group(1)
-    return None
+    return next((m.group(1) for pat in _LETTER if (m := pat.search(text))), None)
 
 
 @dataclass(frozen=True)
