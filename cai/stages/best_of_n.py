@@ -36,7 +36,6 @@ from .ranking import ROUND_ROBIN_MAX, PairJudge, rank
 from .runner import Call, Outcome, Pool, Stream
 
 ROWS_FILE = "best_of_n.jsonl"  # in a run folder: the best answers (SFT rows)
-PAIRS_SUFFIX = ".pairs.jsonl"  # best_of_n.jsonl -> best_of_n.pairs.jsonl
 STAGE = "best_of_n"  # its name in run.json's counts and in rejects.jsonl
 
 
@@ -77,7 +76,8 @@ def make_stream(cfg: RunConfig, constitution: Constitution, templates: Templates
 
 
 def pairs_path(rows: Path) -> Path:
-    return rows.with_name(rows.name.removesuffix(".jsonl") + PAIRS_SUFFIX)
+    """Where the pairs of a best-of-n file go: best_of_n.jsonl -> best_of_n.pairs.jsonl."""
+    return rows.with_name(rows.name.removesuffix(".jsonl") + ".pairs.jsonl")
 
 
 @dataclass
