@@ -39,10 +39,6 @@ class NaiveConfig(StageConfig):
     tie_threshold: float = 0.05
     sampling: Sampling = Sampling(max_tokens=12)
 
-    def judge_cfg(self) -> JudgeConfig:
-        return JudgeConfig(principles=self.principles, seed=self.seed, both_orders=False,
-                           tie_threshold=self.tie_threshold)
-
     def to_dict(self) -> dict[str, Any]:
         return {"naive": True, **super().to_dict()}
 
@@ -61,7 +57,8 @@ class NaiveStage:
     model_id: str
 
     def __post_init__(self) -> None:
-        self.jcfg = self.cfg.judge_cfg()
+        c = self.cfg  # the real judge's principle draw and tie rule, one order
+        self.jcfg = JudgeConfig(principles=c.principles, seed=c.seed, both_orders=False, tie_threshold=c.tie_threshold)
         self.provenance = stage_provenance("label", self.model_id, self.constitution, self.templates, JUDGE_STAGES,
                                            judge=self.cfg.to_dict())
 
