@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..backends.base import Backend, Request, Sampling
 from ..constitution import Constitution
-from ..stages.judge import JudgeConfig, aggregate, principles_for, provenance
+from ..stages.judge import JudgeConfig, aggregate, principles_for
 from ..stages.pairs import Pair
+from ..stages.provenance import StageConfig, stage_provenance
 from ..stages.runner import Call, Outcome, run_rows, stage_fingerprint
-from ..templates import Templates
+from ..templates import JUDGE_STAGES, Templates
 
 _LETTER = [
     re.compile(r"\(([AB])\)"),
@@ -28,27 +29,18 @@ _LETTER = [
 
 def parse_letter(text: str) -> str | None:
     """The answer letter in a generated text, or None (case-sensitive: "a" is a word)."""
-    for pat in _LETTER:
-        m = pat.search(text)
-        if m:
-            return m.group(1)
-    return None
+    return next((m.group(1) for pat in _LETTER if (m := pat.search(text))), None)
 
 
 @dataclass(frozen=True)
-class NaiveConfig:
+class NaiveConfig(StageConfig):
     principles: int = 4
     seed: int = 0
     tie_threshold: float = 0.05
-    sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=12))
-
-    def judge_cfg(self) -> JudgeConfig:
-        return JudgeConfig(principles=self.principles, seed=self.seed, both_orders=False,
-                           tie_threshold=self.tie_threshold)
+    sampling: Sampling = Sampling(max_tokens=12)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"naive": True, "principles": self.principles, "seed": self.seed,
-                "tie_threshold": self.tie_threshold, "sampling": self.sampling.to_dict()}
+        return {"naive": True, **super().to_dict()}
 
 
 def naive_fingerprint(backend: Backend, constitution: Constitution, templates: Templates, cfg: NaiveConfig) -> str:
@@ -65,9 +57,10 @@ class NaiveStage:
     model_id: str
 
     def __post_init__(self) -> None:
-        self.jcfg = self.cfg.judge_cfg()
-        self.provenance = {**provenance(self.model_id, self.constitution, self.templates, self.jcfg),
-                           "judge": self.cfg.to_dict()}
+        c = self.cfg  # the real judge's principle draw and tie rule, one order
+        self.jcfg = JudgeConfig(principles=c.principles, seed=c.seed, both_orders=False, tie_threshold=c.tie_threshold)
+        self.provenance = stage_provenance("label", self.model_id, self.constitution, self.templates, JUDGE_STAGES,
+                                           judge=self.cfg.to_dict())
 
     async def __call__(self, pair: Pair, call: Call) -> list[Outcome]:
         info = {"source": pair.source}

@@ -81,12 +81,9 @@ class MinHash:
         hv = np.frombuffer(b"".join(hashlib.sha1(x).digest()[:4] for x in items), dtype="<u4")
         hv = hv.astype(np.uint32).reshape(-1, 1)
         s1, m1, s2, m2, s3 = _FMIX32
-        hv = hv ^ (hv >> s1)
-        hv = hv * m1
-        hv = hv ^ (hv >> s2)
-        hv = hv * m2
-        hv = hv ^ (hv >> s3)
-        self.hashvalues = (hv * self._a + self._b).min(axis=0)
+        hv = (hv ^ (hv >> s1)) * m1
+        hv = (hv ^ (hv >> s2)) * m2
+        self.hashvalues = ((hv ^ (hv >> s3)) * self._a + self._b).min(axis=0)
 
 
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:

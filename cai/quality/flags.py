@@ -282,33 +282,28 @@ def _overlap(grams: list[tuple[str, ...]], seen: Collection[tuple[str, ...]]) ->
     return sum(g in seen for g in grams) / len(grams) if grams else 0.0
 
 
-def check_text(
-    text: str, *, finish_reason: str | None, critique: str | None = None, examples: Iterable[str] = ()
-) -> list[str]:
+def check_text(text: str, *, finish_reason: str | None, critique: str | None = None,
+               examples: Iterable[str] = ()) -> list[str]:
     """The flags (from :data:`FLAGS`, in that order) that one revision's raw output earns.
 
     ``text`` is the raw model output, ``finish_reason`` the backend's ("length" when the token
     limit cut it), ``critique`` the critique it answers, ``examples`` the few-shot texts the
     model was shown for this step (the principle's example responses and revisions).
     """
-    flags: set[str] = {"truncated"} if finish_reason == "length" else set()
     cleaned = clean_revision(text)
-    if not _HAS_WORD.search(cleaned):
-        flags.add("empty")
-    else:
+    found = {"truncated": finish_reason == "length", "empty": not _HAS_WORD.search(cleaned)}
+    if not found["empty"]:
         words = _words(cleaned)
         n, grams, seen = _grams(words)
-        if is_loop(cleaned, words):
-            flags.add("loop")
-        if is_meta(cleaned):
-            flags.add("meta")
-        # most of the revision is the critique's wording
-        if (n >= RESTATE_MIN_WORDS and critique
-                and _overlap(grams, set(_ngrams(_words(critique), RESTATE_NGRAM))) >= RESTATE_OVERLAP):
-            flags.add("restates_critique")
-        # most of the revision is an example's wording, or most of an example is in the revision
-        if n >= RESTATE_MIN_WORDS and any(
+        long = n >= RESTATE_MIN_WORDS
+        found |= {
+            "loop": is_loop(cleaned, words), "meta": is_meta(cleaned),
+            # most of the revision is the critique's wording
+            "restates_critique": bool(long and critique and _overlap(
+                grams, set(_ngrams(_words(critique), RESTATE_NGRAM))) >= RESTATE_OVERLAP),
+            # most of the revision is an example's wording, or most of an example is in the revision
+            "copies_example": long and any(
                 ex_n >= RESTATE_MIN_WORDS and max(_overlap(grams, ex_seen), _overlap(ex_grams, seen)) >= RESTATE_OVERLAP
-                for ex_n, ex_grams, ex_seen in map(_example_grams, examples)):
-            flags.add("copies_example")
-    return [f for f in FLAGS if f in flags]
+                for ex_n, ex_grams, ex_seen in map(_example_grams, examples)),
+        }
+    return [f for f in FLAGS if found.get(f)]

@@ -64,9 +64,10 @@ class InputGate:
                 on_skip(1)
 
 
-def rejects(folder: Path, settings: GateSettings, skipped: Iterable[dict[str, Any]] = (),
-            revisions: str = "revisions.jsonl", labels: str = "labels.jsonl") -> list[dict[str, Any]]:
-    """Every row a gate keeps out of the training data, with its reasons (see the module doc)."""
+def write_rejects(folder: Path, settings: GateSettings, skipped: Iterable[dict[str, Any]] = (),
+                  revisions: str = "revisions.jsonl", labels: str = "labels.jsonl") -> dict[str, int]:
+    """Write ``rejects.jsonl`` (whole, atomically): ``skipped`` and every row a gate keeps out of the
+    training data, with its reasons (see the module doc); return the count of each reason by stage."""
     out = list(skipped)
     drop = settings.dropping()
     worse: set[str] = set()
@@ -83,15 +84,8 @@ def rejects(folder: Path, settings: GateSettings, skipped: Iterable[dict[str, An
         if reasons:
             out.append({"id": row["id"], "stage": "revise", "reasons": reasons, "prompt": row.get("prompt"),
                         "text": row.get("revised_response")})
-    return out
-
-
-def write_rejects(folder: Path, settings: GateSettings, skipped: Iterable[dict[str, Any]] = (),
-                  **files: str) -> dict[str, int]:
-    """Write ``rejects.jsonl`` (whole, atomically); return the count of each reason by stage."""
-    rows = rejects(folder, settings, skipped, **files)
-    write_text_atomic(folder / REJECTS_FILE, "".join(dumps(r) + "\n" for r in rows))
-    return dict(sorted(Counter(f"{r['stage']}.{reason}" for r in rows for reason in r["reasons"]).items()))
+    write_text_atomic(folder / REJECTS_FILE, "".join(dumps(r) + "\n" for r in out))
+    return dict(sorted(Counter(f"{r['stage']}.{reason}" for r in out for reason in r["reasons"]).items()))
 
 
 def rejected_ids(folder: Path, stage: str) -> set[str]:

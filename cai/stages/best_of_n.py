@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +31,21 @@ from ..templates import Templates, with_system
 from ..types import Request
 from .judge import JudgeConfig, JudgeStage
 from .judge import fingerprint as judge_fingerprint
-from .ranking import ROUND_ROBIN_MAX, rank_responses
+from .provenance import StageConfig
+from .ranking import ROUND_ROBIN_MAX, PairJudge, rank
 from .runner import Call, Outcome, Pool, Stream
 
 ROWS_FILE = "best_of_n.jsonl"  # in a run folder: the best answers (SFT rows)
-PAIRS_SUFFIX = ".pairs.jsonl"  # best_of_n.jsonl -> best_of_n.pairs.jsonl
 STAGE = "best_of_n"  # its name in run.json's counts and in rejects.jsonl
 
 
 @dataclass(frozen=True)
-class BestOfNConfig:
+class BestOfNConfig(StageConfig):
     """The best-of-n stage as it runs, derived from the settings tree (``of``)."""
 
     n: int = 4
     seed: int = 0
-    sampling: Sampling = field(default_factory=Sampling)
+    sampling: Sampling = Sampling()
     round_robin_max: int = ROUND_ROBIN_MAX
 
     @classmethod
@@ -53,10 +53,6 @@ class BestOfNConfig:
         s = cfg.best_of_n
         return cls(n=s.n, seed=cfg.seed,
                    sampling=Sampling(max_tokens=s.max_tokens or cfg.revise.max_tokens, temperature=s.temperature))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "seed": self.seed, "sampling": self.sampling.to_dict(),
-                "round_robin_max": self.round_robin_max}
 
 
 def fingerprint(backend: Backend, constitution: Constitution, templates: Templates, judge: JudgeConfig,
@@ -80,7 +76,8 @@ def make_stream(cfg: RunConfig, constitution: Constitution, templates: Templates
 
 
 def pairs_path(rows: Path) -> Path:
-    return rows.with_name(rows.name.removesuffix(".jsonl") + PAIRS_SUFFIX)
+    """Where the pairs of a best-of-n file go: best_of_n.jsonl -> best_of_n.pairs.jsonl."""
+    return rows.with_name(rows.name.removesuffix(".jsonl") + ".pairs.jsonl")
 
 
 @dataclass
@@ -91,10 +88,6 @@ class BestOfNStage:
     cfg: BestOfNConfig
     system: str | None = None
     policy: Pool | None = None  # the policy's requests, when it is another backend than the judge's
-
-    @property
-    def policy_model(self) -> str:
-        return self.policy.backend.model_id if self.policy is not None else self.judge.model_id
 
     async def sample(self, r: PromptRow, call: Call) -> tuple[list[str], list[str | None]] | str:
         """``n`` answers: one request with ``n``; the missing ones (a server that ignores ``n``)
@@ -123,7 +116,7 @@ class BestOfNStage:
         if isinstance(got, str):
             return [Outcome(r.id, reason=got, info={"source": r.source})]
         texts, reasons = got
-        ranking = await rank_responses(self.judge, call, r.prompt, texts, self.cfg.round_robin_max)
+        ranking = await rank(len(texts), PairJudge(self.judge, call, r.prompt, texts), self.cfg.round_robin_max)
         if ranking.best is None or ranking.worst is None:
             why = sorted({m.reason or "undecided" for m in ranking.matches})
             return [Outcome(r.id, reason=f"ranking: no match decided ({'; '.join(why)})", info={"source": r.source})]
@@ -143,7 +136,8 @@ class BestOfNStage:
             "gates": ["truncated"] if "length" in (reasons[ranking.best], reasons[ranking.worst]) else [],
             "source": r.source,
             "extra": r.extra,
-            "provenance": {**self.judge.provenance, "stage": STAGE, "policy_model": self.policy_model,
+            "provenance": {**self.judge.provenance, "stage": STAGE,
+                           "policy_model": (self.policy.backend if self.policy is not None else self.judge).model_id,
                            "best_of_n": self.cfg.to_dict()},
         }
         return [Outcome(r.id, row=row)]

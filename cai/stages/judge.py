@@ -17,22 +17,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
-from .. import __version__
 from ..backends.base import Backend, Completion, Request, Sampling
 from ..config import LabelSettings
 from ..constitution import Constitution, Principle
-from ..templates import Templates
+from ..templates import JUDGE_STAGES, Templates
 from .pairs import Pair
+from .provenance import StageConfig, stage_provenance
 from .runner import Call, Outcome, run_rows, stage_fingerprint
 
 DRAW_SALT = "judge"
 MODES = ("logprobs", "cot", "choice")
 OPTIONS = ("A", "B")
 ORDERS = ("ab", "ba")
-JUDGE_STAGES = ("judge", "judge_cot", "judge_cot_answer")
 _SPACE_MARKS = (" ", "\u2581", "\u0120", "\t")  # plain space, sentencepiece, byte-level BPE
 
 
@@ -40,7 +39,7 @@ _TREE = LabelSettings.model_validate({})  # the defaults are the settings tree's
 
 
 @dataclass(frozen=True)
-class JudgeConfig:
+class JudgeConfig(StageConfig):
     """The judge as it runs, derived from ``LabelSettings`` (``of``)."""
 
     mode: str = _TREE.mode
@@ -52,7 +51,7 @@ class JudgeConfig:
     clamp: tuple[float, float] | None = (_TREE.clamp[0], _TREE.clamp[1]) if _TREE.clamp else None  # CoT mode only
     tie_threshold: float = _TREE.tie_threshold  # |p - 0.5| below this is a tie
     fallback: bool = _TREE.fallback  # a logprobs answer without log-probs is asked again as a choice
-    cot: Sampling = field(default_factory=lambda: Sampling(max_tokens=_TREE.cot_max_tokens, stop=("Therefore",)))
+    cot: Sampling = Sampling(max_tokens=_TREE.cot_max_tokens, stop=("Therefore",))
 
     @classmethod
     def of(cls, s: LabelSettings, seed: int = 0) -> JudgeConfig:
@@ -71,14 +70,8 @@ class JudgeConfig:
     def choice_sampling(self) -> Sampling:
         return Sampling(max_tokens=1, temperature=0.0, seed=self.seed, choices=OPTIONS)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        return d | {"clamp": list(self.clamp) if self.clamp else None, "cot": self.cot.to_dict()}
 
-
-def option_probs(
-    top: dict[str, float] | None, options: Sequence[str] = OPTIONS
-) -> tuple[list[float], float] | str:
+def option_probs(top: dict[str, float] | None, options: Sequence[str] = OPTIONS) -> tuple[list[float], float] | str:
     """Normalised option probabilities and their raw mass, or the reason to abstain.
 
     Each option's probability sums every token in the top list that is the option with or
@@ -102,42 +95,16 @@ def principles_for(pair_id: str, constitution: Constitution, cfg: JudgeConfig) -
     return constitution.draw(pair_id, cfg.principles, seed=cfg.seed, salt=DRAW_SALT)
 
 
-def fingerprint(
-    backend: Backend, constitution: Constitution, templates: Templates, cfg: JudgeConfig
-) -> str:
+def fingerprint(backend: Backend, constitution: Constitution, templates: Templates, cfg: JudgeConfig) -> str:
     return stage_fingerprint("label", backend, constitution, templates, JUDGE_STAGES, cfg.to_dict())
 
 
-def provenance(
-    model_id: str, constitution: Constitution, templates: Templates, cfg: JudgeConfig
-) -> dict[str, Any]:
-    return {
-        "stage": "label",
-        "cai_version": __version__,
-        "model": model_id,
-        "constitution": constitution.name,
-        "constitution_version": constitution.version,
-        "constitution_hash": constitution.digest(),
-        "templates_hash": templates.digest(JUDGE_STAGES),
-        "judge": cfg.to_dict(),
-    }
+# One (principle, order) judgement of a pair: its template context, and its result to fill in.
+_Job = tuple[dict[str, Any], dict[str, Any]]
 
 
-@dataclass
-class _Job:
-    """One (principle, order) judgement of a pair in flight."""
-
-    principle: Principle
-    order: str
-    ctx: dict[str, Any]
-    result: dict[str, Any] = field(default_factory=dict)
-
-
-def _read(
-    job: _Job, c: Completion, mode: str, clamp: tuple[float, float] | None, min_mass: float
-) -> None:
-    """Fill ``job.result`` from an answer completion (p_a, p_b are for the pair's own a/b)."""
-    res = job.result
+def _read(res: dict[str, Any], c: Completion, mode: str, clamp: tuple[float, float] | None, min_mass: float) -> None:
+    """Fill a judgement's result ``res`` from an answer completion (p_a, p_b are for the pair's own a/b)."""
     res["mode"] = mode
     if mode == "choice":
         letter = c.text.strip()
@@ -159,7 +126,7 @@ def _read(
     if mode == "cot" and clamp is not None:
         res["raw_p_first"] = p_first
         p_first = min(max(p_first, clamp[0]), clamp[1])
-    p_a = p_first if job.order == "ab" else 1.0 - p_first
+    p_a = p_first if res["order"] == "ab" else 1.0 - p_first
     res.update(p_a=p_a, p_b=1.0 - p_a, abstain=None)
 
 
@@ -176,33 +143,35 @@ class JudgeStage:
     model_id: str
 
     def __post_init__(self) -> None:
-        self.provenance = provenance(self.model_id, self.constitution, self.templates, self.cfg)
+        self.provenance = stage_provenance("label", self.model_id, self.constitution, self.templates, JUDGE_STAGES,
+                                           judge=self.cfg.to_dict())
 
     def jobs(self, pair: Pair) -> list[_Job]:
         out = []
         for p in principles_for(pair.id, self.constitution, self.cfg):
             for order in ORDERS if self.cfg.both_orders else ORDERS[:1]:
                 a, b = (pair.response_a, pair.response_b) if order == "ab" else (pair.response_b, pair.response_a)
-                ctx = {"conversation": pair.prompt, "response_a": a, "response_b": b, "principle": p}
-                out.append(_Job(p, order, ctx, {"principle_id": p.id, "order": order}))
+                out.append(({"conversation": pair.prompt, "response_a": a, "response_b": b, "principle": p},
+                            {"principle_id": p.id, "order": order}))
         return out
 
     async def __call__(self, pair: Pair, call: Call) -> list[Outcome]:
-        cfg, tpl = self.cfg, self.templates
-        info = {"source": pair.source, "origin": pair.origin}
+        cfg = self.cfg
         tokens = 0
 
         def failure(reason: str, **more: Any) -> list[Outcome]:
-            return [Outcome(pair.id, reason=reason, tokens=tokens, info={**info, **more})]
+            return [Outcome(pair.id, reason=reason, tokens=tokens,
+                            info={"source": pair.source, "origin": pair.origin, **more})]
 
-        async def ask(step: str, todo: list[_Job], reqs: list[Request]) -> list[tuple[_Job, Completion]] | str:
+        async def ask(todo: list[_Job], stage: str, sampling: Sampling, step: str = "judge") -> list[Completion]:
             nonlocal tokens
-            done = await call.many(reqs)
+            done = await call.many([Request(tuple(self.templates.messages(stage, **ctx)), sampling, step=step)
+                                    for ctx, _ in todo])
             tokens += sum(c.prompt_tokens + c.completion_tokens for c in done)
-            for c in done:
-                if c.error:
-                    return f"{step}: backend error: {c.error}"
-            return list(zip(todo, done, strict=True))
+            return done
+
+        def error(what: str, done: list[Completion]) -> str | None:
+            return next((f"{what}: backend error: {c.error}" for c in done if c.error), None)
 
         if pair.error:
             return failure(pair.error)
@@ -210,34 +179,28 @@ class JudgeStage:
             return failure("identical responses: nothing to judge")
         jobs = self.jobs(pair)
         if cfg.mode == "cot":
-            got = await ask("judge reasoning", jobs,
-                            [Request(tuple(tpl.messages("judge_cot", **j.ctx)), cfg.cot, step="judge_reasoning")
-                             for j in jobs])
-            if isinstance(got, str):
-                return failure(got)
-            for job, c in got:
-                job.ctx["reasoning"] = job.result["reasoning"] = c.text.strip()
+            done = await ask(jobs, "judge_cot", cfg.cot, "judge_reasoning")
+            if why := error("judge reasoning", done):
+                return failure(why)
+            for (ctx, res), c in zip(jobs, done, strict=True):
+                ctx["reasoning"] = res["reasoning"] = c.text.strip()
         stage = "judge_cot_answer" if cfg.mode == "cot" else "judge"
-        sampling = cfg.choice_sampling() if cfg.mode == "choice" else cfg.answer_sampling()
-        got = await ask("judge answer", jobs,
-                        [Request(tuple(tpl.messages(stage, **j.ctx)), sampling, step="judge") for j in jobs])
-        if isinstance(got, str):
-            return failure(got)
+        done = await ask(jobs, stage, cfg.choice_sampling() if cfg.mode == "choice" else cfg.answer_sampling())
+        if why := error("judge answer", done):
+            return failure(why)
         again: list[_Job] = []
-        for job, c in got:
+        for job, c in zip(jobs, done, strict=True):
             if cfg.mode != "choice" and cfg.fallback and c.logprobs is None:
                 again.append(job)  # this server gave no log-probs: ask for a structured choice
             else:
-                _read(job, c, cfg.mode, cfg.clamp, cfg.min_mass)
+                _read(job[1], c, cfg.mode, cfg.clamp, cfg.min_mass)
         if again:
-            got = await ask("judge choice fallback", again,
-                            [Request(tuple(tpl.messages(stage, **j.ctx)), cfg.choice_sampling(), step="judge")
-                             for j in again])
-            if isinstance(got, str):
-                return failure(got)
-            for job, c in got:
-                _read(job, c, "choice", cfg.clamp, cfg.min_mass)
-        row = aggregate(pair, [j.result for j in jobs], cfg)
+            done = await ask(again, stage, cfg.choice_sampling())
+            if why := error("judge choice fallback", done):
+                return failure(why)
+            for (_, res), c in zip(again, done, strict=True):
+                _read(res, c, "choice", cfg.clamp, cfg.min_mass)
+        row = aggregate(pair, [res for _, res in jobs], cfg)
         if row["p_a"] is None:
             reasons = sorted({str(j.get("abstain")) for j in row["judgements"]})
             return failure("all judgements abstained: " + "; ".join(reasons), judgements=row["judgements"])
@@ -262,11 +225,8 @@ def aggregate(pair: Pair, judgements: list[dict[str, Any]], cfg: JudgeConfig) ->
         if j.get("abstain") is None and "p_a" in j:
             per_p.setdefault(j["principle_id"], {})[j["order"]] = j["p_a"]
     p_a = _mean([_mean(list(v.values())) for v in per_p.values()])  # type: ignore[misc]
-    order_means = [_mean([v[o] for v in per_p.values() if o in v]) for o in ORDERS]
-    consistent = None
-    if cfg.both_orders and None not in order_means:
-        d = [(m - 0.5) for m in order_means]  # type: ignore[operator]
-        consistent = d[0] * d[1] > 0
+    ab, ba = (_mean([v[o] for v in per_p.values() if o in v]) for o in ORDERS)
+    consistent = (ab - 0.5) * (ba - 0.5) > 0 if cfg.both_orders and ab is not None and ba is not None else None
     both = [v for v in per_p.values() if len(v) == 2]
     agree = _mean([float((v["ab"] - 0.5) * (v["ba"] - 0.5) > 0) for v in both])
     modes = sorted({j["mode"] for j in judgements if "mode" in j})

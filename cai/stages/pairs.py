@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from typing import Any
@@ -27,6 +27,7 @@ from ..errors import InputError
 from ..hashing import call_seed, hash_int, short_id, unique_ids
 from ..inputs import PromptRow, Source, iter_records, to_messages, transcript_prompt
 from ..templates import with_system
+from .provenance import StageConfig
 from .runner import Call, Pool, run
 
 
@@ -50,19 +51,11 @@ class Pair:
 _TREE = RunConfig.model_validate({})
 
 
-def _hash(*parts: Any) -> str:
-    return short_id(list(parts))
-
-
-def _swap_bit(pair_id: str) -> bool:
-    return hash_int(f"pair-order\x1f{pair_id}", 1) & 1 == 1
-
-
 # --- (a) sampled from the policy -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class SampleConfig:
+class SampleConfig(StageConfig):
     """The `sample` source as it runs, derived from the settings tree (``of``)."""
 
     n: int = _TREE.label.samples  # answers per prompt; every two distinct answers make a pair
@@ -75,17 +68,10 @@ class SampleConfig:
         return cls(n=cfg.label.samples, seed=cfg.seed,
                    sampling=Sampling(max_tokens=tokens, temperature=cfg.label.sample_temperature))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "seed": self.seed, "sampling": self.sampling.to_dict()}
-
 
 def sample_pair_ids(row_id: str, n: int) -> list[str]:
     """The ids of the pairs a prompt yields (known before sampling, for resume)."""
     return [f"{row_id}-s{i}{j}" for i, j in itertools.combinations(range(n), 2)]
-
-
-def prompt_seed(seed: int, row_id: str) -> int:
-    return call_seed(seed, row_id, "sample")
 
 
 async def sample_prompt(r: PromptRow, call: Call, cfg: SampleConfig, system: str | None = None) -> list[Pair]:
@@ -97,7 +83,7 @@ async def sample_prompt(r: PromptRow, call: Call, cfg: SampleConfig, system: str
         raise InputError("sampling pairs needs at least 2 answers per prompt (--samples >= 2)")
     ids = sample_pair_ids(r.id, cfg.n)
     c = await call(Request(tuple(with_system(system, r.prompt)),
-                           replace(cfg.sampling, n=cfg.n, seed=prompt_seed(cfg.seed, r.id)), step="sample"))
+                           replace(cfg.sampling, n=cfg.n, seed=call_seed(cfg.seed, r.id, "sample")), step="sample"))
     base = Pair(id=ids[0], prompt=r.prompt, response_a="", response_b="", origin="sampled", source=r.source,
                 extra=r.extra)
     if c.error or len(c.texts) < cfg.n:
@@ -172,53 +158,41 @@ def detect_source(rec: dict[str, Any]) -> str:
 
 def record_to_pair(rec: dict[str, Any], where: str) -> Pair:
     """One dataset row to a pair (the id is made unique by ``read_pairs``)."""
+    human: str | None = None
+    flags: tuple[str, ...] = ()
+    swap = False
     try:
         if "initial_response" in rec and "revised_response" in rec:
             prompt = to_messages(rec["prompt"], "prompt")
-            a, b = (
-                _reply(rec["initial_response"], "initial_response"),
-                _reply(rec["revised_response"], "revised_response"),
-            )
-            pid = str(rec.get("id") or _hash(prompt, a, b))
-            cut = ("truncated",) if "truncated" in (rec.get("gates") or ()) else ()
-            return Pair(pid, prompt, a, b, origin="revision", source=where, flags=cut)
-        if "response_a" in rec and "response_b" in rec:
+            a, b = (_reply(rec[k], k) for k in ("initial_response", "revised_response"))
+            origin, flags = "revision", ("truncated",) if "truncated" in (rec.get("gates") or ()) else ()
+        elif "response_a" in rec and "response_b" in rec:
             prompt = to_messages(rec["prompt"], "prompt")
-            a, b = _reply(rec["response_a"], "response_a"), _reply(rec["response_b"], "response_b")
-            label = str(rec.get("label") or "").strip().lower() or None
-            if label not in (None, "a", "b"):
+            a, b = (_reply(rec[k], k) for k in ("response_a", "response_b"))
+            human, origin = str(rec.get("label") or "").strip().lower() or None, "dataset"
+            if human not in (None, "a", "b"):
                 raise InputError(f"label must be 'A' or 'B', got {rec['label']!r}")
             _differ(a, b, "response_a and response_b")
-            pid = str(rec.get("id") or _hash(prompt, a, b))
-            return Pair(pid, prompt, a, b, human=label, origin="dataset", source=where)
-        if "chosen" in rec and "rejected" in rec:
-            prompt, chosen, rejected = _from_chosen_rejected(rec)
-            _differ(chosen, rejected, "chosen and rejected")
-            pid = str(rec.get("id") or _hash(prompt, chosen, rejected))
-            if _swap_bit(pid):
-                return Pair(
-                    pid, prompt, rejected, chosen, human="b", origin="dataset", source=where
-                )
-            return Pair(pid, prompt, chosen, rejected, human="a", origin="dataset", source=where)
+        elif "chosen" in rec and "rejected" in rec:
+            prompt, a, b = _from_chosen_rejected(rec)
+            _differ(a, b, "chosen and rejected")
+            human, origin, swap = "a", "dataset", True
+        else:
+            have = ", ".join(rec) or "none"
+            raise InputError(f"not a pair (need chosen/rejected, prompt/response_a/response_b, or "
+                             f"prompt/initial_response/revised_response; row has {have})")
     except InputError as e:
         raise InputError(f"{where}: {e}") from None
-    have = ", ".join(rec) or "none"
-    raise InputError(
-        f"{where}: not a pair (need chosen/rejected, prompt/response_a/response_b, or "
-        f"prompt/initial_response/revised_response; row has {have})"
-    )
+    pid = str(rec.get("id") or short_id([prompt, a, b]))
+    if swap and hash_int(f"pair-order\x1f{pid}", 1) & 1:
+        a, b, human = b, a, "b"  # the chosen one is B in about half the pairs: see the module doc
+    return Pair(pid, prompt, a, b, human=human, origin=origin, source=where, flags=flags)
 
 
-def read_pairs(
-    source: Source, *, split: str = "train", limit: int | None = None
-) -> Iterator[Pair]:
-    """Stream pairs from a dataset; repeated ids get ``-2``, ``-3``... to stay unique."""
-    records = islice(iter_records(source, split), limit)
-    yield from unique_pairs(record_to_pair(rec, where) for rec, where in records)
-
-
-def unique_pairs(pairs: Iterable[Pair]) -> Iterator[Pair]:
-    """Pairs with unique ids, in order (several sources in one file may repeat one)."""
+def read_pairs(source: Source, *, split: str = "train", limit: int | None = None) -> Iterator[Pair]:
+    """Stream pairs from a dataset; repeated ids (several sources in one file may repeat one) get
+    ``-2``, ``-3``... to stay unique."""
+    pairs = (record_to_pair(rec, where) for rec, where in islice(iter_records(source, split), limit))
     return unique_ids(pairs, lambda p: p.id, lambda p, new: replace(p, id=new))
 
 

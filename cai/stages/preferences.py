@@ -81,13 +81,12 @@ def write_preferences(labels: Path, out: Path, keep_ties: bool = False,
             if drop & set(row.get("gates") or ()):
                 s.gated += 1
                 continue
-            pref = to_preference(row, keep_ties)
-            if pref is not None and row["id"] in debiased:
-                p_a = debiased[row["id"]]
+            if (pref := to_preference(row, keep_ties)) is None:
+                continue
+            if (p_a := debiased.get(row["id"])) is not None:
                 pref["p_chosen_length_debiased"] = p_a if pref["chosen_side"] == "a" else 1.0 - p_a
-            if pref is not None:
-                g.write(dumps(pref) + "\n")
-                s.written += 1
+            g.write(dumps(pref) + "\n")
+            s.written += 1
         g.flush()
         os.fsync(g.fileno())
     os.replace(part, out)

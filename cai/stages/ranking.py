@@ -127,20 +127,15 @@ def _scores(n: int, matches: Sequence[Match]) -> list[float | None]:
 
 def _extremes(scores: Sequence[float | None]) -> tuple[int | None, int | None]:
     """The best (highest score, first on ties) and worst (lowest, last on ties) indices."""
-    known = [(s, i) for i, s in enumerate(scores) if s is not None]
-    if not known:
-        return None, None
-    best = max(known, key=lambda t: (t[0], -t[1]))[1]
-    worst = min(known, key=lambda t: (t[0], -t[1]))[1]
-    return best, worst
+    known = [(s, -i) for i, s in enumerate(scores) if s is not None]
+    return (-max(known)[1], -min(known)[1]) if known else (None, None)
 
 
 async def round_robin(n: int, match: MatchFn) -> Ranking:
     """Every unordered pair of the ``n`` responses, all at once."""
     matches = list(await asyncio.gather(*(match(i, j) for i, j in itertools.combinations(range(n), 2))))
     scores = _scores(n, matches)
-    best, worst = _extremes(scores)
-    return Ranking(n, scores, best, worst, "round_robin", matches)
+    return Ranking(n, scores, *_extremes(scores), "round_robin", matches)
 
 
 async def _bracket(entrants: list[int], match: MatchFn, keep_winner: bool, played: list[Match]) -> int | None:
@@ -175,9 +170,3 @@ async def knockout(n: int, match: MatchFn) -> Ranking:
 async def rank(n: int, match: MatchFn, round_robin_max: int = ROUND_ROBIN_MAX) -> Ranking:
     """Round robin for ``n <= round_robin_max``, knockout above."""
     return await (round_robin(n, match) if n <= round_robin_max else knockout(n, match))
-
-
-async def rank_responses(stage: JudgeStage, call: Call, prompt: Sequence[Message], responses: Sequence[str],
-                         round_robin_max: int = ROUND_ROBIN_MAX) -> Ranking:
-    """Rank ``responses`` to ``prompt`` with the judge (``rank``); best-of-n's row function calls this."""
-    return await rank(len(responses), PairJudge(stage, call, prompt, responses), round_robin_max)

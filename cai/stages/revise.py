@@ -8,10 +8,9 @@ backend call over a chunk of rows. Every critique and revision is kept in the ou
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-from .. import __version__
 from ..backends.base import Backend, Completion, Message, Request, Sampling
 from ..config import ReviseSettings
 from ..constitution import Constitution, Principle
@@ -19,40 +18,39 @@ from ..hashing import call_seed
 from ..inputs import PromptRow
 from ..quality.flags import FLAGS, check_text, clean_revision
 from ..templates import Templates
+from .provenance import StageConfig, stage_provenance
 from .runner import Call, Outcome, run_rows, stage_fingerprint
 
 DRAW_SALT = "revise"
+STAGES = ("generate", "critique", "revise")
 
 
 def _sampling(s: ReviseSettings, tokens: int) -> Sampling:
     return Sampling(max_tokens=tokens, temperature=s.temperature, repetition_penalty=s.repetition_penalty)
 
 
+def _critique_tokens(s: ReviseSettings) -> int:
+    return s.critique_max_tokens or max(32, s.max_tokens * 3 // 4)
+
+
 _TREE = ReviseSettings.model_validate({})  # the defaults are the settings tree's (revise.*)
 
 
 @dataclass(frozen=True)
-class ReviseConfig:
+class ReviseConfig(StageConfig):
     """The stage as it runs, derived from ``ReviseSettings`` (``of``); critique tokens default
     to 3/4 of max_tokens."""
 
     rounds: int = _TREE.rounds
     seed: int = 0
-    generate: Sampling = field(default_factory=lambda: _sampling(_TREE, _TREE.max_tokens))
-    critique: Sampling = field(default_factory=lambda: ReviseConfig.of(_TREE).critique)
-    revise: Sampling = field(default_factory=lambda: _sampling(_TREE, _TREE.max_tokens))
+    generate: Sampling = _sampling(_TREE, _TREE.max_tokens)
+    critique: Sampling = _sampling(_TREE, _critique_tokens(_TREE))
+    revise: Sampling = _sampling(_TREE, _TREE.max_tokens)
 
     @classmethod
     def of(cls, s: ReviseSettings, seed: int = 0) -> ReviseConfig:
-        critique = s.critique_max_tokens or max(32, s.max_tokens * 3 // 4)
         return cls(rounds=s.rounds, seed=seed, generate=_sampling(s, s.max_tokens),
-                   critique=_sampling(s, critique), revise=_sampling(s, s.max_tokens))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rounds": self.rounds, "seed": self.seed, "generate": self.generate.to_dict(),
-            "critique": self.critique.to_dict(), "revise": self.revise.to_dict(),
-        }
+                   critique=_sampling(s, _critique_tokens(s)), revise=_sampling(s, s.max_tokens))
 
 
 def row_flags(calls: list[dict[str, Any]], final: str, critique: str | None,
@@ -66,8 +64,7 @@ def row_flags(calls: list[dict[str, Any]], final: str, critique: str | None,
 
 
 def fingerprint(backend: Backend, constitution: Constitution, templates: Templates, cfg: ReviseConfig) -> str:
-    return stage_fingerprint("revise", backend, constitution, templates, ("generate", "critique", "revise"),
-                             cfg.to_dict())
+    return stage_fingerprint("revise", backend, constitution, templates, STAGES, cfg.to_dict())
 
 
 def principles_for(row_id: str, constitution: Constitution, cfg: ReviseConfig) -> list[Principle]:
@@ -92,13 +89,8 @@ class ReviseStage:
     model_id: str
 
     def __post_init__(self) -> None:
-        self.provenance = {
-            "stage": "revise", "cai_version": __version__, "model": self.model_id,
-            "constitution": self.constitution.name, "constitution_version": self.constitution.version,
-            "constitution_hash": self.constitution.digest(),
-            "templates_hash": self.templates.digest(("generate", "critique", "revise")),
-            "config": self.cfg.to_dict(),
-        }
+        self.provenance = stage_provenance("revise", self.model_id, self.constitution, self.templates, STAGES,
+                                           config=self.cfg.to_dict())
 
     def _example_texts(self, principle_id: str) -> list[str]:
         p = self.constitution.by_id().get(principle_id)
@@ -107,42 +99,41 @@ class ReviseStage:
     async def __call__(self, r: PromptRow, call: Call) -> list[Outcome]:
         cfg, tpl = self.cfg, self.templates
         tokens = 0
+        calls: list[dict[str, Any]] = []  # each call's finish reason and tokens, under ``name``
 
-        async def ask(step: str, messages: list[Message], sampling: Sampling) -> Completion | str:
+        async def ask(step: str, name: str, messages: list[Message], sampling: Sampling, key: str) -> Completion | str:
             nonlocal tokens
             kind = "answer" if step == "initial answer" else step.rsplit(" ", 1)[-1]  # critique, revision
-            c = await call(Request(tuple(messages), sampling, step=kind))
+            c = await call(Request(tuple(messages), _seeded(sampling, cfg.seed, r.id, key), step=kind))
             tokens += c.prompt_tokens + c.completion_tokens
             if c.error:
                 return f"{step}: backend error: {c.error}"
             if not c.text.strip():
                 return f"{step}: empty output (finish_reason={c.finish_reasons[:1]})"
+            calls.append({"step": name, "finish_reason": c.finish_reasons[0] if c.finish_reasons else None,
+                          "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens})
             return c
 
         def failure(reason: str) -> list[Outcome]:
             return [Outcome(r.id, reason=reason, tokens=tokens, info={"source": r.source})]
 
-        first = await ask("initial answer", tpl.generate_messages(r.prompt),
-                          _seeded(cfg.generate, cfg.seed, r.id, "initial"))
+        first = await ask("initial answer", "initial", tpl.generate_messages(r.prompt), cfg.generate, "initial")
         if isinstance(first, str):
             return failure(first)
         initial = current = first.text.strip()
         rounds: list[dict[str, Any]] = []
-        calls = [_raw("initial", first)]
         for rnd, p in enumerate(principles_for(r.id, self.constitution, cfg)):
             ctx = {"conversation": r.prompt, "response": current, "principle": p, "round": rnd + 1}
             asked = tpl.messages("critique", **ctx)
-            crit = await ask(f"round {rnd + 1} critique", asked, _seeded(cfg.critique, cfg.seed, r.id, f"c{rnd}"))
+            crit = await ask(f"round {rnd + 1} critique", f"critique {rnd + 1}", asked, cfg.critique, f"c{rnd}")
             if isinstance(crit, str):
                 return failure(crit)
-            rev = await ask(f"round {rnd + 1} revision",
-                            tpl.revision_messages(asked, **ctx, critique=crit.text.strip()),
-                            _seeded(cfg.revise, cfg.seed, r.id, f"r{rnd}"))
+            rev = await ask(f"round {rnd + 1} revision", f"revision {rnd + 1}",
+                            tpl.revision_messages(asked, **ctx, critique=crit.text.strip()), cfg.revise, f"r{rnd}")
             if isinstance(rev, str):
                 return failure(rev)
             rounds.append({"round": rnd + 1, "principle_id": p.id, "critique_request": p.critique,
                            "critique": crit.text, "revision_request": p.revision, "revision": rev.text})
-            calls += [_raw(f"critique {rnd + 1}", crit), _raw(f"revision {rnd + 1}", rev)]
             current = clean_revision(rev.text) or current
         last = rounds[-1] if rounds else None
         row = {
@@ -168,7 +159,3 @@ def revise_chunk(rows: Sequence[PromptRow], backend: Backend, constitution: Cons
     """Critique and revise ``rows`` (no output file): one ``Outcome`` per row, in order."""
     return run_rows(rows, ReviseStage(constitution, templates, cfg, backend.model_id), backend)
 
-
-def _raw(step: str, c: Completion) -> dict[str, Any]:
-    return {"step": step, "finish_reason": c.finish_reasons[0] if c.finish_reasons else None,
-            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}

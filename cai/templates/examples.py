@@ -23,13 +23,10 @@ def mentions_context(node: nodes.Node) -> bool:
 
 def mentions_examples(node: nodes.Node) -> bool:
     """Whether a template reads ``x.examples`` / ``x.judge_examples`` (or ``x['examples']``)."""
-    for n in node.find_all((nodes.Getattr, nodes.Getitem)):
-        if isinstance(n, nodes.Getattr) and n.attr in ("examples", "judge_examples"):
-            return True
-        if isinstance(n, nodes.Getitem) and isinstance(n.arg, nodes.Const) and n.arg.value in (
-                "examples", "judge_examples"):
-            return True
-    return False
+    names = ("examples", "judge_examples")
+    return any(getattr(n, "attr", None) in names or (isinstance(c := getattr(n, "arg", None), nodes.Const)
+                                                     and c.value in names)
+               for n in node.find_all((nodes.Getattr, nodes.Getitem)))
 
 
 def example_turns(tpl: Any, stage: str, p: Any, ctx: dict[str, Any]) -> list[tuple[str, str]]:
@@ -51,9 +48,7 @@ def example_turns(tpl: Any, stage: str, p: Any, ctx: dict[str, Any]) -> list[tup
             user = tpl.render_text(stage, "user", **demo) or ""
             if cot:
                 demo["reasoning"] = ex.reasoning
-                prefix = tpl.render_text("judge_cot_answer", "assistant", **demo) or ""
-            else:
-                prefix = tpl.render_text("judge", "assistant", **demo) or ""
+            prefix = tpl.render_text("judge_cot_answer" if cot else "judge", "assistant", **demo) or ""
             turns += [("user", user), ("assistant", answer_text(prefix, ex.answer))]
     return turns
 

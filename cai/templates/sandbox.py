@@ -201,21 +201,16 @@ class _CappedCodeGenerator(CodeGenerator):
             self.write(", ")
         self.write("))")
 
-    def _sized(self, visit: Callable[[Any, Frame], None], node: Any, frame: Frame) -> None:
+    def _sized(self, node: nodes.List | nodes.Tuple | nodes.Dict, frame: Frame) -> None:
+        """A list, tuple or dict literal (not an assignment target), checked as it is built."""
+        visit = getattr(super(), f"visit_{type(node).__name__}")
         if getattr(node, "ctx", "load") != "load":
             return visit(node, frame)
         self.write("environment.sized(")
         visit(node, frame)
         self.write(")")
 
-    def visit_List(self, node: nodes.List, frame: Frame) -> None:
-        self._sized(super().visit_List, node, frame)
-
-    def visit_Tuple(self, node: nodes.Tuple, frame: Frame) -> None:
-        self._sized(super().visit_Tuple, node, frame)
-
-    def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:
-        self._sized(super().visit_Dict, node, frame)
+    visit_List = visit_Tuple = visit_Dict = _sized
 
     def buffer(self, frame: Frame) -> None:
         frame.buffer = self.temporary_identifier()
@@ -244,6 +239,7 @@ class CappedSandbox(ImmutableSandboxedEnvironment):
     code_generator_class = _CappedCodeGenerator
     template_class = _CappedTemplate
     text_buffer = _TextBuffer
+    sized = staticmethod(checked)  # a list, tuple or dict literal (compiled by ``_CappedCodeGenerator``)
     work = 0  # steps of the current render
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -287,10 +283,6 @@ class CappedSandbox(ImmutableSandboxedEnvironment):
             self.step()
             yield x
 
-    def sized(self, x: Any) -> Any:
-        _too_big(size(x), _kind(x))
-        return x
-
     def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
             if isinstance(left, _SIZED) and isinstance(right, int):
@@ -319,8 +311,7 @@ class CappedSandbox(ImmutableSandboxedEnvironment):
         if not __self.is_safe_callable(__obj):
             raise SecurityError(f"{__obj!r} is not safely callable")
         __self.step()
-        args = _check_method(__obj, args, kwargs)
-        return checked(__context.call(__obj, *args, **kwargs))
+        return checked(__context.call(__obj, *_check_method(__obj, args, kwargs), **kwargs))
 
 
 def capped_range(*args: int) -> range:
@@ -381,32 +372,30 @@ def _globals(tpl: jinja2.Template) -> dict[str, Any]:
     return flat
 
 
-def _generate(tpl: jinja2.Template, ctx: dict[str, Any]) -> Iterator[str]:
-    """``tpl.generate(**ctx)``, with the same context (the globals, then ``ctx``) and the same
-    error handling (the traceback rewritten to template lines), the globals taken from ``_globals``."""
-    env, flat = tpl.environment, _globals(tpl)
-    context = env.context_class(env, {**flat, **ctx}, tpl.name, tpl.blocks, globals=flat)
-    try:
-        yield from tpl.root_render_func(context)
-    except Exception:
-        yield env.handle_exception()
-
-
 def render_capped(tpl: jinja2.Template, ctx: dict[str, Any], file: str) -> str:
-    """Render, streaming, and stop with a one-line error once the text passes ``MAX_CHARS``."""
-    tpl.environment.work = 0  # type: ignore[attr-defined]
-    gen: Any = _generate(tpl, ctx)
+    """Render, streaming, and stop with a one-line error once the text passes ``MAX_CHARS``.
+
+    What ``tpl.render(**ctx)`` does (the context: the globals, then ``ctx``; an error's traceback
+    rewritten to template lines), with the globals taken from ``_globals``."""
+    env, flat = tpl.environment, _globals(tpl)
+    env.work = 0  # type: ignore[attr-defined]
+    gen: Any = tpl.root_render_func(env.context_class(env, {**flat, **ctx}, tpl.name, tpl.blocks, globals=flat))
     parts: list[str] = []
     total = 0
-    for piece in gen:
-        total += len(piece)
-        if total > MAX_CHARS:
-            line = _generator_line(gen)
-            gen.close()
-            raise TemplateError(f"the rendered message is over the limit of {MAX_CHARS:,} characters "
-                                "(a loop or a repeat that is too big, or an input that long?)", file=file, line=line)
-        parts.append(piece)
-    return "".join(parts)
+    try:
+        for piece in gen:
+            total += len(piece)
+            if total > MAX_CHARS:
+                break
+            parts.append(piece)
+        else:
+            return "".join(parts)
+    except Exception:
+        env.handle_exception()
+    line = _generator_line(gen)
+    gen.close()
+    raise TemplateError(f"the rendered message is over the limit of {MAX_CHARS:,} characters "
+                        "(a loop or a repeat that is too big, or an input that long?)", file=file, line=line)
 
 
 def render_error(err: Exception, ctx: dict[str, Any], name: str, file: str) -> CaiError:
