@@ -365,14 +365,17 @@ class Plan:
             check_backend(cfg.backend, cfg.base_url)
         return plan
 
+    def set_folder(self, folder: Path) -> None:
+        """Every output in ``folder`` under its `cai run` name."""
+        self.folder, self.best = folder, folder / BEST_OF_N_FILE
+        self.revisions, self.labels, self.preferences = (
+            folder / f for f in ("revisions.jsonl", "labels.jsonl", "preferences.jsonl"))
+
     def _outputs(self, output: str | Path | None) -> None:
         cfg = self.config
         if self.kind == "run":
-            self.folder = Path(cfg.output)
-            check_output_dir(self.folder)
-            self.revisions, self.labels, self.preferences = (
-                self.folder / f for f in ("revisions.jsonl", "labels.jsonl", "preferences.jsonl"))
-            self.best = self.folder / BEST_OF_N_FILE
+            check_output_dir(cfg.output)
+            self.set_folder(Path(cfg.output))
         elif output is not None and self.kind == "eval":
             self.folder = Path(output)
             check_output_dir(self.folder)
