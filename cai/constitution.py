@@ -262,8 +262,8 @@ def validation_to_config_error(err: ValidationError, file: str, lines: dict) -> 
         msg = "missing required field"
     elif kind == "string_too_short":
         msg = "must not be empty"
-    elif msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+    else:
+        msg = msg.removeprefix("Value error, ")
     more = len(errors) - 1 - (hint is not None)  # the typo's "missing" twin is not counted
     if more:
         hint = f"{hint}; " if hint else ""

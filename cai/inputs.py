@@ -139,32 +139,26 @@ def _file_records(path: Path, source: str | Path, split: str, problems: Problems
         yield from _parquet_records(path)
     elif path.is_file() and suffix in (".csv", ".tsv"):
         yield from _csv_records(path, suffix)
-    elif path.is_dir():
+    elif path.exists() and not path.is_dir():
+        raise InputError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .csv)")
+    elif not path.is_dir() and ("/" not in str(source) or str(source).startswith((".", "/"))):
+        raise InputError(f"{source}: file not found")
+    else:  # a saved datasets folder, or a Hub dataset name (streamed)
         import datasets
 
+        name = path if path.is_dir() else source
         try:
-            ds = datasets.load_from_disk(str(path))
+            ds = (datasets.load_from_disk(str(path)) if path.is_dir()
+                  else datasets.load_dataset(str(source), split=split, streaming=True))
         except Exception as e:  # noqa: BLE001 - datasets raises many kinds
-            raise InputError(f"{path}: not a saved datasets folder ({e})") from None
+            what = "not a saved datasets folder" if path.is_dir() else "cannot load dataset"
+            raise InputError(f"{name}: {what} ({e})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise InputError(f"{path}: no split {split!r} (has {', '.join(ds)}); pass --split")
             ds = ds[split]
         for i, rec in enumerate(ds):
-            yield rec, f"{path}[{split}]:row {i + 1}"
-    elif path.exists():
-        raise InputError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .csv)")
-    elif "/" in str(source) and not str(source).startswith((".", "/")):
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(str(source), split=split, streaming=True)
-        except Exception as e:  # noqa: BLE001
-            raise InputError(f"{source}: cannot load dataset ({e})") from None
-        for i, rec in enumerate(ds):
-            yield rec, f"{source}[{split}]:row {i + 1}"
-    else:
-        raise InputError(f"{source}: file not found")
+            yield rec, f"{name}[{split}]:row {i + 1}"
 
 
 def _json_records(path: Path, suffix: str, problems: Problems | None = None,

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,6 +265,15 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
         sinks.append(s)
         return s
 
+    async def job(name: str, stream: Stream[Any], seen: set[str], then: Callable[[], object] = lambda: None) -> None:
+        """Run one stage's stream; count the rows of an earlier run this input (``seen``) no longer
+        lists (kept when not pruned)."""
+        try:
+            done[name] = summary = await run_stream(stream, pool, group=bars)
+            summary.kept = 0 if summary.dropped else len(stream.sink.done.keys() - seen)
+        finally:
+            then()
+
     with contextlib.ExitStack() as files:
         queue: asyncio.Queue[Pair | None] = asyncio.Queue()
         jobs: list[Awaitable[None]] = []
@@ -285,14 +294,7 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
             prompts = noting(gate(plan.prompts(), skipped), rseen)
             stream = Stream(rsink, prompts, ReviseStage(const, tpl, rcfg, be.model_id), "revise",
                             plan.totals.get("revise"), written=written, prune=prune, progress=cfg.progress)
-
-            async def revise() -> None:
-                try:
-                    done["revise"] = kept(await run_stream(stream, pool, group=bars), rsink, rseen)
-                finally:
-                    queue.put_nowait(None)
-
-            jobs.append(revise())
+            jobs.append(job("revise", stream, rseen, lambda: queue.put_nowait(None)))
         if plan.label:
             assert plan.labels is not None
             jcfg, scfg = JudgeConfig.of(cfg.label, cfg.seed), SampleConfig.of(cfg)
@@ -312,11 +314,7 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
 
             lstream = Stream[Pair | PromptRow](lsink, items(), stage, "label", plan.totals.get("label"),
                                                ids=stage.ids, prune=prune, progress=cfg.progress)
-
-            async def label() -> None:
-                done["label"] = kept(await run_stream(lstream, pool, group=bars), lsink, lseen)
-
-            jobs.append(label())
+            jobs.append(job("label", lstream, lseen))
         if plan.best_of_n:
             assert plan.best is not None
             bgate = InputGate(cfg.gates) if plan.revise else gate  # the revise stage's gate has seen the prompts
@@ -326,11 +324,7 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
             bprompts = noting(bgate(plan.prompts(), lambda n: bars.drop("best-of-n", n)), bseen)
             bstream = best_of_n.make_stream(cfg, const, tpl, bsink, be, bprompts, total=plan.totals.get("best_of_n"),
                                             policy=Pool(pol, cfg.concurrency) if pol is not be else None, prune=prune)
-
-            async def best() -> None:
-                done["best_of_n"] = kept(await run_stream(bstream, pool, group=bars), bsink, bseen)
-
-            jobs.append(best())
+            jobs.append(job("best_of_n", bstream, bseen))
         try:
             async with asyncio.TaskGroup() as group:
                 for job in jobs:
@@ -349,12 +343,6 @@ def noting(rows: Iterable[PromptRow], seen: set[str]) -> Iterator[PromptRow]:
     for row in rows:
         seen.add(row.id)
         yield row
-
-
-def kept(summary: SinkSummary, sink: JsonlSink, seen: set[str]) -> SinkSummary:
-    """Count the rows of an earlier run this input no longer lists (kept when not pruned)."""
-    summary.kept = 0 if summary.dropped else len(sink.done.keys() - seen)
-    return summary
 
 
 def label_fingerprint(plan: Plan, judge: Backend, policy_id: str, revise_fp: str) -> str:
