@@ -392,9 +392,9 @@ def leaves(model: type[BaseModel] = RunConfig, prefix: tuple[str, ...] = ()) -> 
     return out
 
 
-def find_leaf(name: str, stage: str | None = None, model: type[BaseModel] = RunConfig) -> Leaf | None:
+def find_leaf(name: str, stage: str | None = None) -> Leaf | None:
     """The leaf a flag or keyword name stands for: its full name, or its short name in ``stage``."""
-    return next((x for x in leaves(model) if name in (x.name, x.short(stage))), None)
+    return next((x for x in leaves() if name in (x.name, x.short(stage))), None)
 
 
 def _set(d: dict[str, Any], path: tuple[str, ...], value: Any) -> None:

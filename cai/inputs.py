@@ -272,12 +272,13 @@ def prompt_row(rec: dict[str, Any], where: str, column: str | None = None) -> Pr
     return PromptRow(id=rid, prompt=prompt, extra={k: v for k, v in rec.items() if k != col}, source=where)
 
 
+@dataclass
 class Problems:
     """The bad records of an input, found in one pass: the first ``shown`` kept, the rest counted."""
 
-    def __init__(self, shown: int = 20) -> None:
-        self.shown, self.count = shown, 0
-        self.lines: list[str] = []
+    shown: int = 20
+    count: int = 0
+    lines: list[str] = field(default_factory=list)
 
     def add(self, message: str) -> None:
         self.count += 1

@@ -288,7 +288,6 @@ class Plan:
     best: Path | None = None  # best-of-n's rows (its pairs go beside them)
     sources: list[str] = field(default_factory=list)  # the label stage's, ``auto`` resolved
     totals: dict[str, int | None] = field(default_factory=dict)
-    backend_given: bool = False
 
     @property
     def revise(self) -> bool:
@@ -339,7 +338,7 @@ class Plan:
             constitution if constitution is not None else cfg.constitution)
         tpl = templates if isinstance(templates, Templates) else Templates(
             templates if templates is not None else cfg.templates)
-        plan = cls(kind, cfg, inputs, const, tpl, backend_given=backend_given)
+        plan = cls(kind, cfg, inputs, const, tpl)
         plan._outputs(output)
         plan._check_inputs()
         if not backend_given and cfg.batch_files is None:  # offline batch files: no server

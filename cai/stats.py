@@ -48,18 +48,14 @@ def _finite_pairs(p: Iterable[float | None], y: Iterable[float | None]) -> tuple
         raise ValueError(f"p and y differ in length ({len(ps)} != {len(ys)})")
     keep = [(float(a), float(b)) for a, b in zip(ps, ys, strict=True)
             if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
-    if not keep:
-        return np.zeros(0), np.zeros(0)
-    arr = np.asarray(keep, dtype=np.float64)
+    arr = np.asarray(keep, dtype=np.float64).reshape(-1, 2)
     return arr[:, 0], arr[:, 1]
 
 
 def brier(p: Iterable[float | None], y: Iterable[float | None]) -> float | None:
     """Mean squared difference between probability and outcome (0 is perfect); None when empty."""
     pa, ya = _finite_pairs(p, y)
-    if pa.size == 0:
-        return None
-    return float(np.mean((pa - ya) ** 2))
+    return float(np.mean((pa - ya) ** 2)) if pa.size else None
 
 
 def reliability(p: Iterable[float | None], y: Iterable[float | None], bins: int = 10) -> list[dict[str, Any]]:
