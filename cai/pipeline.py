@@ -327,8 +327,8 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
             jobs.append(job("best_of_n", bstream, bseen))
         try:
             async with asyncio.TaskGroup() as group:
-                for job in jobs:
-                    group.create_task(job)  # type: ignore[arg-type]
+                for coro in jobs:
+                    group.create_task(coro)  # type: ignore[arg-type]
         except asyncio.CancelledError:
             if error := next((s.error for s in sinks if s.error is not None), None):
                 raise error from None  # one line (the CLI's), not a cancelled run
