@@ -147,11 +147,8 @@ def _plan(kind: Kind, inputs: Rows, backend: Backend | str | None, output: str |
 
 
 def _stage(kind: Kind, *args: Any) -> StageResult:
-    plan, backend = _plan(kind, *args)
-    res = execute(plan, backend)
-    out = StageResult(res.stages[kind], res.calls, res.written, res.gates, res.backend)
-    out._rows = res.rows
-    return out
+    res = execute(*_plan(kind, *args))
+    return StageResult(res.stages[kind], res.calls, res.written, res.gates, res.backend, res.rows)
 
 
 # --- one code path for every run ---------------------------------------------------------------
