@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,7 +273,7 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
 
     with contextlib.ExitStack() as files:
         queue: asyncio.Queue[Pair | None] = asyncio.Queue()
-        jobs: list[Awaitable[None]] = []
+        jobs: list[Coroutine[Any, Any, None]] = []
         if plan.revise:
             assert plan.revisions is not None
             rsink, rseen = sink(plan.revisions, rfp), set[str]()
@@ -325,7 +325,7 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
         try:
             async with asyncio.TaskGroup() as group:
                 for coro in jobs:
-                    group.create_task(coro)  # type: ignore[arg-type]
+                    group.create_task(coro)
         except asyncio.CancelledError:
             if error := next((s.error for s in sinks if s.error is not None), None):
                 raise error from None  # one line (the CLI's), not a cancelled run
