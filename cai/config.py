@@ -13,7 +13,9 @@ A bad value is one ``ConfigError`` naming the file and line, or the flag and var
 from __future__ import annotations
 
 import difflib
+import functools
 import json
+import operator
 import types
 import typing
 from dataclasses import dataclass
@@ -30,10 +32,6 @@ from .constitution import load_yaml_with_lines, validation_to_config_error
 from .errors import ConfigError, UsageError
 
 Source = Literal["auto", "revisions", "dataset", "sample"]
-
-
-def _default_sources() -> list[Source]:
-    return ["auto"]
 
 
 class _Section(BaseModel):
@@ -57,7 +55,7 @@ class ReviseSettings(_Section):
 class LabelSettings(_Section):
     enabled: bool = Field(True, description="Run the AI-judge labelling stage.")
     sources: list[Source] = Field(
-        default_factory=_default_sources, min_length=1,
+        ["auto"], min_length=1,
         description="Where pairs come from: revisions (initial vs revised answer), dataset "
         "(existing pairs from label.pairs), sample (label.samples answers per input prompt "
         "from the policy), auto (revisions when the revise stage runs; else the input's first record "
@@ -394,9 +392,9 @@ def leaves(model: type[BaseModel] = RunConfig, prefix: tuple[str, ...] = ()) -> 
     return out
 
 
-def find_leaf(name: str, stage: str | None = None, model: type[BaseModel] = RunConfig) -> Leaf | None:
+def find_leaf(name: str, stage: str | None = None) -> Leaf | None:
     """The leaf a flag or keyword name stands for: its full name, or its short name in ``stage``."""
-    return next((x for x in leaves(model) if name in (x.name, x.short(stage))), None)
+    return next((x for x in leaves() if name in (x.name, x.short(stage))), None)
 
 
 def _set(d: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -462,7 +460,8 @@ def load_run_config(path: str | Path | None, overrides: dict[tuple[str, ...], An
             msg = e.errors()[0]["msg"].removeprefix("Value error, ")
             alias = [n.split("/")[0] for n in leaf.flags(stage)][1:]
             names = leaf.flag + (f" ({', '.join(alias)})" if alias else "")
-            raise ConfigError(f"{msg} (got {data_get(data, hit)!r})", field=f"{names} / {leaf.env}") from None
+            got = functools.reduce(operator.getitem, hit, data)
+            raise ConfigError(f"{msg} (got {got!r})", field=f"{names} / {leaf.env}") from None
         ce = validation_to_config_error(e, file, lines)
         first = e.errors()[0]
         if first["type"] == "extra_forbidden" and ce.hint is None:
@@ -493,8 +492,3 @@ def _did_you_mean(loc: tuple[str, ...], model: type[BaseModel]) -> str | None:
     close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
     return f"did you mean {close[0]!r}?" if close else None
 
-
-def data_get(d: dict[str, Any], path: tuple[str, ...]) -> Any:
-    for p in path:
-        d = d[p]
-    return d

@@ -262,8 +262,8 @@ def validation_to_config_error(err: ValidationError, file: str, lines: dict) -> 
         msg = "missing required field"
     elif kind == "string_too_short":
         msg = "must not be empty"
-    elif msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+    else:
+        msg = msg.removeprefix("Value error, ")
     more = len(errors) - 1 - (hint is not None)  # the typo's "missing" twin is not counted
     if more:
         hint = f"{hint}; " if hint else ""
@@ -281,14 +281,11 @@ def load_constitution(path: str | Path | None = None) -> Constitution:
     items = data.get("principles")
     for i, item in enumerate(items if isinstance(items, list) else []):
         pid = item.get("id") if isinstance(item, dict) else None
-        pid = pid.strip() if isinstance(pid, str) else pid
-        if isinstance(pid, str) and pid in seen:
-            first_line = lines.get(("principles", seen[pid], "id"))
-            raise ConfigError(f"duplicate principle id {pid!r} (first at line {first_line})", file=str(p),
+        if isinstance(pid, str) and (first := seen.setdefault(pid.strip(), i)) != i:
+            first_line = lines.get(("principles", first, "id"))
+            raise ConfigError(f"duplicate principle id {pid.strip()!r} (first at line {first_line})", file=str(p),
                               line=lines.get(("principles", i, "id")), field=f"principles.{i}.id",
                               hint="every principle needs its own id")
-        if isinstance(pid, str):
-            seen[pid] = i
     try:
         return Constitution.model_validate(data)
     except ValidationError as e:

@@ -68,17 +68,15 @@ class DryBackend(BackendBase):
 
     async def generate(self, request: Request) -> Completion:
         k = request_key(self.model_id, request)
-        found = self.cache.get(k) if k not in self._new else None
-        if found is not None:
+        found = self._new.get(k)
+        if found is None and (found := self.cache.get(k)) is not None:
             self.reused.add(k)
-            self.hits += 1
-            return found
-        if k in self._new:
-            self.hits += 1
-        else:
-            self._new[k] = _placeholder(k, request)
+        if found is None:
+            found = self._new[k] = _placeholder(k, request)
             self.sent += 1
-        return self._new[k]
+        else:
+            self.hits += 1
+        return found
 
 
 def _placeholder(key: str, r: Request) -> Completion:

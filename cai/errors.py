@@ -53,21 +53,11 @@ class CaiError(Exception):
 class ConfigError(CaiError):
     """A bad input file: constitution, run config, template. Names file, line and field."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        file: str | None = None,
-        line: int | None = None,
-        field: str | None = None,
-        hint: str | None = None,
-    ) -> None:
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None, field: str | None = None,
+                 hint: str | None = None) -> None:
         self.file, self.line, self.field, self.hint = file, line, field, hint
-        where = ""
-        if file:
-            where = f"{file}:{line}: " if line else f"{file}: "
-        what = f"{field}: " if field else ""
-        tail = f" ({hint})" if hint else ""
+        where = (f"{file}:{line}: " if line else f"{file}: ") if file else ""
+        what, tail = (f"{field}: " if field else ""), (f" ({hint})" if hint else "")
         super().__init__(f"{where}{what}{message}{tail}")
 
 

@@ -62,16 +62,13 @@ def bounded_lines(f: IO[bytes], cap: int | None) -> Iterator[bytes | None]:
         yield None
 
 
-def write_text_atomic(path: Path, text: str, *, fsync: bool = False) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path`` whole via a ``.tmp`` beside it (removed again if the write fails: a
     full disk leaves the old file, and no ``.tmp``)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
             f.write(text)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

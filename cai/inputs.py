@@ -99,10 +99,6 @@ def _content(content: Any, column: str, i: int) -> str:
                      f"of type text), got {type(content).__name__}")
 
 
-def row_id(prompt: list[Message]) -> str:
-    return short_id(prompt)
-
-
 def _in_memory(rows: Iterable[Any]) -> Iterator[tuple[dict[str, Any], str]]:
     for i, rec in enumerate(rows, 1):
         if isinstance(rec, str):
@@ -143,32 +139,26 @@ def _file_records(path: Path, source: str | Path, split: str, problems: Problems
         yield from _parquet_records(path)
     elif path.is_file() and suffix in (".csv", ".tsv"):
         yield from _csv_records(path, suffix)
-    elif path.is_dir():
+    elif path.exists() and not path.is_dir():
+        raise InputError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .csv)")
+    elif not path.is_dir() and ("/" not in str(source) or str(source).startswith((".", "/"))):
+        raise InputError(f"{source}: file not found")
+    else:  # a saved datasets folder, or a Hub dataset name (streamed)
         import datasets
 
+        name = path if path.is_dir() else source
         try:
-            ds = datasets.load_from_disk(str(path))
+            ds = (datasets.load_from_disk(str(path)) if path.is_dir()
+                  else datasets.load_dataset(str(source), split=split, streaming=True))
         except Exception as e:  # noqa: BLE001 - datasets raises many kinds
-            raise InputError(f"{path}: not a saved datasets folder ({e})") from None
+            what = "not a saved datasets folder" if path.is_dir() else "cannot load dataset"
+            raise InputError(f"{name}: {what} ({e})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise InputError(f"{path}: no split {split!r} (has {', '.join(ds)}); pass --split")
             ds = ds[split]
         for i, rec in enumerate(ds):
-            yield rec, f"{path}[{split}]:row {i + 1}"
-    elif path.exists():
-        raise InputError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .csv)")
-    elif "/" in str(source) and not str(source).startswith((".", "/")):
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(str(source), split=split, streaming=True)
-        except Exception as e:  # noqa: BLE001
-            raise InputError(f"{source}: cannot load dataset ({e})") from None
-        for i, rec in enumerate(ds):
-            yield rec, f"{source}[{split}]:row {i + 1}"
-    else:
-        raise InputError(f"{source}: file not found")
+            yield rec, f"{name}[{split}]:row {i + 1}"
 
 
 def _json_records(path: Path, suffix: str, problems: Problems | None = None,
@@ -253,31 +243,18 @@ def _csv_records(path: Path, suffix: str) -> Iterator[tuple[dict[str, Any], str]
             raise InputError(f"{path}:{reader.line_num}: bad CSV ({e})") from None
 
 
-def read_prompts(
-    source: Source,
-    *,
-    column: str | None = None,
-    split: str = "train",
-    limit: int | None = None,
-    id_column: str | None = "id",
-) -> Iterator[PromptRow]:
+def read_prompts(source: Source, *, column: str | None = None, split: str = "train", limit: int | None = None
+                 ) -> Iterator[PromptRow]:
     """Stream ``PromptRow``s. The prompt column is ``column`` or the first of PROMPT_COLUMNS found.
 
-    Row ids come from ``id_column`` when present, else from a hash of the prompt; a repeated
+    Row ids come from the ``id`` column when present, else from a hash of the prompt; a repeated
     prompt gets ``-2``, ``-3``... so that ids stay unique and stable under reordering.
     """
-    return unique_ids(_prompt_rows(source, column, split, limit, id_column), lambda r: r.id,
-                      lambda r, new: replace(r, id=new))
+    rows = (prompt_row(rec, where, column) for rec, where in islice(iter_records(source, split), limit))
+    return unique_ids(rows, lambda r: r.id, lambda r, new: replace(r, id=new))
 
 
-def _prompt_rows(source: Source, column: str | None, split: str, limit: int | None,
-                 id_column: str | None) -> Iterator[PromptRow]:
-    for rec, where in islice(iter_records(source, split), limit):
-        yield prompt_row(rec, where, column, id_column)
-
-
-def prompt_row(rec: dict[str, Any], where: str, column: str | None = None, id_column: str | None = "id"
-               ) -> PromptRow:
+def prompt_row(rec: dict[str, Any], where: str, column: str | None = None) -> PromptRow:
     """One input record as a prompt (its id not yet made unique); a bad one is an ``InputError``."""
     col = column or next((c for c in PROMPT_COLUMNS if c in rec), None)
     if col is None or col not in rec:
@@ -291,16 +268,17 @@ def prompt_row(rec: dict[str, Any], where: str, column: str | None = None, id_co
     if prompt[-1]["role"] != "user":
         raise InputError(f"{where}: column {col!r}: the conversation must end with a user turn to answer (it "
                          f"ends with {prompt[-1]['role']!r})")
-    rid = str(rec[id_column]) if id_column and rec.get(id_column) not in (None, "") else row_id(prompt)
+    rid = str(rec["id"]) if rec.get("id") not in (None, "") else short_id(prompt)
     return PromptRow(id=rid, prompt=prompt, extra={k: v for k, v in rec.items() if k != col}, source=where)
 
 
+@dataclass
 class Problems:
     """The bad records of an input, found in one pass: the first ``shown`` kept, the rest counted."""
 
-    def __init__(self, shown: int = 20) -> None:
-        self.shown, self.count = shown, 0
-        self.lines: list[str] = []
+    shown: int = 20
+    count: int = 0
+    lines: list[str] = field(default_factory=list)
 
     def add(self, message: str) -> None:
         self.count += 1

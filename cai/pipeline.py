@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +47,10 @@ from .files import iter_jsonl, write_json_atomic
 from .hashing import sha256_json
 from .inputs import PromptRow
 from .inputs import Source as Rows
-from .manifest import Calls, RunResult, constitution_record, describe, manifest, mark_running, read_history  # noqa: F401
+from .manifest import Calls, RunResult, constitution_record, describe, manifest, mark_running
 from .metrics import summarize_files
 from .output import JsonlSink, SinkSummary
-from .plan import Plan, labels_path, unique_pair
+from .plan import Kind, Plan, labels_path, unique_pair
 from .progress import RunProgress
 from .quality.gates import InputGate, write_rejects
 from .report.markdown import write_revise_report
@@ -92,16 +92,7 @@ class StageResult:
         return list(iter_jsonl(self.summary.failures_path))
 
 
-
-
 # --- the API -----------------------------------------------------------------------------------
-
-
-def _settings(config: RunConfig | None, stage: str | None, backend: Backend | str | None,
-              settings: dict[str, Any]) -> tuple[RunConfig, Backend | None]:
-    if isinstance(backend, str):  # a name: the tree's backend, built with the tree's options
-        settings = {**settings, "backend": backend}
-    return configure(config, stage, **settings), None if isinstance(backend, str) else backend
 
 
 def run_revise(inputs: Rows, *, backend: Backend | str | None = None, output: str | Path | None = None,
@@ -110,10 +101,7 @@ def run_revise(inputs: Rows, *, backend: Backend | str | None = None, output: st
     """Critique and revise every prompt: one SFT row per prompt, with the full trace. ``output``
     also gets a readable ``.md`` beside it, and ``rejects.jsonl`` (the rows the quality gates
     keep out of the training data)."""
-    cfg, be = _settings(config, "revise", backend, settings)
-    plan = Plan.build(cfg, inputs, kind="revise", output=output, constitution=constitution, templates=templates,
-                      backend_given=be is not None)
-    return _stage_result(execute(plan, be), "revise")
+    return _stage("revise", inputs, backend, output, constitution, templates, config, settings)
 
 
 def run_label(inputs: Rows, *, backend: Backend | str | None = None, output: str | Path | None = None,
@@ -122,10 +110,7 @@ def run_label(inputs: Rows, *, backend: Backend | str | None = None, output: str
     """Judge pairs and write TRL preference rows to ``output`` (every judged pair, ties too, to
     ``labels.jsonl`` beside it). ``sources``: ``dataset`` or ``revisions`` (pairs as they are),
     ``sample`` (``samples`` answers per prompt from the policy), or ``auto`` (by the first row)."""
-    cfg, be = _settings(config, "label", backend, settings)
-    plan = Plan.build(cfg, inputs, kind="label", output=output, constitution=constitution, templates=templates,
-                      backend_given=be is not None)
-    return _stage_result(execute(plan, be), "label")
+    return _stage("label", inputs, backend, output, constitution, templates, config, settings)
 
 
 def run_pipeline(cfg: RunConfig | str | Path, backend: Backend | None = None,
@@ -147,16 +132,23 @@ def run_best_of_n(inputs: Rows, *, backend: Backend | str | None = None, output:
     """Best-of-n (`cai best-of-n`): ``n`` answers per prompt ranked by the judge (``label.*``); the
     best as SFT rows in ``output``, best-vs-worst as TRL preference rows beside it
     (``best_of_n.pairs.jsonl``; ``best_of_n.to_pair(row)`` for rows in memory)."""
-    cfg, be = _settings(config, "best_of_n", backend, settings)
-    plan = Plan.build(cfg, inputs, kind="best_of_n", output=output, constitution=constitution, templates=templates,
-                      backend_given=be is not None)
-    return _stage_result(execute(plan, be), "best_of_n")
+    return _stage("best_of_n", inputs, backend, output, constitution, templates, config, settings)
 
 
-def _stage_result(res: RunResult, stage: str) -> StageResult:
-    out = StageResult(res.stages[stage], res.calls, res.written, res.gates, res.backend)
-    out._rows = res.rows
-    return out
+def _plan(kind: Kind, inputs: Rows, backend: Backend | str | None, output: str | Path | None,
+          constitution: Constitution | str | Path | None, templates: Templates | str | Path | None,
+          config: RunConfig | None, settings: dict[str, Any]) -> tuple[Plan, Backend | None]:
+    """The plan of a stage command, and the backend given (a backend name is a setting)."""
+    if isinstance(backend, str):  # a name: the tree's backend, built with the tree's options
+        settings, backend = {**settings, "backend": backend}, None
+    cfg = configure(config, "label" if kind == "eval" else kind, **settings)
+    return Plan.build(cfg, inputs, kind=kind, output=output, constitution=constitution, templates=templates,
+                      backend_given=backend is not None), backend
+
+
+def _stage(kind: Kind, *args: Any) -> StageResult:
+    res = execute(*_plan(kind, *args))
+    return StageResult(res.stages[kind], res.calls, res.written, res.gates, res.backend, res.rows)
 
 
 # --- one code path for every run ---------------------------------------------------------------
@@ -185,17 +177,24 @@ class LabelStage:
 
 
 @contextmanager
-def _in_memory(plan: Plan) -> Iterator[bool]:
-    """A temporary folder for a stage whose rows come back in memory (no ``output``)."""
-    if plan.folder is not None:
-        yield False
-        return
-    with tempfile.TemporaryDirectory(prefix="cai-") as tmp:
-        plan.folder = Path(tmp)
-        plan.revisions = plan.folder / "revisions.jsonl"
-        plan.preferences, plan.labels = plan.folder / "preferences.jsonl", plan.folder / "labels.jsonl"
-        plan.best = plan.folder / best_of_n.ROWS_FILE
-        yield True
+def _opened(plan: Plan, backend: Backend | None) -> Iterator[tuple[Backend, bool]]:
+    """The backend (``backend``, else the plan's, closed at the end) and whether the rows come back
+    in memory: then in a temporary folder; else the output folder, held by its one writer."""
+    cfg = plan.config
+    # The backend first: an unprepared model or an unreachable server leaves no output folder.
+    inner = backend or (build_batch_backend(cfg.model, request_key, folder=plan.folder, **cfg.batch_options())
+                        if cfg.batching else build_backend(cfg.backend, cfg.model, **cfg.backend_options()))
+    try:
+        with contextlib.ExitStack() as held:
+            memory = plan.folder is None
+            if plan.folder is None:
+                plan.set_folder(Path(held.enter_context(tempfile.TemporaryDirectory(prefix="cai-"))))
+            else:  # one writer per folder, before anything is written there
+                held.enter_context(lock.writer(plan.folder))
+            yield inner, memory
+    finally:
+        if backend is None:
+            runtime.close(inner)
 
 
 @contextmanager
@@ -214,43 +213,32 @@ def execute(plan: Plan, backend: Backend | None = None) -> RunResult:
     """Run a checked plan: its streams in one pool of requests, then the files made at the end
     (revisions.md, preferences.jsonl, rejects.jsonl; run.json for `cai run`)."""
     t0, cfg, cache = time.time(), plan.config, plan.cache
-    # The backend first: an unprepared model or an unreachable server leaves no output folder.
-    inner = backend or (build_batch_backend(cfg.model, request_key, folder=plan.folder, **cfg.batch_options())
-                        if cfg.batching else build_backend(cfg.backend, cfg.model, **cfg.backend_options()))
     # batch mode: every row in flight (the waves are the steps of all rows' chains)
     rows = max(cfg.concurrency, cfg.batch_max_requests) if cfg.batching else cfg.concurrency
     gate = InputGate(cfg.gates)
-    try:
-        with _in_memory(plan) as memory, contextlib.ExitStack() as held:
-            assert plan.folder is not None
-            if not memory:  # one writer per folder, before anything is written there
-                held.enter_context(lock.writer(plan.folder))
-            if (bind := getattr(inner, "bind_folder", None)) is not None:
-                bind(plan.folder)  # batch mode: batches.sqlite in the run folder
-            res, history = RunResult(output=plan.folder), []
-            if plan.kind == "run":
-                history = mark_running(plan.folder / "run.json")
-            with counted(inner, cache) as be, _policy(plan, be, cache) as pol:
-                if plan.kind == "run":  # the served tokens go to the cache's ledger as they come
-                    be.run_id = pol.run_id = run_json.running_id(plan.folder / "run.json")
-                res.stages = run(lambda pool: _streams(plan, be, pol, pool, gate), be, rows)
-                res.sent, res.cached, res.errors = (sum(x) for x in zip(
-                    *{id(b): (b.sent, b.hits, b.errors) for b in (be, pol)}.values(), strict=True))
-                res.usage = served(be, pol)
-                model_id = be.model_id
-                res.backend = describe(inner)
-                models = {"policy": model_id if plan.revise else pol.model_id, "judge": model_id} | (
-                    {"samples": pol.model_id} if pol is not be else {})  # label.policy_model's answers
-            _finish(plan, res, gate, memory)
-            if plan.kind == "run":
-                finish_run(plan, res, model_id, t0, history, {"models": models} | (
-                    {"best_of_n": best_of_n.BestOfNConfig.of(cfg).to_dict()} if plan.best_of_n else {}))
-    finally:
-        if backend is None:
-            runtime.close(inner)
+    with _opened(plan, backend) as (inner, memory):
+        assert plan.folder is not None
+        if (bind := getattr(inner, "bind_folder", None)) is not None:
+            bind(plan.folder)  # batch mode: batches.sqlite in the run folder
+        res, history = RunResult(output=plan.folder), []
+        if plan.kind == "run":
+            history = mark_running(plan.folder / "run.json")
+        with counted(inner, cache) as be, _policy(plan, be, cache) as pol:
+            if plan.kind == "run":  # the served tokens go to the cache's ledger as they come
+                be.run_id = pol.run_id = run_json.running_id(plan.folder / "run.json")
+            res.stages = run(lambda pool: _streams(plan, be, pol, pool, gate), be, rows)
+            res.sent, res.cached, res.errors = (sum(x) for x in zip(
+                *{id(b): (b.sent, b.hits, b.errors) for b in (be, pol)}.values(), strict=True))
+            res.usage = served(be, pol)
+            model_id = be.model_id
+            res.backend = describe(inner)
+            models = {"policy": model_id if plan.revise else pol.model_id, "judge": model_id} | (
+                {"samples": pol.model_id} if pol is not be else {})  # label.policy_model's answers
+        _finish(plan, res, gate, memory)
+        if plan.kind == "run":
+            finish_run(plan, res, model_id, t0, history, {"models": models} | (
+                {"best_of_n": best_of_n.BestOfNConfig.of(cfg).to_dict()} if plan.best_of_n else {}))
     return res
-
-
 
 
 async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: InputGate) -> dict[str, SinkSummary]:
@@ -274,9 +262,18 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
         sinks.append(s)
         return s
 
+    async def job(name: str, stream: Stream[Any], seen: set[str], then: Callable[[], object] = lambda: None) -> None:
+        """Run one stage's stream; count the rows of an earlier run this input (``seen``) no longer
+        lists (kept when not pruned)."""
+        try:
+            done[name] = summary = await run_stream(stream, pool, group=bars)
+            summary.kept = 0 if summary.dropped else len(stream.sink.done.keys() - seen)
+        finally:
+            then()
+
     with contextlib.ExitStack() as files:
         queue: asyncio.Queue[Pair | None] = asyncio.Queue()
-        jobs: list[Awaitable[None]] = []
+        jobs: list[Coroutine[Any, Any, None]] = []
         if plan.revise:
             assert plan.revisions is not None
             rsink, rseen = sink(plan.revisions, rfp), set[str]()
@@ -294,14 +291,7 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
             prompts = noting(gate(plan.prompts(), skipped), rseen)
             stream = Stream(rsink, prompts, ReviseStage(const, tpl, rcfg, be.model_id), "revise",
                             plan.totals.get("revise"), written=written, prune=prune, progress=cfg.progress)
-
-            async def revise() -> None:
-                try:
-                    done["revise"] = kept(await run_stream(stream, pool, group=bars), rsink, rseen)
-                finally:
-                    queue.put_nowait(None)
-
-            jobs.append(revise())
+            jobs.append(job("revise", stream, rseen, lambda: queue.put_nowait(None)))
         if plan.label:
             assert plan.labels is not None
             jcfg, scfg = JudgeConfig.of(cfg.label, cfg.seed), SampleConfig.of(cfg)
@@ -321,11 +311,7 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
 
             lstream = Stream[Pair | PromptRow](lsink, items(), stage, "label", plan.totals.get("label"),
                                                ids=stage.ids, prune=prune, progress=cfg.progress)
-
-            async def label() -> None:
-                done["label"] = kept(await run_stream(lstream, pool, group=bars), lsink, lseen)
-
-            jobs.append(label())
+            jobs.append(job("label", lstream, lseen))
         if plan.best_of_n:
             assert plan.best is not None
             bgate = InputGate(cfg.gates) if plan.revise else gate  # the revise stage's gate has seen the prompts
@@ -335,15 +321,11 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
             bprompts = noting(bgate(plan.prompts(), lambda n: bars.drop("best-of-n", n)), bseen)
             bstream = best_of_n.make_stream(cfg, const, tpl, bsink, be, bprompts, total=plan.totals.get("best_of_n"),
                                             policy=Pool(pol, cfg.concurrency) if pol is not be else None, prune=prune)
-
-            async def best() -> None:
-                done["best_of_n"] = kept(await run_stream(bstream, pool, group=bars), bsink, bseen)
-
-            jobs.append(best())
+            jobs.append(job("best_of_n", bstream, bseen))
         try:
             async with asyncio.TaskGroup() as group:
-                for job in jobs:
-                    group.create_task(job)  # type: ignore[arg-type]
+                for coro in jobs:
+                    group.create_task(coro)
         except asyncio.CancelledError:
             if error := next((s.error for s in sinks if s.error is not None), None):
                 raise error from None  # one line (the CLI's), not a cancelled run
@@ -358,12 +340,6 @@ def noting(rows: Iterable[PromptRow], seen: set[str]) -> Iterator[PromptRow]:
     for row in rows:
         seen.add(row.id)
         yield row
-
-
-def kept(summary: SinkSummary, sink: JsonlSink, seen: set[str]) -> SinkSummary:
-    """Count the rows of an earlier run this input no longer lists (kept when not pruned)."""
-    summary.kept = 0 if summary.dropped else len(sink.done.keys() - seen)
-    return summary
 
 
 def label_fingerprint(plan: Plan, judge: Backend, policy_id: str, revise_fp: str) -> str:
@@ -459,36 +435,28 @@ def run_eval_judge(file: Rows, *, backend: Backend | str | None = None, output: 
     """Relabel human-labelled pairs with the judge (and, with ``naive.enabled``, a judge that
     parses a generated letter) and measure each against the human labels. ``output`` keeps the
     judged rows (``judge.jsonl``, ``naive.jsonl``) so that a rerun resumes."""
-    cfg, given = _settings(config, "label", backend, settings)
-    plan = Plan.build(cfg, file, kind="eval", output=output, constitution=constitution, templates=templates,
-                      backend_given=given is not None)
+    plan, given = _plan("eval", file, backend, output, constitution, templates, config, settings)
+    cfg = plan.config
     nv = naive or NaiveSettings.model_validate({})
     const, tpl, jcfg = plan.constitution, plan.templates, JudgeConfig.of(cfg.label, cfg.seed)
     ncfg = NaiveConfig(principles=jcfg.principles, seed=cfg.seed, tie_threshold=jcfg.tie_threshold,
                        sampling=Sampling(max_tokens=nv.max_tokens, seed=cfg.seed))
     results: dict[str, dict[str, Any]] = {}
-    inner = given or build_backend(cfg.backend, cfg.model, **cfg.backend_options())
-    try:
-        with counted(inner) as be, _in_memory(plan) as memory, contextlib.ExitStack() as held:
-            assert plan.folder is not None
-            if not memory:
-                held.enter_context(lock.writer(plan.folder))
-            judges: list[tuple[str, str, str, RowFn[Pair]]] = [
-                (f"{jcfg.mode} judge" + ("" if jcfg.both_orders else " (one order)"), "judge.jsonl",
-                 judge_fingerprint(be, const, tpl, jcfg), JudgeStage(const, tpl, jcfg, be.model_id))]
-            if nv.enabled:
-                judges.append(("naive judge", "naive.jsonl", naive_fingerprint(be, const, tpl, ncfg),
-                               NaiveStage(const, tpl, ncfg, be.model_id)))
-            for name, fname, fp, stage in judges:
-                t0 = time.monotonic()
-                s = run_stage(plan.folder / fname, fp, read_pairs(file, split=cfg.split, limit=cfg.limit), stage,
-                              backend=be, title=name, total=plan.totals.get("eval"), concurrency=cfg.concurrency,
-                              progress=cfg.progress)
-                results[name] = {**summarize_files(s.path, s.failures_path), "wall_s": time.monotonic() - t0,
-                                 "resumed": s.resumed}
-    finally:
-        if given is None:
-            runtime.close(inner)
+    with _opened(plan, given) as (inner, _), counted(inner) as be:
+        assert plan.folder is not None
+        judges: list[tuple[str, str, str, RowFn[Pair]]] = [
+            (f"{jcfg.mode} judge" + ("" if jcfg.both_orders else " (one order)"), "judge.jsonl",
+             judge_fingerprint(be, const, tpl, jcfg), JudgeStage(const, tpl, jcfg, be.model_id))]
+        if nv.enabled:
+            judges.append(("naive judge", "naive.jsonl", naive_fingerprint(be, const, tpl, ncfg),
+                           NaiveStage(const, tpl, ncfg, be.model_id)))
+        for name, fname, fp, stage in judges:
+            t0 = time.monotonic()
+            s = run_stage(plan.folder / fname, fp, read_pairs(file, split=cfg.split, limit=cfg.limit), stage,
+                          backend=be, title=name, total=plan.totals.get("eval"), concurrency=cfg.concurrency,
+                          progress=cfg.progress)
+            results[name] = {**summarize_files(s.path, s.failures_path), "wall_s": time.monotonic() - t0,
+                             "resumed": s.resumed}
     return EvalResult(results, jcfg.to_dict(), ncfg.to_dict() if nv.enabled else None, be.model_id)
 
 

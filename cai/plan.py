@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from .backends import split_urls
 from .config import RunConfig
@@ -109,15 +110,10 @@ def scan(source: Any, *, pairs: bool, column: str | None = None, split: str = "t
 # --- outputs -----------------------------------------------------------------------------------
 
 
-def _existing_ancestor(path: Path) -> Path:
-    p = path.absolute()
-    while not p.exists() and not p.is_symlink() and p != p.parent:
-        p = p.parent
-    return p
-
-
 def _check_creatable(folder: Path, flag: str) -> None:
-    base = _existing_ancestor(folder)
+    base = folder.absolute()  # its nearest existing folder
+    while not base.exists() and not base.is_symlink() and base != base.parent:
+        base = base.parent
     if not base.is_dir():
         kind = "a file" if base.is_file() else "not a folder"
         raise InputError(f"{folder}: cannot make this folder: {base} is {kind}; pass another {flag}")
@@ -189,27 +185,9 @@ def conflicting(flags: Mapping[str, bool]) -> None:
 # --- backends ----------------------------------------------------------------------------------
 
 
-def check_server(base_url: str, *, timeout: float = 5.0) -> None:
-    """One TCP connection to the host and port of ``base_url``: a server that is not running is
-    a ``BackendError`` now, not a failed row per prompt after retries."""
-    from urllib.parse import urlsplit
-
-    from .backends.openai_server import check_url
-
-    check_url(base_url)
-    url = urlsplit(base_url)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            pass
-    except OSError as e:
-        why = e.strerror or type(e).__name__
-        raise BackendError(f"cannot reach {base_url} ({why}): is the server running? Start one with `vllm serve "
-                           "<model> --port <port>`, or pass --base-url") from None
-
-
-def check_backend(name: str, base_url: str | Sequence[str] | None = None) -> None:
-    """The backend name is known; for ``openai``, one server of ``base_url`` accepts connections."""
+def check_backend(name: str, base_url: str | Sequence[str] | None = None, *, timeout: float = 5.0) -> None:
+    """The backend name is known; for ``openai``, one server of ``base_url`` accepts a TCP connection
+    (a server that is not running is a ``BackendError`` now, not a failed row per prompt after retries)."""
     from .backends import BACKENDS
 
     if name not in BACKENDS:
@@ -223,11 +201,14 @@ def check_backend(name: str, base_url: str | Sequence[str] | None = None) -> Non
         check_url(url)
     errors: list[BackendError] = []
     for url in urls:
+        parts = urlsplit(url)
         try:
-            check_server(url)
-            return
-        except BackendError as e:
-            errors.append(e)
+            with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                          timeout=timeout):
+                return
+        except OSError as e:
+            errors.append(BackendError(f"cannot reach {url} ({e.strerror or type(e).__name__}): is the server running? "
+                                       "Start one with `vllm serve <model> --port <port>`, or pass --base-url"))
     if len(errors) == 1:
         raise errors[0]
     raise BackendError(f"none of the {len(urls)} servers can be reached ({', '.join(urls)}): are they running?")
@@ -307,7 +288,6 @@ class Plan:
     best: Path | None = None  # best-of-n's rows (its pairs go beside them)
     sources: list[str] = field(default_factory=list)  # the label stage's, ``auto`` resolved
     totals: dict[str, int | None] = field(default_factory=dict)
-    backend_given: bool = False
 
     @property
     def revise(self) -> bool:
@@ -358,21 +338,24 @@ class Plan:
             constitution if constitution is not None else cfg.constitution)
         tpl = templates if isinstance(templates, Templates) else Templates(
             templates if templates is not None else cfg.templates)
-        plan = cls(kind, cfg, inputs, const, tpl, backend_given=backend_given)
+        plan = cls(kind, cfg, inputs, const, tpl)
         plan._outputs(output)
         plan._check_inputs()
         if not backend_given and cfg.batch_files is None:  # offline batch files: no server
             check_backend(cfg.backend, cfg.base_url)
         return plan
 
+    def set_folder(self, folder: Path) -> None:
+        """Every output in ``folder`` under its `cai run` name."""
+        self.folder, self.best = folder, folder / BEST_OF_N_FILE
+        self.revisions, self.labels, self.preferences = (
+            folder / f for f in ("revisions.jsonl", "labels.jsonl", "preferences.jsonl"))
+
     def _outputs(self, output: str | Path | None) -> None:
         cfg = self.config
         if self.kind == "run":
-            self.folder = Path(cfg.output)
-            check_output_dir(self.folder)
-            self.revisions, self.labels, self.preferences = (
-                self.folder / f for f in ("revisions.jsonl", "labels.jsonl", "preferences.jsonl"))
-            self.best = self.folder / BEST_OF_N_FILE
+            check_output_dir(cfg.output)
+            self.set_folder(Path(cfg.output))
         elif output is not None and self.kind == "eval":
             self.folder = Path(output)
             check_output_dir(self.folder)
@@ -404,21 +387,22 @@ class Plan:
             stages += [*judge_stages(cfg.label.mode), "generate"]
         check_templates(self.templates, self.constitution, stages)
         fit = fits(self.templates, self.constitution, stages)
+
+        def read(source: Any, pairs: bool = False, what: str = "input") -> Scan:
+            return scan(source, pairs=pairs, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit, what=what,
+                        max_line=cfg.max_line_bytes, fits=fit)
+
         if self.revise:  # the input: prompts
-            self.totals["revise"] = scan(inputs, pairs=False, column=cfg.prompt_column, split=cfg.split,
-                                         limit=cfg.limit, max_line=cfg.max_line_bytes, fits=fit).rows or None
+            self.totals["revise"] = read(inputs).rows or None
         if self.kind == "eval":
-            found = scan(inputs, pairs=True, split=cfg.split, limit=cfg.limit, what="labelled pairs",
-                         max_line=cfg.max_line_bytes, fits=fit)
+            found = read(inputs, pairs=True, what="labelled pairs")
             if _scannable(inputs) and not found.human:
                 raise InputError(f"{inputs}: no human labels (need chosen/rejected, or a label column A/B)")
             self.totals["eval"] = found.rows or None
         if self.label:
-            self._label_inputs(fit)
+            self._label_inputs(read)
         if self.best_of_n:  # the input: prompts (scanned once when the revise stage reads them too)
-            self.totals["best_of_n"] = self.totals["revise"] if self.revise else scan(
-                inputs, pairs=False, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit,
-                max_line=cfg.max_line_bytes, fits=fit).rows or None
+            self.totals["best_of_n"] = self.totals["revise"] if self.revise else read(inputs).rows or None
         if self.revise or self.best_of_n or "sample" in self.sources:
             check_gates(cfg.gates.decontaminate)
 
@@ -441,19 +425,16 @@ class Plan:
             sources = list(dict.fromkeys(auto if s == "auto" else s for s in sources))
         self.sources = sources
 
-    def _label_inputs(self, fit: Callable[[Any, str], None]) -> None:
-        """The label stage's inputs checked, its total counted."""
+    def _label_inputs(self, read: Callable[..., Scan]) -> None:
+        """The label stage's inputs checked (each source ``read``), its total counted."""
         cfg, inputs, sources = self.config, self.inputs, self.sources
         per_prompt = len(sample_pair_ids("x", cfg.label.samples))
         if "dataset" in sources and (self.kind == "label" or not cfg.label.pairs):  # the input's pairs
-            self.totals["label"] = scan(inputs, pairs=True, split=cfg.split, limit=cfg.limit,
-                                        max_line=cfg.max_line_bytes, fits=fit).rows or None
+            self.totals["label"] = read(inputs, pairs=True).rows or None
         elif "dataset" in sources and cfg.label.pairs:
-            scan(cfg.label.pairs, pairs=True, split=cfg.split, limit=cfg.limit, what="label.pairs dataset",
-                 max_line=cfg.max_line_bytes, fits=fit)
+            read(cfg.label.pairs, pairs=True, what="label.pairs dataset")
         if "sample" in sources and not self.revise:
-            n = scan(inputs, pairs=False, column=cfg.prompt_column, split=cfg.split, limit=cfg.limit,
-                     max_line=cfg.max_line_bytes, fits=fit).rows or None
+            n = read(inputs).rows or None
             self.totals["label"] = n and n * per_prompt if self.kind == "label" else None
         if "revisions" in sources and not self.revise:
             assert self.revisions is not None

@@ -48,18 +48,14 @@ def _finite_pairs(p: Iterable[float | None], y: Iterable[float | None]) -> tuple
         raise ValueError(f"p and y differ in length ({len(ps)} != {len(ys)})")
     keep = [(float(a), float(b)) for a, b in zip(ps, ys, strict=True)
             if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
-    if not keep:
-        return np.zeros(0), np.zeros(0)
-    arr = np.asarray(keep, dtype=np.float64)
+    arr = np.asarray(keep, dtype=np.float64).reshape(-1, 2)
     return arr[:, 0], arr[:, 1]
 
 
 def brier(p: Iterable[float | None], y: Iterable[float | None]) -> float | None:
     """Mean squared difference between probability and outcome (0 is perfect); None when empty."""
     pa, ya = _finite_pairs(p, y)
-    if pa.size == 0:
-        return None
-    return float(np.mean((pa - ya) ** 2))
+    return float(np.mean((pa - ya) ** 2)) if pa.size else None
 
 
 def reliability(p: Iterable[float | None], y: Iterable[float | None], bins: int = 10) -> list[dict[str, Any]]:
@@ -222,9 +218,7 @@ def _length_rows(rows: Iterable[Mapping[str, Any]], unit: str
 
 def _length_model(d: FloatArray, y: FloatArray) -> tuple[float, float, float] | None:
     """(b0, b1, sd): the logistic fit of ``y`` on the standardised difference ``d / sd``."""
-    if d.size < MIN_N:
-        return None
-    sd = float(np.std(d))
+    sd = float(np.std(d)) if d.size >= MIN_N else 0.0
     if sd == 0:
         return None
     fit = logistic_fit(list(d / sd), list(y))
@@ -258,15 +252,12 @@ def length_bias(rows: Iterable[Mapping[str, Any]], unit: str = "chars", soft: bo
         out["longer_chosen"] = sum((la > lb) == (lab == "a") for la, lb, lab in unequal) / len(unequal)
     out["mean_diff"] = float(d.mean())
     out["pearson"], out["spearman"] = pearson(d, p), spearman(d, p)
-    if soft:
-        y = p
-    else:
+    if not soft:  # the hard labels: 1 for A, 0 for B, ties left out
         keep = np.asarray([lab in ("a", "b") for *_, lab in data])
-        d = d[keep]
-        y = np.asarray([1.0 if lab == "a" else 0.0 for *_, lab in data if lab in ("a", "b")])
-    if y.size:
-        out["raw_rate"] = float(y.mean())
-    model = _length_model(d, y)
+        d, p = d[keep], np.asarray([lab == "a" for *_, lab in data], dtype=np.float64)[keep]
+    if p.size:
+        out["raw_rate"] = float(p.mean())
+    model = _length_model(d, p)
     if model is not None:
         b0, b1, sd = model
         out.update(lc_rate=_sigmoid(b0), slope=b1, sd=sd)

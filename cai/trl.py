@@ -169,10 +169,9 @@ class ConstitutionReward:
         out: list[float | None] = [None] * len(texts)
         if self.mode == "direct":
             got = await asyncio.gather(*(self._direct(call, m, t) for m, t in zip(msgs, texts, strict=True)))
-            records = []
-            for i, (reward, rec) in enumerate(got):
-                out[i] = reward
-                records.append({"step": step, "mode": "direct", "prompt": msgs[i], "completion": texts[i], **rec})
+            out = [reward for reward, _ in got]
+            records = [{"step": step, "mode": "direct", "prompt": m, "completion": t, **rec}
+                       for m, t, (_, rec) in zip(msgs, texts, got, strict=True)]
         else:
             groups: dict[str, list[int]] = {}
             for i, m in enumerate(msgs):

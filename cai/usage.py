@@ -46,16 +46,11 @@ class Usage:
 
     def to_json(self) -> dict[str, Any]:
         """run.json's shape: the totals, ``by_stage`` and ``by_step`` (each sorted by name)."""
-        out: dict[str, Any] = dict.fromkeys(FIELDS, 0)
-        by: dict[str, dict[str, dict[str, int]]] = {"by_stage": {}, "by_step": {}}
-        for (stage, step), cell in sorted(self.cells.items()):
-            for name, key in (("by_stage", stage), ("by_step", step)):
-                d = by[name].setdefault(key, dict.fromkeys(FIELDS, 0))
-                for f, n in zip(FIELDS, cell, strict=True):
-                    d[f] += n
-            for f, n in zip(FIELDS, cell, strict=True):
-                out[f] += n
-        return out | {k: dict(sorted(v.items())) for k, v in by.items()}
+        shapes = []
+        for (stage, step), cell in self.cells.items():
+            n = dict(zip(FIELDS, cell, strict=True))
+            shapes.append(n | {"by_stage": {stage: n}, "by_step": {step: n}})
+        return add_up(shapes)
 
 
 def add_up(usages: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
