@@ -19,9 +19,8 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from ..types import Completion, Request
+from ..types import BackendBase, Completion, Request
 from .batching import MicroBatcher
 
 Responder = Callable[[Request], "Completion | str"]
@@ -54,7 +53,7 @@ def default_respond(req: Request) -> Completion:
     )
 
 
-class FakeBackend:
+class FakeBackend(BackendBase):
     """Scripted stand-in for a model. ``calls`` keeps every request, ``batches`` each batch size;
     requests are answered in micro-batches of ready ones (at most ``max_batch``)."""
 
@@ -83,9 +82,6 @@ class FakeBackend:
 
     async def aclose(self) -> None:
         await self._batcher.aclose()
-
-    def describe(self) -> dict[str, Any]:
-        return {}
 
     def compute(self, requests: Sequence[Request]) -> list[Completion]:
         self.batches.append(len(requests))

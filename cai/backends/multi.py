@@ -41,6 +41,7 @@ from .. import runtime
 from ..errors import BackendError
 from ..types import Completion, Request
 from .openai_server import START_HINT, OpenAIServerBackend, check_url, model_ids
+from .urls import split_urls
 
 TICK_S = 0.1  # how often the health monitor looks at the servers
 LIVENESS_EVERY_S = 1.0  # at most one liveness check a second per server (a 429 storm retries a lot)
@@ -94,42 +95,21 @@ class MultiServerBackend:
 
     model_id: str
 
-    def __init__(
-        self,
-        model: str | None = None,
-        base_url: Sequence[str] = (),
-        api_key: str | None = None,
-        concurrency: int = 256,
-        timeout: float = 120.0,
-        max_retries: int = 5,
-        extra_body: dict[str, Any] | None = None,
-        backoff: float = 1.0,
-        server: str = "auto",
-        rpm: int | None = None,
-        tpm: int | None = None,
-        *,
-        affinity: bool = True,
-        affinity_limit: int | None = None,
-        probe_timeout: float = 10.0,
-        down_min: float = 1.0,
-        down_max: float = 60.0,
-        all_down_wait: float = 30.0,
-    ) -> None:
-        parts = [base_url] if isinstance(base_url, str) else list(base_url)
-        urls = list(dict.fromkeys(u.strip().rstrip("/") for p in parts for u in p.split(",") if u.strip()))
+    def __init__(self, model: str | None = None, base_url: Sequence[str] = (), *, affinity: bool = True,
+                 affinity_limit: int | None = None, probe_timeout: float = 10.0, down_min: float = 1.0,
+                 down_max: float = 60.0, all_down_wait: float = 30.0, **client: Any) -> None:
+        urls = split_urls(base_url)
         if not urls:
             raise BackendError("no server URL (--base-url)")
         for u in urls:
             check_url(u)
         self.urls = urls
-        self.concurrency = max(1, concurrency)
+        self.concurrency = max(1, client.get("concurrency", 256))
         self.affinity = affinity
         self.affinity_limit = affinity_limit or max(4096, 16 * self.concurrency)
         self.probe_timeout, self.down_min, self.down_max = probe_timeout, down_min, down_max
         self.all_down_wait = all_down_wait
-        self._client_kw: dict[str, Any] = dict(api_key=api_key, concurrency=concurrency, timeout=timeout,
-                                               max_retries=max_retries, extra_body=extra_body, backoff=backoff,
-                                               server=server, rpm=rpm, tpm=tpm)  # each server its own limits
+        self._client_kw = client  # OpenAIServerBackend's settings: each server gets its own client (and limits)
         self._servers: list[_Server] = []
         self._rows: OrderedDict[str, int] = OrderedDict()
         self._routing: Counter[str] = Counter()
@@ -203,13 +183,9 @@ class MultiServerBackend:
     def describe(self) -> dict[str, Any]:
         """What ``OpenAIServerBackend.describe()`` gives (summed or merged over the servers), plus
         ``servers`` and ``routing``, for run.json."""
-        return {"server": self._client_kw["server"], "server_kind": self.server_kind,
+        return {"server": self._client_kw.get("server", "auto"), "server_kind": self.server_kind,
                 "capabilities": self.capabilities, "notes": self.notes, "retries": self.retries,
                 "limits": self.limits, "servers": self.servers, "routing": self.routing}
-
-    async def generate(self, request: Request) -> Completion:
-        """One request, to one server (another one if that one fails); never raises for it."""
-        return await self._route(request)
 
     async def aclose(self) -> None:
         tasks = [t for t in (self._monitor, *self._tasks) if t is not None]
@@ -246,7 +222,8 @@ class MultiServerBackend:
         while len(self._rows) > self.affinity_limit:
             self._rows.popitem(last=False)
 
-    async def _route(self, request: Request) -> Completion:
+    async def generate(self, request: Request) -> Completion:
+        """One request, to one server (another one if that one fails); never raises for it."""
         tried: dict[int, int] = {}  # server -> its epoch when tried (a server back in rotation may be tried again)
         last: Completion | None = None
         for _ in range(4 * len(self._servers) + 4):  # bounded: each pass tries a server or waits once

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import runtime
 from ..errors import BackendError
 from ..model import default_model_dir, require_prepared
-from ..types import Completion, Failure, Request
+from ..types import BackendBase, Completion, Failure, Request
 
 INSTALL_HINT = (
     "the vllm backend needs vllm installed in this environment "
@@ -94,7 +94,7 @@ def _guard(pids: list[int]) -> subprocess.Popen[bytes] | None:
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-class VLLMBackend:
+class VLLMBackend(BackendBase):
     """``AsyncLLM`` in this process; ``model`` is a folder or a Hugging Face model id."""
 
     def __init__(self, model: str | None = None, **engine: Any) -> None:
@@ -131,9 +131,6 @@ class VLLMBackend:
         self.tokenizer: Any = self.engine.get_tokenizer()
 
     # ----------------------------------------------------------------------------------- API
-    def describe(self) -> dict[str, Any]:
-        return {}
-
     async def generate(self, request: Request) -> Completion:
         if self.engine is None:
             return Completion([], failure=Failure("unreachable", "this backend was closed"))
@@ -185,9 +182,6 @@ class VLLMBackend:
             output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
         )
 
-    def _text(self, tid: int, decoded: str | None) -> str:
-        return decoded if decoded is not None else str(self.tokenizer.decode([tid]))
-
     def _completion(self, out: Any) -> Completion:
         choices = sorted(out.outputs, key=lambda o: o.index)
         top: list[dict[str, float]] | None = None
@@ -196,7 +190,7 @@ class VLLMBackend:
             for position in choices[0].logprobs:
                 d: dict[str, float] = {}
                 for tid, lp in (position or {}).items():
-                    t = self._text(tid, lp.decoded_token)
+                    t = lp.decoded_token if lp.decoded_token is not None else str(self.tokenizer.decode([tid]))
                     d[t] = max(float(lp.logprob), d.get(t, float("-inf")))
                 top.append(d)
         return Completion(

@@ -343,52 +343,44 @@ def run_pipeline_ray(cfg: RunConfig | str | Path, address: str | None = None, *,
     out = cfg.output
     rfp = revise_fingerprint(named, const, tpl, ReviseConfig.of(cfg.revise, cfg.seed))
     res = RunResult(output=out)
-    with lock.writer(out):  # one writer per folder, as a local run
-        return _drive(plan, res, named, model_id, rfp, t0, options, address=address, actors=actors,
-                      actor_cpus=actor_cpus, max_restarts=max_restarts, max_task_retries=max_task_retries,
-                      ray_remote_args=ray_remote_args, init_args=init_args, node_cache=node_cache)
-
-
-def _drive(plan: Plan, res: RunResult, named: Backend, model_id: str, rfp: str, t0: float,
-           options: dict[str, Any], **ray_args: Any) -> RunResult:
-    """The driver's part under the folder's lock: run.json marked running, the work on Ray, the
-    rows written in input order, then ``finish_run``."""
-    cfg, const, tpl = plan.config, plan.constitution, plan.templates
-    out, revisions = cfg.output, cfg.output / "revisions.jsonl"
-    node_cache, address = ray_args.pop("node_cache"), ray_args["address"]
-    history = mark_running(out / "run.json")
+    revisions = out / "revisions.jsonl"
     counts: dict[str, dict[str, Any]] = {}  # per actor instance: its latest call counts and tokens
     ray_info: dict[str, Any] = {"address": address, "actors": 0, "nodes": [], "blocks": 0, "rows": 0}
-    with contextlib.ExitStack() as files:
-        rsink = files.enter_context(JsonlSink(revisions, rfp)) if plan.revise else None
-        lsink = None
-        if plan.label:
-            lsink = files.enter_context(JsonlSink(out / "labels.jsonl", label_fingerprint(plan, named, model_id, rfp)))
-        gate = InputGate(cfg.gates)
-        work = _work(plan, gate, rsink, lsink)
-        if work.items:
-            cache = cfg.cache_path()
-            spec = WorkerSpec(
-                config=cfg.model_dump(mode="json"), constitution=const.model_dump(mode="json"),
-                constitution_hash=const.digest(), templates=template_sources(tpl), templates_hash=tpl.digest(),
-                model_id=model_id, cache=str(cache.resolve()) if cache else None,
-                node_cache=str(node_cache) if node_cache else None, driver_node="", backend_options=options)
-            _run_on_ray(cfg, spec, work, rsink, lsink, revisions, **ray_args, counts=counts, info=ray_info)
-        for name, sink, ids in (("revise", rsink, work.revise_ids), ("label", lsink, work.label_ids)):
-            if sink is None:
-                continue
-            summary = sink.finish()
-            if cfg.prune and len(sink.done) > len(ids & sink.done.keys()):
-                summary.dropped = prune(sink.path, ids)
-            summary.kept = 0 if summary.dropped else len(sink.done.keys() - ids)
-            res.stages[name] = summary
-    res.sent, res.cached, res.errors = (sum(c[k] for c in counts.values()) for k in ("sent", "cached", "errors"))
-    res.usage = Usage()  # the tokens each actor reported with its last rows (a killed actor's since then: lost)
-    for c in counts.values():
-        for stage, step, *cell in c["usage"]:
-            res.usage.add(stage, step, *cell)
-    res.skipped = gate.skipped
-    return finish_run(plan, res, model_id, t0, history, {"ray": ray_info})
+    with lock.writer(out):  # one writer per folder, as a local run; then the rows written in input order
+        history = mark_running(out / "run.json")
+        with contextlib.ExitStack() as files:
+            rsink = files.enter_context(JsonlSink(revisions, rfp)) if plan.revise else None
+            lsink = None
+            if plan.label:
+                lfp = label_fingerprint(plan, named, model_id, rfp)
+                lsink = files.enter_context(JsonlSink(out / "labels.jsonl", lfp))
+            gate = InputGate(cfg.gates)
+            work = _work(plan, gate, rsink, lsink)
+            if work.items:
+                cache = cfg.cache_path()
+                spec = WorkerSpec(
+                    config=cfg.model_dump(mode="json"), constitution=const.model_dump(mode="json"),
+                    constitution_hash=const.digest(), templates=template_sources(tpl), templates_hash=tpl.digest(),
+                    model_id=model_id, cache=str(cache.resolve()) if cache else None,
+                    node_cache=str(node_cache) if node_cache else None, driver_node="", backend_options=options)
+                _run_on_ray(cfg, spec, work, rsink, lsink, revisions, address=address, actors=actors,
+                            actor_cpus=actor_cpus, max_restarts=max_restarts, max_task_retries=max_task_retries,
+                            ray_remote_args=ray_remote_args, init_args=init_args, counts=counts, info=ray_info)
+            for name, sink, ids in (("revise", rsink, work.revise_ids), ("label", lsink, work.label_ids)):
+                if sink is None:
+                    continue
+                summary = sink.finish()
+                if cfg.prune and len(sink.done) > len(ids & sink.done.keys()):
+                    summary.dropped = prune(sink.path, ids)
+                summary.kept = 0 if summary.dropped else len(sink.done.keys() - ids)
+                res.stages[name] = summary
+        res.sent, res.cached, res.errors = (sum(c[k] for c in counts.values()) for k in ("sent", "cached", "errors"))
+        res.usage = Usage()  # the tokens each actor reported with its last rows (a killed actor's since then: lost)
+        for c in counts.values():
+            for stage, step, *cell in c["usage"]:
+                res.usage.add(stage, step, *cell)
+        res.skipped = gate.skipped
+        return finish_run(plan, res, model_id, t0, history, {"ray": ray_info})
 
 
 def _run_on_ray(cfg: RunConfig, spec: WorkerSpec, plan: _Work, rsink: JsonlSink | None, lsink: JsonlSink | None,
