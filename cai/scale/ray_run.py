@@ -38,13 +38,13 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .. import lock, runtime
-from ..backends import Backend, BackendBase, build_backend, split_urls
+from ..backends import BackendBase, build_backend, split_urls
 from ..cache import CachedBackend, CallCache, CountingBackend
 from ..config import RunConfig, load_run_config
 from ..constitution import Constitution
@@ -53,7 +53,7 @@ from ..files import dumps
 from ..manifest import mark_running
 from ..model import default_model_dir
 from ..output import JsonlSink
-from ..pipeline import LabelStage, RunResult, finish_run, label_fingerprint
+from ..pipeline import LabelStage, RunResult, finish_run, kept, label_fingerprint
 from ..plan import Plan, check_backend, unique_pair
 from ..quality.gates import InputGate
 from ..stages.judge import JudgeConfig, JudgeStage
@@ -92,21 +92,13 @@ class WorkerSpec:
     backend_options: dict[str, Any] = field(default_factory=dict)
 
 
-def build_worker_backend(cfg: RunConfig, urls: Sequence[str] | None = None, **options: Any) -> Backend:
-    """The backend one actor uses: the config's (``openai`` over every server of ``base_url``, or
-    over ``urls``), with ``options`` for the backend on top."""
-    opts = {**cfg.backend_options(), **options}
-    if urls is not None:
-        opts["base_url"] = list(urls)
-    return build_backend(cfg.backend, cfg.model, **opts)
-
-
 def predict_model_id(cfg: RunConfig, options: dict[str, Any]) -> str:
     """The model id the actors' backends will have, without loading a model here: asked of the
     server (``openai``), built (``fake``), or named as the engines name it (``vllm``,
     ``embedded``). Each actor checks its own against it before it runs a row."""
     if cfg.backend in ("openai", "fake"):
-        be = build_worker_backend(cfg, split_urls(cfg.base_url)[:1] or None, **options)
+        urls = split_urls(cfg.base_url)[:1]  # the first server is asked
+        be = build_backend(cfg.backend, cfg.model, **{**cfg.backend_options(), **options, "base_url": urls})
         runtime.close(be)
         return be.model_id
     model = cfg.model
@@ -163,7 +155,7 @@ class RowWorker:
             raise RayRunError("this node's constitution or templates differ from the driver's "
                               "(install the same cai version on every node)")
         self.node = ray.get_runtime_context().get_node_id()
-        inner = build_worker_backend(cfg, None, **spec.backend_options)
+        inner = build_backend(cfg.backend, cfg.model, **{**cfg.backend_options(), **spec.backend_options})
         if inner.model_id != spec.model_id:
             runtime.close(inner)
             raise RayRunError(f"this actor's backend serves {inner.model_id!r}, the driver expected "
@@ -372,8 +364,7 @@ def run_pipeline_ray(cfg: RunConfig | str | Path, address: str | None = None, *,
                 summary = sink.finish()
                 if cfg.prune and len(sink.done) > len(ids & sink.done.keys()):
                     summary.dropped = prune(sink.path, ids)
-                summary.kept = 0 if summary.dropped else len(sink.done.keys() - ids)
-                res.stages[name] = summary
+                res.stages[name] = kept(summary, sink, ids)
         res.sent, res.cached, res.errors = (sum(c[k] for c in counts.values()) for k in ("sent", "cached", "errors"))
         res.usage = Usage()  # the tokens each actor reported with its last rows (a killed actor's since then: lost)
         for c in counts.values():
