@@ -80,9 +80,6 @@ class _Server:
     def up(self) -> bool:
         return self.down_since is None
 
-    def out_of_rotation_s(self, now: float) -> float:
-        return self.down_total + (now - self.down_since if self.down_since is not None else 0.0)
-
 
 class MultiServerBackend:
     """One backend over several OpenAI-compatible servers serving the same model.
@@ -133,8 +130,9 @@ class MultiServerBackend:
         and its client's ``retries``, ``server_kind`` and ``limits`` (``limits.Limits.describe``)."""
         now = time.monotonic()
         return [{"url": s.url, "in_rotation": s.up, "sent": s.sent, "answered": s.answered, "errors": s.errors,
-                 "failures": s.failures, "rerouted": s.rerouted, "outages": s.outages,
-                 "out_of_rotation_s": round(s.out_of_rotation_s(now), 3), "last_failure": s.last_failure,
+                 "failures": s.failures, "rerouted": s.rerouted, "outages": s.outages, "out_of_rotation_s":
+                 round(s.down_total + (now - s.down_since if s.down_since is not None else 0.0), 3),
+                 "last_failure": s.last_failure,
                  "retries": s.client.retries, "server_kind": s.client.server_kind,
                  "limits": s.client.client.limits.describe()} for s in self._servers]
 

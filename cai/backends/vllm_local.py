@@ -94,6 +94,14 @@ def _guard(pids: list[int]) -> subprocess.Popen[bytes] | None:
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def model_name(model: str | None) -> str:
+    """The model id of ``model``: a folder's name (the prepared model's by default), else the
+    Hugging Face id as given (vLLM resolves it)."""
+    if model is None:
+        return default_model_dir().name
+    return Path(model).resolve().name if Path(model).exists() else model
+
+
 class VLLMBackend(BackendBase):
     """``AsyncLLM`` in this process; ``model`` is a folder or a Hugging Face model id."""
 
@@ -105,17 +113,11 @@ class VLLMBackend(BackendBase):
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError:
             raise BackendError(INSTALL_HINT) from None
-        if model is None:
-            path = str(require_prepared(default_model_dir()))
-            name = Path(path).name
-        elif Path(model).exists():
-            path, name = str(model), Path(model).resolve().name
-        else:
-            path = name = model  # a Hugging Face id: vLLM resolves it
+        path = model if model is not None else str(require_prepared(default_model_dir()))
         self._vllm: Any = vllm
         self._choice_params: Any = StructuredOutputsParams
         self.settings = {"seed": 0, **EngineSettings.model_validate({}).engine_args(), **engine}
-        self.model_id = name
+        self.model_id = model_name(model)
         self._ids = itertools.count()
 
         async def start() -> Any:  # the engine's output handler runs on the loop it starts in
@@ -174,9 +176,7 @@ class VLLMBackend(BackendBase):
             n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
             seed=s.seed, logprobs=s.logprobs, stop=list(s.stop) or None,
             repetition_penalty=s.repetition_penalty,
-            structured_outputs=(
-                self._choice_params(choice=list(s.choices)) if s.choices is not None else None
-            ),
+            structured_outputs=self._choice_params(choice=list(s.choices)) if s.choices is not None else None,
             # one output, when every one of the n samples is done (cumulative outputs can end
             # with fewer than n of them)
             output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,

@@ -76,10 +76,7 @@ def print_backend(backend: Mapping[str, Any] | None, folder: Path, indent: str =
 def snapshot(path: Path) -> Rows:
     """The rows a stage file holds before a run (a finished file, then an interrupted run's
     ``.part``), by id: what ``print_rows`` compares the run's rows with."""
-    rows: Rows = {}
-    for f in (path, path.with_name(path.name + ".part")):
-        rows.update(_digests(f))
-    return rows
+    return {**_digests(path), **_digests(path.with_name(path.name + ".part"))}
 
 
 def _digests(path: Path) -> Rows:

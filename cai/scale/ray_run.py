@@ -45,6 +45,7 @@ from typing import Any
 
 from .. import lock, runtime
 from ..backends import BackendBase, build_backend, split_urls
+from ..backends.vllm_local import model_name
 from ..cache import CachedBackend, CallCache, CountingBackend
 from ..config import RunConfig, load_run_config
 from ..constitution import Constitution
@@ -104,9 +105,7 @@ def predict_model_id(cfg: RunConfig, options: dict[str, Any]) -> str:
     model = cfg.model
     if cfg.backend == "embedded":
         return f"{(Path(model) if model else default_model_dir()).name}@embedded"
-    if model is None:
-        return default_model_dir().name
-    return Path(model).resolve().name if Path(model).exists() else model
+    return model_name(model)
 
 
 class _Named(BackendBase):
