@@ -20,25 +20,10 @@ from typing import Any
 
 from ..errors import BackendError
 from .base import Backend, BackendBase, Completion, Failure, Message, Request, Sampling
+from .urls import split_urls
 
 DEFAULT_BASE_URL = "http://localhost:8000/v1"
 DEFAULT_CONCURRENCY = 256
-
-
-def _embedded(**kw: Any) -> Backend:
-    from .embedded import EmbeddedBackend
-
-    return EmbeddedBackend(**kw)
-
-
-def split_urls(value: str | Iterable[str] | None) -> list[str]:
-    """Server URLs from a flag, variable or config value: one string, a comma-separated string,
-    or a list of them; blanks and repeats dropped, order kept, a trailing ``/`` stripped."""
-    if value is None:
-        return []
-    parts = [value] if isinstance(value, str) else list(value)
-    urls = [u.strip().rstrip("/") for p in parts for u in str(p).split(",")]
-    return list(dict.fromkeys(u for u in urls if u))
 
 
 def base_url_value(value: str | Iterable[str] | None) -> str | list[str]:
@@ -65,22 +50,21 @@ def _openai(**kw: Any) -> Backend:
     return OpenAIServerBackend(**kw)
 
 
-def _vllm(**kw: Any) -> Backend:
-    from .vllm_local import VLLMBackend
-
-    return VLLMBackend(**kw)
-
-
 def _fake(**kw: Any) -> Backend:
     from .fake import FakeBackend
 
     return FakeBackend(model_id=kw.pop("model", None) or "fake", **kw)  # a model named is its id (policy_model)
 
 
+def _lazy(module: str, name: str) -> Callable[..., Backend]:
+    """The backend class ``name`` of ``module``, imported when first built (torch, vllm: seconds)."""
+    return lambda **kw: getattr(importlib.import_module(module, __name__), name)(**kw)
+
+
 BACKENDS: dict[str, Callable[..., Backend]] = {
-    "embedded": _embedded,
+    "embedded": _lazy(".embedded", "EmbeddedBackend"),
     "openai": _openai,
-    "vllm": _vllm,
+    "vllm": _lazy(".vllm_local", "VLLMBackend"),
     "fake": _fake,
 }
 

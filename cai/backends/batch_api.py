@@ -55,7 +55,8 @@ class BatchStore:
         self.db.executescript(_SCHEMA)
 
     def new_wave(self, keys: Iterable[str]) -> int:
-        with self._tx():
+        self.db.execute("BEGIN IMMEDIATE")
+        with self.db:  # commits, or rolls back on an error
             n = int(self.db.execute("INSERT INTO waves (status, created) VALUES ('uploading', ?)",
                                     (time.time(),)).lastrowid or 0)
             self.db.executemany("INSERT INTO wave_requests VALUES (?, ?)", [(k, n) for k in keys])
@@ -86,22 +87,11 @@ class BatchStore:
 
     def finish(self, n: int, status: str, answers: dict[str, dict[str, Any]]) -> None:
         """The wave's answers stored and the wave marked done, in one transaction."""
-        with self._tx():
+        self.db.execute("BEGIN IMMEDIATE")
+        with self.db:
             self.db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?)",
                                 [(k, orjson.dumps(v).decode()) for k, v in answers.items()])
             self.db.execute("UPDATE waves SET status = ?, done = 1 WHERE n = ?", (status, n))
-
-    def _tx(self) -> Any:
-        db = self.db
-
-        class Tx:
-            def __enter__(self) -> None:
-                db.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, t: Any, e: Any, tb: Any) -> None:
-                db.execute("COMMIT" if t is None else "ROLLBACK")
-
-        return Tx()
 
     def close(self) -> None:
         self.db.close()
@@ -252,7 +242,7 @@ class BatchApiBackend(WaveBackend):
         if n is None:
             self.queue(key, req)
         elif n in self._broken:  # its batch could not be followed: the run stops (a rerun polls it again)
-            self.fail([key], self._broken[n])
+            self.settle([key], self._broken[n])
         # else its batch, polled, answers it
 
     async def _send(self, wave: dict[str, Request]) -> None:
@@ -298,7 +288,7 @@ class BatchApiBackend(WaveBackend):
             raise
         except Exception as e:  # noqa: BLE001 - handed to the wave's requests: the run stops with one line
             err = self._broken[n] = e if isinstance(e, BackendError) else BackendError(f"batch wave {n}: {e!r}")
-            self.fail([k for k in store.keys(n) if k in self._waiting], err)
+            self.settle([k for k in store.keys(n) if k in self._waiting], err)
 
     async def _wait(self, n: int, batch_id: str) -> dict[str, Any]:
         store = self._open()
@@ -336,9 +326,9 @@ class BatchApiBackend(WaveBackend):
             if c is not None and self._refused(req, c):
                 self.queue(key, req)  # a field the server refused by name: sent again without it
             elif c is not None:
-                self.resolve(key, c)
+                self.settle([key], c)
             elif store.submits(key) >= MAX_SUBMITS:
-                self.fail([key], Failure("server", f"not answered in {MAX_SUBMITS} batches (the last {why})"))
+                self.settle([key], Failure("server", f"not answered in {MAX_SUBMITS} batches (the last {why})"))
             else:
                 self.queue(key, req)
 

@@ -78,7 +78,7 @@ class BatchFilesBackend(WaveBackend):
                 continue
             self.stopped = self._write(dict(self._pending))
             self._pending.clear()
-            self.fail(list(self._waiting), self.stopped)
+            self.settle(list(self._waiting), self.stopped)
 
     def _write(self, pending: dict[str, Request]) -> WaveWritten:
         files = self.files()

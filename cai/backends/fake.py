@@ -19,9 +19,8 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from ..types import Completion, Request
+from ..types import BackendBase, Completion, Request
 from .batching import MicroBatcher
 
 Responder = Callable[[Request], "Completion | str"]
@@ -54,9 +53,10 @@ def default_respond(req: Request) -> Completion:
     )
 
 
-class FakeBackend:
+class FakeBackend(MicroBatcher, BackendBase):
     """Scripted stand-in for a model. ``calls`` keeps every request, ``batches`` each batch size;
-    requests are answered in micro-batches of ready ones (at most ``max_batch``)."""
+    requests are answered in micro-batches of ready ones (at most ``max_batch``): ``generate`` and
+    ``aclose`` are the ``MicroBatcher``'s."""
 
     def __init__(
         self,
@@ -76,16 +76,7 @@ class FakeBackend:
         self.delay = float(os.environ.get("CAI_FAKE_DELAY") or 0) if delay is None else delay
         self.log = log or os.environ.get("CAI_FAKE_LOG") or None
         self._batch_no = itertools.count(1)
-        self._batcher = MicroBatcher(self.compute, max_batch)
-
-    async def generate(self, request: Request) -> Completion:
-        return await self._batcher.generate(request)
-
-    async def aclose(self) -> None:
-        await self._batcher.aclose()
-
-    def describe(self) -> dict[str, Any]:
-        return {}
+        super().__init__(self.compute, max_batch)
 
     def compute(self, requests: Sequence[Request]) -> list[Completion]:
         self.batches.append(len(requests))

@@ -41,6 +41,7 @@ from .. import runtime
 from ..errors import BackendError
 from ..types import Completion, Request
 from .openai_server import START_HINT, OpenAIServerBackend, check_url, model_ids
+from .urls import split_urls
 
 TICK_S = 0.1  # how often the health monitor looks at the servers
 LIVENESS_EVERY_S = 1.0  # at most one liveness check a second per server (a 429 storm retries a lot)
@@ -71,16 +72,13 @@ class _Server:
     up_since: float = field(default_factory=time.monotonic)
     next_probe: float = 0.0
     last_probe: float = 0.0
-    probing: bool = False
+    probe: asyncio.Task[None] | None = None  # the probe or liveness check under way
     retries_seen: int = 0
     last_failure: str | None = None
 
     @property
     def up(self) -> bool:
         return self.down_since is None
-
-    def out_of_rotation_s(self, now: float) -> float:
-        return self.down_total + (now - self.down_since if self.down_since is not None else 0.0)
 
 
 class MultiServerBackend:
@@ -94,46 +92,24 @@ class MultiServerBackend:
 
     model_id: str
 
-    def __init__(
-        self,
-        model: str | None = None,
-        base_url: Sequence[str] = (),
-        api_key: str | None = None,
-        concurrency: int = 256,
-        timeout: float = 120.0,
-        max_retries: int = 5,
-        extra_body: dict[str, Any] | None = None,
-        backoff: float = 1.0,
-        server: str = "auto",
-        rpm: int | None = None,
-        tpm: int | None = None,
-        *,
-        affinity: bool = True,
-        affinity_limit: int | None = None,
-        probe_timeout: float = 10.0,
-        down_min: float = 1.0,
-        down_max: float = 60.0,
-        all_down_wait: float = 30.0,
-    ) -> None:
-        parts = [base_url] if isinstance(base_url, str) else list(base_url)
-        urls = list(dict.fromkeys(u.strip().rstrip("/") for p in parts for u in p.split(",") if u.strip()))
+    def __init__(self, model: str | None = None, base_url: Sequence[str] = (), *, affinity: bool = True,
+                 affinity_limit: int | None = None, probe_timeout: float = 10.0, down_min: float = 1.0,
+                 down_max: float = 60.0, all_down_wait: float = 30.0, **client: Any) -> None:
+        urls = split_urls(base_url)
         if not urls:
             raise BackendError("no server URL (--base-url)")
         for u in urls:
             check_url(u)
         self.urls = urls
-        self.concurrency = max(1, concurrency)
+        self.concurrency = max(1, client.get("concurrency", 256))
         self.affinity = affinity
         self.affinity_limit = affinity_limit or max(4096, 16 * self.concurrency)
         self.probe_timeout, self.down_min, self.down_max = probe_timeout, down_min, down_max
         self.all_down_wait = all_down_wait
-        self._client_kw: dict[str, Any] = dict(api_key=api_key, concurrency=concurrency, timeout=timeout,
-                                               max_retries=max_retries, extra_body=extra_body, backoff=backoff,
-                                               server=server, rpm=rpm, tpm=tpm)  # each server its own limits
+        self._client_kw = client  # OpenAIServerBackend's settings: each server gets its own client (and limits)
         self._servers: list[_Server] = []
         self._rows: OrderedDict[str, int] = OrderedDict()
         self._routing: Counter[str] = Counter()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._monitor: asyncio.Task[None] | None = None
         self._any_up: asyncio.Future[None] | None = None  # resolved when one comes back, while all are down
         self._all_down_since: float | None = None
@@ -154,33 +130,11 @@ class MultiServerBackend:
         and its client's ``retries``, ``server_kind`` and ``limits`` (``limits.Limits.describe``)."""
         now = time.monotonic()
         return [{"url": s.url, "in_rotation": s.up, "sent": s.sent, "answered": s.answered, "errors": s.errors,
-                 "failures": s.failures, "rerouted": s.rerouted, "outages": s.outages,
-                 "out_of_rotation_s": round(s.out_of_rotation_s(now), 3), "last_failure": s.last_failure,
+                 "failures": s.failures, "rerouted": s.rerouted, "outages": s.outages, "out_of_rotation_s":
+                 round(s.down_total + (now - s.down_since if s.down_since is not None else 0.0), 3),
+                 "last_failure": s.last_failure,
                  "retries": s.client.retries, "server_kind": s.client.server_kind,
                  "limits": s.client.client.limits.describe()} for s in self._servers]
-
-    @property
-    def server_kind(self) -> str:
-        kinds = {s.client.server_kind for s in self._servers} - {"unknown"}
-        return kinds.pop() if len(kinds) == 1 else ("unknown" if not kinds else "mixed")
-
-    @property
-    def capabilities(self) -> dict[str, bool | None]:
-        """Each capability: False if any server lacks it, True if one was seen to have it, else None."""
-        caps: dict[str, bool | None] = {}
-        for s in self._servers:
-            for k, v in s.client.capabilities.items():
-                prev = caps.get(k)
-                caps[k] = False if False in (v, prev) else (True if True in (v, prev) else None)
-        return caps
-
-    @property
-    def notes(self) -> dict[str, int]:
-        return dict(sum((Counter(s.client.notes) for s in self._servers), Counter()))
-
-    @property
-    def retries(self) -> dict[str, int]:
-        return dict(sum((Counter(s.client.retries) for s in self._servers), Counter()))
 
     @property
     def routing(self) -> dict[str, Any]:
@@ -190,29 +144,31 @@ class MultiServerBackend:
         return {"affinity": self.affinity, "affinity_kept": self._routing["kept"],
                 "affinity_moved": self._routing["moved"], "all_down": self._routing["all_down"]}
 
-    @property
-    def limits(self) -> dict[str, Any]:
-        """The servers' ``limits`` (each server has its own): the refusals and waits summed, the
-        concurrency each settled at and the lowest of them."""
-        each = [s.client.client.limits.describe() for s in self._servers]
-        return {**each[0], "settled_at": [d["settled_at"] for d in each], "lowest": min(d["lowest"] for d in each),
-                "http_429": sum(d["http_429"] for d in each), "http_503": sum(d["http_503"] for d in each),
-                "rate_wait_s": round(sum(d["rate_wait_s"] for d in each), 3),
-                "paced_at": [d["paced_at"] for d in each] if any(d["paced_at"] for d in each) else None}
-
     def describe(self) -> dict[str, Any]:
-        """What ``OpenAIServerBackend.describe()`` gives (summed or merged over the servers), plus
-        ``servers`` and ``routing``, for run.json."""
-        return {"server": self._client_kw["server"], "server_kind": self.server_kind,
-                "capabilities": self.capabilities, "notes": self.notes, "retries": self.retries,
-                "limits": self.limits, "servers": self.servers, "routing": self.routing}
-
-    async def generate(self, request: Request) -> Completion:
-        """One request, to one server (another one if that one fails); never raises for it."""
-        return await self._route(request)
+        """What ``OpenAIServerBackend.describe()`` gives, merged over the servers, plus ``servers`` and
+        ``routing``, for run.json: ``server_kind`` "mixed" when they differ; a capability False if any
+        server lacks it, True if one was seen to have it, else None; ``notes``, ``retries`` and the
+        refusals and waits of ``limits`` summed, with the concurrency each settled at and the lowest."""
+        clients = [s.client for s in self._servers]
+        kinds = {c.server_kind for c in clients} - {"unknown"}
+        caps: dict[str, bool | None] = {}
+        for c in clients:
+            for k, v in c.capabilities.items():
+                prev = caps.get(k)
+                caps[k] = False if False in (v, prev) else (True if True in (v, prev) else None)
+        each = [c.client.limits.describe() for c in clients]
+        limits = {**each[0], "settled_at": [d["settled_at"] for d in each], "lowest": min(d["lowest"] for d in each),
+                  "http_429": sum(d["http_429"] for d in each), "http_503": sum(d["http_503"] for d in each),
+                  "rate_wait_s": round(sum(d["rate_wait_s"] for d in each), 3),
+                  "paced_at": [d["paced_at"] for d in each] if any(d["paced_at"] for d in each) else None}
+        return {"server": self._client_kw.get("server", "auto"),
+                "server_kind": kinds.pop() if len(kinds) == 1 else ("unknown" if not kinds else "mixed"),
+                "capabilities": caps, "notes": dict(sum((Counter(c.notes) for c in clients), Counter())),
+                "retries": dict(sum((Counter(c.retries) for c in clients), Counter())),
+                "limits": limits, "servers": self.servers, "routing": self.routing}
 
     async def aclose(self) -> None:
-        tasks = [t for t in (self._monitor, *self._tasks) if t is not None]
+        tasks = [t for t in (self._monitor, *(s.probe for s in self._servers)) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -246,7 +202,8 @@ class MultiServerBackend:
         while len(self._rows) > self.affinity_limit:
             self._rows.popitem(last=False)
 
-    async def _route(self, request: Request) -> Completion:
+    async def generate(self, request: Request) -> Completion:
+        """One request, to one server (another one if that one fails); never raises for it."""
         tried: dict[int, int] = {}  # server -> its epoch when tried (a server back in rotation may be tried again)
         last: Completion | None = None
         for _ in range(4 * len(self._servers) + 4):  # bounded: each pass tries a server or waits once
@@ -285,15 +242,13 @@ class MultiServerBackend:
         task = asyncio.ensure_future(s.client.generate(request))
         try:
             await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # cancelled (the run stops): stop the request there too
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise
         finally:
             s.in_flight -= 1
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            moved = not task.done()
+            if moved:  # the server went out of rotation, or the run stops: stop the request there
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if moved:
             s.rerouted += 1
             return None
         c = task.result()
@@ -344,11 +299,8 @@ class MultiServerBackend:
         left = since + self.all_down_wait - time.monotonic()
         if left <= 0 or self._any_up is None:
             return False
-        try:
-            await asyncio.wait_for(asyncio.shield(self._any_up), left)
-        except TimeoutError:
-            return False
-        return True
+        done, _ = await asyncio.wait({self._any_up}, timeout=left)
+        return bool(done)
 
     def _all_down_message(self, last: Completion | None) -> str:
         now = time.monotonic()
@@ -366,26 +318,15 @@ class MultiServerBackend:
             now = time.monotonic()
             waiting = self._any_up is not None and not self._any_up.done()
             for s in self._servers:
-                if s.probing:
+                if s.probe is not None and not s.probe.done():
                     continue
                 if s.up:
                     n = sum(s.client.retries.values())
                     if n > s.retries_seen and now - s.last_probe >= LIVENESS_EVERY_S:
                         s.retries_seen = n
-                        self._spawn(s, self._check_alive(s))
+                        s.probe = asyncio.ensure_future(self._check_alive(s))
                 elif now >= s.next_probe or (waiting and now >= s.last_probe + self.down_min):
-                    self._spawn(s, self._probe(s))
-
-    def _spawn(self, s: _Server, coro: Any) -> None:
-        s.probing = True
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self._tasks.discard(t)
-            s.probing = False
-
-        task.add_done_callback(done)
+                    s.probe = asyncio.ensure_future(self._probe(s))
 
     async def _check_alive(self, s: _Server) -> None:
         s.last_probe = time.monotonic()

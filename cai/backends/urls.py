@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from ..errors import BackendError
@@ -33,3 +34,13 @@ def check_url(url: str) -> None:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
         raise BackendError(f"--base-url {url!r}: bad port") from None
+
+
+def split_urls(value: str | Iterable[str] | None) -> list[str]:
+    """Server URLs from a flag, variable or config value: one string, a comma-separated string,
+    or a list of them; blanks and repeats dropped, order kept, a trailing ``/`` stripped."""
+    if value is None:
+        return []
+    parts = [value] if isinstance(value, str) else list(value)
+    urls = [u.strip().rstrip("/") for p in parts for u in str(p).split(",")]
+    return list(dict.fromkeys(u for u in urls if u))

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import runtime
 from ..errors import BackendError
 from ..model import default_model_dir, require_prepared
-from ..types import Completion, Failure, Request
+from ..types import BackendBase, Completion, Failure, Request
 
 INSTALL_HINT = (
     "the vllm backend needs vllm installed in this environment "
@@ -94,7 +94,15 @@ def _guard(pids: list[int]) -> subprocess.Popen[bytes] | None:
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-class VLLMBackend:
+def model_name(model: str | None) -> str:
+    """The model id of ``model``: a folder's name (the prepared model's by default), else the
+    Hugging Face id as given (vLLM resolves it)."""
+    if model is None:
+        return default_model_dir().name
+    return Path(model).resolve().name if Path(model).exists() else model
+
+
+class VLLMBackend(BackendBase):
     """``AsyncLLM`` in this process; ``model`` is a folder or a Hugging Face model id."""
 
     def __init__(self, model: str | None = None, **engine: Any) -> None:
@@ -105,17 +113,11 @@ class VLLMBackend:
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError:
             raise BackendError(INSTALL_HINT) from None
-        if model is None:
-            path = str(require_prepared(default_model_dir()))
-            name = Path(path).name
-        elif Path(model).exists():
-            path, name = str(model), Path(model).resolve().name
-        else:
-            path = name = model  # a Hugging Face id: vLLM resolves it
+        path = model if model is not None else str(require_prepared(default_model_dir()))
         self._vllm: Any = vllm
         self._choice_params: Any = StructuredOutputsParams
         self.settings = {"seed": 0, **EngineSettings.model_validate({}).engine_args(), **engine}
-        self.model_id = name
+        self.model_id = model_name(model)
         self._ids = itertools.count()
 
         async def start() -> Any:  # the engine's output handler runs on the loop it starts in
@@ -131,9 +133,6 @@ class VLLMBackend:
         self.tokenizer: Any = self.engine.get_tokenizer()
 
     # ----------------------------------------------------------------------------------- API
-    def describe(self) -> dict[str, Any]:
-        return {}
-
     async def generate(self, request: Request) -> Completion:
         if self.engine is None:
             return Completion([], failure=Failure("unreachable", "this backend was closed"))
@@ -177,16 +176,11 @@ class VLLMBackend:
             n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
             seed=s.seed, logprobs=s.logprobs, stop=list(s.stop) or None,
             repetition_penalty=s.repetition_penalty,
-            structured_outputs=(
-                self._choice_params(choice=list(s.choices)) if s.choices is not None else None
-            ),
+            structured_outputs=self._choice_params(choice=list(s.choices)) if s.choices is not None else None,
             # one output, when every one of the n samples is done (cumulative outputs can end
             # with fewer than n of them)
             output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
         )
-
-    def _text(self, tid: int, decoded: str | None) -> str:
-        return decoded if decoded is not None else str(self.tokenizer.decode([tid]))
 
     def _completion(self, out: Any) -> Completion:
         choices = sorted(out.outputs, key=lambda o: o.index)
@@ -196,7 +190,7 @@ class VLLMBackend:
             for position in choices[0].logprobs:
                 d: dict[str, float] = {}
                 for tid, lp in (position or {}).items():
-                    t = self._text(tid, lp.decoded_token)
+                    t = lp.decoded_token if lp.decoded_token is not None else str(self.tokenizer.decode([tid]))
                     d[t] = max(float(lp.logprob), d.get(t, float("-inf")))
                 top.append(d)
         return Completion(

@@ -61,10 +61,6 @@ class BatchState:
         return True
 
 
-def request_line(custom_id: str, body: dict[str, Any]) -> dict[str, Any]:
-    return {"custom_id": custom_id, "method": "POST", "url": ENDPOINT, "body": body}
-
-
 def read_answer(line: dict[str, Any], req: Request, learned: Learned, model: str,
                 extra_body: dict[str, Any] | None) -> Completion | None:
     """One output line as the request's ``Completion`` (a failure for an error line); ``None``
@@ -128,7 +124,7 @@ class WaveBackend:
         return build_body(req, self.model_id, self.extra_body, self.learned.dialect())[0]
 
     def line(self, custom_id: str, req: Request) -> dict[str, Any]:
-        return request_line(custom_id, self.body(req))
+        return {"custom_id": custom_id, "method": "POST", "url": ENDPOINT, "body": self.body(req)}
 
     async def generate(self, request: Request) -> Completion:
         key = self.key(self.model_id, request)
@@ -197,33 +193,23 @@ class WaveBackend:
             if wait > 0 and len(self._pending) < self.max_requests:
                 await asyncio.sleep(wait)
                 continue
-            await self._send(self._take())
+            await self._send({k: self._pending.pop(k) for k in list(self._pending)[: self.max_requests]})
 
     def due(self) -> float:
         """When the waiting requests go: once none came for ``quiet`` seconds, and at the latest
         ``GATHER`` quiet periods after the oldest came (requests that trickle in forever)."""
         return min(self._last + self.quiet, self._oldest + GATHER * self.quiet)
 
-    def _take(self) -> dict[str, Request]:
-        keys = list(self._pending)[: self.max_requests]
-        return {k: self._pending.pop(k) for k in keys}
-
-    def resolve(self, key: str, c: Completion) -> None:
-        fut = self._waiting.pop(key, None)
-        self._asked.pop(key, None)
-        if fut is not None and not fut.done():
-            fut.set_result(c)
-
-    def fail(self, keys: Any, error: BaseException | Failure) -> None:
-        """Each waiting request of ``keys`` fails: a ``Failure`` is its answer; an exception
-        (a ``BackendError``: the run cannot go on) is raised to it."""
+    def settle(self, keys: Any, outcome: Completion | Failure | BaseException) -> None:
+        """Each waiting request of ``keys`` gets ``outcome``: a ``Completion`` or a ``Failure`` is its
+        answer; an exception (a ``BackendError``: the run cannot go on) is raised to it."""
         for k in list(keys):
             fut = self._waiting.pop(k, None)
             self._asked.pop(k, None)
             if fut is None or fut.done():
                 continue
-            if isinstance(error, Failure):
-                fut.set_result(Completion([], failure=error))
-            else:
-                fut.set_exception(error)
+            if isinstance(outcome, BaseException):
+                fut.set_exception(outcome)
                 fut.exception()  # retrieved: the row may be gone
+            else:
+                fut.set_result(Completion([], failure=outcome) if isinstance(outcome, Failure) else outcome)

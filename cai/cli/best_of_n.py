@@ -6,11 +6,10 @@ from __future__ import annotations
 from .. import pipeline
 from ..config import BATCH_LEAVES, RunConfig
 from ..errors import EXIT_CODES_HELP
-from ..quality.gates import REJECTS_FILE
 from ..stages.best_of_n import pairs_path
 from .app import TOP, app, but, say, settings_options, stage_file, under
 from .label import JUDGE
-from .summary import exit_status, plural, print_calls, print_failures, print_gates, print_rows, snapshot
+from .summary import plural, print_rows, print_stage_end, snapshot
 
 BEST_OF_N = but(under(*TOP, "best_of_n", "gates", "label.policy_model", *(f"label.{n}" for n in JUDGE)),
                 "best_of_n.enabled",
@@ -35,11 +34,7 @@ def best_of_n(config: RunConfig) -> None:
     output = stage_file(config, "best_of_n.jsonl")
     before = snapshot(output)
     res = pipeline.run_best_of_n(config.input or "", output=output, config=config)
-    s = res.summary
-    print_rows("best-of-n", s, before)
+    print_rows("best-of-n", res.summary, before)
     assert res.preferences is not None
     say(f"pairs: {plural(res.preferences.written, 'pair')} (best vs worst, margin > 0) -> {pairs_path(output)}")
-    print_calls(res.calls, config.cache_beside(output.parent))
-    print_gates(res.gates, output.parent / REJECTS_FILE)
-    print_failures({"best-of-n": s})
-    exit_status({"best-of-n": s})
+    print_stage_end("best-of-n", res, output, config.cache_beside(output.parent), backend=False)

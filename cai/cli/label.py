@@ -14,18 +14,8 @@ from .. import pipeline
 from ..config import BATCH_LEAVES, NaiveSettings, RunConfig
 from ..errors import EXIT_CODES_HELP, EXIT_ROWS_FAILED
 from ..plan import labels_path
-from ..quality.gates import REJECTS_FILE
 from .app import TOP, app, but, out, say, settings_options, stage_file, under
-from .summary import (
-    exit_status,
-    print_backend,
-    print_calls,
-    print_failures,
-    print_gates,
-    print_preferences,
-    print_rows,
-    snapshot,
-)
+from .summary import print_preferences, print_rows, print_stage_end, snapshot
 
 LABEL = but(under(*TOP, "label", "gates.truncated"), "label.enabled", "label.pairs")
 JUDGE = ("mode", "principles", "both_orders", "top_logprobs", "min_mass", "clamp", "tie_threshold", "fallback",
@@ -56,11 +46,7 @@ def label(config: RunConfig) -> None:
     print_rows("label", s, before)
     print_preferences(prefs, output, s.path, config.label.keep_ties, config.label.tie_threshold,
                       config.cache_beside(output.parent))
-    print_calls(res.calls, config.cache_beside(output.parent))
-    print_backend(res.backend, output.parent)
-    print_gates(res.gates, output.parent / REJECTS_FILE)
-    print_failures({"label": s})
-    exit_status({"label": s})
+    print_stage_end("label", res, output, config.cache_beside(output.parent))
 
 
 def _num(x: float | None) -> str:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from .. import pipeline
 from ..config import RunConfig
 from ..errors import EXIT_CODES_HELP
-from ..quality.gates import REJECTS_FILE
 from .app import TOP, app, but, settings_options, stage_file, under
-from .summary import exit_status, print_backend, print_calls, print_failures, print_gates, print_rows, snapshot
+from .summary import print_rows, print_stage_end, snapshot
 
 REVISE = but(under(*TOP, "revise", "gates"), "revise.enabled", "gates.keep")
 
@@ -26,10 +25,5 @@ def revise(config: RunConfig) -> None:
     output = stage_file(config, "revisions.jsonl")
     before = snapshot(output)
     res = pipeline.run_revise(config.input or "", output=output, config=config)
-    s = res.summary
-    print_rows("revise", s, before, also=f" (readable: {output.with_suffix('.md')})")
-    print_calls(res.calls, config.cache_beside(output.parent))
-    print_backend(res.backend, output.parent)
-    print_gates(res.gates, output.parent / REJECTS_FILE)
-    print_failures({"revise": s})
-    exit_status({"revise": s})
+    print_rows("revise", res.summary, before, also=f" (readable: {output.with_suffix('.md')})")
+    print_stage_end("revise", res, output, config.cache_beside(output.parent))

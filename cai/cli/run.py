@@ -63,10 +63,9 @@ def run_command(
     before = {name: snapshot(cfg.output / file) if on else {} for name, file, on in (
         ("revise", "revisions.jsonl", cfg.revise.enabled), ("label", "labels.jsonl", cfg.label.enabled),
         ("best_of_n", BEST_OF_N_FILE, cfg.best_of_n.enabled))}
-    if ray is not None:  # the rows through a Ray cluster's actors, each with its own backend
-        res = run_pipeline_ray(cfg, None if ray == RAY_LOCAL else ray, actors=cfg.ray.actors)
-    else:
-        res = run_pipeline(cfg)
+    # with a Ray address, the rows go through a Ray cluster's actors, each with its own backend
+    res = run_pipeline(cfg) if ray is None else run_pipeline_ray(cfg, None if ray == RAY_LOCAL else ray,
+                                                                 actors=cfg.ray.actors)
     say(f"run: {res.output}")
     if ray is not None:
         r = res.manifest.get("ray", {})

@@ -20,6 +20,7 @@ from ..backends.openai_server import redact
 from ..errors import EXIT_ROWS_FAILED
 from ..output import SinkSummary
 from ..pipeline import Calls
+from ..quality.gates import REJECTS_FILE
 from ..stages.preferences import PreferenceSummary, judged_by
 from ..usage import tokens_line
 from .app import ARGV, say
@@ -75,10 +76,7 @@ def print_backend(backend: Mapping[str, Any] | None, folder: Path, indent: str =
 def snapshot(path: Path) -> Rows:
     """The rows a stage file holds before a run (a finished file, then an interrupted run's
     ``.part``), by id: what ``print_rows`` compares the run's rows with."""
-    rows: Rows = {}
-    for f in (path, path.with_name(path.name + ".part")):
-        rows.update(_digests(f))
-    return rows
+    return {**_digests(path), **_digests(path.with_name(path.name + ".part"))}
 
 
 def _digests(path: Path) -> Rows:
@@ -204,6 +202,17 @@ def exit_status(stages: Mapping[str, SinkSummary]) -> None:
     """Exit code 3 when a stage has failed rows (listed in its failures file, printed above)."""
     if any(s.failed for s in stages.values()):
         raise typer.Exit(EXIT_ROWS_FAILED)
+
+
+def print_stage_end(name: str, res: Any, output: Path, cache: Path | None, backend: bool = True) -> None:
+    """The closing lines of a one-stage command (`cai revise`, `cai label`, `cai best-of-n`) after its
+    rows: calls, the server side (``backend``), the gates, the failures; then the exit status."""
+    print_calls(res.calls, cache)
+    if backend:
+        print_backend(res.backend, output.parent)
+    print_gates(res.gates, output.parent / REJECTS_FILE)
+    print_failures({name: res.summary})
+    exit_status({name: res.summary})
 
 
 def print_gates(counts: dict[str, int], rejects: Path, indent: str = "") -> None:

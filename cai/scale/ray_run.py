@@ -38,13 +38,14 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .. import lock, runtime
-from ..backends import Backend, BackendBase, build_backend, split_urls
+from ..backends import BackendBase, build_backend, split_urls
+from ..backends.vllm_local import model_name
 from ..cache import CachedBackend, CallCache, CountingBackend
 from ..config import RunConfig, load_run_config
 from ..constitution import Constitution
@@ -53,7 +54,7 @@ from ..files import dumps
 from ..manifest import mark_running
 from ..model import default_model_dir
 from ..output import JsonlSink
-from ..pipeline import LabelStage, RunResult, finish_run, label_fingerprint
+from ..pipeline import LabelStage, RunResult, finish_run, kept, label_fingerprint
 from ..plan import Plan, check_backend, unique_pair
 from ..quality.gates import InputGate
 from ..stages.judge import JudgeConfig, JudgeStage
@@ -92,29 +93,19 @@ class WorkerSpec:
     backend_options: dict[str, Any] = field(default_factory=dict)
 
 
-def build_worker_backend(cfg: RunConfig, urls: Sequence[str] | None = None, **options: Any) -> Backend:
-    """The backend one actor uses: the config's (``openai`` over every server of ``base_url``, or
-    over ``urls``), with ``options`` for the backend on top."""
-    opts = {**cfg.backend_options(), **options}
-    if urls is not None:
-        opts["base_url"] = list(urls)
-    return build_backend(cfg.backend, cfg.model, **opts)
-
-
 def predict_model_id(cfg: RunConfig, options: dict[str, Any]) -> str:
     """The model id the actors' backends will have, without loading a model here: asked of the
     server (``openai``), built (``fake``), or named as the engines name it (``vllm``,
     ``embedded``). Each actor checks its own against it before it runs a row."""
     if cfg.backend in ("openai", "fake"):
-        be = build_worker_backend(cfg, split_urls(cfg.base_url)[:1] or None, **options)
+        urls = split_urls(cfg.base_url)[:1]  # the first server is asked
+        be = build_backend(cfg.backend, cfg.model, **{**cfg.backend_options(), **options, "base_url": urls})
         runtime.close(be)
         return be.model_id
     model = cfg.model
     if cfg.backend == "embedded":
         return f"{(Path(model) if model else default_model_dir()).name}@embedded"
-    if model is None:
-        return default_model_dir().name
-    return Path(model).resolve().name if Path(model).exists() else model
+    return model_name(model)
 
 
 class _Named(BackendBase):
@@ -163,7 +154,7 @@ class RowWorker:
             raise RayRunError("this node's constitution or templates differ from the driver's "
                               "(install the same cai version on every node)")
         self.node = ray.get_runtime_context().get_node_id()
-        inner = build_worker_backend(cfg, None, **spec.backend_options)
+        inner = build_backend(cfg.backend, cfg.model, **{**cfg.backend_options(), **spec.backend_options})
         if inner.model_id != spec.model_id:
             runtime.close(inner)
             raise RayRunError(f"this actor's backend serves {inner.model_id!r}, the driver expected "
@@ -343,52 +334,43 @@ def run_pipeline_ray(cfg: RunConfig | str | Path, address: str | None = None, *,
     out = cfg.output
     rfp = revise_fingerprint(named, const, tpl, ReviseConfig.of(cfg.revise, cfg.seed))
     res = RunResult(output=out)
-    with lock.writer(out):  # one writer per folder, as a local run
-        return _drive(plan, res, named, model_id, rfp, t0, options, address=address, actors=actors,
-                      actor_cpus=actor_cpus, max_restarts=max_restarts, max_task_retries=max_task_retries,
-                      ray_remote_args=ray_remote_args, init_args=init_args, node_cache=node_cache)
-
-
-def _drive(plan: Plan, res: RunResult, named: Backend, model_id: str, rfp: str, t0: float,
-           options: dict[str, Any], **ray_args: Any) -> RunResult:
-    """The driver's part under the folder's lock: run.json marked running, the work on Ray, the
-    rows written in input order, then ``finish_run``."""
-    cfg, const, tpl = plan.config, plan.constitution, plan.templates
-    out, revisions = cfg.output, cfg.output / "revisions.jsonl"
-    node_cache, address = ray_args.pop("node_cache"), ray_args["address"]
-    history = mark_running(out / "run.json")
+    revisions = out / "revisions.jsonl"
     counts: dict[str, dict[str, Any]] = {}  # per actor instance: its latest call counts and tokens
     ray_info: dict[str, Any] = {"address": address, "actors": 0, "nodes": [], "blocks": 0, "rows": 0}
-    with contextlib.ExitStack() as files:
-        rsink = files.enter_context(JsonlSink(revisions, rfp)) if plan.revise else None
-        lsink = None
-        if plan.label:
-            lsink = files.enter_context(JsonlSink(out / "labels.jsonl", label_fingerprint(plan, named, model_id, rfp)))
-        gate = InputGate(cfg.gates)
-        work = _work(plan, gate, rsink, lsink)
-        if work.items:
-            cache = cfg.cache_path()
-            spec = WorkerSpec(
-                config=cfg.model_dump(mode="json"), constitution=const.model_dump(mode="json"),
-                constitution_hash=const.digest(), templates=template_sources(tpl), templates_hash=tpl.digest(),
-                model_id=model_id, cache=str(cache.resolve()) if cache else None,
-                node_cache=str(node_cache) if node_cache else None, driver_node="", backend_options=options)
-            _run_on_ray(cfg, spec, work, rsink, lsink, revisions, **ray_args, counts=counts, info=ray_info)
-        for name, sink, ids in (("revise", rsink, work.revise_ids), ("label", lsink, work.label_ids)):
-            if sink is None:
-                continue
-            summary = sink.finish()
-            if cfg.prune and len(sink.done) > len(ids & sink.done.keys()):
-                summary.dropped = prune(sink.path, ids)
-            summary.kept = 0 if summary.dropped else len(sink.done.keys() - ids)
-            res.stages[name] = summary
-    res.sent, res.cached, res.errors = (sum(c[k] for c in counts.values()) for k in ("sent", "cached", "errors"))
-    res.usage = Usage()  # the tokens each actor reported with its last rows (a killed actor's since then: lost)
-    for c in counts.values():
-        for stage, step, *cell in c["usage"]:
-            res.usage.add(stage, step, *cell)
-    res.skipped = gate.skipped
-    return finish_run(plan, res, model_id, t0, history, {"ray": ray_info})
+    with lock.writer(out):  # one writer per folder, as a local run; then the rows written in input order
+        history = mark_running(out / "run.json")
+        with contextlib.ExitStack() as files:
+            rsink = files.enter_context(JsonlSink(revisions, rfp)) if plan.revise else None
+            lsink = None
+            if plan.label:
+                lfp = label_fingerprint(plan, named, model_id, rfp)
+                lsink = files.enter_context(JsonlSink(out / "labels.jsonl", lfp))
+            gate = InputGate(cfg.gates)
+            work = _work(plan, gate, rsink, lsink)
+            if work.items:
+                cache = cfg.cache_path()
+                spec = WorkerSpec(
+                    config=cfg.model_dump(mode="json"), constitution=const.model_dump(mode="json"),
+                    constitution_hash=const.digest(), templates=template_sources(tpl), templates_hash=tpl.digest(),
+                    model_id=model_id, cache=str(cache.resolve()) if cache else None,
+                    node_cache=str(node_cache) if node_cache else None, driver_node="", backend_options=options)
+                _run_on_ray(cfg, spec, work, rsink, lsink, revisions, address=address, actors=actors,
+                            actor_cpus=actor_cpus, max_restarts=max_restarts, max_task_retries=max_task_retries,
+                            ray_remote_args=ray_remote_args, init_args=init_args, counts=counts, info=ray_info)
+            for name, sink, ids in (("revise", rsink, work.revise_ids), ("label", lsink, work.label_ids)):
+                if sink is None:
+                    continue
+                summary = sink.finish()
+                if cfg.prune and len(sink.done) > len(ids & sink.done.keys()):
+                    summary.dropped = prune(sink.path, ids)
+                res.stages[name] = kept(summary, sink, ids)
+        res.sent, res.cached, res.errors = (sum(c[k] for c in counts.values()) for k in ("sent", "cached", "errors"))
+        res.usage = Usage()  # the tokens each actor reported with its last rows (a killed actor's since then: lost)
+        for c in counts.values():
+            for stage, step, *cell in c["usage"]:
+                res.usage.add(stage, step, *cell)
+        res.skipped = gate.skipped
+        return finish_run(plan, res, model_id, t0, history, {"ray": ray_info})
 
 
 def _run_on_ray(cfg: RunConfig, spec: WorkerSpec, plan: _Work, rsink: JsonlSink | None, lsink: JsonlSink | None,
