@@ -263,11 +263,9 @@ async def _streams(plan: Plan, be: Counted, pol: Counted, pool: Pool, gate: Inpu
         return s
 
     async def job(name: str, stream: Stream[Any], seen: set[str], then: Callable[[], object] = lambda: None) -> None:
-        """Run one stage's stream; count the rows of an earlier run this input (``seen``) no longer
-        lists (kept when not pruned)."""
+        """Run one stage's stream, then count what an earlier run kept (``kept``)."""
         try:
-            done[name] = summary = await run_stream(stream, pool, group=bars)
-            summary.kept = 0 if summary.dropped else len(stream.sink.done.keys() - seen)
+            done[name] = kept(await run_stream(stream, pool, group=bars), stream.sink, seen)
         finally:
             then()
 
@@ -340,6 +338,12 @@ def noting(rows: Iterable[PromptRow], seen: set[str]) -> Iterator[PromptRow]:
     for row in rows:
         seen.add(row.id)
         yield row
+
+
+def kept(summary: SinkSummary, sink: JsonlSink, seen: set[str]) -> SinkSummary:
+    """Count the rows of an earlier run this input (``seen``) no longer lists (kept when not pruned)."""
+    summary.kept = 0 if summary.dropped else len(sink.done.keys() - seen)
+    return summary
 
 
 def label_fingerprint(plan: Plan, judge: Backend, policy_id: str, revise_fp: str) -> str:
