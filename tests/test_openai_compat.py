@@ -3,8 +3,8 @@
 - the fake server in its strict mode (tests/fake_server.py, ``strict=True``), as OpenAI's API:
   unknown fields refused with 400, ``n`` ignored, no log-probs, ``response_format`` json_schema
   honoured (or refused);
-- a fault proxy (tests/fault_proxy.py) in front of bench/stub_server.py: 500s, 429s, stalls past
-  the timeout, connections dropped mid-body, truncated JSON;
+- the fake server as a fault proxy (``upstream=``, ``faults=``) in front of its zero-latency stub:
+  500s, 429s, stalls past the timeout, connections dropped mid-body, truncated JSON;
 - a real ``transformers serve`` (tests/transformers_server.py), skipped when not installed.
 """
 
@@ -24,8 +24,7 @@ from cai import runtime
 from cai.backends.base import Message, Request, Sampling
 from cai.backends.dialect import parse_choice, refused_fields
 from cai.backends.openai_server import OpenAIServerBackend, fault_kind
-from tests.fake_server import MODEL, FakeConfig, FakeServer, RouteServer
-from tests.fault_proxy import FaultProxy
+from tests.fake_server import DEFAULT_FAULTS, MODEL, FakeConfig, FakeServer, RouteServer
 from tests.sync import Sync
 from tests.transformers_server import transformers_server  # noqa: F401  (a fixture)
 
@@ -253,10 +252,11 @@ def test_fault_proxy_every_request_ends_answered_or_with_a_reason(stub_server: s
     reqs = [Request(user(f"question {i}"), Sampling(max_tokens=8, logprobs=2 if i % 3 == 0 else None,
                                                     n=2 if i % 5 == 0 else 1))
             for i in range(300)]
-    with FaultProxy(stub_server, stall_s=3.0, retry_after="1", seed=13, max_seconds=150) as proxy, \
+    with FakeServer(FakeConfig(upstream=stub_server, faults=DEFAULT_FAULTS, stall_s=3.0, fault_retry_after="1",
+                               seed=13, max_seconds=150)) as proxy, \
             backend(proxy.base_url, timeout=1.0, backoff=0.05, concurrency=16) as be:
         out = be.complete(reqs)
-        retries, faults = be.retries, dict(proxy.faults)
+        retries, faults = be.retries, dict(proxy.faults_drawn)
     took = time.perf_counter() - t0
     errors = [c.error for c in out if c.error]
     for c in out:
