@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -293,33 +292,14 @@ def test_timeout_is_retried_and_retry_after_honoured() -> None:
             return web.Response(body=b'{"choices": [{"index": 0, "mess', content_type="application/json")
         return web.json_response({"choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop"}]})
 
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app, handler_cancellation=True)
-
-    async def up() -> int:
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-
-    try:
-        port = asyncio.run_coroutine_threadsafe(up(), loop).result(10)
-        with backend(f"http://127.0.0.1:{port}/v1", model="m", timeout=0.5, backoff=0.01) as be:
+    with RouteServer(lambda app: app.router.add_post("/v1/chat/completions", chat), handler_cancellation=True) as s:
+        with backend(s.base_url, model="m", timeout=0.5, backoff=0.01) as be:
             [c] = be.complete([Request(user("x"))])
             assert be.retries == {"timeout": 1, "http_429": 1, "bad_json": 1}
             assert len(calls) == 4 and calls[2] - calls[1] >= 0.4  # Retry-After: 0.4, not the 0.01 s backoff
-        with backend(f"http://127.0.0.1:{port}/v1", model="m", timeout=0.5, max_retries=0) as be:
+        with backend(s.base_url, model="m", timeout=0.5, max_retries=0) as be:
             calls.clear()
             [bad] = be.complete([Request(user("x"))])
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
     assert c.error is None and c.text == "ok" and len(calls) == 1  # the second backend: one try
     assert bad.error == "timed out after 0.5 s (gave up after 1 attempts)"
 
