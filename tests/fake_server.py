@@ -97,9 +97,9 @@ try:
 
     _loads, _dumps = orjson.loads, orjson.dumps
 except ImportError:  # pragma: no cover
-    _loads = json.loads
+    _loads = json.loads  # type: ignore[assignment]
 
-    def _dumps(obj: object) -> bytes:
+    def _dumps(obj: object) -> bytes:  # type: ignore[misc]
         return json.dumps(obj).encode()
 
 
@@ -339,7 +339,7 @@ class Window:
     def headers(self, now: float) -> dict[str, str]:
         """``x-ratelimit-*`` as OpenAI sends them, of this window: the limit, what is left, and the
         time until all of it is given back (``1.25s``)."""
-        out = {}
+        out: dict[str, str] = {}
         reset = f"{max(0.0, self.log[-1][0] + self.seconds - now) if self.log else 0.0:.3f}s"
         for kind, limit, used in (("requests", self.requests, len(self.log)), ("tokens", self.tokens, self.used)):
             if limit is not None:
@@ -468,9 +468,10 @@ class FakeServer(ThreadedServer):
         return answer(body, self.config)
 
     def stats(self) -> dict[str, Any]:
-        out = {"served": self.served, "refused_429": self.refused_429, "prompt_tokens": self.prompt_tokens,
-               "completion_tokens": self.completion_tokens, "cached_tokens": self.cached_tokens,
-               "received": len(self.bodies)}
+        out: dict[str, Any] = {
+            "served": self.served, "refused_429": self.refused_429, "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens, "cached_tokens": self.cached_tokens,
+            "received": len(self.bodies)}
         return out if self.engine is None else out | self.engine.stats()
 
     def throughput(self) -> float:
