@@ -3,8 +3,9 @@
     .venv/bin/python bench/bench_engine.py            # S = 256 and 64, 4,000 rows each
     .venv/bin/python bench/bench_engine.py --quick    # about a minute
 
-The server is bench/sim_server.py: S slots (vLLM's max_num_seqs), each request holds a slot
-for completion_tokens x 2 ms, lengths lognormal (median 0.35 x max_tokens, capped at 256).
+The server is tests/fake_server.py's simulated engine (``--slots S``): S slots (vLLM's
+max_num_seqs), each request holds a slot for completion_tokens x 2 ms, lengths lognormal
+(median 0.35 x max_tokens, capped at 256).
 Both clients run the same critique-revise work: per row an answer (256 tokens max), then per
 round a critique (192) and a revision (256), 2 rounds: 5 dependent calls a row.
 
@@ -91,8 +92,8 @@ def main() -> None:
     results = []
     for slots in a.slots:
         rows = a.rows or ((slots * 3) if a.quick else 4000)
-        server = subprocess.Popen([PY, str(HERE / "sim_server.py"), "--port", str(a.port), "--slots", str(slots)],
-                                  start_new_session=True)
+        server = subprocess.Popen([PY, str(REPO / "tests" / "fake_server.py"), "--port", str(a.port), "--model", "sim",
+                                   "--slots", str(slots)], start_new_session=True, stdout=subprocess.DEVNULL)
         base, url = f"http://127.0.0.1:{a.port}", f"http://127.0.0.1:{a.port}/v1"
         try:
             for _ in range(100):

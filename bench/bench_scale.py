@@ -3,8 +3,9 @@
     .venv/bin/python bench/bench_scale.py            # 1200 rows on 1 and on 2 servers (about 3 min)
     .venv/bin/python bench/bench_scale.py --quick    # 400 rows (about a minute)
 
-The servers are bench/sim_server.py processes, all with the same settings (default S = 32 slots,
-4 ms per token, long-tailed lengths): a server's slots, not the client, are the bottleneck.
+The servers are tests/fake_server.py's simulated engines (``--slots``), each its own process,
+all with the same settings (default S = 32 slots, 4 ms per token, long-tailed lengths): a
+server's slots, not the client, are the bottleneck.
 The run is `python -m cai.cli run --backend openai --no-label --revise-rounds 2` (5 dependent
 calls a row: an answer, then a critique and a revision per round), no cache, the same
 ``--concurrency`` (default 128) for every server count, one ``--base-url`` per server. Its own
@@ -84,8 +85,8 @@ def start_servers(n: int, slots: int, ms_per_token: float) -> list[tuple[int, su
     servers = []
     for _ in range(n):
         port = free_port()
-        proc = subprocess.Popen([PY, str(HERE / "sim_server.py"), "--port", str(port), "--slots", str(slots),
-                                 "--ms-per-token", str(ms_per_token), "--max-seconds", "3600"],
+        proc = subprocess.Popen([PY, str(REPO / "tests" / "fake_server.py"), "--port", str(port), "--model", "sim",
+                                 "--slots", str(slots), "--ms-per-token", str(ms_per_token), "--max-seconds", "3600"],
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         servers.append((port, proc))
     deadline = time.monotonic() + 60

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_throughput.py                      # 10k and 100k rows
     .venv/bin/python bench/bench_throughput.py --rows 2000 20000    # quicker
 
-One stub server (bench/stub_server.py, its own process, 127.0.0.1) serves everything, in this
+One stub server (tests/fake_server.py --stub, its own process, 127.0.0.1) serves everything, in this
 order: the bare loop, `cai run` on the small input, the bare loop again, `cai run` on the large
 input, and a no-change rerun of the small one. The bare loop is a plain asyncio program in its
 own process: one aiohttp session, ``--concurrency`` workers posting chat-completion bodies of
@@ -217,7 +217,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("small", "large"):
         subprocess.run(["rm", "-rf", str(args.out / name)], check=True)
-    server = subprocess.Popen([PY, str(HERE / "stub_server.py"), "--max-seconds", "7200"],
+    server = subprocess.Popen([PY, str(REPO / "tests" / "fake_server.py"), "--stub", "--model", "stub",
+                               "--max-seconds", "7200"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None

@@ -45,10 +45,10 @@ def embedded(model_dir: Path):
 
 @pytest.fixture
 def stub_server() -> Iterator[str]:
-    """bench/stub_server.py (a zero-latency OpenAI-compatible server) in its own process; yields its
-    URL without /v1. It stops by itself after 300 s."""
-    with subprocess.Popen([sys.executable, str(REPO / "bench" / "stub_server.py"), "--port", "0",
-                           "--max-seconds", "300"], stdout=subprocess.PIPE, text=True) as proc:
+    """tests/fake_server.py's zero-latency stub (``--stub``) in its own process; yields its URL
+    without /v1. It stops by itself after 300 s."""
+    with subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_server.py"), "--stub", "--model", "stub",
+                           "--port", "0", "--max-seconds", "300"], stdout=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()

@@ -13,18 +13,16 @@
   it in validation with no files.
 - ``fail_line(body)`` names the requests that fail (a status code, e.g. 400, or a code and its
   message): a per-line error in the error file (and the same HTTP error from ``/v1/chat/completions``).
-- ``answer(body)`` is the one answer function (a chat completion, deterministic in the request
-  body): the batch output lines and ``/v1/chat/completions`` both use it, so a streaming run and a
-  batch run against the stub get the same answers. ``submitted`` counts each custom_id over every
-  batch made; ``chats`` counts streaming calls.
+- The answers are the fake server's (``tests/fake_server.py``: ``BatchStub`` is a ``FakeServer``
+  with the Batch-API routes added): the batch output lines and ``/v1/chat/completions`` both use
+  its ``answer``, so a streaming run and a batch run against the stub get the same answers.
+  ``submitted`` counts each custom_id over every batch made; ``chats`` counts streaming calls.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
-import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,39 +30,10 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fake_server import ThreadedServer
+from tests.fake_server import FakeConfig, FakeServer, answer
 
 MODEL = "batch-model"
 STATUSES = ("validating", "in_progress", "finalizing")
-
-
-def answer(body: dict[str, Any]) -> dict[str, Any]:
-    """The chat completion the stub answers ``body`` with (a pure function of the request)."""
-    key = json.dumps({k: body.get(k) for k in ("messages", "seed", "temperature", "max_tokens", "n", "logprobs",
-                                               "structured_outputs", "response_format")}, sort_keys=True)
-    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    last = str((body.get("messages") or [{}])[-1].get("content") or "")
-    n = int(body.get("n") or 1)
-    choices: list[dict[str, Any]] = []
-    for i in range(n):
-        logprobs = None
-        if (so := body.get("structured_outputs")) and so.get("choice"):
-            text = so["choice"][(h + i) % len(so["choice"])]
-        elif body.get("logprobs"):
-            p = 0.05 + 0.9 * ((h % 1000) / 999)
-            lp = {"A": math.log(p), "B": math.log(1 - p)}
-            text = max(lp, key=lambda k: lp[k])
-            logprobs = {"content": [{"token": text, "logprob": lp[text],
-                                     "top_logprobs": [{"token": t, "logprob": v} for t, v in lp.items()]}]}
-        else:
-            words = " ".join(last.split()[:6])
-            text = f"Answer {(h + i) % 100_000}: a careful, helpful reply about {words}."
-        choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                        "finish_reason": "stop"})
-    completion = sum(len(str(c["message"]["content"]).split()) for c in choices)
-    return {"id": f"chatcmpl-{h:x}", "object": "chat.completion", "created": 0, "model": body.get("model"),
-            "choices": choices, "usage": {"prompt_tokens": len(last.split()), "completion_tokens": completion,
-                                          "total_tokens": len(last.split()) + completion}}
 
 
 def _failure(scripted: int | tuple[int, str] | None) -> tuple[int | None, str]:
@@ -78,14 +47,14 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=status)
 
 
-class BatchStub(ThreadedServer):
+class BatchStub(FakeServer):
     name = "batch-stub"
     client_max_size = 64 << 20
 
     def __init__(self, fail_line: Callable[[dict[str, Any]], int | tuple[int, str] | None] | None = None,
                  max_seconds: float = 120.0, owned_by: str = "vllm") -> None:
-        super().__init__(max_seconds)
-        self.owned_by = owned_by  # what GET /v1/models says (``vllm``: cai takes it for vLLM)
+        # owned_by: what GET /v1/models says (``vllm``: cai takes it for vLLM)
+        super().__init__(FakeConfig(model=MODEL, max_seconds=max_seconds, owned_by=owned_by))
         self.fail_line = fail_line or (lambda body: None)
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict[str, Any]] = {}
@@ -208,7 +177,7 @@ class BatchStub(ThreadedServer):
                     "body": {"error": {"message": why, "type": "invalid_request_error"}}}})
             else:
                 out.append({"id": rid, "custom_id": x["custom_id"], "error": None, "response": {
-                    "status_code": 200, "request_id": rid, "body": answer(x["body"])}})
+                    "status_code": 200, "request_id": rid, "body": self.answer(x["body"])}})
         for kind, rows in (("output_file_id", out), ("error_file_id", errs)):
             if rows:
                 fid = f"file-{next(self._ids)}"
@@ -232,27 +201,21 @@ class BatchStub(ThreadedServer):
         return web.json_response({"object": "list", "data": data, "has_more": False})
 
     # ------------------------------------------------------------------------------- chat
-    async def _chat(self, request: web.Request) -> web.Response:
-        body = await request.json()
+    async def chat(self, request: web.Request) -> web.StreamResponse:
         self.chats += 1
-        code, why = _failure(self.fail_line(body))
+        code, why = _failure(self.fail_line(await request.json()))
         if code:
             return _error(code, why)
-        return web.json_response(answer(body))
-
-    async def _models(self, _: web.Request) -> web.Response:
-        return web.json_response({"object": "list",
-                                  "data": [{"id": MODEL, "object": "model", "owned_by": self.owned_by}]})
+        return await super().chat(request)  # the body read again: aiohttp keeps it
 
     def routes(self, app: web.Application) -> None:
+        super().routes(app)
         app.router.add_post("/v1/files", self._upload)
         app.router.add_get("/v1/files/{fid}/content", self._content)
         app.router.add_post("/v1/batches", self._create)
         app.router.add_get("/v1/batches", self._list)
         app.router.add_get("/v1/batches/{bid}", self._get)
         app.router.add_post("/v1/batches/{bid}/cancel", self._cancel)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_get("/v1/models", self._models)
 
 
 def answer_file(requests: bytes, fail_line: Callable[[dict[str, Any]], int | None] | None = None) -> bytes:
@@ -262,6 +225,6 @@ def answer_file(requests: bytes, fail_line: Callable[[dict[str, Any]], int | Non
         x = json.loads(raw)
         code = fail_line(x["body"]) if fail_line else None
         resp = ({"status_code": code, "body": {"error": {"message": "scripted line failure"}}} if code
-                else {"status_code": 200, "body": answer(x["body"])})
+                else {"status_code": 200, "body": answer(x["body"], FakeConfig(model=MODEL))})
         out.append(json.dumps({"id": f"req-{i}", "custom_id": x["custom_id"], "response": resp, "error": None}))
     return "".join(x + "\n" for x in out).encode()

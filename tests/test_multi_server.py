@@ -1,9 +1,9 @@
 """Several servers behind one `openai` backend: routing, row affinity, servers going down, and
 `cai run` finishing every row with one server down from the start or killed mid-run.
 
-In-process aiohttp stubs (one loop thread) for routing and health; two `bench/sim_server.py`
-processes (answers that take time) for the server killed mid-run. 127.0.0.1 only; every
-server is stopped by its fixture.
+In-process aiohttp stubs (one loop thread) for routing and health; two simulated engines
+(`tests/fake_server.py --slots`) in their own processes (answers that take time) for the server
+killed mid-run. 127.0.0.1 only; every server is stopped by its fixture.
 """
 
 from __future__ import annotations
@@ -535,8 +535,8 @@ def test_comma_separated_variable_reaches_cai_run(stubs: Stubs, tmp_path: Path, 
 
 
 def _sim(port: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, str(REPO / "bench" / "sim_server.py"), "--port", str(port),
-                             "--slots", "8", "--ms-per-token", "0.5", "--max-seconds", "120"],
+    return subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_server.py"), "--port", str(port),
+                             "--model", "sim", "--slots", "8", "--ms-per-token", "0.5", "--max-seconds", "120"],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

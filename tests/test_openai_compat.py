@@ -3,15 +3,14 @@
 - the fake server in its strict mode (tests/fake_server.py, ``strict=True``), as OpenAI's API:
   unknown fields refused with 400, ``n`` ignored, no log-probs, ``response_format`` json_schema
   honoured (or refused);
-- a fault proxy (tests/fault_proxy.py) in front of bench/stub_server.py: 500s, 429s, stalls past
-  the timeout, connections dropped mid-body, truncated JSON;
+- the fake server as a fault proxy (``upstream=``, ``faults=``) in front of its zero-latency stub:
+  500s, 429s, stalls past the timeout, connections dropped mid-body, truncated JSON;
 - a real ``transformers serve`` (tests/transformers_server.py), skipped when not installed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +23,7 @@ from cai import runtime
 from cai.backends.base import Message, Request, Sampling
 from cai.backends.dialect import parse_choice, refused_fields
 from cai.backends.openai_server import OpenAIServerBackend, fault_kind
-from tests.fake_server import MODEL, FakeConfig, FakeServer, RouteServer
-from tests.fault_proxy import FaultProxy
+from tests.fake_server import DEFAULT_FAULTS, MODEL, FakeConfig, FakeServer, RouteServer
 from tests.sync import Sync
 from tests.transformers_server import transformers_server  # noqa: F401  (a fixture)
 
@@ -253,10 +251,11 @@ def test_fault_proxy_every_request_ends_answered_or_with_a_reason(stub_server: s
     reqs = [Request(user(f"question {i}"), Sampling(max_tokens=8, logprobs=2 if i % 3 == 0 else None,
                                                     n=2 if i % 5 == 0 else 1))
             for i in range(300)]
-    with FaultProxy(stub_server, stall_s=3.0, retry_after="1", seed=13, max_seconds=150) as proxy, \
+    with FakeServer(FakeConfig(upstream=stub_server, faults=DEFAULT_FAULTS, stall_s=3.0, fault_retry_after="1",
+                               seed=13, max_seconds=150)) as proxy, \
             backend(proxy.base_url, timeout=1.0, backoff=0.05, concurrency=16) as be:
         out = be.complete(reqs)
-        retries, faults = be.retries, dict(proxy.faults)
+        retries, faults = be.retries, dict(proxy.faults_drawn)
     took = time.perf_counter() - t0
     errors = [c.error for c in out if c.error]
     for c in out:
@@ -293,33 +292,14 @@ def test_timeout_is_retried_and_retry_after_honoured() -> None:
             return web.Response(body=b'{"choices": [{"index": 0, "mess', content_type="application/json")
         return web.json_response({"choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop"}]})
 
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app, handler_cancellation=True)
-
-    async def up() -> int:
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-
-    try:
-        port = asyncio.run_coroutine_threadsafe(up(), loop).result(10)
-        with backend(f"http://127.0.0.1:{port}/v1", model="m", timeout=0.5, backoff=0.01) as be:
+    with RouteServer(lambda app: app.router.add_post("/v1/chat/completions", chat), handler_cancellation=True) as s:
+        with backend(s.base_url, model="m", timeout=0.5, backoff=0.01) as be:
             [c] = be.complete([Request(user("x"))])
             assert be.retries == {"timeout": 1, "http_429": 1, "bad_json": 1}
             assert len(calls) == 4 and calls[2] - calls[1] >= 0.4  # Retry-After: 0.4, not the 0.01 s backoff
-        with backend(f"http://127.0.0.1:{port}/v1", model="m", timeout=0.5, max_retries=0) as be:
+        with backend(s.base_url, model="m", timeout=0.5, max_retries=0) as be:
             calls.clear()
             [bad] = be.complete([Request(user("x"))])
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
     assert c.error is None and c.text == "ok" and len(calls) == 1  # the second backend: one try
     assert bad.error == "timed out after 0.5 s (gave up after 1 attempts)"
 

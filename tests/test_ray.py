@@ -174,12 +174,13 @@ def test_a_killed_actor_still_gives_one_row_per_input(cluster: None, tmp_path: P
 
 @pytest.fixture
 def two_servers() -> Iterator[list[str]]:
-    """Two bench/stub_server.py processes on free ports of 127.0.0.1 (each stops by itself)."""
+    """Two zero-latency stubs (tests/fake_server.py --stub) in their own processes on free ports of
+    127.0.0.1 (each stops by itself)."""
     procs: list[subprocess.Popen[str]] = []
     try:
         for _ in range(2):
-            proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "stub_server.py"), "--port", "0",
-                                     "--max-seconds", "120"], stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_server.py"), "--stub", "--model",
+                                     "stub", "--port", "0", "--max-seconds", "120"], stdout=subprocess.PIPE, text=True)
             procs.append(proc)
         urls = []
         for proc in procs:

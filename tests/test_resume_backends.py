@@ -1,15 +1,15 @@
 """Kill, resume, cache and diff on the backends that talk to a model, not only the fake one.
 
-For each of: the ``openai`` backend against bench/stub_server.py, the ``openai`` backend against a
-real vLLM server, and in-process vLLM (``--backend vllm``, run with .venv-vllm's python), one test
+For each of: the ``openai`` backend against tests/fake_server.py's zero-latency stub, the ``openai``
+backend against a real vLLM server, and in-process vLLM (``--backend vllm``, run with .venv-vllm's python), one test
 runs `cai run` as a subprocess in its own process group and checks:
 
 (a) ``kill -9`` of the group at random moments mid-run (after its first committed call), then a
     rerun that finishes: one row per input row in revisions.jsonl and in labels.jsonl (with
     labels.failures.jsonl: a pair the judge cannot label is listed there instead), every final file
-    whole after every kill, and no call committed before a kill sent again (the openai backends:
-    tests/recording_proxy.py tags each answer with its request, so the cache file says which
-    requests were committed); no process of the killed group or of its children is left running
+    whole after every kill, and no call committed before a kill sent again (the openai backends: the
+    fake server as a proxy with ``tag=True`` tags each answer with its request, so the cache file says
+    which requests were committed); no process of the killed group or of its children is left running
     (the in-process engine core and its worker);
 (b) a rerun with nothing changed sends 0 calls (run.json's last history entry, and the server's
     own count), and writes the same rows;
@@ -40,7 +40,7 @@ import pytest
 import yaml
 
 from cai.constitution import load_constitution
-from tests.recording_proxy import RecordingProxy, committed
+from tests.fake_server import FakeConfig, FakeServer, committed
 from tests.test_resume_kill import assert_whole
 
 REPO = Path(__file__).resolve().parent.parent
@@ -204,7 +204,7 @@ def run_cai(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.C
 
 
 def no_change_and_diff(tmp: Path, cmd: list[str], env: dict[str, str], old: Path, *, edit: str, timeout: float,
-                       proxy: RecordingProxy | None = None, lost: frozenset[int] | set[int] = frozenset()) -> None:
+                       proxy: FakeServer | None = None, lost: frozenset[int] | set[int] = frozenset()) -> None:
     """(b) and (c) on a finished run; ``proxy`` counts the calls the server saw, where it can;
     ``lost``: the calls answered before a kill but never committed (see above).
 
@@ -267,7 +267,7 @@ def no_change_and_diff(tmp: Path, cmd: list[str], env: dict[str, str], old: Path
         assert sent() - seen == redo
 
 
-def check_no_committed_call_sent_again(proxy: RecordingProxy, marks: list[tuple[int, set[int]]],
+def check_no_committed_call_sent_again(proxy: FakeServer, marks: list[tuple[int, set[int]]],
                                        final: set[int], kills: int, concurrency: int) -> set[int]:
     """``marks``: (requests seen so far, tags committed) at each kill. A call committed before a kill
     is never sent again; the calls sent again are the ones in flight (or answered but not yet
@@ -296,17 +296,24 @@ def check_no_committed_call_sent_again(proxy: RecordingProxy, marks: list[tuple[
 
 
 # ---------------------------------------------------------------------------- openai: stub
+def recording_proxy(upstream: str, delay: float = 0.0, max_seconds: float = 600.0) -> FakeServer:
+    """The fake server as a proxy in front of ``upstream``: each call held ``delay`` x [0.5, 1.5)
+    seconds (seeded: answers come back out of order), logged, and tagged with ``crc32(body)``."""
+    return FakeServer(FakeConfig(upstream=upstream, latency_s=delay, jitter=True, tag=True, seed=SEED,
+                                 max_seconds=max_seconds))
+
+
 def openai_scenario(tmp_path: Path, upstream: str, *, n: int, kills: int, window: float, delay: float,
                     concurrency: int, extra: list[str], deterministic: bool, startup_timeout: float,
                     timeout: float) -> dict[str, str]:
-    """(a), (b) and (c) through a RecordingProxy in front of ``upstream``; returns the text of
+    """(a), (b) and (c) through a recording proxy in front of ``upstream``; returns the text of
     revisions.jsonl and labels.jsonl as (a) left them. ``deterministic``: the upstream's answer is a
     function of the request (the stub), so a critique edit's chain is exactly predictable."""
     rng = random.Random(SEED)
     old = write_constitution(load_constitution().model_dump(mode="json"), tmp_path / "old.yaml")
     out = tmp_path / "out"
     env = clean_env()
-    with RecordingProxy(upstream, delay=delay, seed=SEED, max_seconds=600) as proxy:
+    with recording_proxy(upstream, delay=delay, max_seconds=600) as proxy:
         cmd = [sys.executable, "-m", "cai.cli", "run", "--input", str(write_prompts(tmp_path / "p.jsonl", n)),
                "-o", str(out), "-c", str(old), "--backend", "openai", "--base-url", proxy.base_url,
                "--concurrency", str(concurrency), "--no-progress", "--seed", "1", *extra]
@@ -336,14 +343,14 @@ def openai_scenario(tmp_path: Path, upstream: str, *, n: int, kills: int, window
 
 @pytest.mark.integration  # a kill loop over a stub server: about ten `cai run` processes (about 45 s)
 def test_openai_stub_kill_resume_no_change_and_diff(tmp_path: Path, stub_server: str) -> None:
-    """openai backend, bench/stub_server.py behind a proxy that holds each call 15-45 ms: 24 rows,
+    """openai backend, the zero-latency stub behind a proxy that holds each call 15-45 ms: 24 rows,
     2 revision rounds, 2 judge principles in both orders, 4 kills; the resumed
     rows are the rows of one uninterrupted run."""
     n, rounds = 24, ["--revise-rounds", "2", "--label-principles", "2"]
     after_a = openai_scenario(tmp_path, stub_server, n=n, kills=4, window=0.4, delay=0.03, concurrency=4,
                               extra=rounds, deterministic=True, startup_timeout=60, timeout=120)
     clean = tmp_path / "clean"
-    with RecordingProxy(stub_server, seed=SEED) as proxy:  # the same answers (and tags), no kill, no cache
+    with recording_proxy(stub_server) as proxy:  # the same answers (and tags), no kill, no cache
         run_cai([sys.executable, "-m", "cai.cli", "run", "--input", str(tmp_path / "p.jsonl"), "-o", str(clean),
                  "-c", str(tmp_path / "old.yaml"), "--backend", "openai", "--base-url", proxy.base_url,
                  "--concurrency", "4", "--no-progress", "--seed", "1", *rounds, "--no-cache"], clean_env(), 120)
