@@ -148,6 +148,13 @@ class Stubs:
             await asyncio.gather(*tasks, return_exceptions=True)
             for _ in range(3):  # the closed connections' transports let go of their sockets (call_soon)
                 await asyncio.sleep(0)
+            # a connection accepted as the site closed gets its transport after the handlers went:
+            # close what is left, so no socket outlives the loop (the stub's side, not cai's)
+            import gc
+            for t in [o for o in gc.get_objects() if isinstance(o, asyncio.Transport)]:
+                if getattr(t, "_loop", None) is self.loop and not t.is_closing():
+                    t.close()
+            await asyncio.sleep(0.01)
 
         asyncio.run_coroutine_threadsafe(drain(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
