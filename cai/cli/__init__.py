@@ -51,7 +51,7 @@ from .app import ARGV, app, err
 
 # Each module registers its commands on `app`; this order is the order `cai --help` lists them.
 COMMANDS = ("revise", "label", "best_of_n", "run", "report", "export", "review", "evaluate", "constitution", "model")
-# The commands each module registers (tests/test_cli.py checks this against `app`): the program
+# The commands each module registers (tests/test_startup.py checks this against `app`): the program
 # imports only the module of the command it runs (`cai run` needs neither the report's nor
 # the review's modules: 0.1 s of start-up), and every module for anything else (`cai --help`).
 COMMAND_MODULES = {"revise": "revise", "label": "label", "eval-judge": "label", "best-of-n": "best_of_n",
@@ -139,9 +139,9 @@ def _os_error(e: OSError) -> int:
 # The cyclic garbage collector during a command: a run allocates millions of short-lived
 # containers (requests, answers, futures, rows) that reference counting frees; with Python's
 # default threshold (a collection every 700 net allocations) the collector took 15% of a run's
-# CPU (1.0-1.2 s of 7 s, 10,000 calls), mostly walking the modules imported at start-up again
-# and again. Those are set aside (``gc.freeze``) and the youngest generation is collected every
-# 50,000 allocations: 0.1 s. Cyclic garbage is still collected, only later.
+# CPU (1.0-1.2 s of 7 s, 10,000 calls), walking the start-up's objects and the run's long-lived
+# ones again and again. The start-up's are set aside (``gc.freeze``) and the youngest generation
+# is collected every 50,000 allocations: 0.1 s. Cyclic garbage is still collected, only later.
 GC_THRESHOLD = (50_000, 20, 100)
 
 
