@@ -192,7 +192,10 @@ class CallCache:
     def note_usage(self, run: str, request: Request, completion: Completion) -> None:
         """Add one served call's tokens to ``run``'s ledger, committed with the next answers
         (or on its own, soon, for a failed call)."""
-        self._usage.setdefault(run, Usage()).served(request, completion)
+        usage = self._usage.get(run)
+        if usage is None:
+            usage = self._usage[run] = Usage()
+        usage.served(request, completion)
         if self._committed is None:
             loop = asyncio.get_running_loop()
             self._committed = loop.create_future()

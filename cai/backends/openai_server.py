@@ -24,11 +24,10 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from .. import runtime
 from ..errors import BackendError
@@ -36,6 +35,9 @@ from ..types import Completion, Failure, Request
 from .dialect import Learned, build_body, parse_response
 from .limits import Limits, Patience, retry_after, used_tokens
 from .urls import check_url, no_credentials, redact  # noqa: F401 - imported from here too
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
 
 _dumps: Callable[[Any], bytes] = orjson.dumps
 _loads: Callable[[bytes | str], Any] = orjson.loads
@@ -185,6 +187,8 @@ class ServerClient:
 
         def stop(state: RetryCallState) -> bool:
             return patience.over(state.outcome.exception() if state.outcome else None)
+
+        from tenacity import AsyncRetrying, retry_if_exception  # only once a try failed: start-up
 
         retrying = AsyncRetrying(stop=stop, wait=wait, retry=retry_if_exception(_retryable), before_sleep=count,
                                  reraise=True)
