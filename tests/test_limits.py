@@ -153,7 +153,9 @@ def test_server_that_never_refuses_keeps_full_concurrency() -> None:
 @pytest.mark.parametrize("retry_after,answered", [("0.01", True), (None, False)])
 def test_429_saying_when_is_waited_out_beyond_max_retries(retry_after: str | None, answered: bool) -> None:
     """8 refusals in a row, max_retries=2: with Retry-After they are waited out (the server said
-    when); without, they are faults like any other, and the request fails after 3 tries."""
+    when); without, they are faults like any other, and the request fails after 3 tries. With no
+    answer before them there is no rate to learn a pace from: the request is not held to the
+    slowest pace (10 s between tries)."""
     refusals = iter(range(8))
 
     def routes(app: web.Application) -> None:
@@ -175,6 +177,7 @@ def test_429_saying_when_is_waited_out_beyond_max_retries(retry_after: str | Non
             be.close()
     assert (c.failure is None) == answered, c.error
     assert desc["limits"]["http_429"] == (8 if answered else 3)
+    assert desc["limits"]["paced_at"] is None  # nothing answered before: no pace learnt (it was 0.1/s)
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -258,6 +258,8 @@ class Limits:
         now = time.monotonic()
         seen = sum(1 for t in self.recent if t >= now - RECENT_S)
         served = seen / max(1.0, now - self.recent[0]) if self.recent else 0.0  # what the server took
+        if self.pace is None and told is None and not self.recent:
+            return  # nothing answered yet to learn a rate from: the concurrency cut and any hold do
         if self.pace is None:
             rate = told or (seen + self.in_flight) / max(1.0, now - self.recent[0] if self.recent else 0.0)
             self.pace = Bucket(60 * max(MIN_PACE, rate) / HEADROOM)
