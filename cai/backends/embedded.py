@@ -43,7 +43,7 @@ from .batching import ContinuousBatcher, Ticket
 from .prefix_cache import Layers, PrefixCache
 
 try:  # the decoding loop imports torch
-    from .decode import Decoder, _Row, top_logprobs, use_slot_attention
+    from .decode import Decoder, _Row, pack_linears, top_logprobs, use_slot_attention
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise BackendError("the embedded backend needs torch and transformers "
                        f"(pip install 'cai[embedded]'): {e}") from None
@@ -94,6 +94,7 @@ class EmbeddedBackend:
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.model.eval()
         use_slot_attention(self.model)
+        pack_linears(self.model)
         self.model_id = f"{folder.name}@embedded"
         self.batch_size = self.max_in_flight = max(1, batch_size)  # rows decoding together
         self._batcher = ContinuousBatcher(self.serve)
