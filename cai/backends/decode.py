@@ -70,7 +70,7 @@ def _slot_attention(module: Any, query: Any, key: Any, value: Any, attention_mas
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         sdpa: Any = ALL_ATTENTION_FUNCTIONS["sdpa"]
-        return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw)  # type: ignore[no-any-return]
+        return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, scale=scaling,
         enable_gqa=key.shape[1] != query.shape[1])
