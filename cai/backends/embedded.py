@@ -133,7 +133,8 @@ class EmbeddedBackend:
         with self._torch.inference_mode():
             while True:
                 while len(dec) + len(pending) < self.batch_size and (ticket := take()) is not None:
-                    if pool is None:
+                    # nothing to decode and the prefill thread busy: this thread prefills too
+                    if pool is None or (not len(dec) and not all(f.done() for f in pending)):
                         self._join(self._admit(ticket))
                     else:
                         pending.append(pool.submit(self._admit_here, ticket))
