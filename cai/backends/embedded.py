@@ -224,11 +224,10 @@ class EmbeddedBackend:
                 ticket.resolve(Completion(texts=[], error=failed[0]) if failed else self._collect(req, rows, cached))
 
         try:
-            logits, cache = self._prefill_one(ids, 1)
+            logits, cache, cached = self._prefill_one(ids, 1)  # cached: reported as the answer's
         except Exception as e:
             ticket.resolve(Completion(texts=[], error=f"generation failed: {e!r}"))
             return []
-        cached = self.reused  # reported as the answer's cached prompt tokens
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         for r in rows:
             r.done = done
@@ -267,25 +266,26 @@ class EmbeddedBackend:
 
     def _prefill_one(self, ids: list[int], keep: int) -> Any:
         """Run one sequence through the model from its longest cached prefix (at least ``keep``
-        tokens are computed), remember its cache; its last ``keep`` logits and its cache."""
+        tokens are computed), remember its cache; its last ``keep`` logits, its cache and the
+        number of tokens taken from the prefix cache (two threads may prefill at once)."""
         torch = self._torch
         from transformers import DynamicCache
 
         key = tuple(ids)
         with self._lock:
             n, layers = self._prefix.lookup(key, len(ids) - keep) if self._prefix is not None else (0, None)
-        self.reused = n  # what the caller reports as cached prompt tokens
+        self.reused = n  # the last prefill's (callers use the count returned)
         cache: Any = DynamicCache(config=self.model.config)
         for li, (k, v) in enumerate(layers or []):
             cache.update(k, v, li)
         out = self.model(input_ids=torch.tensor([ids[n:]]), use_cache=True, logits_to_keep=keep,
                          position_ids=torch.arange(n, len(ids)).unsqueeze(0),
                          **{self._cache_kw: cache})
-        self.prefilled += len(ids) - n
-        if self._prefix is not None:
-            with self._lock:
+        with self._lock:
+            self.prefilled += len(ids) - n
+            if self._prefix is not None:
                 self._prefix.store(key, [(layer.keys, layer.values) for layer in cache.layers])
-        return out.logits[0], cache
+        return out.logits[0], cache, n
 
     def _remember(self, r: _Row, layers: Layers) -> None:
         """Keep the cache of a finished row's prompt and answer (all but its last token, which
@@ -331,8 +331,7 @@ class EmbeddedBackend:
         reused: dict[tuple[int, ...], int] = {}  # row -> its tokens taken from the prefix cache
         try:
             for row in sorted(seqs, key=len):
-                lg, _ = self._prefill_one(list(row), seqs[row])
-                reused[row] = self.reused
+                lg, _, reused[row] = self._prefill_one(list(row), seqs[row])
                 logps[row] = torch.log_softmax(lg.float(), dim=-1)
         except Exception as e:
             return Completion(texts=[], error=f"scoring failed: {e!r}")
