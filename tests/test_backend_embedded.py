@@ -381,3 +381,61 @@ def test_a_request_joins_the_running_batch_and_leaves_it_when_done(embedded: Syn
     assert ok(short).completion_tokens == 3 and ok(long).completion_tokens > 40
     assert long.texts == embedded.complete([long_req])[0].texts
     assert short.texts == embedded.complete([short_req])[0].texts
+
+
+# ------------------------------------------------------------------------ two streams
+def test_prefills_run_beside_the_decoding_steps(embedded: Sync, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two streams a new request's prompt is prefilled on a second thread while the running
+    batch goes on decoding (before, the batch stood still for every prefill; with nothing to
+    decode both threads prefill), and the answers are those of each request alone."""
+    import threading
+
+    backend = embedded.backend
+    monkeypatch.setattr(backend, "_overlap", True)
+    seen: list[tuple[int, int]] = []  # (thread, rows decoding) per prefill
+    prefill = backend._prefill_one
+
+    def spy(ids: list[int], keep: int) -> Any:
+        seen.append((threading.get_ident(), len(backend._decoder)))
+        return prefill(ids, keep)
+
+    from cai.backends.decode import Decoder
+
+    steps: set[int] = set()  # the threads that ran decoding steps
+    step = Decoder.step
+
+    def step_spy(self: Decoder) -> None:
+        steps.add(threading.get_ident())
+        step(self)
+
+    monkeypatch.setattr(backend, "_prefill_one", spy)
+    monkeypatch.setattr(Decoder, "step", step_spy)
+    reqs = mixed()
+    together = embedded.complete(reqs)
+    beside = {t for t, rows in seen if rows > 0}  # prefills while rows decode ...
+    assert steps and beside and not beside & steps  # ... never on the decoding thread
+    monkeypatch.setattr(backend, "_overlap", False)
+    alone = [embedded.complete([r])[0] for r in reqs]
+    for a, b in zip(together, alone, strict=True):
+        assert ok(a).texts == ok(b).texts and a.completion_tokens == b.completion_tokens
+
+
+def test_step_linear_is_the_linear_outside_batched_steps() -> None:
+    """The oneDNN path runs only in decoding steps of two rows or more, and agrees with the
+    plain layer there to float rounding; elsewhere it is the plain layer, bit for bit."""
+    import torch
+
+    from cai.backends import decode
+
+    lin = torch.nn.Linear(64, 48, bias=False)
+    with torch.inference_mode():
+        step = decode._StepLinear(lin)
+        one, many = torch.randn(1, 1, 64), torch.randn(5, 1, 64)
+        assert torch.equal(step(many), lin(many)) and torch.equal(step(one), lin(one))
+        decode._STEP.on = True
+        try:
+            assert torch.equal(step(one), lin(one))
+            assert torch.allclose(step(many), lin(many), atol=1e-5)
+        finally:
+            decode._STEP.on = False
+    assert step.weight is lin.weight

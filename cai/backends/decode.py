@@ -21,6 +21,7 @@ with its own seeded generator), so outputs are the same token for token.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,14 +56,72 @@ class _Row:
     alive: Callable[[], bool] = lambda: True  # false once the caller gave up
 
 
+_STEP = threading.local()  # .on: this thread runs a decoding step (over the slot cache)
+
+
 def _slot_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
-                    scaling: float | None = None, dropout: float = 0.0, **_: Any) -> tuple[Any, None]:
-    """Attention over the slot cache: the key/value heads are shared by their query heads as they
-    are (no copy per query head); ``attention_mask`` is the boolean [B, 1, 1, W] mask of the step."""
+                    scaling: float | None = None, dropout: float = 0.0, **kw: Any) -> tuple[Any, Any]:
+    """Attention over the slot cache in a decoding step: the key/value heads are shared by their
+    query heads as they are (no copy per query head); ``attention_mask`` is the boolean
+    [B, 1, 1, W] mask of the step. Any other forward (a prefill, on this thread or another one)
+    gets transformers' own SDPA attention, as with ``sdpa``: the model's attention setting stays
+    fixed, so a prefill can run on a second thread while the batch decodes."""
+    if not getattr(_STEP, "on", False):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        sdpa: Any = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, scale=scaling,
         enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+class _StepLinear(torch.nn.Module):
+    """A ``Linear`` that runs a decoding step of two rows or more through oneDNN with its weight
+    prepacked (small-row matrix products: measured 1.2-1.4x faster per step than MKL at 3 and 6
+    rows on one AVX2 core, and slower for one row); every other call (one row, a prefill) is the
+    ``Linear`` as it was."""
+
+    def __init__(self, lin: Any) -> None:
+        super().__init__()
+        self.lin = lin
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), None)
+
+    @property
+    def weight(self) -> Any:
+        return self.lin.weight
+
+    def forward(self, x: Any) -> Any:
+        rows = x.numel() // x.shape[-1]
+        if rows < 2 or not getattr(_STEP, "on", False):
+            return self.lin(x)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), self.packed, self.lin.bias,
+                                               "none", [], "")
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def pack_linears(model: Any) -> bool:
+    """Give ``model``'s linear layers the oneDNN path for decoding steps (``_StepLinear``) where
+    torch has oneDNN; whether it did."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    with torch.inference_mode():
+        for mod in list(model.modules()):
+            for name, child in list(mod.named_children()):
+                if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32:
+                    setattr(mod, name, _StepLinear(child))
+    return True
+
+
+def use_slot_attention(model: Any) -> None:
+    """Set ``model`` to the slot attention (SDPA and its masks outside decoding steps), once."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(_ATTENTION, _slot_attention)
+    AttentionMaskInterface.register(_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.config._attn_implementation = _ATTENTION
 
 
 class SlotCache:
@@ -155,9 +214,7 @@ class Decoder:
 
     def __init__(self, model: Any, eos: set[int], piece: Callable[[int], str], decode: Callable[[list[int]], str],
                  remember: Callable[[_Row, Layers], None] | None, cache_kw: str, slots: int) -> None:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(_ATTENTION, _slot_attention)
+        use_slot_attention(model)
         self.model, self.eos, self._piece, self._decode = model, eos, piece, decode
         self._remember, self._cache_kw = remember, cache_kw
         self.eos_ids = torch.tensor(sorted(eos), dtype=torch.long)
@@ -242,14 +299,12 @@ class Decoder:
 
     def _forward(self, picks: list[int]) -> None:
         pos, mask = self.cache.step_inputs()
-        config = self.model.config
-        before = config._attn_implementation
-        config._attn_implementation = _ATTENTION
+        _STEP.on = True
         try:
             out = self.model(input_ids=torch.tensor(picks).unsqueeze(1), attention_mask=mask,
                              position_ids=pos, use_cache=True, **{self._cache_kw: self.cache})
         finally:
-            config._attn_implementation = before
+            _STEP.on = False
         self.cache.advance()
         self.last = out.logits[:, -1, :]
 

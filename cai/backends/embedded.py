@@ -14,12 +14,24 @@ With a prefix cache (``prefix_cache_mb`` > 0, the default; 0 turns it off) a pro
 starts from the KV cache of the longest prefix an earlier call computed (``prefix_cache.py``: the
 shared system prompt and few-shot turns, a revision's earlier turns, kept when a row finishes);
 ``prefilled`` counts the prompt tokens that went through the model.
+
+On two cores (torch's default of 2 threads) the backend runs two streams of one thread each
+instead: the decoding steps on the serving thread and the prompts' prefills on a second thread
+that lives as long as ``serve`` does, so a new request's prefill no longer stalls the running
+batch. Torch's two threads per op measured no faster than one on the small ops of a decoding
+step, and 3-20 times slower when other processes share the cores (a thread that waits for its
+preempted partner at every op's barrier). Outputs are the same: the same kernels run the same
+shapes; only where they run changed.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+import threading
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,7 +43,7 @@ from .batching import ContinuousBatcher, Ticket
 from .prefix_cache import Layers, PrefixCache
 
 try:  # the decoding loop imports torch
-    from .decode import Decoder, _Row, top_logprobs
+    from .decode import Decoder, _Row, pack_linears, top_logprobs, use_slot_attention
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise BackendError("the embedded backend needs torch and transformers "
                        f"(pip install 'cai[embedded]'): {e}") from None
@@ -67,6 +79,11 @@ class EmbeddedBackend:
             ) from None
         if threads:
             torch.set_num_threads(threads)
+        elif torch.get_num_threads() == 2:
+            torch.set_num_threads(1)  # two streams of one thread (the module's docstring)
+        # prefills on a second thread while the batch decodes: when each stream has one thread
+        self._overlap = torch.get_num_threads() == 1 and (os.cpu_count() or 1) >= 2
+        self._lock = threading.Lock()  # the prefix cache and the tokenizer, shared by both streams
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
             raise BackendError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
@@ -76,6 +93,8 @@ class EmbeddedBackend:
         # transformers >= 5.2x names the KV cache argument `cache` (and warns on the old name)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.model.eval()
+        use_slot_attention(self.model)
+        pack_linears(self.model)
         self.model_id = f"{folder.name}@embedded"
         self.batch_size = self.max_in_flight = max(1, batch_size)  # rows decoding together
         self._batcher = ContinuousBatcher(self.serve)
@@ -99,14 +118,31 @@ class EmbeddedBackend:
     # ----------------------------------------------------------------------------------- API
     def serve(self, take: Callable[[], Ticket | None]) -> None:
         """Decode until nothing is left: between steps, requests are taken from ``take`` while the
-        batch has room (their prompts prefilled, reusing cached prefixes), and every request is
-        resolved the step its last row finishes (the continuous batcher's call, off the loop)."""
+        batch has room (their prompts prefilled, reusing cached prefixes, on a second thread when
+        the backend overlaps them), and every request is resolved the step its last row finishes
+        (the continuous batcher's call, off the loop)."""
+        if not self._overlap:
+            self._serve(take, None)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="cai-prefill") as pool:
+            self._serve(take, pool)
+
+    def _serve(self, take: Callable[[], Ticket | None], pool: ThreadPoolExecutor | None) -> None:
         dec = self._decoder
+        pending: deque[Future[list[tuple[_Row, Any, Layers]]]] = deque()  # prefills under way, in order
         with self._torch.inference_mode():
             while True:
-                while len(dec) < self.batch_size and (ticket := take()) is not None:
-                    self._admit(ticket)
+                while len(dec) + len(pending) < self.batch_size and (ticket := take()) is not None:
+                    # nothing to decode and the prefill thread busy: this thread prefills too
+                    if pool is None or (not len(dec) and not all(f.done() for f in pending)):
+                        self._join(self._admit(ticket))
+                    else:
+                        pending.append(pool.submit(self._admit_here, ticket))
+                while pending and (pending[0].done() or not len(dec)):  # nothing to decode: wait
+                    self._join(pending.popleft().result())
                 if not len(dec):
+                    if pending:
+                        continue
                     self._decoder = Decoder(self.model, self.eos, self._text, self._decode,
                                             self._remember if self._prefix is not None else None,
                                             self._cache_kw, self.batch_size)  # frees the batch's buffers
@@ -131,9 +167,19 @@ class EmbeddedBackend:
         self.serve(lambda: todo.pop(0) if todo else None)
         return [c if c is not None else Completion(texts=[], error="no result") for c in results]
 
-    def _admit(self, ticket: Ticket) -> None:
-        """Check a request; answer a ``choices`` one at once; prefill the prompt of the others
-        and put their rows in the running batch."""
+    def _join(self, rows: list[tuple[_Row, Any, Layers]]) -> None:
+        """Put prefilled rows in the running batch (on the decoding thread)."""
+        for r, logits, layers in rows:
+            self._decoder.add(r, logits, layers)
+
+    def _admit_here(self, ticket: Ticket) -> list[tuple[_Row, Any, Layers]]:
+        """``_admit`` on the prefill thread (inference mode is per thread)."""
+        with self._torch.inference_mode():
+            return self._admit(ticket)
+
+    def _admit(self, ticket: Ticket) -> list[tuple[_Row, Any, Layers]]:
+        """Check a request; answer a ``choices`` one at once; prefill the prompt of the others:
+        their rows, to join the running batch."""
         req = ticket.request
         try:
             ids = self._prompt_ids(req)
@@ -148,10 +194,10 @@ class EmbeddedBackend:
                 raise ValueError(f"prompt is {len(ids)} tokens; the model takes {self.max_len}")
         except Exception as e:  # one bad request never sinks the batch
             ticket.resolve(Completion(texts=[], error=f"bad request: {e}"))
-            return
+            return []
         if s.choices is not None:
             ticket.resolve(self._choose(req, ids))
-            return
+            return []
         greedy = s.temperature <= 0
         rows: list[_Row] = []
         for j in range(1 if greedy else s.n):
@@ -178,16 +224,15 @@ class EmbeddedBackend:
                 ticket.resolve(Completion(texts=[], error=failed[0]) if failed else self._collect(req, rows, cached))
 
         try:
-            logits, cache = self._prefill_one(ids, 1)
+            logits, cache, cached = self._prefill_one(ids, 1)  # cached: reported as the answer's
         except Exception as e:
             ticket.resolve(Completion(texts=[], error=f"generation failed: {e!r}"))
-            return
-        cached = self.reused  # reported as the answer's cached prompt tokens
+            return []
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         for r in rows:
             r.done = done
             r.alive = ticket.alive
-            self._decoder.add(r, logits[-1], layers)
+        return [(r, logits[-1], layers) for r in rows]
 
     async def generate(self, request: Request) -> Completion:
         return await self._batcher.generate(request)
@@ -203,48 +248,55 @@ class EmbeddedBackend:
     # ------------------------------------------------------------------------------ helpers
     def _prompt_ids(self, req: Request) -> list[int]:
         cont = req.continues
-        text = self.tokenizer.apply_chat_template(
-            list(req.messages), tokenize=False,
-            add_generation_prompt=not cont, continue_final_message=cont,
-        )
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with self._lock:
+            text = self.tokenizer.apply_chat_template(
+                list(req.messages), tokenize=False,
+                add_generation_prompt=not cont, continue_final_message=cont,
+            )
+            ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids
 
     def _text(self, tid: int) -> str:
         """One token's text as the tokenizer decodes it alone (what vLLM reports)."""
         s = self._piece.get(tid)
         if s is None:
-            s = self._piece[tid] = self.tokenizer.decode([tid])
+            with self._lock:
+                s = self._piece[tid] = self.tokenizer.decode([tid])
         return s
 
     def _prefill_one(self, ids: list[int], keep: int) -> Any:
         """Run one sequence through the model from its longest cached prefix (at least ``keep``
-        tokens are computed), remember its cache; its last ``keep`` logits and its cache."""
+        tokens are computed), remember its cache; its last ``keep`` logits, its cache and the
+        number of tokens taken from the prefix cache (two threads may prefill at once)."""
         torch = self._torch
         from transformers import DynamicCache
 
         key = tuple(ids)
-        n, layers = self._prefix.lookup(key, len(ids) - keep) if self._prefix is not None else (0, None)
-        self.reused = n  # what the caller reports as cached prompt tokens
+        with self._lock:
+            n, layers = self._prefix.lookup(key, len(ids) - keep) if self._prefix is not None else (0, None)
+        self.reused = n  # the last prefill's (callers use the count returned)
         cache: Any = DynamicCache(config=self.model.config)
         for li, (k, v) in enumerate(layers or []):
             cache.update(k, v, li)
         out = self.model(input_ids=torch.tensor([ids[n:]]), use_cache=True, logits_to_keep=keep,
                          position_ids=torch.arange(n, len(ids)).unsqueeze(0),
                          **{self._cache_kw: cache})
-        self.prefilled += len(ids) - n
-        if self._prefix is not None:
-            self._prefix.store(key, [(layer.keys, layer.values) for layer in cache.layers])
-        return out.logits[0], cache
+        with self._lock:
+            self.prefilled += len(ids) - n
+            if self._prefix is not None:
+                self._prefix.store(key, [(layer.keys, layer.values) for layer in cache.layers])
+        return out.logits[0], cache, n
 
     def _remember(self, r: _Row, layers: Layers) -> None:
         """Keep the cache of a finished row's prompt and answer (all but its last token, which
         was never fed back) for a later prompt that continues it."""
         if self._prefix is not None:
-            self._prefix.store(tuple(r.prompt + r.tokens[:-1]), layers)
+            with self._lock:
+                self._prefix.store(tuple(r.prompt + r.tokens[:-1]), layers)
 
     def _decode(self, tokens: list[int]) -> str:
-        text: str = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        with self._lock:
+            text: str = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return text
 
     def _collect(self, req: Request, group: list[_Row], cached: int) -> Completion:
@@ -268,7 +320,8 @@ class EmbeddedBackend:
         torch = self._torch
         s = req.sampling
         choices = s.choices or ()
-        toks = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+        with self._lock:
+            toks = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
         if not toks or any(not t for t in toks):
             return Completion(texts=[], error="bad request: choices must be non-empty")
         seqs: dict[tuple[int, ...], int] = {}  # row -> tokens of the choice scored at its end
@@ -278,8 +331,7 @@ class EmbeddedBackend:
         reused: dict[tuple[int, ...], int] = {}  # row -> its tokens taken from the prefix cache
         try:
             for row in sorted(seqs, key=len):
-                lg, _ = self._prefill_one(list(row), seqs[row])
-                reused[row] = self.reused
+                lg, _, reused[row] = self._prefill_one(list(row), seqs[row])
                 logps[row] = torch.log_softmax(lg.float(), dim=-1)
         except Exception as e:
             return Completion(texts=[], error=f"scoring failed: {e!r}")
