@@ -30,7 +30,7 @@ from cai.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 # `CAI_KILL_ROWS=500 CAI_KILL_COUNT=20` measures issue 13's kill cost (extra calls / calls needed)
-ROWS, KILLS = int(os.environ.get("CAI_KILL_ROWS", 240)), int(os.environ.get("CAI_KILL_COUNT", 12))
+ROWS, KILLS = int(os.environ.get("CAI_KILL_ROWS", 400)), int(os.environ.get("CAI_KILL_COUNT", 12))
 FINAL = ("revisions.jsonl", "labels.jsonl", "preferences.jsonl", "run.json",
          "revisions.failures.jsonl", "labels.failures.jsonl")
 
