@@ -57,6 +57,7 @@ class _Row:
 
 
 _STEP = threading.local()  # .on: this thread runs a decoding step (over the slot cache)
+_SDPA: list[Any] = []  # transformers' own SDPA attention, for every forward that is not a step
 
 
 def _slot_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
@@ -67,10 +68,7 @@ def _slot_attention(module: Any, query: Any, key: Any, value: Any, attention_mas
     gets transformers' own SDPA attention, as with ``sdpa``: the model's attention setting stays
     fixed, so a prefill can run on a second thread while the batch decodes."""
     if not getattr(_STEP, "on", False):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        sdpa: Any = ALL_ATTENTION_FUNCTIONS["sdpa"]
-        return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw)
+        return _SDPA[0](module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, scale=scaling,
         enable_gqa=key.shape[1] != query.shape[1])
@@ -118,7 +116,9 @@ def use_slot_attention(model: Any) -> None:
     """Set ``model`` to the slot attention (SDPA and its masks outside decoding steps), once."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    _SDPA[:] = [ALL_ATTENTION_FUNCTIONS["sdpa"]]  # looked up once, not per layer of every prefill
     AttentionInterface.register(_ATTENTION, _slot_attention)
     AttentionMaskInterface.register(_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     model.config._attn_implementation = _ATTENTION
@@ -208,13 +208,13 @@ class SlotCache:
 
 
 class Decoder:
-    """The running batch: ``add`` a prefilled row, ``step`` once (pick a token for every row, hand
-    back the rows that finished, run the rest through the model). ``text`` decodes one token;
+    """The running batch, over a model set up by ``use_slot_attention``: ``add`` a prefilled row,
+    ``step`` once (pick a token for every row, hand back the rows that finished, run the rest
+    through the model). ``text`` decodes one token;
     ``remember`` keeps a finished row's cache for later prompts that continue it."""
 
     def __init__(self, model: Any, eos: set[int], piece: Callable[[int], str], decode: Callable[[list[int]], str],
                  remember: Callable[[_Row, Layers], None] | None, cache_kw: str, slots: int) -> None:
-        use_slot_attention(model)
         self.model, self.eos, self._piece, self._decode = model, eos, piece, decode
         self._remember, self._cache_kw = remember, cache_kw
         self.eos_ids = torch.tensor(sorted(eos), dtype=torch.long)
