@@ -148,7 +148,10 @@ GC_THRESHOLD = (50_000, 20, 100)
 @contextlib.contextmanager
 def _collector_for_a_command() -> Iterator[None]:
     """``GC_THRESHOLD`` and the start-up's objects frozen while a command runs; as before after
-    (``main`` may be called in a process of the caller's)."""
+    (``main`` may be called in a process of the caller's). As the program, whose process ends
+    when ``main`` returns, everything is frozen instead: Python's collections at exit would walk
+    every object of every module (0.06-0.08 s of CPU after a `cai run`) only to free memory the
+    exit frees anyway (the command's own cyclic garbage is collected first)."""
     before = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
@@ -156,7 +159,12 @@ def _collector_for_a_command() -> Iterator[None]:
         yield
     finally:
         gc.set_threshold(*before)
-        gc.unfreeze()
+        if _PROGRAM and threading.current_thread() is threading.main_thread():
+            gc.collect()  # the command's own cyclic garbage goes now (a cycle may hold a file); the
+            # start-up's objects are frozen, so this walks only what the command made
+            gc.freeze()
+        else:
+            gc.unfreeze()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
