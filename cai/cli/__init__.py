@@ -60,6 +60,23 @@ COMMAND_MODULES = {"revise": "revise", "label": "label", "eval-judge": "label", 
                    "prepare-model": "model"}
 
 
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """While the program imports its command: numpy's OpenBLAS with one thread (unless the
+    environment names a count). Loaded with its default, OpenBLAS starts a thread per core that
+    spins a while waiting for work: 0.045 s of CPU per process, for cai's numpy work (MinHash
+    arithmetic, small statistics) that needs no thread. The environment is as it was after,
+    for the processes a command starts."""
+    if "numpy" in sys.modules or "OPENBLAS_NUM_THREADS" in os.environ:
+        yield
+        return
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("OPENBLAS_NUM_THREADS", None)
+
+
 def register(args: Sequence[str] | None = None) -> None:
     """Import the command modules (each registers its commands on ``app``): with ``args``, only
     the module of the command they name, where they name one; every module otherwise."""
@@ -186,7 +203,8 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         # click's own main would print a blank line on Ctrl-C: the context is made and run here
         args = list(argv) if argv is not None else sys.argv[1:]
-        register(args)
+        with _one_blas_thread():
+            register(args)
         cmd = typer.main.get_group(app)  # a group even with one command's module imported
         ARGV[:] = args
         with cmd.make_context(click.utils._detect_program_name(), args) as ctx:
