@@ -176,6 +176,30 @@ def test_keys_are_the_stdlib_json_keys(messages):
         assert request_key("m\u00e9", r) == _stdlib_key("m\u00e9", r)
 
 
+@pytest.mark.parametrize("completion", [
+    Completion(["caf\u00e9 \U0001f600 \x00\x1f\x7f \u2028 \"q\" \\ </x>"], 12, 3, None, ["stop"]),
+    Completion(["a", "b"], 0, 0, None, [None, "length"], error=None, cached_prompt_tokens=7),
+    Completion([], 0, 0, None, None, error="HTTP 400: bad \ud800"),  # a lone surrogate: the stdlib's
+    Completion(["x"], 10**20, 1, None, ["stop"]),  # over 64 bits: the stdlib's
+    Completion(["x"], True, 2.0, None, ["stop"]),  # not ints: the stdlib's
+    Completion(["A"], 5, 1, [{"A": -1e-05, "B": -12.5}], ["stop"]),  # log-probs (floats): the stdlib's
+    Completion([1.5e-7], 1, 1, None, [3]),  # not strings: the stdlib's
+])
+def test_a_stored_completion_is_the_stdlib_json(tmp_path: Path, completion):
+    """The cache stores plain completions through orjson: the text must be the stdlib's, byte for byte."""
+    import json
+
+    from cai.cache import _stored
+
+    stdlib = json.dumps(completion.to_dict(), ensure_ascii=False, separators=(",", ":"))
+    assert _stored(completion) == stdlib
+    if completion.error is None:  # (SQLite cannot store a lone surrogate, whichever encodes it)
+        cache = CallCache(tmp_path / "c.sqlite")
+        cache.put_many([("k", "m", completion)])
+        assert cache._db.execute("SELECT completion FROM calls").fetchone()[0] == stdlib
+        cache.close()
+
+
 def test_a_queued_answer_is_found_before_its_commit(tmp_path: Path):
     cache = CallCache(tmp_path / "c.sqlite")
     c = Completion(texts=["x"], finish_reasons=["stop"])

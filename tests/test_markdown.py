@@ -40,3 +40,14 @@ def test_no_rejects_file_no_gate_line(tmp_path: Path) -> None:
     text = _write(tmp_path, None)
     assert "Quality gates" not in text and text.count("Final (SFT target)") == 3
     assert "Quality gates: 0 of 3 rows rejected" in _write(tmp_path, [])
+
+
+def test_rows_past_the_cap_are_counted_not_shown(tmp_path: Path) -> None:
+    """Past ``max_rows`` the rows are counted (read as lines, not parsed): blank lines are not rows."""
+    path = tmp_path / "revisions.jsonl"
+    path.write_text("".join(json.dumps(_row(r)) + "\n\n" for r in "abcde"))
+    (tmp_path / "rejects.jsonl").write_text(json.dumps({"id": "e", "stage": "revise", "reasons": ["meta"]}) + "\n")
+    text = write_revise_report(path, max_rows=2).read_text()
+    assert "Quality gates: 1 of 5 rows rejected" in text
+    assert [r.split("`")[1] for r in text.split("\n## ")[1:]] == ["a", "b"]
+    assert text.rstrip().endswith("_(first 2 rows shown; the JSONL has them all)_")

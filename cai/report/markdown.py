@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from ..files import iter_jsonl
+from ..files import iter_jsonl, loads
 from ..templates import format_conversation
 
 REJECTS = "rejects.jsonl"  # cai.quality.REJECTS_FILE, read here without importing the gates
@@ -25,6 +27,17 @@ def rejected_rows(folder: Path, stage: str = "revise") -> dict[str, list[str]] |
     return out
 
 
+def _first_rows(path: Path, max_rows: int) -> Iterator[dict[str, Any] | None]:
+    """``iter_jsonl(path)``, with ``None`` for each row past the first ``max_rows`` (not parsed)."""
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield loads(line) if max_rows > 0 else None
+                max_rows -= 1
+
+
 def write_revise_report(path: Path, max_rows: int = 200) -> Path:
     """Write ``NAME.md`` beside ``NAME.jsonl``: each prompt, the first answer, every round, and
     for the rows the quality gates kept out of the SFT data (``rejects.jsonl``), why."""
@@ -32,8 +45,8 @@ def write_revise_report(path: Path, max_rows: int = 200) -> Path:
     rejected = rejected_rows(path.parent)
     lines: list[str] = []
     n = 0
-    for n, row in enumerate(iter_jsonl(path), 1):
-        if n > max_rows:
+    for n, row in enumerate(_first_rows(path, max_rows), 1):
+        if row is None:  # past max_rows: counted, not read
             continue
         reasons = (rejected or {}).get(str(row["id"]))
         mark = f" (rejected: {', '.join(reasons)})" if reasons else ""
