@@ -127,7 +127,28 @@ class Call:
         return c
 
     async def many(self, requests: Iterable[Request]) -> list[Completion]:
-        return list(await asyncio.gather(*(self(r) for r in requests)))
+        """``gather`` of the calls, without a task for the first: it runs in the caller's task
+        (entering the pool first, as gather's first task would), the others as tasks (a judged
+        pair's second order: 10-15 us less per pair than gather's two tasks and its future)."""
+        reqs = list(requests)
+        if not reqs:
+            return []
+        first, *rest = reqs
+        tasks = [asyncio.ensure_future(self(r)) for r in rest]
+        try:
+            head = await self(first)
+            return [head, *[await t for t in tasks]]
+        except BaseException as e:
+            for t in tasks:  # as gather: cancelled with the caller; otherwise left to finish, retrieved
+                if isinstance(e, asyncio.CancelledError):
+                    t.cancel()
+                t.add_done_callback(_retrieve)
+            raise
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 RowFn = Callable[[T, Call], Awaitable[list[Outcome]]]
