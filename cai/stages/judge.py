@@ -33,6 +33,7 @@ MODES = ("logprobs", "cot", "choice")
 OPTIONS = ("A", "B")
 ORDERS = ("ab", "ba")
 _SPACE_MARKS = (" ", "\u2581", "\u0120", "\t")  # plain space, sentencepiece, byte-level BPE
+_SPACES = "".join(_SPACE_MARKS)
 
 
 _TREE = LabelSettings.model_validate({})  # the defaults are the settings tree's (label.*)
@@ -81,7 +82,7 @@ def option_probs(top: dict[str, float] | None, options: Sequence[str] = OPTIONS)
         return "no log-probs returned"
     mass = [0.0] * len(options)
     for tok, lp in top.items():
-        bare = tok.lstrip("".join(_SPACE_MARKS))
+        bare = tok.lstrip(_SPACES)
         if bare in options and (bare == tok or tok[0] in _SPACE_MARKS):
             mass[options.index(bare)] += math.exp(lp)
     total = sum(mass)
