@@ -439,3 +439,75 @@ def test_step_linear_is_the_linear_outside_batched_steps() -> None:
         finally:
             decode._STEP.on = False
     assert step.weight is lin.weight
+
+
+def test_steps_take_the_second_core_only_while_it_is_free(embedded: Sync, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the second core seen free, decoding steps run on two torch threads, except while a
+    prefill runs on that core; prefills keep one thread; the answers are each request's alone."""
+    import torch
+
+    from cai.backends.decode import Decoder
+
+    backend = embedded.backend
+
+    class Free:
+        def second_core(self) -> bool:
+            return True
+
+    monkeypatch.setattr(backend, "_overlap", True)
+    monkeypatch.setattr(backend, "_threads", Free())
+    inflight = [0]
+    prefill_threads: list[int] = []
+    steps: list[tuple[int, int]] = []  # (prefills under way, torch threads) per step
+    prefill, step = backend._prefill_one, Decoder.step
+
+    def prefill_spy(ids: list[int], keep: int) -> Any:
+        inflight[0] += 1
+        prefill_threads.append(torch.get_num_threads())
+        try:
+            return prefill(ids, keep)
+        finally:
+            inflight[0] -= 1
+
+    def step_spy(self: Decoder) -> None:
+        steps.append((inflight[0], torch.get_num_threads()))
+        step(self)
+
+    monkeypatch.setattr(backend, "_prefill_one", prefill_spy)
+    monkeypatch.setattr(Decoder, "step", step_spy)
+    reqs = mixed()
+    together = embedded.complete(reqs)
+    assert 2 in {n for busy, n in steps if not busy}  # free: two threads
+    assert all(n == 1 for busy, n in steps if busy)  # a prefill holds the second core
+    assert any(busy for busy, _ in steps) and set(prefill_threads) == {1}
+    monkeypatch.setattr(backend, "_overlap", False)
+    monkeypatch.setattr(backend, "_threads", None)
+    alone = [embedded.complete([r])[0] for r in reqs]
+    for a, b in zip(together, alone, strict=True):
+        assert ok(a).texts == ok(b).texts and a.completion_tokens == b.completion_tokens
+
+
+def test_the_second_core_is_free_only_when_no_other_process_used_it(tmp_path: Any) -> None:
+    """/proc/stat's busy time less this process's CPU: idle box -> free; another process busy for
+    most of the window -> not free; no /proc/stat -> never."""
+    from cai.backends.embedded import _Threads
+
+    stat = tmp_path / "stat"
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def write(busy: int) -> None:  # user nice system idle iowait irq softirq steal
+        stat.write_text(f"cpu  {busy} 0 0 500000 10 0 0 0 0 0\ncpu0 1 2 3\n")
+
+    write(1000)
+    t = _Threads(str(stat))
+    assert not t.second_core()  # nothing seen yet
+    last = t._last
+    assert last is not None
+    t._last = (last[0] - 1.0, last[1], last[2])  # a window of one second ago, nothing used since
+    assert t.second_core()
+    last = t._last
+    assert last is not None
+    write(1000 + tick)  # one core-second busy in the last second, not by this process
+    t._last = (last[0] - 1.0, last[1], last[2])
+    assert not t.second_core()
+    assert not _Threads(str(tmp_path / "missing")).second_core()
