@@ -489,7 +489,7 @@ def test_steps_take_the_second_core_only_while_it_is_free(embedded: Sync, monkey
 
 def test_the_second_core_is_free_only_when_no_other_process_used_it(tmp_path: Any) -> None:
     """/proc/stat's busy time less this process's CPU: idle box -> free; another process busy for
-    most of the window -> not free; no /proc/stat -> never."""
+    most of the window -> not free; no /proc/stat (or another format) -> never."""
     from cai.backends.embedded import _Threads
 
     stat = tmp_path / "stat"
@@ -511,3 +511,6 @@ def test_the_second_core_is_free_only_when_no_other_process_used_it(tmp_path: An
     t._last = (last[0] - 1.0, last[1], last[2])
     assert not t.second_core()
     assert not _Threads(str(tmp_path / "missing")).second_core()
+    short = tmp_path / "short"
+    short.write_text("cpu  1 2\n")  # not the columns it reads: one thread
+    assert not _Threads(str(short)).second_core()

@@ -19,8 +19,8 @@ On two cores (torch's default of 2 threads) the backend runs two streams: the de
 the serving thread and the prompts' prefills on a second thread that lives as long as ``serve``
 does, so a new request's prefill no longer stalls the running batch. While no prefill runs, a
 decoding step may use both cores (torch's two threads per op): 1.5x faster a step on an idle box,
-and 2x slower when another process takes a core (every op's barrier waits for the preempted
-partner), so they are used only while the second core is seen idle (``_Threads``).
+and many times slower when another process takes a core (every op's barrier waits for the
+preempted partner), so they are used only while the second core is seen idle (``_Threads``).
 Outputs are the same: the same kernels run the same shapes; only where they run changed.
 """
 
@@ -54,6 +54,10 @@ __all__ = ["EmbeddedBackend", "_Row"]
 _SEED_MIX = 1_000_003
 
 
+_WINDOW = 0.5  # seconds between two looks at /proc/stat
+_BUSY = 0.1  # of a core, used by other processes: more turns the second thread off
+
+
 class _Threads:
     """Whether a decoding step may take the second core (torch's two threads per op): only while
     no prefill runs and no other process used more than ``_BUSY`` of a core in the last
@@ -75,6 +79,8 @@ class _Threads:
                 cols = [int(x) for x in f.readline().split()[1:9]]
         except (OSError, ValueError):
             return None
+        if len(cols) < 5:
+            return None
         busy = sum(cols) - cols[3] - cols[4]  # all but idle and iowait (steal counts: another's)
         return time.monotonic(), busy / self._tick, time.process_time()
 
@@ -90,10 +96,6 @@ class _Threads:
                 others = (cur[1] - last[1]) - (cur[2] - last[2])
                 self.free = others < _BUSY * (cur[0] - last[0])
         return self.free
-
-
-_WINDOW = 0.5  # seconds between two looks at /proc/stat
-_BUSY = 0.1  # of a core, used by other processes: more turns the second thread off
 
 
 class EmbeddedBackend:
@@ -120,7 +122,7 @@ class EmbeddedBackend:
                 "the embedded backend needs torch and transformers "
                 f"(pip install 'cai[embedded]'): {e}"
             ) from None
-        self._threads: _Threads | None = None  # steps on one thread or two, measured
+        self._threads: _Threads | None = None  # whether a step may take the second core
         if threads:
             torch.set_num_threads(threads)
         elif torch.get_num_threads() == 2:
