@@ -441,14 +441,19 @@ def test_step_linear_is_the_linear_outside_batched_steps() -> None:
     assert step.weight is lin.weight
 
 
-def test_steps_take_the_second_core_only_while_it_is_free(embedded: Sync, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_steps_take_the_second_core_only_while_it_is_free(embedded: Sync, model_dir: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """With the second core seen free, decoding steps run on two torch threads, except while a
-    prefill runs on that core; prefills keep one thread; the answers are each request's alone."""
+    prefill runs on that core (a request that arrives while a row decodes); prefills keep one
+    thread; the answers are each request's alone."""
+    import time
+
     import torch
 
+    from cai.backends.batching import Ticket
     from cai.backends.decode import Decoder
 
-    backend = embedded.backend
+    backend = EmbeddedBackend(model=str(model_dir))  # serve called here, not by a batcher
 
     class Free:
         def second_core(self) -> bool:
@@ -465,6 +470,7 @@ def test_steps_take_the_second_core_only_while_it_is_free(embedded: Sync, monkey
         inflight[0] += 1
         prefill_threads.append(torch.get_num_threads())
         try:
+            time.sleep(0.2)  # long enough for the decoding thread to step beside it
             return prefill(ids, keep)
         finally:
             inflight[0] -= 1
@@ -475,16 +481,25 @@ def test_steps_take_the_second_core_only_while_it_is_free(embedded: Sync, monkey
 
     monkeypatch.setattr(backend, "_prefill_one", prefill_spy)
     monkeypatch.setattr(Decoder, "step", step_spy)
-    reqs = mixed()
-    together = embedded.complete(reqs)
+    reqs = [Request(user("Name three colours."), Sampling(max_tokens=24)),
+            Request(user("Name a fruit."), Sampling(max_tokens=4))]
+    done: dict[int, Completion] = {}
+    todo = list(enumerate(reqs))
+
+    def take() -> Ticket | None:
+        if todo and (len(todo) == len(reqs) or len(steps) >= 3):  # the second while the first decodes
+            i, r = todo.pop(0)
+            return Ticket(r, lambda c, i=i: done.__setitem__(i, c))
+        return None
+
+    backend.serve(take)
     assert 2 in {n for busy, n in steps if not busy}  # free: two threads
+    assert any(busy for busy, _ in steps)
     assert all(n == 1 for busy, n in steps if busy)  # a prefill holds the second core
-    assert any(busy for busy, _ in steps) and set(prefill_threads) == {1}
-    monkeypatch.setattr(backend, "_overlap", False)
-    monkeypatch.setattr(backend, "_threads", None)
+    assert set(prefill_threads) == {1}
     alone = [embedded.complete([r])[0] for r in reqs]
-    for a, b in zip(together, alone, strict=True):
-        assert ok(a).texts == ok(b).texts and a.completion_tokens == b.completion_tokens
+    for i, b in enumerate(alone):
+        assert ok(done[i]).texts == ok(b).texts and done[i].completion_tokens == b.completion_tokens
 
 
 def test_the_second_core_is_free_only_when_no_other_process_used_it(tmp_path: Any) -> None:
@@ -514,3 +529,49 @@ def test_the_second_core_is_free_only_when_no_other_process_used_it(tmp_path: An
     short = tmp_path / "short"
     short.write_text("cpu  1 2\n")  # not the columns it reads: one thread
     assert not _Threads(str(short)).second_core()
+
+
+def test_a_prefill_on_the_serving_thread_takes_one_thread(model_dir: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request that arrives when the batch has just emptied on two threads, while the prefill
+    thread is busy, is prefilled on the serving thread: with one thread, not the step's two."""
+    import threading
+    import time
+
+    import torch
+
+    from cai.backends.batching import Ticket
+
+    backend = EmbeddedBackend(model=str(model_dir))  # serve called here, not by a batcher
+
+    class Free:
+        def second_core(self) -> bool:
+            return True
+
+    monkeypatch.setattr(backend, "_overlap", True)
+    monkeypatch.setattr(backend, "_threads", Free())
+    seen: list[tuple[int, int]] = []  # (thread, torch threads) per prefill
+    prefill = backend._prefill_one
+
+    def spy(ids: list[int], keep: int) -> Any:
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        time.sleep(0.2)  # the prefill thread stays busy while the next request arrives
+        return prefill(ids, keep)
+
+    monkeypatch.setattr(backend, "_prefill_one", spy)
+    done: dict[int, Completion] = {}
+    first = Request(user("Name a colour."), Sampling(max_tokens=4))
+    later = [Request(user("Name a fruit."), Sampling(max_tokens=2)),
+             Request(user("Name a tree."), Sampling(max_tokens=2))]
+
+    def take() -> Ticket | None:
+        if not seen:
+            return Ticket(first, lambda c: done.__setitem__(0, c))
+        if 0 in done and later:  # the batch is empty again: two arrive at once
+            i = 3 - len(later)
+            return Ticket(later.pop(0), lambda c, i=i: done.__setitem__(i, c))
+        return None
+
+    backend.serve(take)
+    assert sorted(done) == [0, 1, 2] and all(ok(c).texts for c in done.values())
+    assert len({t for t, _ in seen}) == 2  # both threads prefilled ...
+    assert {n for _, n in seen} == {1}  # ... each with one thread

@@ -187,6 +187,8 @@ class EmbeddedBackend:
                 while len(dec) + len(pending) < self.batch_size and (ticket := take()) is not None:
                     # nothing to decode and the prefill thread busy: this thread prefills too
                     if pool is None or (not len(dec) and not all(f.done() for f in pending)):
+                        if pool is not None and self._torch.get_num_threads() != 1:
+                            self._torch.set_num_threads(1)  # the prefill thread has the other core
                         self._join(self._admit(ticket))
                     else:
                         pending.append(pool.submit(self._admit_here, ticket))
