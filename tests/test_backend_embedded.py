@@ -441,6 +441,20 @@ def test_step_linear_is_the_linear_outside_batched_steps() -> None:
     assert step.weight is lin.weight
 
 
+class _Free:
+    def second_core(self) -> bool:
+        return True
+
+
+def second_core_free(model_dir: Any, monkeypatch: pytest.MonkeyPatch) -> EmbeddedBackend:
+    """A backend of the test's own (the test calls ``serve`` itself, not through a batcher) with
+    two streams and the second core seen free."""
+    backend = EmbeddedBackend(model=str(model_dir))
+    monkeypatch.setattr(backend, "_overlap", True)
+    monkeypatch.setattr(backend, "_threads", _Free())
+    return backend
+
+
 def test_steps_take_the_second_core_only_while_it_is_free(embedded: Sync, model_dir: Any,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """With the second core seen free, decoding steps run on two torch threads, except while a
@@ -453,14 +467,7 @@ def test_steps_take_the_second_core_only_while_it_is_free(embedded: Sync, model_
     from cai.backends.batching import Ticket
     from cai.backends.decode import Decoder
 
-    backend = EmbeddedBackend(model=str(model_dir))  # serve called here, not by a batcher
-
-    class Free:
-        def second_core(self) -> bool:
-            return True
-
-    monkeypatch.setattr(backend, "_overlap", True)
-    monkeypatch.setattr(backend, "_threads", Free())
+    backend = second_core_free(model_dir, monkeypatch)
     inflight = [0]
     prefill_threads: list[int] = []
     steps: list[tuple[int, int]] = []  # (prefills under way, torch threads) per step
@@ -541,14 +548,7 @@ def test_a_prefill_on_the_serving_thread_takes_one_thread(model_dir: Any, monkey
 
     from cai.backends.batching import Ticket
 
-    backend = EmbeddedBackend(model=str(model_dir))  # serve called here, not by a batcher
-
-    class Free:
-        def second_core(self) -> bool:
-            return True
-
-    monkeypatch.setattr(backend, "_overlap", True)
-    monkeypatch.setattr(backend, "_threads", Free())
+    backend = second_core_free(model_dir, monkeypatch)
     seen: list[tuple[int, int]] = []  # (thread, torch threads) per prefill
     prefill = backend._prefill_one
 
