@@ -323,10 +323,9 @@ class Markers:
         self.n = 0
         self.counts: Counter[str] = Counter()
 
-    def record(self, found: dict[str, bool]) -> dict[str, bool]:
+    def record(self, found: dict[str, bool]) -> None:
         self.n += 1
         self.counts.update(k for k, v in found.items() if v)
-        return found
 
     def rates(self) -> dict[str, float]:
         return {k: (self.counts[k] / self.n if self.n else 0.0) for k in MARKER_NAMES}

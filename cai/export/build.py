@@ -149,11 +149,6 @@ def _messages(v: Any, where: str, name: str, last: str | None = None) -> list[di
     return [{"role": m["role"], "content": m["content"]} for m in v]
 
 
-def prompt_id(prompt: list[dict[str, str]]) -> str:
-    """A stable id of the prompt messages (role and content only)."""
-    return short_id([[m["role"], m["content"]] for m in prompt])
-
-
 def _float(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
@@ -225,7 +220,7 @@ def _row(kind: str, raw: dict[str, Any], where: str, full: bool) -> dict[str, An
                "tie": bool(raw.get("tie", False)),
                "position_consistent": pc if isinstance(pc, bool) else None,
                "label_mode": mode if isinstance(mode, str) else None}
-    row["prompt_id"] = prompt_id(prompt)
+    row["prompt_id"] = short_id([[m["role"], m["content"]] for m in prompt])  # a stable id of the prompt messages
     if "label_source" in raw:  # human labels (cai.review): "human" or "ai"
         row["label_source"] = raw["label_source"]
     if full:
@@ -238,9 +233,10 @@ def _row(kind: str, raw: dict[str, Any], where: str, full: bool) -> dict[str, An
 SCORES = ("raw", "length-debiased")
 
 
-def read_kind(folder: Path, kind: str, info: RunInfo, full: bool, secrets: Sequence[str], score: str = "raw",
-              labels: str = "human-first", name: str | None = None) -> list[dict[str, Any]]:
-    path = folder / (name or KINDS[kind])
+def read_kind(folder: Path, kind: str, name: str, info: RunInfo, full: bool, secrets: Sequence[str], score: str,
+              labels: str) -> list[dict[str, Any]]:
+    """The rows of one file (``name``) of a run folder as rows of ``kind``."""
+    path = folder / name
     judged = path.name == PREFS_FILE  # the label stage's pairs (human labels and length-debiased scores apply)
     output = ((info.manifest or {}).get("config") or {}).get("output")
     output = output if isinstance(output, str) else None
@@ -290,7 +286,7 @@ def read_run(folder: Path, *, full: bool = False, constitutions: Sequence[dict[s
     for kind, name in [*KINDS.items(), *BEST_OF_N.items()]:  # the best-of-n rows after the stages' own
         if not (folder / name).exists():
             continue
-        got = read_kind(folder, kind, info, full, secrets, score, labels, name=name)
+        got = read_kind(folder, kind, name, info, full, secrets, score, labels)
         bon = name in BEST_OF_N.values()
         if kind == "sft" and (bon or not include_rejects):  # the rows the gates kept out, unless asked
             out = set() if include_rejects else rejected_ids(folder, "best_of_n" if bon else "revise")
