@@ -223,8 +223,9 @@ class RunConfig(_Section):
         """One URL stays a string (as it always was); several, a list; "A,B" is two."""
         return base_url_value(v) if isinstance(v, (str, list, tuple)) else v
 
-    def cache_path(self) -> Path | None:
-        return cache_path(self.cache, False, self.output)
+    def cache_path(self, folder: Path | None = None) -> Path | None:
+        """The call cache file: ``cache``, else ``cache.sqlite`` in ``folder`` (default: ``output``)."""
+        return cache_path(self.cache, False, self.output if folder is None else folder)
 
     def backend_options(self) -> dict[str, Any]:
         """What ``build_backend`` takes besides the name and model: the server's settings, or
@@ -264,10 +265,6 @@ class RunConfig(_Section):
         when the revise stage runs; without it the plan decides by the input)."""
         auto: list[Source] = ["revisions"] if self.revise.enabled else ["auto"]
         return list(dict.fromkeys(x for s in self.label.sources for x in (auto if s == "auto" else [s])))
-
-    def cache_beside(self, folder: Path) -> Path | None:
-        """The cache file when the outputs go to ``folder`` (``cache`` or ``folder/cache.sqlite``)."""
-        return cache_path(self.cache, False, folder)
 
     def needs_input(self) -> bool:
         return self.revise.enabled or self.best_of_n.enabled or (

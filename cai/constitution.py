@@ -8,6 +8,7 @@ text changes no draw and adding one changes only the draws it wins (the fewest p
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -139,13 +140,13 @@ class Constitution(BaseModel):
 
     def draw(self, key: str, k: int, seed: int = 0, salt: str = "") -> list[Principle]:
         """Draw ``k`` distinct principles for ``key`` (a row id, say), weighted, deterministic."""
-        principles = self.principles
-        hit = _DRAW_KEYS.get(id(principles))
-        if hit is None or hit[0] is not principles:  # kept with its tuple: the id cannot be reused meanwhile
-            if len(_DRAW_KEYS) > 64:
-                _DRAW_KEYS.clear()
-            hit = _DRAW_KEYS[id(principles)] = (principles, _draw_keys(principles))
-        return _draw(principles, key, k, seed, salt, hit[1])
+        return _draw(self.principles, key, k, seed, salt, self._keys)
+
+    @functools.cached_property
+    def _keys(self) -> list[tuple[bytes, float]]:
+        """The draw keys, made once and read on every draw (a pydantic private attribute cost as much to
+        read as the draw saved; a cached property is a plain instance attribute once made)."""
+        return _draw_keys(self.principles)
 
 
 def draw_ids(principles: Sequence[Principle], key: str, k: int, seed: int = 0, salt: str = "") -> list[str]:
@@ -157,11 +158,6 @@ def draw_ids(principles: Sequence[Principle], key: str, k: int, seed: int = 0, s
     If ``k`` exceeds the number of principles the ranking wraps around.
     """
     return [p.id for p in _draw(principles, key, k, seed, salt)]
-
-
-# a constitution's principles -> (them, their draw keys): made once, read on every draw (a pydantic
-# private attribute cost as much to read as the draw saved)
-_DRAW_KEYS: dict[int, tuple[Sequence[Principle], list[tuple[bytes, float]]]] = {}
 
 
 def _draw_keys(principles: Sequence[Principle]) -> list[tuple[bytes, float]]:

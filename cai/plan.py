@@ -311,8 +311,8 @@ class Plan:
     def cache(self) -> Path | None:
         """The call cache: ``cache``, else beside the outputs (none for rows kept in memory)."""
         if self.folder is None:
-            return self.config.cache_beside(Path()) if self.config.cache else None
-        return self.config.cache_beside(self.folder)
+            return self.config.cache_path(Path()) if self.config.cache else None
+        return self.config.cache_path(self.folder)
 
     @classmethod
     def build(cls, config: RunConfig, inputs: Any = None, *, kind: Kind = "run", output: str | Path | None = None,
