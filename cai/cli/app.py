@@ -21,8 +21,7 @@ from rich.console import Console
 
 from ..cache import OFF
 from ..config import BATCH_LEAVES, Leaf, RunConfig, base_type, leaves, load_run_config
-from ..errors import EXIT_CODES_HELP
-from ..plan import conflicting
+from ..errors import EXIT_CODES_HELP, UsageError
 
 app = typer.Typer(
     name="cai",
@@ -109,7 +108,7 @@ def settings_options(include: Include, *, stage: str | None = None, positional: 
                 cache = values.get(("cache",))
                 if no_cache and cache is not None and cache.strip().lower() not in OFF and \
                         given_on_command_line(ctx, "cache"):
-                    conflicting({"--no-cache": True, f"--cache {cache}": True})
+                    raise UsageError(f"--no-cache and --cache {cache} contradict each other; pass one")
                 if no_cache:
                     values[("cache",)] = "off"
             base = kw.pop("base", None)
