@@ -64,12 +64,9 @@ def _param(leaf: Leaf, stage: str | None, positional: bool, help: str | None) ->
     if positional:
         arg = typer.Argument(envvar=leaf.env, help=help or leaf.help, show_default=False, metavar=leaf.name.upper())
         return inspect.Parameter(leaf.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=arg, annotation=str)
-    if leaf.is_bool:
-        ann: Any = Optional[bool]  # noqa: UP045 - typer reads this at run time
-    elif leaf.name == "base_url":  # may be repeated (several servers)
-        ann = Optional[list[str]]  # noqa: UP045
-    else:
-        ann = Optional[str]  # noqa: UP045
+    # typer reads these at run time; --base-url may be repeated (several servers)
+    ann: Any = (Optional[bool] if leaf.is_bool  # noqa: UP045
+                else Optional[list[str]] if leaf.name == "base_url" else Optional[str])  # noqa: UP045
     t = base_type(leaf.annotation)
     choices = "|".join(typing.get_args(t)) if typing.get_origin(t) is typing.Literal else None
     meta = None if leaf.is_bool else "A,B,..." if leaf.is_list else choices or METAVAR.get(t, "TEXT")

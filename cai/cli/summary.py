@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from ..backends.openai_server import redact
 from ..errors import EXIT_ROWS_FAILED
+from ..files import iter_jsonl
 from ..output import SinkSummary
 from ..pipeline import Calls
 from ..quality.gates import REJECTS_FILE
@@ -146,12 +147,10 @@ def tie_hint(labels: Path, threshold: float, cache: Path | None) -> str | None:
     ps: list[float] = []
     ties = 0
     try:
-        with labels.open("rb") as f:
-            for line in f:
-                row = json.loads(line)
-                if isinstance(row.get("p_a"), (int, float)):
-                    ps.append(float(row["p_a"]))
-                    ties += bool(row.get("tie"))
+        for row in iter_jsonl(labels):
+            if isinstance(row.get("p_a"), (int, float)):
+                ps.append(float(row["p_a"]))
+                ties += bool(row.get("tie"))
     except (OSError, ValueError):
         return None
     if 2 * ties <= len(ps):
