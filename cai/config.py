@@ -449,18 +449,18 @@ def load_run_config(path: str | Path | None, overrides: dict[tuple[str, ...], An
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        loc = tuple(str(x) for x in e.errors()[0]["loc"])
+        first = e.errors()[0]
+        loc = tuple(str(x) for x in first["loc"])
         given = {p for p, v in (overrides or {}).items() if v is not None}
         hit = next((p for p in given if loc[: len(p)] == p), None)
         if hit is not None:
             leaf = known[hit]
-            msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+            msg = first["msg"].removeprefix("Value error, ")
             alias = [n.split("/")[0] for n in leaf.flags(stage)][1:]
             names = leaf.flag + (f" ({', '.join(alias)})" if alias else "")
             got = functools.reduce(operator.getitem, hit, data)
             raise ConfigError(f"{msg} (got {got!r})", field=f"{names} / {leaf.env}") from None
         ce = validation_to_config_error(e, file, lines)
-        first = e.errors()[0]
         if first["type"] == "extra_forbidden" and ce.hint is None:
             ce = ConfigError("unknown field", file=ce.file, line=ce.line, field=ce.field,
                              hint=_did_you_mean(loc, model))
