@@ -104,9 +104,7 @@ def row_counts(s: SinkSummary, before: Rows) -> tuple[int, int, int]:
     this run (kept, or rebuilt from cached calls with the same content; provenance aside),
     those it held before with other content (some call was sent again), and those it did not
     hold before."""
-    if not s.written:
-        return s.resumed - s.dropped, 0, 0
-    if not before:
+    if not s.written or not before:
         return s.resumed - s.dropped, 0, s.written
     now = _digests(s.path)
     unchanged = sum(before.get(i) == d for i, d in now.items())
