@@ -92,9 +92,7 @@ def settings_options(include: Include, *, stage: str | None = None, positional: 
         extra.append(inspect.Parameter("cache_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
 
     def deco(fn: F) -> F:
-        hints = typing.get_type_hints(fn, include_extras=True)
-        own = [p.replace(annotation=hints.get(p.name, p.annotation))
-               for p in inspect.signature(fn).parameters.values() if p.name != param]
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != param]
         params = sorted([*own, *extra], key=lambda p: p.kind)
 
         @functools.wraps(fn)
