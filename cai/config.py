@@ -12,7 +12,6 @@ A bad value is one ``ConfigError`` naming the file and line, or the flag and var
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import operator
@@ -460,11 +459,7 @@ def load_run_config(path: str | Path | None, overrides: dict[tuple[str, ...], An
             names = leaf.flag + (f" ({', '.join(alias)})" if alias else "")
             got = functools.reduce(operator.getitem, hit, data)
             raise ConfigError(f"{msg} (got {got!r})", field=f"{names} / {leaf.env}") from None
-        ce = validation_to_config_error(e, file, lines)
-        if first["type"] == "extra_forbidden" and ce.hint is None:
-            ce = ConfigError("unknown field", file=ce.file, line=ce.line, field=ce.field,
-                             hint=_did_you_mean(loc, model))
-        raise ce from None
+        raise validation_to_config_error(e, file, lines, model) from None
 
 
 def configure(config: RunConfig | None = None, stage: str | None = None, **settings: Any) -> RunConfig:
@@ -477,15 +472,4 @@ def configure(config: RunConfig | None = None, stage: str | None = None, **setti
             raise TypeError(f"unknown setting {name!r} (a field of RunConfig, as `revise_rounds` or `limit`)")
         overrides[leaf.path] = str(value) if isinstance(value, Path) else value
     return typing.cast(RunConfig, load_run_config(None, overrides, base=config, stage=stage))
-
-
-def _did_you_mean(loc: tuple[str, ...], model: type[BaseModel]) -> str | None:
-    """Suggest the closest field of the section a misspelt key is in."""
-    for part in loc[:-1]:
-        ann = model.model_fields[part].annotation if part in model.model_fields else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
-    return f"did you mean {close[0]!r}?" if close else None
 

@@ -233,8 +233,10 @@ def load_yaml_with_lines(path: Path) -> tuple[Any, dict]:
     return data, _line_map(node, file)
 
 
-def validation_to_config_error(err: ValidationError, file: str, lines: dict) -> ConfigError:
-    """Turn pydantic's first error into one ConfigError with the closest known line."""
+def validation_to_config_error(err: ValidationError, file: str, lines: dict,
+                               model: type[BaseModel] | None = None) -> ConfigError:
+    """Turn pydantic's first error into one ConfigError with the closest known line. An unknown field
+    is matched against the missing ones (a misspelt key); alone, against its section's fields in ``model``."""
     errors = err.errors()
     # A failing item inside `principles` also makes pydantic report "too short" on the list
     # itself; that echo is not a separate problem.
@@ -264,7 +266,20 @@ def validation_to_config_error(err: ValidationError, file: str, lines: dict) -> 
     if more:
         hint = f"{hint}; " if hint else ""
         hint += f"{more} more problem(s) after this one"
+    elif kind == "extra_forbidden" and hint is None and model is not None:
+        hint = _closest_field(loc, model)
     return ConfigError(msg, file=file, line=line, field=field, hint=hint)
+
+
+def _closest_field(loc: tuple[Any, ...], model: type[BaseModel]) -> str | None:
+    """Suggest the closest field of the section a misspelt key is in."""
+    for part in loc[:-1]:
+        ann = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f"did you mean {close[0]!r}?" if close else None
 
 
 def load_constitution(path: str | Path | None = None) -> Constitution:
