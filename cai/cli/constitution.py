@@ -106,8 +106,7 @@ def render(
             pair.id, const, judge_stage.JudgeConfig(principles=k, seed=seed))[k - 1]
         a = response if response is not None else pair.response_a
         b = response_b if response_b is not None else pair.response_b
-        if order == "ba":
-            a, b = b, a
+        a, b = (b, a) if order == "ba" else (a, b)
         ctx: dict[str, Any] = {"conversation": pair.prompt, "response_a": a, "response_b": b, "principle": p}
         if stage == "judge_cot_answer":
             ctx["reasoning"] = reasoning
