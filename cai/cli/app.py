@@ -101,8 +101,8 @@ def settings_options(include: Include, *, stage: str | None = None, positional: 
             if "cache_ctx" in kw:
                 ctx, no_cache = kw.pop("cache_ctx"), kw.pop("no_cache")
                 cache = values.get(("cache",))
-                if no_cache and cache is not None and cache.strip().lower() not in OFF and \
-                        given_on_command_line(ctx, "cache"):
+                given = getattr(ctx.get_parameter_source("cache"), "name", None) == "COMMANDLINE"  # not CAI_CACHE
+                if no_cache and given and cache is not None and cache.strip().lower() not in OFF:
                     raise UsageError(f"--no-cache and --cache {cache} contradict each other; pass one")
                 if no_cache:
                     values[("cache",)] = "off"
@@ -131,12 +131,6 @@ TOP = ("input", "output", "constitution", "templates", "backend", "model", "base
        "progress", "vllm", "rpm", "tpm", *BATCH_LEAVES, "embedded")
 backend_options = settings_options(under("backend", "model", "base_url", "api_key", "concurrency", "server",
                                          "timeout", "extra_body", "vllm", "rpm", "tpm", "embedded"))
-
-
-def given_on_command_line(ctx: typer.Context, name: str) -> bool:
-    """Whether the parameter ``name`` was given as a flag (not from a CAI_* variable or its default)."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name == "COMMANDLINE"
 
 
 def stage_file(cfg: RunConfig, name: str) -> Path:
