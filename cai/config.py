@@ -265,10 +265,6 @@ class RunConfig(_Section):
         auto: list[Source] = ["revisions"] if self.revise.enabled else ["auto"]
         return list(dict.fromkeys(x for s in self.label.sources for x in (auto if s == "auto" else [s])))
 
-    def needs_input(self) -> bool:
-        return self.revise.enabled or self.best_of_n.enabled or (
-            self.label.enabled and bool({"sample", "auto"} & set(self.sources)))
-
     def check(self, has_input: bool = False) -> RunConfig:
         """The checks that span fields (each names the field to fix); returns the config."""
         if not self.revise.enabled and not self.label.enabled and not self.best_of_n.enabled:
@@ -280,7 +276,9 @@ class RunConfig(_Section):
         if self.label.enabled and "dataset" in self.sources and not self.label.pairs:
             raise ConfigError("the `dataset` pair source needs label.pairs (--label-pairs)",
                               field="label.sources")
-        if self.needs_input() and not (self.input or has_input):
+        needs_input = self.revise.enabled or self.best_of_n.enabled or (
+            self.label.enabled and bool({"sample", "auto"} & set(self.sources)))
+        if needs_input and not (self.input or has_input):
             raise ConfigError("no input prompts: set `input` (--input / CAI_INPUT)", field="input")
         return self
 
