@@ -399,25 +399,23 @@ def _set(d: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     d[path[-1]] = value
 
 
-_FILE_PATHS = ("output", "constitution", "templates", "cache", "input", "batch_files")  # and gates.decontaminate
+_FILE_PATHS = ("output", "constitution", "templates", "cache", "input", "batch_files", "label.pairs",
+               "gates.decontaminate")
+_DATASETS = ("input", "label.pairs", "gates.decontaminate")  # resolved only where there: else maybe a Hub name
 
 
 def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:
-    """Relative paths in a config file are relative to the file's folder."""
+    """Relative paths in a config file are relative to the file's folder (an empty one stays empty
+    at the top level)."""
     for key in _FILE_PATHS:
-        v = data.get(key)
-        if not isinstance(v, str) or not v or Path(v).is_absolute():
+        *section, name = key.split(".")
+        d: Any = data.get(section[0]) if section else data
+        v = d.get(name) if isinstance(d, dict) else None
+        if not isinstance(v, str) or not (v or section) or Path(v).is_absolute():
             continue
-        if key == "cache" and v.strip().lower() in OFF:
+        if key == "cache" and v.strip().lower() in OFF or key in _DATASETS and not (base / v).exists():
             continue
-        if key == "input" and not (base / v).exists():
-            continue  # maybe a Hub dataset name
-        data[key] = str(base / v)
-    for section, key in (("label", "pairs"), ("gates", "decontaminate")):
-        sect = data.get(section)
-        v = sect.get(key) if isinstance(sect, dict) else None
-        if isinstance(v, str) and not Path(v).is_absolute() and (base / v).exists():
-            sect[key] = str(base / v)  # type: ignore[index]
+        d[name] = str(base / v)
 
 
 def load_run_config(path: str | Path | None, overrides: dict[tuple[str, ...], Any] | None = None, *,
