@@ -12,7 +12,6 @@ A bad value is one ``ConfigError`` naming the file and line, or the flag and var
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import operator
@@ -223,8 +222,9 @@ class RunConfig(_Section):
         """One URL stays a string (as it always was); several, a list; "A,B" is two."""
         return base_url_value(v) if isinstance(v, (str, list, tuple)) else v
 
-    def cache_path(self) -> Path | None:
-        return cache_path(self.cache, False, self.output)
+    def cache_path(self, folder: Path | None = None) -> Path | None:
+        """The call cache file: ``cache``, else ``cache.sqlite`` in ``folder`` (default: ``output``)."""
+        return cache_path(self.cache, False, self.output if folder is None else folder)
 
     def backend_options(self) -> dict[str, Any]:
         """What ``build_backend`` takes besides the name and model: the server's settings, or
@@ -265,14 +265,6 @@ class RunConfig(_Section):
         auto: list[Source] = ["revisions"] if self.revise.enabled else ["auto"]
         return list(dict.fromkeys(x for s in self.label.sources for x in (auto if s == "auto" else [s])))
 
-    def cache_beside(self, folder: Path) -> Path | None:
-        """The cache file when the outputs go to ``folder`` (``cache`` or ``folder/cache.sqlite``)."""
-        return cache_path(self.cache, False, folder)
-
-    def needs_input(self) -> bool:
-        return self.revise.enabled or self.best_of_n.enabled or (
-            self.label.enabled and bool({"sample", "auto"} & set(self.sources)))
-
     def check(self, has_input: bool = False) -> RunConfig:
         """The checks that span fields (each names the field to fix); returns the config."""
         if not self.revise.enabled and not self.label.enabled and not self.best_of_n.enabled:
@@ -284,7 +276,9 @@ class RunConfig(_Section):
         if self.label.enabled and "dataset" in self.sources and not self.label.pairs:
             raise ConfigError("the `dataset` pair source needs label.pairs (--label-pairs)",
                               field="label.sources")
-        if self.needs_input() and not (self.input or has_input):
+        needs_input = self.revise.enabled or self.best_of_n.enabled or (
+            self.label.enabled and bool({"sample", "auto"} & set(self.sources)))
+        if needs_input and not (self.input or has_input):
             raise ConfigError("no input prompts: set `input` (--input / CAI_INPUT)", field="input")
         return self
 
@@ -405,25 +399,23 @@ def _set(d: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     d[path[-1]] = value
 
 
-_FILE_PATHS = ("output", "constitution", "templates", "cache", "input", "batch_files")  # and gates.decontaminate
+_FILE_PATHS = ("output", "constitution", "templates", "cache", "input", "batch_files", "label.pairs",
+               "gates.decontaminate")
+_DATASETS = ("input", "label.pairs", "gates.decontaminate")  # resolved only where there: else maybe a Hub name
 
 
 def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:
-    """Relative paths in a config file are relative to the file's folder."""
+    """Relative paths in a config file are relative to the file's folder (an empty one stays empty
+    at the top level)."""
     for key in _FILE_PATHS:
-        v = data.get(key)
-        if not isinstance(v, str) or not v or Path(v).is_absolute():
+        *section, name = key.split(".")
+        d: Any = data.get(section[0]) if section else data
+        v = d.get(name) if isinstance(d, dict) else None
+        if not isinstance(v, str) or not (v or section) or Path(v).is_absolute():
             continue
-        if key == "cache" and v.strip().lower() in OFF:
+        if key == "cache" and v.strip().lower() in OFF or key in _DATASETS and not (base / v).exists():
             continue
-        if key == "input" and not (base / v).exists():
-            continue  # maybe a Hub dataset name
-        data[key] = str(base / v)
-    for section, key in (("label", "pairs"), ("gates", "decontaminate")):
-        sect = data.get(section)
-        v = sect.get(key) if isinstance(sect, dict) else None
-        if isinstance(v, str) and not Path(v).is_absolute() and (base / v).exists():
-            sect[key] = str(base / v)  # type: ignore[index]
+        d[name] = str(base / v)
 
 
 def load_run_config(path: str | Path | None, overrides: dict[tuple[str, ...], Any] | None = None, *,
@@ -452,22 +444,18 @@ def load_run_config(path: str | Path | None, overrides: dict[tuple[str, ...], An
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        loc = tuple(str(x) for x in e.errors()[0]["loc"])
+        first = e.errors()[0]
+        loc = tuple(str(x) for x in first["loc"])
         given = {p for p, v in (overrides or {}).items() if v is not None}
         hit = next((p for p in given if loc[: len(p)] == p), None)
         if hit is not None:
             leaf = known[hit]
-            msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+            msg = first["msg"].removeprefix("Value error, ")
             alias = [n.split("/")[0] for n in leaf.flags(stage)][1:]
             names = leaf.flag + (f" ({', '.join(alias)})" if alias else "")
             got = functools.reduce(operator.getitem, hit, data)
             raise ConfigError(f"{msg} (got {got!r})", field=f"{names} / {leaf.env}") from None
-        ce = validation_to_config_error(e, file, lines)
-        first = e.errors()[0]
-        if first["type"] == "extra_forbidden" and ce.hint is None:
-            ce = ConfigError("unknown field", file=ce.file, line=ce.line, field=ce.field,
-                             hint=_did_you_mean(loc, model))
-        raise ce from None
+        raise validation_to_config_error(e, file, lines, model) from None
 
 
 def configure(config: RunConfig | None = None, stage: str | None = None, **settings: Any) -> RunConfig:
@@ -480,15 +468,4 @@ def configure(config: RunConfig | None = None, stage: str | None = None, **setti
             raise TypeError(f"unknown setting {name!r} (a field of RunConfig, as `revise_rounds` or `limit`)")
         overrides[leaf.path] = str(value) if isinstance(value, Path) else value
     return typing.cast(RunConfig, load_run_config(None, overrides, base=config, stage=stage))
-
-
-def _did_you_mean(loc: tuple[str, ...], model: type[BaseModel]) -> str | None:
-    """Suggest the closest field of the section a misspelt key is in."""
-    for part in loc[:-1]:
-        ann = model.model_fields[part].annotation if part in model.model_fields else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
-    return f"did you mean {close[0]!r}?" if close else None
 

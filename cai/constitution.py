@@ -8,6 +8,7 @@ text changes no draw and adding one changes only the draws it wins (the fewest p
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -139,13 +140,13 @@ class Constitution(BaseModel):
 
     def draw(self, key: str, k: int, seed: int = 0, salt: str = "") -> list[Principle]:
         """Draw ``k`` distinct principles for ``key`` (a row id, say), weighted, deterministic."""
-        principles = self.principles
-        hit = _DRAW_KEYS.get(id(principles))
-        if hit is None or hit[0] is not principles:  # kept with its tuple: the id cannot be reused meanwhile
-            if len(_DRAW_KEYS) > 64:
-                _DRAW_KEYS.clear()
-            hit = _DRAW_KEYS[id(principles)] = (principles, _draw_keys(principles))
-        return _draw(principles, key, k, seed, salt, hit[1])
+        return _draw(self.principles, key, k, seed, salt, self._keys)
+
+    @functools.cached_property
+    def _keys(self) -> list[tuple[bytes, float]]:
+        """The draw keys, made once and read on every draw (a pydantic private attribute cost as much to
+        read as the draw saved; a cached property is a plain instance attribute once made)."""
+        return _draw_keys(self.principles)
 
 
 def draw_ids(principles: Sequence[Principle], key: str, k: int, seed: int = 0, salt: str = "") -> list[str]:
@@ -157,11 +158,6 @@ def draw_ids(principles: Sequence[Principle], key: str, k: int, seed: int = 0, s
     If ``k`` exceeds the number of principles the ranking wraps around.
     """
     return [p.id for p in _draw(principles, key, k, seed, salt)]
-
-
-# a constitution's principles -> (them, their draw keys): made once, read on every draw (a pydantic
-# private attribute cost as much to read as the draw saved)
-_DRAW_KEYS: dict[int, tuple[Sequence[Principle], list[tuple[bytes, float]]]] = {}
 
 
 def _draw_keys(principles: Sequence[Principle]) -> list[tuple[bytes, float]]:
@@ -237,8 +233,10 @@ def load_yaml_with_lines(path: Path) -> tuple[Any, dict]:
     return data, _line_map(node, file)
 
 
-def validation_to_config_error(err: ValidationError, file: str, lines: dict) -> ConfigError:
-    """Turn pydantic's first error into one ConfigError with the closest known line."""
+def validation_to_config_error(err: ValidationError, file: str, lines: dict,
+                               model: type[BaseModel] | None = None) -> ConfigError:
+    """Turn pydantic's first error into one ConfigError with the closest known line. An unknown field
+    is matched against the missing ones (a misspelt key); alone, against its section's fields in ``model``."""
     errors = err.errors()
     # A failing item inside `principles` also makes pydantic report "too short" on the list
     # itself; that echo is not a separate problem.
@@ -268,7 +266,20 @@ def validation_to_config_error(err: ValidationError, file: str, lines: dict) -> 
     if more:
         hint = f"{hint}; " if hint else ""
         hint += f"{more} more problem(s) after this one"
+    elif kind == "extra_forbidden" and hint is None and model is not None:
+        hint = _closest_field(loc, model)
     return ConfigError(msg, file=file, line=line, field=field, hint=hint)
+
+
+def _closest_field(loc: tuple[Any, ...], model: type[BaseModel]) -> str | None:
+    """Suggest the closest field of the section a misspelt key is in."""
+    for part in loc[:-1]:
+        ann = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f"did you mean {close[0]!r}?" if close else None
 
 
 def load_constitution(path: str | Path | None = None) -> Constitution:

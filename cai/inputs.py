@@ -44,11 +44,8 @@ def parse_transcript(text: str) -> list[Message]:
     parts = _TURN.split(t)
     if len(parts) < 3 or parts[0].strip():
         raise InputError("not an hh-rlhf transcript (expected '\\n\\nHuman: ...')")
-    msgs: list[Message] = []
-    for speaker, content in zip(parts[1::2], parts[2::2], strict=False):
-        role = "user" if speaker == "Human" else "assistant"
-        msgs.append({"role": role, "content": content.strip()})  # type: ignore[typeddict-item]
-    return msgs
+    return [{"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
+            for speaker, content in zip(parts[1::2], parts[2::2], strict=False)]
 
 
 def transcript_prompt(text: str) -> tuple[list[Message], str | None]:
@@ -64,9 +61,8 @@ def to_messages(value: Any, column: str) -> list[Message]:
     if isinstance(value, str):
         if not value.strip():
             raise InputError(f"column {column!r} is empty")
-        if value.startswith("\n\nHuman:") or value.startswith("Human:"):
-            prompt, _ = transcript_prompt(value)
-            return prompt
+        if value.startswith(("\n\nHuman:", "Human:")):
+            return transcript_prompt(value)[0]
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
         msgs = [{"role": _role(m["role"], column, i), "content": _content(m["content"], column, i)}

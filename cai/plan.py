@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from .backends import split_urls
+from .backends.urls import check_url, no_credentials, split_urls
 from .config import RunConfig
 from .constitution import Constitution, load_constitution
 from .errors import BackendError, InputError, TemplateError, UsageError
@@ -175,13 +175,6 @@ def check_gates(decontaminate: str | None) -> None:
                          "use .jsonl, .json, .csv, .tsv, .parquet or .txt (one prompt per line)")
 
 
-def conflicting(flags: Mapping[str, bool]) -> None:
-    """Flags given together that contradict each other: a ``UsageError``."""
-    given = [f for f, on in flags.items() if on]
-    if len(given) > 1:
-        raise UsageError(f"{' and '.join(given)} contradict each other; pass one")
-
-
 # --- backends ----------------------------------------------------------------------------------
 
 
@@ -194,8 +187,6 @@ def check_backend(name: str, base_url: str | Sequence[str] | None = None, *, tim
         raise BackendError(f"unknown backend {name!r} (choose one of: {', '.join(BACKENDS)})")
     if name != "openai" or not base_url:
         return
-    from .backends.openai_server import check_url
-
     urls = [base_url] if isinstance(base_url, str) else list(base_url)
     for url in urls:  # a key in a URL: one line that names no key, before any connection
         check_url(url)
@@ -311,8 +302,8 @@ class Plan:
     def cache(self) -> Path | None:
         """The call cache: ``cache``, else beside the outputs (none for rows kept in memory)."""
         if self.folder is None:
-            return self.config.cache_beside(Path()) if self.config.cache else None
-        return self.config.cache_beside(self.folder)
+            return self.config.cache_path(Path()) if self.config.cache else None
+        return self.config.cache_path(self.folder)
 
     @classmethod
     def build(cls, config: RunConfig, inputs: Any = None, *, kind: Kind = "run", output: str | Path | None = None,
@@ -325,8 +316,6 @@ class Plan:
         inputs = cfg.input if inputs is None else inputs
         for url in split_urls(cfg.base_url):
             if "@" in url:  # a key in the URL, whatever the backend (run.json records the URL): one line
-                from .backends.openai_server import no_credentials
-
                 no_credentials(url)
         if kind == "run":
             cfg.check(has_input=inputs is not None)

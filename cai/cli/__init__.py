@@ -49,8 +49,6 @@ from rich.markup import escape
 from ..errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, CaiError
 from .app import ARGV, app, err
 
-# Each module registers its commands on `app`; this order is the order `cai --help` lists them.
-COMMANDS = ("revise", "label", "best_of_n", "run", "report", "export", "review", "evaluate", "constitution", "model")
 # The commands each module registers (tests/test_startup.py checks this against `app`): the program
 # imports only the module of the command it runs (`cai run` needs neither the report's nor
 # the review's modules: 0.1 s of start-up), and every module for anything else (`cai --help`).
@@ -58,6 +56,8 @@ COMMAND_MODULES = {"revise": "revise", "label": "label", "eval-judge": "label", 
                    "run": "run", "diff": "run", "report": "report", "export": "export", "review": "review",
                    "eval-refusal": "evaluate", "validate": "constitution", "render": "constitution",
                    "prepare-model": "model"}
+# Each module registers its commands on `app`; this order is the order `cai --help` lists them.
+COMMANDS = tuple(dict.fromkeys(COMMAND_MODULES.values()))
 
 
 @contextlib.contextmanager
@@ -85,11 +85,6 @@ def register(args: Sequence[str] | None = None) -> None:
         importlib.import_module(f"{__name__}.{module}")
 
 
-_PROGRAM = sys.argv[:1] == ["-m"] or os.path.basename(sys.argv[0] if sys.argv else "") in ("cai", "cai.exe")
-if not _PROGRAM:  # imported as a library: the whole app (`main` registers what the program needs)
-    register()
-
-
 def _restore_defaults() -> None:
     """Python's own handlers again, where ``_quiet`` still stands in for them."""
     for sig, default in _DEFAULTS.items():
@@ -97,9 +92,12 @@ def _restore_defaults() -> None:
             signal.signal(sig, default)
 
 
-# As the program (`python -m cai.cli`, the `cai` script), `_quiet` stays until `main` runs the
-# command; imported as a library, the caller's Ctrl-C is its own again once the import is done.
+# As the program (`python -m cai.cli`, the `cai` script), `main` registers what it needs and `_quiet`
+# stays until `main` runs the command; imported as a library, the whole app is registered and the
+# caller's Ctrl-C is its own again once the import is done.
+_PROGRAM = sys.argv[:1] == ["-m"] or os.path.basename(sys.argv[0] if sys.argv else "") in ("cai", "cai.exe")
 if not _PROGRAM:
+    register()
     _restore_defaults()
 
 # typer >= 0.23 raises its own copies of click's exceptions; older typer raises click's.

@@ -21,8 +21,7 @@ from rich.console import Console
 
 from ..cache import OFF
 from ..config import BATCH_LEAVES, Leaf, RunConfig, base_type, leaves, load_run_config
-from ..errors import EXIT_CODES_HELP
-from ..plan import conflicting
+from ..errors import EXIT_CODES_HELP, UsageError
 
 app = typer.Typer(
     name="cai",
@@ -65,12 +64,9 @@ def _param(leaf: Leaf, stage: str | None, positional: bool, help: str | None) ->
     if positional:
         arg = typer.Argument(envvar=leaf.env, help=help or leaf.help, show_default=False, metavar=leaf.name.upper())
         return inspect.Parameter(leaf.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=arg, annotation=str)
-    if leaf.is_bool:
-        ann: Any = Optional[bool]  # noqa: UP045 - typer reads this at run time
-    elif leaf.name == "base_url":  # may be repeated (several servers)
-        ann = Optional[list[str]]  # noqa: UP045
-    else:
-        ann = Optional[str]  # noqa: UP045
+    # typer reads these at run time; --base-url may be repeated (several servers)
+    ann: Any = (Optional[bool] if leaf.is_bool  # noqa: UP045
+                else Optional[list[str]] if leaf.name == "base_url" else Optional[str])  # noqa: UP045
     t = base_type(leaf.annotation)
     choices = "|".join(typing.get_args(t)) if typing.get_origin(t) is typing.Literal else None
     meta = None if leaf.is_bool else "A,B,..." if leaf.is_list else choices or METAVAR.get(t, "TEXT")
@@ -96,9 +92,7 @@ def settings_options(include: Include, *, stage: str | None = None, positional: 
         extra.append(inspect.Parameter("cache_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
 
     def deco(fn: F) -> F:
-        hints = typing.get_type_hints(fn, include_extras=True)
-        own = [p.replace(annotation=hints.get(p.name, p.annotation))
-               for p in inspect.signature(fn).parameters.values() if p.name != param]
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != param]
         params = sorted([*own, *extra], key=lambda p: p.kind)
 
         @functools.wraps(fn)
@@ -107,9 +101,9 @@ def settings_options(include: Include, *, stage: str | None = None, positional: 
             if "cache_ctx" in kw:
                 ctx, no_cache = kw.pop("cache_ctx"), kw.pop("no_cache")
                 cache = values.get(("cache",))
-                if no_cache and cache is not None and cache.strip().lower() not in OFF and \
-                        given_on_command_line(ctx, "cache"):
-                    conflicting({"--no-cache": True, f"--cache {cache}": True})
+                given = getattr(ctx.get_parameter_source("cache"), "name", None) == "COMMANDLINE"  # not CAI_CACHE
+                if no_cache and given and cache is not None and cache.strip().lower() not in OFF:
+                    raise UsageError(f"--no-cache and --cache {cache} contradict each other; pass one")
                 if no_cache:
                     values[("cache",)] = "off"
             base = kw.pop("base", None)
@@ -137,12 +131,6 @@ TOP = ("input", "output", "constitution", "templates", "backend", "model", "base
        "progress", "vllm", "rpm", "tpm", *BATCH_LEAVES, "embedded")
 backend_options = settings_options(under("backend", "model", "base_url", "api_key", "concurrency", "server",
                                          "timeout", "extra_body", "vllm", "rpm", "tpm", "embedded"))
-
-
-def given_on_command_line(ctx: typer.Context, name: str) -> bool:
-    """Whether the parameter ``name`` was given as a flag (not from a CAI_* variable or its default)."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name == "COMMANDLINE"
 
 
 def stage_file(cfg: RunConfig, name: str) -> Path:

@@ -37,4 +37,4 @@ def best_of_n(config: RunConfig) -> None:
     print_rows("best-of-n", res.summary, before)
     assert res.preferences is not None
     say(f"pairs: {plural(res.preferences.written, 'pair')} (best vs worst, margin > 0) -> {pairs_path(output)}")
-    print_stage_end("best-of-n", res, output, config.cache_beside(output.parent), backend=False)
+    print_stage_end("best-of-n", res, output, config.cache_path(output.parent), backend=False)

@@ -106,8 +106,7 @@ def render(
             pair.id, const, judge_stage.JudgeConfig(principles=k, seed=seed))[k - 1]
         a = response if response is not None else pair.response_a
         b = response_b if response_b is not None else pair.response_b
-        if order == "ba":
-            a, b = b, a
+        a, b = (b, a) if order == "ba" else (a, b)
         ctx: dict[str, Any] = {"conversation": pair.prompt, "response_a": a, "response_b": b, "principle": p}
         if stage == "judge_cot_answer":
             ctx["reasoning"] = reasoning
@@ -130,11 +129,9 @@ def render(
 
 
 def _principle(const: Constitution, pid: str | None) -> Principle | None:
-    if pid is None:
-        return None
-    if pid not in const.by_id():
+    if pid is not None and pid not in const.by_id():
         raise InputError(f"no principle {pid!r} in {const.name} (ids: {', '.join(const.by_id())})")
-    return const.by_id()[pid]
+    return const.by_id().get(pid or "")  # "" is no principle id
 
 
 def _nth(rows: list[T], row: int, input: str) -> T:

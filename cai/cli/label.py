@@ -45,8 +45,8 @@ def label(config: RunConfig) -> None:
     assert prefs is not None
     print_rows("label", s, before)
     print_preferences(prefs, output, s.path, config.label.keep_ties, config.label.tie_threshold,
-                      config.cache_beside(output.parent))
-    print_stage_end("label", res, output, config.cache_beside(output.parent))
+                      config.cache_path(output.parent))
+    print_stage_end("label", res, output, config.cache_path(output.parent))
 
 
 def _num(x: float | None) -> str:

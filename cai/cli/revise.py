@@ -26,4 +26,4 @@ def revise(config: RunConfig) -> None:
     before = snapshot(output)
     res = pipeline.run_revise(config.input or "", output=output, config=config)
     print_rows("revise", res.summary, before, also=f" (readable: {output.with_suffix('.md')})")
-    print_stage_end("revise", res, output, config.cache_beside(output.parent))
+    print_stage_end("revise", res, output, config.cache_path(output.parent))

@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from ..backends.openai_server import redact
 from ..errors import EXIT_ROWS_FAILED
+from ..files import iter_jsonl
 from ..output import SinkSummary
 from ..pipeline import Calls
 from ..quality.gates import REJECTS_FILE
@@ -103,9 +104,7 @@ def row_counts(s: SinkSummary, before: Rows) -> tuple[int, int, int]:
     this run (kept, or rebuilt from cached calls with the same content; provenance aside),
     those it held before with other content (some call was sent again), and those it did not
     hold before."""
-    if not s.written:
-        return s.resumed - s.dropped, 0, 0
-    if not before:
+    if not s.written or not before:
         return s.resumed - s.dropped, 0, s.written
     now = _digests(s.path)
     unchanged = sum(before.get(i) == d for i, d in now.items())
@@ -146,12 +145,10 @@ def tie_hint(labels: Path, threshold: float, cache: Path | None) -> str | None:
     ps: list[float] = []
     ties = 0
     try:
-        with labels.open("rb") as f:
-            for line in f:
-                row = json.loads(line)
-                if isinstance(row.get("p_a"), (int, float)):
-                    ps.append(float(row["p_a"]))
-                    ties += bool(row.get("tie"))
+        for row in iter_jsonl(labels):
+            if isinstance(row.get("p_a"), (int, float)):
+                ps.append(float(row["p_a"]))
+                ties += bool(row.get("tie"))
     except (OSError, ValueError):
         return None
     if 2 * ties <= len(ps):
