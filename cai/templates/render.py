@@ -80,7 +80,7 @@ class Templates:
         try:
             return render_capped(tpl, ctx, tpl.filename or name).strip()
         except Exception as e:
-            raise render_error(e, ctx, name, tpl.filename or name) from None
+            raise render_error(e, ctx, tpl.filename or name) from None
 
     def _plain_text(self, name: str, tpl: jinja2.Template) -> str | None:
         """What a template of plain text renders to (an answer prefix such as "The answer is: (",
