@@ -7,6 +7,7 @@ line every ``PLAIN_EVERY_S`` seconds: each stage's rows done of the total, calls
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -30,16 +31,11 @@ from rich.text import Text
 
 class _RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
-        elapsed = task.elapsed or 0.0
-
-        def rate(x: float) -> float:
-            return x / elapsed if elapsed > 0 else 0.0
-
-        f = task.fields
+        f, elapsed = task.fields, task.elapsed or math.inf  # not started: every rate is 0
         if (batch := f.get("batch")) is not None:  # a batch: its state, and how long since it last changed
             return Text(batch.line(counts=False), style="progress.data.speed")
-        return Text(f"{rate(task.completed):,.2f} rows/s  {f.get('in_flight', 0)} in flight  "
-                    f"gen {rate(f.get('gen', 0)):,.0f} tok/s  prompt {rate(f.get('prompt', 0)):,.0f} tok/s",
+        return Text(f"{task.completed / elapsed:,.2f} rows/s  {f.get('in_flight', 0)} in flight  "
+                    f"gen {f.get('gen', 0) / elapsed:,.0f} tok/s  prompt {f.get('prompt', 0) / elapsed:,.0f} tok/s",
                     style="progress.data.speed")
 
 
@@ -115,7 +111,7 @@ class RunProgress:
         self._lock = threading.Lock()
 
     def stage(self, description: str, total: int | None) -> StageProgress:
-        return StageProgress(description, total, group=self)
+        return StageProgress(description, total, self)
 
     def drop(self, description: str, rows: int) -> None:
         """``rows`` of a stage's total will not be processed after all (a gate skipped them, a
@@ -160,20 +156,12 @@ class RunProgress:
 class StageProgress:
     """``with StageProgress("revise", total) as p: p.advance(rows); p.called(prompt, gen, in_flight)``."""
 
-    def __init__(self, description: str, total: int | None, *, enabled: bool | None = None,
-                 group: RunProgress | None = None) -> None:
-        self.group = group or RunProgress(enabled=enabled)
-        self.enabled = self.group.enabled
-        self.description, self.total = description, total
+    def __init__(self, description: str, total: int | None, group: RunProgress) -> None:
+        self.group, self.description, self.total = group, description, total
         self.rows = self.gen_tokens = self.prompt_tokens = self.calls = 0
-        self.started = time.monotonic()
         self._task: TaskID | None = None
 
-    @property
-    def tokens(self) -> int:
-        return self.gen_tokens + self.prompt_tokens
-
-    def advance(self, rows: int = 0, tokens: int = 0) -> None:
+    def advance(self, rows: int = 0) -> None:
         """Rows finished (written, failed or kept from before)."""
         self.rows += rows
         if self._task is not None and self.group.shown:

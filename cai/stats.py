@@ -101,7 +101,7 @@ class Human:
             self.decided += 1
             self.decided_agree += label == human
 
-    def summary(self, bins: int = 10, with_bins: bool = True) -> dict[str, Any] | None:
+    def summary(self, with_bins: bool = True) -> dict[str, Any] | None:
         """``agreement`` over the pairs the judge decided, ``coverage`` the decided share,
         ``agreement_all`` a tie counted as a disagreement; soft agreement and calibration."""
         if not self.p:
@@ -112,10 +112,10 @@ class Human:
             "agreement": self.decided_agree / self.decided if self.decided else None,
             "coverage": self.decided / n, "agreement_all": self.agree / n,
             "soft_agreement": sum(p if y else 1.0 - p for p, y in zip(self.p, self.y, strict=True)) / n,
-            "brier": brier(self.p, self.y), "ece": ece(self.p, self.y, bins),
+            "brier": brier(self.p, self.y), "ece": ece(self.p, self.y),
         }
         if with_bins:
-            out["reliability"] = reliability(self.p, self.y, bins)
+            out["reliability"] = reliability(self.p, self.y)
         return out
 
 
@@ -138,25 +138,22 @@ def _ranks(a: FloatArray) -> FloatArray:
 def spearman(x: Iterable[float], y: Iterable[float]) -> float | None:
     """Spearman rank correlation (Pearson on mid-ranks); None as for ``pearson``."""
     xa, ya = _finite_pairs(x, y)
-    if xa.size < MIN_N:
-        return None
-    return pearson(_ranks(xa), _ranks(ya))
+    return pearson(_ranks(xa), _ranks(ya))  # fewer than MIN_N values, or all equal: None
 
 
-def logistic_fit(x: Sequence[float], y: Sequence[float], ridge: float = RIDGE,
-                 iters: int = 100) -> tuple[float, float] | None:
+def logistic_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float] | None:
     """Intercept and slope of ``P(y=1) = sigmoid(b0 + b1 x)`` by Newton's method (IRLS), for
     outcomes in [0, 1] (soft labels are fine: the loss is the cross-entropy), with an L2
-    penalty ``ridge / 2 * b1**2`` on the slope. None when the fit cannot be made: fewer than
+    penalty ``RIDGE / 2 * b1**2`` on the slope. None when the fit cannot be made: fewer than
     ``MIN_N`` points, a constant ``x``, or outcomes all 0 or all 1 (the intercept would be
     infinite)."""
     xa, ya = _finite_pairs(x, y)
     if xa.size < MIN_N or np.ptp(xa) == 0 or ya.min() >= 1.0 or ya.max() <= 0.0:
         return None
     design = np.column_stack([np.ones_like(xa), xa])
-    penalty = np.diag([0.0, ridge])
+    penalty = np.diag([0.0, RIDGE])
     beta = np.zeros(2)
-    for _ in range(iters):
+    for _ in range(100):
         mu = 1.0 / (1.0 + np.exp(-(design @ beta)))
         grad = design.T @ (ya - mu) - penalty @ beta
         w = np.maximum(mu * (1.0 - mu), 1e-12)

@@ -31,10 +31,10 @@ import asyncio
 import json
 import math
 import threading
-from collections.abc import Coroutine, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from . import runtime
 from .backends import build_backend
@@ -51,7 +51,6 @@ from .types import Message, Request, Sampling
 MODES = ("group", "direct")
 SCORES = tuple(str(i) for i in range(1, 11))
 SCORE_SALT = "score"
-T = TypeVar("T")
 
 
 def as_messages(prompt: Any) -> list[Message]:
@@ -124,21 +123,20 @@ class ConstitutionReward:
     async def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
         """The rewards of ``completions`` (one per completion, None where not judged), awaited
         without holding the caller's loop: the judging runs on cai's background loop."""
-        state = kwargs.get("trainer_state")
-        step = getattr(state, "global_step", None)
-        return await asyncio.wrap_future(self._worker.submit(self._run, self.rewards(prompts, completions, step)))
+        return await asyncio.wrap_future(self._submit(prompts, completions, kwargs))
 
     def as_sync(self) -> Any:
         """This reward as a synchronous function (``OnlineDPOTrainer`` awaits no reward function)."""
         def reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
-            step = getattr(kwargs.get("trainer_state"), "global_step", None)
-            return self._worker.submit(self._run, self.rewards(prompts, completions, step)).result()
+            return self._submit(prompts, completions, kwargs).result()
 
         reward.__name__ = self.__name__
         return reward
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return runtime.run(coro)  # from the worker thread: cai's background loop, always the same one
+    def _submit(self, prompts: Sequence[Any], completions: Sequence[Any], kwargs: dict[str, Any]) -> Future[Any]:
+        """The rewards, judged from the worker thread on cai's background loop (always the same one)."""
+        step = getattr(kwargs.get("trainer_state"), "global_step", None)
+        return self._worker.submit(runtime.run, self.rewards(prompts, completions, step))
 
     @property
     def sent(self) -> int:
@@ -147,7 +145,7 @@ class ConstitutionReward:
 
     def close(self) -> None:
         """Close the backend (and the cache) on the loop they were used on."""
-        self._worker.submit(self._run, self.backend.aclose()).result()
+        self._worker.submit(runtime.run, self.backend.aclose()).result()
         self._worker.shutdown()
 
     def __enter__(self) -> ConstitutionReward:
@@ -220,9 +218,7 @@ class ConstitutionReward:
             judgements.append(j)
         scores = [j["expected"] for j in judgements if j.get("abstain") is None]
         expected = sum(scores) / len(scores) if scores else None
-        reward = None if expected is None else (expected - 1.0) / 9.0
-        if reward is not None and not math.isfinite(reward):
-            reward = None
+        reward = (expected - 1.0) / 9.0 if expected is not None and math.isfinite(expected) else None
         return reward, {"id": key, "reward": reward, "expected_score": expected, "judgements": judgements,
                         "provenance": self.provenance}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,11 @@ class Templates:
         self.env = CappedSandbox(loader=jinja2.FileSystemLoader(dirs))
         self.env.filters.update(conversation=format_conversation, fenced=fenced)
         self._cache: dict[str, jinja2.Template | None] = {}
-        self._own_examples: dict[str, bool] = {}
-        self._continues: bool | None = None
-        self._reads_critique: bool | None = None
         self._text: dict[str, str | None] = {}  # template -> its text, when it is plain text
+        self._continues: bool | None = None  # these three: see _stage_reads
+        self._own_examples: dict[str, bool] = {}
+        self._reads_critique: bool | None = None
         self._turns: dict[tuple[str, int], tuple[Any, list[tuple[str, str]]]] = {}
-        self._paths: dict[str, str] = {}
 
     def _get(self, name: str) -> jinja2.Template | None:
         if name not in self._cache:
@@ -57,12 +56,12 @@ class Templates:
                                     line=e.lineno) from None
         return self._cache[name]
 
-    def source_path(self, name: str) -> str:
-        """The file a template name resolves to (looked up once: every render names it on error)."""
-        if name not in self._paths:
-            _src, filename, _ = self.env.loader.get_source(self.env, name)  # type: ignore[union-attr]
-            self._paths[name] = filename or name
-        return self._paths[name]
+    def _source(self, name: str) -> str | None:
+        """A template's source, as the loader finds it; None when there is no such file."""
+        try:
+            return self.env.loader.get_source(self.env, name)[0]  # type: ignore[union-attr]
+        except jinja2.TemplateNotFound:
+            return None
 
     def has(self, stage: str, role: str = "user") -> bool:
         return self._get(f"{stage}.{role}.j2") is not None
@@ -78,20 +77,18 @@ class Templates:
         text = self._text[name]
         if text is not None:
             return text
-        file = self.source_path(name)
         try:
-            return render_capped(tpl, ctx, file).strip()
+            return render_capped(tpl, ctx, tpl.filename or name).strip()
         except Exception as e:
-            raise render_error(e, ctx, name, file) from None
+            raise render_error(e, ctx, tpl.filename or name) from None
 
     def _plain_text(self, name: str, tpl: jinja2.Template) -> str | None:
         """What a template of plain text renders to (an answer prefix such as "The answer is: (",
         a system prompt: no variable, tag or expression), rendered once; None for any other."""
-        src, _, _ = self.env.loader.get_source(self.env, name)  # type: ignore[union-attr]
-        tree = self.env.parse(src, name)
+        tree = self.env.parse(self._source(name) or "", name)
         if not all(isinstance(n, (nodes.Output, nodes.TemplateData)) for n in tree.find_all(nodes.Node)):
             return None
-        return render_capped(tpl, {}, self.source_path(name)).strip()
+        return render_capped(tpl, {}, tpl.filename or name).strip()
 
     def generate_messages(self, prompt: Sequence[Message]) -> list[Message]:
         """The first-answer request: the ``generate`` system prompt (when there is one), then the prompt."""
@@ -105,14 +102,8 @@ class Templates:
         if stage == "revise" and self.revision_continues():
             return self._continued_revision(ctx)
         texts = {role: self.render_text(stage, role, **ctx) for role in ROLES}
-        out: list[Message] = []
-        if texts["system"]:
-            out.append({"role": "system", "content": texts["system"]})
-        out += self.example_turns(stage, **ctx)
-        for role in ("user", "assistant"):
-            if texts[role]:
-                out.append({"role": role, "content": texts[role]})  # type: ignore[typeddict-item]
-        return out
+        out = with_system(texts["system"], self.example_turns(stage, **ctx))
+        return out + [{"role": r, "content": texts[r]} for r in ("user", "assistant") if texts[r]]  # type: ignore[typeddict-item]
 
     def revision_messages(self, critique_request: Sequence[Message], **ctx: Any) -> list[Message]:
         """``messages("revise", **ctx)``, given ``critique_request``: what ``messages("critique")``
@@ -125,7 +116,7 @@ class Templates:
 
     def _critique_reads_critique(self) -> bool:
         if self._reads_critique is None:
-            self._reads_critique = any(self._stage_reads("critique", _names_critique))
+            self._reads_critique = self._stage_reads("critique", _names_critique)
         return self._reads_critique
 
     def _continued_revision(self, ctx: dict[str, Any], head: list[Message] | None = None) -> list[Message]:
@@ -134,16 +125,12 @@ class Templates:
         (package doc)."""
         if "critique" not in ctx:  # never sent without it: the chat would end at the critique request
             raise TemplateError("a revision continues its critique: no critique given",
-                                file=self.source_path("revise.user.j2"))
+                                file=self._get("revise.user.j2").filename)  # type: ignore[union-attr]
         out = self.messages("critique", **ctx) if head is None else head
-        critique = str(ctx["critique"])
-        if out and out[-1]["role"] == "assistant":
-            out[-1] = {"role": "assistant", "content": out[-1]["content"] + critique}
-        else:
-            out.append({"role": "assistant", "content": critique})
+        prefix = out.pop()["content"] if out and out[-1]["role"] == "assistant" else ""
+        out.append({"role": "assistant", "content": prefix + str(ctx["critique"])})
         for role in ("user", "assistant"):
-            text = self.render_text("revise", role, **ctx)
-            if text:
+            if text := self.render_text("revise", role, **ctx):
                 out.append({"role": role, "content": text})
         return out
 
@@ -151,29 +138,26 @@ class Templates:
         """Whether a revision continues the critique's chat: the revise templates read none of
         ``conversation``, ``response`` and ``critique`` (package doc)."""
         if self._continues is None:
-            self._continues = not any(self._stage_reads("revise", mentions_context))
+            self._continues = not self._stage_reads("revise", mentions_context)
         return self._continues
 
     def handles_examples(self, stage: str) -> bool:
         """Whether the stage's own templates render the principle's examples (then no turns)."""
         if stage not in self._own_examples:
-            self._own_examples[stage] = any(self._stage_reads(stage, mentions_examples))
+            self._own_examples[stage] = self._stage_reads(stage, mentions_examples)
         return self._own_examples[stage]
 
-    def _stage_reads(self, stage: str, test: Callable[[nodes.Node], bool]) -> Iterable[bool]:
-        for role in ROLES:
-            name = f"{stage}.{role}.j2"
-            yield self._get(name) is not None and self._reads(name, test, set())
+    def _stage_reads(self, stage: str, test: Callable[[nodes.Node], bool]) -> bool:
+        """Whether one of a stage's templates passes ``test`` (each is asked once: on every call, the
+        answers above are attributes)."""
+        names = [f"{stage}.{role}.j2" for role in ROLES]
+        return any(self._get(n) is not None and self._reads(n, test, set()) for n in names)
 
     def _reads(self, name: str, test: Callable[[nodes.Node], bool], seen: set[str]) -> bool:
         """Whether a template, or one it includes, extends or imports, passes ``test``."""
-        if name in seen:
+        if name in seen or (src := self._source(name)) is None:
             return False
         seen.add(name)
-        try:
-            src, _, _ = self.env.loader.get_source(self.env, name)  # type: ignore[union-attr]
-        except jinja2.TemplateNotFound:
-            return False
         tree = self.env.parse(src, name)
         if test(tree):
             return True
@@ -205,12 +189,7 @@ class Templates:
     def digest(self, stages: Sequence[str] = STAGES) -> str:
         """Hash of the template sources that the given stages resolve to (for provenance)."""
         h = hashlib.sha256()
-        for stage in stages:
-            for role in ROLES:
-                name = f"{stage}.{role}.j2"
-                try:
-                    src, _, _ = self.env.loader.get_source(self.env, name)  # type: ignore[union-attr]
-                except jinja2.TemplateNotFound:
-                    continue
+        for name in (f"{stage}.{role}.j2" for stage in stages for role in ROLES):
+            if (src := self._source(name)) is not None:
                 h.update(f"{name}\0{src}\0".encode())
         return h.hexdigest()

@@ -398,8 +398,8 @@ def render_capped(tpl: jinja2.Template, ctx: dict[str, Any], file: str) -> str:
                         "(a loop or a repeat that is too big, or an input that long?)", file=file, line=line)
 
 
-def render_error(err: Exception, ctx: dict[str, Any], name: str, file: str) -> CaiError:
-    """The one-line ``TemplateError`` for an exception raised while rendering ``name``."""
+def render_error(err: Exception, ctx: dict[str, Any], file: str) -> CaiError:
+    """The one-line ``TemplateError`` for an exception raised while rendering ``file``."""
     if isinstance(err, CaiError):
         return err
     if isinstance(err, jinja2.UndefinedError):
@@ -410,7 +410,7 @@ def render_error(err: Exception, ctx: dict[str, Any], name: str, file: str) -> C
         message = "recursion too deep (a macro or include that calls itself?)"
     else:  # a template's own mistake: 1/0, int('x'), an overflow, ...
         message = f"{type(err).__name__}: {_one_line(str(err))}"
-    where, line = _error_where(err, name, file)
+    where, line = _error_where(err, file)
     return TemplateError(message, file=where, line=line)
 
 
@@ -447,17 +447,14 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _error_where(exc: BaseException, name: str, file: str) -> tuple[str, int | None]:
+def _error_where(exc: BaseException, file: str) -> tuple[str, int | None]:
     """The template file and line of a render error, from the traceback Jinja rewrites to
     template lines: the innermost template frame (an included file's, when the error is there)."""
     tb = exc.__traceback__
     where: tuple[str, int | None] = (file, None)
     while tb is not None:
         g = tb.tb_frame.f_globals
-        fname = tb.tb_frame.f_code.co_filename
         if "__jinja_exception__" in g and isinstance(g.get("__file__"), str):
             where = (g["__file__"], tb.tb_lineno)  # a template frame, at its template line
-        elif fname.endswith(name) and where[1] is None:
-            where = (file, tb.tb_lineno)
         tb = tb.tb_next
     return where
