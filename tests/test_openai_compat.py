@@ -251,7 +251,7 @@ def test_fault_proxy_every_request_ends_answered_or_with_a_reason(stub_server: s
     reqs = [Request(user(f"question {i}"), Sampling(max_tokens=8, logprobs=2 if i % 3 == 0 else None,
                                                     n=2 if i % 5 == 0 else 1))
             for i in range(300)]
-    with FakeServer(FakeConfig(upstream=stub_server, faults=DEFAULT_FAULTS, stall_s=3.0, fault_retry_after="1",
+    with FakeServer(FakeConfig(upstream=stub_server, faults=DEFAULT_FAULTS, stall_s=3.0, fault_retry_after="0.1",
                                seed=13, max_seconds=150)) as proxy, \
             backend(proxy.base_url, timeout=1.0, backoff=0.05, concurrency=16) as be:
         out = be.complete(reqs)
