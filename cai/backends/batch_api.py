@@ -29,7 +29,7 @@ import orjson
 from ..errors import BackendError
 from ..types import Completion, Failure, Request
 from .dialect import OPTIONAL_FIELDS, VLLM_FIELDS, refused_fields
-from .openai_server import ServerClient, _error_message, _Retryable, model_ids
+from .openai_server import HttpError, ServerClient
 from .waves import BatchState, WaveBackend, read_answer
 
 TERMINAL = frozenset({"completed", "expired", "cancelled", "failed"})
@@ -123,7 +123,7 @@ class BatchApiBackend(WaveBackend):
         if not model:
             from .. import runtime
 
-            self.model_id = runtime.run(self._first_model())
+            self.model_id = runtime.run(self.client.first_model())[0]
 
     def bind_folder(self, folder: Path) -> None:
         """Where ``batches.sqlite`` goes, when the backend was built before the folder was known."""
@@ -143,43 +143,8 @@ class BatchApiBackend(WaveBackend):
             self.store = None
 
     # ----------------------------------------------------------------------------- HTTP
-    async def _first_model(self) -> str:
-        _, _, data = await self.client.models(retries=True)
-        ids = model_ids(data)
-        if not ids:
-            raise BackendError(f"{self.client.base_url}/models lists no model; pass --model")
-        return ids[0]
-
-    async def _http(self, method: str, path: str, *, json: Any = None,
-                    form: Callable[[], aiohttp.FormData] | None = None, raw: bool = False) -> Any:
-        """One call of the Batch API with the client's retries; a 4xx is a ``BackendError``."""
-        session, url = self.client.session(), f"{self.client.base_url}{path}"
-
-        async def attempt() -> Any:
-            kw: dict[str, Any] = {}
-            if form is not None:
-                payload = form()()  # a form is sent once: a new one for each try
-                kw = {"data": payload, "headers": {"Content-Type": payload.content_type}}
-            elif json is not None:
-                kw = {"data": orjson.dumps(json)}
-            async with session.request(method, url, **kw) as resp:
-                body = await resp.read()
-                if resp.status == 200:
-                    return body if raw else orjson.loads(body)
-                msg = _error_message(resp.status, body)
-                if resp.status == 429 or resp.status >= 500:
-                    raise _Retryable(resp.status, msg, None)
-                hint = " (does the server offer the Batch API?)" if resp.status in (404, 405) else ""
-                raise _HttpError(resp.status, f"{method} {url}: HTTP {resp.status}: {msg}{hint}")
-
-        try:
-            return await self.client.with_retries(attempt)
-        except BackendError:
-            raise
-        except aiohttp.ClientConnectorError as e:
-            raise BackendError(self.client.unreachable(e)) from None
-        except Exception as e:
-            raise BackendError(f"{method} {url}: {type(e).__name__}: {e}".strip()) from None
+    async def _http(self, method: str, path: str, **kw: Any) -> Any:
+        return await self.client.call(method, path, hint=" (does the server offer the Batch API?)", **kw)
 
     async def _upload(self, n: int, lines: list[dict[str, Any]]) -> str:
         data = b"".join(orjson.dumps(x) + b"\n" for x in lines)
@@ -297,7 +262,7 @@ class BatchApiBackend(WaveBackend):
         while True:
             try:
                 batch = await self._http("GET", f"/batches/{batch_id}")
-            except _HttpError as e:
+            except HttpError as e:
                 if e.status != 404:
                     raise
                 batch = {"status": "lost"}  # the server no longer knows it: its requests go again
@@ -348,14 +313,6 @@ class BatchApiBackend(WaveBackend):
         for key in self._open().keys(n):
             if (req := self._asked.get(key)) is not None:
                 self.queue(key, req)
-
-
-class _HttpError(BackendError):
-    """A 4xx answer of the Batch API (its status kept: a batch the server no longer knows is a 404)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _errors(batch: dict[str, Any]) -> str:

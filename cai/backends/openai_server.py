@@ -108,6 +108,14 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
+class HttpError(BackendError):
+    """A 4xx answer to ``ServerClient.call`` (its status kept: a batch the server no longer knows is a 404)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class _GaveUp(Exception):
     """A request whose retries ran out; ``reason`` names the last failure."""
 
@@ -236,39 +244,64 @@ class ServerClient:
                 "disconnected": f"server disconnected: {e}",
                 "connection_reset": f"connection reset: {e}"}.get(kind, f"{type(e).__name__}: {e}".strip())
 
-    async def models(self, *, retries: bool = False, timeout: float | None = None) -> tuple[bool, str, Any]:
-        """GET /models: (answered 200, why not, the JSON). ``retries``: as a request would
-        (raising ``BackendError`` for a 4xx and anything else once they run out)."""
-        session, url = self.session(), f"{self.base_url}/models"
-        kw = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
+    async def call(self, method: str, path: str, *, json: Any = None,
+                   form: Callable[[], aiohttp.FormData] | None = None, raw: bool = False, hint: str = "") -> Any:
+        """One call of another endpoint (``/models``, the Batch API's), retried as a request is: its
+        JSON (its bytes when ``raw``); a 4xx is an ``HttpError`` (``hint`` added to a 404/405), anything
+        else a ``BackendError`` once the retries ran out."""
+        session, url = self.session(), f"{self.base_url}{path}"
 
-        async def attempt() -> tuple[bool, str, Any]:
-            async with session.get(url, **kw) as resp:  # type: ignore[arg-type]
+        async def attempt() -> Any:
+            kw: dict[str, Any] = {}
+            if form is not None:
+                payload = form()()  # a form is sent once: a new one for each try
+                kw = {"data": payload, "headers": {"Content-Type": payload.content_type}}
+            elif json is not None:
+                kw = {"data": _dumps(json)}
+            async with session.request(method, url, **kw) as resp:
                 body = await resp.read()
-                if retries and (resp.status == 429 or resp.status >= 500):
-                    raise _Retryable(resp.status, _error_message(resp.status, body), None)
+                if resp.status == 200:
+                    try:
+                        return body if raw else _loads(body)
+                    except ValueError as e:
+                        raise _BadBody(str(e)) from None
+                msg = _error_message(resp.status, body)
+                if resp.status == 429 or resp.status >= 500:
+                    raise _Retryable(resp.status, msg, None)
+                more = hint if resp.status in (404, 405) else ""
+                raise HttpError(resp.status, f"{method} {url}: HTTP {resp.status}: {msg}{more}")
+
+        try:
+            return await self.with_retries(attempt)
+        except BackendError:
+            raise
+        except aiohttp.ClientConnectorError as e:
+            raise BackendError(self.unreachable(e)) from None
+        except Exception as e:
+            raise BackendError(f"{method} {url}: {type(e).__name__}: {e}".strip()) from None
+
+    async def models(self, timeout: float | None = None) -> tuple[bool, str, Any]:
+        """GET /models, tried once: (answered 200, why not, the JSON; None when it is not JSON)."""
+        kw = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
+        try:
+            async with self.session().get(f"{self.base_url}/models", **kw) as resp:  # type: ignore[arg-type]
+                body = await resp.read()
                 if resp.status != 200:
-                    if retries:
-                        raise BackendError(f"GET {url}: {_error_message(resp.status, body)}")
                     return False, f"GET /models: HTTP {resp.status}", None
                 try:
                     return True, "", _loads(body)
-                except ValueError as e:
-                    if retries:
-                        raise _BadBody(str(e)) from None
+                except ValueError:
                     return True, "", None
-
-        if retries:
-            try:
-                return await self.with_retries(attempt)
-            except BackendError:
-                raise
-            except Exception as e:
-                raise BackendError(self.unreachable(e)) from None
-        try:
-            return await attempt()
         except Exception as e:  # unreachable, timed out, reset
             return False, why(e), None
+
+    async def first_model(self) -> tuple[str, list[Any]]:
+        """The first model ``GET /models`` lists (retried as a request is), and the listing."""
+        data = await self.call("GET", "/models")
+        ids = model_ids(data)
+        if not ids:
+            raise BackendError(f"{self.base_url}/models lists no model; pass --model")
+        return ids[0], data["data"]
 
     async def alive(self, timeout: float | None = None) -> tuple[bool, str]:
         """The liveness check: GET /models answers 200, and vLLM's ``/health`` (beside ``/v1``),
@@ -324,8 +357,6 @@ class OpenAIServerBackend:
         if server not in SERVER_KINDS:
             raise BackendError(f"unknown server kind {server!r} (one of {', '.join(SERVER_KINDS)})")
         self.client = ServerClient(base_url, api_key, concurrency, timeout, max_retries, backoff, rpm, tpm)
-        self.base_url, self.api_key, self.concurrency = self.client.base_url, self.client.api_key, concurrency
-        self.timeout, self.max_retries = timeout, max_retries
         self.extra_body = dict(extra_body) if extra_body else None
         self.server, self.learned = server, Learned(server)
         self._probe: asyncio.Future[None] | None = None  # GET /models once, to tell the server
@@ -370,15 +401,12 @@ class OpenAIServerBackend:
     # ------------------------------------------------------------------ dialect and detection
     async def _first_model(self) -> str:
         try:
-            _, _, data = await self.client.models(retries=True)
-            models = data.get("data") if isinstance(data, dict) else None
-            if not models:
-                raise BackendError(f"{self.base_url}/models lists no model; pass model=")
+            model, models = await self.client.first_model()
         except BaseException:  # no backend is made: nothing else would close the session
             await self.client.aclose()
             raise
-        self._listed(models, str(models[0]["id"]))
-        return str(models[0]["id"])
+        self._listed(models, model)
+        return model
 
     def _listed(self, models: Any, model_id: str) -> None:
         if self._probe is None:
@@ -392,7 +420,7 @@ class OpenAIServerBackend:
         if self._probe is None:
             probe = self._probe = asyncio.get_running_loop().create_future()
             try:
-                ok, _, data = await self.client.models(timeout=min(self.timeout, 10.0))
+                ok, _, data = await self.client.models(timeout=min(self.client.timeout, 10.0))
                 models = data.get("data") if isinstance(data, dict) else None
                 if models:
                     self._listed(models, self.model_id)
@@ -410,10 +438,9 @@ class OpenAIServerBackend:
         first = self._first
         if first is None:
             first = self._first = asyncio.get_running_loop().create_future()
-        elif not first.done():
-            await asyncio.shield(first)
-            first = None
         else:
+            if not first.done():
+                await asyncio.shield(first)
             first = None
         try:
             body: dict[str, Any] = {}
