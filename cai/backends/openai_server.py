@@ -66,23 +66,21 @@ def _retryable(e: BaseException) -> bool:
                           aiohttp.ClientPayloadError, ConnectionError))
 
 
+# The retryable failures, first match wins: what was raised, its name as ``retries`` counts it, and
+# what a request that gave up on it says of it ("": its type and message).
+_FAULTS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str, str], ...] = (
+    (TimeoutError, "timeout", ""), (_BadBody, "bad_json", "malformed JSON body"),
+    (aiohttp.ClientPayloadError, "payload", "connection dropped mid-body"),
+    (aiohttp.ServerDisconnectedError, "disconnected", "server disconnected"),
+    (aiohttp.ClientConnectorError, "connect", ""),
+    ((aiohttp.ClientOSError, ConnectionError), "connection_reset", "connection reset"))
+
+
 def fault_kind(e: BaseException) -> str:
     """A short name for a retryable failure, as ``retries`` counts them."""
     if isinstance(e, _Retryable):
         return f"http_{e.status}"
-    if isinstance(e, TimeoutError):
-        return "timeout"
-    if isinstance(e, _BadBody):
-        return "bad_json"
-    if isinstance(e, aiohttp.ClientPayloadError):
-        return "payload"
-    if isinstance(e, aiohttp.ServerDisconnectedError):
-        return "disconnected"
-    if isinstance(e, aiohttp.ClientConnectorError):
-        return "connect"
-    if isinstance(e, (aiohttp.ClientOSError, ConnectionError)):
-        return "connection_reset"
-    return type(e).__name__
+    return next((kind for types, kind, _ in _FAULTS if isinstance(e, types)), type(e).__name__)
 
 
 def _error_message(status: int, body: bytes) -> str:
@@ -235,14 +233,12 @@ class ServerClient:
             raise _GaveUp(self._reason(e), tries) from e
 
     def _reason(self, e: BaseException) -> str:
-        kind = fault_kind(e)
-        if kind == "timeout":
-            return f"timed out after {self.timeout:g} s"
         if isinstance(e, _Retryable):
             return str(e)
-        return {"bad_json": f"malformed JSON body: {e}", "payload": f"connection dropped mid-body: {e}",
-                "disconnected": f"server disconnected: {e}",
-                "connection_reset": f"connection reset: {e}"}.get(kind, f"{type(e).__name__}: {e}".strip())
+        if isinstance(e, TimeoutError):
+            return f"timed out after {self.timeout:g} s"
+        said = next((said for types, _, said in _FAULTS if isinstance(e, types)), "")
+        return f"{said}: {e}" if said else f"{type(e).__name__}: {e}".strip()
 
     async def call(self, method: str, path: str, *, json: Any = None,
                    form: Callable[[], aiohttp.FormData] | None = None, raw: bool = False, hint: str = "") -> Any:
