@@ -28,6 +28,7 @@ from ..types import Completion, Request
 from .waves import WaveBackend, read_answer
 
 _WAVE = re.compile(r"^wave-(\d{3,})\.(requests|output|errors)\.jsonl$")
+_FORMAT = "the Batch API output format is one JSON object a line: {custom_id, response: {status_code, body}, error}"
 
 
 class BatchFilesBackend(WaveBackend):
@@ -123,10 +124,8 @@ def _read(path: Path) -> dict[str, dict[str, Any]]:
             try:
                 line = orjson.loads(raw)
             except ValueError as e:
-                raise BackendError(f"{path}:{i}: not a JSON line ({e}); the Batch API output format is one JSON "
-                                 "object a line: {custom_id, response: {status_code, body}, error}") from None
+                raise BackendError(f"{path}:{i}: not a JSON line ({e}); {_FORMAT}") from None
             if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
-                raise BackendError(f"{path}:{i}: no custom_id; the Batch API output format is one JSON object a line: "
-                                 "{custom_id, response: {status_code, body}, error}")
+                raise BackendError(f"{path}:{i}: no custom_id; {_FORMAT}")
             out[line["custom_id"]] = line
     return out

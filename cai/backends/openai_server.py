@@ -114,15 +114,6 @@ class HttpError(BackendError):
         self.status = status
 
 
-class _GaveUp(Exception):
-    """A request whose retries ran out; ``reason`` names the last failure."""
-
-    def __init__(self, reason: str, tries: int) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.tries = tries
-
-
 def why(e: BaseException) -> str:
     """A short reason for a failed probe."""
     if isinstance(e, TimeoutError):
@@ -201,8 +192,8 @@ class ServerClient:
         return await retrying(attempt)
 
     async def post(self, body: dict[str, Any]) -> tuple[int, Any]:
-        """POST one chat completion with retries: ``(200, data)`` or ``(status, message)`` for
-        another 4xx; ``_GaveUp`` when retries ran out, ``aiohttp.ClientConnectorError`` when the
+        """POST one chat completion with retries: ``(200, data)``, ``(status, message)`` for
+        another 4xx, ``(0, why)`` when retries ran out; ``aiohttp.ClientConnectorError`` when the
         server cannot be connected to."""
         session, limits, payload, url = self.session(), self.limits, _dumps(body), f"{self.base_url}/chat/completions"
         tries = 0
@@ -230,7 +221,7 @@ class ServerClient:
         except aiohttp.ClientConnectorError:
             raise
         except Exception as e:
-            raise _GaveUp(self._reason(e), tries) from e
+            return 0, f"{self._reason(e)} (gave up after {tries} attempts)"
 
     def _reason(self, e: BaseException) -> str:
         if isinstance(e, _Retryable):
@@ -401,14 +392,10 @@ class OpenAIServerBackend:
         except BaseException:  # no backend is made: nothing else would close the session
             await self.client.aclose()
             raise
-        self._listed(models, model)
+        self._probe = asyncio.get_running_loop().create_future()  # listed already: no probe
+        self._probe.set_result(None)
+        self.learned.read_listing(models, model)
         return model
-
-    def _listed(self, models: Any, model_id: str) -> None:
-        if self._probe is None:
-            self._probe = asyncio.get_running_loop().create_future()
-            self._probe.set_result(None)
-        self.learned.read_listing(models, model_id)
 
     async def _probed(self) -> None:
         """GET /models once per backend (when the model was named, so not listed yet); concurrent
@@ -416,10 +403,10 @@ class OpenAIServerBackend:
         if self._probe is None:
             probe = self._probe = asyncio.get_running_loop().create_future()
             try:
-                ok, _, data = await self.client.models(timeout=min(self.client.timeout, 10.0))
+                _, _, data = await self.client.models(timeout=min(self.client.timeout, 10.0))
                 models = data.get("data") if isinstance(data, dict) else None
                 if models:
-                    self._listed(models, self.model_id)
+                    self.learned.read_listing(models, self.model_id)
             finally:  # even when cancelled: the requests waiting on it go on
                 if not probe.done():
                     probe.set_result(None)
@@ -442,10 +429,9 @@ class OpenAIServerBackend:
             body: dict[str, Any] = {}
             for _ in range(MAX_PASSES):
                 body, mode = build_body(req, self.model_id, self.extra_body, self.learned.dialect())
-                try:
-                    status, data = await self.client.post(body)
-                except _GaveUp as e:
-                    return Completion([], failure=Failure("server", f"{e.reason} (gave up after {e.tries} attempts)"))
+                status, data = await self.client.post(body)
+                if status == 0:  # retries ran out
+                    return Completion([], failure=Failure("server", data))
                 if status != 200:
                     self.learned.learn_refusal(data, body)
                     if build_body(req, self.model_id, self.extra_body, self.learned.dialect())[0] != body:
