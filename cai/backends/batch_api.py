@@ -115,7 +115,7 @@ class BatchApiBackend(WaveBackend):
         super().__init__(model or "", key, server=server, extra_body=extra_body, max_requests=max_requests,
                          quiet=min(1.0, max(0.2, poll)))  # the wave goes once requests stop
         self.poll, self.folder = poll, folder
-        self.max_bytes = MAX_FILE_BYTES
+        self.max_bytes, self.where = MAX_FILE_BYTES, {"state": STATE_FILE}  # in the run folder
         self.store: BatchStore | None = None
         self._polling: dict[int, asyncio.Task[None]] = {}
         self._broken: dict[int, BackendError] = {}  # waves whose batch could not be followed
@@ -129,11 +129,6 @@ class BatchApiBackend(WaveBackend):
         """Where ``batches.sqlite`` goes, when the backend was built before the folder was known."""
         if self.folder is None:
             self.folder = folder
-
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d["batch"]["state"] = STATE_FILE  # in the run folder
-        return d
 
     async def aclose(self) -> None:
         await super().aclose()

@@ -38,6 +38,7 @@ class BatchFilesBackend(WaveBackend):
                  extra_body: dict[str, Any] | None = None, max_requests: int = 50_000, quiet: float = 1.0) -> None:
         super().__init__(model, key, server=server, extra_body=extra_body, max_requests=max_requests, quiet=quiet)
         self.folder = Path(folder)
+        self.where = {"files": str(self.folder)}
         self._answers: dict[str, dict[str, Any]] | None = None
         self.written: list[Path] = []
         self.stopped: WaveWritten | None = None  # set once a wave is written: the run stops
@@ -108,11 +109,6 @@ class BatchFilesBackend(WaveBackend):
             f"{len(keys):,} requests written to {first}{more}, OpenAI Batch API lines; run them (e.g. `vllm run-batch "
             f"-i {first} -o {out} --model {self.model_id}`, or a provider's batch tool), put the output (Batch API "
             f"output lines) at {out}, then rerun this command to go on")
-
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d["batch"]["files"] = str(self.folder)
-        return d
 
 
 def _read(path: Path) -> dict[str, dict[str, Any]]:

@@ -325,25 +325,14 @@ def model_ids(data: Any) -> list[str]:
 
 
 class OpenAIServerBackend:
-    """Chat completions against ``base_url`` with up to ``concurrency`` requests in flight."""
+    """Chat completions against ``base_url``; ``client``: the ``ServerClient``'s settings (``api_key``,
+    ``concurrency``, ``timeout``, ``max_retries``, ``backoff``, ``rpm``, ``tpm``)."""
 
-    def __init__(
-        self,
-        model: str | None = None,
-        base_url: str = "http://localhost:8000/v1",
-        api_key: str | None = None,
-        concurrency: int = 256,
-        timeout: float = 120.0,
-        max_retries: int = 5,
-        extra_body: dict[str, Any] | None = None,
-        backoff: float = 1.0,
-        server: str = "auto",
-        rpm: int | None = None,
-        tpm: int | None = None,
-    ) -> None:
+    def __init__(self, model: str | None = None, base_url: str = "http://localhost:8000/v1", *,
+                 extra_body: dict[str, Any] | None = None, server: str = "auto", **client: Any) -> None:
         if server not in SERVER_KINDS:
             raise BackendError(f"unknown server kind {server!r} (one of {', '.join(SERVER_KINDS)})")
-        self.client = ServerClient(base_url, api_key, concurrency, timeout, max_retries, backoff, rpm, tpm)
+        self.client = ServerClient(base_url, **client)
         self.extra_body = dict(extra_body) if extra_body else None
         self.server, self.learned = server, Learned(server)
         self._probe: asyncio.Future[None] | None = None  # GET /models once, to tell the server

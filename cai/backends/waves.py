@@ -118,6 +118,7 @@ class WaveBackend:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flusher: asyncio.Task[None] | None = None
         self.sent = self.waves = 0
+        self.where: dict[str, str] = {}  # where the subclass keeps the waves, for describe()
 
     # ------------------------------------------------------------------------ the contract
     def body(self, req: Request) -> dict[str, Any]:
@@ -147,7 +148,7 @@ class WaveBackend:
     def describe(self) -> dict[str, Any]:
         return {"batch": {"waves": self.waves, "requests_sent": self.sent,
                           "batches": {k: {"status": b.status, "done": b.done, "total": b.total, "failed": b.failed}
-                                      for k, b in self.batches.items()}}}
+                                      for k, b in self.batches.items()}, **self.where}}
 
     def watch(self, fn: Callable[[BatchState], None]) -> None:
         """``fn(state)`` on every change of a batch's state or counts (the progress display)."""
