@@ -114,15 +114,6 @@ class HttpError(BackendError):
         self.status = status
 
 
-def why(e: BaseException) -> str:
-    """A short reason for a failed probe."""
-    if isinstance(e, TimeoutError):
-        return "timed out"
-    if isinstance(e, aiohttp.ClientConnectorError):
-        return f"cannot connect ({e.os_error.strerror or e.os_error})" if e.os_error else "cannot connect"
-    return f"{type(e).__name__}: {e}".strip().rstrip(":")
-
-
 class ServerClient:
     """HTTP to one server: a session on the run's loop (made on first use), retries, probes."""
 
@@ -267,20 +258,28 @@ class ServerClient:
         except Exception as e:
             raise BackendError(f"{method} {url}: {type(e).__name__}: {e}".strip()) from None
 
-    async def models(self, timeout: float | None = None) -> tuple[bool, str, Any]:
-        """GET /models, tried once: (answered 200, why not, the JSON; None when it is not JSON)."""
+    async def _once(self, method: str, url: str, timeout: float | None, data: bytes | None = None) -> tuple[int, Any]:
+        """One try, no retries: ``(status, body)``, or ``(0, why)`` when no answer came."""
         kw = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
         try:
-            async with self.session().get(f"{self.base_url}/models", **kw) as resp:  # type: ignore[arg-type]
-                body = await resp.read()
-                if resp.status != 200:
-                    return False, f"GET /models: HTTP {resp.status}", None
-                try:
-                    return True, "", _loads(body)
-                except ValueError:
-                    return True, "", None
+            async with self.session().request(method, url, data=data, **kw) as resp:  # type: ignore[arg-type]
+                return resp.status, await resp.read()
         except Exception as e:  # unreachable, timed out, reset
-            return False, why(e), None
+            if isinstance(e, TimeoutError):
+                return 0, "timed out"
+            if isinstance(e, aiohttp.ClientConnectorError):
+                return 0, f"cannot connect ({e.os_error.strerror or e.os_error})" if e.os_error else "cannot connect"
+            return 0, f"{type(e).__name__}: {e}".strip().rstrip(":")
+
+    async def models(self, timeout: float | None = None) -> tuple[bool, str, Any]:
+        """GET /models, tried once: (answered 200, why not, the JSON; None when it is not JSON)."""
+        status, body = await self._once("GET", f"{self.base_url}/models", timeout)
+        if status != 200:
+            return False, f"GET /models: HTTP {status}" if status else body, None
+        try:
+            return True, "", _loads(body)
+        except ValueError:
+            return True, "", None
 
     async def first_model(self) -> tuple[str, list[Any]]:
         """The first model ``GET /models`` lists (retried as a request is), and the listing."""
@@ -295,28 +294,19 @@ class ServerClient:
         where there is one, does not answer 5xx (a dead engine behind a live API server)."""
         ok, reason, _ = await self.models(timeout=timeout)
         if ok and self.base_url.endswith("/v1"):
-            kw = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
-            try:
-                async with self.session().get(f"{self.base_url.removesuffix('/v1')}/health",
-                                              **kw) as resp:  # type: ignore[arg-type]
-                    if resp.status >= 500:
-                        ok, reason = False, f"GET /health: HTTP {resp.status}"
-            except Exception as e:  # /models answered: a /health that does not is no verdict
-                reason = why(e)
+            status, body = await self._once("GET", f"{self.base_url.removesuffix('/v1')}/health", timeout)
+            if status >= 500:
+                ok, reason = False, f"GET /health: HTTP {status}"
+            elif not status:  # /models answered: a /health that does not is no verdict
+                reason = body
         return ok, reason
 
     async def ping(self, model: str, timeout: float | None = None) -> tuple[bool, str]:
         """A one-token chat completion: (answered 200, why not)."""
         body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1,
                 "temperature": 0.0}
-        kw = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
-        try:
-            async with self.session().post(f"{self.base_url}/chat/completions", data=_dumps(body),
-                                           **kw) as resp:  # type: ignore[arg-type]
-                await resp.read()
-                return resp.status == 200, f"probe: HTTP {resp.status}"
-        except Exception as e:
-            return False, f"probe: {why(e)}"
+        status, said = await self._once("POST", f"{self.base_url}/chat/completions", timeout, _dumps(body))
+        return status == 200, f"probe: HTTP {status}" if status else f"probe: {said}"
 
 
 def model_ids(data: Any) -> list[str]:
