@@ -243,7 +243,8 @@ class Learned:
                     self.caps[_CAPABILITY_OF[f]] = False
 
     def fit(self, req: Request, body: dict[str, Any], mode: str | None, c: Completion) -> None:
-        """Read an answer for what it tells of the server; the choice out of JSON or plain text."""
+        """Read an answer for what it tells of the server; the choice out of JSON or plain text, the
+        missing samples of a greedy request (copies of the first)."""
         s = req.sampling
         if s.logprobs is not None and "logprobs" in body:
             self.caps["logprobs"] = c.logprobs is not None
@@ -262,3 +263,7 @@ class Learned:
             c.texts = [p if p is not None else t for p, t in zip(picked, c.texts, strict=True)]
         if s.n > 1 and body.get("n", 1) > 1:
             self.caps["n"] = len(c.texts) >= s.n
+        if 0 < len(c.texts) < s.n and s.temperature == 0:  # greedy: every sample is the first, as vLLM's n gives
+            self.notes["greedy samples copied (n ignored)"] += s.n - len(c.texts)
+            c.texts += [c.texts[0]] * (s.n - len(c.texts))
+            c.finish_reasons += c.finish_reasons[:1] * (s.n - len(c.finish_reasons))

@@ -442,11 +442,6 @@ class OpenAIServerBackend:
         self.learned.fit(req, body, mode, c)
         if len(c.texts) >= s.n:
             return c
-        if s.temperature == 0 and c.texts:  # greedy: every sample is the first one, as vLLM's n gives
-            self.learned.notes["greedy samples copied (n ignored)"] += s.n - len(c.texts)
-            c.texts += [c.texts[0]] * (s.n - len(c.texts))
-            c.finish_reasons += c.finish_reasons[:1] * (s.n - len(c.finish_reasons))
-            return c
         # fewer samples than asked (the server ignores n): ask for the rest, one at a time, each
         # with its own seed, so that seeded runs stay reproducible and the samples differ
         self.learned.notes["samples asked again (n ignored)"] += s.n - len(c.texts)
