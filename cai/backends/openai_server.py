@@ -325,7 +325,7 @@ class OpenAIServerBackend:
         self.client = ServerClient(base_url, **client)
         self.extra_body = dict(extra_body) if extra_body else None
         self.server, self.learned = server, Learned(server)
-        self._probe: asyncio.Future[None] | None = None  # GET /models once, to tell the server
+        self._listed = False  # GET /models read at the start (else the first request reads it)
         self._first: asyncio.Future[None] | None = None  # done when the first request was answered
         self.model_id: str = model if model else runtime.run(self._first_model())
 
@@ -371,32 +371,23 @@ class OpenAIServerBackend:
         except BaseException:  # no backend is made: nothing else would close the session
             await self.client.aclose()
             raise
-        self._probe = asyncio.get_running_loop().create_future()  # listed already: no probe
-        self._probe.set_result(None)
+        self._listed = True
         self.learned.read_listing(models, model)
         return model
 
-    async def _probed(self) -> None:
-        """GET /models once per backend (when the model was named, so not listed yet); concurrent
-        first requests wait for it. Any failure is ignored: the requests themselves will tell."""
-        if self._probe is None:
-            probe = self._probe = asyncio.get_running_loop().create_future()
-            try:
-                _, _, data = await self.client.models(timeout=min(self.client.timeout, 10.0))
-                models = data.get("data") if isinstance(data, dict) else None
-                if models:
-                    self.learned.read_listing(models, self.model_id)
-            finally:  # even when cancelled: the requests waiting on it go on
-                if not probe.done():
-                    probe.set_result(None)
-        await asyncio.shield(self._probe)
+    async def _read_listing(self) -> None:
+        """GET /models, to tell the server (the model was named, so not listed yet). Any failure is
+        ignored: the requests themselves will tell."""
+        _, _, data = await self.client.models(timeout=min(self.client.timeout, 10.0))
+        models = data.get("data") if isinstance(data, dict) else None
+        if models:
+            self.learned.read_listing(models, self.model_id)
 
     # ------------------------------------------------------------------------------ requests
     async def _one(self, req: Request) -> Completion:
         """One request: build the body for what is known of the server, send, adapt, parse. The
-        backend's first request goes alone: what it learns (a refused field) the others need not."""
-        if self.server != "vllm" and (self._probe is None or not self._probe.done()):
-            await self._probed()
+        backend's first request goes alone, after the model listing when it was not read at the start:
+        what it learns (a refused field) the others need not."""
         first = self._first
         if first is None:
             first = self._first = asyncio.get_running_loop().create_future()
@@ -405,6 +396,8 @@ class OpenAIServerBackend:
                 await asyncio.shield(first)
             first = None
         try:
+            if first is not None and self.server != "vllm" and not self._listed:
+                await self._read_listing()
             body: dict[str, Any] = {}
             for _ in range(MAX_PASSES):
                 body, mode = build_body(req, self.model_id, self.extra_body, self.learned.dialect())
