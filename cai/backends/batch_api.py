@@ -117,9 +117,8 @@ class BatchApiBackend(WaveBackend):
         self.poll, self.folder = poll, folder
         self.max_bytes, self.where = MAX_FILE_BYTES, {"state": STATE_FILE}  # in the run folder
         self.store: BatchStore | None = None
-        self._polling: dict[int, asyncio.Task[None]] = {}
         self._broken: dict[int, BackendError] = {}  # waves whose batch could not be followed
-        self._resumed: asyncio.Future[None] | None = None
+        self._resumed = False  # the batches an earlier (killed) run left live are polled
         if not model:
             from .. import runtime
 
@@ -180,20 +179,12 @@ class BatchApiBackend(WaveBackend):
             self.store = BatchStore(Path(self.folder) / STATE_FILE)
         return self.store
 
-    async def _resume(self) -> None:
-        """Once: poll the batches an earlier (killed) run left live."""
-        if self._resumed is None:
-            self._resumed = asyncio.get_running_loop().create_future()
-            try:
-                for n, _, batch_id, status in self._open().live():
-                    self.batches.setdefault(f"wave {n}", BatchState(f"wave {n}", status, batch_id=batch_id or ""))
-                    self._polling[n] = self.spawn(self._follow(n))
-            finally:
-                self._resumed.set_result(None)
-        await asyncio.shield(self._resumed)
-
     async def _known(self, key: str, req: Request) -> Completion | None:
-        await self._resume()
+        if not self._resumed:  # once, first: poll the batches an earlier (killed) run left live
+            self._resumed = True
+            for n, _, batch_id, status in self._open().live():
+                self.batches.setdefault(f"wave {n}", BatchState(f"wave {n}", status, batch_id=batch_id or ""))
+                self.spawn(self._follow(n))
         line = self._open().answer(key)
         return read_answer(line, req, self.learned, self.model_id, self.extra_body) if line else None
 
@@ -216,7 +207,7 @@ class BatchApiBackend(WaveBackend):
                 n = store.new_wave(k for k, _ in part)  # recorded before anything goes out
                 self.waves += 1
                 self.changed(BatchState(f"wave {n}", "uploading", 0, len(part)))
-                self._polling[n] = self.spawn(self._follow(n, [x for _, x in part]))
+                self.spawn(self._follow(n, [x for _, x in part]))
                 part, size = [], 0
 
     async def _follow(self, n: int, lines: list[dict[str, Any]] | None = None) -> None:
@@ -224,8 +215,7 @@ class BatchApiBackend(WaveBackend):
         stops the run goes to the requests waiting on it."""
         store = self._open()
         try:
-            row = next(r for r in store.live() if r[0] == n)
-            _, file_id, batch_id, _ = row
+            _, file_id, batch_id, _ = next(r for r in store.live() if r[0] == n)
             if batch_id is None:
                 if file_id is None:
                     if lines is None:  # killed before its file was uploaded: nothing went out
