@@ -256,7 +256,7 @@ class ServerClient:
         except aiohttp.ClientConnectorError as e:
             raise BackendError(self.unreachable(e)) from None
         except Exception as e:
-            raise BackendError(f"{method} {url}: {type(e).__name__}: {e}".strip()) from None
+            raise BackendError(f"{method} {url}: {self._reason(e)}") from None
 
     async def _once(self, method: str, url: str, timeout: float | None, data: bytes | None = None) -> tuple[int, Any]:
         """One try, no retries: ``(status, body)``, or ``(0, why)`` when no answer came."""
