@@ -184,6 +184,21 @@ def test_unreachable_server_raises_backend_error() -> None:
             run_rows(range(5), ask, be.backend)
 
 
+def test_model_listing_that_keeps_failing_says_how() -> None:
+    """A server whose GET /models keeps answering 503 (a model still loading, say): the error names
+    the answer, neither a class name nor a "cannot reach" (it answered)."""
+    async def loading(_: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "model is loading"}}, status=503)
+
+    server = RouteServer(lambda app: app.router.add_get("/v1/models", loading)).start()
+    try:
+        with pytest.raises(BackendError) as e:
+            OpenAIServerBackend(base_url=server.base_url, max_retries=1, backoff=0.01)
+        assert str(e.value) == f"GET {server.base_url}/models: HTTP 503: model is loading"
+    finally:
+        server.stop()
+
+
 def test_concurrency_really_overlaps_and_is_capped(stub: Callable[[Handler], Stub]) -> None:
     async def slow(body: dict[str, Any], s: Stub) -> Any:
         await asyncio.sleep(0.2)

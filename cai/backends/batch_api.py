@@ -29,7 +29,7 @@ import orjson
 from ..errors import BackendError
 from ..types import Completion, Failure, Request
 from .dialect import OPTIONAL_FIELDS, VLLM_FIELDS, refused_fields
-from .openai_server import ServerClient, _error_message, _Retryable, model_ids
+from .openai_server import HttpError, ServerClient
 from .waves import BatchState, WaveBackend, read_answer
 
 TERMINAL = frozenset({"completed", "expired", "cancelled", "failed"})
@@ -115,25 +115,19 @@ class BatchApiBackend(WaveBackend):
         super().__init__(model or "", key, server=server, extra_body=extra_body, max_requests=max_requests,
                          quiet=min(1.0, max(0.2, poll)))  # the wave goes once requests stop
         self.poll, self.folder = poll, folder
-        self.max_bytes = MAX_FILE_BYTES
+        self.max_bytes, self.where = MAX_FILE_BYTES, {"state": STATE_FILE}  # in the run folder
         self.store: BatchStore | None = None
-        self._polling: dict[int, asyncio.Task[None]] = {}
         self._broken: dict[int, BackendError] = {}  # waves whose batch could not be followed
-        self._resumed: asyncio.Future[None] | None = None
+        self._resumed = False  # the batches an earlier (killed) run left live are polled
         if not model:
             from .. import runtime
 
-            self.model_id = runtime.run(self._first_model())
+            self.model_id = runtime.run(self.client.first_model())[0]
 
     def bind_folder(self, folder: Path) -> None:
         """Where ``batches.sqlite`` goes, when the backend was built before the folder was known."""
         if self.folder is None:
             self.folder = folder
-
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d["batch"]["state"] = STATE_FILE  # in the run folder
-        return d
 
     async def aclose(self) -> None:
         await super().aclose()
@@ -143,43 +137,8 @@ class BatchApiBackend(WaveBackend):
             self.store = None
 
     # ----------------------------------------------------------------------------- HTTP
-    async def _first_model(self) -> str:
-        _, _, data = await self.client.models(retries=True)
-        ids = model_ids(data)
-        if not ids:
-            raise BackendError(f"{self.client.base_url}/models lists no model; pass --model")
-        return ids[0]
-
-    async def _http(self, method: str, path: str, *, json: Any = None,
-                    form: Callable[[], aiohttp.FormData] | None = None, raw: bool = False) -> Any:
-        """One call of the Batch API with the client's retries; a 4xx is a ``BackendError``."""
-        session, url = self.client.session(), f"{self.client.base_url}{path}"
-
-        async def attempt() -> Any:
-            kw: dict[str, Any] = {}
-            if form is not None:
-                payload = form()()  # a form is sent once: a new one for each try
-                kw = {"data": payload, "headers": {"Content-Type": payload.content_type}}
-            elif json is not None:
-                kw = {"data": orjson.dumps(json)}
-            async with session.request(method, url, **kw) as resp:
-                body = await resp.read()
-                if resp.status == 200:
-                    return body if raw else orjson.loads(body)
-                msg = _error_message(resp.status, body)
-                if resp.status == 429 or resp.status >= 500:
-                    raise _Retryable(resp.status, msg, None)
-                hint = " (does the server offer the Batch API?)" if resp.status in (404, 405) else ""
-                raise _HttpError(resp.status, f"{method} {url}: HTTP {resp.status}: {msg}{hint}")
-
-        try:
-            return await self.client.with_retries(attempt)
-        except BackendError:
-            raise
-        except aiohttp.ClientConnectorError as e:
-            raise BackendError(self.client.unreachable(e)) from None
-        except Exception as e:
-            raise BackendError(f"{method} {url}: {type(e).__name__}: {e}".strip()) from None
+    async def _http(self, method: str, path: str, **kw: Any) -> Any:
+        return await self.client.call(method, path, hint=" (does the server offer the Batch API?)", **kw)
 
     async def _upload(self, n: int, lines: list[dict[str, Any]]) -> str:
         data = b"".join(orjson.dumps(x) + b"\n" for x in lines)
@@ -220,20 +179,12 @@ class BatchApiBackend(WaveBackend):
             self.store = BatchStore(Path(self.folder) / STATE_FILE)
         return self.store
 
-    async def _resume(self) -> None:
-        """Once: poll the batches an earlier (killed) run left live."""
-        if self._resumed is None:
-            self._resumed = asyncio.get_running_loop().create_future()
-            try:
-                for n, _, batch_id, status in self._open().live():
-                    self.batches.setdefault(f"wave {n}", BatchState(f"wave {n}", status, batch_id=batch_id or ""))
-                    self._polling[n] = self.spawn(self._follow(n))
-            finally:
-                self._resumed.set_result(None)
-        await asyncio.shield(self._resumed)
-
     async def _known(self, key: str, req: Request) -> Completion | None:
-        await self._resume()
+        if not self._resumed:  # once, first: poll the batches an earlier (killed) run left live
+            self._resumed = True
+            for n, _, batch_id, status in self._open().live():
+                self.batches.setdefault(f"wave {n}", BatchState(f"wave {n}", status, batch_id=batch_id or ""))
+                self.spawn(self._follow(n))
         line = self._open().answer(key)
         return read_answer(line, req, self.learned, self.model_id, self.extra_body) if line else None
 
@@ -256,7 +207,7 @@ class BatchApiBackend(WaveBackend):
                 n = store.new_wave(k for k, _ in part)  # recorded before anything goes out
                 self.waves += 1
                 self.changed(BatchState(f"wave {n}", "uploading", 0, len(part)))
-                self._polling[n] = self.spawn(self._follow(n, [x for _, x in part]))
+                self.spawn(self._follow(n, [x for _, x in part]))
                 part, size = [], 0
 
     async def _follow(self, n: int, lines: list[dict[str, Any]] | None = None) -> None:
@@ -264,8 +215,7 @@ class BatchApiBackend(WaveBackend):
         stops the run goes to the requests waiting on it."""
         store = self._open()
         try:
-            row = next(r for r in store.live() if r[0] == n)
-            _, file_id, batch_id, _ = row
+            _, file_id, batch_id, _ = next(r for r in store.live() if r[0] == n)
             if batch_id is None:
                 if file_id is None:
                     if lines is None:  # killed before its file was uploaded: nothing went out
@@ -297,7 +247,7 @@ class BatchApiBackend(WaveBackend):
         while True:
             try:
                 batch = await self._http("GET", f"/batches/{batch_id}")
-            except _HttpError as e:
+            except HttpError as e:
                 if e.status != 404:
                     raise
                 batch = {"status": "lost"}  # the server no longer knows it: its requests go again
@@ -348,14 +298,6 @@ class BatchApiBackend(WaveBackend):
         for key in self._open().keys(n):
             if (req := self._asked.get(key)) is not None:
                 self.queue(key, req)
-
-
-class _HttpError(BackendError):
-    """A 4xx answer of the Batch API (its status kept: a batch the server no longer knows is a 404)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _errors(batch: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ from ..types import Completion, Request
 from .waves import WaveBackend, read_answer
 
 _WAVE = re.compile(r"^wave-(\d{3,})\.(requests|output|errors)\.jsonl$")
+_FORMAT = "the Batch API output format is one JSON object a line: {custom_id, response: {status_code, body}, error}"
 
 
 class BatchFilesBackend(WaveBackend):
@@ -37,6 +38,7 @@ class BatchFilesBackend(WaveBackend):
                  extra_body: dict[str, Any] | None = None, max_requests: int = 50_000, quiet: float = 1.0) -> None:
         super().__init__(model, key, server=server, extra_body=extra_body, max_requests=max_requests, quiet=quiet)
         self.folder = Path(folder)
+        self.where = {"files": str(self.folder)}
         self._answers: dict[str, dict[str, Any]] | None = None
         self.written: list[Path] = []
         self.stopped: WaveWritten | None = None  # set once a wave is written: the run stops
@@ -108,11 +110,6 @@ class BatchFilesBackend(WaveBackend):
             f"-i {first} -o {out} --model {self.model_id}`, or a provider's batch tool), put the output (Batch API "
             f"output lines) at {out}, then rerun this command to go on")
 
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d["batch"]["files"] = str(self.folder)
-        return d
-
 
 def _read(path: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
@@ -123,10 +120,8 @@ def _read(path: Path) -> dict[str, dict[str, Any]]:
             try:
                 line = orjson.loads(raw)
             except ValueError as e:
-                raise BackendError(f"{path}:{i}: not a JSON line ({e}); the Batch API output format is one JSON "
-                                 "object a line: {custom_id, response: {status_code, body}, error}") from None
+                raise BackendError(f"{path}:{i}: not a JSON line ({e}); {_FORMAT}") from None
             if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
-                raise BackendError(f"{path}:{i}: no custom_id; the Batch API output format is one JSON object a line: "
-                                 "{custom_id, response: {status_code, body}, error}")
+                raise BackendError(f"{path}:{i}: no custom_id; {_FORMAT}")
             out[line["custom_id"]] = line
     return out

@@ -53,10 +53,6 @@ def refused_fields(message: str, sent: Collection[str]) -> set[str]:
             if re.search(rf"(?:^|[\s'\"`:,\[{{(]){re.escape(f)}(?:$|[\s'\"`:,\]}})=.])", message)}
 
 
-def _strip(text: str) -> str:
-    return text.strip(_STRIP)
-
-
 def parse_choice(text: str, choices: Sequence[str]) -> str | None:
     """The one choice that ``text`` names, strictly: a JSON object with one string value that is a
     choice, or the text itself equal to exactly one choice after stripping whitespace and
@@ -70,7 +66,7 @@ def parse_choice(text: str, choices: Sequence[str]) -> str | None:
         if isinstance(obj, dict):
             vals = [v for v in obj.values() if isinstance(v, str)]
             return vals[0] if len(vals) == 1 and vals[0] in choices else None
-    hits = [c for c in choices if _strip(c) == _strip(t)]
+    hits = [c for c in choices if c.strip(_STRIP) == t.strip(_STRIP)]
     return hits[0] if len(hits) == 1 else None
 
 
@@ -80,10 +76,6 @@ def choice_schema(choices: Sequence[str]) -> dict[str, Any]:
         "name": "choice", "strict": True,
         "schema": {"type": "object", "properties": {"answer": {"type": "string", "enum": list(choices)}},
                    "required": ["answer"], "additionalProperties": False}}}
-
-
-def choice_instruction(choices: Sequence[str]) -> str:
-    return "Reply with exactly one of: " + ", ".join(f'"{c}"' for c in choices) + ". Nothing else."
 
 
 @dataclass(frozen=True)
@@ -137,7 +129,7 @@ def build_body(req: Request, model: str, extra_body: dict[str, Any] | None,
         else:
             # the instruction goes into the last user message; a final assistant message stays as
             # it is (sent as is, as any continuation is on such a server)
-            hint = choice_instruction(s.choices)
+            hint = "Reply with exactly one of: " + ", ".join(f'"{c}"' for c in s.choices) + ". Nothing else."
             last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
             if last is None:
                 messages.append({"role": "user", "content": hint})
@@ -251,7 +243,8 @@ class Learned:
                     self.caps[_CAPABILITY_OF[f]] = False
 
     def fit(self, req: Request, body: dict[str, Any], mode: str | None, c: Completion) -> None:
-        """Read an answer for what it tells of the server; the choice out of JSON or plain text."""
+        """Read an answer for what it tells of the server; the choice out of JSON or plain text, the
+        missing samples of a greedy request (copies of the first)."""
         s = req.sampling
         if s.logprobs is not None and "logprobs" in body:
             self.caps["logprobs"] = c.logprobs is not None
@@ -270,3 +263,7 @@ class Learned:
             c.texts = [p if p is not None else t for p, t in zip(picked, c.texts, strict=True)]
         if s.n > 1 and body.get("n", 1) > 1:
             self.caps["n"] = len(c.texts) >= s.n
+        if 0 < len(c.texts) < s.n and s.temperature == 0:  # greedy: every sample is the first, as vLLM's n gives
+            self.notes["greedy samples copied (n ignored)"] += s.n - len(c.texts)
+            c.texts += [c.texts[0]] * (s.n - len(c.texts))
+            c.finish_reasons += c.finish_reasons[:1] * (s.n - len(c.finish_reasons))

@@ -64,10 +64,8 @@ def estimate_tokens(body: dict[str, Any]) -> int:
 
 def retry_after(value: str | None) -> float | None:
     """A ``Retry-After`` header's seconds (None for an HTTP date: the client's own backoff then)."""
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
+    seconds = duration(value)
+    return None if seconds is None else max(0.0, seconds)
 
 
 def used_tokens(usage: Any) -> int | None:
@@ -294,14 +292,11 @@ class Limits:
                 fut.set_result(None)
 
     # ---------------------------------------------------------------------------- reports
-    def waited(self) -> float:
-        return sum(b.waited for b in (self.requests, self.tokens) if b is not None)
-
     def describe(self) -> dict[str, Any]:
         """``rpm``, ``tpm`` (as given), ``concurrency`` (the most), ``settled_at`` (the adaptive
         limit now), ``lowest``, ``http_429``/``http_503`` (refusals met), ``rate_wait_s``,
         ``paced_at`` (the pace learnt, requests a minute; None: never paced)."""
         return {"rpm": self.rpm, "tpm": self.tpm, "concurrency": self.ceiling, "settled_at": int(self.limit),
                 "lowest": self.lowest, "http_429": self.refused[429], "http_503": self.refused[503],
-                "rate_wait_s": round(self.waited(), 3),
+                "rate_wait_s": round(sum(b.waited for b in (self.requests, self.tokens) if b is not None), 3),
                 "paced_at": None if self.pace is None else round(60 * self.pace.rate)}

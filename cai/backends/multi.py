@@ -40,7 +40,7 @@ from typing import Any
 from .. import runtime
 from ..errors import BackendError
 from ..types import Completion, Request
-from .openai_server import START_HINT, OpenAIServerBackend, check_url, model_ids
+from .openai_server import START_HINT, OpenAIServerBackend, model_ids
 from .urls import split_urls
 
 TICK_S = 0.1  # how often the health monitor looks at the servers
@@ -97,9 +97,7 @@ class MultiServerBackend:
                  down_max: float = 60.0, all_down_wait: float = 30.0, **client: Any) -> None:
         urls = split_urls(base_url)
         if not urls:
-            raise BackendError("no server URL (--base-url)")
-        for u in urls:
-            check_url(u)
+            raise BackendError("no server URL (--base-url)")  # each is checked as its client is made
         self.urls = urls
         self.concurrency = max(1, client.get("concurrency", 256))
         self.affinity = affinity

@@ -66,23 +66,21 @@ def _retryable(e: BaseException) -> bool:
                           aiohttp.ClientPayloadError, ConnectionError))
 
 
+# The retryable failures, first match wins: what was raised, its name as ``retries`` counts it, and
+# what a request that gave up on it says of it ("": its type and message).
+_FAULTS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str, str], ...] = (
+    (TimeoutError, "timeout", ""), (_BadBody, "bad_json", "malformed JSON body"),
+    (aiohttp.ClientPayloadError, "payload", "connection dropped mid-body"),
+    (aiohttp.ServerDisconnectedError, "disconnected", "server disconnected"),
+    (aiohttp.ClientConnectorError, "connect", ""),
+    ((aiohttp.ClientOSError, ConnectionError), "connection_reset", "connection reset"))
+
+
 def fault_kind(e: BaseException) -> str:
     """A short name for a retryable failure, as ``retries`` counts them."""
     if isinstance(e, _Retryable):
         return f"http_{e.status}"
-    if isinstance(e, TimeoutError):
-        return "timeout"
-    if isinstance(e, _BadBody):
-        return "bad_json"
-    if isinstance(e, aiohttp.ClientPayloadError):
-        return "payload"
-    if isinstance(e, aiohttp.ServerDisconnectedError):
-        return "disconnected"
-    if isinstance(e, aiohttp.ClientConnectorError):
-        return "connect"
-    if isinstance(e, (aiohttp.ClientOSError, ConnectionError)):
-        return "connection_reset"
-    return type(e).__name__
+    return next((kind for types, kind, _ in _FAULTS if isinstance(e, types)), type(e).__name__)
 
 
 def _error_message(status: int, body: bytes) -> str:
@@ -108,22 +106,12 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
-class _GaveUp(Exception):
-    """A request whose retries ran out; ``reason`` names the last failure."""
+class HttpError(BackendError):
+    """A 4xx answer to ``ServerClient.call`` (its status kept: a batch the server no longer knows is a 404)."""
 
-    def __init__(self, reason: str, tries: int) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.tries = tries
-
-
-def why(e: BaseException) -> str:
-    """A short reason for a failed probe."""
-    if isinstance(e, TimeoutError):
-        return "timed out"
-    if isinstance(e, aiohttp.ClientConnectorError):
-        return f"cannot connect ({e.os_error.strerror or e.os_error})" if e.os_error else "cannot connect"
-    return f"{type(e).__name__}: {e}".strip().rstrip(":")
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ServerClient:
@@ -195,8 +183,8 @@ class ServerClient:
         return await retrying(attempt)
 
     async def post(self, body: dict[str, Any]) -> tuple[int, Any]:
-        """POST one chat completion with retries: ``(200, data)`` or ``(status, message)`` for
-        another 4xx; ``_GaveUp`` when retries ran out, ``aiohttp.ClientConnectorError`` when the
+        """POST one chat completion with retries: ``(200, data)``, ``(status, message)`` for
+        another 4xx, ``(0, why)`` when retries ran out; ``aiohttp.ClientConnectorError`` when the
         server cannot be connected to."""
         session, limits, payload, url = self.session(), self.limits, _dumps(body), f"{self.base_url}/chat/completions"
         tries = 0
@@ -224,79 +212,101 @@ class ServerClient:
         except aiohttp.ClientConnectorError:
             raise
         except Exception as e:
-            raise _GaveUp(self._reason(e), tries) from e
+            return 0, f"{self._reason(e)} (gave up after {tries} attempts)"
 
     def _reason(self, e: BaseException) -> str:
-        kind = fault_kind(e)
-        if kind == "timeout":
-            return f"timed out after {self.timeout:g} s"
         if isinstance(e, _Retryable):
             return str(e)
-        return {"bad_json": f"malformed JSON body: {e}", "payload": f"connection dropped mid-body: {e}",
-                "disconnected": f"server disconnected: {e}",
-                "connection_reset": f"connection reset: {e}"}.get(kind, f"{type(e).__name__}: {e}".strip())
+        if isinstance(e, TimeoutError):
+            return f"timed out after {self.timeout:g} s"
+        said = next((said for types, _, said in _FAULTS if isinstance(e, types)), "")
+        return f"{said}: {e}" if said else f"{type(e).__name__}: {e}".strip()
 
-    async def models(self, *, retries: bool = False, timeout: float | None = None) -> tuple[bool, str, Any]:
-        """GET /models: (answered 200, why not, the JSON). ``retries``: as a request would
-        (raising ``BackendError`` for a 4xx and anything else once they run out)."""
-        session, url = self.session(), f"{self.base_url}/models"
-        kw = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
+    async def call(self, method: str, path: str, *, json: Any = None,
+                   form: Callable[[], aiohttp.FormData] | None = None, raw: bool = False, hint: str = "") -> Any:
+        """One call of another endpoint (``/models``, the Batch API's), retried as a request is: its
+        JSON (its bytes when ``raw``); a 4xx is an ``HttpError`` (``hint`` added to a 404/405), anything
+        else a ``BackendError`` once the retries ran out."""
+        session, url = self.session(), f"{self.base_url}{path}"
 
-        async def attempt() -> tuple[bool, str, Any]:
-            async with session.get(url, **kw) as resp:  # type: ignore[arg-type]
+        async def attempt() -> Any:
+            kw: dict[str, Any] = {}
+            if form is not None:
+                payload = form()()  # a form is sent once: a new one for each try
+                kw = {"data": payload, "headers": {"Content-Type": payload.content_type}}
+            elif json is not None:
+                kw = {"data": _dumps(json)}
+            async with session.request(method, url, **kw) as resp:
                 body = await resp.read()
-                if retries and (resp.status == 429 or resp.status >= 500):
-                    raise _Retryable(resp.status, _error_message(resp.status, body), None)
-                if resp.status != 200:
-                    if retries:
-                        raise BackendError(f"GET {url}: {_error_message(resp.status, body)}")
-                    return False, f"GET /models: HTTP {resp.status}", None
-                try:
-                    return True, "", _loads(body)
-                except ValueError as e:
-                    if retries:
+                if resp.status == 200:
+                    try:
+                        return body if raw else _loads(body)
+                    except ValueError as e:
                         raise _BadBody(str(e)) from None
-                    return True, "", None
+                msg = _error_message(resp.status, body)
+                if resp.status == 429 or resp.status >= 500:
+                    raise _Retryable(resp.status, msg, None)
+                more = hint if resp.status in (404, 405) else ""
+                raise HttpError(resp.status, f"{method} {url}: HTTP {resp.status}: {msg}{more}")
 
-        if retries:
-            try:
-                return await self.with_retries(attempt)
-            except BackendError:
-                raise
-            except Exception as e:
-                raise BackendError(self.unreachable(e)) from None
         try:
-            return await attempt()
+            return await self.with_retries(attempt)
+        except BackendError:
+            raise
+        except aiohttp.ClientConnectorError as e:
+            raise BackendError(self.unreachable(e)) from None
+        except Exception as e:
+            raise BackendError(f"{method} {url}: {self._reason(e)}") from None
+
+    async def _once(self, method: str, url: str, timeout: float | None, data: bytes | None = None) -> tuple[int, Any]:
+        """One try, no retries: ``(status, body)``, or ``(0, why)`` when no answer came."""
+        kw = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
+        try:
+            async with self.session().request(method, url, data=data, **kw) as resp:  # type: ignore[arg-type]
+                return resp.status, await resp.read()
         except Exception as e:  # unreachable, timed out, reset
-            return False, why(e), None
+            if isinstance(e, TimeoutError):
+                return 0, "timed out"
+            if isinstance(e, aiohttp.ClientConnectorError):
+                return 0, f"cannot connect ({e.os_error.strerror or e.os_error})" if e.os_error else "cannot connect"
+            return 0, f"{type(e).__name__}: {e}".strip().rstrip(":")
+
+    async def models(self, timeout: float | None = None) -> tuple[bool, str, Any]:
+        """GET /models, tried once: (answered 200, why not, the JSON; None when it is not JSON)."""
+        status, body = await self._once("GET", f"{self.base_url}/models", timeout)
+        if status != 200:
+            return False, f"GET /models: HTTP {status}" if status else body, None
+        try:
+            return True, "", _loads(body)
+        except ValueError:
+            return True, "", None
+
+    async def first_model(self) -> tuple[str, list[Any]]:
+        """The first model ``GET /models`` lists (retried as a request is), and the listing."""
+        data = await self.call("GET", "/models")
+        ids = model_ids(data)
+        if not ids:
+            raise BackendError(f"{self.base_url}/models lists no model; pass --model")
+        return ids[0], data["data"]
 
     async def alive(self, timeout: float | None = None) -> tuple[bool, str]:
         """The liveness check: GET /models answers 200, and vLLM's ``/health`` (beside ``/v1``),
         where there is one, does not answer 5xx (a dead engine behind a live API server)."""
         ok, reason, _ = await self.models(timeout=timeout)
         if ok and self.base_url.endswith("/v1"):
-            kw = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
-            try:
-                async with self.session().get(f"{self.base_url.removesuffix('/v1')}/health",
-                                              **kw) as resp:  # type: ignore[arg-type]
-                    if resp.status >= 500:
-                        ok, reason = False, f"GET /health: HTTP {resp.status}"
-            except Exception as e:  # /models answered: a /health that does not is no verdict
-                reason = why(e)
+            status, body = await self._once("GET", f"{self.base_url.removesuffix('/v1')}/health", timeout)
+            if status >= 500:
+                ok, reason = False, f"GET /health: HTTP {status}"
+            elif not status:  # /models answered: a /health that does not is no verdict
+                reason = body
         return ok, reason
 
     async def ping(self, model: str, timeout: float | None = None) -> tuple[bool, str]:
         """A one-token chat completion: (answered 200, why not)."""
         body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1,
                 "temperature": 0.0}
-        kw = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
-        try:
-            async with self.session().post(f"{self.base_url}/chat/completions", data=_dumps(body),
-                                           **kw) as resp:  # type: ignore[arg-type]
-                await resp.read()
-                return resp.status == 200, f"probe: HTTP {resp.status}"
-        except Exception as e:
-            return False, f"probe: {why(e)}"
+        status, said = await self._once("POST", f"{self.base_url}/chat/completions", timeout, _dumps(body))
+        return status == 200, f"probe: HTTP {status}" if status else f"probe: {said}"
 
 
 def model_ids(data: Any) -> list[str]:
@@ -305,30 +315,17 @@ def model_ids(data: Any) -> list[str]:
 
 
 class OpenAIServerBackend:
-    """Chat completions against ``base_url`` with up to ``concurrency`` requests in flight."""
+    """Chat completions against ``base_url``; ``client``: the ``ServerClient``'s settings (``api_key``,
+    ``concurrency``, ``timeout``, ``max_retries``, ``backoff``, ``rpm``, ``tpm``)."""
 
-    def __init__(
-        self,
-        model: str | None = None,
-        base_url: str = "http://localhost:8000/v1",
-        api_key: str | None = None,
-        concurrency: int = 256,
-        timeout: float = 120.0,
-        max_retries: int = 5,
-        extra_body: dict[str, Any] | None = None,
-        backoff: float = 1.0,
-        server: str = "auto",
-        rpm: int | None = None,
-        tpm: int | None = None,
-    ) -> None:
+    def __init__(self, model: str | None = None, base_url: str = "http://localhost:8000/v1", *,
+                 extra_body: dict[str, Any] | None = None, server: str = "auto", **client: Any) -> None:
         if server not in SERVER_KINDS:
             raise BackendError(f"unknown server kind {server!r} (one of {', '.join(SERVER_KINDS)})")
-        self.client = ServerClient(base_url, api_key, concurrency, timeout, max_retries, backoff, rpm, tpm)
-        self.base_url, self.api_key, self.concurrency = self.client.base_url, self.client.api_key, concurrency
-        self.timeout, self.max_retries = timeout, max_retries
+        self.client = ServerClient(base_url, **client)
         self.extra_body = dict(extra_body) if extra_body else None
         self.server, self.learned = server, Learned(server)
-        self._probe: asyncio.Future[None] | None = None  # GET /models once, to tell the server
+        self._listed = False  # GET /models read at the start (else the first request reads it)
         self._first: asyncio.Future[None] | None = None  # done when the first request was answered
         self.model_id: str = model if model else runtime.run(self._first_model())
 
@@ -370,59 +367,43 @@ class OpenAIServerBackend:
     # ------------------------------------------------------------------ dialect and detection
     async def _first_model(self) -> str:
         try:
-            _, _, data = await self.client.models(retries=True)
-            models = data.get("data") if isinstance(data, dict) else None
-            if not models:
-                raise BackendError(f"{self.base_url}/models lists no model; pass model=")
+            model, models = await self.client.first_model()
         except BaseException:  # no backend is made: nothing else would close the session
             await self.client.aclose()
             raise
-        self._listed(models, str(models[0]["id"]))
-        return str(models[0]["id"])
+        self._listed = True
+        self.learned.read_listing(models, model)
+        return model
 
-    def _listed(self, models: Any, model_id: str) -> None:
-        if self._probe is None:
-            self._probe = asyncio.get_running_loop().create_future()
-            self._probe.set_result(None)
-        self.learned.read_listing(models, model_id)
-
-    async def _probed(self) -> None:
-        """GET /models once per backend (when the model was named, so not listed yet); concurrent
-        first requests wait for it. Any failure is ignored: the requests themselves will tell."""
-        if self._probe is None:
-            probe = self._probe = asyncio.get_running_loop().create_future()
-            try:
-                ok, _, data = await self.client.models(timeout=min(self.timeout, 10.0))
-                models = data.get("data") if isinstance(data, dict) else None
-                if models:
-                    self._listed(models, self.model_id)
-            finally:  # even when cancelled: the requests waiting on it go on
-                if not probe.done():
-                    probe.set_result(None)
-        await asyncio.shield(self._probe)
+    async def _read_listing(self) -> None:
+        """GET /models, to tell the server (the model was named, so not listed yet). Any failure is
+        ignored: the requests themselves will tell."""
+        _, _, data = await self.client.models(timeout=min(self.client.timeout, 10.0))
+        models = data.get("data") if isinstance(data, dict) else None
+        if models:
+            self.learned.read_listing(models, self.model_id)
 
     # ------------------------------------------------------------------------------ requests
     async def _one(self, req: Request) -> Completion:
         """One request: build the body for what is known of the server, send, adapt, parse. The
-        backend's first request goes alone: what it learns (a refused field) the others need not."""
-        if self.server != "vllm" and (self._probe is None or not self._probe.done()):
-            await self._probed()
+        backend's first request goes alone, after the model listing when it was not read at the start:
+        what it learns (a refused field) the others need not."""
         first = self._first
         if first is None:
             first = self._first = asyncio.get_running_loop().create_future()
-        elif not first.done():
-            await asyncio.shield(first)
-            first = None
         else:
+            if not first.done():
+                await asyncio.shield(first)
             first = None
         try:
+            if first is not None and self.server != "vllm" and not self._listed:
+                await self._read_listing()
             body: dict[str, Any] = {}
             for _ in range(MAX_PASSES):
                 body, mode = build_body(req, self.model_id, self.extra_body, self.learned.dialect())
-                try:
-                    status, data = await self.client.post(body)
-                except _GaveUp as e:
-                    return Completion([], failure=Failure("server", f"{e.reason} (gave up after {e.tries} attempts)"))
+                status, data = await self.client.post(body)
+                if status == 0:  # retries ran out
+                    return Completion([], failure=Failure("server", data))
                 if status != 200:
                     self.learned.learn_refusal(data, body)
                     if build_body(req, self.model_id, self.extra_body, self.learned.dialect())[0] != body:
@@ -453,11 +434,6 @@ class OpenAIServerBackend:
         s = req.sampling
         self.learned.fit(req, body, mode, c)
         if len(c.texts) >= s.n:
-            return c
-        if s.temperature == 0 and c.texts:  # greedy: every sample is the first one, as vLLM's n gives
-            self.learned.notes["greedy samples copied (n ignored)"] += s.n - len(c.texts)
-            c.texts += [c.texts[0]] * (s.n - len(c.texts))
-            c.finish_reasons += c.finish_reasons[:1] * (s.n - len(c.finish_reasons))
             return c
         # fewer samples than asked (the server ignores n): ask for the rest, one at a time, each
         # with its own seed, so that seeded runs stay reproducible and the samples differ

@@ -73,13 +73,9 @@ def read_answer(line: dict[str, Any], req: Request, learned: Learned, model: str
         c = parse_response(body)
         if c.failure is not None:
             return c
-        learned.fit(req, sent, mode, c)
-        n = req.sampling.n
-        if 0 < len(c.texts) < n and req.sampling.temperature == 0:  # greedy: every sample is the first
-            c.texts += [c.texts[0]] * (n - len(c.texts))
-            c.finish_reasons += c.finish_reasons[:1] * (n - len(c.finish_reasons))
-        elif len(c.texts) < n:
-            return Completion.failed("server", f"the batch answered {len(c.texts)} of {n} samples")
+        learned.fit(req, sent, mode, c)  # a greedy request's missing samples copied
+        if len(c.texts) < req.sampling.n:
+            return Completion.failed("server", f"the batch answered {len(c.texts)} of {req.sampling.n} samples")
         return c
     code = str(err.get("code") or "") if isinstance(err, dict) else ""
     if code in MISSING_CODES:
@@ -118,6 +114,7 @@ class WaveBackend:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flusher: asyncio.Task[None] | None = None
         self.sent = self.waves = 0
+        self.where: dict[str, str] = {}  # where the subclass keeps the waves, for describe()
 
     # ------------------------------------------------------------------------ the contract
     def body(self, req: Request) -> dict[str, Any]:
@@ -147,7 +144,7 @@ class WaveBackend:
     def describe(self) -> dict[str, Any]:
         return {"batch": {"waves": self.waves, "requests_sent": self.sent,
                           "batches": {k: {"status": b.status, "done": b.done, "total": b.total, "failed": b.failed}
-                                      for k, b in self.batches.items()}}}
+                                      for k, b in self.batches.items()}, **self.where}}
 
     def watch(self, fn: Callable[[BatchState], None]) -> None:
         """``fn(state)`` on every change of a batch's state or counts (the progress display)."""
