@@ -127,6 +127,7 @@ class FakeConfig:
     cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens: min(this, prompt_tokens) when > 0
     words: int = 9  # words in a plain answer (before max_tokens cuts it)
     max_seconds: float = 120.0  # the server stops by itself after this long
+    shutdown_s: float = 1.0  # stop(): how long requests in flight may finish before their connections are cut
     strict: bool = False  # as OpenAI's API: unknown fields refused, n ignored, no log-probs
     json_schema: bool = True  # strict: honour response_format json_schema (False: refuse it, 400)
     reply: Callable[[dict[str, Any]], str] | None = None  # the text of a plain answer (default: from the request)
@@ -403,10 +404,27 @@ class ThreadedServer:
         self.base_url = self.url + "/v1"
         return self
 
+    async def _drain(self, server: web.Server | None) -> None:
+        """After ``_down``: nothing of the server outlives its loop. A connection accepted as the
+        site closed gets its handler after the runner's shutdown: it is closed here; handlers
+        still waiting are cancelled; the closed transports let go of their sockets."""
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+            for handler in server.connections if server is not None else []:
+                handler.force_close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(3):  # connection_lost (the socket closed) runs on a later turn of the loop
+            await asyncio.sleep(0)
+
     def stop(self) -> None:
         if self._loop.is_closed():
             return
+        server = self._runner.server if self._runner is not None else None
         asyncio.run_coroutine_threadsafe(self._down(), self._loop).result(15)
+        asyncio.run_coroutine_threadsafe(self._drain(server), self._loop).result(15)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
@@ -436,7 +454,7 @@ class FakeServer(ThreadedServer):
 
     name = "fake-server"
     # handler_cancellation: a stalled handler ends when its client hangs up
-    runner_options = {"handler_cancellation": True, "shutdown_timeout": 1.0}
+    runner_options: dict[str, Any] = {"handler_cancellation": True}
     backlog = 1024
     client_max_size = 1 << 22
 
@@ -462,6 +480,7 @@ class FakeServer(ThreadedServer):
         self._fates, self._delays = random.Random(c.seed), random.Random(c.seed)
         self._client: aiohttp.ClientSession | None = None
         super().__init__(c.max_seconds)
+        self.runner_options = {**FakeServer.runner_options, "shutdown_timeout": c.shutdown_s}
 
     # ------------------------------------------------------------------------------ answers
     def answer(self, body: dict[str, Any]) -> dict[str, Any]:
