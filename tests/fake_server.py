@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
 import json
 import math
@@ -405,18 +406,24 @@ class ThreadedServer:
         return self
 
     async def _drain(self, server: web.Server | None) -> None:
-        """After ``_down``: nothing of the server outlives its loop. A connection accepted as the
-        site closed gets its handler after the runner's shutdown: it is closed here; handlers
-        still waiting are cancelled; the closed transports let go of their sockets."""
-        for _ in range(3):
-            await asyncio.sleep(0.01)
+        """After ``_down``: nothing of the server outlives its loop. Handlers still waiting are
+        cancelled and connections the server still holds closed; a connection accepted as the
+        site closed can be left with a transport whose ``connection_made`` never ran (so neither
+        the server nor asyncio's registry holds it, only a reference cycle): found among the
+        collector's objects and closed (type(), not isinstance, so no object's __class__ runs).
+        The closed transports let go of their sockets on a later turn of the loop."""
+        for _ in range(5):
+            await asyncio.sleep(0)
             for handler in server.connections if server is not None else []:
                 handler.force_close()
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        for _ in range(3):  # connection_lost (the socket closed) runs on a later turn of the loop
+        for t in [o for o in gc.get_objects() if issubclass(type(o), asyncio.Transport)]:
+            if getattr(t, "_loop", None) is self._loop and not t.is_closing():
+                t.close()
+        for _ in range(3):
             await asyncio.sleep(0)
 
     def stop(self) -> None:
