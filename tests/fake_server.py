@@ -62,7 +62,8 @@ Two modes for benchmarks (what bench/stub_server.py and bench/sim_server.py were
   arrival to the last answer and ``utilisation`` = busy / (slots x span); ``POST /reset`` clears them.
 
 In-process: ``with FakeServer(FakeConfig(rpm=600)) as s: ... s.base_url`` runs it on its own loop
-and thread (``s.url`` is the URL without ``/v1``); it stops by itself after ``max_seconds``.
+and thread (``s.url`` is the URL without ``/v1``); it stops by itself after ``max_seconds``;
+``stop()`` lets requests in flight finish for ``shutdown_s``, then cuts their connections.
 More routes: pass ``routes=`` (a function of ``(app, server)``) or override ``add_routes``.
 ``ThreadedServer`` (the loop-and-thread part) and ``RouteServer`` (a server of routes given as a
 function) are there for other test servers (tests/fake_batch.py; one-off handlers in tests).
