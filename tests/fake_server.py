@@ -62,7 +62,8 @@ Two modes for benchmarks (what bench/stub_server.py and bench/sim_server.py were
   arrival to the last answer and ``utilisation`` = busy / (slots x span); ``POST /reset`` clears them.
 
 In-process: ``with FakeServer(FakeConfig(rpm=600)) as s: ... s.base_url`` runs it on its own loop
-and thread (``s.url`` is the URL without ``/v1``); it stops by itself after ``max_seconds``.
+and thread (``s.url`` is the URL without ``/v1``); it stops by itself after ``max_seconds``;
+``stop()`` lets requests in flight finish for ``shutdown_s``, then cuts their connections.
 More routes: pass ``routes=`` (a function of ``(app, server)``) or override ``add_routes``.
 ``ThreadedServer`` (the loop-and-thread part) and ``RouteServer`` (a server of routes given as a
 function) are there for other test servers (tests/fake_batch.py; one-off handlers in tests).
@@ -75,6 +76,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
 import json
 import math
@@ -127,6 +129,7 @@ class FakeConfig:
     cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens: min(this, prompt_tokens) when > 0
     words: int = 9  # words in a plain answer (before max_tokens cuts it)
     max_seconds: float = 120.0  # the server stops by itself after this long
+    shutdown_s: float = 1.0  # stop(): how long requests in flight may finish before their connections are cut
     strict: bool = False  # as OpenAI's API: unknown fields refused, n ignored, no log-probs
     json_schema: bool = True  # strict: honour response_format json_schema (False: refuse it, 400)
     reply: Callable[[dict[str, Any]], str] | None = None  # the text of a plain answer (default: from the request)
@@ -403,10 +406,33 @@ class ThreadedServer:
         self.base_url = self.url + "/v1"
         return self
 
+    async def _drain(self, server: web.Server | None) -> None:
+        """After ``_down``: nothing of the server outlives its loop. Handlers still waiting are
+        cancelled and connections the server still holds closed; a connection accepted as the
+        site closed can be left with a transport whose ``connection_made`` never ran (so neither
+        the server nor asyncio's registry holds it, only a reference cycle): found among the
+        collector's objects and closed (type(), not isinstance, so no object's __class__ runs).
+        The closed transports let go of their sockets on a later turn of the loop."""
+        for _ in range(5):
+            await asyncio.sleep(0)
+            for handler in server.connections if server is not None else []:
+                handler.force_close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for t in [o for o in gc.get_objects() if issubclass(type(o), asyncio.Transport)]:
+            if getattr(t, "_loop", None) is self._loop and not t.is_closing():
+                t.close()
+        for _ in range(3):
+            await asyncio.sleep(0)
+
     def stop(self) -> None:
         if self._loop.is_closed():
             return
+        server = self._runner.server if self._runner is not None else None
         asyncio.run_coroutine_threadsafe(self._down(), self._loop).result(15)
+        asyncio.run_coroutine_threadsafe(self._drain(server), self._loop).result(15)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
@@ -436,7 +462,7 @@ class FakeServer(ThreadedServer):
 
     name = "fake-server"
     # handler_cancellation: a stalled handler ends when its client hangs up
-    runner_options = {"handler_cancellation": True, "shutdown_timeout": 1.0}
+    runner_options: dict[str, Any] = {"handler_cancellation": True}
     backlog = 1024
     client_max_size = 1 << 22
 
@@ -462,6 +488,7 @@ class FakeServer(ThreadedServer):
         self._fates, self._delays = random.Random(c.seed), random.Random(c.seed)
         self._client: aiohttp.ClientSession | None = None
         super().__init__(c.max_seconds)
+        self.runner_options = {**FakeServer.runner_options, "shutdown_timeout": c.shutdown_s}
 
     # ------------------------------------------------------------------------------ answers
     def answer(self, body: dict[str, Any]) -> dict[str, Any]:

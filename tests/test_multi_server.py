@@ -1,7 +1,7 @@
 """Several servers behind one `openai` backend: routing, row affinity, servers going down, and
 `cai run` finishing every row with one server down from the start or killed mid-run.
 
-In-process aiohttp stubs (one loop thread) for routing and health; two simulated engines
+In-process fake servers (`tests/fake_server.py`'s FakeServer) for routing and health; two simulated engines
 (`tests/fake_server.py --slots`) in their own processes (answers that take time) for the server
 killed mid-run. 127.0.0.1 only; every server is stopped by its fixture.
 """
@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import json
-import math
 import os
 import re
 import signal
@@ -22,15 +20,12 @@ import sys
 import threading
 import time
 import urllib.request
-import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from cai import runtime
 from cai.backends import base_url_value, build_backend, make_backend, split_urls
@@ -40,133 +35,70 @@ from cai.backends.openai_server import OpenAIServerBackend
 from cai.cli.app import backend_options
 from cai.config import RunConfig, load_run_config
 from cai.errors import BackendError
+from tests.fake_server import FakeConfig, FakeServer
 from tests.sync import Sync
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "stub-model"
 
 
-# --- in-process stub servers --------------------------------------------------------------------
+# --- in-process servers (tests/fake_server.py) ---------------------------------------------------
 
 
-@dataclass
-class Stub:
-    """One stub server: ``mode`` ok (answers), ``500`` (fails); ``delay`` seconds per answer;
-    ``seen``: the messages of each chat request, in arrival order."""
-
-    name: str
-    delay: float = 0.0
-    mode: str = "ok"
-    base_url: str = ""
-    seen: list[list[dict[str, Any]]] = field(default_factory=list)
-    pings: int = 0
-    runner: web.AppRunner | None = None
-
-    @property
-    def calls(self) -> int:
-        return len(self.seen)
+def is_ping(body: dict[str, Any]) -> bool:
+    """The router's health probe (a 1-token "ping"), not a call."""
+    return body["messages"] == [{"role": "user", "content": "ping"}] and body.get("max_tokens") == 1
 
 
-def answer(body: dict[str, Any]) -> dict[str, Any]:
-    """A text that depends on the messages (so revisions differ), log-probs over A/B when asked."""
-    h = zlib.crc32(json.dumps(body["messages"], sort_keys=True).encode())
-    if body.get("logprobs"):
-        p = 0.05 + 0.9 * (h % 1000) / 999
-        top = [{"token": "A", "logprob": math.log(p)}, {"token": "B", "logprob": math.log(1 - p)}]
-        tok = top[0] if p >= 0.5 else top[1]
-        choice = {"index": 0, "message": {"role": "assistant", "content": tok["token"]},
-                  "logprobs": {"content": [{**tok, "top_logprobs": top}]}, "finish_reason": "length"}
-    else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": f"Answer {h:08x}: a careful reply."},
-                  "logprobs": None, "finish_reason": "stop"}
-    return {"id": "x", "object": "chat.completion", "model": MODEL, "choices": [choice],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+def bodies(s: FakeServer) -> list[dict[str, Any]]:
+    """Every chat request ``s`` received, in arrival order (answered or not)."""
+    return [json.loads(entry[4]) for entry in list(s.log)]
 
 
-STUB = web.AppKey("stub", Stub)
+def seen(s: FakeServer) -> list[list[dict[str, Any]]]:
+    """The messages of each chat request (not the pings), in arrival order."""
+    return [b["messages"] for b in bodies(s) if not is_ping(b)]
 
 
-async def _chat(request: web.Request) -> web.Response:
-    stub = request.app[STUB]
-    body = await request.json()
-    if body["messages"] == [{"role": "user", "content": "ping"}] and body.get("max_tokens") == 1:
-        stub.pings += 1  # the health probe, not a call
-    else:
-        stub.seen.append(body["messages"])
-    if stub.delay:
-        await asyncio.sleep(stub.delay)
-    if stub.mode == "500":
-        return web.json_response({"error": {"message": "engine dead"}}, status=500)
-    return web.json_response(answer(body))
+def calls(s: FakeServer) -> int:
+    return len(seen(s))
 
 
-async def _models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+def pings(s: FakeServer) -> int:
+    return sum(map(is_ping, bodies(s)))
 
 
-class Stubs:
-    """Stub servers on one event loop thread."""
+class Servers:
+    """Fake servers (each on its own loop thread), all stopped at the end: ``delay`` seconds per
+    answer; ``failing``: every chat request answered with an HTTP 500 until ``recover(s)``. A
+    stopped server cuts the connections of its requests in flight after 0.1 s."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.all: list[Stub] = []
+        self.all: list[FakeServer] = []
 
-    def start(self, name: str, **kw: Any) -> Stub:
-        s = Stub(name, **kw)
-        app = web.Application()
-        app[STUB] = s
-        app.router.add_post("/v1/chat/completions", _chat)
-        app.router.add_get("/v1/models", _models)
-
-        async def up() -> int:
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            s.runner = runner
-            return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-
-        port = asyncio.run_coroutine_threadsafe(up(), self.loop).result(10)
-        s.base_url = f"http://127.0.0.1:{port}/v1"
+    def start(self, delay: float = 0.0, failing: bool = False) -> FakeServer:
+        # 7 words: the answer fits ask()'s max_tokens=8 ("stop", not cut)
+        s = FakeServer(FakeConfig(model=MODEL, latency_s=delay, words=7, shutdown_s=0.1,
+                                  faults={"http_500": 1.0} if failing else {})).start()
         self.all.append(s)
         return s
 
-    def stop(self, s: Stub) -> None:
-        if s.runner is not None:
-            runner, s.runner = s.runner, None
-            asyncio.run_coroutine_threadsafe(runner.cleanup(), self.loop).result(10)
+    @staticmethod
+    def recover(s: FakeServer) -> None:
+        s.config.faults = {}  # read by each request as it arrives
+
+    @staticmethod
+    def stop(s: FakeServer) -> None:
+        s.stop()
 
     def close(self) -> None:
         for s in self.all:
-            self.stop(s)
-
-        async def drain() -> None:  # handlers still waiting (a hanging stub's)
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for _ in range(3):  # the closed connections' transports let go of their sockets (call_soon)
-                await asyncio.sleep(0)
-            # a connection accepted as the site closed gets its transport after the handlers went:
-            # close what is left, so no socket outlives the loop (the stub's side, not cai's)
-            # (unreachable already, in a reference cycle the collector has not reached: type(), not
-            # isinstance, so no object's __class__ property runs)
-            for t in [o for o in gc.get_objects() if issubclass(type(o), asyncio.Transport)]:
-                if getattr(t, "_loop", None) is self.loop and not t.is_closing():
-                    t.close()
-            await asyncio.sleep(0.01)
-
-        asyncio.run_coroutine_threadsafe(drain(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
+            s.stop()
 
 
 @pytest.fixture
-def stubs() -> Iterator[Stubs]:
-    s = Stubs()
+def fakes() -> Iterator[Servers]:
+    s = Servers()
     yield s
     s.close()
 
@@ -214,15 +146,15 @@ def rows_chains(be: Sync, rows: int, calls: int) -> list[list[str]]:
     return runtime.run(asyncio.wait_for(go(), 60))
 
 
-def rows_by_server(stubs: list[Stub]) -> dict[str, set[str]]:
-    """row -> the servers that saw one of its calls."""
-    where: dict[str, set[str]] = defaultdict(set)
-    for s in stubs:
-        for msgs in s.seen:
+def rows_by_server(servers: list[FakeServer]) -> dict[str, set[int]]:
+    """row -> the servers (their index) that saw one of its calls."""
+    where: dict[str, set[int]] = defaultdict(set)
+    for i, s in enumerate(servers):
+        for msgs in seen(s):
             # the live request, or (a revision) the critique request it continues
             m = next((m for msg in reversed(msgs) if (m := re.search(r"row (\d+) ", msg["content"]))), None)
             assert m, msgs
-            where[m.group(1)].add(s.name)
+            where[m.group(1)].add(i)
     return where
 
 
@@ -299,10 +231,10 @@ def test_engine_flags_reach_the_in_process_engine(monkeypatch: pytest.MonkeyPatc
     assert run(["--backend", "vllm", "--vllm-block-size", "0"]).exit_code != 0
 
 
-def test_preflight_wants_one_server_up_and_every_url_well_formed(stubs: Stubs):
+def test_preflight_wants_one_server_up_and_every_url_well_formed(fakes: Servers):
     from cai.plan import check_backend
 
-    live = stubs.start("live")
+    live = fakes.start()
     check_backend("openai", [dead_url(), live.base_url])  # one down: it starts out of rotation
     with pytest.raises(BackendError, match="none of the 2 servers can be reached"):
         check_backend("openai", [dead_url(), dead_url()])
@@ -313,8 +245,8 @@ def test_preflight_wants_one_server_up_and_every_url_well_formed(stubs: Stubs):
 # --- routing ---------------------------------------------------------------------------------------
 
 
-def test_one_url_is_the_plain_client_several_are_spread(stubs: Stubs):
-    a, b = stubs.start("a"), stubs.start("b")
+def test_one_url_is_the_plain_client_several_are_spread(fakes: Servers):
+    a, b = fakes.start(), fakes.start()
     with Sync(build_backend("openai", None, base_url=[a.base_url])) as one:
         assert isinstance(one.backend, OpenAIServerBackend)
     with Sync(build_backend("openai", None, base_url=f"{a.base_url},{b.base_url}", concurrency=8)) as be:
@@ -322,34 +254,34 @@ def test_one_url_is_the_plain_client_several_are_spread(stubs: Stubs):
         done = be.complete([ask(f"q{i}") for i in range(40)])
         assert all(c.error is None for c in done)
         servers = be.describe()["servers"]
-    # zero-latency stubs: the split between the two varies with timing; both must be used
-    assert a.calls + b.calls == 40 and min(a.calls, b.calls) >= 4, (a.calls, b.calls)
-    assert [s["answered"] for s in servers] == [a.calls, b.calls]
+    # zero-latency servers: the split between the two varies with timing; both must be used
+    assert calls(a) + calls(b) == 40 and min(calls(a), calls(b)) >= 4, (calls(a), calls(b))
+    assert [s["answered"] for s in servers] == [calls(a), calls(b)]
     assert [s["url"] for s in servers] == [a.base_url, b.base_url]
     assert all(s["in_rotation"] and s["failures"] == 0 and s["outages"] == 0 for s in servers)
 
 
-def test_a_rows_calls_stay_on_one_server(stubs: Stubs):
-    three = [stubs.start(n, delay=0.005) for n in "abc"]
+def test_a_rows_calls_stay_on_one_server(fakes: Servers):
+    three = [fakes.start(delay=0.005) for _ in "abc"]
     with multi([s.base_url for s in three]) as be:
         rows_chains(be, rows=24, calls=4)
         routing = be.routing
     where = rows_by_server(three)
     assert len(where) == 24 and all(len(v) == 1 for v in where.values()), where
-    assert all(s.calls >= 12 for s in three), [s.calls for s in three]  # rows spread over all three
+    assert all(calls(s) >= 12 for s in three), [calls(s) for s in three]  # rows spread over all three
     assert routing["affinity_kept"] == 24 * 3 and routing["affinity_moved"] == 0
 
 
-def test_without_affinity_rows_wander(stubs: Stubs):
+def test_without_affinity_rows_wander(fakes: Servers):
     """Least-loaded alone: rows on the slower server move to the faster one between calls."""
-    two = [stubs.start("a", delay=0.001), stubs.start("b", delay=0.03)]
+    two = [fakes.start(delay=0.001), fakes.start(delay=0.03)]
     with multi([s.base_url for s in two], affinity=False) as be:
         rows_chains(be, rows=16, calls=4)
     assert any(len(v) > 1 for v in rows_by_server(two).values())
 
 
-def test_affinity_map_is_bounded(stubs: Stubs):
-    a, b = stubs.start("a"), stubs.start("b")
+def test_affinity_map_is_bounded(fakes: Servers):
+    a, b = fakes.start(), fakes.start()
     with multi([a.base_url, b.base_url], affinity_limit=10) as be:
         be.complete([ask(f"row {i} x", row=f"r{i}") for i in range(50)])
         assert len(be._rows) == 10
@@ -358,15 +290,15 @@ def test_affinity_map_is_bounded(stubs: Stubs):
 # --- health -----------------------------------------------------------------------------------------
 
 
-def test_a_server_down_from_the_start_is_left_out(stubs: Stubs):
-    a = stubs.start("a")
+def test_a_server_down_from_the_start_is_left_out(fakes: Servers):
+    a = fakes.start()
     dead = dead_url()
     with multi([dead, a.base_url]) as be:
         assert be.model_id == MODEL  # from the server that answered
         done = be.complete([ask(f"q{i}") for i in range(20)])
         assert all(c.error is None for c in done)
         gone, up = be.servers
-    assert a.calls == 20
+    assert calls(a) == 20
     assert gone["url"] == dead and not gone["in_rotation"] and gone["answered"] == 0
     assert gone["outages"] == 1 and gone["out_of_rotation_s"] > 0 and "connect" in gone["last_failure"]
     assert up["answered"] == 20 and up["in_rotation"]
@@ -380,8 +312,8 @@ def test_every_server_down_at_start_is_an_error():
         multi([dead_url(), dead_url()])
 
 
-def test_a_failing_server_is_taken_out_probed_and_put_back(stubs: Stubs):
-    a, b = stubs.start("a", mode="500"), stubs.start("b")
+def test_a_failing_server_is_taken_out_probed_and_put_back(fakes: Servers):
+    a, b = fakes.start(failing=True), fakes.start()
     with multi([a.base_url, b.base_url], model=MODEL) as be:
         done = be.complete([ask(f"q{i}") for i in range(20)])
         assert all(c.error is None for c in done), [c.error for c in done]
@@ -389,34 +321,34 @@ def test_a_failing_server_is_taken_out_probed_and_put_back(stubs: Stubs):
         assert not bad["in_rotation"] and bad["failures"] >= 1 and bad["answered"] == 0
         assert "HTTP 500" in bad["last_failure"]
         assert be.servers[1]["answered"] == 20
-        a.mode = "ok"  # it recovers: the probe puts it back
+        fakes.recover(a)  # it recovers: the probe puts it back
         deadline = time.monotonic() + 10
         while not be.servers[0]["in_rotation"] and time.monotonic() < deadline:
             wait(0.05)
-        assert be.servers[0]["in_rotation"] and a.pings >= 1
-        before = a.calls
+        assert be.servers[0]["in_rotation"] and pings(a) >= 1
+        before = calls(a)
         be.complete([ask(f"again {i}") for i in range(10)])
-        assert a.calls > before  # back in rotation
+        assert calls(a) > before  # back in rotation
         assert be.servers[0]["out_of_rotation_s"] > 0 and be.servers[0]["outages"] == 1
 
 
-def test_the_clients_gave_up_failure_is_what_marks_a_server_fault(stubs: Stubs):
+def test_the_clients_gave_up_failure_is_what_marks_a_server_fault(fakes: Servers):
     """The router reads the failure's kind, typed by the client where it failed: this pins that."""
-    a = stubs.start("a", mode="500")
+    a = fakes.start(failing=True)
     with Sync(OpenAIServerBackend(model=MODEL, base_url=a.base_url, max_retries=1, backoff=0.01)) as be:
         [c] = be.complete([ask("x")])
     assert c.failure is not None and c.failure.kind == "server" and server_fault(c), c.error
     assert c.failure.message.endswith("(gave up after 2 attempts)")  # the first try and one retry
     assert not server_fault(Completion(texts=[], error="HTTP 400: (gave up after 1 attempts)"))  # text decides nothing
-    a.mode = "ok"
+    fakes.recover(a)
 
 
-def test_every_server_gone_fails_requests_fast_with_a_clear_error(stubs: Stubs):
-    a, b = stubs.start("a"), stubs.start("b")
+def test_every_server_gone_fails_requests_fast_with_a_clear_error(fakes: Servers):
+    a, b = fakes.start(), fakes.start()
     with multi([a.base_url, b.base_url], all_down_wait=1.0, down_min=5.0) as be:
         assert all(c.error is None for c in be.complete([ask("warm a"), ask("warm b")]))
-        stubs.stop(a)
-        stubs.stop(b)
+        fakes.stop(a)
+        fakes.stop(b)
         t0 = time.monotonic()
         done = be.complete([ask(f"q{i}") for i in range(8)])
         took = time.monotonic() - t0
@@ -430,10 +362,10 @@ def test_every_server_gone_fails_requests_fast_with_a_clear_error(stubs: Stubs):
     assert all(s["outages"] == 1 and not s["in_rotation"] for s in stats["servers"])
 
 
-def test_a_hanging_server_is_taken_out_and_its_requests_in_flight_move(stubs: Stubs):
+def test_a_hanging_server_is_taken_out_and_its_requests_in_flight_move(fakes: Servers):
     """Chat requests that never answer (its model listing still does): the first request whose
     retries run out takes the server out, and the others in flight there move at once."""
-    slow, fast = stubs.start("slow", delay=30.0), stubs.start("fast", delay=0.1)
+    slow, fast = fakes.start(delay=30.0), fakes.start(delay=0.1)
     with multi([slow.base_url, fast.base_url], model=MODEL, timeout=0.3, max_retries=2, backoff=0.05,
                down_min=30.0) as be:
         async def go() -> list[Completion]:
@@ -453,16 +385,16 @@ def test_a_hanging_server_is_taken_out_and_its_requests_in_flight_move(stubs: St
     assert stats[1]["answered"] == 7
 
 
-def test_a_server_that_stops_answering_is_caught_by_the_liveness_check(stubs: Stubs):
+def test_a_server_that_stops_answering_is_caught_by_the_liveness_check(fakes: Servers):
     """The client retries a dropped server with a long backoff; the monitor sees the retries, finds
     the server gone (GET /models fails) and moves the requests in flight well before that."""
-    a, b = stubs.start("a", delay=0.5), stubs.start("b", delay=0.05)
+    a, b = fakes.start(delay=0.5), fakes.start(delay=0.05)
     with multi([a.base_url, b.base_url], model=MODEL, backoff=10.0, max_retries=5, down_min=30.0) as be:
         async def go() -> tuple[list[Completion], float]:
             fut = [asyncio.ensure_future(be.generate(ask(f"q{i}"))) for i in range(6)]
             await asyncio.sleep(0.2)  # in flight on both
             t0 = time.monotonic()
-            await asyncio.to_thread(stubs.stop, a)  # connections dropped, nothing listens
+            await asyncio.to_thread(fakes.stop, a)  # connections dropped, nothing listens
             done = list(await asyncio.wait_for(asyncio.gather(*fut), 10))
             return done, time.monotonic() - t0
 
@@ -489,10 +421,10 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_cai_run_over_two_servers_keeps_rows_together(stubs: Stubs, tmp_path: Path):
+def test_cai_run_over_two_servers_keeps_rows_together(fakes: Servers, tmp_path: Path):
     from cai.pipeline import run_pipeline
 
-    two = [stubs.start(n) for n in "ab"]
+    two = [fakes.start() for _ in "ab"]
     cfg = RunConfig.model_validate({
         "input": str(write_prompts(tmp_path / "p.jsonl", 30)), "output": str(tmp_path / "out"),
         "backend": "openai", "base_url": [s.base_url for s in two], "concurrency": 16, "progress": False,
@@ -504,15 +436,15 @@ def test_cai_run_over_two_servers_keeps_rows_together(stubs: Stubs, tmp_path: Pa
     assert len(read_rows(tmp_path / "out" / "revisions.jsonl")) == 30
     where = rows_by_server(two)
     assert len(where) == 30 and all(len(v) == 1 for v in where.values())
-    assert min(s.calls for s in two) >= 30, [s.calls for s in two]
+    assert min(calls(s) for s in two) >= 30, [calls(s) for s in two]
     assert sum(s["answered"] for s in servers) == 30 * 5  # an answer, then 2 x (critique, revision)
 
 
-def test_cli_run_with_one_server_down_finishes_every_row(stubs: Stubs, tmp_path: Path, capsys):
+def test_cli_run_with_one_server_down_finishes_every_row(fakes: Servers, tmp_path: Path, capsys):
     """`cai run --backend openai --base-url DEAD --base-url LIVE`: every row, no failures."""
     from cai.cli import main
 
-    live = stubs.start("live")
+    live = fakes.start()
     out, dead = tmp_path / "out", dead_url()
     argv = ["run", "--input", str(write_prompts(tmp_path / "p.jsonl", 12)), "-o", str(out), "-b", "openai",
             "--base-url", dead, "--base-url", live.base_url, "--revise-rounds", "1",
@@ -525,18 +457,18 @@ def test_cli_run_with_one_server_down_finishes_every_row(stubs: Stubs, tmp_path:
     assert per_server[live.base_url]["answered"] >= 12 * 3 and per_server[dead]["answered"] == 0
     assert len(read_rows(out / "revisions.jsonl")) == 12 and len(read_rows(out / "labels.jsonl")) == 12
     assert not read_rows(out / "revisions.failures.jsonl") and not read_rows(out / "labels.failures.jsonl")
-    assert live.calls >= 12 * 3
+    assert calls(live) >= 12 * 3
 
 
-def test_comma_separated_variable_reaches_cai_run(stubs: Stubs, tmp_path: Path, monkeypatch):
+def test_comma_separated_variable_reaches_cai_run(fakes: Servers, tmp_path: Path, monkeypatch):
     from cai.cli import main
 
-    a, b = stubs.start("a"), stubs.start("b")
+    a, b = fakes.start(), fakes.start()
     monkeypatch.setenv("CAI_BASE_URL", f"{a.base_url},{b.base_url}")
     out = tmp_path / "out"
     assert main(["run", "--input", str(write_prompts(tmp_path / "p.jsonl", 10)), "-o", str(out), "-b", "openai",
                  "--revise-rounds", "1", "--no-label", "--no-progress"]) == 0
-    assert len(read_rows(out / "revisions.jsonl")) == 10 and a.calls > 0 and b.calls > 0
+    assert len(read_rows(out / "revisions.jsonl")) == 10 and calls(a) > 0 and calls(b) > 0
     assert json.loads((out / "run.json").read_text())["config"]["base_url"] == [a.base_url, b.base_url]
 
 
@@ -631,7 +563,7 @@ def test_cai_run_with_a_server_killed_mid_run_finishes_every_row(sims, tmp_path:
     assert took < 60, took
 
 
-def test_make_backend_takes_a_list_too(stubs: Stubs):
-    a, b = stubs.start("a"), stubs.start("b")
+def test_make_backend_takes_a_list_too(fakes: Servers):
+    a, b = fakes.start(), fakes.start()
     with Sync(make_backend("openai", base_url=[a.base_url, b.base_url], model=None)) as be:
         assert isinstance(be.backend, MultiServerBackend) and be.urls == [a.base_url, b.base_url]
