@@ -129,9 +129,11 @@ def render(
 
 
 def _principle(const: Constitution, pid: str | None) -> Principle | None:
-    if pid is not None and pid not in const.by_id():
+    if pid is None:
+        return None
+    if pid not in const.by_id():
         raise InputError(f"no principle {pid!r} in {const.name} (ids: {', '.join(const.by_id())})")
-    return const.by_id().get(pid or "")  # "" is no principle id
+    return const.by_id()[pid]
 
 
 def _nth(rows: list[T], row: int, input: str) -> T:
